@@ -1,0 +1,122 @@
+//! Block formats and the dispatch over them.
+//!
+//! Every format is a `#[repr(C)]` block type implementing [`BlockFormat`]:
+//! a scalar reference (`dequantize`, `vec_dot_ref`) and the fast `vec_dot`
+//! (AVX2+FMA when the CPU has it, detected at run time; the reference
+//! otherwise). Weights are multiplied with activations quantized to the
+//! format's `Dot` block type, as llama.cpp does (Q8_0/Q8_1 for the 32-element
+//! formats, Q8_K for the k-quants, f32 for the float formats).
+//!
+//! - `float`: F32, F16, BF16
+//! - `legacy`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the activation blocks Q8_0, Q8_1
+//! - `kquants`: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, and the activation block Q8_K
+
+pub mod float;
+pub mod kquants;
+pub mod legacy;
+
+use crate::GgmlType;
+
+/// An activation block: what f32 activations are quantized to before a dot
+/// product with a weight format.
+pub trait ActBlock: bytemuck::Pod + Send + Sync {
+    /// Elements per block.
+    const BLOCK: usize;
+    /// Quantizes `x` (`x.len() == out.len() * BLOCK`).
+    fn quantize(x: &[f32], out: &mut [Self]);
+}
+
+/// A weight block format.
+pub trait BlockFormat: bytemuck::Pod + Send + Sync {
+    const TYPE: GgmlType;
+    /// Elements per block.
+    const BLOCK: usize;
+    /// The activation block this format is multiplied with; its BLOCK divides
+    /// or equals Self::BLOCK so a row of whole weight blocks is a row of whole
+    /// activation blocks.
+    type Dot: ActBlock;
+    /// Reference dequantization (`out.len() == blocks.len() * BLOCK`).
+    fn dequantize(blocks: &[Self], out: &mut [f32]);
+    /// Reference dot product of one row of weight blocks with activations
+    /// covering the same elements.
+    fn vec_dot_ref(w: &[Self], a: &[Self::Dot]) -> f32;
+    /// The fast dot product: SIMD where available, else the reference.
+    fn vec_dot(w: &[Self], a: &[Self::Dot]) -> f32 {
+        Self::vec_dot_ref(w, a)
+    }
+}
+
+/// Error for byte slices that do not hold whole, aligned blocks.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LayoutError(pub String);
+
+/// Reinterprets bytes as blocks, checking length and alignment.
+pub fn cast_blocks<B: bytemuck::Pod>(bytes: &[u8]) -> Result<&[B], LayoutError> {
+    bytemuck::try_cast_slice(bytes).map_err(|e| {
+        LayoutError(format!(
+            "{} bytes at {:p} are not whole aligned blocks of {} bytes: {e:?}",
+            bytes.len(),
+            bytes.as_ptr(),
+            std::mem::size_of::<B>()
+        ))
+    })
+}
+
+/// Calls `$f::<BlockType>($args)` for the block type of a `GgmlType`;
+/// evaluates `$other` for types that are not weight formats.
+#[macro_export]
+macro_rules! dispatch_format {
+    ($ty:expr, $f:ident ( $($args:expr),* ), $other:expr) => {{
+        use $crate::formats::{float::*, kquants::*, legacy::*};
+        use $crate::GgmlType as T;
+        match $ty {
+            T::F32 => $f::<BlockF32>($($args),*),
+            T::F16 => $f::<BlockF16>($($args),*),
+            T::BF16 => $f::<BlockBF16>($($args),*),
+            T::Q4_0 => $f::<BlockQ4_0>($($args),*),
+            T::Q4_1 => $f::<BlockQ4_1>($($args),*),
+            T::Q5_0 => $f::<BlockQ5_0>($($args),*),
+            T::Q5_1 => $f::<BlockQ5_1>($($args),*),
+            T::Q8_0 => $f::<BlockQ8_0>($($args),*),
+            T::Q2_K => $f::<BlockQ2K>($($args),*),
+            T::Q3_K => $f::<BlockQ3K>($($args),*),
+            T::Q4_K => $f::<BlockQ4K>($($args),*),
+            T::Q5_K => $f::<BlockQ5K>($($args),*),
+            T::Q6_K => $f::<BlockQ6K>($($args),*),
+            _ => $other,
+        }
+    }};
+}
+
+fn dequantize_generic<B: BlockFormat>(src: &[u8], dst: &mut [f32]) -> Result<(), LayoutError> {
+    let blocks = cast_blocks::<B>(src)?;
+    if blocks.len() * B::BLOCK != dst.len() {
+        return Err(LayoutError(format!(
+            "{} blocks of {} hold {} elements, destination has {}",
+            blocks.len(),
+            B::TYPE,
+            blocks.len() * B::BLOCK,
+            dst.len()
+        )));
+    }
+    B::dequantize(blocks, dst);
+    Ok(())
+}
+
+/// Dequantizes the bytes of whole blocks of type `ty` into `dst`.
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), LayoutError> {
+    dispatch_format!(
+        ty,
+        dequantize_generic(src, dst),
+        Err(LayoutError(format!("{ty} is not a weight format minnow can dequantize")))
+    )
+}
+
+/// Whether `ty` is a weight format the kernels can multiply with.
+pub fn is_supported_weight(ty: GgmlType) -> bool {
+    fn yes<B: BlockFormat>() -> bool {
+        true
+    }
+    dispatch_format!(ty, yes(), false)
+}

@@ -1,0 +1,17 @@
+//! minnow's compute kernels. Knows nothing of models.
+//!
+//! - [`formats`]: one `#[repr(C)]` type per block format, each with a scalar
+//!   reference dequantization and dot product, and an AVX2+FMA dot product
+//!   chosen at run time; a uniform byte-level dispatch over [`GgmlType`].
+//! - [`matmul`]: quantized weight matrix × f32 activations, multithreaded.
+//! - [`ops`]: the f32 element-wise pieces of a transformer (RMSNorm, RoPE,
+//!   softmax, activations).
+//! - [`pool`]: a persistent thread pool, because per-op thread spawning costs
+//!   more than a decode step's small matvecs.
+
+pub mod formats;
+pub mod matmul;
+pub mod ops;
+pub mod pool;
+
+pub use minnow_gguf::GgmlType;
