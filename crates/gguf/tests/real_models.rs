@@ -1,0 +1,88 @@
+//! Smoke tests against the real models in `~/.cache/minnow/models/`.
+//!
+//! These files are not in the repository (they are hundreds of megabytes), so
+//! each test skips with a printed note when its model is absent: CI machines
+//! without the cache still pass, and developer machines check the parser
+//! against what real converters write.
+
+use minnow_gguf::{GgmlType, GgufFile, Value};
+use std::path::PathBuf;
+
+fn model_path(file_name: &str) -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let path = PathBuf::from(home).join(".cache/minnow/models").join(file_name);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("skipping: model {} not found", path.display());
+        None
+    }
+}
+
+/// Checks that hold for any well-formed model: every tensor's bytes are where
+/// the table says, and the vocabulary arrays agree in length.
+fn check_consistency(file: &GgufFile) {
+    let mut prev_end = 0u64;
+    for t in file.tensors() {
+        let data = file.tensor_data(t);
+        assert_eq!(data.len() as u64, t.n_bytes, "{}", t.name);
+        assert_eq!(t.ty.bytes_for(t.n_elements()), Some(t.n_bytes), "{}", t.name);
+        assert_eq!(t.offset % file.alignment(), 0, "{}", t.name);
+        // Converters lay tensors out in table order without overlap.
+        assert!(t.offset >= prev_end, "{} overlaps the previous tensor", t.name);
+        prev_end = t.offset + t.n_bytes;
+    }
+    assert!(file.data_offset() + prev_end <= file.file_size());
+    let tokens = file.get("tokenizer.ggml.tokens").and_then(Value::as_array).expect("token list");
+    assert!(tokens.iter().all(|t| t.as_str().is_some()));
+    if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        assert_eq!(types.len(), tokens.len());
+    }
+}
+
+#[test]
+fn smollm2_135m() {
+    let Some(path) = model_path("smollm2-135m-instruct-q4_1.gguf") else { return };
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.version(), 3);
+    assert_eq!(file.tensors().len(), 272);
+    assert_eq!(file.get("general.architecture").and_then(Value::as_str), Some("llama"));
+    assert_eq!(file.get("llama.block_count").and_then(Value::as_u64), Some(30));
+    assert_eq!(file.get("llama.embedding_length").and_then(Value::as_u64), Some(576));
+    let q = file.tensor("blk.0.attn_q.weight").expect("blk.0.attn_q.weight");
+    assert_eq!(q.dims, vec![576, 576]);
+    assert_eq!(q.ty, GgmlType::Q4_1);
+    assert_eq!(file.file_size(), std::fs::metadata(&path).unwrap().len());
+    check_consistency(&file);
+}
+
+#[test]
+fn every_cached_model_parses() {
+    let Some(home) = std::env::var_os("HOME") else { return };
+    let dir = PathBuf::from(home).join(".cache/minnow/models");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("skipping: {} not found", dir.display());
+        return;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "gguf") {
+            continue;
+        }
+        let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let arch = file.get("general.architecture").and_then(Value::as_str).expect("architecture");
+        let mut types: Vec<_> = file.tensors().iter().map(|t| t.ty.name()).collect();
+        types.sort();
+        types.dedup();
+        eprintln!(
+            "{}: v{}, {arch}, {} tensors ({}), {} metadata keys, alignment {}",
+            path.file_name().unwrap().to_string_lossy(),
+            file.version(),
+            file.tensors().len(),
+            types.join(" "),
+            file.metadata().len(),
+            file.alignment()
+        );
+        check_consistency(&file);
+    }
+}
