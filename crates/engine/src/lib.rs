@@ -3,6 +3,10 @@
 //!
 //! - [`tokenizer`]: BPE and SentencePiece-style tokenizers built from GGUF metadata.
 //! - [`chat`]: chat templates (`tokenizer.chat_template`) rendered with minijinja.
+//! - [`model`]: architecture families and their batched forward pass.
+//! - [`kv_cache`]: per-sequence key/value cache.
 
 pub mod chat;
+pub mod kv_cache;
+pub mod model;
 pub mod tokenizer;

@@ -1,0 +1,115 @@
+//! Model families and loading.
+//!
+//! - `config`: hyperparameters from metadata.
+//! - `weights`: shape-checked tensor access.
+//! - `transformer`: the shared pieces (attention, FFN, norms, output head) and
+//!   the batch description.
+//! - `llama` (llama, qwen2) and `gemma3`: one file per architecture family,
+//!   each a forward pass that reads top to bottom.
+//!
+//! A forward pass takes a batch of one or more sequences, each with its own
+//! KV cache and new tokens, so prompt processing (many tokens of one
+//! sequence) and batched decoding (one token of many sequences) are the same
+//! call: every weight matrix is read once per call.
+
+mod config;
+mod gemma3;
+mod llama;
+mod transformer;
+mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use transformer::{Logits, SeqBatch};
+
+use crate::kv_cache::KvCache;
+use minnow_gguf::GgufFile;
+use minnow_kernels::pool::ThreadPool;
+use std::sync::Arc;
+use weights::TensorLoader;
+
+/// A model that cannot be loaded or run, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ModelError(pub String);
+
+impl ModelError {
+    pub fn new(msg: impl Into<String>) -> ModelError {
+        ModelError(msg.into())
+    }
+}
+
+enum Family {
+    Llama(llama::Llama),
+    Gemma3(gemma3::Gemma3),
+}
+
+/// A loaded network: the weights and the forward pass.
+pub struct Model {
+    file: Arc<GgufFile>,
+    family: Family,
+}
+
+impl Model {
+    /// Builds the network of a validated GGUF file, checking every tensor.
+    pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model, ModelError> {
+        let cfg = ModelConfig::from_gguf(&file)?;
+        let loader = TensorLoader { file: file.clone() };
+        let family = match cfg.arch {
+            Arch::Llama | Arch::Qwen2 => Family::Llama(llama::Llama::load(cfg, &loader)?),
+            Arch::Gemma3 => Family::Gemma3(gemma3::Gemma3::load(cfg, &loader)?),
+        };
+        Ok(Model { file, family })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match &self.family {
+            Family::Llama(m) => m.config(),
+            Family::Gemma3(m) => m.config(),
+        }
+    }
+
+    pub fn file(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    /// An empty KV cache for one sequence of at most `max_len` positions
+    /// (capped at the model's training context).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.config(), max_len)
+    }
+
+    /// Runs the batch: appends every sequence's new tokens to its cache and
+    /// returns, per sequence, the logits it asked for (shape [rows, vocab]).
+    pub fn forward(&self, pool: &ThreadPool, seqs: &mut [SeqBatch]) -> Result<Vec<Vec<f32>>, ModelError> {
+        for seq in seqs.iter() {
+            let need = seq.cache.len() + seq.tokens.len();
+            if need > seq.cache.max_len() {
+                return Err(ModelError::new(format!(
+                    "context full: {} tokens cached + {} new exceed the context size of {}",
+                    seq.cache.len(),
+                    seq.tokens.len(),
+                    seq.cache.max_len()
+                )));
+            }
+        }
+        if seqs.iter().all(|s| s.tokens.is_empty()) {
+            return Ok(seqs.iter().map(|_| Vec::new()).collect());
+        }
+        match &self.family {
+            Family::Llama(m) => m.forward(pool, seqs),
+            Family::Gemma3(m) => m.forward(pool, seqs),
+        }
+    }
+
+    /// Convenience: one sequence.
+    pub fn forward_one(
+        &self,
+        pool: &ThreadPool,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut out = self.forward(pool, &mut [SeqBatch { tokens, cache, logits }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+}

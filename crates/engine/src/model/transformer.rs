@@ -1,0 +1,300 @@
+//! The pieces every architecture family shares, written once: the batch a
+//! forward pass runs on, token embedding, attention (projections, optional
+//! biases and q/k norms, RoPE, KV cache, causal or sliding-window softmax
+//! attention), the gated feed-forward network, and the output head.
+//!
+//! All activations are row-major `[n_rows, width]` f32 buffers, one row per
+//! token of the batch; a batch may hold tokens of several sequences.
+
+use super::weights::Matrix;
+use super::ModelError;
+use crate::kv_cache::KvCache;
+use minnow_kernels::matmul::{matmul, ActBuffer};
+use minnow_kernels::ops::{self, Rope};
+use minnow_kernels::pool::{SharedMut, ThreadPool};
+use std::cell::RefCell;
+
+/// Which logits a sequence of a batch wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (prompt chunks whose logits nobody reads).
+    None,
+    /// The last token's only (generation).
+    Last,
+    /// Every token's (perplexity, speculative verification).
+    All,
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct SeqBatch<'a> {
+    /// New tokens; they take positions `cache.len() ..`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
+/// Where each row of the batch belongs.
+pub(crate) struct RowLayout {
+    /// (sequence index, position) of each row, shape [n_rows].
+    pub rows: Vec<(usize, usize)>,
+    /// First row of each sequence, shape [n_seqs + 1].
+    pub seq_start: Vec<usize>,
+}
+
+impl RowLayout {
+    pub fn new(seqs: &[SeqBatch]) -> RowLayout {
+        let mut rows = Vec::new();
+        let mut seq_start = vec![0];
+        for (s, seq) in seqs.iter().enumerate() {
+            let start = seq.cache.len();
+            rows.extend((0..seq.tokens.len()).map(|i| (s, start + i)));
+            seq_start.push(rows.len());
+        }
+        RowLayout { rows, seq_start }
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+thread_local! {
+    /// Quantized-activation scratch of the thread that calls `mm`.
+    static ACTS: RefCell<ActBuffer> = RefCell::new(ActBuffer::default());
+    /// Attention scores scratch of each pool thread, shape [positions].
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out = x · Wᵀ` for `n` rows: x [n, w.cols] → out [n, w.rows].
+pub(crate) fn mm(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+    let mut out = vec![0f32; n * w.rows];
+    ACTS.with(|acts| matmul(pool, &w.q(), x, n, &mut out, &mut acts.borrow_mut()))
+        .map_err(|e| ModelError::new(e.to_string()))?;
+    Ok(out)
+}
+
+/// Adds `bias` to every row of `x`.
+pub(crate) fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        ops::add_inplace(row, bias);
+    }
+}
+
+/// RMSNorm of every row of `x` with weight `w` → new buffer.
+pub(crate) fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
+        ops::rms_norm(r, w, eps, o);
+    }
+    out
+}
+
+/// Looks up the embedding rows of `tokens` → [n, n_embd].
+pub(crate) fn embed(table: &Matrix, tokens: impl Iterator<Item = u32>, scale: f32) -> Result<Vec<f32>, ModelError> {
+    let mut out = Vec::new();
+    let mut row = vec![0f32; table.cols];
+    for t in tokens {
+        if t as usize >= table.rows {
+            return Err(ModelError::new(format!("token id {t} is outside the vocabulary of {} tokens", table.rows)));
+        }
+        table.row_f32(t as usize, &mut row)?;
+        if scale != 1.0 {
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+        out.extend_from_slice(&row);
+    }
+    Ok(out)
+}
+
+/// Weights of one attention block.
+pub(crate) struct Attention {
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    /// Biases of the projections (Qwen2), shapes [q_dim], [kv_dim], [kv_dim].
+    pub bias: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+    /// Per-head RMSNorm weights of queries and keys, shape [head_dim] (Gemma 3).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Shape and position encoding of one attention layer.
+pub(crate) struct AttentionShape<'a> {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub rope: &'a Rope,
+    pub eps: f32,
+    /// Softmax scale of q·k.
+    pub scale: f32,
+    /// Keys further back than this many positions are masked (Gemma 3
+    /// local layers): a token at position p sees positions p-window+1 ..= p.
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    /// Runs self-attention of layer `layer` on the normed input `h` [n_rows,
+    /// n_embd], appending the new keys and values to each sequence's cache;
+    /// returns the output projection [n_rows, n_embd].
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        shape: &AttentionShape,
+        h: &[f32],
+        layout: &RowLayout,
+        seqs: &mut [SeqBatch],
+    ) -> Result<Vec<f32>, ModelError> {
+        let n = layout.n_rows();
+        let hd = shape.head_dim;
+        let q_dim = shape.n_head * hd;
+        let kv_dim = shape.n_head_kv * hd;
+        // q [n, q_dim], k and v [n, kv_dim]
+        let mut q = mm(pool, &self.wq, h, n)?;
+        let mut k = mm(pool, &self.wk, h, n)?;
+        let v = {
+            let mut v = mm(pool, &self.wv, h, n)?;
+            if let Some((bq, bk, bv)) = &self.bias {
+                add_bias(&mut q, bq);
+                add_bias(&mut k, bk);
+                add_bias(&mut v, bv);
+            }
+            v
+        };
+        if let Some((qn, kn)) = &self.qk_norm {
+            q.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, qn, shape.eps));
+            k.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, kn, shape.eps));
+        }
+        for (r, &(_, pos)) in layout.rows.iter().enumerate() {
+            shape.rope.apply(&mut q[r * q_dim..(r + 1) * q_dim], hd, pos);
+            shape.rope.apply(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, pos);
+        }
+        for (s, seq) in seqs.iter_mut().enumerate() {
+            let (a, b) = (layout.seq_start[s], layout.seq_start[s + 1]);
+            seq.cache.append(layer, &k[a * kv_dim..b * kv_dim], &v[a * kv_dim..b * kv_dim]);
+        }
+
+        // Attention proper: one task per (row, head), each writing its own
+        // slice of `out` [n, q_dim].
+        let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.cache).collect();
+        let mut out = vec![0f32; n * q_dim];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let group = shape.n_head / shape.n_head_kv;
+        pool.parallel_for(n * shape.n_head, 1, &|range| {
+            let out_ptr = out_ptr;
+            for task in range {
+                let (r, head) = (task / shape.n_head, task % shape.n_head);
+                let (s, pos) = layout.rows[r];
+                let keys = caches[s].keys(layer);
+                let values = caches[s].values(layer);
+                let first = match shape.window {
+                    Some(w) => (pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let qh = &q[r * q_dim + head * hd..r * q_dim + (head + 1) * hd];
+                let kv_off = (head / group) * hd;
+                // SAFETY: task (r, head) alone writes this head_dim slice.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r * q_dim + head * hd), hd) };
+                SCORES.with(|scores| {
+                    let mut scores = scores.borrow_mut();
+                    scores.clear();
+                    scores.extend((first..=pos).map(|j| {
+                        let kj = &keys[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
+                        dot(qh, kj) * shape.scale
+                    }));
+                    ops::softmax_inplace(&mut scores);
+                    dst.iter_mut().for_each(|d| *d = 0.0);
+                    for (j, &p) in (first..=pos).zip(scores.iter()) {
+                        let vj = &values[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
+                        for (d, &x) in dst.iter_mut().zip(vj) {
+                            *d += p * x;
+                        }
+                    }
+                });
+            }
+        });
+        mm(pool, &self.wo, &out, n)
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums so the loop vectorizes.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The activation of a gated feed-forward network.
+#[derive(Clone, Copy)]
+pub(crate) enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+/// Weights of a gated FFN: `down(act(gate(x)) * up(x))`.
+pub(crate) struct Ffn {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+impl Ffn {
+    /// x [n, n_embd] → [n, n_embd].
+    pub fn forward(&self, pool: &ThreadPool, act: Activation, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+        let mut g = mm(pool, &self.gate, x, n)?;
+        let u = mm(pool, &self.up, x, n)?;
+        match act {
+            Activation::Silu => ops::gated_silu(&mut g, &u),
+            Activation::GeluTanh => ops::gated_gelu(&mut g, &u),
+        }
+        mm(pool, &self.down, &g, n)
+    }
+}
+
+/// Final norm and output projection for the rows whose logits were asked
+/// for; returns each sequence's logits, shape [rows wanted, vocab].
+pub(crate) fn output_logits(
+    pool: &ThreadPool,
+    x: &[f32],
+    n_embd: usize,
+    norm: &[f32],
+    eps: f32,
+    head: &Matrix,
+    layout: &RowLayout,
+    seqs: &[SeqBatch],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let mut picked: Vec<usize> = Vec::new();
+    let mut counts = Vec::new();
+    for (s, seq) in seqs.iter().enumerate() {
+        let (a, b) = (layout.seq_start[s], layout.seq_start[s + 1]);
+        let rows: Vec<usize> = match seq.logits {
+            Logits::None => vec![],
+            Logits::Last if b > a => vec![b - 1],
+            Logits::Last => vec![],
+            Logits::All => (a..b).collect(),
+        };
+        counts.push(rows.len());
+        picked.extend(rows);
+    }
+    let mut hx = Vec::with_capacity(picked.len() * n_embd);
+    for &r in &picked {
+        hx.extend_from_slice(&x[r * n_embd..(r + 1) * n_embd]);
+    }
+    let hx = norm_rows(&hx, norm, eps);
+    let logits = mm(pool, head, &hx, picked.len())?;
+    let vocab = head.rows;
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for c in counts {
+        out.push(logits[at * vocab..(at + c) * vocab].to_vec());
+        at += c;
+    }
+    Ok(out)
+}

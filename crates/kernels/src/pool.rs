@@ -1,0 +1,238 @@
+//! A persistent thread pool for the forward pass.
+//!
+//! A decode step runs a few hundred small matrix-vector products; spawning or
+//! waking threads through the OS for each costs more than the product itself.
+//! Workers here stay alive and spin briefly on an atomic "generation" counter
+//! between jobs, falling back to a condition variable when idle for longer, so
+//! back-to-back jobs start in well under a microsecond and an idle pool costs
+//! nothing.
+//!
+//! The calling thread takes part as worker 0, and `broadcast` returns only once
+//! every worker has finished, which is what makes lending the workers a
+//! borrowed closure sound.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// How many spin iterations a worker waits for the next job before parking.
+const SPIN_ITERS: usize = 1 << 16;
+
+type Job = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// Lifetime-erased pointer to the current job; valid while `pending > 0`.
+    job: Mutex<Option<JobPtr>>,
+    /// Bumped once per job; workers watch it to learn a new job exists.
+    generation: AtomicUsize,
+    /// Workers (not counting the caller) still running the current job.
+    pending: AtomicUsize,
+    /// Set when a worker's job panicked; the caller re-raises it.
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    wake: Condvar,
+    wake_lock: Mutex<()>,
+}
+
+#[derive(Clone, Copy)]
+struct JobPtr(*const Job);
+// SAFETY: the pointee is `Sync` and outlives every use (see `broadcast`).
+unsafe impl Send for JobPtr {}
+
+/// A fixed set of worker threads that run jobs together with the caller.
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    n_threads: usize,
+    /// Serializes callers: one job at a time.
+    busy: Mutex<()>,
+}
+
+impl ThreadPool {
+    /// A pool of `n_threads` threads in all (the caller counts as one).
+    pub fn new(n_threads: usize) -> ThreadPool {
+        let n_threads = n_threads.max(1);
+        let shared = Arc::new(Shared {
+            job: Mutex::new(None),
+            generation: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(()),
+        });
+        let workers = (1..n_threads)
+            .map(|index| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("minnow-worker-{index}"))
+                    .spawn(move || worker_loop(&shared, index))
+                    .expect("cannot spawn a worker thread")
+            })
+            .collect();
+        ThreadPool { shared, workers, n_threads, busy: Mutex::new(()) }
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Runs `f(thread_index)` once on every thread of the pool, the caller
+    /// being index 0, and returns when all have finished.
+    pub fn broadcast(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.n_threads == 1 {
+            f(0);
+            return;
+        }
+        let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: erase the borrow's lifetime. Workers dereference the pointer
+        // only while `pending > 0`, and we do not return before it is 0.
+        let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
+        *self.shared.job.lock().unwrap() = Some(JobPtr(ptr));
+        self.shared.pending.store(self.n_threads - 1, Ordering::SeqCst);
+        {
+            let _l = self.shared.wake_lock.lock().unwrap();
+            self.shared.generation.fetch_add(1, Ordering::SeqCst);
+            self.shared.wake.notify_all();
+        }
+        let caller_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        while self.shared.pending.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        *self.shared.job.lock().unwrap() = None;
+        if let Err(p) = caller_result {
+            std::panic::resume_unwind(p);
+        }
+        if self.shared.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a worker thread panicked while running a kernel");
+        }
+    }
+
+    /// Splits `0..n` into chunks of at most `grain` and hands them out to the
+    /// threads dynamically (an atomic counter), so uneven chunks balance.
+    pub fn parallel_for(&self, n: usize, grain: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        let grain = grain.max(1);
+        let n_chunks = n.div_ceil(grain);
+        if n_chunks <= 1 || self.n_threads == 1 {
+            if n > 0 {
+                f(0..n);
+            }
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        self.broadcast(&|_| loop {
+            let chunk = next.fetch_add(1, Ordering::Relaxed);
+            if chunk >= n_chunks {
+                break;
+            }
+            let start = chunk * grain;
+            f(start..(start + grain).min(n));
+        });
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _l = self.shared.wake_lock.lock().unwrap();
+            self.shared.generation.fetch_add(1, Ordering::SeqCst);
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker_loop(shared: &Shared, index: usize) {
+    let mut seen = 0usize;
+    loop {
+        // Spin first: in a forward pass the next job is microseconds away.
+        let mut spins = 0;
+        let mut generation = shared.generation.load(Ordering::Acquire);
+        while generation == seen && spins < SPIN_ITERS {
+            std::hint::spin_loop();
+            spins += 1;
+            generation = shared.generation.load(Ordering::Acquire);
+        }
+        if generation == seen {
+            let mut lock = shared.wake_lock.lock().unwrap();
+            while shared.generation.load(Ordering::Acquire) == seen {
+                lock = shared.wake.wait(lock).unwrap();
+            }
+            generation = shared.generation.load(Ordering::Acquire);
+        }
+        seen = generation;
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let job = *shared.job.lock().unwrap();
+        if let Some(JobPtr(ptr)) = job {
+            // SAFETY: see `broadcast`: the job outlives `pending > 0`.
+            let f = unsafe { &*ptr };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(index))).is_err() {
+                shared.panicked.store(true, Ordering::SeqCst);
+            }
+            shared.pending.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// A raw pointer that may be shared across the pool's threads, for kernels
+/// whose threads write provably disjoint parts of one output buffer.
+#[derive(Clone, Copy)]
+pub struct SharedMut<T>(pub *mut T);
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_runs_exactly_once() {
+        let pool = ThreadPool::new(3);
+        for n in [0, 1, 5, 100, 1001] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.parallel_for(n, 7, &|r| {
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn broadcast_reaches_every_thread_many_times() {
+        let pool = ThreadPool::new(4);
+        let count = AtomicUsize::new(0);
+        for _ in 0..2000 {
+            pool.broadcast(&|_| {
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(count.load(Ordering::Relaxed), 8000);
+    }
+
+    #[test]
+    fn worker_panic_is_reported_to_caller() {
+        let pool = ThreadPool::new(2);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.broadcast(&|i| {
+                if i == 1 {
+                    panic!("boom")
+                }
+            })
+        }));
+        assert!(r.is_err());
+        // The pool still works afterwards.
+        let count = AtomicUsize::new(0);
+        pool.broadcast(&|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+}
