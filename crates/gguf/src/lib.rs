@@ -1,4 +1,5 @@
-//! The GGUF file format (v2 and v3): a validated, memory-mapped reader.
+//! The GGUF file format (v2 and v3): a validated, memory-mapped reader and a
+//! writer.
 //!
 //! A GGUF file is untrusted input. Every count, length, offset, dimension and
 //! type read from it is checked before use, so a truncated, corrupted or hostile
@@ -6,11 +7,13 @@
 //! out-of-bounds read, a huge allocation or a hang.
 //!
 //! Layout: `types` (ggml tensor types and their block geometry), `value`
-//! (metadata values), `reader` (parsing and validation).
+//! (metadata values), `reader` (parsing and validation), `writer` (building
+//! GGUF v3 files that the reader accepts).
 
 mod reader;
 mod types;
 mod value;
+mod writer;
 
 pub use reader::{
     GgufError, GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN,
@@ -18,3 +21,4 @@ pub use reader::{
 };
 pub use types::GgmlType;
 pub use value::{Value, ValueType};
+pub use writer::{GgufWriter, WRITE_VERSION};

@@ -1,0 +1,442 @@
+//! Writing GGUF v3 files.
+//!
+//! [`GgufWriter`] collects metadata and tensors, checking each as it is added
+//! against the same rules the reader enforces, so that whatever it writes reads
+//! back: a writer that could produce files our own reader rejects would only
+//! move the error to a later, more confusing place.
+//!
+//! Layout written: header, metadata, tensor table, zero padding to the
+//! alignment, then each tensor's data padded with zeros to the alignment, in the
+//! order the tensors were added. Tensor data may be borrowed (e.g. from a mapped
+//! [`GgufFile`]) so rewriting a multi-gigabyte model copies nothing into memory.
+
+use crate::reader::{DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_TENSOR_NAME_LEN};
+use crate::{GgmlType, GgufError, GgufFile, Value};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The GGUF version this writer produces.
+pub const WRITE_VERSION: u32 = 3;
+
+/// One tensor waiting to be written.
+struct PendingTensor<'a> {
+    name: String,
+    dims: Vec<u64>,
+    ty: GgmlType,
+    data: Cow<'a, [u8]>,
+}
+
+/// Builds a GGUF v3 file. `'a` is the lifetime of borrowed tensor data.
+#[derive(Default)]
+pub struct GgufWriter<'a> {
+    metadata: Vec<(String, Value)>,
+    metadata_index: HashMap<String, usize>,
+    tensors: Vec<PendingTensor<'a>>,
+    tensor_index: HashMap<String, usize>,
+}
+
+fn invalid(message: String) -> GgufError {
+    GgufError::Invalid(message)
+}
+
+impl<'a> GgufWriter<'a> {
+    pub fn new() -> GgufWriter<'a> {
+        GgufWriter::default()
+    }
+
+    /// A writer holding all of `file`'s metadata and tensors (data borrowed, in
+    /// file order): writing it reproduces the file, and it is the starting
+    /// point for rewriting one with changes.
+    pub fn from_file(file: &'a GgufFile) -> GgufWriter<'a> {
+        let mut writer = GgufWriter::new();
+        // The file was validated by the same rules, so nothing here can fail.
+        for (key, value) in file.metadata() {
+            writer.add_metadata(key.clone(), value.clone()).expect("validated metadata");
+        }
+        for t in file.tensors() {
+            writer.add_tensor(t.name.clone(), &t.dims, t.ty, file.tensor_data(t)).expect("validated tensor");
+        }
+        writer
+    }
+
+    /// Adds a metadata entry. Fails on a duplicate key, a key or nesting the
+    /// reader would refuse, an array whose elements do not match its declared
+    /// element type, or an invalid `general.alignment`.
+    pub fn add_metadata(&mut self, key: impl Into<String>, value: Value) -> Result<(), GgufError> {
+        let key = key.into();
+        if self.metadata_index.contains_key(&key) {
+            return Err(invalid(format!("metadata '{key}': duplicate key")));
+        }
+        check_metadata(&key, &value)?;
+        self.metadata_index.insert(key.clone(), self.metadata.len());
+        self.metadata.push((key, value));
+        Ok(())
+    }
+
+    /// Adds or replaces a metadata entry (a replaced entry keeps its position).
+    pub fn set_metadata(&mut self, key: impl Into<String>, value: Value) -> Result<(), GgufError> {
+        let key = key.into();
+        match self.metadata_index.get(&key) {
+            Some(&i) => {
+                check_metadata(&key, &value)?;
+                self.metadata[i].1 = value;
+                Ok(())
+            }
+            None => self.add_metadata(key, value),
+        }
+    }
+
+    /// Adds a tensor. `dims` are in ggml order (innermost first); `data` must be
+    /// exactly the size that `ty` needs for that many elements.
+    pub fn add_tensor(
+        &mut self,
+        name: impl Into<String>,
+        dims: &[u64],
+        ty: GgmlType,
+        data: impl Into<Cow<'a, [u8]>>,
+    ) -> Result<(), GgufError> {
+        let name = name.into();
+        let data = data.into();
+        if self.tensor_index.contains_key(&name) {
+            return Err(invalid(format!("tensor '{name}': duplicate tensor name")));
+        }
+        if name.len() as u64 > MAX_TENSOR_NAME_LEN {
+            return Err(invalid(format!("tensor '{name}': name longer than {MAX_TENSOR_NAME_LEN} bytes")));
+        }
+        if dims.is_empty() || dims.len() > MAX_DIMS {
+            return Err(invalid(format!("tensor '{name}': {} dimensions is not in 1..={MAX_DIMS}", dims.len())));
+        }
+        if let Some(d) = dims.iter().position(|&d| d == 0) {
+            return Err(invalid(format!("tensor '{name}': dimension {d} is 0")));
+        }
+        let n_elements = dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| invalid(format!("tensor '{name}': element count of {dims:?} overflows")))?;
+        let block_size = ty.block_size() as u64;
+        if dims[0] % block_size != 0 {
+            return Err(invalid(format!(
+                "tensor '{name}': innermost dimension {} is not a multiple of the {ty} block size {block_size}",
+                dims[0]
+            )));
+        }
+        let n_bytes = ty
+            .bytes_for(n_elements)
+            .ok_or_else(|| invalid(format!("tensor '{name}': size of {n_elements} {ty} elements overflows")))?;
+        if data.len() as u64 != n_bytes {
+            return Err(invalid(format!(
+                "tensor '{name}': {dims:?} {ty} needs {n_bytes} bytes of data, got {}",
+                data.len()
+            )));
+        }
+        self.tensor_index.insert(name.clone(), self.tensors.len());
+        self.tensors.push(PendingTensor { name, dims: dims.to_vec(), ty, data });
+        Ok(())
+    }
+
+    /// The alignment the file will be written with (`general.alignment` if
+    /// set, else 32).
+    pub fn alignment(&self) -> u64 {
+        self.metadata_index
+            .get("general.alignment")
+            .and_then(|&i| self.metadata[i].1.as_u64())
+            .unwrap_or(DEFAULT_ALIGNMENT)
+    }
+
+    /// Writes the file to `out`.
+    pub fn write_to(&self, out: impl Write) -> io::Result<()> {
+        let mut out = CountingWriter { inner: out, written: 0 };
+        let alignment = self.alignment();
+        // Everything before the data section is small (a vocabulary at most),
+        // so it is built in memory; tensor data streams straight from its source.
+        out.write_all(&self.head(alignment))?;
+        for t in &self.tensors {
+            out.write_all(&t.data)?;
+            out.pad_to(alignment)?;
+        }
+        out.inner.flush()
+    }
+
+    /// The whole file in memory (tests, small files).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.write_to(&mut bytes).expect("writing to a Vec cannot fail");
+        bytes
+    }
+
+    /// Writes the file to `path` atomically: to a temporary file in the same
+    /// directory, synced, then renamed over `path`. A crash or error leaves
+    /// either the old file or the new one, never a torn one, and readers that
+    /// have the old file mapped keep seeing the old contents.
+    pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
+        let path = path.as_ref();
+        let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| io_error(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(file_name);
+        // Unique per process and per call, so concurrent writers of the same
+        // path never share a temporary file.
+        static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+        let unique = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+        temp_name.push(format!(".{}.{unique}.tmp", std::process::id()));
+        let temp_path = dir.join(temp_name);
+
+        let result = (|| {
+            let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path)?;
+            let mut buffered = BufWriter::with_capacity(1 << 20, file);
+            self.write_to(&mut buffered)?;
+            let file = buffered.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&temp_path, path)?;
+            // Make the rename itself durable. Best effort: not every platform
+            // can open and sync a directory, and the data is already safe.
+            if let Ok(dir) = File::open(dir) {
+                let _ = dir.sync_all();
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&temp_path);
+        }
+        result.map_err(io_error)
+    }
+
+    /// Header, metadata, tensor table and the padding up to the data section.
+    fn head(&self, alignment: u64) -> Vec<u8> {
+        let mut head = Vec::new();
+        head.extend_from_slice(b"GGUF");
+        head.extend_from_slice(&WRITE_VERSION.to_le_bytes());
+        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_string(&mut head, key);
+            head.extend_from_slice(&value.value_type().id().to_le_bytes());
+            put_value(&mut head, value);
+        }
+        let mut offset = 0u64;
+        for t in &self.tensors {
+            put_string(&mut head, &t.name);
+            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                head.extend_from_slice(&d.to_le_bytes());
+            }
+            head.extend_from_slice(&t.ty.id().to_le_bytes());
+            head.extend_from_slice(&offset.to_le_bytes());
+            offset = (offset + t.data.len() as u64).next_multiple_of(alignment);
+        }
+        head.resize((head.len() as u64).next_multiple_of(alignment) as usize, 0);
+        head
+    }
+}
+
+/// Checks one metadata entry against the reader's rules.
+fn check_metadata(key: &str, value: &Value) -> Result<(), GgufError> {
+    if key.len() as u64 > MAX_KEY_LEN {
+        return Err(invalid(format!("metadata '{key}': key longer than {MAX_KEY_LEN} bytes")));
+    }
+    check_value(key, value, 0)?;
+    if key == "general.alignment" {
+        let alignment = match value {
+            Value::Bool(_) => None,
+            v => v.as_u64(),
+        };
+        if !alignment.is_some_and(|a| a.is_power_of_two() && a <= MAX_ALIGNMENT) {
+            return Err(invalid(format!(
+                "metadata 'general.alignment': a {} value {} is not a power of two in 1..={MAX_ALIGNMENT}",
+                value.value_type(),
+                alignment.map_or_else(|| "(not an integer)".to_string(), |a| a.to_string())
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Arrays must be homogeneous (the format stores one element type) and nest
+/// no deeper than the reader accepts.
+fn check_value(key: &str, value: &Value, depth: usize) -> Result<(), GgufError> {
+    if let Value::Array(elem_type, elems) = value {
+        if depth + 1 > MAX_ARRAY_DEPTH {
+            return Err(invalid(format!("metadata '{key}': arrays nested more than {MAX_ARRAY_DEPTH} deep")));
+        }
+        for (i, elem) in elems.iter().enumerate() {
+            if elem.value_type() != *elem_type {
+                return Err(invalid(format!(
+                    "metadata '{key}': element {i} is a {} in an array of {elem_type}",
+                    elem.value_type()
+                )));
+            }
+            check_value(key, elem, depth + 1)?;
+        }
+    }
+    Ok(())
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The encoding of a value without its type tag.
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::U8(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I8(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::Bool(v) => out.push(*v as u8),
+        Value::String(s) => put_string(out, s),
+        Value::Array(elem_type, elems) => {
+            out.extend_from_slice(&elem_type.id().to_le_bytes());
+            out.extend_from_slice(&(elems.len() as u64).to_le_bytes());
+            for elem in elems {
+                put_value(out, elem);
+            }
+        }
+    }
+}
+
+/// Tracks the position in the output so data can be padded to the alignment
+/// without requiring `Seek`.
+struct CountingWriter<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> CountingWriter<W> {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn pad_to(&mut self, alignment: u64) -> io::Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        let mut padding = self.written.next_multiple_of(alignment) - self.written;
+        while padding > 0 {
+            let n = padding.min(ZEROS.len() as u64) as usize;
+            self.write_all(&ZEROS[..n])?;
+            padding -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ValueType;
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn round_trip_small_file() {
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", Value::String("test".into())).unwrap();
+        w.add_metadata("test.count", Value::U32(7)).unwrap();
+        w.add_metadata(
+            "test.nested",
+            Value::Array(ValueType::Array, vec![Value::Array(ValueType::I8, vec![Value::I8(-1), Value::I8(2)])]),
+        )
+        .unwrap();
+        w.add_tensor("a", &[3], GgmlType::F32, f32_bytes(&[1.0, 2.0, 3.0])).unwrap();
+        w.add_tensor("b", &[2, 2], GgmlType::F32, f32_bytes(&[4.0, 5.0, 6.0, 7.0])).unwrap();
+        let bytes = w.to_bytes();
+        assert_eq!(bytes.len() % 32, 0);
+
+        let file = GgufFile::from_bytes(bytes.clone()).unwrap();
+        assert_eq!(file.version(), 3);
+        assert_eq!(file.metadata().len(), 3);
+        assert_eq!(file.get("test.count"), Some(&Value::U32(7)));
+        let a = file.tensor("a").unwrap();
+        assert_eq!((a.offset, a.n_bytes), (0, 12));
+        // The second tensor starts at the next aligned offset.
+        assert_eq!(file.tensor("b").unwrap().offset, 32);
+        assert_eq!(file.tensor_data_by_name("b").unwrap(), &f32_bytes(&[4.0, 5.0, 6.0, 7.0])[..]);
+        // Writing what we read gives the same bytes back.
+        assert_eq!(GgufWriter::from_file(&file).to_bytes(), bytes);
+    }
+
+    #[test]
+    fn honours_alignment() {
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.alignment", Value::U32(256)).unwrap();
+        w.add_tensor("a", &[1], GgmlType::F32, f32_bytes(&[1.0])).unwrap();
+        w.add_tensor("b", &[1], GgmlType::F32, f32_bytes(&[2.0])).unwrap();
+        let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
+        assert_eq!(file.alignment(), 256);
+        assert_eq!(file.data_offset() % 256, 0);
+        assert_eq!(file.tensor("b").unwrap().offset, 256);
+        assert_eq!(file.file_size() % 256, 0);
+    }
+
+    #[test]
+    fn refuses_what_the_reader_would_refuse() {
+        let mut w = GgufWriter::new();
+        w.add_metadata("k", Value::U8(1)).unwrap();
+        assert!(w.add_metadata("k", Value::U8(2)).unwrap_err().to_string().contains("duplicate key"));
+        w.set_metadata("k", Value::U8(3)).unwrap();
+        assert_eq!(w.metadata[0].1, Value::U8(3));
+        let mixed = Value::Array(ValueType::U8, vec![Value::U8(1), Value::I8(1)]);
+        assert!(w.add_metadata("m", mixed).unwrap_err().to_string().contains("element 1 is a i8"));
+        for bad in [Value::U32(0), Value::U32(24), Value::U64(1 << 40), Value::Bool(true), Value::String("32".into())] {
+            let err = w.add_metadata("general.alignment", bad).unwrap_err().to_string();
+            assert!(err.contains("general.alignment"), "{err}");
+        }
+        let mut deep = Value::Array(ValueType::U8, vec![]);
+        for _ in 0..MAX_ARRAY_DEPTH {
+            deep = Value::Array(ValueType::Array, vec![deep]);
+        }
+        assert!(w.add_metadata("deep", deep).unwrap_err().to_string().contains("nested"));
+
+        w.add_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34]).unwrap();
+        let err = |r: Result<(), GgufError>| r.unwrap_err().to_string();
+        assert!(err(w.add_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34])).contains("duplicate tensor name"));
+        assert!(err(w.add_tensor("u", &[], GgmlType::F32, vec![])).contains("dimensions"));
+        assert!(err(w.add_tensor("u", &[1, 1, 1, 1, 1], GgmlType::F32, vec![0; 4])).contains("dimensions"));
+        assert!(err(w.add_tensor("u", &[0], GgmlType::F32, vec![])).contains("dimension 0 is 0"));
+        assert!(err(w.add_tensor("u", &[u64::MAX, 2], GgmlType::F32, vec![])).contains("overflows"));
+        assert!(err(w.add_tensor("u", &[16, 2], GgmlType::Q8_0, vec![0; 34])).contains("block size 32"));
+        assert!(err(w.add_tensor("u", &[2], GgmlType::F32, vec![0; 4])).contains("needs 8 bytes"));
+    }
+
+    #[test]
+    fn write_file_is_atomic_and_readable() {
+        let dir = std::env::temp_dir().join(format!("minnow-gguf-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("small.gguf");
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", Value::String("test".into())).unwrap();
+        w.add_tensor("a", &[2], GgmlType::F16, vec![1, 2, 3, 4]).unwrap();
+        w.write_file(&path).unwrap();
+        // Overwriting replaces the file and leaves no temporary behind.
+        w.write_file(&path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("small.gguf")]);
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.tensor_data_by_name("a"), Some(&[1u8, 2, 3, 4][..]));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let err = w.write_file(dir.join("missing-dir/x.gguf")).unwrap_err().to_string();
+        assert!(err.contains("missing-dir/x.gguf"), "{err}");
+    }
+}
