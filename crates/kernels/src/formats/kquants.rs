@@ -1,1 +1,191 @@
-//! TO BE WRITTEN
+//! The ggml "k-quant" formats: super-blocks of 256 weights with per-sub-block
+//! scales (and, for the "affine" formats, mins), bit-exact with ggml's
+//! `block_q*_K` structs so GGUF tensor bytes can be cast to them directly.
+//!
+//! | type         | bytes | layout (ggml field order)                            | weight                    |
+//! |--------------|-------|------------------------------------------------------|---------------------------|
+//! | [`BlockQ2K`] | 84    | scales[16] (lo: scale, hi: min), qs[64], d, dmin     | `d*sc*q - dmin*m`, q∈0..3 |
+//! | [`BlockQ3K`] | 110   | hmask[32], qs[64], scales[12] (16×6 bit), d          | `d*(sc-32)*(q-4)`, q∈0..7 |
+//! | [`BlockQ4K`] | 144   | d, dmin, scales[12] (8×6-bit scale, 8×6-bit min), qs[128] | `d*sc*q - dmin*m`, q∈0..15 |
+//! | [`BlockQ5K`] | 176   | d, dmin, scales[12], qh[32], qs[128]                  | `d*sc*q - dmin*m`, q∈0..31 |
+//! | [`BlockQ6K`] | 210   | ql[128], qh[64], scales: i8[16], d                   | `d*sc*(q-32)`, q∈0..63    |
+//! | [`BlockQ8K`] | 292   | d: f32, qs: i8[256], bsums: i16[16]                  | activations: `d*q`        |
+//!
+//! f16 fields are stored as their raw `u16` bits so every block is plain old
+//! data (`bytemuck::Pod`, alignment 2; Q8_K has alignment 4 for its f32).
+//!
+//! Every weight format is multiplied with activations quantized to
+//! [`BlockQ8K`], as llama.cpp does. Its `bsums` (the sum of each run of 16
+//! quants) let the dot products fold the per-sub-block offsets (the mins of
+//! Q2_K/Q4_K/Q5_K, the implicit -4 / -32 of Q3_K / Q6_K) into one small
+//! product per block instead of touching every element twice.
+//!
+//! Each format lives in its own file with three implementations side by side:
+//! `dequantize` (the scalar definition of the format), `vec_dot_ref` (scalar,
+//! integer sums per sub-block then float scales, the same arithmetic as
+//! ggml's reference so results track llama.cpp), and an AVX2+FMA `vec_dot`
+//! chosen at run time. The SIMD kernels all follow one pattern: unsigned
+//! quants × signed Q8 bytes with `maddubs` (→ i16 pairs), × the sub-block
+//! scale with `madd` (→ i32), integer accumulation within a super-block, one
+//! FMA into f32 lanes per super-block, one horizontal sum per row.
+
+mod q2k;
+mod q3k;
+mod q4k;
+mod q5k;
+mod q6k;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
+pub use q2k::BlockQ2K;
+pub use q3k::BlockQ3K;
+pub use q4k::BlockQ4K;
+pub use q5k::BlockQ5K;
+pub use q6k::BlockQ6K;
+
+use super::ActBlock;
+
+/// Elements per k-quant super-block.
+pub const QK_K: usize = 256;
+
+/// Converts raw f16 bits (how the blocks store their scales) to f32, exactly.
+///
+/// Written out rather than calling `half`, whose conversion is an
+/// out-of-line call behind a run-time CPU check: twice per super-block that
+/// was a measurable share of the SIMD kernels' time. Normal values only
+/// need the exponent re-biased (15 → 127); subnormals (< 2^-14) are
+/// `mantissa * 2^-24`, done via an exact int→float conversion so no f32
+/// denormal ever reaches a multiply; inf/NaN keep their payload.
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let em = (h & 0x7fff) as u32;
+    let mag = if em < 0x0400 {
+        (em as f32 * (1.0 / 16_777_216.0)).to_bits()
+    } else if em < 0x7c00 {
+        (em << 13) + ((127 - 15) << 23)
+    } else {
+        (em << 13) | 0x7f80_0000
+    };
+    f32::from_bits(sign | mag)
+}
+
+/// Whether the AVX2+FMA kernels can run on this CPU. The std macro caches
+/// the CPUID result, so calling this once per row costs an atomic load.
+#[inline(always)]
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Unpacks the 12-byte `scales` field shared by Q4_K and Q5_K into eight
+/// 6-bit scales and eight 6-bit mins (ggml's `get_scale_min_k4`).
+///
+/// Bytes 0..4 hold scales 0..3 in their low 6 bits, bytes 4..8 mins 0..3;
+/// bytes 8..12 hold the low nibbles of scales 4..7 (low half) and mins 4..7
+/// (high half), whose top two bits are the top bits of bytes 0..4 / 4..8.
+/// Done four bytes at a time in u32s, since the SIMD kernels call it per
+/// super-block.
+#[inline(always)]
+pub(crate) fn unpack_scale_min_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+    let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    let sc_lo = u0 & 0x3f3f_3f3f;
+    let mn_lo = u1 & 0x3f3f_3f3f;
+    let sc_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+    let mn_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+    let sc = (sc_lo as u64 | (sc_hi as u64) << 32).to_le_bytes();
+    let mn = (mn_lo as u64 | (mn_hi as u64) << 32).to_le_bytes();
+    (sc, mn)
+}
+
+/// The Q8_K activation block: 256 activations as `d * qs[i]`, plus the sum
+/// of each run of 16 quants (`bsums`), which the weight formats use to apply
+/// their per-sub-block offsets without a pass over the elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+const _: () = assert!(std::mem::align_of::<BlockQ8K>() == 4);
+
+impl ActBlock for BlockQ8K {
+    const BLOCK: usize = QK_K;
+
+    /// ggml's `quantize_row_q8_K_ref`, bit for bit: the scale comes from the
+    /// element of largest magnitude *with its sign* (`iscale = -127/max`, so
+    /// that element maps to -127 and no quant is ever -128), quants round to
+    /// nearest with ties to even (ggml's `nearest_int`), `d = 1/iscale`.
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK_K, "Q8_K quantize: length mismatch");
+        for (xb, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+            let mut amax = 0.0f32;
+            let mut max = 0.0f32;
+            for &v in xb {
+                let a = v.abs();
+                if a > amax {
+                    amax = a;
+                    max = v;
+                }
+            }
+            if amax == 0.0 {
+                // ggml leaves bsums unset here; zero is what they would sum to.
+                *y = bytemuck::Zeroable::zeroed();
+                continue;
+            }
+            let iscale = -127.0f32 / max;
+            for (q, &v) in y.qs.iter_mut().zip(xb) {
+                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            }
+            for (s, qs) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+                *s = qs.iter().map(|&q| q as i16).sum();
+            }
+            y.d = 1.0 / iscale;
+        }
+    }
+}
+
+impl BlockQ8K {
+    /// Dequantizes activation blocks (`out.len() == blocks.len() * 256`);
+    /// for tests and debugging, the kernels never need it.
+    pub fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            blocks.len() * QK_K,
+            "Q8_K dequantize: length mismatch"
+        );
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (o, &q) in y.iter_mut().zip(&b.qs) {
+                *o = b.d * q as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_matches_half_for_every_value() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}: {got} vs {want}");
+            }
+        }
+    }
+}

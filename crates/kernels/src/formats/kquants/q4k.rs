@@ -1,0 +1,270 @@
+//! Q4_K: 256 weights in 144 bytes (4.5 bits per weight).
+//!
+//! Eight sub-blocks of 32, each with a 6-bit scale and a 6-bit min; weight
+//! `= d*sc[j]*q - dmin*m[j]` with `q` a 4-bit quant. `qs` is four 32-byte
+//! chunks, chunk `c` holding sub-block `2c` in its low nibbles and `2c+1` in
+//! its high nibbles (so one 32-byte load feeds two sub-blocks in SIMD).
+
+use super::{f16_to_f32, has_avx2_fma, unpack_scale_min_k4, BlockQ8K, QK_K};
+use crate::formats::BlockFormat;
+use crate::GgmlType;
+
+/// ggml's `block_q4_K`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockQ4K {
+    /// Super-block scale for the scales (f16 bits).
+    pub d: u16,
+    /// Super-block scale for the mins (f16 bits).
+    pub dmin: u16,
+    /// Eight 6-bit scales and eight 6-bit mins, packed (see
+    /// `unpack_scale_min_k4`).
+    pub scales: [u8; 12],
+    /// 4-bit quants.
+    pub qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::align_of::<BlockQ4K>() == 2);
+
+impl BlockFormat for BlockQ4K {
+    const TYPE: GgmlType = GgmlType::Q4_K;
+    const BLOCK: usize = QK_K;
+    type Dot = BlockQ8K;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            blocks.len() * QK_K,
+            "Q4_K dequantize: length mismatch"
+        );
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+            let d = f16_to_f32(b.d);
+            let dmin = f16_to_f32(b.dmin);
+            let (sc, mn) = unpack_scale_min_k4(&b.scales);
+            for c in 0..4 {
+                let q = &b.qs[32 * c..32 * c + 32];
+                let (d1, m1) = (d * sc[2 * c] as f32, dmin * mn[2 * c] as f32);
+                let (d2, m2) = (d * sc[2 * c + 1] as f32, dmin * mn[2 * c + 1] as f32);
+                let y = &mut y[64 * c..64 * c + 64];
+                for l in 0..32 {
+                    y[l] = d1 * (q[l] & 0xF) as f32 - m1;
+                    y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+                }
+            }
+        }
+    }
+
+    /// Per super-block: `d*Σ_j sc[j]*Σ q*q8 - dmin*Σ_j m[j]*Σ q8`, the inner
+    /// sums in integers, the sums of q8 taken from `bsums`.
+    fn vec_dot_ref(w: &[Self], a: &[BlockQ8K]) -> f32 {
+        assert_eq!(w.len(), a.len(), "Q4_K vec_dot: block count mismatch");
+        let mut sum = 0.0f32;
+        for (x, y) in w.iter().zip(a) {
+            let (sc, mn) = unpack_scale_min_k4(&x.scales);
+            let mut isum = 0i32;
+            let mut msum = 0i32;
+            for j in 0..8 {
+                let (c, shift) = (j / 2, 4 * (j % 2));
+                let q = &x.qs[32 * c..32 * c + 32];
+                let q8 = &y.qs[32 * j..32 * j + 32];
+                let s: i32 = q
+                    .iter()
+                    .zip(q8)
+                    .map(|(&q, &v)| ((q >> shift) & 0xF) as i32 * v as i32)
+                    .sum();
+                isum += sc[j] as i32 * s;
+                msum += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+            }
+            sum += y.d * f16_to_f32(x.d) * isum as f32 - y.d * f16_to_f32(x.dmin) * msum as f32;
+        }
+        sum
+    }
+
+    fn vec_dot(w: &[Self], a: &[BlockQ8K]) -> f32 {
+        assert_eq!(w.len(), a.len(), "Q4_K vec_dot: block count mismatch");
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { vec_dot_avx2(w, a) };
+        }
+        Self::vec_dot_ref(w, a)
+    }
+}
+
+/// AVX2 version of [`BlockQ4K::vec_dot_ref`].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn vec_dot_avx2(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
+        let d = y.d * f16_to_f32(x.d);
+        let dmin = y.d * f16_to_f32(x.dmin);
+        let (sc, mn) = unpack_scale_min_k4(&x.scales);
+
+        // Min term: bsums are per 16 elements, mins per 32, so widen the
+        // mins to 16 i16 each repeated twice and let madd do pairs.
+        let mn8 = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
+        let mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+        let bsums = load256(y.bsums.as_ptr());
+        let pm = _mm256_madd_epi16(bsums, mn16);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), acc_m);
+
+        let sc16 = bcast_u8x8_as_i16(sc);
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..4 {
+            let q4 = load256(x.qs.as_ptr().add(32 * c));
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let y0 = load256(y.qs.as_ptr().add(64 * c));
+            let y1 = load256(y.qs.as_ptr().add(64 * c + 32));
+            // q ≤ 15, |q8| ≤ 128: pair sums ≤ 3840, no i16 saturation.
+            let p0 = _mm256_maddubs_epi16(lo, y0);
+            let p1 = _mm256_maddubs_epi16(hi, y1);
+            let s0 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c));
+            let s1 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p0, s0));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, s1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_f32(_mm256_sub_ps(acc, acc_m))
+}
+
+/// Fits `x ≈ scale*q - min` (q ∈ 0..=nmax, min ≥ 0) for one sub-block.
+///
+/// Starts from the plain min/max fit, then tries a handful of slightly
+/// different step sizes; for each, quants are assigned by rounding and the
+/// scale and offset re-fit by weighted least squares (weights favour large
+/// magnitudes, which matter most to a dot product). Keeps the best.
+/// Returns `(scale, min)`, both ≥ 0.
+fn fit_scale_min(x: &[f32], nmax: u8) -> (f32, f32) {
+    let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if hi <= lo {
+        return (0.0, -lo);
+    }
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let av = mean_sq.sqrt();
+    let weight = |v: f32| av + v.abs();
+    let nmaxf = nmax as f32;
+    let err = |scale: f32, min: f32| -> f32 {
+        x.iter()
+            .map(|&v| {
+                let q = if scale > 0.0 {
+                    ((v + min) / scale).round().clamp(0.0, nmaxf)
+                } else {
+                    0.0
+                };
+                let e = scale * q - min - v;
+                weight(v) * e * e
+            })
+            .sum()
+    };
+    let mut best = ((hi - lo) / nmaxf, -lo);
+    let mut best_err = err(best.0, best.1);
+    for step in -10..=10 {
+        let iscale = (nmaxf + 0.1 * step as f32) / (hi - lo);
+        let (mut sw, mut sl, mut sl2, mut sx, mut sxl) = (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32);
+        for &v in x {
+            let l = (iscale * (v - lo)).round().clamp(0.0, nmaxf);
+            let w = weight(v);
+            sw += w;
+            sl += w * l;
+            sl2 += w * l * l;
+            sx += w * v;
+            sxl += w * v * l;
+        }
+        // Minimise Σw(s*l + o - x)² over s, o (o = -min).
+        let det = sw * sl2 - sl * sl;
+        if det <= 0.0 {
+            continue;
+        }
+        let mut s = (sw * sxl - sx * sl) / det;
+        let mut o = (sl2 * sx - sl * sxl) / det;
+        if o > 0.0 {
+            // The format needs min ≥ 0: pin the offset at 0, re-fit s alone.
+            o = 0.0;
+            s = sxl / sl2;
+        }
+        if s <= 0.0 {
+            continue;
+        }
+        let e = err(s, -o);
+        if e < best_err {
+            best_err = e;
+            best = (s, -o);
+        }
+    }
+    best
+}
+
+impl BlockQ4K {
+    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q4_K.
+    ///
+    /// Each 32-element sub-block gets a least-squares scale/min fit
+    /// (`fit_scale_min`); the eight scales and eight mins are then quantized
+    /// to 6 bits against the super-block's `d`/`dmin` (stored as f16), and
+    /// the quants re-derived from the scales actually stored, so rounding of
+    /// the scales does not compound.
+    pub fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK_K, "Q4_K quantize: length mismatch");
+        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+            let mut scales = [0.0f32; 8];
+            let mut mins = [0.0f32; 8];
+            for j in 0..8 {
+                (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], 15);
+            }
+            let max_scale = scales.iter().copied().fold(0.0f32, f32::max);
+            let max_min = mins.iter().copied().fold(0.0f32, f32::max);
+            let d = half::f16::from_f32(max_scale / 63.0);
+            let dmin = half::f16::from_f32(max_min / 63.0);
+            let (df, dminf) = (d.to_f32(), dmin.to_f32());
+            let q6 = |v: f32, step: f32| {
+                if step > 0.0 {
+                    (v / step).round().clamp(0.0, 63.0) as u8
+                } else {
+                    0
+                }
+            };
+            let ls: [u8; 8] = std::array::from_fn(|j| q6(scales[j], df));
+            let lm: [u8; 8] = std::array::from_fn(|j| q6(mins[j], dminf));
+
+            b.d = d.to_bits();
+            b.dmin = dmin.to_bits();
+            b.scales = pack_scale_min_k4(&ls, &lm);
+            b.qs = [0; QK_K / 2];
+            for j in 0..8 {
+                let step = df * ls[j] as f32;
+                let off = dminf * lm[j] as f32;
+                let (c, shift) = (j / 2, 4 * (j % 2));
+                for l in 0..32 {
+                    let q = if step > 0.0 {
+                        ((xb[32 * j + l] + off) / step).round().clamp(0.0, 15.0) as u8
+                    } else {
+                        0
+                    };
+                    b.qs[32 * c + l] |= q << shift;
+                }
+            }
+        }
+    }
+}
+
+/// Inverse of `unpack_scale_min_k4`: packs 6-bit scales and mins.
+fn pack_scale_min_k4(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+        s[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+        s[j + 8] = (sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4);
+    }
+    s
+}

@@ -1,0 +1,145 @@
+//! Q6_K: 256 weights in 210 bytes (6.5625 bits per weight).
+//!
+//! Sixteen sub-blocks of 16, each with a signed 8-bit scale; weight
+//! `= d*sc[j]*(q-32)` with `q` a 6-bit quant: low 4 bits in `ql`, high 2 bits
+//! in `qh`. The block is two halves of 128 elements; half `n` uses
+//! `ql[64n..64n+64]`, `qh[32n..32n+32]`, scales `8n..8n+8`. Within a half,
+//! element `32k + l` (k = 0..4, l = 0..32) takes its low bits from
+//! `ql[l + 32*(k&1)]` (low nibble for k < 2, high for k ≥ 2) and its high
+//! bits from bits `2k..2k+2` of `qh[l]`.
+
+use super::{f16_to_f32, has_avx2_fma, BlockQ8K, QK_K};
+use crate::formats::BlockFormat;
+use crate::GgmlType;
+
+/// ggml's `block_q6_K`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockQ6K {
+    /// Low 4 bits of the quants.
+    pub ql: [u8; QK_K / 2],
+    /// High 2 bits of the quants.
+    pub qh: [u8; QK_K / 4],
+    /// Signed 8-bit scale per 16 elements.
+    pub scales: [i8; QK_K / 16],
+    /// Super-block scale (f16 bits).
+    pub d: u16,
+}
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 2);
+
+/// The unsigned 6-bit quant (0..64) of element `i` of a block.
+#[inline(always)]
+fn q6(b: &BlockQ6K, i: usize) -> u8 {
+    let (n, r) = (i / 128, i % 128);
+    let (k, l) = (r / 32, r % 32);
+    let lo = b.ql[64 * n + l + 32 * (k & 1)];
+    let lo = if k < 2 { lo & 0xF } else { lo >> 4 };
+    let hi = (b.qh[32 * n + l] >> (2 * k)) & 3;
+    lo | (hi << 4)
+}
+
+impl BlockFormat for BlockQ6K {
+    const TYPE: GgmlType = GgmlType::Q6_K;
+    const BLOCK: usize = QK_K;
+    type Dot = BlockQ8K;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            blocks.len() * QK_K,
+            "Q6_K dequantize: length mismatch"
+        );
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+            let d = f16_to_f32(b.d);
+            for (i, o) in y.iter_mut().enumerate() {
+                *o = d * b.scales[i / 16] as f32 * (q6(b, i) as i32 - 32) as f32;
+            }
+        }
+    }
+
+    /// Per super-block: `d*Σ_j sc[j]*Σ (q-32)*q8`, the inner sums in
+    /// integers (as ggml's reference does, with the -32 applied per element).
+    fn vec_dot_ref(w: &[Self], a: &[BlockQ8K]) -> f32 {
+        assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
+        let mut sum = 0.0f32;
+        for (x, y) in w.iter().zip(a) {
+            let mut isum = 0i32;
+            for j in 0..16 {
+                let s: i32 = (16 * j..16 * j + 16)
+                    .map(|i| (q6(x, i) as i32 - 32) * y.qs[i] as i32)
+                    .sum();
+                isum += x.scales[j] as i32 * s;
+            }
+            sum += y.d * f16_to_f32(x.d) * isum as f32;
+        }
+        sum
+    }
+
+    fn vec_dot(w: &[Self], a: &[BlockQ8K]) -> f32 {
+        assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { vec_dot_avx2(w, a) };
+        }
+        Self::vec_dot_ref(w, a)
+    }
+}
+
+/// AVX2 version of [`BlockQ6K::vec_dot_ref`].
+///
+/// `maddubs` wants unsigned × signed bytes, so the quants go in unbiased
+/// (0..64) and the -32 is taken out afterwards in one go:
+/// `Σ sc*(q-32)*q8 = Σ sc*q*q8 - 32*Σ_j sc[j]*bsums[j]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn vec_dot_avx2(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
+        let d = y.d * f16_to_f32(x.d);
+        let sc_bytes: [u8; 16] = bytemuck::cast(x.scales);
+
+        // 32 * Σ_j sc[j] * bsums[j], in 8 i32 lanes.
+        let sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc_bytes.as_ptr() as *const __m128i));
+        let corr = _mm256_madd_epi16(load256(y.bsums.as_ptr()), sc_all);
+
+        let mut sumi = _mm256_setzero_si256();
+        for n in 0..2 {
+            let sc = bcast_i8x8_as_i16(sc_bytes[8 * n..8 * n + 8].try_into().unwrap());
+            let ql0 = load256(x.ql.as_ptr().add(64 * n));
+            let ql1 = load256(x.ql.as_ptr().add(64 * n + 32));
+            let qh = load256(x.qh.as_ptr().add(32 * n));
+            // 16-bit shifts are fine: every value is masked to bits that
+            // came from its own byte.
+            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(m3)));
+            let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(m3));
+            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(m3)));
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), h0),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), h3),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let q8 = load256(y.qs.as_ptr().add(128 * n + 32 * k));
+                // q ≤ 63, |q8| ≤ 128: pair sums ≤ 16128, no i16 saturation.
+                let p = _mm256_maddubs_epi16(qk, q8);
+                let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_f32(acc)
+}
