@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// How many spin iterations a worker waits for the next job before parking.
-const SPIN_ITERS: usize = 1 << 16;
+const SPIN_ITERS: usize = 1 << 12;
 
 type Job = dyn Fn(usize) + Sync;
 

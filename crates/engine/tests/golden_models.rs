@@ -1,0 +1,173 @@
+//! The four test models against llama.cpp's own outputs
+//! (`../shared/golden/<model>/{logits,nll}.json`), with the tolerances of the
+//! golden README: top-1 agreement where the reference is decisive, logit
+//! values, teacher-forced and free-running greedy paths, per-token
+//! log-likelihoods.
+
+mod common;
+
+use common::*;
+use minnow_engine::model::{Logits, Model};
+use minnow_kernels::ops::log_softmax;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// Top-1 must agree wherever the reference's top-1 − top-2 gap is at least this.
+const DECISIVE_GAP: f32 = 0.75;
+/// Mean over positions of the mean |Δlogit| over the reference's top-10 ids.
+const MAX_MEAN_LOGIT_DIFF: f32 = 0.35;
+/// No single position's mean |Δlogit| above this.
+const MAX_POSITION_LOGIT_DIFF: f32 = 1.5;
+const MAX_MEAN_NLL_DIFF: f64 = 0.02;
+const MAX_MEAN_LOGPROB_DIFF: f64 = 0.1;
+
+/// Each model is loaded once per test binary.
+fn model(file: &str) -> &'static Model {
+    static MODELS_LOADED: OnceLock<Mutex<HashMap<String, &'static Model>>> = OnceLock::new();
+    let map = MODELS_LOADED.get_or_init(Default::default);
+    let mut map = map.lock().unwrap();
+    map.entry(file.to_string()).or_insert_with(|| {
+        let m = Model::from_gguf(open_model_file(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        Box::leak(Box::new(m))
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Compares our logits at one position with a reference top-20 entry.
+/// Returns the mean |Δlogit| over the reference's top 10, and whether the
+/// top-1 check applied and passed.
+fn compare_position(ours: &[f32], reference: &Value, what: &str) -> f32 {
+    let ref_ids = ids(&reference["ids"]);
+    let ref_logits = floats(&reference["logits"]);
+    let gap = ref_logits[0] - ref_logits[1];
+    if gap >= DECISIVE_GAP {
+        assert_eq!(
+            argmax(ours),
+            ref_ids[0],
+            "{what}: top-1 differs from llama.cpp's (reference gap {gap:.3})"
+        );
+    }
+    let n = 10.min(ref_ids.len());
+    (0..n).map(|i| (ours[ref_ids[i] as usize] - ref_logits[i]).abs()).sum::<f32>() / n as f32
+}
+
+fn check_logits(golden: &str, file: &str) {
+    let m = model(file);
+    let vocab = m.config().vocab_size;
+    let data = golden_json(golden, "logits.json");
+    for (c, case) in data["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let greedy = ids(&case["greedy_ids"]);
+        let mut diffs = Vec::new();
+
+        // Every prompt position.
+        let mut cache = m.new_cache(4096);
+        let logits = m.forward_one(pool(), &mut cache, &prompt, Logits::All).unwrap();
+        for (i, reference) in case["prompt_topk"].as_array().unwrap().iter().enumerate() {
+            let what = format!("{golden} case {c} prompt position {i}");
+            diffs.push((what.clone(), compare_position(&logits[i * vocab..(i + 1) * vocab], reference, &what)));
+        }
+
+        // The reference greedy path, teacher-forced: the logits before
+        // greedy[j] come from the prompt's last position (j = 0) or from
+        // feeding greedy[j-1].
+        let forced = m.forward_one(pool(), &mut cache, &greedy[..greedy.len() - 1], Logits::All).unwrap();
+        let last_prompt = &logits[(prompt.len() - 1) * vocab..prompt.len() * vocab];
+        let greedy_topk = case["greedy_topk"].as_array().unwrap();
+        for (j, reference) in greedy_topk.iter().enumerate() {
+            let ours = if j == 0 { last_prompt } else { &forced[(j - 1) * vocab..j * vocab] };
+            let what = format!("{golden} case {c} teacher-forced greedy step {j}");
+            diffs.push((what.clone(), compare_position(ours, reference, &what)));
+        }
+
+        let mean = diffs.iter().map(|d| d.1).sum::<f32>() / diffs.len() as f32;
+        let worst = diffs.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+        eprintln!("{golden} case {c}: mean |Δlogit| {mean:.4}, worst {:.4} at {}", worst.1, worst.0);
+        assert!(mean <= MAX_MEAN_LOGIT_DIFF, "{golden} case {c}: mean |Δlogit| {mean} > {MAX_MEAN_LOGIT_DIFF}");
+        assert!(
+            worst.1 <= MAX_POSITION_LOGIT_DIFF,
+            "{}: |Δlogit| {} > {MAX_POSITION_LOGIT_DIFF}",
+            worst.0,
+            worst.1
+        );
+
+        // Free-running greedy: equal up to the first step where the
+        // reference itself was close to a tie.
+        let mut cache = m.new_cache(4096);
+        let mut next = argmax(&m.forward_one(pool(), &mut cache, &prompt, Logits::Last).unwrap());
+        for (j, reference) in greedy_topk.iter().enumerate() {
+            let ref_logits = floats(&reference["logits"]);
+            if ref_logits[0] - ref_logits[1] < DECISIVE_GAP {
+                break;
+            }
+            assert_eq!(next, greedy[j], "{golden} case {c}: free-running greedy differs at step {j}");
+            next = argmax(&m.forward_one(pool(), &mut cache, &[next], Logits::Last).unwrap());
+        }
+    }
+}
+
+fn check_nll(golden: &str, file: &str) {
+    let m = model(file);
+    let vocab = m.config().vocab_size;
+    let data = golden_json(golden, "nll.json");
+    for case in data["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let ids = ids(&case["ids"]);
+        let reference: Vec<f64> = case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut cache = m.new_cache(ids.len());
+        let logits = m.forward_one(pool(), &mut cache, &ids, Logits::All).unwrap();
+        let mut lp = vec![0f32; vocab];
+        let ours: Vec<f64> = (0..ids.len() - 1)
+            .map(|i| {
+                log_softmax(&logits[i * vocab..(i + 1) * vocab], &mut lp);
+                lp[ids[i + 1] as usize] as f64
+            })
+            .collect();
+        let mean_nll = -ours.iter().sum::<f64>() / ours.len() as f64;
+        let ref_nll = case["mean_nll"].as_f64().unwrap();
+        let mean_diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f64>() / ours.len() as f64;
+        eprintln!("{golden} {name}: mean NLL {mean_nll:.4} (llama.cpp {ref_nll:.4}), mean |Δlogprob| {mean_diff:.4}");
+        assert!((mean_nll - ref_nll).abs() <= MAX_MEAN_NLL_DIFF, "{golden} {name}: mean NLL {mean_nll} vs {ref_nll}");
+        assert!(mean_diff <= MAX_MEAN_LOGPROB_DIFF, "{golden} {name}: mean |Δlogprob| {mean_diff}");
+    }
+}
+
+macro_rules! model_tests {
+    ($($logits:ident, $nll:ident => $idx:expr;)*) => {$(
+        #[test]
+        fn $logits() {
+            let (golden, file) = MODELS[$idx];
+            check_logits(golden, file);
+        }
+        #[test]
+        fn $nll() {
+            let (golden, file) = MODELS[$idx];
+            check_nll(golden, file);
+        }
+    )*};
+}
+
+model_tests! {
+    smollm2_logits, smollm2_nll => 0;
+    gemma3_logits, gemma3_nll => 1;
+    qwen05_logits, qwen05_nll => 2;
+    qwen15_logits, qwen15_nll => 3;
+}
