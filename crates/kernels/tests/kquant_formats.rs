@@ -268,6 +268,12 @@ fn q8k_known_values() {
     let a = quantize_acts(&x.iter().map(|v| -v).collect::<Vec<_>>());
     assert_eq!(a[0].qs[255], -127);
     assert_eq!(a[0].d, -155.0 / -127.0);
+    // Ties round to even, as ggml's nearest_int (max = -127 makes iscale 1).
+    let mut x = [0.0f32; 256];
+    x[..4].copy_from_slice(&[-127.0, 2.5, -0.5, 3.5]);
+    let a = quantize_acts(&x);
+    assert_eq!(a[0].d, 1.0);
+    assert_eq!(a[0].qs[..4], [-127, 2, 0, 4]);
     // All zero: d = 0, quants 0.
     let a = quantize_acts(&[0.0; 256]);
     assert_eq!(a[0].d, 0.0);
