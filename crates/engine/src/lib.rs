@@ -5,8 +5,10 @@
 //! - [`chat`]: chat templates (`tokenizer.chat_template`) rendered with minijinja.
 //! - [`model`]: architecture families and their batched forward pass.
 //! - [`kv_cache`]: per-sequence key/value cache.
+//! - [`sampler`]: seeded token sampling (temperature, top-k/p, min-p, penalties).
 
 pub mod chat;
 pub mod kv_cache;
 pub mod model;
+pub mod sampler;
 pub mod tokenizer;
