@@ -51,7 +51,10 @@ pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid GGUF file: {0}")]
     Invalid(String),
     /// A well-formed header with a version this crate does not read.
@@ -130,7 +133,10 @@ impl GgufFile {
     /// leaves existing mappings intact.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
-        let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
+        let io_error = |source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = File::open(path).map_err(io_error)?;
         let len = file.metadata().map_err(io_error)?.len();
         let storage = if len == 0 {
@@ -234,6 +240,9 @@ impl GgufFile {
     }
 }
 
+/// Metadata entries in file order.
+type Metadata = Vec<(String, Value)>;
+
 /// Everything [`Parser::parse`] extracts; the bytes stay with the caller.
 struct Parsed {
     version: u32,
@@ -268,7 +277,11 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn new(bytes: &'a [u8]) -> Parser<'a> {
-        Parser { bytes, pos: 0, values_left: MAX_METADATA_VALUES }
+        Parser {
+            bytes,
+            pos: 0,
+            values_left: MAX_METADATA_VALUES,
+        }
     }
 
     fn remaining(&self) -> u64 {
@@ -341,8 +354,15 @@ impl<'a> Parser<'a> {
     /// Rejects a count of `count` items, each at least `min_size` bytes, that
     /// the rest of the file cannot hold. After this, `count` is a safe
     /// capacity: it is at most the number of remaining bytes.
-    fn check_count(&self, count: u64, min_size: u64, what: &dyn Fn() -> String) -> Result<(), GgufError> {
-        let fits = count.checked_mul(min_size).is_some_and(|needed| needed <= self.remaining());
+    fn check_count(
+        &self,
+        count: u64,
+        min_size: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<(), GgufError> {
+        let fits = count
+            .checked_mul(min_size)
+            .is_some_and(|needed| needed <= self.remaining());
         if fits {
             Ok(())
         } else {
@@ -364,7 +384,9 @@ impl<'a> Parser<'a> {
         let kv_count = self.u64(&|| "header: kv_count".to_string())?;
         // Each count is checked alone against the whole rest of the file; the
         // per-entry reads below catch the combination.
-        self.check_count(kv_count, MIN_KV_SIZE, &|| format!("header: kv_count {kv_count}"))?;
+        self.check_count(kv_count, MIN_KV_SIZE, &|| {
+            format!("header: kv_count {kv_count}")
+        })?;
         self.check_count(tensor_count, MIN_TENSOR_INFO_SIZE, &|| {
             format!("header: tensor_count {tensor_count}")
         })?;
@@ -377,18 +399,32 @@ impl<'a> Parser<'a> {
         let table_end = self.pos as u64;
         let data_offset = table_end
             .checked_next_multiple_of(alignment)
-            .ok_or_else(|| invalid(format!("data section: offset {table_end} cannot be aligned to {alignment}")))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "data section: offset {table_end} cannot be aligned to {alignment}"
+                ))
+            })?;
         let file_size = self.file_size();
         for t in &tensors {
-            let end = data_offset.checked_add(t.offset).and_then(|start| start.checked_add(t.n_bytes));
-            if !end.is_some_and(|end| end <= file_size) {
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|start| start.checked_add(t.n_bytes));
+            if end.is_none_or(|end| end > file_size) {
                 return Err(invalid(format!(
                     "tensor '{}': data [offset {}, {} bytes] runs past the end of the file ({} bytes; data section starts at {})",
                     t.name, t.offset, t.n_bytes, file_size, data_offset
                 )));
             }
         }
-        Ok(Parsed { version, alignment, data_offset, metadata, metadata_index, tensors, tensor_index })
+        Ok(Parsed {
+            version,
+            alignment,
+            data_offset,
+            metadata,
+            metadata_index,
+            tensors,
+            tensor_index,
+        })
     }
 
     /// Magic and version; returns the version.
@@ -420,13 +456,17 @@ impl<'a> Parser<'a> {
             }),
             v if matches!(v.swap_bytes(), 2 | 3) => Err(GgufError::UnsupportedVersion {
                 version,
-                hint: "this looks like a big-endian GGUF file; only little-endian files are supported",
+                hint:
+                    "this looks like a big-endian GGUF file; only little-endian files are supported",
             }),
-            _ => Err(GgufError::UnsupportedVersion { version, hint: "only versions 2 and 3 are supported" }),
+            _ => Err(GgufError::UnsupportedVersion {
+                version,
+                hint: "only versions 2 and 3 are supported",
+            }),
         }
     }
 
-    fn metadata(&mut self, kv_count: u64) -> Result<(Vec<(String, Value)>, HashMap<String, usize>), GgufError> {
+    fn metadata(&mut self, kv_count: u64) -> Result<(Metadata, HashMap<String, usize>), GgufError> {
         // check_count bounded kv_count by the remaining bytes.
         let mut metadata = Vec::with_capacity(kv_count as usize);
         let mut index = HashMap::with_capacity(kv_count as usize);
@@ -438,7 +478,9 @@ impl<'a> Parser<'a> {
             let ty = self.value_type(type_id, &key, type_at)?;
             let value = self.value(ty, &key, 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
-                return Err(invalid(format!("metadata '{key}': duplicate key (second one at offset {key_at})")));
+                return Err(invalid(format!(
+                    "metadata '{key}': duplicate key (second one at offset {key_at})"
+                )));
             }
             metadata.push((key, value));
         }
@@ -446,8 +488,11 @@ impl<'a> Parser<'a> {
     }
 
     fn value_type(&self, type_id: u32, key: &str, at: usize) -> Result<ValueType, GgufError> {
-        ValueType::from_id(type_id)
-            .ok_or_else(|| invalid(format!("metadata '{key}': unknown value type {type_id} at offset {at}")))
+        ValueType::from_id(type_id).ok_or_else(|| {
+            invalid(format!(
+                "metadata '{key}': unknown value type {type_id} at offset {at}"
+            ))
+        })
     }
 
     /// One value of type `ty` for `key`, `depth` arrays deep.
@@ -475,7 +520,9 @@ impl<'a> Parser<'a> {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
                 other => {
-                    return Err(invalid(format!("metadata '{key}': bool value {other} at offset {at} is not 0 or 1")))
+                    return Err(invalid(format!(
+                        "metadata '{key}': bool value {other} at offset {at} is not 0 or 1"
+                    )))
                 }
             },
             // Values are not length-limited beyond the file itself: a chat
@@ -539,7 +586,9 @@ impl<'a> Parser<'a> {
     fn tensor_info(&mut self, name: String, alignment: u64) -> Result<TensorInfo, GgufError> {
         let n_dims = self.u32(&|| format!("tensor '{name}': n_dims"))?;
         if !(1..=MAX_DIMS as u32).contains(&n_dims) {
-            return Err(invalid(format!("tensor '{name}': n_dims {n_dims} is not in 1..={MAX_DIMS}")));
+            return Err(invalid(format!(
+                "tensor '{name}': n_dims {n_dims} is not in 1..={MAX_DIMS}"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         let mut n_elements: u64 = 1;
@@ -549,41 +598,59 @@ impl<'a> Parser<'a> {
                 return Err(invalid(format!("tensor '{name}': dimension {d} is 0")));
             }
             n_elements = n_elements.checked_mul(dim).ok_or_else(|| {
-                invalid(format!("tensor '{name}': element count overflows (dimensions so far {dims:?} × {dim})"))
+                invalid(format!(
+                    "tensor '{name}': element count overflows (dimensions so far {dims:?} × {dim})"
+                ))
             })?;
             dims.push(dim);
         }
         // ggml stores element counts as i64.
         if n_elements > i64::MAX as u64 {
-            return Err(invalid(format!("tensor '{name}': {n_elements} elements is more than ggml can address")));
+            return Err(invalid(format!(
+                "tensor '{name}': {n_elements} elements is more than ggml can address"
+            )));
         }
         let type_id = self.u32(&|| format!("tensor '{name}': type"))?;
-        let ty = GgmlType::from_id(type_id)
-            .ok_or_else(|| invalid(format!("tensor '{name}': unknown or unsupported ggml type id {type_id}")))?;
+        let ty = GgmlType::from_id(type_id).ok_or_else(|| {
+            invalid(format!(
+                "tensor '{name}': unknown or unsupported ggml type id {type_id}"
+            ))
+        })?;
         // Kernels work row by row, so each row (dims[0] elements) must be a
         // whole number of blocks, not merely the tensor as a whole.
         let block_size = ty.block_size() as u64;
-        if dims[0] % block_size != 0 {
+        if !dims[0].is_multiple_of(block_size) {
             return Err(invalid(format!(
                 "tensor '{name}': innermost dimension {} is not a multiple of the {ty} block size {block_size}",
                 dims[0]
             )));
         }
-        let n_bytes = ty
-            .bytes_for(n_elements)
-            .ok_or_else(|| invalid(format!("tensor '{name}': size of {n_elements} {ty} elements overflows")))?;
+        let n_bytes = ty.bytes_for(n_elements).ok_or_else(|| {
+            invalid(format!(
+                "tensor '{name}': size of {n_elements} {ty} elements overflows"
+            ))
+        })?;
         let offset = self.u64(&|| format!("tensor '{name}': data offset"))?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(invalid(format!(
                 "tensor '{name}': data offset {offset} is not a multiple of the alignment {alignment}"
             )));
         }
-        Ok(TensorInfo { name, dims, ty, offset, n_bytes })
+        Ok(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+            n_bytes,
+        })
     }
 }
 
 /// The data alignment declared by `general.alignment`, validated.
-fn alignment_of(metadata: &[(String, Value)], index: &HashMap<String, usize>) -> Result<u64, GgufError> {
+fn alignment_of(
+    metadata: &[(String, Value)],
+    index: &HashMap<String, usize>,
+) -> Result<u64, GgufError> {
     let Some(&i) = index.get("general.alignment") else {
         return Ok(DEFAULT_ALIGNMENT);
     };
@@ -606,4 +673,36 @@ fn alignment_of(metadata: &[(String, Value)], index: &HashMap<String, usize>) ->
         )));
     }
     Ok(alignment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine shares one mapped model between threads.
+    #[test]
+    fn gguf_file_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<GgufFile>();
+        assert_send_sync::<GgufError>();
+    }
+
+    #[test]
+    fn minimal_file_without_tensors_or_metadata() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        let file = GgufFile::from_bytes(bytes).unwrap();
+        assert_eq!(file.alignment(), DEFAULT_ALIGNMENT);
+        // The data section would start at the next aligned offset, past the
+        // end of this file: harmless, as there is no tensor to read there.
+        assert_eq!(file.data_offset(), 32);
+        assert!(file.metadata().is_empty() && file.tensors().is_empty());
+        assert!(file.get("general.architecture").is_none() && file.tensor("x").is_none());
+        assert_eq!(
+            format!("{file:?}"),
+            "GgufFile { version: 3, file_size: 24, alignment: 32, n_metadata: 0, n_tensors: 0 }"
+        );
+    }
 }
