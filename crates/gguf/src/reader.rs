@@ -467,15 +467,15 @@ impl<'a> Parser<'a> {
     }
 
     fn metadata(&mut self, kv_count: u64) -> Result<(Metadata, HashMap<String, usize>), GgufError> {
-        // check_count bounded kv_count by the remaining bytes.
-        let mut metadata = Vec::with_capacity(kv_count as usize);
-        let mut index = HashMap::with_capacity(kv_count as usize);
+        let mut metadata = Vec::with_capacity(initial_capacity(kv_count));
+        let mut index = HashMap::with_capacity(initial_capacity(kv_count));
         for i in 0..kv_count {
             let key_at = self.pos;
             let key = self.string(MAX_KEY_LEN, &|| format!("metadata entry {i}: key"))?;
             let type_at = self.pos;
             let type_id = self.u32(&|| format!("metadata '{key}': value type"))?;
             let ty = self.value_type(type_id, &key, type_at)?;
+            self.reserve_values(1, &key)?;
             let value = self.value(ty, &key, 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(invalid(format!(
@@ -495,15 +495,25 @@ impl<'a> Parser<'a> {
         })
     }
 
-    /// One value of type `ty` for `key`, `depth` arrays deep.
+    /// Counts `n` more values against [`MAX_METADATA_VALUES`]. Arrays reserve
+    /// their whole length before allocating, so even nested arrays that are
+    /// all still being read cannot together exceed the cap.
+    fn reserve_values(&mut self, n: u64, key: &str) -> Result<(), GgufError> {
+        match self.values_left.checked_sub(n) {
+            Some(left) => {
+                self.values_left = left;
+                Ok(())
+            }
+            None => Err(invalid(format!(
+                "metadata '{key}': {n} more values exceed the limit of {MAX_METADATA_VALUES} metadata values per file"
+            ))),
+        }
+    }
+
+    /// One value of type `ty` for `key`, `depth` arrays deep (already counted
+    /// by [`Parser::reserve_values`]).
     fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value, GgufError> {
         let at = self.pos;
-        if self.values_left == 0 {
-            return Err(invalid(format!(
-                "metadata '{key}': more than {MAX_METADATA_VALUES} metadata values in the file"
-            )));
-        }
-        self.values_left -= 1;
         let what = || format!("metadata '{key}': {ty} value");
         Ok(match ty {
             ValueType::U8 => Value::U8(u8::from_le_bytes(self.array(&what)?)),
@@ -546,13 +556,8 @@ impl<'a> Parser<'a> {
         self.check_count(count, elem_type.min_encoded_size() as u64, &|| {
             format!("metadata '{key}': array of {count} {elem_type} values")
         })?;
-        if count > self.values_left {
-            return Err(invalid(format!(
-                "metadata '{key}': array of {count} values exceeds the limit of {MAX_METADATA_VALUES} metadata values per file"
-            )));
-        }
-        // check_count bounded count by the remaining bytes.
-        let mut elems = Vec::with_capacity(count as usize);
+        self.reserve_values(count, key)?;
+        let mut elems = Vec::with_capacity(initial_capacity(count));
         for _ in 0..count {
             elems.push(self.value(elem_type, key, depth)?);
         }
@@ -564,9 +569,8 @@ impl<'a> Parser<'a> {
         tensor_count: u64,
         alignment: u64,
     ) -> Result<(Vec<TensorInfo>, HashMap<String, usize>), GgufError> {
-        // check_count bounded tensor_count by the remaining bytes.
-        let mut tensors = Vec::with_capacity(tensor_count as usize);
-        let mut index = HashMap::with_capacity(tensor_count as usize);
+        let mut tensors = Vec::with_capacity(initial_capacity(tensor_count));
+        let mut index = HashMap::with_capacity(initial_capacity(tensor_count));
         for i in 0..tensor_count {
             let info_at = self.pos;
             let name = self.string(MAX_TENSOR_NAME_LEN, &|| format!("tensor {i}: name"))?;
@@ -644,6 +648,17 @@ impl<'a> Parser<'a> {
             n_bytes,
         })
     }
+}
+
+/// Capacity to reserve for `count` entries announced by the file.
+///
+/// `count` has been checked against the remaining bytes, but an entry in
+/// memory can be several times larger than its smallest encoding (a 32-byte
+/// `Value` for a 1-byte `u8`, a 72-byte `TensorInfo` for a 32-byte table
+/// entry). Reserving at most 64K up front keeps the memory proportional to
+/// what has actually been parsed; longer arrays grow as they are read.
+fn initial_capacity(count: u64) -> usize {
+    count.min(1 << 16) as usize
 }
 
 /// The data alignment declared by `general.alignment`, validated.

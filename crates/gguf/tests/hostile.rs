@@ -326,7 +326,7 @@ fn too_many_metadata_values() {
         e.bytes,
         &[
             "metadata 'test.big'",
-            "exceeds the limit of 16777216 metadata values",
+            "16777217 more values exceed the limit of 16777216",
         ],
     );
 }
