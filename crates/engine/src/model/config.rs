@@ -14,6 +14,12 @@ pub enum Arch {
     /// Gemma 3: scaled embeddings, q/k norms, pre and post norms, GELU FFN,
     /// interleaved sliding-window and global attention.
     Gemma3,
+    /// Qwen1.5-MoE / Qwen2-MoE: Qwen2 attention, routed experts whose top-k
+    /// weights are not renormalised, plus a sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// Qwen3-MoE: per-head q/k RMSNorm, NEOX RoPE, a head width of its own
+    /// (`attention.key_length`), routed experts with renormalised top-k weights.
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -22,8 +28,10 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "gemma3" => Ok(Arch::Gemma3),
+            "qwen2moe" => Ok(Arch::Qwen2Moe),
+            "qwen3moe" => Ok(Arch::Qwen3Moe),
             other => Err(ModelError::new(format!(
-                "architecture '{other}' is not supported (minnow runs: llama, qwen2, gemma3)"
+                "architecture '{other}' is not supported (minnow runs: llama, qwen2, gemma3, qwen2moe, qwen3moe)"
             ))),
         }
     }
@@ -33,8 +41,39 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Gemma3 => "gemma3",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
         }
     }
+
+    /// Whether every model of this architecture is a mixture of experts
+    /// (`llama` may or may not be: Mixtral is `llama` with experts).
+    pub fn requires_experts(self) -> bool {
+        matches!(self, Arch::Qwen2Moe | Arch::Qwen3Moe)
+    }
+
+    /// Whether the architecture may have experts at all.
+    pub fn allows_experts(self) -> bool {
+        matches!(self, Arch::Llama | Arch::Qwen2Moe | Arch::Qwen3Moe)
+    }
+}
+
+/// The mixture-of-experts part of a config: how the FFN of every layer is
+/// split into experts and how tokens are routed to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Experts per layer (`expert_count`).
+    pub n_expert: usize,
+    /// Experts each token is routed to (`expert_used_count`, the k of top-k).
+    pub n_expert_used: usize,
+    /// Hidden width of one expert's FFN.
+    pub n_ff_exp: usize,
+    /// Hidden width of the always-on shared expert (qwen2moe), if the
+    /// architecture has one.
+    pub n_ff_shared: Option<usize>,
+    /// Whether the chosen experts' router probabilities are rescaled to sum
+    /// to 1 (Mixtral, qwen3moe) or used as they are (qwen2moe).
+    pub norm_topk: bool,
 }
 
 /// Hyperparameters of a decoder-only transformer.
@@ -62,6 +101,8 @@ pub struct ModelConfig {
     /// Sliding attention window of local layers (Gemma 3), if any.
     pub sliding_window: Option<usize>,
     pub vocab_size: usize,
+    /// Experts, for mixture-of-experts models; `None` for dense ones.
+    pub moe: Option<MoeConfig>,
 }
 
 /// Upper bounds that keep a hostile file from making us allocate absurd
@@ -69,6 +110,8 @@ pub struct ModelConfig {
 const MAX_WIDTH: u64 = 1 << 20;
 const MAX_LAYERS: u64 = 4096;
 const MAX_HEADS: u64 = 4096;
+/// The largest MoE models have a few hundred experts per layer.
+const MAX_EXPERTS: u64 = 4096;
 
 impl ModelConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -109,7 +152,15 @@ impl ModelConfig {
 
         let n_layer = req("block_count", MAX_LAYERS)?;
         let n_embd = req("embedding_length", MAX_WIDTH)?;
-        let n_ff = req("feed_forward_length", MAX_WIDTH)?;
+        // MoE files may omit the dense FFN width (it then defaults to the
+        // expert width); dense files must have it.
+        let n_ff_key = opt("feed_forward_length", MAX_WIDTH)?;
+        let moe = moe_config(file, arch, arch_name, n_ff_key)?;
+        let n_ff = match (n_ff_key, &moe) {
+            (Some(n), _) => n,
+            (None, Some(m)) => m.n_ff_exp,
+            (None, None) => req("feed_forward_length", MAX_WIDTH)?,
+        };
         let n_head = req("attention.head_count", MAX_HEADS)?;
         let n_head_kv = opt("attention.head_count_kv", MAX_HEADS)?.unwrap_or(n_head);
         if n_head % n_head_kv != 0 {
@@ -174,6 +225,7 @@ impl ModelConfig {
             context_length,
             sliding_window,
             vocab_size,
+            moe,
         })
     }
 
@@ -192,4 +244,126 @@ impl ModelConfig {
     pub fn is_sliding(&self, l: usize) -> bool {
         self.sliding_window.is_some() && l % 6 < 5
     }
+}
+
+/// Reads and checks the expert metadata. A file whose experts do not add up
+/// (k of top-k above the expert count, expert tensors without experts, an MoE
+/// architecture without experts) is refused here with the keys named, before
+/// any tensor is looked at.
+fn moe_config(
+    file: &GgufFile,
+    arch: Arch,
+    arch_name: &str,
+    n_ff: Option<usize>,
+) -> Result<Option<MoeConfig>, ModelError> {
+    let key = |k: &str| format!("{arch_name}.{k}");
+    // Unlike the other sizes, 0 is meaningful here: some dense llama files
+    // say `expert_count = 0`.
+    let count = |k: &str| -> Result<Option<u64>, ModelError> {
+        match file.get(&key(k)) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                ModelError::new(format!("metadata key '{}' must be a non-negative integer, found {v:?}", key(k)))
+            }),
+        }
+    };
+    let n_expert = count("expert_count")?.unwrap_or(0);
+    let n_used = count("expert_used_count")?.unwrap_or(0);
+    let has_expert_tensors = file
+        .tensors()
+        .iter()
+        .any(|t| t.name.ends_with("_exps.weight") || t.name.ends_with(".ffn_gate_inp.weight"));
+
+    if n_expert == 0 {
+        if arch.requires_experts() {
+            return Err(ModelError::new(format!(
+                "'{arch_name}' is a mixture-of-experts architecture but metadata key '{}' is missing or 0",
+                key("expert_count")
+            )));
+        }
+        if has_expert_tensors {
+            return Err(ModelError::new(format!(
+                "the file has expert tensors (ffn_*_exps / ffn_gate_inp) but metadata key '{}' is missing or 0",
+                key("expert_count")
+            )));
+        }
+        if n_used > 0 {
+            return Err(ModelError::new(format!(
+                "metadata key '{}' = {n_used} but '{}' is missing or 0: there are no experts to route to",
+                key("expert_used_count"),
+                key("expert_count")
+            )));
+        }
+        return Ok(None);
+    }
+    if !arch.allows_experts() {
+        return Err(ModelError::new(format!(
+            "metadata key '{}' = {n_expert}, but minnow runs '{arch_name}' only as a dense model",
+            key("expert_count")
+        )));
+    }
+    if n_expert > MAX_EXPERTS {
+        return Err(ModelError::new(format!(
+            "metadata key '{}' = {n_expert} is out of range 1..={MAX_EXPERTS}",
+            key("expert_count")
+        )));
+    }
+    if n_used == 0 {
+        return Err(ModelError::new(format!(
+            "metadata key '{}' is missing or 0: each token must be routed to at least one of the {n_expert} experts",
+            key("expert_used_count")
+        )));
+    }
+    if n_used > n_expert {
+        return Err(ModelError::new(format!(
+            "metadata key '{}' = {n_used} exceeds '{}' = {n_expert}: a token cannot use more experts than exist",
+            key("expert_used_count"),
+            key("expert_count")
+        )));
+    }
+    let width = |k: &str| -> Result<Option<usize>, ModelError> {
+        match count(k)? {
+            None => Ok(None),
+            Some(n) if n == 0 || n > MAX_WIDTH => Err(ModelError::new(format!(
+                "metadata key '{}' = {n} is out of range 1..={MAX_WIDTH}",
+                key(k)
+            ))),
+            Some(n) => Ok(Some(n as usize)),
+        }
+    };
+    // Without the key, Mixtral's experts are as wide as `feed_forward_length`;
+    // older Qwen MoE conversions split that width over the k chosen experts
+    // (llama.cpp's fallback, followed here so those files load alike).
+    let n_ff_exp = match (width("expert_feed_forward_length")?, n_ff) {
+        (Some(w), _) => w,
+        (None, Some(n)) if arch == Arch::Llama => n,
+        (None, Some(n)) if n % n_used as usize == 0 => n / n_used as usize,
+        _ => {
+            return Err(ModelError::new(format!(
+                "metadata key '{}' is missing and cannot be derived from '{}'",
+                key("expert_feed_forward_length"),
+                key("feed_forward_length")
+            )))
+        }
+    };
+    let n_ff_shared = match arch {
+        Arch::Qwen2Moe => Some(match width("expert_shared_feed_forward_length")? {
+            Some(w) => w,
+            None => n_ff.ok_or_else(|| {
+                ModelError::new(format!(
+                    "metadata keys '{}' and '{}' are both missing: the shared expert's width is unknown",
+                    key("expert_shared_feed_forward_length"),
+                    key("feed_forward_length")
+                ))
+            })?,
+        }),
+        _ => None,
+    };
+    Ok(Some(MoeConfig {
+        n_expert: n_expert as usize,
+        n_expert_used: n_used as usize,
+        n_ff_exp,
+        n_ff_shared,
+        norm_topk: arch != Arch::Qwen2Moe,
+    }))
 }

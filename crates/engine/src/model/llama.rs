@@ -1,10 +1,21 @@
-//! The llama family: Llama / SmolLM2 (`llama`) and Qwen2 / Qwen2.5 (`qwen2`).
+//! The llama family: Llama / SmolLM2 (`llama`), Qwen2 / Qwen2.5 (`qwen2`),
+//! and their mixture-of-experts variants: Mixtral (`llama` with
+//! `expert_count` > 0), Qwen2-MoE (`qwen2moe`) and Qwen3-MoE (`qwen3moe`).
 //!
 //! Pre-norm blocks: `x += attn(norm(x))`, `x += ffn(norm(x))` with a SiLU-gated
-//! FFN. Qwen2 adds biases to the q/k/v projections and rotates NEOX-style
-//! (pairs i, i + d/2); Llama rotates adjacent pairs.
+//! FFN, dense or a mixture of experts (`moe.rs`). Qwen2 and Qwen2-MoE add
+//! biases to the q/k/v projections; Qwen3-MoE RMS-normalises each query and
+//! key head and has a head width of its own (so the query width need not be
+//! n_embd). The Qwen families rotate NEOX-style (pairs i, i + d/2); Llama
+//! rotates adjacent pairs.
+//!
+//! The MoE variants live here rather than in a file of their own because
+//! they differ from their dense relatives only in which attention options
+//! are on and in the FFN of each layer: one forward pass with an FFN that is
+//! either kind reads better than two copies of it.
 
 use super::config::{Arch, ModelConfig};
+use super::moe::{MoeFfn, RouterStats};
 use super::transformer::{
     embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
 };
@@ -13,11 +24,17 @@ use super::ModelError;
 use minnow_kernels::ops::{add_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
 
+/// A layer's feed-forward network.
+enum FfnKind {
+    Dense(Ffn),
+    Moe(MoeFfn),
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
     attn: Attention,
     ffn_norm: Vec<f32>,
-    ffn: Ffn,
+    ffn: FfnKind,
 }
 
 pub struct Llama {
@@ -37,7 +54,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let p = |name: &str| format!("blk.{l}.{name}");
-            let bias = if cfg.arch == Arch::Qwen2 {
+            let bias = if matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen2Moe) {
                 Some((
                     t.vector(&p("attn_q.bias"), cfg.q_dim())?,
                     t.vector(&p("attn_k.bias"), cfg.kv_dim())?,
@@ -45,6 +62,20 @@ impl Llama {
                 ))
             } else {
                 None
+            };
+            let qk_norm = if cfg.arch == Arch::Qwen3Moe {
+                let hd = cfg.head_dim;
+                Some((t.vector(&p("attn_q_norm.weight"), hd)?, t.vector(&p("attn_k_norm.weight"), hd)?))
+            } else {
+                None
+            };
+            let ffn = match &cfg.moe {
+                Some(moe) => FfnKind::Moe(MoeFfn::load(t, l, e, moe)?),
+                None => FfnKind::Dense(Ffn {
+                    gate: t.matrix(&p("ffn_gate.weight"), cfg.n_ff, e)?,
+                    up: t.matrix(&p("ffn_up.weight"), cfg.n_ff, e)?,
+                    down: t.matrix(&p("ffn_down.weight"), e, cfg.n_ff)?,
+                }),
             };
             layers.push(Layer {
                 attn_norm: t.vector(&p("attn_norm.weight"), e)?,
@@ -54,14 +85,10 @@ impl Llama {
                     wv: t.matrix(&p("attn_v.weight"), cfg.kv_dim(), e)?,
                     wo: t.matrix(&p("attn_output.weight"), e, cfg.q_dim())?,
                     bias,
-                    qk_norm: None,
+                    qk_norm,
                 },
                 ffn_norm: t.vector(&p("ffn_norm.weight"), e)?,
-                ffn: Ffn {
-                    gate: t.matrix(&p("ffn_gate.weight"), cfg.n_ff, e)?,
-                    up: t.matrix(&p("ffn_up.weight"), cfg.n_ff, e)?,
-                    down: t.matrix(&p("ffn_down.weight"), e, cfg.n_ff)?,
-                },
+                ffn,
             });
         }
         let output_norm = t.vector("output_norm.weight", e)?;
@@ -70,12 +97,35 @@ impl Llama {
         } else {
             t.matrix("token_embd.weight", v, e)?
         };
-        let rope = Rope::new(cfg.n_rot, cfg.rope_base, cfg.arch == Arch::Qwen2);
+        let neox = matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3Moe);
+        let rope = Rope::new(cfg.n_rot, cfg.rope_base, neox);
         Ok(Llama { cfg, tok_embd, layers, output_norm, output, rope })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Routing counts of every MoE layer, `None` for a dense model.
+    pub fn router_stats(&self) -> Option<RouterStats> {
+        let moe = self.cfg.moe.as_ref()?;
+        let counts = self
+            .layers
+            .iter()
+            .map(|layer| match &layer.ffn {
+                FfnKind::Moe(m) => m.counts(),
+                FfnKind::Dense(_) => Vec::new(),
+            })
+            .collect();
+        Some(RouterStats { experts_per_token: moe.n_expert_used, counts })
+    }
+
+    pub fn reset_router_stats(&self) {
+        for layer in &self.layers {
+            if let FfnKind::Moe(m) = &layer.ffn {
+                m.reset_counts();
+            }
+        }
     }
 
     pub fn forward(&self, pool: &ThreadPool, seqs: &mut [SeqBatch]) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -98,7 +148,10 @@ impl Llama {
             let a = layer.attn.forward(pool, l, &shape, &h, &layout, seqs)?;
             add_inplace(&mut x, &a);
             let h = norm_rows(&x, &layer.ffn_norm, cfg.norm_eps);
-            let f = layer.ffn.forward(pool, Activation::Silu, &h, n)?;
+            let f = match &layer.ffn {
+                FfnKind::Dense(ffn) => ffn.forward(pool, Activation::Silu, &h, n)?,
+                FfnKind::Moe(moe) => moe.forward(pool, &h, n)?,
+            };
             add_inplace(&mut x, &f);
         }
         output_logits(pool, &x, cfg.n_embd, &self.output_norm, cfg.norm_eps, &self.output, &layout, seqs)

@@ -4,8 +4,11 @@
 //! - `weights`: shape-checked tensor access.
 //! - `transformer`: the shared pieces (attention, FFN, norms, output head) and
 //!   the batch description.
-//! - `llama` (llama, qwen2) and `gemma3`: one file per architecture family,
-//!   each a forward pass that reads top to bottom.
+//! - `llama` (llama, qwen2, and the MoE variants Mixtral, qwen2moe, qwen3moe)
+//!   and `gemma3`: one file per architecture family, each a forward pass that
+//!   reads top to bottom.
+//! - `moe`: the mixture-of-experts FFN shared by the MoE families, and its
+//!   router statistics.
 //!
 //! A forward pass takes a batch of one or more sequences, each with its own
 //! KV cache and new tokens, so prompt processing (many tokens of one
@@ -15,10 +18,12 @@
 mod config;
 mod gemma3;
 mod llama;
+mod moe;
 mod transformer;
 mod weights;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, MoeConfig};
+pub use moe::{LayerRouting, RouterStats};
 pub use transformer::{Logits, SeqBatch};
 
 use crate::kv_cache::KvCache;
@@ -55,7 +60,9 @@ impl Model {
         let cfg = ModelConfig::from_gguf(&file)?;
         let loader = TensorLoader { file: file.clone() };
         let family = match cfg.arch {
-            Arch::Llama | Arch::Qwen2 => Family::Llama(llama::Llama::load(cfg, &loader)?),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3Moe => {
+                Family::Llama(llama::Llama::load(cfg, &loader)?)
+            }
             Arch::Gemma3 => Family::Gemma3(gemma3::Gemma3::load(cfg, &loader)?),
         };
         Ok(Model { file, family })
@@ -65,6 +72,23 @@ impl Model {
         match &self.family {
             Family::Llama(m) => m.config(),
             Family::Gemma3(m) => m.config(),
+        }
+    }
+
+    /// How the routers of a mixture-of-experts model have spread tokens
+    /// over experts since load or the last [`Model::reset_router_stats`];
+    /// `None` for a dense model. Cheap: a snapshot of counters.
+    pub fn router_stats(&self) -> Option<RouterStats> {
+        match &self.family {
+            Family::Llama(m) => m.router_stats(),
+            Family::Gemma3(_) => None,
+        }
+    }
+
+    /// Zeroes the router statistics (e.g. between prompt and generation).
+    pub fn reset_router_stats(&self) {
+        if let Family::Llama(m) = &self.family {
+            m.reset_router_stats();
         }
     }
 

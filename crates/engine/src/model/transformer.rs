@@ -9,7 +9,7 @@
 use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
-use minnow_kernels::matmul::{matmul, ActBuffer};
+use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, Rope};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
 use std::cell::RefCell;
@@ -67,8 +67,14 @@ thread_local! {
 
 /// `out = x · Wᵀ` for `n` rows: x [n, w.cols] → out [n, w.rows].
 pub(crate) fn mm(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+    mm_q(pool, &w.q(), x, n)
+}
+
+/// `mm` for a matrix given as the kernels see it (e.g. one expert's slice of
+/// a 3-D expert tensor).
+pub(crate) fn mm_q(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
     let mut out = vec![0f32; n * w.rows];
-    ACTS.with(|acts| matmul(pool, &w.q(), x, n, &mut out, &mut acts.borrow_mut()))
+    ACTS.with(|acts| matmul(pool, w, x, n, &mut out, &mut acts.borrow_mut()))
         .map_err(|e| ModelError::new(e.to_string()))?;
     Ok(out)
 }

@@ -34,6 +34,29 @@ impl Matrix {
     }
 }
 
+/// The matrices of every expert of one MoE layer, stacked in one 3-D tensor
+/// of ggml dims `[cols, rows, n_expert]`: expert `e`'s `rows × cols` matrix
+/// is the `e`-th contiguous run of `rows` rows, so it is read in place like
+/// any other matrix.
+pub struct ExpertMatrices {
+    file: Arc<GgufFile>,
+    info: TensorInfo,
+    pub ty: GgmlType,
+    pub n_expert: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl ExpertMatrices {
+    /// Expert `e`'s matrix as the kernels see it.
+    pub fn expert(&self, e: usize) -> QMatrix<'_> {
+        assert!(e < self.n_expert, "expert {e} of {}", self.n_expert);
+        let q = QMatrix { ty: self.ty, rows: self.rows, cols: self.cols, data: &[] };
+        let size = self.rows * q.row_bytes();
+        QMatrix { data: &self.file.tensor_data(&self.info)[e * size..(e + 1) * size], ..q }
+    }
+}
+
 /// Reads tensors by name from a GGUF file, checking shapes.
 pub struct TensorLoader {
     pub file: Arc<GgufFile>,
@@ -64,6 +87,30 @@ impl TensorLoader {
             return Err(ModelError::new(format!("tensor '{name}' has type {} which minnow cannot compute with", info.ty)));
         }
         Ok(Matrix { file: self.file.clone(), info: info.clone(), ty: info.ty, rows, cols })
+    }
+
+    /// `n_expert` matrices of `rows × cols` stacked in one 3-D tensor.
+    pub fn experts(&self, name: &str, n_expert: usize, rows: usize, cols: usize) -> Result<ExpertMatrices, ModelError> {
+        let info = self.info(name)?;
+        let want = [cols as u64, rows as u64, n_expert as u64];
+        if info.dims != want {
+            return Err(ModelError::new(format!(
+                "expert tensor '{name}' has shape {:?}, expected {:?} (ggml order: {cols} wide, {rows} rows, \
+                 {n_expert} experts) from the model's metadata",
+                info.dims, want
+            )));
+        }
+        if !is_supported_weight(info.ty) {
+            return Err(ModelError::new(format!("tensor '{name}' has type {} which minnow cannot compute with", info.ty)));
+        }
+        // The reader checked the innermost dimension is whole blocks, so each
+        // expert's slice starts on a block boundary; this is the remaining
+        // arithmetic the slicing relies on.
+        let per_expert = rows * (cols / info.ty.block_size()) * info.ty.type_size();
+        if per_expert * n_expert != self.file.tensor_data(info).len() {
+            return Err(ModelError::new(format!("expert tensor '{name}': data size does not match its shape")));
+        }
+        Ok(ExpertMatrices { file: self.file.clone(), info: info.clone(), ty: info.ty, n_expert, rows, cols })
     }
 
     /// A vector of `len` values, converted to f32.
