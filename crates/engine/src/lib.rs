@@ -6,9 +6,13 @@
 //! - [`model`]: architecture families and their batched forward pass.
 //! - [`kv_cache`]: per-sequence key/value cache.
 //! - [`sampler`]: seeded token sampling (temperature, top-k/p, min-p, penalties).
+//! - [`generate`]: prompt processing and decoding for one sequence, stop strings, timing.
+//! - [`loader`]: a model file's network, tokenizer and chat template together.
 
 pub mod chat;
+pub mod generate;
 pub mod kv_cache;
+pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod tokenizer;

@@ -1,0 +1,613 @@
+//! Command-line parsing and the commands themselves.
+
+use crate::models;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use minnow_engine::chat::{render_plain, ChatMessage};
+use minnow_engine::generate::{generate, prefill, GenerateParams, Generation};
+use minnow_engine::loader::LoadedModel;
+use minnow_engine::model::Logits;
+use minnow_engine::sampler::SamplingParams;
+use minnow_kernels::ops::log_softmax;
+use minnow_kernels::pool::ThreadPool;
+use serde_json::json;
+use std::io::{BufRead, Read, Write};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "minnow", version, about = "Small, fast, cheap language models: run GGUF models on CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it, then a speed summary.
+    Run(RunArgs),
+    /// Interactive multi-turn chat using the model's chat template.
+    Chat(ChatArgs),
+    /// Architecture, parameters, quantization mix, context, memory needed.
+    Info(InfoArgs),
+    /// Token ids of the text read from stdin.
+    Tokenize(TokenizeArgs),
+    /// Top-K logits after every prompt position.
+    Logits(LogitsArgs),
+    /// Per-token log-probabilities of a text file and its mean NLL.
+    Perplexity(PerplexityArgs),
+    /// Prompt-processing and generation speed, like llama-bench.
+    Bench(BenchArgs),
+    /// Download, assemble and verify a test model ("all" for every one).
+    Pull(PullArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A GGUF file, or a test model's short name (fetched on first use):
+    /// smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b.
+    model: String,
+    /// Threads to compute with (default: the number of physical cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(LoadedModel, ThreadPool)> {
+        let path = models::resolve(&self.model)?;
+        let loaded = LoadedModel::load(&path)?;
+        let threads = self.threads.unwrap_or_else(physical_cores);
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        Ok((loaded, ThreadPool::new(threads)))
+    }
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than min-p × the most likely (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty over the last --repeat-last-n tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// OpenAI-style presence penalty (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// OpenAI-style frequency penalty (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed: same seed and settings, same output.
+    #[arg(long, short = 's', default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self, max_tokens: usize) -> Result<GenerateParams> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(GenerateParams { max_tokens, sampling, stop: self.stop.clone(), stop_at_eog: !self.ignore_eos })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+    max_tokens: usize,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long, short = 'c')]
+    ctx: Option<usize>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
+    max_tokens: usize,
+    #[arg(long, short = 'c')]
+    ctx: Option<usize>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Do not add BOS/EOS even where the model's metadata asks for them.
+    #[arg(long)]
+    no_bos: bool,
+    /// Parse special-token text (e.g. `<|im_start|>`) as special tokens.
+    #[arg(long)]
+    parse_special: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text prompt (tokenized with BOS and special tokens parsed).
+    #[arg(long, short = 'p', conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Token ids, comma-separated, used as they are.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// How many of the best tokens to list per position.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    file: std::path::PathBuf,
+    /// Score at most this many tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to process.
+    #[arg(short = 'p', default_value_t = 128)]
+    pp: usize,
+    /// Tokens to generate.
+    #[arg(short = 'n', default_value_t = 64)]
+    tg: usize,
+    /// Repeats (the median is reported).
+    #[arg(short = 'r', default_value_t = 3)]
+    repeats: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// A test model's short name, or "all".
+    name: String,
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Chat(a) => chat(a),
+        Command::Info(a) => info(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Logits(a) => logits(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Bench(a) => bench(a),
+        Command::Pull(a) => {
+            for p in models::pull(&a.name)? {
+                println!("{}", p.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Physical cores (hyperthreads share a core's arithmetic units, so more
+/// threads than cores only adds contention); falls back to logical CPUs.
+fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return logical };
+    let mut cores = std::collections::HashSet::new();
+    let mut physical = String::new();
+    for line in info.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim() {
+                "physical id" => physical = v.trim().to_string(),
+                "core id" => {
+                    cores.insert((physical.clone(), v.trim().to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
+fn context_size(m: &LoadedModel, ctx: Option<usize>) -> Result<usize> {
+    let train = m.model.config().context_length;
+    match ctx {
+        Some(0) => bail!("--ctx must be at least 1"),
+        Some(c) if c > train => bail!("--ctx {c} exceeds the model's training context of {train} tokens"),
+        Some(c) => Ok(c),
+        None => Ok(train.min(4096)),
+    }
+}
+
+/// Renders messages with the model's template (ChatML when it has none) and
+/// tokenizes the result, not adding a BOS the template already wrote.
+fn chat_prompt(m: &LoadedModel, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let text = match &m.chat {
+        Some(t) => t.render(messages, true)?,
+        None => render_plain(messages, true),
+    };
+    let bos_text = m.tokenizer.bos_id().map(|b| m.tokenizer.token_text(b).to_string());
+    let template_wrote_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+    Ok(m.tokenizer.encode(&text, !template_wrote_bos, true)?)
+}
+
+fn check_fits(prompt: usize, max_tokens: usize, ctx: usize) -> Result<()> {
+    if prompt >= ctx {
+        bail!("the prompt is {prompt} tokens but the context holds {ctx}: shorten it or raise --ctx");
+    }
+    let _ = max_tokens;
+    Ok(())
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let (m, pool) = a.model.load()?;
+    let ctx = context_size(&m, a.ctx)?;
+    let params = a.sampling.params(a.max_tokens)?;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", a.prompt.clone()));
+        chat_prompt(&m, &msgs)?
+    } else {
+        m.tokenizer.encode(&a.prompt, true, false)?
+    };
+    check_fits(prompt.len(), a.max_tokens, ctx)?;
+    let mut cache = m.model.new_cache(ctx);
+    let stdout = std::io::stdout();
+    let g = generate(&m.model, &m.tokenizer, &pool, &mut cache, &prompt, &params, |piece| {
+        if !a.json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens,
+                "prompt_tps": g.prompt_tps(), "gen_tokens": g.gen_tokens, "gen_tps": g.gen_tps(),
+                "finish_reason": g.finish.as_str(),
+            })
+        );
+    } else {
+        println!();
+        eprintln!("{}", summary(&g));
+    }
+    Ok(())
+}
+
+fn summary(g: &Generation) -> String {
+    format!(
+        "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | finish: {}",
+        g.prompt_tokens,
+        g.prompt_tps(),
+        g.gen_tokens,
+        g.gen_tps(),
+        g.finish.as_str()
+    )
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let (m, pool) = a.model.load()?;
+    let ctx = context_size(&m, a.ctx)?;
+    let params = a.sampling.params(a.max_tokens)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::new("system", s.clone()));
+    }
+    eprintln!("minnow chat: type a message and press Enter; /reset clears the history, Ctrl-D quits.");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.trim() == "/reset" {
+            messages.retain(|m: &ChatMessage| m.role == "system");
+            continue;
+        }
+        messages.push(ChatMessage::new("user", line.to_string()));
+        let prompt = chat_prompt(&m, &messages)?;
+        if prompt.len() >= ctx {
+            eprintln!("the conversation ({} tokens) no longer fits the context of {ctx}; /reset to start over", prompt.len());
+            messages.pop();
+            continue;
+        }
+        // Re-running the whole conversation keeps the code simple; a prefix
+        // cache would avoid recomputing earlier turns.
+        let mut cache = m.model.new_cache(ctx);
+        let stdout = std::io::stdout();
+        let g = generate(&m.model, &m.tokenizer, &pool, &mut cache, &prompt, &params, |piece| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!();
+        eprintln!("[{}]", summary(&g));
+        messages.push(ChatMessage::new("assistant", g.text.trim().to_string()));
+    }
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let path = models::resolve(&a.model.model)?;
+    let m = LoadedModel::load(&path)?;
+    let cfg = m.model.config();
+    let mut params: u64 = 0;
+    let mut weight_bytes: u64 = 0;
+    let mut mix: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for t in m.file.tensors() {
+        params += t.n_elements();
+        weight_bytes += t.n_bytes;
+        let e = mix.entry(t.ty.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.n_elements();
+    }
+    let ctx = cfg.context_length.min(4096);
+    // f32 keys and values per position, all layers.
+    let kv_bytes = (2 * cfg.n_layer * cfg.kv_dim() * 4 * ctx) as u64;
+    let name = m.file.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    if a.json {
+        let mix_json: serde_json::Map<String, serde_json::Value> = mix
+            .iter()
+            .map(|(k, (n, e))| (k.clone(), json!({"tensors": n, "elements": e})))
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "file": path.display().to_string(), "name": name, "architecture": cfg.arch.name(),
+                "parameters": params, "file_bytes": m.file.file_size(), "weight_bytes": weight_bytes,
+                "quantization": mix_json, "context_length": cfg.context_length, "n_layer": cfg.n_layer,
+                "n_embd": cfg.n_embd, "n_ff": cfg.n_ff, "n_head": cfg.n_head, "n_head_kv": cfg.n_head_kv,
+                "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "rope_base": cfg.rope_base,
+                "sliding_window": cfg.sliding_window, "kv_cache_bytes_at_4096": kv_bytes,
+                "memory_bytes_at_4096": weight_bytes + kv_bytes,
+                "chat_template": m.chat.is_some(),
+            })
+        );
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!("file:          {}", path.display());
+    println!("name:          {name}");
+    println!("architecture:  {}", cfg.arch.name());
+    println!("parameters:    {:.1} M", params as f64 / 1e6);
+    println!("layers:        {} (width {}, FFN {}, heads {} / {} kv, head dim {})", cfg.n_layer, cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+    println!("vocabulary:    {} tokens", cfg.vocab_size);
+    println!("context:       {} tokens (trained)", cfg.context_length);
+    if let Some(w) = cfg.sliding_window {
+        println!("sliding window: {w} tokens on 5 of every 6 layers");
+    }
+    println!("quantization:");
+    for (ty, (n, e)) in &mix {
+        println!("  {ty:6} {n:4} tensors, {:6.1}% of parameters", 100.0 * *e as f64 / params as f64);
+    }
+    println!("memory:        {:.1} MiB weights + {:.1} MiB KV cache at 4096 tokens", gib(weight_bytes), gib(kv_bytes));
+    println!("chat template: {}", if m.chat.is_some() { "yes" } else { "no (ChatML is used)" });
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let path = models::resolve(&a.model.model)?;
+    let m = LoadedModel::load(&path)?;
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text).context("reading the text from stdin")?;
+    let ids = m.tokenizer.encode(&text, !a.no_bos, a.parse_special)?;
+    if a.json {
+        println!("{}", json!({ "ids": ids }));
+    } else {
+        for id in &ids {
+            println!("{id}\t{:?}", m.tokenizer.token_text(*id));
+        }
+    }
+    Ok(())
+}
+
+/// The best `k` (id, logit) of a row, best first.
+fn top_k(row: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i, row[i])).collect()
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let (m, pool) = a.model.load()?;
+    let ids = match (&a.prompt, &a.ids) {
+        (Some(p), None) => m.tokenizer.encode(p, true, true)?,
+        (None, Some(ids)) => ids.clone(),
+        _ => bail!("give either -p PROMPT or --ids 1,2,3"),
+    };
+    if ids.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    let vocab = m.model.config().vocab_size;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary of {vocab} tokens");
+    }
+    let mut cache = m.model.new_cache(ids.len());
+    let all = m.model.forward_one(&pool, &mut cache, &ids, Logits::All)?;
+    let mut lp = vec![0f32; vocab];
+    let mut positions = Vec::new();
+    for (i, row) in all.chunks_exact(vocab).enumerate() {
+        log_softmax(row, &mut lp);
+        let top: Vec<_> = top_k(row, a.top)
+            .into_iter()
+            .map(|(id, logit)| json!({"id": id, "logit": logit, "logprob": lp[id]}))
+            .collect();
+        if !a.json {
+            let best = &top[0];
+            println!("{i:4} {:>8} {:?} -> {}", ids[i], m.tokenizer.token_text(ids[i]), best);
+        }
+        positions.push(json!({ "top": top }));
+    }
+    if a.json {
+        println!("{}", json!({ "ids": ids, "positions": positions }));
+    }
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let (m, pool) = a.model.load()?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let mut ids = m.tokenizer.encode(&text, true, false)?;
+    if let Some(n) = a.max_tokens {
+        ids.truncate(n);
+    }
+    if ids.len() < 2 {
+        bail!("{} has fewer than 2 tokens: nothing to score", a.file.display());
+    }
+    let ctx = m.model.config().context_length;
+    if ids.len() > ctx {
+        bail!("{} tokens exceed the model's context of {ctx}: pass --max-tokens {ctx}", ids.len());
+    }
+    let vocab = m.model.config().vocab_size;
+    let mut cache = m.model.new_cache(ids.len());
+    let mut lp = vec![0f32; vocab];
+    let mut next_logprobs = Vec::with_capacity(ids.len() - 1);
+    // Chunked so activations stay bounded on long files.
+    for chunk_start in (0..ids.len() - 1).step_by(512) {
+        let end = (chunk_start + 512).min(ids.len() - 1);
+        let all = m.model.forward_one(&pool, &mut cache, &ids[chunk_start..end], Logits::All)?;
+        for (k, row) in all.chunks_exact(vocab).enumerate() {
+            log_softmax(row, &mut lp);
+            next_logprobs.push(lp[ids[chunk_start + k + 1] as usize]);
+        }
+    }
+    let mean_nll = -next_logprobs.iter().map(|&x| x as f64).sum::<f64>() / next_logprobs.len() as f64;
+    if a.json {
+        println!("{}", json!({ "ids": ids, "next_logprobs": next_logprobs, "mean_nll": mean_nll }));
+    } else {
+        println!("tokens: {}  mean NLL: {mean_nll:.4}  perplexity: {:.3}", ids.len(), mean_nll.exp());
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let (m, pool) = a.model.load()?;
+    if a.repeats == 0 || a.pp == 0 || a.tg == 0 {
+        bail!("-p, -n and -r must be at least 1");
+    }
+    let vocab = m.model.config().vocab_size as u32;
+    // Arbitrary but fixed token ids, as llama-bench uses random ones.
+    let prompt: Vec<u32> = (0..a.pp as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ctx = a.pp + a.tg + 1;
+    // One warm-up pass pages the weights in.
+    prefill(&m.model, &pool, &mut m.model.new_cache(ctx), &prompt[..prompt.len().min(16)])?;
+    let mut pp_rates = Vec::new();
+    let mut tg_rates = Vec::new();
+    for _ in 0..a.repeats {
+        let mut cache = m.model.new_cache(ctx);
+        let t = Instant::now();
+        prefill(&m.model, &pool, &mut cache, &prompt)?;
+        pp_rates.push(a.pp as f64 / t.elapsed().as_secs_f64());
+        // Generation measured from an empty context, as llama-bench's tg.
+        let mut cache = m.model.new_cache(ctx);
+        let mut tok = prompt[0];
+        let t = Instant::now();
+        for _ in 0..a.tg {
+            let logits = m.model.forward_one(&pool, &mut cache, &[tok], Logits::Last)?;
+            tok = logits.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0 as u32).unwrap_or(0);
+        }
+        tg_rates.push(a.tg as f64 / t.elapsed().as_secs_f64());
+    }
+    let (pp, tg) = (median(pp_rates), median(tg_rates));
+    if a.json {
+        println!(
+            "{}",
+            json!({"model": a.model.model, "threads": pool.n_threads(), "pp": a.pp, "tg": a.tg, "pp_tps": pp, "tg_tps": tg})
+        );
+    } else {
+        println!("model: {}  threads: {}", a.model.model, pool.n_threads());
+        println!("pp{:<5} {:8.2} tok/s", a.pp, pp);
+        println!("tg{:<5} {:8.2} tok/s", a.tg, tg);
+    }
+    Ok(())
+}

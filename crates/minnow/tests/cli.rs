@@ -1,0 +1,148 @@
+//! The `minnow` binary end to end, on a real model (SmolLM2-135M): the JSON
+//! shapes scripts rely on, determinism of seeded sampling, and one-line errors.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::io::Write;
+
+fn models_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("minnow/models");
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
+}
+
+fn smollm2() -> String {
+    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run `minnow pull all` first", p.display());
+    p.display().to_string()
+}
+
+fn minnow(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_minnow"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start minnow");
+    if let Some(text) = stdin {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(out.status.success(), "minnow failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn tokenize_json_matches_golden_shape_and_ids() {
+    let m = smollm2();
+    let v = json_of(&minnow(&["tokenize", &m, "--json"], Some("Hello world")));
+    assert_eq!(v, serde_json::json!({"ids": [19556, 905]}));
+    // Special tokens parse only when asked.
+    let plain = json_of(&minnow(&["tokenize", &m, "--json"], Some("<|im_start|>")));
+    let special = json_of(&minnow(&["tokenize", &m, "--json", "--parse-special"], Some("<|im_start|>")));
+    assert_eq!(special["ids"], serde_json::json!([1]));
+    assert!(plain["ids"].as_array().unwrap().len() > 1);
+}
+
+#[test]
+fn logits_json_has_one_entry_per_position_best_first() {
+    let m = smollm2();
+    let v = json_of(&minnow(&["logits", &m, "--ids", "1,2,3,4", "--top", "5", "--json"], None));
+    assert_eq!(v["ids"], serde_json::json!([1, 2, 3, 4]));
+    let positions = v["positions"].as_array().unwrap();
+    assert_eq!(positions.len(), 4);
+    for p in positions {
+        let top = p["top"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        let logits: Vec<f64> = top.iter().map(|t| t["logit"].as_f64().unwrap()).collect();
+        assert!(logits.windows(2).all(|w| w[0] >= w[1]), "not best first: {logits:?}");
+        for t in top {
+            assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+            assert!(t["id"].as_u64().is_some());
+        }
+    }
+}
+
+#[test]
+fn run_json_is_deterministic_for_a_seed() {
+    let m = smollm2();
+    let args = ["run", &m, "-p", "Once upon a time", "-n", "12", "--temp", "0.9", "--seed", "42", "--json"];
+    let a = json_of(&minnow(&args, None));
+    let b = json_of(&minnow(&args, None));
+    assert_eq!(a["text"], b["text"]);
+    assert_eq!(a["ids"], b["ids"]);
+    for key in ["prompt_tokens", "gen_tokens"] {
+        assert!(a[key].as_u64().unwrap() > 0, "{key}");
+    }
+    for key in ["prompt_tps", "gen_tps"] {
+        assert!(a[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert_eq!(a["gen_tokens"].as_u64().unwrap() as usize, a["ids"].as_array().unwrap().len());
+}
+
+#[test]
+fn perplexity_json_shape() {
+    let m = smollm2();
+    let dir = std::env::temp_dir().join(format!("minnow-ppl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("t.txt");
+    std::fs::write(&f, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let v = json_of(&minnow(&["perplexity", &m, f.to_str().unwrap(), "--json"], None));
+    let ids = v["ids"].as_array().unwrap().len();
+    let lps = v["next_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), ids - 1);
+    let mean: f64 = -lps.iter().map(|x| x.as_f64().unwrap()).sum::<f64>() / lps.len() as f64;
+    assert!((mean - v["mean_nll"].as_f64().unwrap()).abs() < 1e-4);
+}
+
+#[test]
+fn bench_json_shape() {
+    let m = smollm2();
+    let v = json_of(&minnow(&["bench", &m, "-p", "16", "-n", "4", "-r", "1", "--threads", "2", "--json"], None));
+    assert_eq!(v["threads"], 2);
+    assert_eq!(v["pp"], 16);
+    assert_eq!(v["tg"], 4);
+    assert!(v["pp_tps"].as_f64().unwrap() > 0.0 && v["tg_tps"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn user_mistakes_are_one_line_errors_not_panics() {
+    let cases: Vec<Vec<String>> = vec![
+        vec!["run".into(), "/no/such/model.gguf".into(), "-p".into(), "hi".into()],
+        vec!["info".into(), "not-a-known-model".into()],
+        vec!["run".into(), smollm2(), "-p".into(), "hi".into(), "--temp".into(), "-1".into()],
+        vec!["logits".into(), smollm2(), "--ids".into(), "99999999".into(), "--json".into()],
+    ];
+    for args in cases {
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let out = minnow(&args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.starts_with("minnow: error:"), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_non_gguf_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("minnow-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.gguf");
+    std::fs::write(&f, b"this is not a model").unwrap();
+    let out = minnow(&["info", f.to_str().unwrap()], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GGUF") || err.contains("magic"), "{err}");
+}
