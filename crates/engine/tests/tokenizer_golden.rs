@@ -154,12 +154,15 @@ fn encoding_is_fast() {
     let aaa = "a".repeat(100_000);
     let spaces = " ".repeat(50_000) + &"\n".repeat(50_000);
     for (_, file) in common::MODELS {
+        let start = Instant::now();
         let tok = load(file);
+        println!("{file}: loaded in {:?}", start.elapsed());
         for (what, t) in [("mixed", &text), ("one long word", &aaa), ("whitespace", &spaces)] {
             let start = Instant::now();
             let ids = tok.encode(t, true, true).expect("encode");
             let took = start.elapsed();
             assert!(!ids.is_empty());
+            println!("{file}: {what}: {} bytes -> {} ids in {took:?}", t.len(), ids.len());
             assert!(took.as_secs_f64() < 0.5, "{file}: {what} 100 KB took {took:?}");
         }
     }
