@@ -144,6 +144,24 @@ pub struct Tokenizer {
     eog: Vec<u32>,
 }
 
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.model {
+            Model::Bpe { pre, .. } => format!("byte-level BPE, pre-tokenizer {}", pre.name),
+            Model::Spm { add_space_prefix, .. } => format!("SentencePiece BPE, add_space_prefix {add_space_prefix}"),
+        };
+        f.debug_struct("Tokenizer")
+            .field("kind", &kind)
+            .field("vocab_size", &self.tokens.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .field("end_of_generation", &self.eog)
+            .finish()
+    }
+}
+
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
 const KEY_TOKENS: &str = "tokenizer.ggml.tokens";

@@ -6,11 +6,19 @@ mod common;
 
 use minnow_engine::tokenizer::Tokenizer;
 use minnow_gguf::GgufFile;
+use std::sync::OnceLock;
 use std::time::Instant;
 
-fn load(file: &str) -> Tokenizer {
+fn open(file: &str) -> Tokenizer {
     let f = GgufFile::open(common::model_path(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
     Tokenizer::from_gguf(&f).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Each model's tokenizer, loaded once per test binary.
+fn load(file: &str) -> &'static Tokenizer {
+    static TOKS: OnceLock<Vec<(&'static str, Tokenizer)>> = OnceLock::new();
+    let all = TOKS.get_or_init(|| common::MODELS.iter().map(|&(_, f)| (f, open(f))).collect());
+    &all.iter().find(|(f, _)| *f == file).unwrap_or_else(|| panic!("{file} is not a test model")).1
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -155,7 +163,7 @@ fn encoding_is_fast() {
     let spaces = " ".repeat(50_000) + &"\n".repeat(50_000);
     for (_, file) in common::MODELS {
         let start = Instant::now();
-        let tok = load(file);
+        let tok = open(file);
         println!("{file}: loaded in {:?}", start.elapsed());
         for (what, t) in [("mixed", &text), ("one long word", &aaa), ("whitespace", &spaces)] {
             let start = Instant::now();

@@ -82,11 +82,15 @@ struct Sym {
 
 const NONE: u32 = u32::MAX;
 
+/// A queued merge: (rank, left index, right index, left id, right id, merged
+/// id). `Reverse` makes the max-heap pop the lowest rank, then the leftmost.
+type Candidate = (Reverse<u32>, Reverse<u32>, u32, u32, u32, u32);
+
 /// Scratch buffers reused across the words of one `encode` call.
 #[derive(Default)]
 pub(crate) struct BpeScratch {
     syms: Vec<Sym>,
-    heap: BinaryHeap<(Reverse<u32>, Reverse<u32>, u32, u32, u32, u32)>,
+    heap: BinaryHeap<Candidate>,
     mapped: String,
 }
 
@@ -180,7 +184,7 @@ impl Bpe {
         }));
         let heap = &mut scratch.heap;
         heap.clear();
-        let push = |heap: &mut BinaryHeap<_>, syms: &[Sym], l: u32, r: u32| {
+        let push = |heap: &mut BinaryHeap<Candidate>, syms: &[Sym], l: u32, r: u32| {
             if l == NONE || r == NONE {
                 return;
             }

@@ -80,6 +80,10 @@ impl Spm {
         if text.is_empty() {
             return Ok(());
         }
+        // Symbol offsets are u32 (half the memory of usize on a hot array).
+        if text.len() >= u32::MAX as usize {
+            return Err(TokenizerError::TooLong(text.len()));
+        }
         let mut syms: Vec<Sym> = Vec::with_capacity(text.len());
         for (i, c) in text.char_indices() {
             let idx = syms.len() as u32;
