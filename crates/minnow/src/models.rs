@@ -167,7 +167,7 @@ fn resolve_in(dir: &Path, model: &str) -> Result<PathBuf> {
     match find(model) {
         Some(m) => ensure(dir, m),
         None => Err(anyhow!(
-            "model file `{model}` doesn't exist, and it isn't a known model name.\n{}",
+            "model file `{model}` doesn't exist, and it isn't a known model name; {}",
             known_names_help()
         )),
     }
@@ -186,18 +186,19 @@ fn pull_in(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     }
     match find(name) {
         Some(m) => Ok(vec![ensure(dir, m)?]),
-        None => Err(anyhow!("`{name}` isn't a known model name.\n{}", known_names_help())),
+        None => Err(anyhow!("`{name}` isn't a known model name; {}", known_names_help())),
     }
 }
 
+/// One line, as every minnow error: the known names and what to do.
 fn known_names_help() -> String {
-    let mut s = String::from("Known models:\n");
-    for m in known_models() {
-        s += &format!("  {:<20} {} ({} MB)\n", m.name, m.file, m.size / 1_000_000);
-    }
-    s += "Pass the path of a .gguf file, or a known name: it is fetched on first use, \
-          or ahead of time with `minnow pull NAME` (`minnow pull all` for every one).";
-    s
+    let names: Vec<String> =
+        known_models().iter().map(|m| format!("{} ({} MB)", m.name, m.size / 1_000_000)).collect();
+    format!(
+        "known models: {}; pass the path of a .gguf file or a known name (fetched on first use, \
+         or ahead of time with `minnow pull NAME` / `minnow pull all`)",
+        names.join(", ")
+    )
 }
 
 /// Returns the verified cached file of `m` in `dir`, pulling it if needed.
