@@ -121,7 +121,7 @@ fn user_mistakes_are_one_line_errors_not_panics() {
     let cases: Vec<Vec<String>> = vec![
         vec!["run".into(), "/no/such/model.gguf".into(), "-p".into(), "hi".into()],
         vec!["info".into(), "not-a-known-model".into()],
-        vec!["run".into(), smollm2(), "-p".into(), "hi".into(), "--temp".into(), "-1".into()],
+        vec!["run".into(), smollm2(), "-p".into(), "hi".into(), "--temp=-1".into()],
         vec!["logits".into(), smollm2(), "--ids".into(), "99999999".into(), "--json".into()],
     ];
     for args in cases {
