@@ -97,8 +97,17 @@ impl ThreadPool {
             self.shared.wake.notify_all();
         }
         let caller_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        // Spin while the workers finish (microseconds in a forward pass), but
+        // yield the core now and then: when the machine is oversubscribed a
+        // descheduled worker needs it to make progress.
+        let mut spins = 0usize;
         while self.shared.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins % 256 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         *self.shared.job.lock().unwrap() = None;
         if let Err(p) = caller_result {
