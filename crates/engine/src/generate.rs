@@ -92,15 +92,21 @@ pub fn prefill(model: &Model, pool: &ThreadPool, cache: &mut KvCache, prompt: &[
 
 /// Holds back streamed text that might be the start of a stop string, and
 /// finds the first complete stop string.
-struct StopFilter {
+pub(crate) struct StopFilter {
     stops: Vec<String>,
     /// Text decoded but not yet released.
     pending: String,
 }
 
 impl StopFilter {
+    /// A filter for `stops`; empty strings are ignored (they would match
+    /// everywhere).
+    pub(crate) fn new(stops: &[String]) -> StopFilter {
+        StopFilter { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+    }
+
     /// Adds text; returns (text safe to release, whether a stop string was hit).
-    fn push(&mut self, text: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
         if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             let out = self.pending[..at].to_string();
@@ -124,8 +130,35 @@ impl StopFilter {
         (out, false)
     }
 
-    fn finish(&mut self) -> String {
+    pub(crate) fn finish(&mut self) -> String {
         std::mem::take(&mut self.pending)
+    }
+}
+
+/// Generated ids → released text: complete UTF-8 characters, minus anything
+/// that may still turn out to be a stop string. Shared by [`generate`] and the
+/// scheduler so both release exactly the same text.
+pub(crate) struct TextStream {
+    decoder: StreamDecoder,
+    stops: StopFilter,
+}
+
+impl TextStream {
+    pub(crate) fn new(stops: &[String]) -> TextStream {
+        TextStream { decoder: StreamDecoder::default(), stops: StopFilter::new(stops) }
+    }
+
+    /// Adds a generated token; returns (text to release now, whether a stop
+    /// string was hit — the stop string and anything after it are dropped).
+    pub(crate) fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> (String, bool) {
+        self.stops.push(&self.decoder.push(tokenizer, id))
+    }
+
+    /// Releases what was held back at the end of generation without a stop
+    /// string: a partial character or a stop-string prefix that never completed.
+    pub(crate) fn finish(&mut self) -> String {
+        let (piece, _) = self.stops.push(&self.decoder.finish());
+        piece + &self.stops.finish()
     }
 }
 
@@ -152,8 +185,7 @@ pub fn generate(
     for &t in prompt {
         sampler.accept(t);
     }
-    let mut decoder = StreamDecoder::default();
-    let mut stops = StopFilter { stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() };
+    let mut stream = TextStream::new(&params.stop);
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut finish = FinishReason::Length;
@@ -166,7 +198,7 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
-        let (piece, hit) = stops.push(&decoder.push(tokenizer, next));
+        let (piece, hit) = stream.push(tokenizer, next);
         text.push_str(&piece);
         on_text(&piece);
         if hit {
@@ -180,10 +212,7 @@ pub fn generate(
         logits = model.forward_one(pool, cache, &[next], Logits::Last)?;
     }
     if !hit_stop_string {
-        // Release what was held back: a partial character or a possible
-        // stop-string prefix that never completed.
-        let (piece, _) = stops.push(&decoder.finish());
-        let rest = piece + &stops.finish();
+        let rest = stream.finish();
         text.push_str(&rest);
         on_text(&rest);
     }
@@ -204,7 +233,8 @@ mod tests {
     use super::StopFilter;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let mut f = StopFilter { stops: stops.iter().map(|s| s.to_string()).collect(), pending: String::new() };
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut f = StopFilter::new(&stops);
         let mut out = String::new();
         for p in pieces {
             let (t, hit) = f.push(p);

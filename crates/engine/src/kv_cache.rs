@@ -48,14 +48,31 @@ impl KvCache {
         self.max_len
     }
 
-    /// Forgets every position from `len` on.
+    /// Forgets every position from `len` on. Also drops keys and values a
+    /// failed forward pass appended to some layers but not the last (which
+    /// would otherwise misalign the layers), so `truncate(len())` restores a
+    /// consistent cache after an error.
     pub fn truncate(&mut self, len: usize) {
-        if len < self.len {
-            for l in 0..self.keys.len() {
-                self.keys[l].truncate(len * self.kv_dim);
-                self.values[l].truncate(len * self.kv_dim);
-            }
-            self.len = len;
+        let len = len.min(self.len);
+        for l in 0..self.keys.len() {
+            self.keys[l].truncate(len * self.kv_dim);
+            self.values[l].truncate(len * self.kv_dim);
+        }
+        self.len = len;
+    }
+
+    /// A copy of the first `len` positions (all of them if `len` is larger),
+    /// sized to fit: cheaper than `clone` + `truncate`, which copies the
+    /// whole cache and keeps its spare capacity.
+    pub fn clone_prefix(&self, len: usize) -> KvCache {
+        let len = len.min(self.len);
+        let n = len * self.kv_dim;
+        KvCache {
+            keys: self.keys.iter().map(|k| k[..n].to_vec()).collect(),
+            values: self.values.iter().map(|v| v[..n].to_vec()).collect(),
+            len,
+            max_len: self.max_len,
+            kv_dim: self.kv_dim,
         }
     }
 

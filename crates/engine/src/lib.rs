@@ -8,6 +8,8 @@
 //! - [`sampler`]: seeded token sampling (temperature, top-k/p, min-p, penalties).
 //! - [`generate`]: prompt processing and decoding for one sequence, stop strings, timing.
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
+//! - [`scheduler`]: continuous batching of many requests (the server's engine):
+//!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
 
 pub mod chat;
 pub mod generate;
@@ -15,4 +17,5 @@ pub mod kv_cache;
 pub mod loader;
 pub mod model;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
