@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# minnow and llama.cpp side by side: prompt processing and generation speed on
+# the test models, same GGUF files, same threads and lengths, in one run.
+#
+#   bench/compare-llamacpp.sh [-m MODEL,...] [-t THREADS] [-r ROUNDS]
+#                             [-p PROMPT_TOKENS] [-n GEN_TOKENS] [--build-only]
+#                             [--no-build]
+#
+# 1. Builds llama.cpp's llama-bench (and the other $LLAMACPP_TARGETS) from the
+#    llama-cpp-python source distribution on PyPI, whose vendor/llama.cpp is a
+#    llama.cpp release. The build is cached outside the repository in
+#    $MINNOW_LLAMACPP_DIR (default ~/.cache/minnow/llama.cpp), one folder per
+#    sdist version; nothing of llama.cpp ever enters this repository.
+# 2. Builds minnow and the bandwidth tool (crates/kernels/examples/membw.rs;
+#    --no-build uses target/release's as they are), and measures the
+#    machine's read bandwidth with THREADS threads, before and after the
+#    engines (the better of the two counts).
+# 3. For each model, ROUNDS rounds of one llama-bench run and one `minnow bench`
+#    run each, alternating which goes first, so both engines see the same
+#    machine (the cores may be shared); reports each engine's median.
+# 4. Prints a markdown table: both engines, the ratios, and the decode ceiling
+#    (bandwidth ÷ weight bytes read per generated token) with how close each
+#    engine comes to it.
+#
+# Environment:
+#   MINNOW_LLAMACPP_DIR  build cache (default ~/.cache/minnow/llama.cpp)
+#   LLAMACPP_VERSION     llama-cpp-python sdist version to build, or "latest"
+#                        (default pinned below, so comparisons stay comparable)
+#   LLAMACPP_TARGETS     CMake targets to build (default below)
+#   MINNOW_COMPARE_OUT   where raw results go (default a new folder in /tmp)
+set -euo pipefail
+
+MODELS="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b"
+THREADS=2
+ROUNDS=3
+PP=128
+TG=64
+BUILD_ONLY=0
+NO_BUILD=0
+LLAMACPP_DIR=${MINNOW_LLAMACPP_DIR:-$HOME/.cache/minnow/llama.cpp}
+LLAMACPP_VERSION=${LLAMACPP_VERSION:-0.3.36}
+LLAMACPP_TARGETS=${LLAMACPP_TARGETS:-llama-bench llama-server llama-speculative}
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    echo "Defaults: -m $MODELS -t $THREADS -r $ROUNDS -p $PP -n $TG"
+}
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -m|--models) MODELS=$2; shift 2 ;;
+        -t|--threads) THREADS=$2; shift 2 ;;
+        -r|--rounds|--repeats) ROUNDS=$2; shift 2 ;;
+        -p) PP=$2; shift 2 ;;
+        -n) TG=$2; shift 2 ;;
+        --build-only) BUILD_ONLY=1; shift ;;
+        --no-build) NO_BUILD=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "compare-llamacpp: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+    esac
+done
+for v in THREADS ROUNDS PP TG; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "compare-llamacpp: $v must be a positive integer" >&2; exit 2; }
+done
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+log() { echo "[compare] $*" >&2; }
+
+# cmake from PATH, else from the `cmake` package on PyPI (installed if needed).
+find_cmake() {
+    if command -v cmake >/dev/null; then
+        command -v cmake
+        return
+    fi
+    if ! python3 -c 'import cmake' 2>/dev/null; then
+        log "cmake not found: installing it from PyPI (python3 -m pip install cmake)"
+        python3 -m pip install --quiet cmake >&2
+    fi
+    python3 -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))'
+}
+
+# Downloads, unpacks and builds llama.cpp; sets LLAMACPP_BIN and LLAMACPP_BUILT.
+build_llamacpp() {
+    local sdists=$LLAMACPP_DIR/sdist spec sdist version dir
+    mkdir -p "$sdists"
+    if [[ $LLAMACPP_VERSION == latest ]]; then
+        spec=llama-cpp-python
+    else
+        spec=llama-cpp-python==$LLAMACPP_VERSION
+    fi
+    sdist=$sdists/llama_cpp_python-$LLAMACPP_VERSION.tar.gz
+    if [[ ! -f $sdist ]]; then
+        log "downloading the $spec source distribution from PyPI"
+        # --no-binary for this package only: its build requirements (cmake,
+        # scikit-build-core) may come as wheels, or pip would compile cmake.
+        python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python "$spec" -d "$sdists" >&2
+        sdist=$(ls -1 "$sdists"/llama_cpp_python-*.tar.gz | sort -V | tail -1)
+    fi
+    version=${sdist##*/llama_cpp_python-}
+    version=${version%.tar.gz}
+    dir=$LLAMACPP_DIR/$version
+    LLAMACPP_BIN=$dir/build/bin
+    LLAMACPP_BUILT="llama-cpp-python $version (vendor/llama.cpp)"
+
+    local missing=() t
+    for t in $LLAMACPP_TARGETS; do
+        [[ -x $LLAMACPP_BIN/$t ]] || missing+=("$t")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "llama.cpp from $LLAMACPP_BUILT already built in $dir"
+        return
+    fi
+    if [[ ! -f $dir/src/vendor/llama.cpp/CMakeLists.txt ]]; then
+        log "unpacking $sdist"
+        rm -rf "$dir/src" "$dir/unpack"
+        mkdir -p "$dir/unpack"
+        tar -xzf "$sdist" -C "$dir/unpack"
+        mv "$dir/unpack/llama_cpp_python-$version" "$dir/src"
+        rm -rf "$dir/unpack"
+    fi
+    command -v c++ >/dev/null || { echo "compare-llamacpp: no C++ compiler (apt-get install g++)" >&2; exit 1; }
+    local cmake
+    cmake=$(find_cmake)
+    log "building ${missing[*]} of $LLAMACPP_BUILT (this takes a while on few cores)"
+    "$cmake" -S "$dir/src/vendor/llama.cpp" -B "$dir/build" \
+        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$dir/cmake-configure.log" 2>&1 \
+        || { tail -30 "$dir/cmake-configure.log" >&2; exit 1; }
+    "$cmake" --build "$dir/build" --config Release -j "$(nproc)" --target "${missing[@]}" >"$dir/cmake-build.log" 2>&1 \
+        || { tail -30 "$dir/cmake-build.log" >&2; exit 1; }
+    log "built into $LLAMACPP_BIN"
+}
+
+build_llamacpp
+if [[ $BUILD_ONLY -eq 1 ]]; then
+    exit 0
+fi
+
+MINNOW=$REPO/target/release/minnow
+MEMBW=$REPO/target/release/examples/membw
+if [[ $NO_BUILD -eq 0 ]]; then
+    log "building minnow and the bandwidth tool"
+    (cd "$REPO" && cargo build --quiet --release -p minnow && cargo build --quiet --release -p minnow-kernels --example membw)
+fi
+for bin in "$MINNOW" "$MEMBW"; do
+    [[ -x $bin ]] || { echo "compare-llamacpp: $bin is missing (run without --no-build)" >&2; exit 1; }
+done
+
+OUT=${MINNOW_COMPARE_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/minnow-compare.XXXXXX")}
+mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+record() { # engine model round others json-on-stdin
+    python3 -c 'import json, sys
+print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.argv[3]),
+                  "others_running": int(sys.argv[4]), "out": json.load(sys.stdin)}))' "$@" >>"$RESULTS"
+}
+# Tasks of other programs runnable right now (this shell is the one subtracted):
+# the cores may be shared, and a busy machine makes the comparison unfair.
+others_running() {
+    local _a _b _c running _d
+    read -r _a _b _c running _d </proc/loadavg
+    echo $((${running%/*} - 1))
+}
+
+DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+COMMIT=$(cd "$REPO" && git rev-parse --short HEAD)$(cd "$REPO" && git diff --quiet HEAD -- crates || echo ' with uncommitted changes')
+
+log "measuring read bandwidth with $THREADS threads"
+"$MEMBW" --threads "$THREADS" --json >"$OUT/membw-start.json"
+cat "$OUT/membw-start.json" >&2
+
+IFS=, read -r -a model_list <<<"$MODELS"
+for name in "${model_list[@]}"; do
+    path=$("$MINNOW" pull "$name" | tail -1)
+    echo "{\"model\": \"$name\", \"path\": \"$path\"}" >>"$OUT/models.jsonl"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        # Alternate the order so neither engine always runs on a warmer machine.
+        if ((round % 2)); then order="llama minnow"; else order="minnow llama"; fi
+        for engine in $order; do
+            others=$(others_running)
+            log "$name round $round/$ROUNDS: $engine ($others other tasks running)"
+            if [[ $engine == llama ]]; then
+                "$LLAMACPP_BIN/llama-bench" -m "$path" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o json 2>>"$OUT/llama-bench.log" \
+                    | record llama "$name" "$round" "$others"
+            else
+                "$MINNOW" bench "$path" --threads "$THREADS" -p "$PP" -n "$TG" -r 1 --json \
+                    | record minnow "$name" "$round" "$others"
+            fi
+        done
+    done
+done
+# Bandwidth again at the end: on a shared machine the better of the two is the
+# closer to what the hardware can do.
+"$MEMBW" --threads "$THREADS" --json >"$OUT/membw-end.json"
+cat "$OUT/membw-end.json" >&2
+
+python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:])))' \
+    date="$DATE" cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" cpus="$(nproc)" \
+    commit="$COMMIT" llamacpp="$LLAMACPP_BUILT" threads="$THREADS" pp="$PP" tg="$TG" rounds="$ROUNDS" \
+    load_before="$LOAD_BEFORE" load_after="$(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/meta.json"
+
+python3 "$REPO/bench/compare_report.py" "$OUT"
+log "raw results in $OUT"

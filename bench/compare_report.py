@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""The table of bench/compare-llamacpp.sh, from the raw results it left in a folder.
+
+    python3 bench/compare_report.py OUT_DIR
+
+OUT_DIR holds meta.json, membw-start.json and membw-end.json, models.jsonl
+(one {"model", "path"} a line) and results.jsonl (one {"engine", "model",
+"round", "others_running", "out"} a line, "out" being llama-bench's `-o json`
+array or `minnow bench --json`'s object).
+
+The decode ceiling of a model is bandwidth ÷ the bytes of weights read per
+generated token: every tensor of the file once, except the token embedding
+table, of which one row is read, unless the model has no separate output
+matrix and multiplies by the embedding table instead (tied embeddings). The
+KV cache read at these short contexts is left out (under 1% here).
+Standard library only.
+"""
+
+import json
+import statistics
+import struct
+import sys
+from pathlib import Path
+
+# GGUF metadata value types: struct format of the fixed-size ones.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Reader:
+    def __init__(self, f):
+        self.f = f
+
+    def unpack(self, fmt):
+        return struct.unpack(fmt, self.f.read(struct.calcsize(fmt)))[0]
+
+    def string(self):
+        return self.f.read(self.unpack("<Q")).decode("utf-8", "replace")
+
+    def value(self, ty):
+        if ty in _SCALARS:
+            return self.unpack(_SCALARS[ty])
+        if ty == _STRING:
+            return self.string()
+        if ty == _ARRAY:
+            elem, n = self.unpack("<I"), self.unpack("<Q")
+            if elem in _SCALARS:  # skip: no array value is needed here
+                self.f.seek(n * struct.calcsize(_SCALARS[elem]), 1)
+            else:
+                for _ in range(n):
+                    self.value(elem)
+            return None
+        raise ValueError(f"unknown GGUF value type {ty}")
+
+
+def tensor_bytes(path):
+    """{tensor name: bytes in the file} and the tensor shapes, from a GGUF header.
+
+    A tensor's size is the distance to the next tensor's data (the last one's
+    to the end of the file), which includes alignment padding of at most
+    `general.alignment` bytes: no table of block sizes needed.
+    """
+    with open(path, "rb") as f:
+        r = _Reader(f)
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = r.unpack("<I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old")
+        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = r.string()
+            value = r.value(r.unpack("<I"))
+            if key == "general.alignment":
+                alignment = value
+        infos = []
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+            r.unpack("<I")  # type
+            infos.append((r.unpack("<Q"), name, dims))
+        data_start = -(-f.tell() // alignment) * alignment
+        f.seek(0, 2)
+        data_len = f.tell() - data_start
+    infos.sort()
+    sizes, shapes = {}, {}
+    for i, (offset, name, dims) in enumerate(infos):
+        end = infos[i + 1][0] if i + 1 < len(infos) else data_len
+        sizes[name], shapes[name] = end - offset, dims
+    return sizes, shapes
+
+
+def bytes_per_token(path):
+    sizes, shapes = tensor_bytes(path)
+    total = sum(sizes.values())
+    embd = sizes.get("token_embd.weight")
+    if embd is None or "output.weight" not in sizes:
+        return total  # tied: the embedding table is the output matrix, read whole
+    rows = shapes["token_embd.weight"][-1]  # ggml lists the row length first
+    return total - embd + embd // rows
+
+
+def load_results(out):
+    """{(engine, model): {"pp": [tok/s per round], "tg": [...]}}."""
+    res = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        slot = res.setdefault((rec["engine"], rec["model"]), {"pp": [], "tg": []})
+        if rec["engine"] == "llama":
+            for test in rec["out"]:
+                kind = "pp" if test["n_gen"] == 0 else "tg"
+                slot[kind].append(test["avg_ts"])
+        else:
+            slot["pp"].append(rec["out"]["pp_tps"])
+            slot["tg"].append(rec["out"]["tg_tps"])
+    return res
+
+
+def main():
+    out = Path(sys.argv[1])
+    meta = json.loads((out / "meta.json").read_text())
+    # Measured before and after the engines: the better one is the closer to the hardware's.
+    bw = max((json.loads(p.read_text()) for p in out.glob("membw*.json")), key=lambda b: b["best_gbps"])
+    gbps = bw["best_gbps"]
+    models = [json.loads(l) for l in (out / "models.jsonl").read_text().splitlines()]
+    res = load_results(out)
+    pp, tg = meta["pp"], meta["tg"]
+
+    print(f"minnow vs llama.cpp, {meta['date']}: {meta['cpu']}, {meta['cpus']} CPUs, "
+          f"{meta['threads']} threads, pp{pp} / tg{tg} tok/s, median of {meta['rounds']} alternating rounds; "
+          f"load average {meta['load_before']} before, {meta['load_after']} after.")
+    print(f"minnow {meta['commit']}; llama.cpp from {meta['llamacpp']}. "
+          f"Read bandwidth {gbps:.1f} GB/s ({bw['threads']} threads, best of {bw['runs']}; "
+          f"median {bw['median_gbps']:.1f}). Ratios are minnow ÷ llama.cpp.")
+    others = [r["others_running"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+              if "others_running" in r]
+    if others:
+        mean = sum(others) / len(others)
+        print(f"Other programs' runnable tasks at the start of each engine run: mean {mean:.1f}, max {max(others)}.")
+        if mean > 0.5:
+            print(f"\n**Warning: the machine was busy ({mean:.1f} other runnable tasks on average, "
+                  f"{meta['cpus']} CPUs). Under contention llama.cpp's spinning threads lose far more than "
+                  "minnow's, and the bandwidth is a share of the machine's: rerun on a quiet machine "
+                  "before trusting these ratios.**")
+    print()
+    print(f"| model | weights/token | llama.cpp pp{pp} | minnow pp{pp} | pp ratio "
+          f"| llama.cpp tg{tg} | minnow tg{tg} | tg ratio | tg ceiling | llama.cpp % of ceiling "
+          f"| minnow % of ceiling | issue-5 targets pp / tg |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+    spread = []
+    for m in models:
+        name = m["model"]
+        per_tok = bytes_per_token(m["path"])
+        ceiling = gbps * 1e9 / per_tok
+        l, n = res.get(("llama", name)), res.get(("minnow", name))
+        if not l or not n or not l["pp"] or not n["pp"]:
+            print(f"| {name} | {per_tok / 1e6:.0f} MB | (no result) |||||||||")
+            continue
+        lpp, ltg = statistics.median(l["pp"]), statistics.median(l["tg"])
+        npp, ntg = statistics.median(n["pp"]), statistics.median(n["tg"])
+        # Issue 5: pp ≥ 1.25× llama.cpp; tg ≥ the lower of 1.25× llama.cpp and 90% of the ceiling.
+        ok_pp = "✓" if npp >= 1.25 * lpp else "✗"
+        ok_tg = "✓" if ntg >= min(1.25 * ltg, 0.9 * ceiling) else "✗"
+        print(f"| {name} | {per_tok / 1e6:.0f} MB | {lpp:.1f} | {npp:.1f} | {npp / lpp:.2f}× "
+              f"| {ltg:.1f} | {ntg:.1f} | {ntg / ltg:.2f}× | {ceiling:.1f} | {100 * ltg / ceiling:.0f}% "
+              f"| {100 * ntg / ceiling:.0f}% | {ok_pp} / {ok_tg} |")
+        fmt = lambda xs: " ".join(f"{x:.1f}" for x in xs)
+        spread.append(f"- {name}: llama.cpp pp {fmt(l['pp'])}, tg {fmt(l['tg'])}; "
+                      f"minnow pp {fmt(n['pp'])}, tg {fmt(n['tg'])}")
+    print()
+    print("Per round (tok/s):")
+    print("\n".join(spread))
+
+
+if __name__ == "__main__":
+    main()

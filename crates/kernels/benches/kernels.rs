@@ -1,0 +1,226 @@
+//! Microbenchmarks of the hot kernels, so a kernel change shows its effect in
+//! isolation: `cargo bench -p minnow-kernels` (a filter narrows it, e.g.
+//! `cargo bench -p minnow-kernels -- vec_dot/Q4_K`).
+//!
+//! - `vec_dot`: one row of 4096 weights · activations, scalar reference and the
+//!   fast (SIMD) path, per weight format; throughput in elements.
+//! - `matvec`: `matmul` with one activation row on a 896×4864 matrix (Qwen2.5
+//!   0.5B's FFN down projection) with a 2-thread pool; throughput in bytes of
+//!   weights, comparable with the machine's read bandwidth (though the matrix
+//!   may fit in the last-level cache here).
+//! - `matmul32`: the same with 32 activation rows (prompt processing);
+//!   throughput in multiply-adds.
+//! - `ops`: RMSNorm, RoPE over a layer's query heads, softmax.
+//!
+//! Weights are random bytes with sane scales; only the speed is measured. Kept
+//! short (20 samples, about a second each) so the whole run takes a couple of
+//! minutes on two cores.
+
+use bytemuck::Zeroable;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use minnow_kernels::formats::float::BlockF16;
+use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+use minnow_kernels::formats::{ActBlock, BlockFormat};
+use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
+use minnow_kernels::ops::{rms_norm, softmax_inplace, Rope};
+use minnow_kernels::pool::ThreadPool;
+use std::hint::black_box;
+use std::time::Duration;
+
+/// xorshift64*: deterministic data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn fill(&mut self, bytes: &mut [u8]) {
+        for b in bytes {
+            *b = self.next_u64() as u8;
+        }
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+fn f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// A weight format with its name, and how to make random bytes of it a
+/// plausible block (finite, small scales, so no NaN or subnormal slow paths).
+trait Format: BlockFormat {
+    const NAME: &'static str;
+    fn sane(&mut self, rng: &mut Rng);
+}
+
+macro_rules! weight_format {
+    ($ty:ty, $name:literal, |$b:ident, $r:ident| $fix:expr) => {
+        impl Format for $ty {
+            const NAME: &'static str = $name;
+            fn sane(&mut self, $r: &mut Rng) {
+                let $b = self;
+                $fix;
+            }
+        }
+    };
+}
+
+weight_format!(BlockF16, "F16", |b, r| b.0 = f16(r.f32()));
+weight_format!(BlockQ4_0, "Q4_0", |b, r| b.d = f16(0.01 + 0.01 * r.f32()));
+weight_format!(BlockQ4_1, "Q4_1", |b, r| {
+    b.d = f16(0.01 + 0.01 * r.f32());
+    b.m = f16(0.05 * r.f32());
+});
+weight_format!(BlockQ5_0, "Q5_0", |b, r| b.d = f16(0.01 + 0.01 * r.f32()));
+weight_format!(BlockQ8_0, "Q8_0", |b, r| b.d = f16(0.001 + 0.001 * r.f32()));
+weight_format!(BlockQ2K, "Q2_K", |b, r| {
+    b.d = f16(0.01 + 0.01 * r.f32());
+    b.dmin = f16(0.01 + 0.01 * r.f32());
+});
+weight_format!(BlockQ3K, "Q3_K", |b, r| b.d = f16(0.01 + 0.01 * r.f32()));
+weight_format!(BlockQ4K, "Q4_K", |b, r| {
+    b.d = f16(0.01 + 0.01 * r.f32());
+    b.dmin = f16(0.01 + 0.01 * r.f32());
+});
+weight_format!(BlockQ5K, "Q5_K", |b, r| {
+    b.d = f16(0.01 + 0.01 * r.f32());
+    b.dmin = f16(0.01 + 0.01 * r.f32());
+});
+weight_format!(BlockQ6K, "Q6_K", |b, r| b.d = f16(0.01 + 0.01 * r.f32()));
+
+/// `n_elems` weights of format `B` (a whole number of blocks).
+fn weights<B: Format>(rng: &mut Rng, n_elems: usize) -> Vec<B> {
+    let mut w = vec![B::zeroed(); n_elems / B::BLOCK];
+    rng.fill(bytemuck::cast_slice_mut(&mut w));
+    for b in &mut w {
+        b.sane(rng);
+    }
+    w
+}
+
+/// `x` quantized to the activation blocks `B` is multiplied with.
+fn activations<B: Format>(x: &[f32]) -> Vec<B::Dot> {
+    let mut a = vec![B::Dot::zeroed(); x.len() / <B::Dot as ActBlock>::BLOCK];
+    <B::Dot as ActBlock>::quantize(x, &mut a);
+    a
+}
+
+const ROW: usize = 4096;
+
+fn vec_dot_one<B: Format>(c: &mut Criterion) {
+    let mut rng = Rng(0x5EED_0001);
+    let w = weights::<B>(&mut rng, ROW);
+    let a = activations::<B>(&rng.vec(ROW));
+    let mut g = c.benchmark_group("vec_dot");
+    g.throughput(Throughput::Elements(ROW as u64));
+    g.bench_function(BenchmarkId::new(B::NAME, "ref"), |b| b.iter(|| B::vec_dot_ref(black_box(&w), black_box(&a))));
+    g.bench_function(BenchmarkId::new(B::NAME, "simd"), |b| b.iter(|| B::vec_dot(black_box(&w), black_box(&a))));
+    g.finish();
+}
+
+/// Qwen2.5 0.5B's FFN down projection: 896 rows of 4864 (a multiple of 256,
+/// so every format fits).
+const ROWS: usize = 896;
+const COLS: usize = 4864;
+
+fn matmul_one<B: Format>(c: &mut Criterion, pool: &ThreadPool) {
+    let mut rng = Rng(0x5EED_0002);
+    let w = weights::<B>(&mut rng, ROWS * COLS);
+    let m = QMatrix { ty: B::TYPE, rows: ROWS, cols: COLS, data: bytemuck::cast_slice(&w) };
+    let mut scratch = ActBuffer::default();
+    for (group, n) in [("matvec", 1usize), ("matmul32", 32)] {
+        let x = rng.vec(n * COLS);
+        let mut out = vec![0f32; n * ROWS];
+        let mut g = c.benchmark_group(group);
+        g.sampling_mode(SamplingMode::Flat).measurement_time(Duration::from_millis(1500));
+        g.throughput(if n == 1 {
+            Throughput::Bytes(m.data.len() as u64)
+        } else {
+            Throughput::Elements((ROWS * COLS * n) as u64)
+        });
+        g.bench_function(B::NAME, |b| {
+            b.iter(|| matmul(pool, &m, black_box(&x), n, &mut out, &mut scratch).expect("matmul shapes"))
+        });
+        g.finish();
+    }
+}
+
+fn vec_dot(c: &mut Criterion) {
+    vec_dot_one::<BlockF16>(c);
+    vec_dot_one::<BlockQ4_0>(c);
+    vec_dot_one::<BlockQ4_1>(c);
+    vec_dot_one::<BlockQ5_0>(c);
+    vec_dot_one::<BlockQ8_0>(c);
+    vec_dot_one::<BlockQ4K>(c);
+    vec_dot_one::<BlockQ5K>(c);
+    vec_dot_one::<BlockQ6K>(c);
+    vec_dot_one::<BlockQ2K>(c);
+    vec_dot_one::<BlockQ3K>(c);
+}
+
+fn matmuls(c: &mut Criterion) {
+    let pool = ThreadPool::new(2);
+    matmul_one::<BlockF16>(c, &pool);
+    matmul_one::<BlockQ4_0>(c, &pool);
+    matmul_one::<BlockQ4_1>(c, &pool);
+    matmul_one::<BlockQ5_0>(c, &pool);
+    matmul_one::<BlockQ8_0>(c, &pool);
+    matmul_one::<BlockQ4K>(c, &pool);
+    matmul_one::<BlockQ5K>(c, &pool);
+    matmul_one::<BlockQ6K>(c, &pool);
+    matmul_one::<BlockQ2K>(c, &pool);
+    matmul_one::<BlockQ3K>(c, &pool);
+}
+
+fn ops(c: &mut Criterion) {
+    let mut rng = Rng(0x5EED_0003);
+    let mut g = c.benchmark_group("ops");
+    g.measurement_time(Duration::from_millis(1500));
+
+    // One token's hidden state of Qwen2.5 1.5B.
+    let x = rng.vec(1536);
+    let w = rng.vec(1536);
+    let mut out = vec![0f32; 1536];
+    g.throughput(Throughput::Elements(1536));
+    g.bench_function("rms_norm/1536", |b| b.iter(|| rms_norm(black_box(&x), black_box(&w), 1e-6, &mut out)));
+
+    // One token's queries of Qwen2.5 0.5B: 14 heads of 64, NEOX style.
+    let rope = Rope::new(64, 1_000_000.0, true);
+    let mut q = rng.vec(14 * 64);
+    g.throughput(Throughput::Elements(14 * 64));
+    g.bench_function("rope/14x64", |b| b.iter(|| rope.apply(black_box(&mut q), 64, black_box(1000))));
+
+    // An attention row at 4096 positions, and the Qwen vocabulary's logits.
+    for n in [4096usize, 151_936] {
+        let logits: Vec<f32> = rng.vec(n).iter().map(|v| 8.0 * v).collect();
+        let mut buf = logits.clone();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("softmax/{n}"), |b| {
+            b.iter(|| {
+                buf.copy_from_slice(&logits);
+                softmax_inplace(black_box(&mut buf));
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    targets = vec_dot, matmuls, ops
+}
+criterion_main!(benches);
