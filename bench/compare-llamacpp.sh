@@ -39,7 +39,9 @@ BUILD_ONLY=0
 NO_BUILD=0
 LLAMACPP_DIR=${MINNOW_LLAMACPP_DIR:-$HOME/.cache/minnow/llama.cpp}
 LLAMACPP_VERSION=${LLAMACPP_VERSION:-0.3.36}
-LLAMACPP_TARGETS=${LLAMACPP_TARGETS:-llama-bench llama-server llama-speculative}
+# llama-speculative costs one more file; llama-server (add it when needed) its
+# ~20k lines plus the multimodal library: 20+ minutes more on two cores.
+LLAMACPP_TARGETS=${LLAMACPP_TARGETS:-llama-bench llama-speculative}
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
