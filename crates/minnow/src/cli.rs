@@ -3,13 +3,15 @@
 use crate::models;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use minnow_engine::chat::{render_plain, ChatMessage};
+use minnow_engine::chat::ChatMessage;
 use minnow_engine::generate::{generate, prefill, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::model::Logits;
 use minnow_engine::sampler::SamplingParams;
 use minnow_kernels::ops::log_softmax;
 use minnow_kernels::pool::ThreadPool;
+// Shared with the server so a conversation tokenizes the same way in both.
+use minnow_serve::chat_prompt;
 use serde_json::json;
 use std::io::{BufRead, Read, Write};
 use std::time::Instant;
@@ -39,6 +41,8 @@ enum Command {
     Bench(BenchArgs),
     /// Download, assemble and verify a test model ("all" for every one).
     Pull(PullArgs),
+    /// OpenAI-compatible HTTP server with continuous batching (and a chat page at /).
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -229,6 +233,32 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (loopback: only this machine can connect).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (default: $MINNOW_API_KEY; unset: no key).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Sequences decoded together in one batch (an `n` > 1 request takes n).
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+    /// Context per sequence in tokens (default: the model's, at most 4096).
+    #[arg(long, short = 'c')]
+    ctx: Option<usize>,
+    /// Requests that may wait for a free slot before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Machine price in USD per hour, for the cost estimate in /metrics.
+    #[arg(long, default_value_t = 0.0)]
+    price_per_hour: f64,
+}
+
+#[derive(Args)]
 struct PullArgs {
     /// A test model's short name, or "all".
     name: String,
@@ -249,6 +279,24 @@ pub fn main() -> Result<()> {
                 println!("{}", p.display());
             }
             Ok(())
+        }
+        Command::Serve(a) => {
+            let (m, pool) = a.model.load()?;
+            let ctx = context_size(&m, a.ctx)?;
+            minnow_serve::run(
+                m,
+                pool,
+                minnow_serve::RunConfig {
+                    host: a.host,
+                    port: a.port,
+                    api_key: a.api_key,
+                    parallel: a.parallel,
+                    ctx,
+                    max_queue: a.queue,
+                    price_per_hour: a.price_per_hour,
+                    model: a.model.model,
+                },
+            )
         }
     }
 }
@@ -286,18 +334,6 @@ fn context_size(m: &LoadedModel, ctx: Option<usize>) -> Result<usize> {
         Some(c) => Ok(c),
         None => Ok(train.min(4096)),
     }
-}
-
-/// Renders messages with the model's template (ChatML when it has none) and
-/// tokenizes the result, not adding a BOS the template already wrote.
-fn chat_prompt(m: &LoadedModel, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-    let text = match &m.chat {
-        Some(t) => t.render(messages, true)?,
-        None => render_plain(messages, true),
-    };
-    let bos_text = m.tokenizer.bos_id().map(|b| m.tokenizer.token_text(b).to_string());
-    let template_wrote_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
-    Ok(m.tokenizer.encode(&text, !template_wrote_bos, true)?)
 }
 
 fn check_fits(prompt: usize, max_tokens: usize, ctx: usize) -> Result<()> {

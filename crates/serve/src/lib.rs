@@ -1,0 +1,476 @@
+//! `minnow serve`: an OpenAI-compatible HTTP server over the engine's
+//! continuous-batching [`Scheduler`].
+//!
+//! This crate is only the HTTP half. It turns requests into token ids and
+//! [`GenRequest`]s, hands them to the scheduler, and turns the scheduler's
+//! [`GenEvent`]s back into OpenAI's JSON and server-sent-event shapes. It
+//! knows nothing of kernels or batching: the scheduler owns the model, the
+//! KV caches, the prefix cache and the compute threads.
+//!
+//! # Endpoints
+//! - `POST /v1/chat/completions`, `POST /v1/completions`: streaming (SSE,
+//!   ending with `data: [DONE]`) and not; see [`params`] for every accepted
+//!   parameter, its range and its default.
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text, see
+//!   [`metrics`]).
+//! - `POST /tokenize` `{content|prompt, add_special?, parse_special?}` →
+//!   `{tokens}`; `POST /detokenize` `{tokens}` → `{content}`.
+//! - `GET /`: a small chat page (static HTML + JS, embedded in the binary).
+//!
+//! # Failure
+//! Every error is an OpenAI-style body (see [`error`]): 400 for bad JSON,
+//! wrong types and out-of-range values (naming the parameter) and for a
+//! prompt plus `max_tokens` beyond the context (giving both numbers); 401
+//! without the right `Authorization: Bearer` key when one is set (everything
+//! but `/` and `/health`); 413 past the body limit; 429 with `Retry-After`
+//! when the scheduler's queue is full; 503 while shutting down. A client that
+//! goes away (mid-stream or while waiting) drops its event receiver, so the
+//! scheduler's sink returns `false` and the slot is freed; the request is
+//! also cancelled explicitly when its response is dropped.
+//!
+//! # Shutdown
+//! [`serve`] stops accepting connections when its `shutdown` future resolves,
+//! refuses new generations on open connections (503), lets in-flight ones
+//! finish for [`ServeOptions::shutdown_grace`], then cancels what is left.
+
+pub mod error;
+mod handlers;
+pub mod metrics;
+pub mod params;
+pub mod prompt;
+mod render;
+mod sse;
+
+pub use prompt::chat_prompt;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Method, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use minnow_engine::loader::LoadedModel;
+use minnow_engine::scheduler::{Scheduler, SchedulerConfig};
+use minnow_kernels::pool::ThreadPool;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Request bodies larger than this are refused with 413. Chat histories of a
+/// 4096-token context are tens of kilobytes; 4 MiB leaves room for long
+/// documents while bounding what one client can make the server buffer.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+
+/// HTTP-side settings (the scheduler has its own [`SchedulerConfig`]).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The id `/v1/models` lists and responses echo in `model`.
+    pub model_id: String,
+    /// When set, every endpoint except `/` and `/health` needs
+    /// `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Machine price in USD per hour, for the cost estimate in `/metrics`.
+    pub price_per_hour: f64,
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run on after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// Print one line per request to stderr.
+    pub log_requests: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            model_id: "minnow".to_string(),
+            api_key: None,
+            price_per_hour: 0.0,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_grace: Duration::from_secs(30),
+            log_requests: true,
+        }
+    }
+}
+
+/// Everything a request handler needs; shared by all connections.
+pub struct AppState {
+    pub(crate) scheduler: Arc<Scheduler>,
+    pub(crate) opts: ServeOptions,
+    pub(crate) metrics: metrics::Metrics,
+    next_request: AtomicU64,
+    shutting_down: AtomicBool,
+    shutdown_begun: tokio::sync::Notify,
+    /// Unix time the server started (`created` of the model object).
+    pub(crate) started_unix: u64,
+    /// Distinguishes response ids across restarts (ids count from 1).
+    pub(crate) id_prefix: String,
+}
+
+impl AppState {
+    pub fn new(scheduler: Scheduler, opts: ServeOptions) -> Arc<AppState> {
+        let started_unix = unix_now();
+        // Not cryptographic: only keeps ids of two server runs apart.
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let id_prefix = format!("{:08x}{:04x}", started_unix as u32 ^ nanos, std::process::id() & 0xffff);
+        Arc::new(AppState {
+            scheduler: Arc::new(scheduler),
+            opts,
+            metrics: metrics::Metrics::new(),
+            next_request: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            shutdown_begun: tokio::sync::Notify::new(),
+            started_unix,
+            id_prefix,
+        })
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn options(&self) -> &ServeOptions {
+        &self.opts
+    }
+
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        self.scheduler.model()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Refuse new generations from now on; wakes the grace-period timer.
+    pub fn begin_shutdown(&self) {
+        if !self.shutting_down.swap(true, Ordering::SeqCst) {
+            self.shutdown_begun.notify_waiters();
+            self.shutdown_begun.notify_one();
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A JSON body with its content type (axum's `Json` needs serde derive
+/// types; our bodies are built as `serde_json::Value`).
+pub(crate) fn json_response(v: &serde_json::Value) -> Response {
+    let mut r = Response::new(Body::from(v.to_string()));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The routes, with authentication and per-request logging.
+pub fn router(state: Arc<AppState>) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{id}", get(handlers::model_by_id))
+        .route("/metrics", get(handlers::metrics))
+        .route("/tokenize", post(handlers::tokenize))
+        .route("/detokenize", post(handlers::detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/", get(handlers::index))
+        .route("/health", get(handlers::health))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), log_request))
+        .with_state(state)
+}
+
+async fn not_found(req: Request<Body>) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request<Body>) -> ApiError {
+    ApiError::method_not_allowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
+}
+
+/// Compares in time independent of where the first difference is, so the
+/// key cannot be found byte by byte from response times.
+fn same_key(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = (given.len() != expected.len()) as u8;
+    for (i, &e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+async fn require_key(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.opts.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        match given {
+            None => return ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`").into_response(),
+            Some(g) if !same_key(g.as_bytes(), key.as_bytes()) => {
+                return ApiError::unauthorized("incorrect API key").into_response()
+            }
+            Some(_) => {}
+        }
+    }
+    next.run(req).await
+}
+
+/// What the log line of one request says; filled in by its handler and
+/// printed when the last reference goes: after the response body has been
+/// sent (so a stream's line has its token counts), or when the client left.
+pub(crate) struct RequestLog {
+    state: Arc<AppState>,
+    pub id: u64,
+    method: Method,
+    path: String,
+    start: Instant,
+    pub data: Mutex<LogData>,
+}
+
+#[derive(Default)]
+pub(crate) struct LogData {
+    pub status: Option<u16>,
+    pub prompt_tokens: Option<usize>,
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+    pub ttft_secs: Option<f64>,
+    pub streaming: bool,
+    /// The response body was sent to the end.
+    pub body_done: bool,
+    /// Why a generation ended early (error text), if it did.
+    pub note: Option<String>,
+}
+
+impl RequestLog {
+    pub fn update(&self, f: impl FnOnce(&mut LogData)) {
+        f(&mut self.data.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let d = self.data.get_mut().unwrap_or_else(|e| e.into_inner());
+        // 499 (nginx's "client closed request") when the client left before
+        // the response head was sent.
+        let status = d.status.unwrap_or(499);
+        let endpoint = metrics::endpoint_label(&self.path);
+        self.state.metrics.count_request(endpoint, status);
+        if !self.state.opts.log_requests {
+            return;
+        }
+        let mut line = format!(
+            "minnow serve: req {} {} {} {} {:.3}s",
+            self.id,
+            self.method,
+            self.path,
+            status,
+            self.start.elapsed().as_secs_f64()
+        );
+        if let Some(p) = d.prompt_tokens {
+            line += &format!(" in={p} (cached {}) out={}", d.cached_tokens, d.completion_tokens);
+        }
+        if let Some(t) = d.ttft_secs {
+            line += &format!(" ttft={t:.3}s");
+        }
+        if d.streaming {
+            line += if d.body_done { " stream" } else { " stream cut short (client gone)" };
+        } else if d.status.is_some() && !d.body_done {
+            line += " (client gone)";
+        }
+        if let Some(n) = &d.note {
+            line += &format!(" [{n}]");
+        }
+        eprintln!("{line}");
+    }
+}
+
+async fn log_request(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    mut req: Request<Body>,
+    next: Next,
+) -> Response {
+    let id = state.next_request.fetch_add(1, Ordering::Relaxed);
+    let log = Arc::new(RequestLog {
+        state: state.clone(),
+        id,
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        start: Instant::now(),
+        data: Mutex::new(LogData::default()),
+    });
+    req.extensions_mut().insert(log.clone());
+    state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(state.clone());
+    let resp = next.run(req).await;
+    log.update(|d| d.status = Some(resp.status().as_u16()));
+    let (parts, body) = resp.into_parts();
+    if http_body::Body::is_end_stream(&body) {
+        log.update(|d| d.body_done = true);
+    }
+    Response::from_parts(parts, Body::new(sse::LoggedBody::new(body, log)))
+}
+
+struct InFlight(Arc<AppState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then shuts down
+/// gracefully: no new connections or generations, in-flight requests get
+/// [`ServeOptions::shutdown_grace`] to finish, then are cancelled. Returns
+/// once every connection is closed (or a few seconds after the cancel, if
+/// a client will not let go).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let st = state.clone();
+    let signal = async move {
+        shutdown.await;
+        st.begin_shutdown();
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let st = state.clone();
+    let deadline = async move {
+        // Armed before the server runs, so a shutdown that begins first is not missed.
+        let begun = st.shutdown_begun.notified();
+        if !st.is_shutting_down() {
+            begun.await;
+        }
+        tokio::time::sleep(st.opts.shutdown_grace).await;
+        if st.opts.log_requests {
+            eprintln!("minnow serve: grace period over, cancelling in-flight requests");
+        }
+        // Running answers end cut short but well-formed (finish_reason
+        // "length"), queued ones with an error; `shutdown` joins the
+        // scheduler thread, so it runs off the async threads.
+        let sched = st.scheduler.clone();
+        let _ = tokio::task::spawn_blocking(move || sched.shutdown(true)).await;
+        // Streams end once their requests are cancelled; a connection that
+        // still does not close is not worth waiting for.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let result = tokio::select! {
+        r = server => r,
+        _ = deadline => Ok(()),
+    };
+    // Everything accepted has finished (or was cancelled): stop the thread.
+    let sched = state.scheduler.clone();
+    let _ = tokio::task::spawn_blocking(move || sched.shutdown(false)).await;
+    result
+}
+
+/// What `minnow serve` was asked for on its command line.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub host: String,
+    pub port: u16,
+    /// `None`: taken from `MINNOW_API_KEY` if set (empty means none).
+    pub api_key: Option<String>,
+    /// Sequences decoded together.
+    pub parallel: usize,
+    /// Context (tokens) of each sequence.
+    pub ctx: usize,
+    /// Requests that may wait for a slot before new ones get 429.
+    pub max_queue: usize,
+    pub price_per_hour: f64,
+    /// The model as named on the command line (a path or a short name).
+    pub model: String,
+}
+
+/// `minnow serve`: starts the scheduler on `model`, binds, serves until
+/// SIGINT or SIGTERM.
+pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    if cfg.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    if !(cfg.price_per_hour.is_finite() && cfg.price_per_hour >= 0.0) {
+        bail!("--price-per-hour must be a non-negative number");
+    }
+    let api_key = cfg
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("MINNOW_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let model_id = model_id_of(&cfg.model);
+    let threads = pool.n_threads();
+    let sched_cfg = SchedulerConfig { max_parallel: cfg.parallel, ctx: cfg.ctx, max_queue: cfg.max_queue, ..Default::default() };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The HTTP side is light; the compute threads are the scheduler's.
+        .worker_threads(2)
+        .thread_name("minnow-http")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
+        let addr = listener.local_addr()?;
+        let scheduler = Scheduler::start(Arc::new(model), pool, sched_cfg);
+        let opts = ServeOptions { model_id: model_id.clone(), api_key: api_key.clone(), price_per_hour: cfg.price_per_hour, ..Default::default() };
+        let state = AppState::new(scheduler, opts);
+        eprintln!(
+            "minnow serve: {model_id} on http://{addr}/ ({} parallel, context {}, queue {}, {threads} threads{})",
+            cfg.parallel,
+            cfg.ctx,
+            cfg.max_queue,
+            if api_key.is_some() { ", API key required" } else { "" }
+        );
+        if !addr.ip().is_loopback() && api_key.is_none() {
+            eprintln!("minnow serve: warning: listening beyond loopback without an API key");
+        }
+        serve(listener, state, shutdown_signal()).await.context("serving")?;
+        eprintln!("minnow serve: stopped");
+        Ok(())
+    })
+}
+
+/// The id clients see: a file's stem, or the short name as given.
+fn model_id_of(model: &str) -> String {
+    let p = std::path::Path::new(model);
+    if model.ends_with(".gguf") {
+        if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+            return stem.to_string();
+        }
+    }
+    model.to_string()
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("minnow serve: shutting down: no new requests, finishing those in flight");
+}

@@ -1,0 +1,218 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4).
+//!
+//! Request counts and latency histograms are kept here, on the HTTP side;
+//! token totals, queue depth, batch sizes and busy time come from the
+//! scheduler's [`SchedulerStats`] at scrape time.
+//!
+//! Cost: `minnow_estimated_cost_usd_total` is `--price-per-hour` × the time
+//! the scheduler spent computing (`busy_secs`) / 3600 — the machine's price
+//! charged only for the time it worked, so it is the marginal cost of the
+//! tokens served, not the idle rent. Dividing by the tokens processed gives
+//! `minnow_cost_per_million_tokens_usd{tokens="completion"|"all"}`.
+//!
+//! Per-token latency: each finished request contributes its mean time
+//! between output tokens, `(total - time to first token) / (tokens per
+//! choice - 1)`, once for each of those gaps, so the histogram is over
+//! tokens rather than requests (a long answer weighs more than a short one).
+
+use minnow_engine::scheduler::{SchedulerStats, Usage};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+
+/// Time to first token, seconds: from tens of milliseconds (short prompt,
+/// idle server) to a minute (long prompt behind a full queue).
+const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Seconds between output tokens: a small model alone decodes in a few
+/// milliseconds per token, a large batch on two cores in hundreds.
+const TOKEN_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+/// Whole-request latency, seconds.
+const REQUEST_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative), plus one for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0, count: 0 }
+    }
+
+    /// Records `times` observations of `v`.
+    pub fn observe_n(&mut self, v: f64, times: u64) {
+        if !v.is_finite() || times == 0 {
+            return;
+        }
+        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
+        self.counts[i] += times;
+        self.sum += v * times as f64;
+        self.count += times;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cum += self.counts[i];
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[self.bounds.len()];
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum {}", num(self.sum));
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// A sample value: Prometheus takes Go float syntax; Rust's `Display` of a
+/// finite f64 is a valid one (no exponent surprises like `1e-7` are invalid
+/// either), and the non-finite ones are spelled out.
+fn num(x: f64) -> String {
+    if x.is_nan() {
+        "NaN".to_string()
+    } else if x == f64::INFINITY {
+        "+Inf".to_string()
+    } else if x == f64::NEG_INFINITY {
+        "-Inf".to_string()
+    } else {
+        format!("{x}")
+    }
+}
+
+struct Hists {
+    ttft: Histogram,
+    per_token: Histogram,
+    request: Histogram,
+}
+
+pub struct Metrics {
+    /// (endpoint, status) → count.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    hists: Mutex<Hists>,
+    /// HTTP requests being handled (including streams being sent).
+    pub in_flight: AtomicI64,
+}
+
+/// The label for a path: the known routes, or "other" so that clients
+/// probing random paths cannot grow the label set without bound.
+pub fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/models" => "/v1/models",
+        "/metrics" => "/metrics",
+        "/health" => "/health",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
+        "/" => "/",
+        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
+        _ => "other",
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            hists: Mutex::new(Hists {
+                ttft: Histogram::new(TTFT_BUCKETS),
+                per_token: Histogram::new(TOKEN_BUCKETS),
+                request: Histogram::new(REQUEST_BUCKETS),
+            }),
+            in_flight: AtomicI64::new(0),
+        }
+    }
+
+    pub fn count_request(&self, endpoint: &'static str, status: u16) {
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((endpoint, status)).or_default() += 1;
+    }
+
+    /// A generation finished: its timings go into the histograms.
+    pub fn observe_generation(&self, usage: &Usage, ttft_secs: f64, total_secs: f64, n: usize) {
+        let mut h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
+        h.ttft.observe_n(ttft_secs, 1);
+        h.request.observe_n(total_secs, 1);
+        let per_choice = usage.completion_tokens / n.max(1);
+        if per_choice >= 2 {
+            let gaps = (per_choice - 1) as u64;
+            let mean = (total_secs - ttft_secs).max(0.0) / gaps as f64;
+            h.per_token.observe_n(mean, gaps * n.max(1) as u64);
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self, s: &SchedulerStats, price_per_hour: f64) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", num(value));
+        };
+        metric("minnow_prompt_tokens_total", "counter", "Prompt tokens of finished and running requests (cached ones included).", s.prompt_tokens_total as f64);
+        metric("minnow_cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.", s.cached_prompt_tokens_total as f64);
+        metric("minnow_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total as f64);
+        metric("minnow_scheduler_requests_total", "counter", "Requests the scheduler accepted.", s.requests_total as f64);
+        metric("minnow_queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth as f64);
+        metric("minnow_active_requests", "gauge", "Requests being computed (prefill or decode).", s.active as f64);
+        metric("minnow_batch_size", "gauge", "Sequences in the last batched forward step.", s.last_batch_size as f64);
+        let mean_batch = if s.steps_total > 0 { s.batch_size_sum as f64 / s.steps_total as f64 } else { 0.0 };
+        metric("minnow_batch_size_mean", "gauge", "Mean sequences per forward step since start.", mean_batch);
+        metric("minnow_steps_total", "counter", "Batched forward steps.", s.steps_total as f64);
+        metric("minnow_busy_seconds_total", "counter", "Seconds the scheduler spent computing.", s.busy_secs);
+        metric("minnow_prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", s.prefix_cache_bytes as f64);
+        metric("minnow_prefix_cache_entries", "gauge", "Sequences held by the prefix cache.", s.prefix_cache_entries as f64);
+        metric("minnow_http_in_flight", "gauge", "HTTP requests being handled, streams included.", self.in_flight.load(Ordering::Relaxed) as f64);
+        let cost = price_per_hour * s.busy_secs / 3600.0;
+        metric("minnow_price_per_hour_usd", "gauge", "The machine price given with --price-per-hour.", price_per_hour);
+        metric("minnow_estimated_cost_usd_total", "counter", "price_per_hour x busy seconds / 3600.", cost);
+        let per_million = |tokens: u64| if tokens > 0 { cost / tokens as f64 * 1e6 } else { 0.0 };
+        let _ = writeln!(out, "# HELP minnow_cost_per_million_tokens_usd Estimated cost per million tokens: generated ones, or all processed (prompt + generated).");
+        let _ = writeln!(out, "# TYPE minnow_cost_per_million_tokens_usd gauge");
+        let _ = writeln!(out, "minnow_cost_per_million_tokens_usd{{tokens=\"completion\"}} {}", num(per_million(s.completion_tokens_total)));
+        let processed = s.prompt_tokens_total.saturating_sub(s.cached_prompt_tokens_total) + s.completion_tokens_total;
+        let _ = writeln!(out, "minnow_cost_per_million_tokens_usd{{tokens=\"all\"}} {}", num(per_million(processed)));
+
+        let _ = writeln!(out, "# HELP minnow_requests_total HTTP requests by endpoint and status (499: client left before the response).");
+        let _ = writeln!(out, "# TYPE minnow_requests_total counter");
+        for ((ep, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "minnow_requests_total{{endpoint=\"{ep}\",status=\"{status}\"}} {n}");
+        }
+        let h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
+        h.ttft.write(&mut out, "minnow_time_to_first_token_seconds", "Time from arrival to the first generated token.");
+        h.per_token.write(&mut out, "minnow_time_per_output_token_seconds", "Time between generated tokens (per token).");
+        h.request.write(&mut out, "minnow_request_duration_seconds", "Time from arrival to the last generated token.");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::new(&[1.0, 2.0]);
+        h.observe_n(0.5, 1);
+        h.observe_n(1.5, 2);
+        h.observe_n(9.0, 1);
+        h.observe_n(f64::NAN, 1);
+        let mut s = String::new();
+        h.write(&mut s, "x", "help");
+        assert!(s.contains("x_bucket{le=\"1\"} 1\n"));
+        assert!(s.contains("x_bucket{le=\"2\"} 3\n"));
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 4\n"));
+        assert!(s.contains("x_sum 12.5\n"));
+        assert!(s.contains("x_count 4\n"));
+    }
+}

@@ -1,0 +1,557 @@
+//! Request bodies, checked field by field.
+//!
+//! Bodies are parsed as `serde_json::Value` rather than into derived structs
+//! so that every rejection can name the parameter at fault (OpenAI's `param`)
+//! and say what was expected. Unknown fields are ignored, as OpenAI's clients
+//! expect; `null` means absent for every optional field.
+//!
+//! # Parameters and defaults
+//! | parameter | type, range | default |
+//! |---|---|---|
+//! | `max_tokens` / `max_completion_tokens` | integer ≥ 1 | the rest of the context (see below) |
+//! | `temperature` | number in [0, 2] | 1 (OpenAI's) |
+//! | `top_p` | number in [0, 1]; 0 keeps only the top token | 1 |
+//! | `top_k` (extension) | integer ≥ 0, 0 = off | 0 |
+//! | `min_p` (extension) | number in [0, 1] | 0 |
+//! | `repeat_penalty` (extension) | number in (0, 10] | 1 (off) |
+//! | `repeat_last_n` (extension) | integer ≥ -1 (-1 = whole context) | 64 |
+//! | `presence_penalty`, `frequency_penalty` | number in [-2, 2] | 0 |
+//! | `seed` | integer (64-bit, signed or not) | random per request |
+//! | `stop` | string or array of at most 16 strings | none |
+//! | `n` | integer in [1, 16] | 1 |
+//! | `logprobs` | chat: boolean; completions: integer in [0, 20] | off |
+//! | `top_logprobs` (chat) | integer in [0, 20], needs `logprobs: true` | 0 |
+//! | `stream` | boolean | false |
+//! | `stream_options.include_usage` | boolean | false |
+//! | `ignore_eos` (extension) | boolean: keep going past end-of-generation tokens | false |
+//!
+//! **Default `max_tokens`**: all of the context the prompt leaves
+//! (`ctx - prompt_tokens`), which is OpenAI's rule (a request without a limit
+//! is bounded only by the context window) and means a request without
+//! `max_tokens` never fails the context check unless its prompt alone fills
+//! the context. The defaults of the sampling knobs are OpenAI's (plain
+//! temperature-1 sampling), not llama.cpp's CLI defaults: a client written
+//! for OpenAI gets the distribution it asked for.
+//!
+//! Unsupported features that would change the output if silently ignored
+//! (`logit_bias` with entries, `tools`, `response_format` other than text,
+//! `echo`, `suffix`, `best_of` > 1, image or audio content) are a 400 naming
+//! the parameter, rather than a quietly different answer.
+
+use crate::error::ApiError;
+use minnow_engine::chat::ChatMessage;
+use minnow_engine::sampler::SamplingParams;
+use serde_json::{Map, Value};
+
+/// Upper bound of `n`: each choice is a sequence in the batch.
+pub const MAX_N: usize = 16;
+/// Upper bound of `top_logprobs` (chat) and `logprobs` (completions).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Upper bound of the number of stop strings.
+pub const MAX_STOPS: usize = 16;
+
+/// What the two generation endpoints have in common.
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    pub stream: bool,
+    pub include_usage: bool,
+    pub n: usize,
+    /// `None`: the rest of the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// `Some(k)`: return each token's logprob and the `k` most likely alternatives.
+    pub logprobs: Option<usize>,
+    pub ignore_eos: bool,
+}
+
+/// A chat request's own part.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub opts: GenOptions,
+}
+
+/// A completion's prompt: text to tokenize, or token ids as given.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub prompt: PromptInput,
+    pub opts: GenOptions,
+}
+
+/// The body as a JSON object, or a 400 saying why not.
+pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")).with_code("invalid_json"))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(ApiError::bad_request(format!("the body must be a JSON object, not {}", type_name(&other)))
+            .with_code("invalid_json")),
+    }
+}
+
+pub(crate) fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a number",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(param: &str, expected: &str, got: &Value) -> ApiError {
+    ApiError::invalid(param, format!("`{param}` must be {expected}, not {}", type_name(got))).with_code("invalid_type")
+}
+
+fn out_of_range(param: &str, msg: String) -> ApiError {
+    ApiError::invalid(param, msg).with_code("invalid_value")
+}
+
+/// A field, with `null` read as absent.
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+pub(crate) fn opt_bool(obj: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(wrong_type(name, "a boolean", v)),
+    }
+}
+
+/// An integer (a float with no fraction, like `5.0`, counts) in `[min, max]`.
+pub(crate) fn opt_int(obj: &Map<String, Value>, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+    let Some(v) = field(obj, name) else { return Ok(None) };
+    let i = as_integer(v).ok_or_else(|| wrong_type(name, "an integer", v))?;
+    if i < min as i128 || i > max as i128 {
+        return Err(out_of_range(name, format!("`{name}` must be between {min} and {max}, got {i}")));
+    }
+    Ok(Some(i as i64))
+}
+
+pub(crate) fn as_integer(v: &Value) -> Option<i128> {
+    let Value::Number(n) = v else { return None };
+    if let Some(i) = n.as_i64() {
+        return Some(i as i128);
+    }
+    if let Some(u) = n.as_u64() {
+        return Some(u as i128);
+    }
+    let f = n.as_f64()?;
+    // 2^63 and beyond are not exact in the range we accept anyway.
+    (f.fract() == 0.0 && f.abs() < 9.0e18).then_some(f as i128)
+}
+
+/// A finite number in `[min, max]`.
+fn opt_num(obj: &Map<String, Value>, name: &str, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
+    let Some(v) = field(obj, name) else { return Ok(None) };
+    let x = v.as_f64().ok_or_else(|| wrong_type(name, "a number", v))?;
+    if !(x >= min && x <= max) {
+        return Err(out_of_range(name, format!("`{name}` must be between {min} and {max}, got {x}")));
+    }
+    Ok(Some(x))
+}
+
+fn opt_str<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(wrong_type(name, "a string", v)),
+    }
+}
+
+fn unsupported(param: &str, what: &str) -> ApiError {
+    ApiError::invalid(param, format!("{what} is not supported by this server")).with_code("unsupported_parameter")
+}
+
+/// A seed for requests that give none: different per request, so unseeded
+/// sampling is not the same every time (OpenAI's behaviour).
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // RandomState is seeded from the OS once per process; the counter and
+    // the clock make successive calls differ.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// The parameters both endpoints share. `chat` selects the `logprobs` shape.
+fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiError> {
+    opt_str(obj, "model")?;
+    let stream = opt_bool(obj, "stream")?.unwrap_or(false);
+    let include_usage = match field(obj, "stream_options") {
+        None => false,
+        Some(Value::Object(so)) => match field(so, "include_usage") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(wrong_type("stream_options.include_usage", "a boolean", v)),
+        },
+        Some(v) => return Err(wrong_type("stream_options", "an object", v)),
+    };
+
+    // OpenAI's newer name wins when both are given, as in their API.
+    let mut max_tokens = None;
+    for name in ["max_tokens", "max_completion_tokens"] {
+        if let Some(m) = opt_int(obj, name, 1, i64::MAX)? {
+            max_tokens = Some(usize::try_from(m).unwrap_or(usize::MAX));
+        }
+    }
+
+    let mut s = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        seed: 0,
+    };
+    if let Some(t) = opt_num(obj, "temperature", 0.0, 2.0)? {
+        s.temperature = t as f32;
+    }
+    if let Some(p) = opt_num(obj, "top_p", 0.0, 1.0)? {
+        if p == 0.0 {
+            // The sampler wants top_p > 0; a zero nucleus is the top token alone.
+            s.top_k = 1;
+        } else {
+            s.top_p = p as f32;
+        }
+    }
+    if let Some(k) = opt_int(obj, "top_k", 0, i64::from(u32::MAX))? {
+        // An explicit top_k overrides the top_p = 0 rule only when it is stricter.
+        s.top_k = if s.top_k == 1 && k != 0 { 1 } else { k as usize };
+    }
+    if let Some(m) = opt_num(obj, "min_p", 0.0, 1.0)? {
+        s.min_p = m as f32;
+    }
+    if let Some(r) = opt_num(obj, "repeat_penalty", f64::MIN_POSITIVE, 10.0)? {
+        s.repeat_penalty = r as f32;
+    }
+    if let Some(n) = opt_int(obj, "repeat_last_n", -1, 1 << 20)? {
+        s.repeat_last_n = if n < 0 { usize::MAX } else { n as usize };
+    }
+    if let Some(p) = opt_num(obj, "presence_penalty", -2.0, 2.0)? {
+        s.presence_penalty = p as f32;
+    }
+    if let Some(f) = opt_num(obj, "frequency_penalty", -2.0, 2.0)? {
+        s.frequency_penalty = f as f32;
+    }
+    s.seed = match field(obj, "seed") {
+        None => fresh_seed(),
+        Some(v) => match as_integer(v) {
+            // Negative seeds (OpenAI's are int64) wrap to their bit pattern.
+            Some(i) if i >= i64::MIN as i128 && i <= u64::MAX as i128 => i as u64,
+            Some(_) => return Err(out_of_range("seed", "`seed` must fit in 64 bits".to_string())),
+            None => return Err(wrong_type("seed", "an integer", v)),
+        },
+    };
+    s.validate().map_err(|e| {
+        let param = e.split_whitespace().next().unwrap_or("").to_string();
+        out_of_range(&param, e)
+    })?;
+
+    let stop = match field(obj, "stop") {
+        None => Vec::new(),
+        Some(Value::String(x)) => vec![x.clone()],
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_STOPS {
+                return Err(out_of_range("stop", format!("`stop` may hold at most {MAX_STOPS} strings, got {}", items.len())));
+            }
+            let mut out = Vec::with_capacity(items.len());
+            for (i, it) in items.iter().enumerate() {
+                match it {
+                    Value::String(x) => out.push(x.clone()),
+                    v => return Err(wrong_type(&format!("stop[{i}]"), "a string", v)),
+                }
+            }
+            out
+        }
+        Some(v) => return Err(wrong_type("stop", "a string or an array of strings", v)),
+    };
+
+    let n = opt_int(obj, "n", 1, MAX_N as i64)?.unwrap_or(1) as usize;
+    let logprobs = if chat {
+        let on = opt_bool(obj, "logprobs")?.unwrap_or(false);
+        let top = opt_int(obj, "top_logprobs", 0, MAX_TOP_LOGPROBS as i64)?;
+        match (on, top) {
+            (true, t) => Some(t.unwrap_or(0) as usize),
+            (false, Some(_)) => {
+                return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs` set to true")
+                    .with_code("invalid_value"))
+            }
+            (false, None) => None,
+        }
+    } else {
+        match field(obj, "logprobs") {
+            None => None,
+            // `true` is the chat form; accept it here as "the chosen token only".
+            Some(Value::Bool(b)) => b.then_some(0),
+            Some(_) => opt_int(obj, "logprobs", 0, MAX_TOP_LOGPROBS as i64)?.map(|k| k as usize),
+        }
+    };
+    let ignore_eos = opt_bool(obj, "ignore_eos")?.unwrap_or(false);
+
+    if let Some(b) = opt_int(obj, "best_of", 1, MAX_N as i64)? {
+        if b != 1 && b as usize != n {
+            return Err(unsupported("best_of", "`best_of` other than 1"));
+        }
+    }
+    match field(obj, "logit_bias") {
+        None => {}
+        Some(Value::Object(m)) if m.is_empty() => {}
+        Some(Value::Object(_)) => return Err(unsupported("logit_bias", "`logit_bias`")),
+        Some(v) => return Err(wrong_type("logit_bias", "an object", v)),
+    }
+    match field(obj, "tools") {
+        None => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(_) => return Err(unsupported("tools", "tool calling")),
+    }
+    if field(obj, "functions").is_some() {
+        return Err(unsupported("functions", "function calling"));
+    }
+    match field(obj, "response_format") {
+        None => {}
+        Some(Value::Object(rf)) => match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some(other) => return Err(unsupported("response_format", &format!("response_format `{other}`"))),
+            None => return Err(wrong_type("response_format.type", "a string", rf.get("type").unwrap_or(&Value::Null))),
+        },
+        Some(v) => return Err(wrong_type("response_format", "an object", v)),
+    }
+
+    Ok(GenOptions { stream, include_usage: stream && include_usage, n, max_tokens, sampling: s, stop, logprobs, ignore_eos })
+}
+
+/// `POST /v1/chat/completions`.
+pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
+    let msgs = match obj.get("messages") {
+        None | Some(Value::Null) => return Err(ApiError::invalid("messages", "`messages` is required").with_code("missing_parameter")),
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(wrong_type("messages", "an array", v)),
+    };
+    if msgs.is_empty() {
+        return Err(out_of_range("messages", "`messages` must hold at least one message".to_string()));
+    }
+    let mut messages = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let p = format!("messages[{i}]");
+        let Value::Object(m) = m else { return Err(wrong_type(&p, "an object", m)) };
+        let role = match m.get("role") {
+            Some(Value::String(r)) => r.as_str(),
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid(format!("{p}.role"), format!("`{p}.role` is required")).with_code("missing_parameter"))
+            }
+            Some(v) => return Err(wrong_type(&format!("{p}.role"), "a string", v)),
+        };
+        // OpenAI's "developer" is its new name for system instructions;
+        // chat templates know only "system".
+        let role = match role {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            "tool" | "function" => return Err(unsupported(&format!("{p}.role"), "tool messages")),
+            other => {
+                return Err(out_of_range(
+                    &format!("{p}.role"),
+                    format!("`{p}.role` must be system, developer, user or assistant, not {other:?}"),
+                ))
+            }
+        };
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            // An assistant turn may be empty (OpenAI allows null content there).
+            None | Some(Value::Null) if role == "assistant" => String::new(),
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid(format!("{p}.content"), format!("`{p}.content` is required"))
+                    .with_code("missing_parameter"))
+            }
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    let pp = format!("{p}.content[{j}]");
+                    let Value::Object(part) = part else { return Err(wrong_type(&pp, "an object", part)) };
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") => match part.get("text") {
+                            Some(Value::String(t)) => text.push_str(t),
+                            v => return Err(wrong_type(&format!("{pp}.text"), "a string", v.unwrap_or(&Value::Null))),
+                        },
+                        Some(other) => return Err(unsupported(&format!("{pp}.type"), &format!("content of type `{other}`"))),
+                        None => return Err(wrong_type(&format!("{pp}.type"), "a string", part.get("type").unwrap_or(&Value::Null))),
+                    }
+                }
+                text
+            }
+            Some(v) => return Err(wrong_type(&format!("{p}.content"), "a string or an array of content parts", v)),
+        };
+        messages.push(ChatMessage::new(role, content));
+    }
+    Ok(ChatRequest { messages, opts: parse_common(obj, true)? })
+}
+
+/// `POST /v1/completions`.
+pub fn parse_completion(obj: &Map<String, Value>) -> Result<CompletionRequest, ApiError> {
+    let prompt = match obj.get("prompt") {
+        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "`prompt` is required").with_code("missing_parameter")),
+        Some(v) => parse_prompt(v)?,
+    };
+    if opt_bool(obj, "echo")?.unwrap_or(false) {
+        return Err(unsupported("echo", "`echo`"));
+    }
+    if opt_str(obj, "suffix")?.is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported("suffix", "`suffix` (fill-in-the-middle)"));
+    }
+    Ok(CompletionRequest { prompt, opts: parse_common(obj, false)? })
+}
+
+/// A string, token ids, or a one-element array of either (OpenAI's batch
+/// form; more than one prompt per request is refused).
+fn parse_prompt(v: &Value) -> Result<PromptInput, ApiError> {
+    match v {
+        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(out_of_range("prompt", "`prompt` is empty".to_string()));
+            }
+            if items.iter().all(|x| x.is_number()) {
+                return token_ids(items, "prompt").map(PromptInput::Tokens);
+            }
+            if items.len() > 1 {
+                return Err(unsupported("prompt", "more than one prompt per request"));
+            }
+            match &items[0] {
+                Value::String(s) => Ok(PromptInput::Text(s.clone())),
+                Value::Array(ids) => token_ids(ids, "prompt[0]").map(PromptInput::Tokens),
+                other => Err(wrong_type("prompt[0]", "a string or an array of token ids", other)),
+            }
+        }
+        other => Err(wrong_type("prompt", "a string, an array of token ids, or an array of one of those", other)),
+    }
+}
+
+/// An array of token ids (range against the vocabulary is checked later).
+pub(crate) fn token_ids(items: &[Value], param: &str) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match as_integer(x) {
+            Some(t) if (0..=u32::MAX as i128).contains(&t) => Ok(t as u32),
+            Some(t) => Err(out_of_range(&format!("{param}[{i}]"), format!("token id {t} is out of range"))),
+            None => Err(wrong_type(&format!("{param}[{i}]"), "an integer token id", x)),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn chat_err(v: Value) -> ApiError {
+        parse_chat(&obj(v)).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_are_openai_s() {
+        let r = parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "unknown": {"x": 1}}))).unwrap();
+        assert_eq!(r.opts.n, 1);
+        assert_eq!(r.opts.max_tokens, None);
+        assert_eq!(r.opts.sampling.temperature, 1.0);
+        assert_eq!(r.opts.sampling.top_p, 1.0);
+        assert_eq!(r.opts.sampling.top_k, 0);
+        assert!(!r.opts.stream && r.opts.logprobs.is_none());
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_name_the_parameter() {
+        let base = |k: &str, v: Value| {
+            let mut o = json!({"messages": [{"role": "user", "content": "hi"}]});
+            o[k] = v;
+            o
+        };
+        for (k, v) in [
+            ("temperature", json!("hot")),
+            ("temperature", json!(2.5)),
+            ("top_p", json!(1.5)),
+            ("max_tokens", json!(0)),
+            ("max_tokens", json!(1.5)),
+            ("n", json!(0)),
+            ("n", json!(17)),
+            ("stop", json!(5)),
+            ("seed", json!("x")),
+            ("presence_penalty", json!(3)),
+            ("frequency_penalty", json!(-2.5)),
+            ("top_k", json!(-1)),
+            ("min_p", json!(2)),
+            ("repeat_penalty", json!(0)),
+            ("stream", json!("yes")),
+            ("logprobs", json!(1)),
+            ("top_logprobs", json!(2)),
+            ("logit_bias", json!({"1": 5})),
+        ] {
+            let e = chat_err(base(k, v.clone()));
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(k), "{k}={v}: {}", e.message);
+        }
+        let e = chat_err(json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", 3]}));
+        assert_eq!(e.param.as_deref(), Some("stop[1]"));
+        let e = chat_err(json!({"messages": [{"role": "wizard", "content": "hi"}]}));
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = chat_err(json!({"messages": [{"role": "user"}]}));
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        let e = chat_err(json!({"messages": "hi"}));
+        assert_eq!(e.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn max_completion_tokens_and_integral_floats() {
+        let r = parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7.0, "n": 2}))).unwrap();
+        assert_eq!(r.opts.max_tokens, Some(7));
+        assert_eq!(r.opts.n, 2);
+    }
+
+    #[test]
+    fn prompts_in_every_form() {
+        let p = |v: Value| parse_completion(&obj(json!({"prompt": v}))).map(|r| r.prompt);
+        assert!(matches!(p(json!("hi")), Ok(PromptInput::Text(t)) if t == "hi"));
+        assert!(matches!(p(json!(["hi"])), Ok(PromptInput::Text(t)) if t == "hi"));
+        assert!(matches!(p(json!([1, 2])), Ok(PromptInput::Tokens(t)) if t == vec![1, 2]));
+        assert!(matches!(p(json!([[3]])), Ok(PromptInput::Tokens(t)) if t == vec![3]));
+        assert_eq!(p(json!(["a", "b"])).unwrap_err().param.as_deref(), Some("prompt"));
+        assert_eq!(p(json!([1, -2])).unwrap_err().param.as_deref(), Some("prompt[1]"));
+        assert_eq!(p(json!(5)).unwrap_err().param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn content_parts_join_and_images_are_refused() {
+        let r = parse_chat(&obj(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}))).unwrap();
+        assert_eq!(r.messages[0].content, "ab");
+        let e = chat_err(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}));
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+    }
+
+    #[test]
+    fn body_must_be_a_json_object() {
+        assert_eq!(parse_body(b"{bad").unwrap_err().status, 400);
+        assert_eq!(parse_body(b"[1]").unwrap_err().status, 400);
+        assert!(parse_body(b"{}").is_ok());
+    }
+}

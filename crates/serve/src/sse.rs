@@ -1,0 +1,217 @@
+//! Response bodies that outlive their handler: the server-sent-event stream
+//! of a generation, and the wrapper that logs a request when its body ends.
+//!
+//! Both are hand-written `http_body::Body`s. The stream's body owns the
+//! receiving end of the scheduler's event channel: when the client goes
+//! away, hyper drops the body, the receiver goes with it, and the
+//! scheduler's next `sink(event)` returns `false`, which frees the slot; the
+//! [`CancelGuard`] inside also cancels the request at once, without waiting
+//! for the next token.
+
+use crate::error::ApiError;
+use crate::render::Shape;
+use crate::{AppState, RequestLog};
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use minnow_engine::scheduler::{GenEvent, Scheduler, TokenLogprob};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Cancels a submitted request when dropped before it finished: a client
+/// that hung up, a handler future dropped mid-wait, a stream cut short.
+pub struct CancelGuard {
+    pub scheduler: Arc<Scheduler>,
+    pub id: u64,
+    pub finished: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.scheduler.cancel(self.id);
+        }
+    }
+}
+
+/// Wraps any response body; marks the request's log entry complete when the
+/// body has been produced to its end. The log line itself is printed when
+/// the last reference to the entry goes (this body's drop, usually).
+pub struct LoggedBody {
+    inner: Body,
+    log: Option<Arc<RequestLog>>,
+}
+
+impl LoggedBody {
+    pub fn new(inner: Body, log: Arc<RequestLog>) -> LoggedBody {
+        LoggedBody { inner, log: Some(log) }
+    }
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling once `is_end_stream` says so, so a body that
+        // ends with its last frame (a plain JSON one) never returns None.
+        let ended = matches!(r, Poll::Ready(None)) || (matches!(r, Poll::Ready(Some(Ok(_)))) && self.inner.is_end_stream());
+        if ended {
+            if let Some(log) = self.log.take() {
+                log.update(|d| d.body_done = true);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The SSE body of one streaming generation.
+pub struct SseBody {
+    pub rx: UnboundedReceiver<GenEvent>,
+    pub shape: Shape,
+    pub state: Arc<AppState>,
+    pub guard: CancelGuard,
+    pub log: Arc<RequestLog>,
+    pub n: usize,
+    /// Text length (chars) streamed so far per choice, for `text_offset`.
+    pub offsets: Vec<usize>,
+    pub queued: VecDeque<Bytes>,
+    pub finished: bool,
+}
+
+fn data_line(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+impl SseBody {
+    pub fn new(rx: UnboundedReceiver<GenEvent>, shape: Shape, state: Arc<AppState>, guard: CancelGuard, log: Arc<RequestLog>, n: usize) -> SseBody {
+        let mut queued = VecDeque::new();
+        // Chat streams open each choice with its role, before any text,
+        // as OpenAI's do (some clients key on it).
+        for i in 0..n {
+            if let Some(c) = shape.role_chunk(i) {
+                queued.push_back(data_line(&c));
+            }
+        }
+        SseBody { rx, shape, state, guard, log, n, offsets: vec![0; n], queued, finished: false }
+    }
+
+    fn text(&mut self, index: usize, text: &str, lps: &[TokenLogprob]) {
+        if index >= self.n || (text.is_empty() && lps.is_empty()) {
+            return;
+        }
+        let tok = &self.state.model().tokenizer;
+        let chunk = self.shape.text_chunk(tok, index, text, lps, self.offsets[index]);
+        self.offsets[index] += text.chars().count();
+        self.queued.push_back(data_line(&chunk));
+    }
+
+    fn fail(&mut self, e: ApiError) {
+        self.log.update(|d| d.note = Some(e.message.clone()));
+        self.queued.push_back(data_line(&e.body()));
+        self.finished = true;
+    }
+
+    fn handle(&mut self, ev: GenEvent) {
+        match ev {
+            GenEvent::Token { index, text, logprob, .. } => {
+                // Counted as they go, so a stream cut short logs what it got.
+                self.log.update(|d| d.completion_tokens += 1);
+                let lps: Vec<TokenLogprob> = if self.shape.logprobs { logprob.into_iter().collect() } else { Vec::new() };
+                self.text(index, &text, &lps);
+            }
+            GenEvent::Done { index, finish, text_tail } => {
+                self.text(index, &text_tail, &[]);
+                if index < self.n {
+                    let c = self.shape.finish_chunk(index, finish);
+                    self.queued.push_back(data_line(&c));
+                }
+            }
+            GenEvent::Finished { usage, ttft_secs, total_secs } => {
+                self.guard.finished = true;
+                self.state.metrics.observe_generation(&usage, ttft_secs, total_secs, self.n);
+                self.log.update(|d| {
+                    d.prompt_tokens = Some(usage.prompt_tokens);
+                    d.cached_tokens = usage.cached_prompt_tokens;
+                    d.completion_tokens = usage.completion_tokens;
+                    d.ttft_secs = Some(ttft_secs);
+                });
+                if self.shape.include_usage {
+                    let c = self.shape.usage_chunk(&usage);
+                    self.queued.push_back(data_line(&c));
+                }
+                self.queued.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                self.finished = true;
+            }
+            GenEvent::Error(msg) => {
+                self.guard.finished = true;
+                self.fail(ApiError::internal(format!("generation failed: {msg}")));
+            }
+        }
+    }
+
+    /// The scheduler let go of the sink without finishing: cancelled by a
+    /// shutdown.
+    fn closed(&mut self) {
+        self.guard.finished = true;
+        self.fail(ApiError::unavailable("the request was cancelled: the server is shutting down"));
+    }
+}
+
+/// Most events folded into one body frame: fewer, larger writes when the
+/// client reads slower than the scheduler produces.
+const MAX_EVENTS_PER_FRAME: usize = 64;
+
+impl http_body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if !this.queued.is_empty() {
+                let mut out = Vec::new();
+                for b in this.queued.drain(..) {
+                    out.extend_from_slice(&b);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(ev)) => {
+                    this.handle(ev);
+                    let mut more = 0;
+                    while !this.finished && more < MAX_EVENTS_PER_FRAME {
+                        match this.rx.try_recv() {
+                            Ok(ev) => this.handle(ev),
+                            Err(_) => break,
+                        }
+                        more += 1;
+                    }
+                }
+                Poll::Ready(None) => this.closed(),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.queued.is_empty()
+    }
+}
