@@ -7,9 +7,13 @@
 //! token's dot product against each row of the tile while it is in cache, so
 //! the weights are read from memory once per call whatever `n` is.
 //!
-//! Every output element is one call of the format's `vec_dot` over the whole
-//! row, in a fixed order: the result for a token does not depend on how many
-//! other tokens are in the batch, nor on the thread count (batch invariance).
+//! Tokens go in groups of four through the format's `vec_dot_multi`, which
+//! decodes each weight block once for the four of them (the remainder goes
+//! two at a time, then through `vec_dot`). Every output element is, bit for
+//! bit, the format's `vec_dot` over the whole row (`vec_dot_multi` is held to
+//! that, see `tests/multi_dot.rs`): the result for a token does not depend on
+//! how many other tokens are in the batch, nor on the thread count (batch
+//! invariance).
 
 use crate::formats::{cast_blocks, ActBlock, BlockFormat, LayoutError};
 use crate::pool::{SharedMut, ThreadPool};
@@ -78,6 +82,11 @@ impl ActBuffer {
 /// small enough to balance across threads.
 const ROW_TILE: usize = 16;
 
+/// Tokens handed together to `BlockFormat::vec_dot_multi`, which decodes
+/// each weight block once for all of them. Its results are bit-identical to
+/// `vec_dot`'s, so the grouping never shows in the output.
+const TOKEN_GROUP: usize = 4;
+
 /// `out[t*rows + r] = dot(W[r], x[t*cols ..])` for `t < n`.
 ///
 /// `x` has shape [n, cols], `out` shape [n, rows].
@@ -125,17 +134,41 @@ fn matmul_typed<B: BlockFormat>(
 
     let rows = w.rows;
     let out_ptr = SharedMut(out.as_mut_ptr());
+    let act_row = |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
     pool.parallel_for(rows, ROW_TILE, &|tile| {
         let out_ptr = out_ptr;
-        for t in 0..n {
-            let a = &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
+        let w_row = |r: usize| &weights[r * w_blocks_per_row..(r + 1) * w_blocks_per_row];
+        // Tokens in groups of TOKEN_GROUP (the remainder two, then one at a
+        // time); within a group the tile's weight rows, which stay in cache,
+        // each meet the group's activations.
+        let mut t = 0;
+        while t < n {
+            let step = match n - t {
+                left if left >= TOKEN_GROUP => TOKEN_GROUP,
+                left if left >= 2 => 2,
+                _ => 1,
+            };
             for r in tile.clone() {
-                let wr = &weights[r * w_blocks_per_row..(r + 1) * w_blocks_per_row];
-                let v = B::vec_dot(wr, a);
-                // SAFETY: each (t, r) is written by exactly one tile's thread,
-                // and t*rows + r < n*rows == out.len().
-                unsafe { *out_ptr.0.add(t * rows + r) = v };
+                let mut v = [0.0f32; TOKEN_GROUP];
+                match step {
+                    TOKEN_GROUP => {
+                        let a: [&[B::Dot]; TOKEN_GROUP] = std::array::from_fn(|k| act_row(t + k));
+                        B::vec_dot_multi(w_row(r), a, &mut v);
+                    }
+                    2 => {
+                        let mut v2 = [0.0f32; 2];
+                        B::vec_dot_multi(w_row(r), [act_row(t), act_row(t + 1)], &mut v2);
+                        v[..2].copy_from_slice(&v2);
+                    }
+                    _ => v[0] = B::vec_dot(w_row(r), act_row(t)),
+                }
+                for (k, &v) in v[..step].iter().enumerate() {
+                    // SAFETY: each (t + k, r) is written by exactly one tile's
+                    // thread, and (t + k)*rows + r < n*rows == out.len().
+                    unsafe { *out_ptr.0.add((t + k) * rows + r) = v };
+                }
             }
+            t += step;
         }
     });
     Ok(())

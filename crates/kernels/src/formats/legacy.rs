@@ -434,6 +434,39 @@ macro_rules! simd_or_ref {
     }};
 }
 
+/// `vec_dot_multi` through the AVX2 multi-row kernel when the CPU has it
+/// (for up to four rows; more go one by one through `vec_dot`), else one
+/// `vec_dot_ref` per activation row (what `vec_dot` would do).
+macro_rules! simd_or_ref_multi {
+    ($w:ident, $a:ident, $out:ident, $kernel:ident) => {{
+        for a in &$a {
+            assert_eq!(
+                $w.len(),
+                a.len(),
+                "dot: {} weight blocks, {} activation blocks",
+                $w.len(),
+                a.len()
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::float::has_avx2_fma() {
+            if N <= avx2::MAX_ROWS {
+                // SAFETY: the CPU has AVX2, FMA and F16C; N ≤ 4; lengths
+                // are equal.
+                *$out = unsafe { avx2::$kernel($w, $a) };
+                return;
+            }
+            for (o, a) in $out.iter_mut().zip($a) {
+                *o = Self::vec_dot($w, a);
+            }
+            return;
+        }
+        for (o, a) in $out.iter_mut().zip($a) {
+            *o = Self::vec_dot_ref($w, a);
+        }
+    }};
+}
+
 impl BlockFormat for BlockQ4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
     const BLOCK: usize = QK;
@@ -460,6 +493,10 @@ impl BlockFormat for BlockQ4_0 {
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_0]) -> f32 {
         simd_or_ref!(w, a, dot_q4_0)
+    }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, out, dot_q4_0_multi)
     }
 }
 
@@ -492,6 +529,10 @@ impl BlockFormat for BlockQ4_1 {
     fn vec_dot(w: &[Self], a: &[BlockQ8_1]) -> f32 {
         simd_or_ref!(w, a, dot_q4_1)
     }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, out, dot_q4_1_multi)
+    }
 }
 
 impl BlockFormat for BlockQ5_0 {
@@ -520,6 +561,10 @@ impl BlockFormat for BlockQ5_0 {
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_0]) -> f32 {
         simd_or_ref!(w, a, dot_q5_0)
+    }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, out, dot_q5_0_multi)
     }
 }
 
@@ -551,6 +596,10 @@ impl BlockFormat for BlockQ5_1 {
     fn vec_dot(w: &[Self], a: &[BlockQ8_1]) -> f32 {
         simd_or_ref!(w, a, dot_q5_1)
     }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, out, dot_q5_1_multi)
+    }
 }
 
 impl BlockFormat for BlockQ8_0 {
@@ -579,6 +628,10 @@ impl BlockFormat for BlockQ8_0 {
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_0]) -> f32 {
         simd_or_ref!(w, a, dot_q8_0)
+    }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, out, dot_q8_0_multi)
     }
 }
 
@@ -620,6 +673,12 @@ mod avx2 {
     /// of a Q5 block moved into place.
     #[inline(always)]
     unsafe fn fifth_bits(qh: [u8; 4]) -> __m256i {
+        _mm256_and_si256(fifth_mask(qh), _mm256_set1_epi8(0x10))
+    }
+
+    /// 0xFF in byte `i` where bit `i` of `qh` is set, else 0.
+    #[inline(always)]
+    unsafe fn fifth_mask(qh: [u8; 4]) -> __m256i {
         // Byte i gets a copy of qh byte i/8 ...
         let v = _mm256_set1_epi32(u32::from_le_bytes(qh) as i32);
         let spread = _mm256_setr_epi64x(
@@ -631,8 +690,7 @@ mod avx2 {
         let bytes = _mm256_shuffle_epi8(v, spread);
         // ... then keeps only bit i%8 and compares, giving 0xFF / 0x00.
         let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select)
     }
 
     #[inline(always)]
@@ -861,6 +919,257 @@ mod avx2 {
             let q = dot_signed(load_i8(&x.qs), load_i8(&y.qs));
             _mm256_fmadd_ps(scale(x.d, y.d), q, acc)
         })
+    }
+
+    // -----------------------------------------------------------------------
+    // Multi-row kernels: one weight row against N ≤ 4 activation rows.
+    //
+    // Each weight block is decoded once (nibbles, fifth bits, |x|, its f16
+    // scale) and applied to every activation row. The rows' f16 scales are
+    // converted together, and the N products `dx·dy` (and `m·s`) come from
+    // one vector multiply: lane t holds exactly the f32 product the
+    // single-row kernel's `scale` / `scale_min` computes for row t. Every
+    // other operation on row t's data is the single-row kernel's: the same
+    // integer dot (so the same eight i32 lanes), the same FMA into the same
+    // one of two accumulators (`blocks2_multi` alternates them as `blocks2`
+    // does) and the same final horizontal sum. So `out[t]` is bit-identical
+    // to the single-row kernel on `a[t]`, which keeps matmul batch-invariant.
+
+    /// Most activation rows one multi-row kernel call takes.
+    pub(super) const MAX_ROWS: usize = 4;
+
+    /// `f16(h(t))` in lane t for t < N ≤ 4, zeros above.
+    #[inline(always)]
+    unsafe fn halves4<const N: usize>(h: impl Fn(usize) -> u16) -> __m128 {
+        let mut bits = 0u64;
+        for t in 0..N {
+            bits |= (h(t) as u64) << (16 * t);
+        }
+        _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
+    }
+
+    /// `f16` of the halves of `pair(t)` in lanes 2t (low half) and 2t+1
+    /// for t < N ≤ 4, zeros above: the `(d, s)` of up to four Q8_1 blocks.
+    #[inline(always)]
+    unsafe fn halves8<const N: usize>(pair: impl Fn(usize) -> u32) -> __m256 {
+        let (mut lo, mut hi) = (0u64, 0u64);
+        for t in 0..N {
+            if t < 2 {
+                lo |= (pair(t) as u64) << (32 * t);
+            } else {
+                hi |= (pair(t) as u64) << (32 * (t - 2));
+            }
+        }
+        _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
+    }
+
+    /// A Q8_1 block's `(d, s)` f16 bits as one u32, `d` low.
+    #[inline(always)]
+    fn d_s(y: &BlockQ8_1) -> u32 {
+        y.d as u32 | (y.s as u32) << 16
+    }
+
+    /// [`blocks2`] for N rows at once: `block(i, accs)` updates the N
+    /// accumulators for block `i`; block `i` goes to the accumulator
+    /// `blocks2` would give it, and the results are reduced as `blocks2`
+    /// reduces them.
+    #[inline(always)]
+    unsafe fn blocks2_multi<const N: usize>(
+        n: usize,
+        mut block: impl FnMut(usize, &mut [__m256; N]),
+    ) -> [f32; N] {
+        let mut acc0 = [_mm256_setzero_ps(); N];
+        let mut acc1 = [_mm256_setzero_ps(); N];
+        let mut i = 0;
+        while i + 2 <= n {
+            block(i, &mut acc0);
+            block(i + 1, &mut acc1);
+            i += 2;
+        }
+        if i < n {
+            block(i, &mut acc0);
+        }
+        let mut out = [0.0f32; N];
+        for t in 0..N {
+            out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
+        }
+        out
+    }
+
+    /// The `_0` formats' multi-row loop: `unpack(x)` gives a weight block's
+    /// quants and its f16 scale bits once, `dot(q, y)` the integer dot with
+    /// one row's block as in the single-row kernel.
+    ///
+    /// (`target_feature` + `inline` rather than `inline(always)`: the closure
+    /// this hands to `blocks2_multi` must carry the features to be inlined.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn multi_0<W, const N: usize>(
+        w: &[W],
+        a: [&[BlockQ8_0]; N],
+        unpack: impl Fn(&W) -> ((__m256i, __m256i), u16),
+        dot: impl Fn((__m256i, __m256i), __m256i) -> __m256,
+    ) -> [f32; N] {
+        debug_assert!(N <= MAX_ROWS);
+        blocks2_multi(w.len(), |i, acc| {
+            let (q, xd) = unpack(w.get_unchecked(i));
+            let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(xd as i32)));
+            let d = _mm_mul_ps(_mm_set1_ps(dx), halves4::<N>(|t| a[t].get_unchecked(i).d));
+            let mut ds = [0.0f32; 4];
+            _mm_storeu_ps(ds.as_mut_ptr(), d);
+            for t in 0..N {
+                let p = dot(q, load_i8(&a[t].get_unchecked(i).qs));
+                acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t]), p, acc[t]);
+            }
+        })
+    }
+
+    /// The `_1` formats' multi-row loop: `unpack(x)` gives a weight block's
+    /// unsigned quants and its `(d, m)` f16 bits (d low) once. The min terms
+    /// `m·s` of all rows accumulate in one vector, row t in lane 2t+1, each
+    /// lane in block order from zero as the single-row kernel's lane 1 does.
+    ///
+    /// (`target_feature` + `inline` rather than `inline(always)`: the closure
+    /// this hands to `blocks2_multi` must carry the features to be inlined.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn multi_1<W, const N: usize>(
+        w: &[W],
+        a: [&[BlockQ8_1]; N],
+        unpack: impl Fn(&W) -> (__m256i, u32),
+    ) -> [f32; N] {
+        debug_assert!(N <= MAX_ROWS);
+        let mut mins = _mm256_setzero_ps();
+        let mut sum = blocks2_multi(w.len(), |i, acc| {
+            let (u, xdm) = unpack(w.get_unchecked(i));
+            // [dx, m] in every pair of lanes × [dy_t, s_t] in pair t.
+            let xdm = _mm_cvtph_ps(_mm_cvtsi32_si128(xdm as i32));
+            let xdm = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(xdm)));
+            let p = _mm256_mul_ps(xdm, halves8::<N>(|t| d_s(a[t].get_unchecked(i))));
+            mins = _mm256_add_ps(mins, p);
+            let p: [f32; 8] = std::mem::transmute(p);
+            for t in 0..N {
+                let q = dot_unsigned(u, load_i8(&a[t].get_unchecked(i).qs));
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(p[2 * t]), q, acc[t]);
+            }
+        });
+        let mins: [f32; 8] = std::mem::transmute(mins);
+        for t in 0..N {
+            sum[t] += mins[2 * t + 1];
+        }
+        sum
+    }
+
+    /// The integer dot of the `_0` formats' multi-row kernels: Σ s·y in the
+    /// eight i32 lanes `dot_offset(u, off, y)` gives, where `s = u - off`
+    /// (|s| ≤ 16) are the signed quants, without `dot_offset`'s second
+    /// multiply per row. `y ^ 0x80 = y + 128` is unsigned, so `maddubs`
+    /// takes it against the signed `s` (pairs ≤ 2·255·16, no saturation),
+    /// and `corr = maddubs(128, s)`, shared by all rows, removes the 128·s:
+    /// each i16 pair is exactly `s₀y₀ + s₁y₁`, the pair `dot_offset` forms
+    /// as `(u₀y₀ + u₁y₁) − (off·y₀ + off·y₁)`, for every `y`.
+    #[inline(always)]
+    unsafe fn dot_offset_shared((s, corr): (__m256i, __m256i), y: __m256i) -> __m256 {
+        let yu = _mm256_xor_si256(y, _mm256_set1_epi8(-128));
+        i16_pairs_to_f32(_mm256_sub_epi16(_mm256_maddubs_epi16(yu, s), corr))
+    }
+
+    /// The shared part of [`dot_offset_shared`] for quants `u` and offset
+    /// `off`: `(s, corr)`.
+    #[inline(always)]
+    unsafe fn signed_quants(u: __m256i, off: __m256i) -> (__m256i, __m256i) {
+        let s = _mm256_sub_epi8(u, off);
+        (s, _mm256_maddubs_epi16(_mm256_set1_epi8(-128), s))
+    }
+
+    /// Multi-row [`dot_q4_0`].
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; N ≤ 4; every `a[t]` as long
+    /// as `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_0_multi<const N: usize>(
+        w: &[BlockQ4_0],
+        a: [&[BlockQ8_0]; N],
+    ) -> [f32; N] {
+        let eight = _mm256_set1_epi8(8);
+        multi_0(
+            w,
+            a,
+            |x| (signed_quants(nibbles(&x.qs), eight), x.d),
+            |q, y| dot_offset_shared(q, y),
+        )
+    }
+
+    /// Multi-row [`dot_q4_1`].
+    ///
+    /// # Safety
+    /// As [`dot_q4_0_multi`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1_multi<const N: usize>(
+        w: &[BlockQ4_1],
+        a: [&[BlockQ8_1]; N],
+    ) -> [f32; N] {
+        multi_1(w, a, |x| (nibbles(&x.qs), x.d as u32 | (x.m as u32) << 16))
+    }
+
+    /// Multi-row [`dot_q5_0`].
+    ///
+    /// # Safety
+    /// As [`dot_q4_0_multi`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q5_0_multi<const N: usize>(
+        w: &[BlockQ5_0],
+        a: [&[BlockQ8_0]; N],
+    ) -> [f32; N] {
+        multi_0(
+            w,
+            a,
+            |x| {
+                // s = u - 16 directly: the quant itself where the fifth bit
+                // is set, else nibble - 16 = nibble | 0xF0 (as i8).
+                let high = _mm256_andnot_si256(fifth_mask(x.qh), _mm256_set1_epi8(-16));
+                let s = _mm256_or_si256(nibbles(&x.qs), high);
+                ((s, _mm256_maddubs_epi16(_mm256_set1_epi8(-128), s)), x.d)
+            },
+            |q, y| dot_offset_shared(q, y),
+        )
+    }
+
+    /// Multi-row [`dot_q5_1`].
+    ///
+    /// # Safety
+    /// As [`dot_q4_0_multi`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q5_1_multi<const N: usize>(
+        w: &[BlockQ5_1],
+        a: [&[BlockQ8_1]; N],
+    ) -> [f32; N] {
+        multi_1(w, a, |x| {
+            let u = _mm256_or_si256(nibbles(&x.qs), fifth_bits(x.qh));
+            (u, x.d as u32 | (x.m as u32) << 16)
+        })
+    }
+
+    /// Multi-row [`dot_q8_0`]: `|x|` is taken once per block.
+    ///
+    /// # Safety
+    /// As [`dot_q4_0_multi`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0_multi<const N: usize>(
+        w: &[BlockQ8_0],
+        a: [&[BlockQ8_0]; N],
+    ) -> [f32; N] {
+        multi_0(
+            w,
+            a,
+            |x| {
+                let xq = load_i8(&x.qs);
+                ((_mm256_sign_epi8(xq, xq), xq), x.d)
+            },
+            // dot_signed(xq, y), with |x| shared.
+            |(ax, xq), y| dot_unsigned(ax, _mm256_sign_epi8(y, xq)),
+        )
     }
 }
 

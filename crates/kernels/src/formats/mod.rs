@@ -44,6 +44,17 @@ pub trait BlockFormat: bytemuck::Pod + Send + Sync {
     fn vec_dot(w: &[Self], a: &[Self::Dot]) -> f32 {
         Self::vec_dot_ref(w, a)
     }
+    /// One weight row against `N` activation rows: `out[t] = vec_dot(w, a[t])`
+    /// **bit for bit**, for every `t`. Formats override it to decode each
+    /// weight block once and apply it to all `N` rows; an override must keep
+    /// `vec_dot`'s per-block operations, accumulators and final horizontal
+    /// sum for each row, so a token's result never depends on which other
+    /// tokens share its batch (batch invariance; `tests/multi_dot.rs`).
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[Self::Dot]; N], out: &mut [f32; N]) {
+        for (o, a) in out.iter_mut().zip(a) {
+            *o = Self::vec_dot(w, a);
+        }
+    }
 }
 
 /// Error for byte slices that do not hold whole, aligned blocks.

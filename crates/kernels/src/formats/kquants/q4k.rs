@@ -89,6 +89,21 @@ impl BlockFormat for BlockQ4K {
         }
         Self::vec_dot_ref(w, a)
     }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], out: &mut [f32; N]) {
+        for a in &a {
+            assert_eq!(w.len(), a.len(), "Q4_K vec_dot: block count mismatch");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            *out = unsafe { vec_dot_multi_avx2(w, a) };
+            return;
+        }
+        for (o, a) in out.iter_mut().zip(a) {
+            *o = Self::vec_dot_ref(w, a);
+        }
+    }
 }
 
 /// AVX2 version of [`BlockQ4K::vec_dot_ref`].
@@ -136,6 +151,75 @@ pub unsafe fn vec_dot_avx2(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_f32(_mm256_sub_ps(acc, acc_m))
+}
+
+/// [`vec_dot_avx2`] of one weight row against N activation rows, decoding
+/// each super-block (scales, mins, nibbles) once. For each row the
+/// operations on its data, its accumulators and its final reduction are
+/// exactly `vec_dot_avx2`'s, so `out[t]` is bit-identical to
+/// `vec_dot_avx2(w, a[t])`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `a[t]` as long as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+
+    for a in &a {
+        assert_eq!(w.len(), a.len());
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc_m = [_mm256_setzero_ps(); N];
+    for (i, x) in w.iter().enumerate() {
+        let xd = f16_to_f32(x.d);
+        let xdmin = f16_to_f32(x.dmin);
+        let (sc, mn) = unpack_scale_min_k4(&x.scales);
+
+        let mn8 = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
+        let mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+        for t in 0..N {
+            let y = a[t].get_unchecked(i);
+            let pm = _mm256_madd_epi16(load256(y.bsums.as_ptr()), mn16);
+            acc_m[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(y.d * xdmin),
+                _mm256_cvtepi32_ps(pm),
+                acc_m[t],
+            );
+        }
+
+        let sc16 = bcast_u8x8_as_i16(sc);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for c in 0..4 {
+            let q4 = load256(x.qs.as_ptr().add(32 * c));
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let s0 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c));
+            let s1 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1));
+            for t in 0..N {
+                let yq = a[t].get_unchecked(i).qs.as_ptr();
+                let p0 = _mm256_maddubs_epi16(lo, load256(yq.add(64 * c)));
+                let p1 = _mm256_maddubs_epi16(hi, load256(yq.add(64 * c + 32)));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p0, s0));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p1, s1));
+            }
+        }
+        for t in 0..N {
+            let y = a[t].get_unchecked(i);
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(y.d * xd),
+                _mm256_cvtepi32_ps(sumi[t]),
+                acc[t],
+            );
+        }
+    }
+    let mut out = [0.0f32; N];
+    for t in 0..N {
+        out[t] = hsum_f32(_mm256_sub_ps(acc[t], acc_m[t]));
+    }
+    out
 }
 
 /// Fits `x ≈ scale*q - min` (q ∈ 0..=nmax, min ≥ 0) for one sub-block.

@@ -85,6 +85,21 @@ impl BlockFormat for BlockQ6K {
         }
         Self::vec_dot_ref(w, a)
     }
+
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], out: &mut [f32; N]) {
+        for a in &a {
+            assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            *out = unsafe { vec_dot_multi_avx2(w, a) };
+            return;
+        }
+        for (o, a) in out.iter_mut().zip(a) {
+            *o = Self::vec_dot_ref(w, a);
+        }
+    }
 }
 
 /// AVX2 version of [`BlockQ6K::vec_dot_ref`].
@@ -142,4 +157,68 @@ pub unsafe fn vec_dot_avx2(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_f32(acc)
+}
+
+/// [`vec_dot_avx2`] of one weight row against N activation rows, decoding
+/// each super-block (6-bit quants, scales) once. For each row the
+/// operations on its data, its accumulator and its final reduction are
+/// exactly `vec_dot_avx2`'s, so `out[t]` is bit-identical to
+/// `vec_dot_avx2(w, a[t])`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `a[t]` as long as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+
+    for a in &a {
+        assert_eq!(w.len(), a.len());
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, x) in w.iter().enumerate() {
+        let xd = f16_to_f32(x.d);
+        let sc_bytes: [u8; 16] = bytemuck::cast(x.scales);
+        let sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc_bytes.as_ptr() as *const __m128i));
+
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for n in 0..2 {
+            let sc = bcast_i8x8_as_i16(sc_bytes[8 * n..8 * n + 8].try_into().unwrap());
+            let ql0 = load256(x.ql.as_ptr().add(64 * n));
+            let ql1 = load256(x.ql.as_ptr().add(64 * n + 32));
+            let qh = load256(x.qh.as_ptr().add(32 * n));
+            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(m3)));
+            let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(m3));
+            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(m3)));
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), h0),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), h3),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
+                for t in 0..N {
+                    let q8 = load256(a[t].get_unchecked(i).qs.as_ptr().add(128 * n + 32 * k));
+                    let p = _mm256_maddubs_epi16(qk, q8);
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, s));
+                }
+            }
+        }
+        for t in 0..N {
+            let y = a[t].get_unchecked(i);
+            let corr = _mm256_madd_epi16(load256(y.bsums.as_ptr()), sc_all);
+            let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(corr));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * xd), _mm256_cvtepi32_ps(s), acc[t]);
+        }
+    }
+    let mut out = [0.0f32; N];
+    for t in 0..N {
+        out[t] = hsum_f32(acc[t]);
+    }
+    out
 }

@@ -1,0 +1,258 @@
+//! `BlockFormat::vec_dot_multi` (one weight row against several activation
+//! rows, each weight block decoded once) must give, for every activation
+//! row, exactly the bits `vec_dot` gives for that row alone. That is what
+//! keeps `matmul` batch-invariant: a token's output cannot depend on how
+//! many other tokens share its batch, nor on where it falls in the groups
+//! of four the matmul hands to `vec_dot_multi`.
+//!
+//! Weight blocks are random bytes (with their f16 scale fields made finite,
+//! subnormals included); activations are real quantized random vectors, so
+//! they satisfy the activation formats' invariants (no -128, consistent
+//! `s` / `bsums`). Row lengths include odd block counts, which exercise the
+//! tail of the two-accumulator loops.
+
+use minnow_kernels::formats::kquants::*;
+use minnow_kernels::formats::legacy::*;
+use minnow_kernels::formats::{ActBlock, BlockFormat};
+use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
+use minnow_kernels::pool::ThreadPool;
+use proptest::prelude::*;
+
+/// A small deterministic generator, so one proptest seed drives everything.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Uniform in [-scale, scale), with the odd exact zero.
+    fn f32(&mut self, scale: f32) -> f32 {
+        if self.next() % 97 == 0 {
+            return 0.0;
+        }
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+}
+
+/// Any f16 bit pattern with inf/NaN replaced by a finite one.
+fn finite_f16(bits: u16) -> u16 {
+    if bits & 0x7C00 == 0x7C00 {
+        bits & !0x4000
+    } else {
+        bits
+    }
+}
+
+/// Byte offsets of each format's f16 fields within its block.
+trait Weights: BlockFormat {
+    const F16_FIELDS: &'static [usize];
+}
+impl Weights for BlockQ4_0 {
+    const F16_FIELDS: &'static [usize] = &[0];
+}
+impl Weights for BlockQ4_1 {
+    const F16_FIELDS: &'static [usize] = &[0, 2];
+}
+impl Weights for BlockQ5_0 {
+    const F16_FIELDS: &'static [usize] = &[0];
+}
+impl Weights for BlockQ5_1 {
+    const F16_FIELDS: &'static [usize] = &[0, 2];
+}
+impl Weights for BlockQ8_0 {
+    const F16_FIELDS: &'static [usize] = &[0];
+}
+impl Weights for BlockQ2K {
+    const F16_FIELDS: &'static [usize] = &[80, 82];
+}
+impl Weights for BlockQ3K {
+    const F16_FIELDS: &'static [usize] = &[108];
+}
+impl Weights for BlockQ4K {
+    const F16_FIELDS: &'static [usize] = &[0, 2];
+}
+impl Weights for BlockQ5K {
+    const F16_FIELDS: &'static [usize] = &[0, 2];
+}
+impl Weights for BlockQ6K {
+    const F16_FIELDS: &'static [usize] = &[208];
+}
+
+fn random_weights<B: Weights>(rng: &mut Rng, n_blocks: usize) -> Vec<B> {
+    let size = std::mem::size_of::<B>();
+    let mut bytes = rng.bytes(n_blocks * size);
+    for b in bytes.chunks_exact_mut(size) {
+        for &off in B::F16_FIELDS {
+            let bits = finite_f16(u16::from_le_bytes([b[off], b[off + 1]]));
+            b[off..off + 2].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+    let mut out = vec![bytemuck::Zeroable::zeroed(); n_blocks];
+    bytemuck::cast_slice_mut::<B, u8>(&mut out).copy_from_slice(&bytes);
+    out
+}
+
+/// One activation row of `cols` elements, quantized; each row gets its own
+/// magnitude so the rows' scales differ.
+fn random_acts<A: ActBlock>(rng: &mut Rng, cols: usize) -> Vec<A> {
+    let scale = [1e-3, 0.5, 3.0, 40.0][(rng.next() % 4) as usize];
+    let x: Vec<f32> = (0..cols).map(|_| rng.f32(scale)).collect();
+    let mut a = vec![bytemuck::Zeroable::zeroed(); cols / A::BLOCK];
+    A::quantize(&x, &mut a);
+    a
+}
+
+/// `vec_dot_multi::<N>` on every window of N of `rows`, compared bit for bit
+/// with `vec_dot`.
+fn check_n<B: BlockFormat, const N: usize>(w: &[B], rows: &[Vec<B::Dot>], want: &[f32]) {
+    for start in 0..=rows.len() - N {
+        let a: [&[B::Dot]; N] = std::array::from_fn(|t| rows[start + t].as_slice());
+        let mut got = [f32::NAN; N];
+        B::vec_dot_multi(w, a, &mut got);
+        for t in 0..N {
+            assert_eq!(
+                got[t].to_bits(),
+                want[start + t].to_bits(),
+                "{}: vec_dot_multi::<{N}> row {t} gives {} but vec_dot gives {} ({} blocks)",
+                B::TYPE,
+                got[t],
+                want[start + t],
+                w.len()
+            );
+        }
+    }
+}
+
+fn check_format<B: Weights>(seed: u64, n_blocks: usize) {
+    let mut rng = Rng(seed);
+    let w: Vec<B> = random_weights(&mut rng, n_blocks);
+    let rows: Vec<Vec<B::Dot>> = (0..5)
+        .map(|_| random_acts(&mut rng, n_blocks * B::BLOCK))
+        .collect();
+    let want: Vec<f32> = rows.iter().map(|a| B::vec_dot(&w, a)).collect();
+    check_n::<B, 4>(&w, &rows, &want);
+    check_n::<B, 2>(&w, &rows, &want);
+    check_n::<B, 3>(&w, &rows, &want);
+    check_n::<B, 1>(&w, &rows, &want);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn q8_0_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..12) {
+        check_format::<BlockQ8_0>(seed, n);
+    }
+
+    #[test]
+    fn q5_0_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..12) {
+        check_format::<BlockQ5_0>(seed, n);
+    }
+
+    #[test]
+    fn q4_k_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..5) {
+        check_format::<BlockQ4K>(seed, n);
+    }
+
+    #[test]
+    fn q6_k_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..5) {
+        check_format::<BlockQ6K>(seed, n);
+    }
+
+    #[test]
+    fn q4_1_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..12) {
+        check_format::<BlockQ4_1>(seed, n);
+    }
+
+    #[test]
+    fn q4_0_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..12) {
+        check_format::<BlockQ4_0>(seed, n);
+    }
+
+    #[test]
+    fn q5_1_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..12) {
+        check_format::<BlockQ5_1>(seed, n);
+    }
+
+    /// The formats left on the default (N calls of `vec_dot`) too, so an
+    /// override added later is held to the same rule.
+    #[test]
+    fn other_k_quants_multi_is_bit_identical(seed in any::<u64>(), n in 1usize..4) {
+        check_format::<BlockQ2K>(seed, n);
+        check_format::<BlockQ3K>(seed, n);
+        check_format::<BlockQ5K>(seed, n);
+    }
+}
+
+/// Batch invariance end to end: `matmul` over n tokens gives, for every
+/// token, exactly the bits of `matmul` over that token alone, for batch sizes
+/// that leave every remainder of the groups of four, with 1 and 3 threads.
+fn check_matmul_invariance<B: Weights>(seed: u64, rows: usize, blocks_per_row: usize) {
+    let mut rng = Rng(seed);
+    let w: Vec<B> = random_weights(&mut rng, rows * blocks_per_row);
+    let cols = blocks_per_row * B::BLOCK;
+    let m = QMatrix {
+        ty: B::TYPE,
+        rows,
+        cols,
+        data: bytemuck::cast_slice(&w),
+    };
+    let n_max = 11;
+    let x: Vec<f32> = (0..n_max * cols).map(|_| rng.f32(2.0)).collect();
+    for threads in [1, 3] {
+        let pool = ThreadPool::new(threads);
+        let mut scratch = ActBuffer::default();
+        let single: Vec<Vec<f32>> = (0..n_max)
+            .map(|t| {
+                let mut out = vec![0.0; rows];
+                matmul(
+                    &pool,
+                    &m,
+                    &x[t * cols..(t + 1) * cols],
+                    1,
+                    &mut out,
+                    &mut scratch,
+                )
+                .unwrap();
+                out
+            })
+            .collect();
+        for n in 1..=n_max {
+            let mut out = vec![0.0; n * rows];
+            matmul(&pool, &m, &x[..n * cols], n, &mut out, &mut scratch).unwrap();
+            for t in 0..n {
+                let got: Vec<u32> = out[t * rows..(t + 1) * rows]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u32> = single[t].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(
+                    got,
+                    want,
+                    "{}: token {t} of {n}, {threads} threads",
+                    B::TYPE
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_is_batch_invariant() {
+    check_matmul_invariance::<BlockQ8_0>(1, 37, 5);
+    check_matmul_invariance::<BlockQ5_0>(2, 37, 5);
+    check_matmul_invariance::<BlockQ4_1>(3, 37, 5);
+    check_matmul_invariance::<BlockQ4_0>(4, 37, 5);
+    check_matmul_invariance::<BlockQ5_1>(5, 37, 5);
+    check_matmul_invariance::<BlockQ4K>(6, 37, 2);
+    check_matmul_invariance::<BlockQ6K>(7, 37, 3);
+    check_matmul_invariance::<BlockQ5K>(8, 21, 2);
+}
