@@ -10,6 +10,7 @@
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
 //! - [`scheduler`]: continuous batching of many requests (the server's engine):
 //!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
+//! - [`upcycle`]: a dense model file → a mixture-of-experts one computing the same function.
 
 pub mod chat;
 pub mod generate;
@@ -19,3 +20,4 @@ pub mod model;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod upcycle;

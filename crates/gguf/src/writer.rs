@@ -9,6 +9,14 @@
 //! alignment, then each tensor's data padded with zeros to the alignment, in the
 //! order the tensors were added. Tensor data may be borrowed (e.g. from a mapped
 //! [`GgufFile`]) so rewriting a multi-gigabyte model copies nothing into memory.
+//!
+//! Tensor data may also be *streamed* ([`GgufWriter::add_tensor_streamed`]):
+//! a producer that writes a tensor's bytes only when the file is written, so
+//! a tool that derives many large tensors (requantizing, stacking copies of
+//! a matrix) holds one at a time rather than the whole file. The size is
+//! declared up front (the tensor table precedes the data) and enforced.
+//! Quantizing f32 values to a block format lives in the kernels crate
+//! (`minnow_kernels::quantize`), which depends on this one, not the reverse.
 
 use crate::reader::{
     DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_TENSOR_NAME_LEN,
@@ -24,12 +32,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The GGUF version this writer produces.
 pub const WRITE_VERSION: u32 = 3;
 
+/// Writes a streamed tensor's bytes; see [`GgufWriter::add_tensor_streamed`].
+/// `Send + Sync` so a writer stays as shareable as its borrowed data.
+type TensorProducer<'a> = Box<dyn Fn(&mut dyn Write) -> io::Result<()> + Send + Sync + 'a>;
+
+/// Where a pending tensor's bytes come from.
+enum TensorData<'a> {
+    Bytes(Cow<'a, [u8]>),
+    Streamed {
+        len: u64,
+        produce: TensorProducer<'a>,
+    },
+}
+
+impl TensorData<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            TensorData::Bytes(b) => b.len() as u64,
+            TensorData::Streamed { len, .. } => *len,
+        }
+    }
+}
+
 /// One tensor waiting to be written.
 struct PendingTensor<'a> {
     name: String,
     dims: Vec<u64>,
     ty: GgmlType,
-    data: Cow<'a, [u8]>,
+    data: TensorData<'a>,
 }
 
 /// Builds a GGUF v3 file. `'a` is the lifetime of borrowed tensor data.
@@ -107,7 +137,55 @@ impl<'a> GgufWriter<'a> {
     ) -> Result<(), GgufError> {
         let name = name.into();
         let data = data.into();
-        if self.tensor_index.contains_key(&name) {
+        let n_bytes = self.check_tensor(&name, dims, ty)?;
+        if data.len() as u64 != n_bytes {
+            return Err(invalid(format!(
+                "tensor '{name}': {dims:?} {ty} needs {n_bytes} bytes of data, got {}",
+                data.len()
+            )));
+        }
+        self.push_tensor(name, dims, ty, TensorData::Bytes(data));
+        Ok(())
+    }
+
+    /// Adds a tensor whose bytes `produce` writes when the file is written
+    /// (each time it is written: it must write the same bytes every call).
+    /// The writer knows the size from `dims` and `ty`; a producer that
+    /// writes fewer or more bytes fails the write with an error naming the
+    /// tensor (and [`GgufWriter::write_file`] then leaves no file behind).
+    /// Returns the number of bytes the producer must write.
+    pub fn add_tensor_streamed(
+        &mut self,
+        name: impl Into<String>,
+        dims: &[u64],
+        ty: GgmlType,
+        produce: impl Fn(&mut dyn Write) -> io::Result<()> + Send + Sync + 'a,
+    ) -> Result<u64, GgufError> {
+        let name = name.into();
+        let len = self.check_tensor(&name, dims, ty)?;
+        self.push_tensor(
+            name,
+            dims,
+            ty,
+            TensorData::Streamed {
+                len,
+                produce: Box::new(produce),
+            },
+        );
+        Ok(len)
+    }
+
+    /// The tensors added so far: name, ggml dims and type, in file order.
+    pub fn tensor_infos(&self) -> impl Iterator<Item = (&str, &[u64], GgmlType)> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.ty))
+    }
+
+    /// Checks a tensor's name, dims and type against the reader's rules and
+    /// returns the size of its data in bytes.
+    fn check_tensor(&self, name: &str, dims: &[u64], ty: GgmlType) -> Result<u64, GgufError> {
+        if self.tensor_index.contains_key(name) {
             return Err(invalid(format!("tensor '{name}': duplicate tensor name")));
         }
         if name.len() as u64 > MAX_TENSOR_NAME_LEN {
@@ -140,17 +218,14 @@ impl<'a> GgufWriter<'a> {
                 dims[0]
             )));
         }
-        let n_bytes = ty.bytes_for(n_elements).ok_or_else(|| {
+        ty.bytes_for(n_elements).ok_or_else(|| {
             invalid(format!(
                 "tensor '{name}': size of {n_elements} {ty} elements overflows"
             ))
-        })?;
-        if data.len() as u64 != n_bytes {
-            return Err(invalid(format!(
-                "tensor '{name}': {dims:?} {ty} needs {n_bytes} bytes of data, got {}",
-                data.len()
-            )));
-        }
+        })
+    }
+
+    fn push_tensor(&mut self, name: String, dims: &[u64], ty: GgmlType, data: TensorData<'a>) {
         self.tensor_index.insert(name.clone(), self.tensors.len());
         self.tensors.push(PendingTensor {
             name,
@@ -158,7 +233,6 @@ impl<'a> GgufWriter<'a> {
             ty,
             data,
         });
-        Ok(())
     }
 
     /// The alignment the file will be written with (`general.alignment` if
@@ -181,7 +255,30 @@ impl<'a> GgufWriter<'a> {
         // so it is built in memory; tensor data streams straight from its source.
         out.write_all(&self.head(alignment))?;
         for t in &self.tensors {
-            out.write_all(&t.data)?;
+            match &t.data {
+                TensorData::Bytes(bytes) => out.write_all(bytes)?,
+                TensorData::Streamed { len, produce } => {
+                    let start = out.written;
+                    let mut limited = LimitedWriter {
+                        out: &mut out,
+                        left: *len,
+                    };
+                    let result = produce(&mut limited);
+                    let written = out.written - start;
+                    result.map_err(|e| {
+                        io::Error::new(e.kind(), format!("tensor '{}': {e}", t.name))
+                    })?;
+                    if written != *len {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "tensor '{}': the producer wrote {written} bytes, {len} were declared",
+                                t.name
+                            ),
+                        ));
+                    }
+                }
+            }
             out.pad_to(alignment)?;
         }
         out.inner.flush()
@@ -270,7 +367,7 @@ impl<'a> GgufWriter<'a> {
             }
             head.extend_from_slice(&t.ty.id().to_le_bytes());
             head.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + t.data.len() as u64).next_multiple_of(alignment);
+            offset = (offset + t.data.len()).next_multiple_of(alignment);
         }
         head.resize((head.len() as u64).next_multiple_of(alignment) as usize, 0);
         head
@@ -375,6 +472,32 @@ impl<W: Write> CountingWriter<W> {
             self.write_all(&ZEROS[..n])?;
             padding -= n as u64;
         }
+        Ok(())
+    }
+}
+
+/// Passes at most `left` bytes on to a streamed tensor's output: a producer
+/// that writes too much fails at once rather than shifting every later
+/// tensor off its declared offset.
+struct LimitedWriter<'w, W> {
+    out: &'w mut CountingWriter<W>,
+    left: u64,
+}
+
+impl<W: Write> Write for LimitedWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the producer wrote more bytes than were declared",
+            ));
+        }
+        self.out.write_all(buf)?;
+        self.left -= buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }

@@ -13,5 +13,6 @@ pub mod formats;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+pub mod quantize;
 
 pub use minnow_gguf::GgmlType;

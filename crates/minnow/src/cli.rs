@@ -39,6 +39,9 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Prompt-processing and generation speed, like llama-bench.
     Bench(BenchArgs),
+    /// Make a mixture-of-experts model from a dense one (sparse upcycling):
+    /// every expert a copy of the dense FFN, computing the dense function.
+    Upcycle(UpcycleArgs),
     /// Download, assemble and verify a test model ("all" for every one).
     Pull(PullArgs),
     /// OpenAI-compatible HTTP server with continuous batching (and a chat page at /).
@@ -145,6 +148,10 @@ struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// After the run, print how the routers spread tokens over experts
+    /// (stderr; with --json also as "moe_stats").
+    #[arg(long)]
+    moe_stats: bool,
 }
 
 #[derive(Args)]
@@ -274,6 +281,7 @@ pub fn main() -> Result<()> {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench(a),
+        Command::Upcycle(a) => upcycle(a),
         Command::Pull(a) => {
             for p in models::pull(&a.name)? {
                 println!("{}", p.display());
@@ -369,19 +377,37 @@ fn run(a: RunArgs) -> Result<()> {
         }
     })?;
     if a.json {
-        println!(
-            "{}",
-            json!({
-                "text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens,
-                "prompt_tps": g.prompt_tps(), "gen_tokens": g.gen_tokens, "gen_tps": g.gen_tps(),
-                "finish_reason": g.finish.as_str(),
-            })
-        );
+        let mut out = json!({
+            "text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens,
+            "prompt_tps": g.prompt_tps(), "gen_tokens": g.gen_tokens, "gen_tps": g.gen_tps(),
+            "finish_reason": g.finish.as_str(),
+        });
+        if a.moe_stats {
+            out["moe_stats"] = moe_stats(&m);
+        }
+        println!("{out}");
     } else {
         println!();
         eprintln!("{}", summary(&g));
+        if a.moe_stats {
+            moe_stats(&m);
+        }
     }
     Ok(())
+}
+
+/// `--moe-stats`: prints the router statistics table to stderr and returns
+/// them as JSON. A dense model gets a note rather than an error: the flag
+/// can then stay in scripts that run both kinds.
+fn moe_stats(m: &LoadedModel) -> serde_json::Value {
+    let Some(s) = m.model.router_stats() else {
+        eprintln!("note: --moe-stats: this is a dense model ({}), it has no experts to report on", m.model.config().arch.name());
+        return serde_json::Value::Null;
+    };
+    eprint!("{}", s.format_table());
+    json!({
+        "experts_per_token": s.experts_per_token, "tokens": s.tokens(), "counts": s.counts, "layers": s.layers(),
+    })
 }
 
 fn summary(g: &Generation) -> String {
@@ -645,5 +671,79 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("pp{:<5} {:8.2} tok/s", a.pp, pp);
         println!("tg{:<5} {:8.2} tok/s", a.tg, tg);
     }
+    Ok(())
+}
+
+#[derive(Args)]
+struct UpcycleArgs {
+    /// The dense model: a GGUF file or a test model's short name.
+    model: String,
+    /// Where to write the mixture-of-experts model (atomically).
+    #[arg(long, short = 'o')]
+    output: std::path::PathBuf,
+    /// Experts per layer.
+    #[arg(long)]
+    experts: usize,
+    /// Experts each token is routed to.
+    #[arg(long)]
+    top_k: usize,
+    /// Relative Gaussian noise on the expert weights, also the scale of a
+    /// random router (0: exact copies and a zero router).
+    #[arg(long, default_value_t = 0.0)]
+    noise: f32,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Expert tensor type: keep (the dense bytes, copied), q8_0, q4_0, q4_k,
+    /// q4_1, q5_0, q5_1, f16, bf16, f32.
+    #[arg(long = "type", default_value = "keep")]
+    expert_type: String,
+    /// Threads for requantizing (default: the number of physical cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+}
+
+fn upcycle(a: UpcycleArgs) -> Result<()> {
+    use minnow_engine::upcycle::{upcycle_file, ExpertType, UpcycleOptions};
+    let input = models::resolve(&a.model)?;
+    let opts = UpcycleOptions {
+        experts: a.experts,
+        top_k: a.top_k,
+        noise: a.noise,
+        seed: a.seed,
+        expert_type: ExpertType::parse(&a.expert_type)?,
+        threads: a.threads.unwrap_or_else(physical_cores),
+    };
+    let t = Instant::now();
+    let s = upcycle_file(&input, &a.output, &opts)?;
+    let b = |n: u64| n as f64 / 1e9;
+    println!(
+        "wrote {} in {:.1} s: {} ({} from {}), {} layers × {} experts, top-{}, expert width {}",
+        a.output.display(),
+        t.elapsed().as_secs_f64(),
+        s.arch,
+        if s.arch == "llama" { "Mixtral-style" } else { "with a zero-output shared expert" },
+        s.source_arch,
+        s.n_layer,
+        s.experts,
+        s.top_k,
+        s.n_ff
+    );
+    let types: Vec<String> = s.expert_types.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+    println!("expert stacks: {}", types.join(", "));
+    println!(
+        "parameters: {:.3} B stored, {:.3} B active per token (dense: {:.3} B, so {:.2}× the dense model's work per token)",
+        b(s.total_params),
+        b(s.active_params),
+        b(s.dense_params),
+        s.active_params as f64 / s.dense_params as f64
+    );
+    if s.down_scale != 1.0 {
+        println!("down projections scaled by {} (E/k: qwen2moe does not renormalise the top-k weights)", s.down_scale);
+    }
+    for n in &s.notes {
+        println!("note: {n}");
+    }
+    println!("file: {:.1} MiB", s.file_bytes as f64 / (1u64 << 20) as f64);
     Ok(())
 }
