@@ -254,8 +254,19 @@ struct Parsed {
     tensor_index: HashMap<String, usize>,
 }
 
-fn invalid(message: String) -> GgufError {
-    GgufError::Invalid(message)
+/// Builds an `Invalid` error. Messages quote names and keys read from the
+/// untrusted file, so control characters are escaped: an error stays one line
+/// and cannot rewrite the user's terminal.
+pub(crate) fn invalid(message: String) -> GgufError {
+    let one_line = if message.chars().any(char::is_control) {
+        message
+            .chars()
+            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .collect()
+    } else {
+        message
+    };
+    GgufError::Invalid(one_line)
 }
 
 /// Fewest bytes a metadata entry can take: key length (u64), value type (u32)

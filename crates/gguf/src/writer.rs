@@ -19,7 +19,7 @@
 //! (`minnow_kernels::quantize`), which depends on this one, not the reverse.
 
 use crate::reader::{
-    DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_TENSOR_NAME_LEN,
+    invalid, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_TENSOR_NAME_LEN,
 };
 use crate::{GgmlType, GgufError, GgufFile, Value};
 use std::borrow::Cow;
@@ -71,9 +71,6 @@ pub struct GgufWriter<'a> {
     tensor_index: HashMap<String, usize>,
 }
 
-fn invalid(message: String) -> GgufError {
-    GgufError::Invalid(message)
-}
 
 impl<'a> GgufWriter<'a> {
     pub fn new() -> GgufWriter<'a> {

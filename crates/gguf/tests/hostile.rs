@@ -410,6 +410,18 @@ fn duplicate_key() {
     expect_err(e.bytes, &["metadata 'general.architecture': duplicate key"]);
 }
 
+#[test]
+fn names_with_control_characters_are_escaped_in_errors() {
+    // A key that contains a newline and an escape sequence, duplicated so the
+    // error quotes it: the message must stay one line and inert in a terminal.
+    let mut e = Emitter::new();
+    e.header(3, 0, 2);
+    e.kv("a", "evil\nkey\x1b[2J", ValueType::U8).u8(0);
+    e.kv("b", "evil\nkey\x1b[2J", ValueType::U8).u8(0);
+    let message = expect_err(e.bytes, &["metadata 'evil\\nkey\\u{1b}[2J': duplicate key"]);
+    assert!(!message.contains('\x1b'), "{message:?}");
+}
+
 // ---- alignment ----
 
 #[test]

@@ -306,21 +306,35 @@ impl BlockQ4K {
             for j in 0..8 {
                 (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], 15);
             }
-            let max_scale = scales.iter().copied().fold(0.0f32, f32::max);
-            let max_min = mins.iter().copied().fold(0.0f32, f32::max);
-            let d = half::f16::from_f32(max_scale / 63.0);
-            let dmin = half::f16::from_f32(max_min / 63.0);
+            // d and dmin must leave every sub-block's covering codes (see
+            // `choose_codes`) within 6 bits, so they bound the covering
+            // scale/min as well as the fitted ones, rounded up in f16.
+            let mut max_scale = 0.0f32;
+            let mut max_min = 0.0f32;
+            for j in 0..8 {
+                let sub = &xb[32 * j..32 * j + 32];
+                let lo = sub.iter().copied().fold(0.0f32, f32::min);
+                let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                max_scale = max_scale.max(scales[j]).max((hi - lo) / 15.0);
+                max_min = max_min.max(mins[j]).max(-lo);
+            }
+            let d = f16_at_least(max_scale / 63.0);
+            let dmin = f16_at_least(max_min / 63.0);
             let (df, dminf) = (d.to_f32(), dmin.to_f32());
-            let q6 = |v: f32, step: f32| {
+            let q6 = |v: f32, step: f32| -> u8 {
                 if step > 0.0 {
                     (v / step).round().clamp(0.0, 63.0) as u8
                 } else {
                     0
                 }
             };
-            let ls: [u8; 8] = std::array::from_fn(|j| q6(scales[j], df));
-            let lm: [u8; 8] = std::array::from_fn(|j| q6(mins[j], dminf));
-
+            let mut ls = [0u8; 8];
+            let mut lm = [0u8; 8];
+            for j in 0..8 {
+                let sub = &xb[32 * j..32 * j + 32];
+                let fitted = (q6(scales[j], df), q6(mins[j], dminf));
+                (ls[j], lm[j]) = choose_codes(sub, fitted, df, dminf);
+            }
             b.d = d.to_bits();
             b.dmin = dmin.to_bits();
             b.scales = pack_scale_min_k4(&ls, &lm);
@@ -340,6 +354,72 @@ impl BlockQ4K {
             }
         }
     }
+}
+
+/// The smallest f16 not below `v` (for finite, non-negative `v`).
+fn f16_at_least(v: f32) -> half::f16 {
+    let h = half::f16::from_f32(v);
+    if h.to_f32() < v {
+        half::f16::from_bits(h.to_bits() + 1)
+    } else {
+        h
+    }
+}
+
+/// Reconstruction of `x` with 6-bit scale code `ls` and min code `lm`:
+/// returns (largest absolute error, sum of squared errors) with each element
+/// at its nearest 4-bit level.
+fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32) -> (f32, f32) {
+    let step = df * ls as f32;
+    let off = dminf * lm as f32;
+    let (mut max_err, mut sq) = (0.0f32, 0.0f32);
+    for &v in x {
+        let q = if step > 0.0 { ((v + off) / step).round().clamp(0.0, 15.0) } else { 0.0 };
+        let e = (step * q - off - v).abs();
+        max_err = max_err.max(e);
+        sq += e * e;
+    }
+    (max_err, sq)
+}
+
+/// Picks the 6-bit (scale, min) codes of one sub-block once `d`/`dmin` are
+/// fixed. Rounding the fitted scale and min to 6 bits independently can
+/// leave the sub-block's range uncovered (a scale rounded down makes the top
+/// level fall short by up to 15 half-codes), so the neighbours of the
+/// rounded codes and the codes that just cover `[min(lo, 0), hi]` are tried
+/// too. Among candidates whose worst element is within one level of the
+/// sub-block's own step (the covering codes always are), the one with the
+/// least squared error wins.
+fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32) -> (u8, u8) {
+    let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Covering codes: the min code rounded up (so -off <= lo), then the
+    // smallest scale code whose top level reaches hi.
+    let lm_cover = if dminf > 0.0 { (-lo / dminf).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
+    let off_cover = dminf * lm_cover as f32;
+    let ls_cover = if df > 0.0 {
+        ((hi + off_cover) / (15.0 * df)).ceil().clamp(0.0, 63.0) as u8
+    } else {
+        0
+    };
+    let bound = ((hi - lo) / 15.0).max(df).max(dminf);
+    let mut best = (ls_cover, lm_cover);
+    let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf).1;
+    let (fs, fm) = (fitted.0 as i32, fitted.1 as i32);
+    for ls in [fs - 1, fs, fs + 1, ls_cover as i32] {
+        for lm in [fm - 1, fm, fm + 1, lm_cover as i32] {
+            if !(0..=63).contains(&ls) || !(0..=63).contains(&lm) {
+                continue;
+            }
+            let (ls, lm) = (ls as u8, lm as u8);
+            let (max_err, sq) = code_error(x, ls, lm, df, dminf);
+            if max_err <= bound && sq < best_sq {
+                best = (ls, lm);
+                best_sq = sq;
+            }
+        }
+    }
+    best
 }
 
 /// Inverse of `unpack_scale_min_k4`: packs 6-bit scales and mins.
