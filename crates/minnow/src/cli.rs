@@ -46,6 +46,8 @@ enum Command {
     Pull(PullArgs),
     /// OpenAI-compatible HTTP server with continuous batching (and a chat page at /).
     Serve(ServeArgs),
+    /// Distillation: a teacher labels data, a student trains on it, eval proves it.
+    Distill(crate::distill_cmd::DistillArgs),
 }
 
 #[derive(Args)]
@@ -282,6 +284,7 @@ pub fn main() -> Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench(a),
         Command::Upcycle(a) => upcycle(a),
+        Command::Distill(a) => crate::distill_cmd::main(a),
         Command::Pull(a) => {
             for p in models::pull(&a.name)? {
                 println!("{}", p.display());

@@ -2,6 +2,8 @@
 //! engine crates: run, chat, info, tokenize, logits, perplexity, bench, pull.
 
 mod cli;
+mod distill_cmd;
+mod distill_train;
 mod models;
 
 fn main() {
