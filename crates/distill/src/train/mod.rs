@@ -1,1 +1,478 @@
-//! (in progress)
+//! `minnow distill train`: fine-tune a student GGUF on a labeled dataset and
+//! write the result as a GGUF the engine runs.
+//!
+//! - [`model`]: the candle forward pass (llama, qwen2, Mixtral-style MoE),
+//!   tested to give the engine's logits on the same weights.
+//! - [`lora`]: low-rank adapters, merged on export.
+//! - [`loss`]: masked cross-entropy and the top-k KL term (defined there).
+//! - [`batch`]: tokenization with the prompt masked, validation split,
+//!   seeded shuffling, sequence packing.
+//! - [`optim`]: AdamW, warm-up + cosine schedule, gradient clipping.
+//! - [`checkpoint`]: atomic checkpoints that resume exactly.
+//! - [`export`]: the GGUF writer side.
+//!
+//! Choices where the task left room:
+//! - MoE students: the router is **frozen** (its weights never update);
+//!   gradients still flow through the routing probabilities into the hidden
+//!   states and into the chosen experts. An upcycled model starts with
+//!   identical experts, so a frozen router keeps the starting point's
+//!   function and avoids the collapse a load-balancing loss must fight.
+//! - Examples longer than `max_seq` are skipped (and counted), not cut: a
+//!   truncated answer would teach the student to stop mid-answer.
+//! - Runs on a CUDA GPU when built with the `cuda` feature and one is
+//!   present, else on the CPU; nothing changes for the user.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod export;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod rng;
+
+use crate::data::{vocab_fingerprint, DatasetRecord};
+use anyhow::{bail, Context, Result};
+use batch::{Example, MicroBatch};
+use candle_core::Device;
+use checkpoint::CheckpointHeader;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use minnow_engine::chat::ChatTemplate;
+use minnow_engine::tokenizer::Tokenizer;
+use minnow_gguf::GgufFile;
+use model::Student;
+use optim::{AdamW, AdamWParams};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything a training run needs; built from CLI flags or a pipeline
+/// config (unset fields take the defaults below).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The student GGUF to start from.
+    pub student: PathBuf,
+    /// Dataset JSONL (`DatasetRecord` per line).
+    pub data: PathBuf,
+    /// Where the trained GGUF goes.
+    pub output: PathBuf,
+    /// Fraction of examples held out for validation loss.
+    pub val_frac: f64,
+    pub epochs: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Most tokens (rows × padded length) in one micro-batch.
+    pub batch_tokens: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Longest packed row (and longest example).
+    pub max_seq: usize,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Global gradient-norm clip (0 = off).
+    pub clip: f64,
+    pub seed: u64,
+    pub weight_decay: f64,
+    /// The cosine ends at `lr·min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// Train LoRA adapters of this rank instead of all weights.
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: f64,
+    /// Comma-separated subset of q,k,v,o,gate,up,down.
+    pub lora_targets: String,
+    /// β of `(1−β)·CE + β·KL` (0 = cross-entropy only).
+    pub kl_weight: f64,
+    /// τ of the KL term.
+    pub kl_temperature: f64,
+    /// Where checkpoints go; a checkpoint found there is resumed.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Optimizer steps between checkpoints.
+    pub checkpoint_every: usize,
+    /// Type of the trained tensors in the output: f32, f16 or q8_0.
+    pub out_type: String,
+    /// Compute threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Stop after this many optimizer steps (the schedule is sized to it).
+    pub max_steps: Option<usize>,
+    /// Draw the progress bar (on stderr, when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            student: PathBuf::new(),
+            data: PathBuf::new(),
+            output: PathBuf::new(),
+            val_frac: 0.05,
+            epochs: 1,
+            lr: 1e-4,
+            batch_tokens: 2048,
+            grad_accum: 1,
+            max_seq: 512,
+            warmup: 10,
+            clip: 1.0,
+            seed: 0,
+            weight_decay: 0.0,
+            min_lr_ratio: 0.1,
+            lora_rank: None,
+            lora_alpha: 16.0,
+            lora_targets: "q,k,v,o,gate,up,down".into(),
+            kl_weight: 0.0,
+            kl_temperature: 1.0,
+            checkpoint_dir: None,
+            checkpoint_every: 50,
+            out_type: "q8_0".into(),
+            threads: None,
+            max_steps: None,
+            progress: true,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Optimizer steps of the whole run (including any done before a resume).
+    pub steps: usize,
+    /// The step this invocation started from (0 unless resumed).
+    pub resumed_from: usize,
+    /// Mean loss of the last step.
+    pub final_train_loss: Option<f64>,
+    /// Validation loss (mean CE over answer tokens) before training and at the end.
+    pub initial_val_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    /// (step, validation loss) at the start and after each epoch.
+    pub val_history: Vec<(usize, f64)>,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    /// Examples longer than `max_seq`, skipped.
+    pub skipped_too_long: usize,
+    /// Answer positions with a teacher distribution (KL term) / all.
+    pub kl_positions: usize,
+    pub answer_positions: usize,
+    /// Tokens (prompt + answer, no padding) processed by this invocation.
+    pub tokens: u64,
+    /// Training throughput of this invocation: tokens through forward and backward per second.
+    pub tokens_per_sec: f64,
+    pub seconds: f64,
+    pub output: PathBuf,
+    pub output_bytes: u64,
+    pub device: String,
+}
+
+/// The device to train on: the first CUDA GPU when built with `cuda` and
+/// one is present, else the CPU.
+pub fn select_device() -> Result<Device> {
+    Ok(Device::cuda_if_available(0)?)
+}
+
+fn check_config(c: &TrainConfig) -> Result<()> {
+    let pos = |v: usize, flag: &str| if v == 0 { bail!("{flag} must be at least 1") } else { Ok(()) };
+    pos(c.epochs, "--epochs")?;
+    pos(c.batch_tokens, "--batch-tokens")?;
+    pos(c.grad_accum, "--grad-accum")?;
+    pos(c.max_seq, "--max-seq")?;
+    pos(c.checkpoint_every, "--checkpoint-every")?;
+    if !(c.lr.is_finite() && c.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", c.lr);
+    }
+    if !(0.0..1.0).contains(&c.val_frac) {
+        bail!("--val-frac must be in [0, 1), got {}", c.val_frac);
+    }
+    if !(0.0..=1.0).contains(&c.kl_weight) {
+        bail!("--kl-weight must be in [0, 1], got {}", c.kl_weight);
+    }
+    if !(c.kl_temperature.is_finite() && c.kl_temperature > 0.0) {
+        bail!("--kl-temperature must be positive, got {}", c.kl_temperature);
+    }
+    if c.clip < 0.0 || !c.clip.is_finite() {
+        bail!("--clip must be 0 (off) or positive, got {}", c.clip);
+    }
+    if c.max_steps == Some(0) {
+        bail!("--max-steps must be at least 1");
+    }
+    if c.output.as_os_str().is_empty() {
+        bail!("no output path: give -o OUT.gguf");
+    }
+    export::parse_out_type(&c.out_type)?;
+    Ok(())
+}
+
+/// Reads a dataset JSONL; errors name the line.
+pub fn read_dataset(path: &Path) -> Result<Vec<DatasetRecord>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read dataset {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec: DatasetRecord = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not a dataset record", path.display(), i + 1))?;
+        out.push(rec);
+    }
+    if out.is_empty() {
+        bail!("dataset {} has no records", path.display());
+    }
+    Ok(out)
+}
+
+/// Checks the KL term can be computed on `records` for a student with
+/// vocabulary fingerprint `student_vocab`; returns k (largest stored top-k).
+pub fn check_kl_vocab(records: &[DatasetRecord], student_vocab: &str) -> Result<usize> {
+    let mut k = 0;
+    for r in records {
+        let Some(t) = &r.teacher_logprobs else { continue };
+        match &t.vocab {
+            Some(v) if v == student_vocab => {}
+            Some(v) => bail!(
+                "record '{}': the teacher's vocabulary ({v}) differs from the student's ({student_vocab}); \
+                 the KL term needs a shared vocabulary: drop --kl-weight or label with a teacher that shares the student's tokenizer",
+                r.id
+            ),
+            None => bail!(
+                "record '{}': the teacher's vocabulary is unknown (remote teacher), so the KL term cannot be checked; drop --kl-weight",
+                r.id
+            ),
+        }
+        k = k.max(t.top.iter().map(Vec::len).max().unwrap_or(0));
+    }
+    if k == 0 {
+        bail!("--kl-weight needs teacher log-probabilities in the dataset: label with --logprobs K");
+    }
+    Ok(k)
+}
+
+/// FNV-1a 64 of some bytes, continuing from `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// What makes two runs the same run: the student file, the data, and every
+/// setting that changes the weights (not threads, paths or checkpointing).
+fn run_fingerprint(c: &TrainConfig, student: &GgufFile) -> Result<String> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    h = fnv(h, &std::fs::read(&c.data)?);
+    h = fnv(h, &student.file_size().to_le_bytes());
+    for t in student.tensors() {
+        h = fnv(h, t.name.as_bytes());
+        h = fnv(h, &t.offset.to_le_bytes());
+    }
+    let s = TrainConfig {
+        student: PathBuf::new(),
+        data: PathBuf::new(),
+        output: PathBuf::new(),
+        checkpoint_dir: None,
+        checkpoint_every: 0,
+        threads: None,
+        progress: false,
+        out_type: String::new(),
+        ..c.clone()
+    };
+    h = fnv(h, serde_json::to_string(&s)?.as_bytes());
+    Ok(format!("{h:016x}"))
+}
+
+/// Mean CE over the answer tokens of `order`'s examples.
+fn validation_loss(student: &Student, examples: &[Example], order: &[usize], c: &TrainConfig) -> Result<Option<f64>> {
+    if order.is_empty() {
+        return Ok(None);
+    }
+    let (mut sum, mut n) = (0f64, 0f64);
+    for mb in batch::pack(order, examples, c.max_seq, c.batch_tokens) {
+        let (inp, tg) = batch::build(&mb, examples, &student.shape, 0, student.device())?;
+        let logits = student.forward(&inp)?;
+        let s = loss::loss_sum(&logits, &tg, 0.0, 1.0)?;
+        sum += s.ce_sum;
+        n += s.n_rows;
+    }
+    Ok((n > 0.0).then(|| sum / n))
+}
+
+fn progress_bar(total: usize, start: usize, show: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(total as u64), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    pb.set_style(
+        ProgressStyle::with_template("train {bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(start as u64);
+    pb
+}
+
+/// Runs one optimizer step over its micro-batches; returns (mean loss, tokens).
+fn train_step(student: &Student, opt: &mut AdamW, mbs: &[MicroBatch], examples: &[Example], c: &TrainConfig, kl_k: usize, lr: f64) -> Result<(f64, u64)> {
+    let n_answer: usize = mbs.iter().map(|mb| batch::answer_tokens(mb, examples)).sum();
+    let mut acc = Vec::new();
+    let (mut loss_total, mut tokens) = (0f64, 0u64);
+    for mb in mbs {
+        let (inp, tg) = batch::build(mb, examples, &student.shape, kl_k, student.device())?;
+        tokens += mb.rows.iter().flatten().map(|&i| examples[i].tokens.len() as u64).sum::<u64>();
+        let logits = student.forward(&inp)?;
+        let s = loss::loss_sum(&logits, &tg, c.kl_weight, c.kl_temperature)?;
+        let scaled = (s.total / n_answer as f64)?;
+        loss_total += scaled.to_scalar::<f32>()? as f64;
+        let grads = scaled.backward()?;
+        optim::accumulate(&mut acc, &opt.slots, &grads)?;
+    }
+    if !loss_total.is_finite() {
+        bail!("the training loss became {loss_total}: lower --lr (or raise --clip)");
+    }
+    optim::clip_grad_norm(&mut acc, c.clip)?;
+    opt.step(&acc, lr)?;
+    Ok((loss_total, tokens))
+}
+
+/// Everything loaded and planned before the first step.
+struct Setup {
+    base: GgufFile,
+    student: Student,
+    examples: Vec<Example>,
+    train_idx: Vec<usize>,
+    val_idx: Vec<usize>,
+    steps: Vec<Vec<MicroBatch>>,
+    /// Step indices (exclusive ends) where an epoch ends.
+    epoch_ends: Vec<usize>,
+    kl_k: usize,
+    stats: batch::PrepStats,
+}
+
+fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
+    let base = GgufFile::open(&c.student).with_context(|| format!("cannot open student {}", c.student.display()))?;
+    let name = c.student.display();
+    let tok = Tokenizer::from_gguf(&base).map_err(|e| anyhow::anyhow!("{name}: tokenizer: {e}"))?;
+    let chat = ChatTemplate::from_gguf(&base).map_err(|e| anyhow::anyhow!("{name}: chat template: {e}"))?;
+    let records = read_dataset(&c.data)?;
+    let kl_k = if c.kl_weight > 0.0 { check_kl_vocab(&records, &vocab_fingerprint(&tok))? } else { 0 };
+    let (examples, stats) = batch::prepare(&records, &tok, chat.as_ref(), c.max_seq, kl_k > 0)?;
+    if examples.is_empty() {
+        bail!("every example is longer than --max-seq {}: raise it", c.max_seq);
+    }
+    let (train_idx, val_idx) = batch::split(examples.len(), c.val_frac, c.seed);
+    let mut steps = Vec::new();
+    let mut epoch_ends = Vec::new();
+    for epoch in 0..c.epochs {
+        let one = batch::plan_steps(&train_idx, &examples, 1, c.max_seq, c.batch_tokens, c.grad_accum, c.seed.wrapping_add(epoch as u64));
+        steps.extend(one);
+        epoch_ends.push(steps.len());
+    }
+    if let Some(m) = c.max_steps {
+        steps.truncate(m);
+        epoch_ends.retain(|&e| e <= m);
+        if epoch_ends.last() != Some(&steps.len()) {
+            epoch_ends.push(steps.len());
+        }
+    }
+    let mut student = Student::load(&base, device, c.lora_rank.is_none()).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if let Some(rank) = c.lora_rank {
+        let stems = lora::parse_targets(&c.lora_targets)?;
+        let mut weights = Vec::new();
+        for l in 0..student.shape.cfg.n_layer {
+            for stem in &stems {
+                let n = format!("blk.{l}.{stem}.weight");
+                match student.get(&n) {
+                    Ok(t) if t.rank() == 2 => weights.push((n, (t.dim(0)?, t.dim(1)?))),
+                    _ => bail!("LoRA target '{stem}' has no 2-D weight '{n}' in this model (MoE expert FFNs take no adapters: drop gate,up,down)"),
+                }
+            }
+        }
+        student.lora = Some(lora::LoraSet::new(&weights, rank, c.lora_alpha, c.seed, device)?);
+    }
+    Ok(Setup { base, student, examples, train_idx, val_idx, steps, epoch_ends, kl_k, stats })
+}
+
+/// Trains as `cfg` says and writes the student GGUF.
+pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    check_config(cfg)?;
+    if let Some(n) = cfg.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's CPU matmul reads its thread count from this variable.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let device = select_device()?;
+    let s = setup(cfg, &device)?;
+    let fingerprint = run_fingerprint(cfg, &s.base)?;
+    let mut opt = AdamW::new(s.student.trainable(), AdamWParams { weight_decay: cfg.weight_decay, ..Default::default() })?;
+
+    let mut header = CheckpointHeader {
+        step: 0,
+        adam_t: 0,
+        fingerprint: fingerprint.clone(),
+        vars: Vec::new(),
+        val_history: Vec::new(),
+        last_train_loss: None,
+    };
+    if let Some(dir) = &cfg.checkpoint_dir {
+        if let Some((h, r)) = checkpoint::read_header(dir)? {
+            if h.fingerprint != fingerprint {
+                bail!(
+                    "the checkpoint in {} belongs to another run (different student, data or settings): use another --checkpoint-dir or delete it",
+                    dir.display()
+                );
+            }
+            checkpoint::restore(&h, r, &mut opt)?;
+            header = h;
+        }
+    }
+    let total = s.steps.len();
+    let start = header.step.min(total);
+    if start == 0 && header.val_history.is_empty() {
+        if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, cfg)? {
+            header.val_history.push((0, v));
+        }
+    }
+
+    let pb = progress_bar(total, start, cfg.progress);
+    let t0 = Instant::now();
+    let mut tokens = 0u64;
+    for step in start..total {
+        let lr = optim::lr_at(step, total, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
+        let (loss, n) = train_step(&s.student, &mut opt, &s.steps[step], &s.examples, cfg, s.kl_k, lr)?;
+        tokens += n;
+        header.step = step + 1;
+        header.last_train_loss = Some(loss);
+        if s.epoch_ends.contains(&(step + 1)) {
+            if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, cfg)? {
+                header.val_history.push((step + 1, v));
+            }
+        }
+        let rate = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let val = header.val_history.last().map(|v| format!("  val {:.4}", v.1)).unwrap_or_default();
+        pb.set_message(format!("loss {loss:.4}{val}  {rate:.0} tok/s"));
+        pb.set_position((step + 1) as u64);
+        if let Some(dir) = &cfg.checkpoint_dir {
+            if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == total {
+                checkpoint::save(dir, header.clone(), &opt)?;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let out_type = export::parse_out_type(&cfg.out_type)?;
+    let output_bytes = export::export(&s.base, &s.student, &cfg.output, out_type)?;
+    Ok(TrainReport {
+        steps: total,
+        resumed_from: start,
+        final_train_loss: header.last_train_loss,
+        initial_val_loss: header.val_history.first().filter(|v| v.0 == 0).map(|v| v.1),
+        final_val_loss: header.val_history.last().map(|v| v.1),
+        val_history: header.val_history,
+        train_examples: s.train_idx.len(),
+        val_examples: s.val_idx.len(),
+        skipped_too_long: s.stats.too_long,
+        kl_positions: s.stats.kl_positions,
+        answer_positions: s.stats.answer_positions,
+        tokens,
+        tokens_per_sec: if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
+        seconds,
+        output: cfg.output.clone(),
+        output_bytes,
+        device: format!("{device:?}"),
+    })
+}

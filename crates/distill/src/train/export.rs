@@ -1,0 +1,60 @@
+//! Writing the trained student as a GGUF that `minnow run`/`serve` load.
+//!
+//! All metadata of the base file is kept (tokenizer, chat template,
+//! hyperparameters), and every tensor keeps its name, shape and position.
+//! Tensors training did not change are copied byte for byte; changed ones
+//! (LoRA merged in) are encoded as the requested type — vectors (norms,
+//! biases) always as F32, and a matrix whose rows are not whole blocks of
+//! the type falls back to F16. The file appears atomically
+//! ([`GgufWriter::write_file`]).
+
+use super::model::{to_f32_vec, Student};
+use anyhow::{bail, Context, Result};
+use minnow_gguf::{GgmlType, GgufFile, GgufWriter};
+use minnow_kernels::quantize::quantize_to_vec;
+use std::path::Path;
+
+/// Parses `--out-type`: f32, f16 or q8_0 (any case).
+pub fn parse_out_type(s: &str) -> Result<GgmlType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" => Ok(GgmlType::F32),
+        "f16" => Ok(GgmlType::F16),
+        "q8_0" => Ok(GgmlType::Q8_0),
+        other => bail!("output type '{other}' is not one of: f32, f16, q8_0"),
+    }
+}
+
+/// The type a changed tensor of ggml `dims` is written as.
+fn type_for(dims: &[u64], want: GgmlType) -> GgmlType {
+    if dims.len() < 2 {
+        return GgmlType::F32;
+    }
+    if dims[0] % want.block_size() as u64 != 0 {
+        return GgmlType::F16;
+    }
+    want
+}
+
+/// Writes `student` (based on `base`) to `out`; returns the file size.
+pub fn export(base: &GgufFile, student: &Student, out: &Path, out_type: GgmlType) -> Result<u64> {
+    let changed = student.changed_tensors();
+    let mut w = GgufWriter::new();
+    for (key, value) in base.metadata() {
+        w.add_metadata(key.clone(), value.clone())?;
+    }
+    for info in base.tensors() {
+        if !changed.contains(&info.name) {
+            w.add_tensor(info.name.clone(), &info.dims, info.ty, base.tensor_data(info))?;
+            continue;
+        }
+        let values = to_f32_vec(&student.merged(&info.name)?)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            bail!("tensor '{}' has non-finite values after training: lower the learning rate", info.name);
+        }
+        let ty = type_for(&info.dims, out_type);
+        let bytes = quantize_to_vec(ty, &values).map_err(|e| anyhow::anyhow!("tensor '{}': {e}", info.name))?;
+        w.add_tensor(info.name.clone(), &info.dims, ty, bytes)?;
+    }
+    w.write_file(out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(std::fs::metadata(out)?.len())
+}

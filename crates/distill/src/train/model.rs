@@ -1,0 +1,387 @@
+//! The student's training forward pass, in candle so autograd gives the
+//! gradients: llama (SmolLM2, tied embeddings), qwen2 (q/k/v biases, NEOX
+//! RoPE) and Mixtral-style llama with experts (as `minnow upcycle` writes).
+//!
+//! Every tensor of the GGUF is dequantized to f32 once with minnow's own
+//! kernels and kept under its GGUF name (`blk.3.attn_q.weight`), shape as
+//! candle sees it: a ggml `[cols, rows]` matrix is `[rows, cols]`. The order
+//! of operations is the engine's (crates/engine/src/model/llama.rs):
+//! pre-norm blocks, RMSNorm, RoPE on q and k, grouped-query attention, a
+//! SiLU-gated FFN (or a routed mixture of them), final norm, output head.
+//!
+//! A batch is `B` packed rows of `T` positions: several examples share a row,
+//! each with its own positions (restarting at 0), and a block-diagonal causal
+//! mask keeps them from seeing one another (see `batch.rs`). The output head
+//! runs only on the rows whose logits a loss needs (`pick`), since the head
+//! (vocab × n_embd) is the largest single matmul and prompts are masked.
+
+use super::lora::LoraSet;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use minnow_engine::model::{Arch, ModelConfig};
+use minnow_gguf::GgufFile;
+use minnow_kernels::formats::dequantize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The student's hyperparameters, from the GGUF metadata (checked by the
+/// engine's own config reader so both code paths agree on them).
+#[derive(Debug, Clone)]
+pub struct StudentShape {
+    pub cfg: ModelConfig,
+    /// Q/K use NEOX rotation (pairs i, i + n_rot/2) rather than adjacent pairs.
+    pub neox: bool,
+    /// Attention projections have biases (qwen2).
+    pub qkv_bias: bool,
+    /// The output head is the embedding table (no `output.weight`).
+    pub tied: bool,
+}
+
+/// One model input: `B` rows of `T` token ids each, flattened.
+pub struct ForwardInput {
+    pub b: usize,
+    pub t: usize,
+    /// Token ids, shape [B*T], u32.
+    pub tokens: Tensor,
+    /// RoPE cos and sin at each token's own position, shape [B, 1, T, n_rot/2].
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive attention mask (0 or -inf), shape [B, 1, T, T].
+    pub mask: Tensor,
+    /// Flattened row indices whose logits are wanted, shape [M], u32.
+    pub pick: Tensor,
+}
+
+/// The student network's weights and which of them train.
+pub struct Student {
+    pub shape: StudentShape,
+    /// Every tensor by GGUF name (f32). Trainable ones are views of a `Var`.
+    tensors: BTreeMap<String, Tensor>,
+    /// The trainable full-weight tensors (full fine-tuning), by name.
+    vars: BTreeMap<String, Var>,
+    /// Low-rank adapters, when training with LoRA.
+    pub lora: Option<LoraSet>,
+    device: Device,
+}
+
+/// Tensors that never train in full fine-tuning: the MoE router (frozen,
+/// see `mod.rs`), and nothing else.
+fn frozen_in_full_ft(name: &str) -> bool {
+    name.ends_with(".ffn_gate_inp.weight")
+}
+
+impl Student {
+    /// Reads the architecture and every tensor of `file` (dequantized to f32
+    /// on `device`). `trainable`: whether the base weights train (full
+    /// fine-tuning); with LoRA they stay frozen and adapters are added later.
+    pub fn load(file: &GgufFile, device: &Device, trainable: bool) -> Result<Student> {
+        let cfg = ModelConfig::from_gguf(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (neox, qkv_bias) = match cfg.arch {
+            Arch::Llama => (false, false),
+            Arch::Qwen2 => (true, true),
+            other => bail!(
+                "training '{}' students is not supported: minnow trains llama (incl. upcycled MoE) and qwen2",
+                other.name()
+            ),
+        };
+        let tied = file.tensor("output.weight").is_none();
+        let shape = StudentShape { cfg, neox, qkv_bias, tied };
+        let mut tensors = BTreeMap::new();
+        let mut vars = BTreeMap::new();
+        for info in file.tensors() {
+            let n = info.n_elements() as usize;
+            let mut data = vec![0f32; n];
+            dequantize(info.ty, file.tensor_data(info), &mut data)
+                .map_err(|e| anyhow::anyhow!("tensor '{}': {e}", info.name))?;
+            // ggml dims are innermost first; candle's are outermost first.
+            let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+            let t = Tensor::from_vec(data, dims, device)?;
+            if trainable && !frozen_in_full_ft(&info.name) {
+                let v = Var::from_tensor(&t)?;
+                tensors.insert(info.name.clone(), v.as_tensor().clone());
+                vars.insert(info.name.clone(), v);
+            } else {
+                tensors.insert(info.name.clone(), t);
+            }
+        }
+        Ok(Student { shape, tensors, vars, lora: None, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A tensor by GGUF name.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).with_context(|| format!("the model has no tensor '{name}'"))
+    }
+
+    /// Names of all tensors, in name order.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// The trainable variables (full weights and LoRA adapters) by name, in
+    /// a fixed order (name order) so optimizer state lines up across runs.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(l) = &self.lora {
+            out.extend(l.vars());
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Names of the tensors that differ from the base file after training
+    /// (the ones export must write anew).
+    pub fn changed_tensors(&self) -> BTreeSet<String> {
+        let mut s: BTreeSet<String> = self.vars.keys().cloned().collect();
+        if let Some(l) = &self.lora {
+            s.extend(l.targets().map(|t| t.to_string()));
+        }
+        s
+    }
+
+    /// The current value of a tensor with any LoRA adapter merged in:
+    /// `W + (alpha/r)·B·A`. Shape as stored.
+    pub fn merged(&self, name: &str) -> Result<Tensor> {
+        let w = self.get(name)?;
+        if let Some(delta) = self.lora.as_ref().map(|l| l.delta(name)).transpose()?.flatten() {
+            return Ok((w + delta)?);
+        }
+        Ok(w.clone())
+    }
+
+    /// `x · Wᵀ` (+ the LoRA path `scale · (x·Aᵀ)·Bᵀ` when `name` has an adapter):
+    /// x [N, in] → [N, out].
+    fn linear(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        let w = self.get(name)?;
+        let y = x.matmul(&w.t()?)?;
+        match &self.lora {
+            Some(l) => l.apply(name, x, y),
+            None => Ok(y),
+        }
+    }
+
+    /// Logits at the picked rows of the batch, shape [M, vocab].
+    pub fn forward(&self, inp: &ForwardInput) -> Result<Tensor> {
+        let cfg = &self.shape.cfg;
+        let (b, t) = (inp.b, inp.t);
+        let (nh, nkv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+        let eps = cfg.norm_eps as f64;
+        // x: the residual stream, [N, n_embd]
+        let mut x = self.get("token_embd.weight")?.index_select(&inp.tokens, 0)?;
+        for l in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            let h = rms_norm(&x, self.get(&p("attn_norm.weight"))?, eps)?;
+            let mut q = self.linear(&h, &p("attn_q.weight"))?;
+            let mut k = self.linear(&h, &p("attn_k.weight"))?;
+            let mut v = self.linear(&h, &p("attn_v.weight"))?;
+            if self.shape.qkv_bias {
+                q = q.broadcast_add(self.get(&p("attn_q.bias"))?)?;
+                k = k.broadcast_add(self.get(&p("attn_k.bias"))?)?;
+                v = v.broadcast_add(self.get(&p("attn_v.bias"))?)?;
+            }
+            // [N, heads*hd] → [B, heads, T, hd]
+            let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+                Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = self.rope(&heads(q, nh)?, &inp.cos, &inp.sin)?;
+            let k = self.rope(&heads(k, nkv)?, &inp.cos, &inp.sin)?;
+            let v = heads(v, nkv)?;
+            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            let scale = 1.0 / (hd as f64).sqrt();
+            // scores [B, H, T, T]
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&inp.mask)?;
+            let probs = softmax_last(&scores)?;
+            // [B, H, T, hd] → [N, H*hd]
+            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            x = (x + self.linear(&a, &p("attn_output.weight"))?)?;
+            let h = rms_norm(&x, self.get(&p("ffn_norm.weight"))?, eps)?;
+            let f = match &cfg.moe {
+                None => {
+                    let g = self.linear(&h, &p("ffn_gate.weight"))?.silu()?;
+                    let u = self.linear(&h, &p("ffn_up.weight"))?;
+                    self.linear(&(g * u)?, &p("ffn_down.weight"))?
+                }
+                Some(moe) => self.moe_ffn(l, &h, moe.n_expert_used, moe.norm_topk)?,
+            };
+            x = (x + f)?;
+        }
+        let hx = x.index_select(&inp.pick, 0)?;
+        let hx = rms_norm(&hx, self.get("output_norm.weight")?, eps)?;
+        let head = if self.shape.tied { "token_embd.weight" } else { "output.weight" };
+        Ok(hx.matmul(&self.get(head)?.t()?)?)
+    }
+
+    /// RoPE on x [B, heads, T, hd] with cos/sin [B, 1, T, n_rot/2]; the
+    /// first n_rot dims of each head rotate, the rest pass through.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = self.shape.cfg.head_dim;
+        let n_rot = self.shape.cfg.n_rot;
+        let half = n_rot / 2;
+        let (xr, rest) = if n_rot < hd {
+            (x.narrow(3, 0, n_rot)?, Some(x.narrow(3, n_rot, hd - n_rot)?))
+        } else {
+            (x.clone(), None)
+        };
+        let rotated = if self.shape.neox {
+            let (x0, x1) = (xr.narrow(3, 0, half)?, xr.narrow(3, half, half)?);
+            let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+            let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+            Tensor::cat(&[r0, r1], 3)?
+        } else {
+            // Adjacent pairs: view [.., half, 2].
+            let dims = xr.dims().to_vec();
+            let pairs = xr.reshape((dims[0], dims[1], dims[2], half, 2))?;
+            let (x0, x1) = (pairs.i((.., .., .., .., 0))?, pairs.i((.., .., .., .., 1))?);
+            let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+            let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+            Tensor::stack(&[r0, r1], 4)?.reshape(dims)?
+        };
+        match rest {
+            Some(r) => Ok(Tensor::cat(&[rotated, r], 3)?),
+            None => Ok(rotated),
+        }
+    }
+
+    /// Mixtral-style routed FFN of layer `l` on h [N, n_embd]: softmax over
+    /// the router logits, top-k experts per row (ties to the lower id, as
+    /// the engine), weights renormalised when `norm_topk`, and the weighted
+    /// sum of the chosen experts' SiLU-gated FFNs. The router weights are
+    /// constants (frozen); gradients flow through the routing probabilities
+    /// into `h` and into the chosen experts.
+    fn moe_ffn(&self, l: usize, h: &Tensor, k: usize, norm_topk: bool) -> Result<Tensor> {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        let n = h.dim(0)?;
+        let router = self.get(&p("ffn_gate_inp.weight"))?;
+        let probs = softmax_last(&h.matmul(&router.t()?)?)?; // [N, E]
+        let host: Vec<Vec<f32>> = probs.to_vec2()?;
+        let n_expert = router.dim(0)?;
+        // choice [N, k] as flat u32, row-major.
+        let mut choice = Vec::with_capacity(n * k);
+        for row in &host {
+            let mut idx: Vec<usize> = (0..n_expert).collect();
+            // Stable sort by descending probability keeps lower ids first on ties.
+            idx.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+            choice.extend(idx[..k].iter().map(|&e| e as u32));
+        }
+        let choice_t = Tensor::from_vec(choice.clone(), (n, k), &self.device)?;
+        let mut w = probs.gather(&choice_t, 1)?; // [N, k]
+        if norm_topk {
+            w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+        }
+        let w_flat = w.flatten_all()?; // [N*k]
+        let (gate, up, down) =
+            (self.get(&p("ffn_gate_exps.weight"))?, self.get(&p("ffn_up_exps.weight"))?, self.get(&p("ffn_down_exps.weight"))?);
+        let mut out = h.zeros_like()?;
+        for e in 0..n_expert {
+            let slots: Vec<u32> = (0..n * k).filter(|&s| choice[s] == e as u32).map(|s| s as u32).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let rows: Vec<u32> = slots.iter().map(|&s| s / k as u32).collect();
+            let m = rows.len();
+            let rows_t = Tensor::from_vec(rows, m, &self.device)?;
+            let slots_t = Tensor::from_vec(slots, m, &self.device)?;
+            let xe = h.index_select(&rows_t, 0)?; // [m, n_embd]
+            let g = xe.matmul(&gate.get(e)?.t()?)?.silu()?;
+            let u = xe.matmul(&up.get(e)?.t()?)?;
+            let d = (g * u)?.matmul(&down.get(e)?.t()?)?; // [m, n_embd]
+            let we = w_flat.index_select(&slots_t, 0)?.unsqueeze(1)?;
+            out = out.index_add(&rows_t, &d.broadcast_mul(&we)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// RMSNorm of every row of x [N, width] with weight w [width].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension, built from differentiable primitives
+/// (candle's fused softmax has no backward). The max is a constant shift,
+/// detached so autograd does not trace it.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension (same construction as [`softmax_last`]).
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Repeats each key/value head `n` times: [B, Hkv, T, hd] → [B, Hkv*n, T, hd],
+/// query head h reading kv head h / n (the engine's grouping).
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, hkv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, n, t, hd))?.reshape((b, hkv * n, t, hd))?)
+}
+
+/// RoPE tables for token positions `pos` (one per token of a [B, T] batch):
+/// cos and sin, each [B, 1, T, n_rot/2]. Angles in f64 as the engine computes
+/// them, `pos · base^(-2i/n_rot)`.
+pub fn rope_tables(pos: &[u32], b: usize, t: usize, n_rot: usize, base: f32, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = n_rot / 2;
+    let inv: Vec<f64> = (0..half).map(|i| (base as f64).powf(-2.0 * i as f64 / n_rot as f64)).collect();
+    let mut cos = Vec::with_capacity(pos.len() * half);
+    let mut sin = Vec::with_capacity(pos.len() * half);
+    for &p in pos {
+        for &f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((Tensor::from_vec(cos, (b, 1, t, half), device)?, Tensor::from_vec(sin, (b, 1, t, half), device)?))
+}
+
+/// The additive mask of a packed batch: position i of a row sees position j
+/// when both belong to the same example (`segment`) and j ≤ i. Shape
+/// [B, 1, T, T]; `segment` is [B*T] (padding is its own segment per position
+/// run, so every row sees at least itself and the softmax never divides by 0).
+pub fn packed_mask(segment: &[u32], b: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; b * t * t];
+    for r in 0..b {
+        let seg = &segment[r * t..(r + 1) * t];
+        for i in 0..t {
+            for j in 0..t {
+                if j > i || seg[i] != seg[j] {
+                    m[(r * t + i) * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, t), device)?)
+}
+
+/// A single unpacked sequence as a batch of one row, logits at every position.
+pub fn single_sequence_input(tokens: &[u32], shape: &StudentShape, device: &Device) -> Result<ForwardInput> {
+    let t = tokens.len();
+    let pos: Vec<u32> = (0..t as u32).collect();
+    let (cos, sin) = rope_tables(&pos, 1, t, shape.cfg.n_rot, shape.cfg.rope_base, device)?;
+    Ok(ForwardInput {
+        b: 1,
+        t,
+        tokens: Tensor::from_vec(tokens.to_vec(), t, device)?,
+        cos,
+        sin,
+        mask: packed_mask(&vec![0; t], 1, t, device)?,
+        pick: Tensor::from_vec(pos, t, device)?,
+    })
+}
+
+/// f32 values of a tensor, flattened.
+pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
