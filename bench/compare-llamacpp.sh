@@ -2,7 +2,7 @@
 # minnow and llama.cpp side by side: prompt processing and generation speed on
 # the test models, same GGUF files, same threads and lengths, in one run.
 #
-#   bench/compare-llamacpp.sh [-m MODEL,...] [-t THREADS] [-r ROUNDS]
+#   bench/compare-llamacpp.sh [-m MODEL|FILE.gguf,...] [-t THREADS] [-r ROUNDS]
 #                             [-p PROMPT_TOKENS] [-n GEN_TOKENS] [--build-only]
 #                             [--no-build]
 #
@@ -176,7 +176,8 @@ cat "$OUT/membw-start.json" >&2
 
 IFS=, read -r -a model_list <<<"$MODELS"
 for name in "${model_list[@]}"; do
-    path=$("$MINNOW" pull "$name" | tail -1)
+    # A test model's short name, or a GGUF file (e.g. an upcycled model).
+    if [[ -f $name ]]; then path=$name; else path=$("$MINNOW" pull "$name" | tail -1); fi
     echo "{\"model\": \"$name\", \"path\": \"$path\"}" >>"$OUT/models.jsonl"
     for ((round = 1; round <= ROUNDS; round++)); do
         # Alternate the order so neither engine always runs on a warmer machine.

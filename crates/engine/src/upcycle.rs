@@ -1,8 +1,9 @@
 //! Sparse upcycling: turn a dense model into a mixture-of-experts model that
 //! computes the same function, as the starting point of an MoE student.
 //!
-//! Every layer's dense FFN becomes `E` experts, each a copy of it
-//! (optionally perturbed, see below), behind a router initialised to zeros:
+//! Every layer's dense FFN becomes `E` experts, each a copy of it (or of a
+//! slice of it: see "Cost"; optionally perturbed, see "Noise"), behind a
+//! router initialised to zeros:
 //! the softmax over `E` equal logits is uniform, so every token gets the same
 //! `k` experts (the tie rule picks ids `0..k`) with probability `1/E` each,
 //! `1/k` after renormalisation where the architecture renormalises.
@@ -40,15 +41,28 @@
 //!
 //! # Cost
 //!
-//! Full copies are what make the function exact, and they are not free:
-//! each token runs `k` copies of the dense FFN, so top-2 does twice the
-//! dense model's FFN work (Qwen2.5-Coder-0.5B: 1.5× its weights per token).
-//! Splitting the dense FFN's hidden units into narrower experts
-//! ("fine-grained" upcycling) would keep the active parameters equal, but a
-//! token then sees only `k` of the slices, so the MoE is not the dense
-//! function unless every slice is always chosen (no sparsity at all); it is
-//! not offered. `--top-k 1` is the exact configuration with the dense
-//! model's active parameters.
+//! Full copies are not free: each token runs `k` copies of the dense FFN,
+//! so top-2 does twice the dense model's FFN work (Qwen2.5-Coder-0.5B: 1.5×
+//! its weights per token).
+//!
+//! **Fine-grained upcycling** (`fine_grained`, `--fine-grained`) keeps the
+//! active parameters equal to the dense model's instead: the dense FFN's
+//! `n_ff` hidden units are cut into `k` slices of `n_ff/k` (an FFN is a sum
+//! over its hidden units, so the slices' outputs add up to the dense
+//! output), and expert `e` is a copy of slice `e mod k`. The zero router
+//! sends every token to experts `0..k` — one of each slice — so the MoE is
+//! exactly the dense function at no extra cost per token; the other
+//! experts are spare copies for training to specialise (the recipe of
+//! fine-grained expert segmentation, as in DeepSeekMoE and Qwen1.5-MoE's
+//! upcycling). The price: once the router is not uniform (noise, or
+//! training) a token may pick two copies of one slice, so the function is
+//! the dense one only at initialisation — unlike full copies, which stay
+//! the dense function under any renormalised routing.
+//!
+//! Down projections are scaled so the chosen experts' weights add back to
+//! one: each chosen expert gets weight `ω = 1/k` (llama renormalises) or
+//! `1/E` (qwen2moe does not), so copies are scaled by `1/(k·ω)` and slices
+//! by `1/ω`.
 //!
 //! # Noise
 //!
@@ -146,6 +160,9 @@ pub struct UpcycleOptions {
     pub noise: f32,
     pub seed: u64,
     pub expert_type: ExpertType,
+    /// Experts are `n_ff/k`-wide slices of the dense FFN rather than copies
+    /// of all of it (see "Cost" in the module doc).
+    pub fine_grained: bool,
     /// Threads for requantizing.
     pub threads: usize,
 }
@@ -158,6 +175,7 @@ impl Default for UpcycleOptions {
             noise: 0.0,
             seed: 0,
             expert_type: ExpertType::Keep,
+            fine_grained: false,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -171,10 +189,14 @@ pub struct UpcycleSummary {
     pub n_layer: usize,
     pub experts: usize,
     pub top_k: usize,
-    /// Hidden width of each expert (the dense FFN's).
+    /// Hidden width of each expert (the dense FFN's, or `n_ff/k` when
+    /// fine-grained).
     pub n_ff: usize,
-    /// What the copied down projections were multiplied by (`E/k` for
-    /// qwen2moe, 1 for llama).
+    /// Whether experts are slices of the dense FFN rather than copies.
+    pub fine_grained: bool,
+    /// What the down projections were multiplied by (see "Cost" in the
+    /// module doc: copies `E/k` for qwen2moe, 1 for llama; slices `E` for
+    /// qwen2moe, `k` for llama).
     pub down_scale: f32,
     /// Expert stacks per tensor type.
     pub expert_types: BTreeMap<String, usize>,
@@ -214,7 +236,18 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
         }
     };
     let (e, k, n_embd, n_ff, n_layer) = (opts.experts, opts.top_k, cfg.n_embd, cfg.n_ff, cfg.n_layer);
-    let down_scale = if qwen { e as f32 / k as f32 } else { 1.0 };
+    // Fine-grained: `n_parts` slices of the dense FFN's hidden units.
+    let n_parts = if opts.fine_grained { k } else { 1 };
+    if !n_ff.is_multiple_of(n_parts) {
+        return Err(err(format!(
+            "--fine-grained cuts the FFN's {n_ff} hidden units into --top-k {k} equal slices: {n_ff} is not a multiple of {k}"
+        )));
+    }
+    let n_ff_exp = n_ff / n_parts;
+    // Weight of each chosen expert under the zero router, and what makes the
+    // chosen experts add back to the dense FFN.
+    let weight = if qwen { 1.0 / e as f32 } else { 1.0 / k as f32 };
+    let down_scale = if opts.fine_grained { 1.0 / weight } else { 1.0 / (k as f32 * weight) };
     let sw = SHARED_EXPERT_WIDTH.min(n_ff);
 
     // The dense FFN of every layer, shape-checked.
@@ -253,14 +286,19 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
     set("general.architecture".into(), Value::String(arch.name().into()))?;
     set(format!("{prefix}expert_count"), Value::U32(e as u32))?;
     set(format!("{prefix}expert_used_count"), Value::U32(k as u32))?;
+    if !qwen && opts.fine_grained {
+        // Mixtral-style llama: the experts' width is `feed_forward_length`.
+        set(format!("{prefix}feed_forward_length"), Value::U32(n_ff_exp as u32))?;
+    }
     if qwen {
-        set(format!("{prefix}expert_feed_forward_length"), Value::U32(n_ff as u32))?;
+        set(format!("{prefix}expert_feed_forward_length"), Value::U32(n_ff_exp as u32))?;
         set(format!("{prefix}expert_shared_feed_forward_length"), Value::U32(sw as u32))?;
     }
     let source_name = src.get("general.name").and_then(|v| v.as_str()).unwrap_or(src_arch).to_string();
     set("minnow.upcycle.source".into(), Value::String(source_name))?;
     set("minnow.upcycle.noise".into(), Value::F32(opts.noise))?;
     set("minnow.upcycle.seed".into(), Value::U64(opts.seed))?;
+    set("minnow.upcycle.fine_grained".into(), Value::Bool(opts.fine_grained))?;
 
     let mut expert_types: BTreeMap<String, usize> = BTreeMap::new();
     let mut fallbacks: BTreeMap<String, usize> = BTreeMap::new();
@@ -290,13 +328,20 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
         };
         let p = |name: &str| format!("blk.{l}.{name}");
         let dense = ffn[l][which];
-        let (rows, cols) = (dense.dims[1] as usize, dense.dims[0] as usize);
+        let (src_rows, src_cols) = (dense.dims[1] as usize, dense.dims[0] as usize);
+        // gate/up are [n_ff rows × n_embd], sliced by rows; down is
+        // [n_embd rows × n_ff], sliced by columns.
+        let (rows, cols, part) = match (which, n_parts) {
+            (_, 1) => (src_rows, src_cols, Part::Whole),
+            (2, _) => (src_rows, n_ff_exp, Part::Cols(n_parts)),
+            _ => (n_ff_exp, src_cols, Part::Rows(n_parts)),
+        };
         if which == 0 {
             // The router goes first, where the dense gate was.
             let gate = src.tensor_data(dense);
             let (gate_ty, noise, stream) = (dense.ty, opts.noise, noise_stream(opts.seed, &[l as u64, 100]));
             w.add_tensor_streamed(p("ffn_gate_inp.weight"), &[n_embd as u64, e as u64], GgmlType::F32, move |out: &mut dyn Write| {
-                write_router(out, gate, gate_ty, rows * cols, n_embd * e, noise, stream)
+                write_router(out, gate, gate_ty, src_rows * src_cols, n_embd * e, noise, stream)
             })
             .map_err(|e| err(e.to_string()))?;
             total_params += (n_embd * e) as u64;
@@ -311,6 +356,8 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
         let stack = ExpertStack {
             src: src.tensor_data(dense),
             src_ty: dense.ty,
+            src_cols,
+            part,
             rows,
             cols,
             out_ty,
@@ -324,7 +371,8 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
         w.add_tensor_streamed(name, &[cols as u64, rows as u64, e as u64], out_ty, move |out: &mut dyn Write| stack.produce(out))
             .map_err(|e| err(e.to_string()))?;
         total_params += (rows * cols * e) as u64;
-        extra_active += (rows * cols * (k - 1)) as u64;
+        extra_active += (rows * cols * k) as u64;
+        extra_active -= (src_rows * src_cols) as u64;
 
         if qwen && which == 2 {
             // The shared expert: gate/up are the first `sw` rows of the dense
@@ -360,7 +408,8 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
         n_layer,
         experts: e,
         top_k: k,
-        n_ff,
+        n_ff: n_ff_exp,
+        fine_grained: opts.fine_grained,
         down_scale,
         expert_types,
         dense_params,
@@ -428,10 +477,14 @@ fn expert_type(src: GgmlType, cols: usize, want: ExpertType, requantize: bool) -
         _ => GgmlType::F16,
     };
     match want {
-        ExpertType::Keep if !requantize || can_quantize(src) => (src, None),
-        ExpertType::Keep => {
+        ExpertType::Keep if fits(src) && (!requantize || can_quantize(src)) => (src, None),
+        ExpertType::Keep if fits(src) => {
             let to = fallback(src);
             (to, Some(format!("{src} (no quantizer in minnow) written as {to}")))
+        }
+        ExpertType::Keep => {
+            let to = fallback(src);
+            (to, Some(format!("slices of {cols} are not whole {src} blocks of {}: written as {to}", src.block_size())))
         }
         ExpertType::To(t) if fits(t) => (t, None),
         ExpertType::To(t) => {
@@ -441,11 +494,35 @@ fn expert_type(src: GgmlType, cols: usize, want: ExpertType, requantize: bool) -
     }
 }
 
-/// One `ffn_*_exps` tensor: `n_expert` copies of a dense matrix, produced
-/// while the file is written.
+/// Which part of the dense matrix an expert is.
+#[derive(Clone, Copy)]
+enum Part {
+    /// All of it (full copies).
+    Whole,
+    /// Expert `e` is the `(e mod n)`-th of `n` equal row bands (gate, up).
+    Rows(usize),
+    /// Expert `e` is the `(e mod n)`-th of `n` equal column bands (down).
+    Cols(usize),
+}
+
+impl Part {
+    fn count(self) -> usize {
+        match self {
+            Part::Whole => 1,
+            Part::Rows(n) | Part::Cols(n) => n,
+        }
+    }
+}
+
+/// One `ffn_*_exps` tensor: `n_expert` experts, each a copy of the dense
+/// matrix or of one of its slices, produced while the file is written.
 struct ExpertStack<'a> {
+    /// The dense matrix: `src_cols` columns, stored as `src_ty`.
     src: &'a [u8],
     src_ty: GgmlType,
+    src_cols: usize,
+    part: Part,
+    /// One expert's shape.
     rows: usize,
     cols: usize,
     out_ty: GgmlType,
@@ -463,37 +540,71 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 
 impl ExpertStack<'_> {
     fn produce(&self, out: &mut dyn Write) -> io::Result<()> {
+        let n_parts = self.part.count();
         if self.noise == 0.0 {
-            // One copy, written n_expert times.
-            let one: Cow<[u8]> = if self.out_ty == self.src_ty {
-                if self.scale == 1.0 {
-                    Cow::Borrowed(self.src)
-                } else {
-                    let mut v = self.src.to_vec();
-                    scale_in_place(self.out_ty, &mut v, self.scale).map_err(io_err)?;
-                    Cow::Owned(v)
-                }
-            } else {
-                let x = self.dense_f32()?;
-                Cow::Owned(self.encode(&x, None)?)
-            };
-            for _ in 0..self.n_expert {
-                out.write_all(&one)?;
+            // Each distinct part encoded once, written for every expert that
+            // is a copy of it.
+            let parts: Vec<Cow<[u8]>> = (0..n_parts)
+                .map(|s| {
+                    if self.out_ty == self.src_ty {
+                        let mut bytes = self.part_bytes(s);
+                        if self.scale != 1.0 {
+                            scale_in_place(self.out_ty, bytes.to_mut(), self.scale).map_err(io_err)?;
+                        }
+                        Ok(bytes)
+                    } else {
+                        Ok(Cow::Owned(self.encode(&self.part_f32(s)?, None)?))
+                    }
+                })
+                .collect::<io::Result<_>>()?;
+            for ex in 0..self.n_expert {
+                out.write_all(&parts[ex % n_parts])?;
             }
         } else {
-            let x = self.dense_f32()?;
+            let parts: Vec<Vec<f32>> = (0..n_parts).map(|s| self.part_f32(s)).collect::<io::Result<_>>()?;
             for ex in 0..self.n_expert {
                 let stream = noise_stream(self.stream, &[ex as u64]);
-                out.write_all(&self.encode(&x, Some(stream))?)?;
+                out.write_all(&self.encode(&parts[ex % n_parts], Some(stream))?)?;
             }
         }
         Ok(())
     }
 
-    /// The dense matrix as f32, times `scale`.
-    fn dense_f32(&self) -> io::Result<Vec<f32>> {
-        let mut x = vec![0f32; self.rows * self.cols];
-        dequantize(self.src_ty, self.src, &mut x).map_err(io_err)?;
+    /// The bytes of part `s` in the source type: a row band is a contiguous
+    /// range; a column band is a range of every row (whole blocks, as
+    /// `out_ty == src_ty` is only chosen when the width fits the blocks).
+    fn part_bytes(&self, s: usize) -> Cow<'_, [u8]> {
+        let bytes = |cols: usize| self.src_ty.bytes_for(cols as u64).expect("validated row") as usize;
+        match self.part {
+            Part::Whole => Cow::Borrowed(self.src),
+            Part::Rows(_) => {
+                let row = bytes(self.src_cols);
+                Cow::Borrowed(&self.src[s * self.rows * row..(s + 1) * self.rows * row])
+            }
+            Part::Cols(_) => {
+                let (row, start, len) = (bytes(self.src_cols), bytes(s * self.cols), bytes(self.cols));
+                Cow::Owned(self.src.chunks_exact(row).flat_map(|r| &r[start..start + len]).copied().collect())
+            }
+        }
+    }
+
+    /// Part `s` as f32 (`rows × cols`), times `scale`.
+    fn part_f32(&self, s: usize) -> io::Result<Vec<f32>> {
+        let src_rows = match self.part {
+            Part::Rows(n) => self.rows * n,
+            _ => self.rows,
+        };
+        let mut dense = vec![0f32; src_rows * self.src_cols];
+        dequantize(self.src_ty, self.src, &mut dense).map_err(io_err)?;
+        let mut x: Vec<f32> = match self.part {
+            Part::Whole => dense,
+            Part::Rows(_) => dense[s * self.rows * self.src_cols..(s + 1) * self.rows * self.src_cols].to_vec(),
+            Part::Cols(_) => dense
+                .chunks_exact(self.src_cols)
+                .flat_map(|r| &r[s * self.cols..(s + 1) * self.cols])
+                .copied()
+                .collect(),
+        };
         if self.scale != 1.0 {
             x.iter_mut().for_each(|v| *v *= self.scale);
         }

@@ -162,11 +162,16 @@ fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, String) {
 /// Zero noise: the MoE model computes the dense model's function, runs
 /// through the loader and generates the same greedy text.
 fn check_zero_noise(model: (&str, &str), experts: usize, top_k: usize, arch: Arch) -> UpcycleSummary {
+    check_zero_noise_with(model, UpcycleOptions { fine_grained: false, ..opts(experts, top_k) }, arch)
+}
+
+fn check_zero_noise_with(model: (&str, &str), options: UpcycleOptions, arch: Arch) -> UpcycleSummary {
     let (golden, file) = model;
+    let (experts, top_k) = (options.experts, options.top_k);
     let dense_path = model_path(file);
-    let dir = TempDir::new(&format!("{golden}-{experts}x{top_k}"));
+    let dir = TempDir::new(&format!("{golden}-{experts}x{top_k}-{}", options.fine_grained));
     let out = dir.path("moe.gguf");
-    let summary = upcycle_file(&dense_path, &out, &opts(experts, top_k)).unwrap();
+    let summary = upcycle_file(&dense_path, &out, &options).unwrap();
     eprintln!("{summary:?}");
 
     let dense = load(&dense_path);
@@ -174,7 +179,8 @@ fn check_zero_noise(model: (&str, &str), experts: usize, top_k: usize, arch: Arc
     let cfg = moe.config();
     assert_eq!(cfg.arch, arch);
     let m = cfg.moe.as_ref().unwrap();
-    assert_eq!((m.n_expert, m.n_expert_used, m.n_ff_exp), (experts, top_k, dense.config().n_ff));
+    let width = dense.config().n_ff / if options.fine_grained { top_k } else { 1 };
+    assert_eq!((m.n_expert, m.n_expert_used, m.n_ff_exp), (experts, top_k, width));
     distance(&dense, &moe, &prompts(golden)).assert_within_dense_tolerances(&format!("{golden} {experts}x top-{top_k}"));
 
     // The zero router ties every expert: each token goes to experts 0..k.
@@ -205,6 +211,32 @@ fn qwen2_zero_noise_is_the_dense_model() {
     // down projections are scaled by 3/2 (an f16 rounding of each block scale).
     let s = check_zero_noise(QWEN, 3, 2, Arch::Qwen2Moe);
     assert_eq!((s.arch, s.down_scale), ("qwen2moe", 1.5));
+}
+
+/// Fine-grained: experts are half-width slices, so a token's two experts
+/// hold exactly the dense model's FFN parameters, and the zero router's
+/// choice (experts 0 and 1, one of each half) is the dense function.
+#[test]
+fn smollm2_fine_grained_zero_noise_is_the_dense_model() {
+    let o = UpcycleOptions { fine_grained: true, ..opts(8, 2) };
+    let s = check_zero_noise_with(SMOLLM, o, Arch::Llama);
+    assert_eq!((s.down_scale, s.n_ff), (2.0, 768));
+    // Q4_1 blocks are 32 wide and 768 = 24 × 32: bytes sliced, not requantized.
+    assert_eq!(s.expert_types.keys().collect::<Vec<_>>(), vec!["Q4_1"]);
+    // Active parameters: the dense model's plus the routers.
+    let routers = 30 * 576 * 8;
+    assert_eq!(s.active_params, s.dense_params + routers);
+}
+
+#[test]
+fn qwen2_fine_grained_zero_noise_is_the_dense_model() {
+    // 4864 hidden units → two slices of 2432, not whole Q4_K/Q6_K blocks
+    // (256): the down slices are requantized (Q5_0 / Q8_0); the down
+    // projections are scaled by E = 8, as qwen2moe weights each expert 1/8.
+    let o = UpcycleOptions { fine_grained: true, ..opts(8, 2) };
+    let s = check_zero_noise_with(QWEN, o, Arch::Qwen2Moe);
+    assert_eq!((s.down_scale, s.n_ff), (8.0, 2432));
+    assert!(s.notes.iter().any(|n| n.contains("not whole")), "{:?}", s.notes);
 }
 
 /// File-level checks of a qwen2moe upcycle that need no forward pass: the
@@ -328,6 +360,8 @@ fn hostile_requests_are_clear_errors() {
     fails(&dense, opts(1000, 2), &["--experts 1000", "256"]);
     fails(&dense, UpcycleOptions { noise: -0.1, ..opts(4, 2) }, &["--noise"]);
     fails(&dense, UpcycleOptions { noise: f32::NAN, ..opts(4, 2) }, &["--noise"]);
+    // SmolLM2's 1536 hidden units do not cut into 5 equal slices.
+    fails(&dense, UpcycleOptions { fine_grained: true, ..opts(8, 5) }, &["--fine-grained", "1536", "multiple of 5"]);
     fails(&fixtures_dir().join("tiny-mixtral.gguf"), opts(4, 2), &["already a mixture-of-experts"]);
     fails(&model_path("gemma3-270m-q4_k_m.gguf"), opts(4, 2), &["gemma3", "not supported"]);
     fails(&dir.path("missing.gguf"), opts(4, 2), &["missing.gguf"]);

@@ -701,6 +701,12 @@ struct UpcycleArgs {
     /// q4_1, q5_0, q5_1, f16, bf16, f32.
     #[arg(long = "type", default_value = "keep")]
     expert_type: String,
+    /// Experts are n_ff/k-wide slices of the dense FFN (expert e is slice
+    /// e mod k) instead of full copies: a token's k experts then hold exactly
+    /// the dense FFN's parameters (same cost per token as the dense model);
+    /// the function is the dense one at zero noise.
+    #[arg(long)]
+    fine_grained: bool,
     /// Threads for requantizing (default: the number of physical cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
@@ -715,6 +721,7 @@ fn upcycle(a: UpcycleArgs) -> Result<()> {
         noise: a.noise,
         seed: a.seed,
         expert_type: ExpertType::parse(&a.expert_type)?,
+        fine_grained: a.fine_grained,
         threads: a.threads.unwrap_or_else(physical_cores),
     };
     let t = Instant::now();
@@ -725,7 +732,12 @@ fn upcycle(a: UpcycleArgs) -> Result<()> {
         a.output.display(),
         t.elapsed().as_secs_f64(),
         s.arch,
-        if s.arch == "llama" { "Mixtral-style" } else { "with a zero-output shared expert" },
+        match (s.arch, s.fine_grained) {
+            ("llama", false) => "Mixtral-style",
+            ("llama", true) => "Mixtral-style, fine-grained",
+            (_, false) => "with a zero-output shared expert",
+            (_, true) => "fine-grained, with a zero-output shared expert",
+        },
         s.source_arch,
         s.n_layer,
         s.experts,
@@ -742,7 +754,7 @@ fn upcycle(a: UpcycleArgs) -> Result<()> {
         s.active_params as f64 / s.dense_params as f64
     );
     if s.down_scale != 1.0 {
-        println!("down projections scaled by {} (E/k: qwen2moe does not renormalise the top-k weights)", s.down_scale);
+        println!("down projections scaled by {} (so the chosen experts' weights add back to one)", s.down_scale);
     }
     for n in &s.notes {
         println!("note: {n}");
