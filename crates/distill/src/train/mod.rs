@@ -387,92 +387,165 @@ fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
 
 /// Trains as `cfg` says and writes the student GGUF.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
-    check_config(cfg)?;
-    if let Some(n) = cfg.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle's CPU matmul reads its thread count from this variable.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    let device = select_device()?;
-    let s = setup(cfg, &device)?;
-    let fingerprint = run_fingerprint(cfg, &s.base)?;
-    let mut opt = AdamW::new(s.student.trainable(), AdamWParams { weight_decay: cfg.weight_decay, ..Default::default() })?;
+    let mut t = Trainer::new(cfg)?;
+    t.run_until(usize::MAX)?;
+    t.finish()
+}
 
-    let mut header = CheckpointHeader {
-        step: 0,
-        adam_t: 0,
-        fingerprint: fingerprint.clone(),
-        vars: Vec::new(),
-        val_history: Vec::new(),
-        last_train_loss: None,
-    };
-    if let Some(dir) = &cfg.checkpoint_dir {
-        if let Some((h, r)) = checkpoint::read_header(dir)? {
-            if h.fingerprint != fingerprint {
-                bail!(
-                    "the checkpoint in {} belongs to another run (different student, data or settings): use another --checkpoint-dir or delete it",
-                    dir.display()
-                );
-            }
-            checkpoint::restore(&h, r, &mut opt)?;
-            header = h;
-        }
-    }
-    let total = s.steps.len();
-    let start = header.step.min(total);
-    if start == 0 && header.val_history.is_empty() {
-        if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, cfg)? {
-            header.val_history.push((0, v));
-        }
-    }
+/// A training run in progress: loaded, planned, possibly resumed from a
+/// checkpoint. [`train`] is `new`, `run_until(all)`, `finish`; tests stop
+/// in between.
+pub struct Trainer {
+    cfg: TrainConfig,
+    s: Setup,
+    opt: AdamW,
+    header: CheckpointHeader,
+    device: Device,
+    start: usize,
+    tokens: u64,
+    seconds: f64,
+}
 
-    let pb = progress_bar(total, start, cfg.progress);
-    let t0 = Instant::now();
-    let mut tokens = 0u64;
-    for step in start..total {
-        let lr = optim::lr_at(step, total, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
-        let (loss, n) = train_step(&s.student, &mut opt, &s.steps[step], &s.examples, cfg, s.kl_k, lr)?;
-        tokens += n;
-        header.step = step + 1;
-        header.last_train_loss = Some(loss);
-        if s.epoch_ends.contains(&(step + 1)) {
-            if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, cfg)? {
-                header.val_history.push((step + 1, v));
+impl Trainer {
+    /// Loads the student and data, plans every step, and resumes from the
+    /// checkpoint in `checkpoint_dir` if there is one of this run.
+    pub fn new(cfg: &TrainConfig) -> Result<Trainer> {
+        check_config(cfg)?;
+        // candle's CPU matmul reads its thread count from this variable; its
+        // own default counts physical cores only, leaving SMT siblings idle.
+        match cfg.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(n) => std::env::set_var("RAYON_NUM_THREADS", n.to_string()),
+            None if std::env::var_os("RAYON_NUM_THREADS").is_none() => {
+                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             }
+            None => {}
         }
-        let rate = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        let val = header.val_history.last().map(|v| format!("  val {:.4}", v.1)).unwrap_or_default();
-        pb.set_message(format!("loss {loss:.4}{val}  {rate:.0} tok/s"));
-        pb.set_position((step + 1) as u64);
+        let device = select_device()?;
+        let s = setup(cfg, &device)?;
+        let fingerprint = run_fingerprint(cfg, &s.base)?;
+        let mut opt =
+            AdamW::new(s.student.trainable(), AdamWParams { weight_decay: cfg.weight_decay, ..Default::default() })?;
+        let mut header = CheckpointHeader {
+            step: 0,
+            adam_t: 0,
+            fingerprint: fingerprint.clone(),
+            vars: Vec::new(),
+            val_history: Vec::new(),
+            last_train_loss: None,
+        };
         if let Some(dir) = &cfg.checkpoint_dir {
-            if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == total {
-                checkpoint::save(dir, header.clone(), &opt)?;
+            if let Some((h, r)) = checkpoint::read_header(dir)? {
+                if h.fingerprint != fingerprint {
+                    bail!(
+                        "the checkpoint in {} belongs to another run (different student, data or settings): use another --checkpoint-dir or delete it",
+                        dir.display()
+                    );
+                }
+                checkpoint::restore(&h, r, &mut opt)?;
+                header = h;
             }
         }
+        let start = header.step.min(s.steps.len());
+        Ok(Trainer { cfg: cfg.clone(), s, opt, header, device, start, tokens: 0, seconds: 0.0 })
     }
-    pb.finish_and_clear();
-    let seconds = t0.elapsed().as_secs_f64();
-    let out_type = export::parse_out_type(&cfg.out_type)?;
-    let output_bytes = export::export(&s.base, &s.student, &cfg.output, out_type)?;
-    Ok(TrainReport {
-        steps: total,
-        resumed_from: start,
-        final_train_loss: header.last_train_loss,
-        initial_val_loss: header.val_history.first().filter(|v| v.0 == 0).map(|v| v.1),
-        final_val_loss: header.val_history.last().map(|v| v.1),
-        val_history: header.val_history,
-        train_examples: s.train_idx.len(),
-        val_examples: s.val_idx.len(),
-        skipped_too_long: s.stats.too_long,
-        kl_positions: s.stats.kl_positions,
-        answer_positions: s.stats.answer_positions,
-        tokens,
-        tokens_per_sec: if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
-        seconds,
-        output: cfg.output.clone(),
-        output_bytes,
-        device: format!("{device:?}"),
-    })
+
+    pub fn student(&self) -> &Student {
+        &self.s.student
+    }
+
+    /// Optimizer steps done so far, and planned in all.
+    pub fn step(&self) -> usize {
+        self.header.step
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.s.steps.len()
+    }
+
+    /// Mean CE over the validation examples' answer tokens with the current weights.
+    pub fn validation_loss(&self) -> Result<Option<f64>> {
+        validation_loss(&self.s.student, &self.s.examples, &self.s.val_idx, &self.cfg)
+    }
+
+    /// Mean CE over the training examples' answer tokens with the current weights.
+    pub fn training_set_loss(&self) -> Result<Option<f64>> {
+        validation_loss(&self.s.student, &self.s.examples, &self.s.train_idx, &self.cfg)
+    }
+
+    /// Writes a checkpoint now (when a checkpoint directory is set).
+    pub fn save_checkpoint(&self) -> Result<()> {
+        if let Some(dir) = &self.cfg.checkpoint_dir {
+            checkpoint::save(dir, self.header.clone(), &self.opt)?;
+        }
+        Ok(())
+    }
+
+    /// Runs optimizer steps until `until` steps are done (or all of them).
+    pub fn run_until(&mut self, until: usize) -> Result<()> {
+        let (c, s) = (&self.cfg, &self.s);
+        let total = s.steps.len();
+        let end = until.min(total);
+        let at = self.header.step;
+        if at == 0 && self.header.val_history.is_empty() {
+            if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, c)? {
+                self.header.val_history.push((0, v));
+            }
+        }
+        let pb = progress_bar(total, at, c.progress && end > at);
+        let t0 = Instant::now();
+        let mut tokens = 0u64;
+        for step in at..end {
+            let lr = optim::lr_at(step, total, c.warmup, c.lr, c.min_lr_ratio);
+            let (loss, n) = train_step(&s.student, &mut self.opt, &s.steps[step], &s.examples, c, s.kl_k, lr)?;
+            tokens += n;
+            self.header.step = step + 1;
+            self.header.last_train_loss = Some(loss);
+            if s.epoch_ends.contains(&(step + 1)) {
+                if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, c)? {
+                    self.header.val_history.push((step + 1, v));
+                }
+            }
+            let rate = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            let val = self.header.val_history.last().map(|v| format!("  val {:.4}", v.1)).unwrap_or_default();
+            pb.set_message(format!("loss {loss:.4}{val}  {rate:.0} tok/s"));
+            pb.set_position((step + 1) as u64);
+            if let Some(dir) = &c.checkpoint_dir {
+                if (step + 1) % c.checkpoint_every == 0 || step + 1 == total {
+                    checkpoint::save(dir, self.header.clone(), &self.opt)?;
+                }
+            }
+        }
+        pb.finish_and_clear();
+        self.tokens += tokens;
+        self.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Writes the output GGUF and reports.
+    pub fn finish(self) -> Result<TrainReport> {
+        let (c, s, h) = (&self.cfg, &self.s, &self.header);
+        let out_type = export::parse_out_type(&c.out_type)?;
+        let output_bytes = export::export(&s.base, &s.student, &c.output, out_type)?;
+        Ok(TrainReport {
+            steps: h.step,
+            resumed_from: self.start,
+            final_train_loss: h.last_train_loss,
+            initial_val_loss: h.val_history.first().filter(|v| v.0 == 0).map(|v| v.1),
+            final_val_loss: h.val_history.last().map(|v| v.1),
+            val_history: h.val_history.clone(),
+            train_examples: s.train_idx.len(),
+            val_examples: s.val_idx.len(),
+            skipped_too_long: s.stats.too_long,
+            kl_positions: s.stats.kl_positions,
+            answer_positions: s.stats.answer_positions,
+            tokens: self.tokens,
+            tokens_per_sec: if self.seconds > 0.0 { self.tokens as f64 / self.seconds } else { 0.0 },
+            seconds: self.seconds,
+            output: c.output.clone(),
+            output_bytes,
+            device: format!("{:?}", self.device),
+        })
+    }
 }
