@@ -10,6 +10,8 @@
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
 //! - [`scheduler`]: continuous batching of many requests (the server's engine):
 //!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
+//! - [`speculative`]: speculative decoding (draft model or prompt lookup), output exactly the target's.
+//! - [`vote`]: many samples sharing one prefill, and self-consistency voting.
 //! - [`upcycle`]: a dense model file → a mixture-of-experts one computing the same function.
 
 pub mod chat;
@@ -19,5 +21,7 @@ pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;
+pub mod speculative;
 pub mod tokenizer;
 pub mod upcycle;
+pub mod vote;

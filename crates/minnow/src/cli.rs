@@ -154,6 +154,10 @@ struct RunArgs {
     /// (stderr; with --json also as "moe_stats").
     #[arg(long)]
     moe_stats: bool,
+    #[command(flatten)]
+    draft: crate::spec::DraftArgs,
+    #[command(flatten)]
+    samples: crate::spec::SampleArgs,
 }
 
 #[derive(Args)]
@@ -239,6 +243,10 @@ struct BenchArgs {
     repeats: usize,
     #[arg(long)]
     json: bool,
+    /// With --draft/--lookup: plain vs speculative greedy generation of -n
+    /// tokens from a real prompt, alternating, medians of -r runs.
+    #[command(flatten)]
+    draft: crate::spec::BenchDraftArgs,
 }
 
 #[derive(Args)]
@@ -370,6 +378,9 @@ fn run(a: RunArgs) -> Result<()> {
         m.tokenizer.encode(&a.prompt, true, false)?
     };
     check_fits(prompt.len(), a.max_tokens, ctx)?;
+    if a.draft.enabled() || a.samples.enabled() {
+        return crate::spec::run(&m, &pool, ctx, &prompt, &params, &a.draft, &a.samples, a.json);
+    }
     let mut cache = m.model.new_cache(ctx);
     let stdout = std::io::stdout();
     let g = generate(&m.model, &m.tokenizer, &pool, &mut cache, &prompt, &params, |piece| {
@@ -639,6 +650,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     let (m, pool) = a.model.load()?;
     if a.repeats == 0 || a.pp == 0 || a.tg == 0 {
         bail!("-p, -n and -r must be at least 1");
+    }
+    if a.draft.draft.enabled() {
+        return crate::spec::bench(&m, &pool, &a.model.model, a.tg, a.repeats, &a.draft, a.json);
     }
     let vocab = m.model.config().vocab_size as u32;
     // Arbitrary but fixed token ids, as llama-bench uses random ones.

@@ -5,6 +5,7 @@ mod cli;
 mod distill_cmd;
 mod distill_train;
 mod models;
+mod spec;
 
 fn main() {
     if let Err(e) = cli::main() {

@@ -1,0 +1,1390 @@
+//! Speculative decoding: a cheap drafter proposes the next few tokens, the
+//! target model checks all of them in one forward pass, and the longest
+//! acceptable prefix is kept plus one token from the target itself.
+//!
+//! Two drafters:
+//! - [`Draft::Model`]: a smaller model sharing the target's vocabulary
+//!   (Qwen2.5-Coder-0.5B for the 1.5B), checked by [`check_draft_vocab`];
+//! - [`Draft::NGram`]: prompt lookup. The last 3, 2 or 1 tokens are looked up
+//!   in the prompt and the output so far, and what followed their latest
+//!   earlier occurrence is proposed. No second model, no cost to draft; pays
+//!   off when the answer copies its input (extraction, code editing).
+//!
+//! # Why the output is the target's
+//!
+//! Verification reads the target's distribution `p` (exactly what
+//! [`Sampler::distribution`] would sample from, penalties and filters
+//! included) at every drafted position from one [`Logits::All`] pass over
+//! `[last, d1 .. dk]`. Draft token `x`, drawn from the drafter's distribution
+//! `q`, is accepted with probability `min(1, p(x) / q(x))`; at the first
+//! rejection a token is drawn from `normalize(max(0, p − q))` and the round
+//! ends; if all `k` are accepted a bonus token is drawn from `p` at the last
+//! row. This is the standard rejection-sampling rule (Leviathan et al. 2023;
+//! Chen et al. 2023): each emitted token has exactly the target's
+//! distribution. Greedy decoding is the special case where `p` is one-hot
+//! (accept iff the draft is the target's argmax, else emit the argmax), so
+//! the output equals plain greedy decoding token for token — the forward
+//! pass computes each row independently of the others in the batch, so the
+//! verifying pass's logits are the ones a token-by-token pass would give.
+//! The n-gram drafter is deterministic: `q` is one-hot and a draft is
+//! accepted with probability `p(x)`.
+//!
+//! Rejected positions are rolled back with [`KvCache::truncate`].
+//!
+//! # When it pays
+//!
+//! A [`Controller`] keeps running estimates of the acceptance rate `α` per
+//! drafted token, the time of a plain one-token target step, the extra time
+//! per additional token in a verifying pass, and the time of a draft forward
+//! pass. Before each round it picks the draft length `k` maximising the
+//! expected tokens per second, `(1 − α^(k+1)) / (1 − α)` tokens for
+//! `k · t_draft + t_plain + k · t_extra` seconds, and compares the best with
+//! plain decoding (`1 / t_plain`). When speculation loses it is switched off
+//! for a while (16 tokens, doubling each time it still loses when retried);
+//! a plain step every 32 rounds keeps `t_plain` current on a machine whose
+//! load changes.
+
+use crate::generate::{prefill, FinishReason, GenerateParams, Generation, TextStream};
+use crate::kv_cache::KvCache;
+use crate::loader::LoadedModel;
+use crate::model::{Logits, Model, ModelError};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+use minnow_kernels::pool::ThreadPool;
+use std::time::Instant;
+
+/// Where draft tokens come from.
+#[derive(Clone, Copy)]
+pub enum Draft<'a> {
+    /// A smaller model with the same vocabulary (see [`check_draft_vocab`]).
+    Model(&'a Model),
+    /// Prompt lookup: continuations of earlier occurrences of the last few tokens.
+    NGram,
+}
+
+impl Draft<'_> {
+    pub fn method(&self) -> &'static str {
+        match self {
+            Draft::Model(_) => "draft-model",
+            Draft::NGram => "ngram",
+        }
+    }
+}
+
+/// How prompt lookup finds what to copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The longest suffix of the text so far (at least
+    /// [`SpecConfig::lookup_min_bytes`]) that occurs earlier; the text that
+    /// followed it is tokenized and drafted. Finds copies whose tokens differ
+    /// from the source's: a name quoted in JSON (`"Liam`) was a word after a
+    /// space in the message (` Liam`), a different token.
+    Text,
+    /// The last `ngram_max ..= ngram_min` token ids, longest first, and the
+    /// ids that followed their latest earlier occurrence.
+    Tokens,
+}
+
+/// Knobs of speculative decoding. The defaults suit both drafters.
+#[derive(Debug, Clone)]
+pub struct SpecConfig {
+    /// Draft length of the first rounds (and always, when not adaptive).
+    pub k_start: usize,
+    /// Longest draft an adaptive run may use.
+    pub k_max: usize,
+    /// Choose `k` from measured acceptance and timings; `false` always drafts
+    /// `k_start` tokens (fewer only where the token limit or the context
+    /// ends) and never switches speculation off: for tests and experiments.
+    pub adaptive: bool,
+    /// Switch speculation off while it measures slower than plain decoding.
+    pub auto_off: bool,
+    /// How prompt lookup matches: on text (the default) or on token ids.
+    pub lookup: Lookup,
+    /// Longest n-gram looked up by [`Lookup::Tokens`].
+    pub ngram_max: usize,
+    /// Shortest n-gram looked up by [`Lookup::Tokens`].
+    pub ngram_min: usize,
+    /// Shortest text match, in bytes, that [`Lookup::Text`] drafts from.
+    pub lookup_min_bytes: usize,
+    /// With a draft model, look up the prompt first: an n-gram match of at
+    /// least this many tokens is verified instead of running the draft model
+    /// (while lookup pays better than the model). 0 (the default): never —
+    /// on code, Qwen2.5-Coder-0.5B agrees with the 1.5B on ~97% of tokens
+    /// while lookups are right about half the time, so lookups displace
+    /// better drafts.
+    pub hybrid_ngram_min: usize,
+    /// A draft model stops drafting after a token it gives less than this
+    /// probability (such tokens are often rejected, and each further draft
+    /// costs a draft forward pass). 0: always draft the planned length. Not
+    /// applied when not adaptive.
+    pub draft_confidence: f32,
+    /// The draft model's sampling (its `q`); `None`: the target's. Only the
+    /// distribution is used (draws come from the speculator's own generator);
+    /// with a greedy target the draft is always greedy.
+    pub draft_sampling: Option<SamplingParams>,
+}
+
+impl Default for SpecConfig {
+    fn default() -> Self {
+        SpecConfig {
+            k_start: 4,
+            k_max: 10,
+            adaptive: true,
+            auto_off: true,
+            lookup: Lookup::Text,
+            ngram_max: 3,
+            ngram_min: 1,
+            lookup_min_bytes: 4,
+            hybrid_ngram_min: 0,
+            draft_confidence: 0.5,
+            draft_sampling: None,
+        }
+    }
+}
+
+/// What speculation did during one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpecStats {
+    /// "draft-model" or "ngram".
+    pub method: &'static str,
+    /// Verifying passes (rounds with at least one drafted token).
+    pub rounds: usize,
+    /// Draft tokens proposed.
+    pub drafted: usize,
+    /// Draft tokens accepted.
+    pub accepted: usize,
+    /// Of `drafted` and `accepted`: those from prompt lookup (all of them
+    /// with n-gram drafting; with a draft model, the lookups tried first).
+    pub ngram_drafted: usize,
+    pub ngram_accepted: usize,
+    /// Target forward passes while generating (verifying + plain), not
+    /// counting the prompt.
+    pub target_forwards: usize,
+    /// Target forward passes of one token without a draft (speculation off,
+    /// no n-gram match, or re-measuring the plain step time).
+    pub plain_steps: usize,
+    /// Draft model forward passes (catching up on accepted tokens and drafting).
+    pub draft_forwards: usize,
+    /// Seconds in target forward passes while generating.
+    pub target_secs: f64,
+    /// Seconds in draft forward passes while generating (excluding the prompt).
+    pub draft_secs: f64,
+    /// Seconds the draft model spent reading the prompt (part of the prompt time).
+    pub draft_prompt_secs: f64,
+    /// Measured time of a plain one-token target step (running average), if
+    /// one was measured: the baseline of [`SpecStats::speedup`].
+    pub plain_step_secs: Option<f64>,
+    /// Times speculation switched itself off because it measured slower.
+    pub switched_off: usize,
+    /// Generated tokens while speculation was off.
+    pub tokens_while_off: usize,
+}
+
+impl SpecStats {
+    /// Accepted fraction of drafted tokens.
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+
+    /// Generated tokens per target forward pass, counting the prompt's last
+    /// position (which yields a token in plain decoding) as one: plain
+    /// decoding scores exactly 1.
+    pub fn tokens_per_target_forward(&self, gen_tokens: usize) -> f64 {
+        gen_tokens as f64 / (self.target_forwards as f64 + 1.0).max(1.0)
+    }
+
+    /// Estimated speed-up over plain decoding: the time plain decoding takes
+    /// for `gen_tokens` at the measured plain step time, over the time taken.
+    pub fn speedup(&self, gen_tokens: usize, gen_secs: f64) -> Option<f64> {
+        let t = self.plain_step_secs?;
+        (gen_secs > 0.0 && gen_tokens > 0).then(|| gen_tokens as f64 * t / gen_secs)
+    }
+
+    /// One line for a run's summary.
+    pub fn summary(&self, gen_tokens: usize, gen_secs: f64) -> String {
+        let mut s = format!(
+            "speculative ({}): {}/{} drafts accepted ({:.0}%), {:.2} tokens per target forward",
+            self.method,
+            self.accepted,
+            self.drafted,
+            100.0 * self.acceptance_rate(),
+            self.tokens_per_target_forward(gen_tokens)
+        );
+        if let Some(x) = self.speedup(gen_tokens, gen_secs) {
+            s += &format!(", speed-up ~{x:.2}x vs plain decoding (measured step {:.1} ms)", 1e3 * self.plain_step_secs.unwrap_or(0.0));
+        }
+        if self.switched_off > 0 {
+            s += &format!(", switched off {}x ({} tokens without drafts)", self.switched_off, self.tokens_while_off);
+        }
+        s
+    }
+
+    /// The statistics and the derived figures as JSON.
+    pub fn to_json(&self, gen_tokens: usize, gen_secs: f64) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        v["acceptance_rate"] = self.acceptance_rate().into();
+        v["tokens_per_target_forward"] = self.tokens_per_target_forward(gen_tokens).into();
+        v["speedup"] = self.speedup(gen_tokens, gen_secs).into();
+        v
+    }
+}
+
+/// How a draft model's vocabulary relates to the target's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VocabMatch {
+    /// Token strings identical in both (ids `0..shared`).
+    pub shared: usize,
+    /// Padding/unused tokens only the target has.
+    pub target_extra: usize,
+    /// Padding/unused tokens only the draft has.
+    pub draft_extra: usize,
+}
+
+/// Checks that `draft` can draft for `target`: the same tokenizer kind and
+/// the same token strings under the same ids. One vocabulary may extend the
+/// other with padding or unused entries (token type "unused", or names such
+/// as `[PAD151643]`, `<|pad|>`, `<unused12>`); anything else is refused,
+/// since ids would mean different text.
+pub fn check_draft_vocab(target: &LoadedModel, draft: &LoadedModel) -> Result<VocabMatch, String> {
+    let kind = |m: &LoadedModel| m.file.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?").to_string();
+    let (kt, kd) = (kind(target), kind(draft));
+    if kt != kd {
+        return Err(format!(
+            "the draft model's vocabulary differs from the target's: its tokenizer is `{kd}`, the target's `{kt}`; \
+             speculative decoding needs a draft with the target's vocabulary (e.g. a smaller model of the same family)"
+        ));
+    }
+    let (tt, td) = (&target.tokenizer, &draft.tokenizer);
+    let shared = tt.vocab_size().min(td.vocab_size());
+    if let Some(i) = (0..shared as u32).find(|&i| tt.token_text(i) != td.token_text(i)) {
+        return Err(format!(
+            "the draft model's vocabulary differs from the target's: token {i} is {:?} in the draft but {:?} in the target \
+             ({} vs {} tokens); speculative decoding needs a draft with the target's vocabulary",
+            td.token_text(i),
+            tt.token_text(i),
+            td.vocab_size(),
+            tt.vocab_size()
+        ));
+    }
+    let extra_ok = |m: &LoadedModel, who: &str| -> Result<usize, String> {
+        let n = m.tokenizer.vocab_size();
+        let types = m.file.get("tokenizer.ggml.token_type").and_then(|v| v.as_array());
+        for i in shared..n {
+            let ty = types.and_then(|a| a.get(i)).and_then(|v| v.as_i64());
+            let text = m.tokenizer.token_text(i as u32);
+            if !is_padding(text, ty) {
+                return Err(format!(
+                    "the draft model's vocabulary differs from the target's: the {who} has {} tokens beyond the {shared} \
+                     they share, and token {i} ({text:?}) is not padding; speculative decoding needs a draft with the \
+                     target's vocabulary",
+                    n - shared
+                ));
+            }
+        }
+        Ok(n - shared)
+    };
+    Ok(VocabMatch { shared, target_extra: extra_ok(target, "target")?, draft_extra: extra_ok(draft, "draft")? })
+}
+
+/// A vocabulary entry that no text produces: type "unused" (5), or a
+/// padding/reserved placeholder name.
+fn is_padding(text: &str, ty: Option<i64>) -> bool {
+    if ty == Some(5) {
+        return true;
+    }
+    let t = text.to_ascii_lowercase();
+    ["[pad", "<pad", "<|pad", "[empty_", "<unused", "<|unused", "[unused", "<|reserved", "<reserved", "<|extra_"]
+        .iter()
+        .any(|p| t.starts_with(p))
+}
+
+/// The n-gram drafter's proposal: the continuation (at most `k` tokens) of
+/// the latest earlier occurrence of the last `n` tokens of `hist`, trying
+/// `n = max ..= min` longest first. Empty if nothing matches.
+pub fn ngram_propose(hist: &[u32], k: usize, min: usize, max: usize) -> Vec<u32> {
+    let len = hist.len();
+    if k == 0 {
+        return Vec::new();
+    }
+    for n in (min.max(1)..=max).rev() {
+        if len < n + 1 {
+            continue;
+        }
+        let pat = &hist[len - n..];
+        // Start positions whose match ends before the suffix itself, latest first.
+        for s in (0..len - n).rev() {
+            if &hist[s..s + n] == pat {
+                let end = (s + n + k).min(len);
+                return hist[s + n..end].to_vec();
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// Bytes longer than this are not compared when matching text.
+const LOOKUP_MAX_MATCH: usize = 64;
+/// Most bytes of continuation tokenized as a draft.
+const LOOKUP_MAX_CONT: usize = 64;
+/// Stands for a control token in the byte history: matches only itself and
+/// ends continuations (its text would tokenize as plain characters).
+const CONTROL_BYTE: u8 = 0;
+
+/// Text-level prompt lookup: the longest suffix of `text` (at least
+/// `min_match` bytes; the latest occurrence among equals) that also occurs
+/// earlier, and the bytes that followed that occurrence (up to
+/// [`LOOKUP_MAX_CONT`], stopping at a [`CONTROL_BYTE`]). Returns the
+/// continuation and whether it was cut short by the length cap.
+pub fn text_lookup(text: &[u8], min_match: usize) -> Option<(&[u8], bool)> {
+    let n = text.len();
+    let min_match = min_match.max(1);
+    if n <= min_match {
+        return None;
+    }
+    let last = text[n - 1];
+    let (mut best_len, mut best_end) = (0, 0);
+    // Candidate occurrences end at e < n; latest first.
+    for e in (min_match..n).rev() {
+        if text[e - 1] != last {
+            continue;
+        }
+        let cap = LOOKUP_MAX_MATCH.min(e);
+        let mut l = 1;
+        while l < cap && text[e - 1 - l] == text[n - 1 - l] {
+            l += 1;
+        }
+        if l > best_len {
+            (best_len, best_end) = (l, e);
+            if l == LOOKUP_MAX_MATCH {
+                break;
+            }
+        }
+    }
+    if best_len < min_match {
+        return None;
+    }
+    let rest = &text[best_end..];
+    let stop = rest.iter().position(|&b| b == CONTROL_BYTE).unwrap_or(rest.len());
+    let len = stop.min(LOOKUP_MAX_CONT);
+    (len > 0).then(|| (&rest[..len], len < stop))
+}
+
+/// Drafts for [`Lookup::Text`]: the continuation found by [`text_lookup`],
+/// tokenized, at most `k` tokens (without a last token that may be cut short).
+fn text_lookup_propose(tokenizer: &Tokenizer, text: &[u8], k: usize, min_match: usize) -> Vec<u32> {
+    let Some((cont, cut)) = text_lookup(text, min_match) else { return Vec::new() };
+    let valid = match std::str::from_utf8(cont) {
+        Ok(s) => s,
+        Err(e) if e.valid_up_to() > 0 => std::str::from_utf8(&cont[..e.valid_up_to()]).unwrap_or(""),
+        // The continuation starts inside a character: nothing sensible to tokenize.
+        Err(_) => return Vec::new(),
+    };
+    let Ok(mut ids) = tokenizer.encode(valid, false, false) else { return Vec::new() };
+    if cut || valid.len() < cont.len() {
+        ids.pop();
+    }
+    ids.truncate(k);
+    ids
+}
+
+/// One drafted token and the distribution it was drawn from (`None`: one-hot).
+#[derive(Clone)]
+struct Drafted {
+    id: u32,
+    q: Option<Vec<(u32, f32)>>,
+}
+
+impl Drafted {
+    fn q_of(&self, id: u32) -> f32 {
+        match &self.q {
+            None => (id == self.id) as u32 as f32,
+            Some(q) => lookup(q, id),
+        }
+    }
+}
+
+fn lookup(dist: &[(u32, f32)], id: u32) -> f32 {
+    dist.iter().find(|&&(t, _)| t == id).map_or(0.0, |&(_, p)| p)
+}
+
+/// A draft model and its own KV cache, kept in step with the committed text.
+#[derive(Clone)]
+struct ModelDrafter<'a> {
+    model: &'a Model,
+    cache: KvCache,
+    /// The tokens in `cache`, in order.
+    fed: Vec<u32>,
+    /// Logits after the last of `fed`, when they are current.
+    next_logits: Option<Vec<f32>>,
+    /// Draft tokens must be below this (the target's logit rows).
+    limit: usize,
+    /// `q`'s transforms; its history follows the committed tokens.
+    sampler: Sampler,
+    /// Committed tokens `sampler` has seen.
+    seen: usize,
+    greedy: bool,
+    /// See [`SpecConfig::draft_confidence`].
+    confidence: f32,
+    /// Seconds and count of this round's draft passes of at most two new
+    /// tokens (what a round costs; long catch-ups after a pause are not).
+    timing: (f64, usize),
+}
+
+/// The softmax probability of the largest logit.
+fn top_probability(logits: &[f32]) -> f32 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if !m.is_finite() {
+        return 1.0;
+    }
+    let sum: f32 = logits.iter().map(|&x| (x - m).exp()).sum();
+    1.0 / sum
+}
+
+impl<'a> ModelDrafter<'a> {
+    /// Makes `fed` a prefix of `hist` (dropping rejected drafts), then feeds
+    /// the rest of `hist`; leaves the logits for the next token in `next_logits`.
+    fn catch_up(&mut self, pool: &ThreadPool, hist: &[u32], stats: &mut SpecStats) -> Result<(), ModelError> {
+        let common = self.fed.iter().zip(hist).take_while(|(a, b)| a == b).count();
+        if common < self.fed.len() {
+            self.fed.truncate(common);
+            self.cache.truncate(common);
+            self.next_logits = None;
+        }
+        if self.fed.len() == hist.len() && self.next_logits.is_none() {
+            // Logits of the last position are needed again: recompute it.
+            let n = self.fed.len().saturating_sub(1);
+            self.fed.truncate(n);
+            self.cache.truncate(n);
+        }
+        if self.fed.len() < hist.len() {
+            let t = Instant::now();
+            let pending = &hist[self.fed.len()..];
+            let chunks = pending.len().div_ceil(crate::generate::PROMPT_CHUNK);
+            self.next_logits = Some(prefill(self.model, pool, &mut self.cache, pending)?);
+            let secs = t.elapsed().as_secs_f64();
+            if pending.len() <= 2 {
+                self.timing.0 += secs;
+                self.timing.1 += 1;
+            }
+            self.fed.extend_from_slice(pending);
+            stats.draft_forwards += chunks;
+            stats.draft_secs += secs;
+        }
+        for &t in &hist[self.seen..] {
+            self.sampler.accept(t);
+        }
+        self.seen = hist.len();
+        Ok(())
+    }
+
+    /// Drafts `k` tokens after `hist`, drawing from `q` with `rng`.
+    fn propose(
+        &mut self,
+        pool: &ThreadPool,
+        hist: &[u32],
+        k: usize,
+        rng: &mut SplitMix,
+        stats: &mut SpecStats,
+    ) -> Result<Vec<Drafted>, ModelError> {
+        self.timing = (0.0, 0);
+        self.catch_up(pool, hist, stats)?;
+        let mut sampler = self.sampler.clone();
+        let mut out = Vec::with_capacity(k);
+        let mut logits = self.next_logits.take().unwrap_or_default();
+        for i in 0..k {
+            if logits.len() > self.limit {
+                // Ids the target does not have (padding) can never be accepted.
+                logits[self.limit..].fill(f32::NEG_INFINITY);
+            }
+            let (d, conf) = if self.greedy {
+                let id = sampler.distribution(&logits).first().map_or(0, |x| x.0);
+                let conf = if self.confidence > 0.0 { top_probability(&logits) } else { 1.0 };
+                (Drafted { id, q: None }, conf)
+            } else {
+                let q = sampler.distribution(&logits);
+                let id = draw(&q, rng.next_f64());
+                let conf = lookup(&q, id);
+                (Drafted { id, q: Some(q) }, conf)
+            };
+            sampler.accept(d.id);
+            let id = d.id;
+            out.push(d);
+            if i + 1 < k && conf >= self.confidence {
+                let t = Instant::now();
+                logits = self.model.forward_one(pool, &mut self.cache, &[id], Logits::Last)?;
+                let secs = t.elapsed().as_secs_f64();
+                self.fed.push(id);
+                self.timing.0 += secs;
+                self.timing.1 += 1;
+                stats.draft_forwards += 1;
+                stats.draft_secs += secs;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Clone)]
+enum Drafter<'a> {
+    Model(Box<ModelDrafter<'a>>),
+    NGram,
+}
+
+/// Inverse-CDF draw from a (normalised) distribution list; `u` in [0, 1).
+fn draw(dist: &[(u32, f32)], u: f64) -> u32 {
+    let total: f64 = dist.iter().map(|&(_, p)| p as f64).sum();
+    let r = u * total;
+    let mut cum = 0.0;
+    for &(t, p) in dist {
+        cum += p as f64;
+        if cum > r {
+            return t;
+        }
+    }
+    dist.last().map_or(0, |x| x.0)
+}
+
+/// splitmix64: the speculator's own uniform draws (acceptance tests, draft
+/// and residual draws), separate from the target sampler's stream.
+#[derive(Clone, Debug)]
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn new(seed: u64) -> SplitMix {
+        SplitMix(seed ^ 0x5bd1_e995_9e37_79b9)
+    }
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Exponential moving average, empty until the first sample.
+#[derive(Clone, Copy, Debug, Default)]
+struct Ema(Option<f64>);
+
+impl Ema {
+    fn add(&mut self, x: f64, w: f64) {
+        self.0 = Some(match self.0 {
+            None => x,
+            Some(m) => m + w * (x - m),
+        });
+    }
+}
+
+/// A ratio of exponentially decayed sums, `Σ num / Σ den`: an average that
+/// weighs each sample by its size and keeps noisy samples unclamped (a
+/// per-sample `max(0, x)` would bias it upwards).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ratio {
+    num: f64,
+    den: f64,
+}
+
+impl Ratio {
+    const DECAY: f64 = 0.85;
+
+    fn add(&mut self, num: f64, den: f64) {
+        self.num = Self::DECAY * self.num + num;
+        self.den = Self::DECAY * self.den + den;
+    }
+
+    fn get(&self) -> Option<f64> {
+        (self.den > 0.0).then(|| self.num / self.den)
+    }
+}
+
+/// Where a round's drafts came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    Model,
+    NGram,
+}
+
+/// Acceptance, measured speed and on/off state of one draft source.
+#[derive(Clone, Debug)]
+struct SourceState {
+    /// Whether the speculator has this source at all.
+    present: bool,
+    /// Accepted drafts per draft examined (up to and including the first
+    /// rejection): `α`.
+    alpha: Ratio,
+    /// Tokens committed per second of this source's rounds (drafting and
+    /// verifying), measured.
+    speed: Ratio,
+    /// Rounds since the source was (re)enabled.
+    rounds: usize,
+    /// Off until this many tokens are generated.
+    off_until: usize,
+    /// Tokens to stay off the next time the source loses.
+    backoff: usize,
+}
+
+/// Rounds a source runs before it may be judged.
+const PROBE_ROUNDS: usize = 4;
+
+impl SourceState {
+    fn new(present: bool) -> SourceState {
+        SourceState { present, alpha: Ratio::default(), speed: Ratio::default(), rounds: 0, off_until: 0, backoff: 16 }
+    }
+
+    fn alpha(&self) -> f64 {
+        // A prior of 0.6 worth 2 trials.
+        ((self.alpha.num + 1.2) / (self.alpha.den + 2.0)).clamp(0.02, 0.98)
+    }
+}
+
+/// Draft lengths for the next step; 0 means "do not use this source".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Plan {
+    model: usize,
+    ngram: usize,
+}
+
+/// Picks draft lengths and decides whether speculation pays (see the
+/// module doc).
+#[derive(Clone, Debug)]
+struct Controller {
+    adaptive: bool,
+    auto_off: bool,
+    k_start: usize,
+    k_max: usize,
+    /// Seconds of a plain one-token step.
+    t_plain: Ema,
+    /// Extra seconds per drafted token in a verifying pass (over `t_plain`).
+    t_extra: Ratio,
+    /// Seconds per draft model forward pass.
+    t_draft: Ratio,
+    model: SourceState,
+    ngram: SourceState,
+    rounds_since_plain: usize,
+}
+
+/// Rounds between plain steps that refresh the plain step time.
+const REMEASURE_EVERY: usize = 32;
+
+impl Controller {
+    fn new(cfg: &SpecConfig, model: bool, ngram: bool) -> Controller {
+        Controller {
+            adaptive: cfg.adaptive,
+            auto_off: cfg.auto_off && cfg.adaptive,
+            k_start: cfg.k_start.max(1),
+            k_max: cfg.k_max.max(cfg.k_start).max(1),
+            t_plain: Ema::default(),
+            t_extra: Ratio::default(),
+            t_draft: Ratio::default(),
+            model: SourceState::new(model),
+            ngram: SourceState::new(ngram),
+            rounds_since_plain: 0,
+        }
+    }
+
+    fn source(&mut self, src: Src) -> &mut SourceState {
+        match src {
+            Src::Model => &mut self.model,
+            Src::NGram => &mut self.ngram,
+        }
+    }
+
+    /// Expected tokens per second of a round of `k` drafts from `src`: `(1 −
+    /// α^(k+1)) / (1 − α)` tokens for `t_plain + k (t_extra + t_draft)`.
+    fn rate(&self, src: Src, k: usize, t_plain: f64) -> f64 {
+        let (a, draft) = match src {
+            Src::Model => (self.model.alpha(), self.t_draft.get().unwrap_or(0.3 * t_plain)),
+            Src::NGram => (self.ngram.alpha(), 0.0),
+        };
+        let tokens = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
+        let extra = self.t_extra.get().unwrap_or(0.1 * t_plain).max(0.0);
+        tokens / (t_plain + k as f64 * (extra + draft))
+    }
+
+    /// The best draft length of `src` and its predicted rate.
+    fn best(&self, src: Src, t_plain: f64) -> (usize, f64) {
+        let (mut best_k, mut best) = (1, 0.0);
+        for k in 1..=self.k_max {
+            let r = self.rate(src, k, t_plain);
+            if r > best {
+                (best_k, best) = (k, r);
+            }
+        }
+        (best_k, best)
+    }
+
+    /// Decides one source: its draft length, or 0 while it is off. A source
+    /// that has run its probe rounds is switched off when both its predicted
+    /// and its measured speed fall below `beat` (tokens per second): one
+    /// noisy estimate alone does not turn it off.
+    fn decide(&mut self, src: Src, generated: usize, t_plain: f64, beat: f64, stats: &mut SpecStats) -> usize {
+        let (k, predicted) = self.best(src, t_plain);
+        let (auto_off, k_start) = (self.auto_off, self.k_start);
+        let st = self.source(src);
+        if !st.present || generated < st.off_until {
+            return 0;
+        }
+        if st.rounds < PROBE_ROUNDS {
+            // Try the starting length: estimates are still mostly prior.
+            return k.max(k_start);
+        }
+        let measured = st.speed.get().unwrap_or(f64::INFINITY);
+        if auto_off && predicted < 0.95 * beat && measured < 0.95 * beat {
+            st.off_until = generated + st.backoff;
+            st.backoff = (st.backoff * 2).min(512);
+            st.rounds = 0;
+            st.speed = Ratio::default();
+            stats.switched_off += 1;
+            return 0;
+        }
+        k
+    }
+
+    /// Draft lengths for the next step. All zero: a plain step.
+    fn plan(&mut self, generated: usize, stats: &mut SpecStats) -> Plan {
+        if !self.adaptive {
+            let k = self.k_start;
+            return Plan { model: if self.model.present { k } else { 0 }, ngram: if self.ngram.present { k } else { 0 } };
+        }
+        let Some(t_plain) = self.t_plain.0 else { return Plan::default() };
+        if self.rounds_since_plain >= REMEASURE_EVERY {
+            return Plan::default();
+        }
+        let model = self.decide(Src::Model, generated, t_plain, 1.0 / t_plain, stats);
+        // Prompt lookup must beat the draft model where that runs.
+        let beat = if model > 0 { self.best(Src::Model, t_plain).1.max(1.0 / t_plain) } else { 1.0 / t_plain };
+        let ngram = self.decide(Src::NGram, generated, t_plain, beat, stats);
+        Plan { model, ngram }
+    }
+
+    /// Whether every present source is switched off.
+    fn all_off(&self, generated: usize) -> bool {
+        let off = |s: &SourceState| !s.present || generated < s.off_until;
+        self.adaptive && off(&self.model) && off(&self.ngram)
+    }
+
+    fn record_plain(&mut self, secs: f64) {
+        // A slow average: one step on a loaded machine can take twice as long as the next.
+        self.t_plain.add(secs, 0.2);
+        self.rounds_since_plain = 0;
+    }
+
+    /// Records a round: `committed` tokens, verified in `verify_secs`, after
+    /// `draft_passes` draft passes taking `draft_secs` (single-token passes
+    /// only) out of `draft_total` seconds of drafting.
+    #[allow(clippy::too_many_arguments)]
+    fn record_round(
+        &mut self,
+        src: Src,
+        drafted: usize,
+        accepted: usize,
+        committed: usize,
+        verify_secs: f64,
+        (draft_secs, draft_passes): (f64, usize),
+        draft_total: f64,
+    ) {
+        self.rounds_since_plain += 1;
+        let t_plain = self.t_plain.0;
+        let st = self.source(src);
+        st.rounds += 1;
+        let examined = if accepted < drafted { accepted + 1 } else { accepted };
+        st.alpha.add(accepted as f64, examined as f64);
+        st.speed.add(committed as f64, verify_secs + draft_total);
+        if let Some(tp) = t_plain {
+            self.t_extra.add(verify_secs - tp, drafted as f64);
+        }
+        if draft_passes > 0 {
+            self.t_draft.add(draft_secs, draft_passes as f64);
+        }
+    }
+}
+
+/// Generated text and ids, with the stop rules of [`crate::generate::generate`].
+struct Output {
+    text: String,
+    ids: Vec<u32>,
+    finish: FinishReason,
+    hit_stop_string: bool,
+}
+
+impl Output {
+    /// Records a generated token; true when generation must end here.
+    fn push(
+        &mut self,
+        id: u32,
+        tokenizer: &Tokenizer,
+        params: &GenerateParams,
+        stream: &mut TextStream,
+        on_text: &mut impl FnMut(&str),
+    ) -> bool {
+        self.ids.push(id);
+        if params.stop_at_eog && tokenizer.is_end_of_generation(id) {
+            self.finish = FinishReason::Stop;
+            return true;
+        }
+        let (piece, hit) = stream.push(tokenizer, id);
+        self.text.push_str(&piece);
+        on_text(&piece);
+        if hit {
+            self.finish = FinishReason::Stop;
+            self.hit_stop_string = true;
+            return true;
+        }
+        self.ids.len() >= params.max_tokens
+    }
+}
+
+/// One sequence decoded speculatively. Build it, [`prefill`](Self::prefill)
+/// the prompt, then [`generate`](Self::generate). Cloning after the prefill
+/// forks the sequence (both caches and every state), e.g. to draw many
+/// samples from one prompt with [`reseed`](Self::reseed).
+#[derive(Clone)]
+pub struct Speculator<'a> {
+    target: &'a Model,
+    tokenizer: &'a Tokenizer,
+    params: GenerateParams,
+    /// Holds every committed token but the last.
+    cache: KvCache,
+    drafter: Drafter<'a>,
+    /// Prompt and generated tokens.
+    hist: Vec<u32>,
+    prompt_len: usize,
+    prompt_secs: f64,
+    sampler: Sampler,
+    rng: SplitMix,
+    ctl: Controller,
+    /// Shortest and longest n-gram looked up (token lookup).
+    ngram: (usize, usize),
+    lookup: Lookup,
+    lookup_min_bytes: usize,
+    /// The bytes of `hist` (control tokens as [`CONTROL_BYTE`]), for text lookup.
+    text: Vec<u8>,
+    /// `MINNOW_SPEC_DEBUG` set: a line per round on stderr.
+    debug: bool,
+    stats: SpecStats,
+    /// Scratch of the target's vocabulary size for residual distributions.
+    scratch: Vec<f32>,
+}
+
+impl<'a> Speculator<'a> {
+    /// A speculator for `target` with contexts of `ctx` positions. A draft
+    /// model must already have passed [`check_draft_vocab`].
+    pub fn new(
+        target: &'a Model,
+        tokenizer: &'a Tokenizer,
+        draft: Draft<'a>,
+        ctx: usize,
+        params: GenerateParams,
+        cfg: &SpecConfig,
+    ) -> Result<Speculator<'a>, ModelError> {
+        params.sampling.validate().map_err(ModelError::new)?;
+        if let Some(d) = &cfg.draft_sampling {
+            d.validate().map_err(|e| ModelError::new(format!("draft sampling: {e}")))?;
+        }
+        if cfg.ngram_min == 0 || cfg.ngram_min > cfg.ngram_max {
+            return Err(ModelError::new("n-gram sizes must satisfy 1 <= min <= max"));
+        }
+        let vocab = target.config().vocab_size;
+        let greedy = params.sampling.temperature <= 0.0;
+        let drafter = match draft {
+            Draft::Model(m) => {
+                let mut dp = cfg.draft_sampling.clone().unwrap_or_else(|| params.sampling.clone());
+                if greedy {
+                    dp = SamplingParams { seed: dp.seed, ..SamplingParams::greedy() };
+                }
+                Drafter::Model(Box::new(ModelDrafter {
+                    model: m,
+                    cache: m.new_cache(ctx),
+                    fed: Vec::new(),
+                    next_logits: None,
+                    limit: vocab.min(m.config().vocab_size),
+                    greedy: dp.temperature <= 0.0,
+                    sampler: Sampler::new(dp),
+                    seen: 0,
+                    confidence: if cfg.adaptive { cfg.draft_confidence } else { 0.0 },
+                    timing: (0.0, 0),
+                }))
+            }
+            Draft::NGram => Drafter::NGram,
+        };
+        let (has_model, ngram_min) = match draft {
+            Draft::Model(_) => (true, cfg.hybrid_ngram_min.max(cfg.ngram_min)),
+            Draft::NGram => (false, cfg.ngram_min),
+        };
+        let has_ngram = !has_model || (cfg.hybrid_ngram_min > 0 && cfg.hybrid_ngram_min <= cfg.ngram_max);
+        Ok(Speculator {
+            target,
+            tokenizer,
+            cache: target.new_cache(ctx),
+            drafter,
+            hist: Vec::new(),
+            prompt_len: 0,
+            prompt_secs: 0.0,
+            sampler: Sampler::new(params.sampling.clone()),
+            rng: SplitMix::new(params.sampling.seed),
+            ctl: Controller::new(cfg, has_model, has_ngram),
+            ngram: (ngram_min, cfg.ngram_max),
+            lookup: cfg.lookup,
+            lookup_min_bytes: cfg.lookup_min_bytes,
+            text: Vec::new(),
+            debug: std::env::var_os("MINNOW_SPEC_DEBUG").is_some(),
+            stats: SpecStats { method: draft.method(), ..SpecStats::default() },
+            scratch: vec![0.0; vocab],
+            params,
+        })
+    }
+
+    /// Reads the prompt: the target caches all of it but the last token (fed
+    /// with the first round's drafts), a draft model all of it.
+    pub fn prefill(&mut self, pool: &ThreadPool, prompt: &[u32]) -> Result<(), ModelError> {
+        if prompt.is_empty() {
+            return Err(ModelError::new("the prompt is empty: nothing to continue from"));
+        }
+        if !self.hist.is_empty() {
+            return Err(ModelError::new("the speculator already holds a prompt"));
+        }
+        if prompt.len() > self.cache.max_len() {
+            return Err(ModelError::new(format!(
+                "the prompt ({} tokens) exceeds the context size of {}",
+                prompt.len(),
+                self.cache.max_len()
+            )));
+        }
+        let start = Instant::now();
+        prefill(self.target, pool, &mut self.cache, &prompt[..prompt.len() - 1])?;
+        self.hist = prompt.to_vec();
+        self.prompt_len = prompt.len();
+        for &t in prompt {
+            self.push_text(t);
+        }
+        for &t in prompt {
+            self.sampler.accept(t);
+        }
+        if let Drafter::Model(d) = &mut self.drafter {
+            let t = Instant::now();
+            let mut scratch = SpecStats::default();
+            d.catch_up(pool, &self.hist, &mut scratch)?;
+            self.stats.draft_prompt_secs += t.elapsed().as_secs_f64();
+        }
+        self.prompt_secs = start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// New seeds for the target sampler and the speculator's draws (same
+    /// history): forks after a shared prefill draw independent samples.
+    pub fn reseed(&mut self, seed: u64) {
+        let mut s = Sampler::new(SamplingParams { seed, ..self.params.sampling.clone() });
+        for &t in &self.hist {
+            s.accept(t);
+        }
+        self.sampler = s;
+        self.rng = SplitMix::new(seed);
+        self.params.sampling.seed = seed;
+    }
+
+    pub fn stats(&self) -> &SpecStats {
+        &self.stats
+    }
+
+    /// Generates after the prefilled prompt, calling `on_text` with released
+    /// text as it is produced, like [`crate::generate::generate`].
+    pub fn generate(&mut self, pool: &ThreadPool, mut on_text: impl FnMut(&str)) -> Result<Generation, ModelError> {
+        if self.hist.is_empty() {
+            return Err(ModelError::new("prefill a prompt before generating"));
+        }
+        let params = self.params.clone();
+        let mut stream = TextStream::new(&params.stop);
+        let mut out = Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
+        let max_len = self.cache.max_len();
+        let gen_start = Instant::now();
+        while out.ids.len() < params.max_tokens && self.cache.len() < max_len {
+            let remaining = params.max_tokens - out.ids.len();
+            let room = max_len - self.cache.len() - 1;
+            // Drafting the last allowed token gains nothing over a plain
+            // step (one target pass either way); fixed-length runs do it anyway
+            // so that every token goes through verification.
+            let cap = if self.ctl.adaptive { remaining - 1 } else { remaining };
+            let plan = self.ctl.plan(out.ids.len(), &mut self.stats);
+            let (kn, km) = (plan.ngram.min(cap).min(room), plan.model.min(cap).min(room));
+            let mut src = Src::NGram;
+            let mut drafts = Vec::new();
+            let draft_secs0 = self.stats.draft_secs;
+            if kn > 0 {
+                let ids = match self.lookup {
+                    Lookup::Text => text_lookup_propose(self.tokenizer, &self.text, kn, self.lookup_min_bytes),
+                    Lookup::Tokens => ngram_propose(&self.hist, kn, self.ngram.0, self.ngram.1),
+                };
+                drafts = ids.into_iter().map(|id| Drafted { id, q: None }).collect();
+            }
+            if drafts.is_empty() && km > 0 {
+                src = Src::Model;
+                if let Drafter::Model(d) = &mut self.drafter {
+                    drafts = d.propose(pool, &self.hist, km, &mut self.rng, &mut self.stats)?;
+                }
+            }
+            let done = if drafts.is_empty() {
+                let off = self.ctl.all_off(out.ids.len());
+                self.plain_step(pool, off, &mut out, &mut stream, &mut on_text)?
+            } else {
+                let timing = match (&self.drafter, src) {
+                    (Drafter::Model(d), Src::Model) => d.timing,
+                    _ => (0.0, 0),
+                };
+                let cost = (timing, self.stats.draft_secs - draft_secs0);
+                self.verify(pool, src, &drafts, cost, &mut out, &mut stream, &mut on_text)?
+            };
+            if done {
+                break;
+            }
+        }
+        // The cache holds every committed token but the last, as between rounds.
+        let keep = self.hist.len() - 1;
+        self.cache.truncate(keep);
+        if !out.hit_stop_string {
+            let rest = stream.finish();
+            out.text.push_str(&rest);
+            on_text(&rest);
+        }
+        let gen_secs = gen_start.elapsed().as_secs_f64();
+        self.stats.plain_step_secs = self.ctl.t_plain.0;
+        Ok(Generation {
+            text: out.text,
+            gen_tokens: out.ids.len(),
+            ids: out.ids,
+            prompt_tokens: self.prompt_len,
+            prompt_secs: self.prompt_secs,
+            gen_secs,
+            finish: out.finish,
+        })
+    }
+
+    fn push_text(&mut self, id: u32) {
+        if self.lookup == Lookup::Text && self.ctl.ngram.present {
+            if self.tokenizer.is_special(id) {
+                self.text.push(CONTROL_BYTE);
+            } else {
+                self.text.extend_from_slice(&self.tokenizer.token_bytes(id));
+            }
+        }
+    }
+
+    /// Commits a token: history, sampler history (unless `sample` did), output.
+    fn commit(
+        &mut self,
+        id: u32,
+        sampled: bool,
+        out: &mut Output,
+        stream: &mut TextStream,
+        on_text: &mut impl FnMut(&str),
+    ) -> bool {
+        self.hist.push(id);
+        self.push_text(id);
+        if !sampled {
+            self.sampler.accept(id);
+        }
+        out.push(id, self.tokenizer, &self.params, stream, on_text)
+    }
+
+    /// One token without drafts; true when generation ends.
+    fn plain_step(
+        &mut self,
+        pool: &ThreadPool,
+        while_off: bool,
+        out: &mut Output,
+        stream: &mut TextStream,
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<bool, ModelError> {
+        let last = *self.hist.last().expect("prefilled");
+        let t = Instant::now();
+        let logits = self.target.forward_one(pool, &mut self.cache, &[last], Logits::Last)?;
+        let secs = t.elapsed().as_secs_f64();
+        self.ctl.record_plain(secs);
+        self.stats.target_forwards += 1;
+        self.stats.plain_steps += 1;
+        self.stats.target_secs += secs;
+        if while_off {
+            self.stats.tokens_while_off += 1;
+        }
+        if self.debug {
+            eprintln!("[spec] plain step {:.1} ms{}", secs * 1e3, if while_off { " (speculation off)" } else { "" });
+        }
+        let next = self.sampler.sample(&logits);
+        Ok(self.commit(next, true, out, stream, on_text))
+    }
+
+    /// Verifies `drafts` in one target pass and commits what is accepted plus
+    /// one target token; true when generation ends.
+    fn verify(
+        &mut self,
+        pool: &ThreadPool,
+        src: Src,
+        drafts: &[Drafted],
+        ((draft_secs, draft_passes), draft_total): ((f64, usize), f64),
+        out: &mut Output,
+        stream: &mut TextStream,
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<bool, ModelError> {
+        let base = self.cache.len();
+        let committed0 = out.ids.len();
+        let mut toks = Vec::with_capacity(drafts.len() + 1);
+        toks.push(*self.hist.last().expect("prefilled"));
+        toks.extend(drafts.iter().map(|d| d.id));
+        let t = Instant::now();
+        let rows = self.target.forward_one(pool, &mut self.cache, &toks, Logits::All)?;
+        let verify_secs = t.elapsed().as_secs_f64();
+        self.stats.target_forwards += 1;
+        self.stats.target_secs += verify_secs;
+        self.stats.rounds += 1;
+        self.stats.drafted += drafts.len();
+        let vocab = rows.len() / toks.len();
+        let mut accepted = 0;
+        let mut done = false;
+        let mut rejected = false;
+        for (j, d) in drafts.iter().enumerate() {
+            let row = &rows[j * vocab..(j + 1) * vocab];
+            let p = self.sampler.distribution(row);
+            let (px, qx) = (lookup(&p, d.id), d.q_of(d.id));
+            let accept = px > 0.0 && (px >= qx || self.rng.next_f64() * (qx as f64) < px as f64);
+            if accept {
+                accepted += 1;
+                if self.commit(d.id, false, out, stream, on_text) {
+                    done = true;
+                    break;
+                }
+            } else {
+                let y = self.residual(&p, d);
+                rejected = true;
+                done = self.commit(y, false, out, stream, on_text);
+                break;
+            }
+        }
+        self.stats.accepted += accepted;
+        if src == Src::NGram {
+            self.stats.ngram_drafted += drafts.len();
+            self.stats.ngram_accepted += accepted;
+        }
+        if !done && !rejected {
+            let row = &rows[drafts.len() * vocab..];
+            let y = self.sampler.sample(row);
+            done = self.commit(y, true, out, stream, on_text);
+        }
+        // Keep `last` and the accepted drafts; drop the rest.
+        self.cache.truncate(base + 1 + accepted);
+        let committed = out.ids.len() - committed0;
+        self.ctl.record_round(src, drafts.len(), accepted, committed, verify_secs, (draft_secs, draft_passes), draft_total);
+        if self.debug {
+            let c = &self.ctl;
+            eprintln!(
+                "[spec] {src:?} {accepted}/{} accepted {:?} | verify {:.1} ms, draft {:.1} ms in {draft_passes} passes | \
+                 α model {:.2} ngram {:.2} | t_plain {:.1} t_extra {:.1} t_draft {:.1} ms | \
+                 measured tok/s model {:.2} ngram {:.2}",
+                drafts.len(),
+                drafts.iter().map(|d| self.tokenizer.token_text(d.id)).collect::<Vec<_>>(),
+                verify_secs * 1e3,
+                draft_secs * 1e3,
+                c.model.alpha(),
+                c.ngram.alpha(),
+                c.t_plain.0.unwrap_or(0.0) * 1e3,
+                c.t_extra.get().unwrap_or(0.0) * 1e3,
+                c.t_draft.get().unwrap_or(0.0) * 1e3,
+                c.model.speed.get().unwrap_or(0.0),
+                c.ngram.speed.get().unwrap_or(0.0),
+            );
+        }
+        Ok(done)
+    }
+
+    /// A draw from `normalize(max(0, p − q))` after draft `d` was rejected.
+    fn residual(&mut self, p: &[(u32, f32)], d: &Drafted) -> u32 {
+        let u = self.rng.next_f64();
+        let r = residual_dist(p, d, &mut self.scratch);
+        if r.is_empty() {
+            // p == q up to rounding: the rejection had probability ~0.
+            return draw(p, u);
+        }
+        draw(&r, u)
+    }
+}
+
+/// `max(0, p − q)` over `p`'s support (unnormalised; [`draw`] normalises),
+/// in `p`'s order. `scratch` is vocabulary-sized and all zero; it is left so.
+fn residual_dist(p: &[(u32, f32)], d: &Drafted, scratch: &mut [f32]) -> Vec<(u32, f32)> {
+    let set = |s: &mut [f32], on: bool| match &d.q {
+        None => {
+            if let Some(x) = s.get_mut(d.id as usize) {
+                *x = on as u32 as f32;
+            }
+        }
+        Some(q) => {
+            for &(t, w) in q {
+                if let Some(x) = s.get_mut(t as usize) {
+                    *x = if on { w } else { 0.0 };
+                }
+            }
+        }
+    };
+    set(scratch, true);
+    let r = p
+        .iter()
+        .map(|&(t, w)| (t, (w - scratch.get(t as usize).copied().unwrap_or(0.0)).max(0.0)))
+        .filter(|&(_, w)| w > 0.0)
+        .collect();
+    set(scratch, false);
+    r
+}
+
+/// Prefill and generate in one call; returns the generation and what
+/// speculation did.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_speculative(
+    target: &Model,
+    tokenizer: &Tokenizer,
+    pool: &ThreadPool,
+    draft: Draft<'_>,
+    ctx: usize,
+    prompt: &[u32],
+    params: &GenerateParams,
+    cfg: &SpecConfig,
+    on_text: impl FnMut(&str),
+) -> Result<(Generation, SpecStats), ModelError> {
+    let mut s = Speculator::new(target, tokenizer, draft, ctx, params.clone(), cfg)?;
+    s.prefill(pool, prompt)?;
+    let g = s.generate(pool, on_text)?;
+    Ok((g, s.stats.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_prefers_longest_and_latest_match() {
+        // ... 1 2 3 [4 5] ... 9 2 3 [7 8] ... 2 3 → latest "2 3" continues 7 8.
+        let h = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3];
+        assert_eq!(ngram_propose(&h, 2, 1, 3), vec![7, 8]);
+        // "1 2 3" occurs once earlier: the trigram wins over the later bigram.
+        let h = [1, 2, 3, 4, 5, 2, 3, 6, 1, 2, 3];
+        assert_eq!(ngram_propose(&h, 3, 1, 3), vec![4, 5, 2]);
+        // Continuations stop at the end of the history.
+        let h = [5, 6, 5];
+        assert_eq!(ngram_propose(&h, 4, 1, 3), vec![6, 5]);
+        assert!(ngram_propose(&[1, 2, 3], 4, 1, 3).is_empty());
+        assert!(ngram_propose(&[1, 2, 1], 0, 1, 3).is_empty());
+    }
+
+    #[test]
+    fn text_lookup_finds_the_longest_latest_match() {
+        let t = b"Message: Liam Okafor here. {\"customer\": \"Liam";
+        let (cont, cut) = text_lookup(t, 4).unwrap();
+        assert_eq!(cont, b" Okafor here. {\"customer\": \"Liam");
+        assert!(!cut);
+        // A longer match wins over a later, shorter one.
+        let t = b"abcdXYZ..bcdQ..abcd";
+        assert_eq!(text_lookup(t, 3).unwrap().0, b"XYZ..bcdQ..abcd");
+        // Too short, or no earlier occurrence.
+        assert!(text_lookup(b"xyzabc", 2).is_none());
+        assert!(text_lookup(b"ab ab", 3).is_none());
+        // Continuations stop at control tokens.
+        let t = b"hello world\0rest hello";
+        assert_eq!(text_lookup(t, 4).unwrap().0, b" world");
+    }
+
+    #[test]
+    fn padding_names() {
+        assert!(is_padding("[PAD151665]", Some(1)));
+        assert!(is_padding("<unused3>", None));
+        assert!(is_padding("anything", Some(5)));
+        assert!(!is_padding("hello", Some(1)));
+    }
+
+    #[test]
+    fn controller_switches_off_when_drafts_fail_and_retries() {
+        let cfg = SpecConfig::default();
+        let mut c = Controller::new(&cfg, true, false);
+        let mut st = SpecStats::default();
+        assert_eq!(c.plan(0, &mut st), Plan::default(), "first step measures the plain step");
+        c.record_plain(0.1);
+        // Probing rounds, all rejected, drafting as costly as the target:
+        // one token per round for 0.12 s of verifying plus 0.1 s per draft.
+        for _ in 0..PROBE_ROUNDS {
+            let k = c.plan(1, &mut st).model;
+            assert!(k >= 2);
+            c.record_round(Src::Model, k, 0, 1, 0.12, (0.1 * k as f64, k), 0.1 * k as f64);
+        }
+        assert_eq!(c.plan(4, &mut st), Plan::default());
+        assert_eq!(st.switched_off, 1);
+        assert!(c.all_off(10));
+        assert_eq!(c.plan(10, &mut st), Plan::default(), "still off");
+        assert!(c.plan(4 + 16, &mut st).model > 0, "retried after the back-off");
+    }
+
+    #[test]
+    fn controller_keeps_speculating_when_measured_speed_pays() {
+        // The prediction says "lose" (slow drafts, low α) but the measured
+        // rounds commit tokens faster than plain steps: stay on.
+        let cfg = SpecConfig::default();
+        let mut c = Controller::new(&cfg, true, false);
+        let mut st = SpecStats::default();
+        c.record_plain(0.1);
+        for _ in 0..8 {
+            let k = c.plan(1, &mut st).model;
+            assert!(k > 0);
+            c.record_round(Src::Model, k, 0, 3, 0.12, (0.1 * k as f64, k), 0.1);
+        }
+        assert_eq!(st.switched_off, 0);
+    }
+
+    #[test]
+    fn controller_grows_k_when_everything_is_accepted() {
+        let cfg = SpecConfig::default();
+        let mut c = Controller::new(&cfg, false, true);
+        let mut st = SpecStats::default();
+        c.record_plain(0.1);
+        for _ in 0..10 {
+            let k = c.plan(1, &mut st).ngram;
+            c.record_round(Src::NGram, k, k, k + 1, 0.1 + 0.005 * k as f64, (0.0, 0), 0.0);
+        }
+        assert!(c.plan(1, &mut st).ngram >= 8);
+    }
+
+    #[test]
+    fn controller_prefers_lookup_only_while_it_beats_the_model() {
+        let cfg = SpecConfig::default();
+        let mut c = Controller::new(&cfg, true, true);
+        let mut st = SpecStats::default();
+        c.record_plain(0.1);
+        // The model drafts well and cheaply; lookups keep failing.
+        for _ in 0..6 {
+            let p = c.plan(1, &mut st);
+            if p.ngram > 0 {
+                c.record_round(Src::NGram, p.ngram, 0, 1, 0.11, (0.0, 0), 0.0);
+            }
+            c.record_round(Src::Model, 4, 4, 5, 0.12, (0.1, 4), 0.1);
+        }
+        let p = c.plan(8, &mut st);
+        assert!(p.model > 0);
+        assert_eq!(p.ngram, 0, "lookup switched off: {c:?}");
+    }
+
+    #[test]
+    fn residual_removes_the_draft_mass() {
+        // p = {0: .5, 1: .3, 2: .2}, q = {0: .9, 1: .1}: residual ∝ {1: .2, 2: .2}.
+        let p = vec![(0u32, 0.5f32), (1, 0.3), (2, 0.2)];
+        let d = Drafted { id: 0, q: Some(vec![(0, 0.9), (1, 0.1)]) };
+        let mut counts = [0usize; 3];
+        let mut rng = SplitMix::new(1);
+        let mut scratch = vec![0.0f32; 3];
+        for _ in 0..4000 {
+            let r = residual_dist(&p, &d, &mut scratch);
+            assert_eq!(scratch, vec![0.0; 3]);
+            counts[draw(&r, rng.next_f64()) as usize] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        assert!((counts[1] as i64 - 2000).abs() < 200, "{counts:?}");
+    }
+}
