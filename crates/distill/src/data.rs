@@ -7,11 +7,21 @@
 //!   ([`Provenance`]) and, optionally, the teacher's top-k log-probabilities
 //!   for logit distillation ([`TeacherLogprobs`]).
 //!
-//! Record logs (append-only, crash-safe, resumable) are built on these.
+//! - [`EvalCase`]: an input with a gold answer (`{"id"?, "prompt" |
+//!   "messages", "answer"}`), for worked examples and evaluation.
+//! - [`RecordLog`]: the append-only, crash-safe JSONL file every stage
+//!   writes through, so a killed run continues where it stopped.
 
+use anyhow::{anyhow, bail, Context, Result};
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::tokenizer::Tokenizer;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 /// One input line: either a bare prompt (sent as one user message) or a
 /// whole conversation to be answered. `id` defaults to the line number.
@@ -96,4 +106,255 @@ pub fn vocab_fingerprint(tokenizer: &Tokenizer) -> String {
         }
     }
     format!("vocab-{n}-{h:016x}")
+}
+
+impl InputRecord {
+    /// The conversation to answer: `messages` as given, or `prompt` as one
+    /// user turn. Exactly one of the two must be present and non-empty.
+    pub fn conversation(&self) -> Result<Vec<ChatMessage>, String> {
+        match (&self.prompt, &self.messages) {
+            (Some(_), Some(_)) => Err("has both \"prompt\" and \"messages\"; give one".into()),
+            (Some(p), None) => Ok(vec![ChatMessage::new("user", p.clone())]),
+            (None, Some(m)) if m.is_empty() => Err("\"messages\" is empty".into()),
+            (None, Some(m)) => Ok(m.clone()),
+            (None, None) => Err("needs \"prompt\" (a string) or \"messages\" (a list of {role, content})".into()),
+        }
+    }
+}
+
+/// One input ready for a teacher: its id and the conversation to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    pub id: String,
+    pub messages: Vec<ChatMessage>,
+}
+
+/// A case with a gold answer (the shape of the task's `dev.jsonl`): used as
+/// worked examples shown to a teacher and as evaluation data.
+#[derive(Debug, Clone)]
+pub struct EvalCase {
+    pub id: String,
+    pub messages: Vec<ChatMessage>,
+    /// The gold answer exactly as written in the file (a JSON string or any
+    /// JSON value). Kept raw so a worked example shows an object's keys in
+    /// the file's order, not sorted.
+    pub answer: Box<RawValue>,
+}
+
+impl EvalCase {
+    /// The answer as an assistant would write it: a JSON string's text, or
+    /// any other value's JSON text as written in the file.
+    pub fn answer_text(&self) -> String {
+        match serde_json::from_str::<String>(self.answer.get()) {
+            Ok(s) => s,
+            Err(_) => self.answer.get().to_string(),
+        }
+    }
+
+    /// The answer parsed (for scoring).
+    pub fn answer_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.answer.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The user's last message: what identifies the case across files
+    /// (a teacher's dataset and the eval data share the prompt, not the id).
+    pub fn last_user(&self) -> &str {
+        last_user_text(&self.messages)
+    }
+}
+
+/// The content of the last `user` message ("" when there is none).
+pub fn last_user_text(messages: &[ChatMessage]) -> &str {
+    messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str())
+}
+
+#[derive(Deserialize)]
+struct RawCase {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    answer: Option<Box<RawValue>>,
+}
+
+/// An `id` may be written as a string or a number; anything else is refused.
+fn id_text(id: Option<serde_json::Value>, line_no: usize) -> Result<String, String> {
+    match id {
+        None => Ok(line_no.to_string()),
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        Some(v) => Err(format!("\"id\" must be a non-empty string or a number, got {v}")),
+    }
+}
+
+/// Non-blank lines of a JSONL file with their 1-based line numbers.
+fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.to_string()))
+        .collect())
+}
+
+/// Reads one record per line; the error names the file and line. Ids must
+/// be unique (a duplicate would be labeled once and silently dropped).
+fn read_cases(path: &Path, need_answer: bool) -> Result<Vec<(Input, Option<Box<RawValue>>)>> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (no, line) in jsonl_lines(path)? {
+        let at = || format!("{}:{no}", path.display());
+        let raw: RawCase = serde_json::from_str(&line)
+            .map_err(|e| anyhow!("{}: not a JSON object with \"prompt\" or \"messages\": {e}", at()))?;
+        let id = id_text(raw.id, no).map_err(|e| anyhow!("{}: {e}", at()))?;
+        let rec = InputRecord { id: None, prompt: raw.prompt, messages: raw.messages };
+        let messages = rec.conversation().map_err(|e| anyhow!("{}: {e}", at()))?;
+        if need_answer && raw.answer.is_none() {
+            bail!("{}: no \"answer\": every case here needs its gold answer", at());
+        }
+        if !seen.insert(id.clone()) {
+            bail!("{}: id {id:?} appears twice; ids must be unique", at());
+        }
+        out.push((Input { id, messages }, raw.answer));
+    }
+    Ok(out)
+}
+
+/// Reads an inputs file (`{"id"?, "prompt" | "messages"}` per line; other
+/// keys, such as a gold `answer`, are ignored). Ids default to line numbers.
+pub fn read_inputs(path: &Path) -> Result<Vec<Input>> {
+    Ok(read_cases(path, false)?.into_iter().map(|(i, _)| i).collect())
+}
+
+/// Reads cases with gold answers (`{"id"?, "prompt" | "messages", "answer"}`).
+pub fn read_eval_cases(path: &Path) -> Result<Vec<EvalCase>> {
+    Ok(read_cases(path, true)?
+        .into_iter()
+        .map(|(i, a)| EvalCase { id: i.id, messages: i.messages, answer: a.expect("checked by read_cases") })
+        .collect())
+}
+
+/// A record that a [`RecordLog`] can hold: it knows its own id.
+pub trait Keyed {
+    fn key(&self) -> &str;
+}
+
+/// Inputs written by `synth` always carry their id.
+impl Keyed for InputRecord {
+    fn key(&self) -> &str {
+        self.id.as_deref().unwrap_or("")
+    }
+}
+
+impl Keyed for DatasetRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+/// An append-only JSONL file of records, safe against being killed at any
+/// moment.
+///
+/// Each record is written as one whole line (`write_all` of the line and
+/// its newline, then `fsync`), so after a crash the file holds complete
+/// lines plus at most one torn last line without its newline. Opening
+/// drops that torn tail (truncating the file to the last newline), reads
+/// every complete line and remembers their ids: a rerun skips those and
+/// appends the rest, so nothing is lost or written twice.
+pub struct RecordLog<T> {
+    file: File,
+    path: PathBuf,
+    done: HashSet<String>,
+    _records: std::marker::PhantomData<T>,
+}
+
+/// What [`RecordLog::open`] found in an existing file.
+pub struct Recovered<T> {
+    pub records: Vec<T>,
+    /// Bytes of a torn last line that were dropped.
+    pub torn_bytes: u64,
+}
+
+impl<T: Serialize + DeserializeOwned + Keyed> RecordLog<T> {
+    /// Opens (creating it and its directory if needed) the log at `path` and
+    /// recovers what it holds. A complete line that does not parse is an
+    /// error naming the line: it was not written by a record log, and
+    /// appending to it would mix two things.
+    pub fn open(path: &Path) -> Result<(RecordLog<T>, Recovered<T>)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
+        // Everything after the last newline is a line whose write was cut short.
+        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let torn_bytes = (bytes.len() - keep) as u64;
+        if torn_bytes > 0 {
+            file.set_len(keep as u64).with_context(|| format!("cannot truncate the torn last line of {}", path.display()))?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::End(0))?;
+        let text = std::str::from_utf8(&bytes[..keep])
+            .map_err(|e| anyhow!("{}: not UTF-8 text ({e}); is this a JSONL file?", path.display()))?;
+        let mut records = Vec::new();
+        let mut done = HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec: T = serde_json::from_str(line).map_err(|e| {
+                anyhow!("{}:{}: not a record this command writes ({e}); use another output file", path.display(), i + 1)
+            })?;
+            if !done.insert(rec.key().to_string()) {
+                bail!("{}:{}: id {:?} appears twice; the file was not written by minnow", path.display(), i + 1, rec.key());
+            }
+            records.push(rec);
+        }
+        let log = RecordLog { file, path: path.to_path_buf(), done, _records: std::marker::PhantomData };
+        Ok((log, Recovered { records, torn_bytes }))
+    }
+
+    /// Whether a record with this id is already in the log.
+    pub fn contains(&self, id: &str) -> bool {
+        self.done.contains(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+
+    /// Appends one record as one line and makes it durable before returning.
+    /// A record whose id is already there is refused (it would duplicate).
+    pub fn append(&mut self, rec: &T) -> Result<()> {
+        if self.done.contains(rec.key()) {
+            bail!("{}: id {:?} is already recorded", self.path.display(), rec.key());
+        }
+        let mut line = serde_json::to_string(rec)?;
+        debug_assert!(!line.contains('\n'), "serde_json escapes newlines in strings");
+        line.push('\n');
+        // One write of the whole line: a crash leaves it whole or torn at the
+        // end, never interleaved; fsync so a completed append survives power loss.
+        self.file.write_all(line.as_bytes()).with_context(|| format!("cannot write to {}", self.path.display()))?;
+        self.file.sync_data().with_context(|| format!("cannot sync {}", self.path.display()))?;
+        self.done.insert(rec.key().to_string());
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
