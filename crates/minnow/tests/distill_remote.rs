@@ -228,7 +228,10 @@ fn remote_teacher_retries_injected_faults_and_ends_with_the_same_dataset() {
     let mut starts: Vec<Instant> = seen.iter().map(|s| s.at).collect();
     starts.sort();
     let min_gap = starts.windows(2).map(|w| w[1] - w[0]).min().unwrap();
-    assert!(min_gap >= Duration::from_millis(90), "--rpm 600 not honoured: two requests {min_gap:?} apart");
+    // Starts are 100 ms apart at the client; arrival at the proxy can jitter
+    // on a loaded machine, but without the limit the two workers' first
+    // requests would arrive together.
+    assert!(min_gap >= Duration::from_millis(50), "--rpm 600 not honoured: two requests {min_gap:?} apart");
 
     // A fault that never clears: the input fails with a one-line error
     // naming the status, and the others are still labeled.
