@@ -31,8 +31,10 @@
 //! thread keeps serving.
 
 mod prefix_cache;
+mod speculate;
 
 pub use prefix_cache::MIN_PREFIX;
+pub use speculate::{SpecTotals, Speculation};
 
 use crate::generate::{FinishReason, GenerateParams, TextStream};
 use crate::kv_cache::KvCache;
@@ -69,6 +71,8 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Bound on the bytes of KV the prefix cache keeps; 0 disables it.
     pub prefix_cache_bytes: usize,
+    /// Speculative decoding while a single sequence decodes (see [`speculate`]).
+    pub speculation: Option<Speculation>,
 }
 
 impl Default for SchedulerConfig {
@@ -82,6 +86,7 @@ impl Default for SchedulerConfig {
             max_queue: 64,
             prefill_chunk: 256,
             prefix_cache_bytes: 512 << 20,
+            speculation: None,
         }
     }
 }
@@ -190,6 +195,8 @@ pub struct SchedulerStats {
     pub busy_secs: f64,
     pub prefix_cache_bytes: usize,
     pub prefix_cache_entries: usize,
+    /// With speculation configured: what it did.
+    pub speculation: Option<SpecTotals>,
 }
 
 /// A fault the scheduler's own tests inject into a request's forward pass,
@@ -259,6 +266,7 @@ impl Scheduler {
             max_queue: cfg.max_queue,
             prefill_chunk: cfg.prefill_chunk.max(1),
             prefix_cache_bytes: cfg.prefix_cache_bytes,
+            speculation: cfg.speculation,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -269,7 +277,10 @@ impl Scheduler {
                 next_id: 1,
                 active_slots: 0,
                 avg_request_secs: 0.0,
-                stats: SchedulerStats::default(),
+                stats: SchedulerStats {
+                    speculation: cfg.speculation.as_ref().map(|_| SpecTotals::default()),
+                    ..SchedulerStats::default()
+                },
                 faults: Vec::new(),
             }),
             wake: Condvar::new(),
@@ -455,6 +466,8 @@ struct Sample {
     /// Generated ids; the last one is the next step's input.
     ids: Vec<u32>,
     done: bool,
+    /// Speculation state while this sample decodes alone.
+    spec: Option<Box<crate::speculative::SpecSeq>>,
 }
 
 /// Which sequence of a running request a batch row belongs to.
@@ -682,6 +695,10 @@ impl Worker {
 
     /// One forward pass over every running sequence, then sampling.
     fn step(&mut self) {
+        if let Some((ri, si)) = self.lone_decoder() {
+            return self.speculate(ri, si);
+        }
+        self.drop_spec_states();
         let chunk = self.cfg.prefill_chunk;
         // Build the batch: rows in request order (which rows sit where has no
         // effect on any row's result).
@@ -894,7 +911,7 @@ fn start_decoding(model: &LoadedModel, r: &mut Running, logits: &[f32]) -> u64 {
         // The last sample takes the original cache; the others copy it.
         let c = if i + 1 == r.n { cache.take().unwrap() } else { cache.as_ref().unwrap().clone() };
         let done = r.params.max_tokens == 0;
-        samples.push(Sample { cache: c, sampler, text: TextStream::new(&r.params.stop), ids: Vec::new(), done });
+        samples.push(Sample { cache: c, sampler, text: TextStream::new(&r.params.stop), ids: Vec::new(), done, spec: None });
     }
     r.phase = Phase::Decode { samples };
     if r.params.max_tokens == 0 {
@@ -916,6 +933,16 @@ fn sample_token(model: &LoadedModel, r: &mut Running, si: usize, logits: &[f32])
         return false;
     }
     let next = s.sampler.sample(logits);
+    take_token(model, r, si, next, Some(logits));
+    true
+}
+
+/// Records sample `si`'s next token (sampled from `logits`, or committed by a
+/// speculative round), sends its events, and decides whether the sample
+/// ends; true if it did.
+fn take_token(model: &LoadedModel, r: &mut Running, si: usize, next: u32, logits: Option<&[f32]>) -> bool {
+    let Phase::Decode { samples } = &mut r.phase else { return true };
+    let s = &mut samples[si];
     s.ids.push(next);
     r.completion_tokens += 1;
     r.first_token.get_or_insert_with(Instant::now);
@@ -925,20 +952,23 @@ fn sample_token(model: &LoadedModel, r: &mut Running, si: usize, logits: &[f32])
         events.push(GenEvent::Done { index: si, finish: FinishReason::Stop, text_tail: s.text.finish() });
     } else {
         let (text, hit) = s.text.push(&model.tokenizer, next);
-        let logprob = r.top_logprobs.map(|k| token_logprob(logits, next, k));
+        let logprob = logits.zip(r.top_logprobs).map(|(l, k)| token_logprob(l, next, k));
         events.push(GenEvent::Token { index: si, id: next, text, logprob });
         if hit {
             s.done = true;
             events.push(GenEvent::Done { index: si, finish: FinishReason::Stop, text_tail: String::new() });
-        } else if s.ids.len() >= r.params.max_tokens || s.cache.len() + 1 > s.cache.max_len() {
+        } else if s.ids.len() >= r.params.max_tokens || r.prompt.len() + s.ids.len() > s.cache.max_len() {
+            // (The cache holds the prompt and all generated tokens but the
+            // last: full when one more would not fit.)
             s.done = true;
             events.push(GenEvent::Done { index: si, finish: FinishReason::Length, text_tail: s.text.finish() });
         }
     }
+    let done = s.done;
     for ev in events {
         r.emit(ev);
     }
-    true
+    done
 }
 
 /// Log-softmax of the raw logits at `id`, and the `k` most likely tokens.

@@ -43,6 +43,15 @@
 //! for a while (16 tokens, doubling each time it still loses when retried);
 //! a plain step every 32 rounds keeps `t_plain` current on a machine whose
 //! load changes.
+//!
+//! # Who owns what
+//!
+//! [`SpecSeq`] is one sequence's speculation state (drafter and its KV
+//! cache, controller, history, statistics). [`Speculator`] owns one next to
+//! the sequence's target KV cache and sampler (`minnow run --draft`); the
+//! scheduler keeps one per sequence decoding alone and runs rounds with
+//! [`SpecSeq::step`] on its own cache and sampler (`minnow serve --draft`).
+//! Neither holds the models: a round borrows them.
 
 use crate::generate::{prefill, FinishReason, GenerateParams, Generation, TextStream};
 use crate::kv_cache::KvCache;
@@ -411,10 +420,11 @@ fn lookup(dist: &[(u32, f32)], id: u32) -> f32 {
     dist.iter().find(|&&(t, _)| t == id).map_or(0.0, |&(_, p)| p)
 }
 
-/// A draft model and its own KV cache, kept in step with the committed text.
+/// A draft model's own KV cache and sampler, kept in step with the
+/// committed text (the model itself is passed in: the scheduler keeps this
+/// state between steps without borrowing the model).
 #[derive(Clone)]
-struct ModelDrafter<'a> {
-    model: &'a Model,
+struct ModelDrafter {
     cache: KvCache,
     /// The tokens in `cache`, in order.
     fed: Vec<u32>,
@@ -444,10 +454,10 @@ fn top_probability(logits: &[f32]) -> f32 {
     1.0 / sum
 }
 
-impl<'a> ModelDrafter<'a> {
+impl ModelDrafter {
     /// Makes `fed` a prefix of `hist` (dropping rejected drafts), then feeds
     /// the rest of `hist`; leaves the logits for the next token in `next_logits`.
-    fn catch_up(&mut self, pool: &ThreadPool, hist: &[u32], stats: &mut SpecStats) -> Result<(), ModelError> {
+    fn catch_up(&mut self, model: &Model, pool: &ThreadPool, hist: &[u32], stats: &mut SpecStats) -> Result<(), ModelError> {
         let common = self.fed.iter().zip(hist).take_while(|(a, b)| a == b).count();
         if common < self.fed.len() {
             self.fed.truncate(common);
@@ -464,7 +474,7 @@ impl<'a> ModelDrafter<'a> {
             let t = Instant::now();
             let pending = &hist[self.fed.len()..];
             let chunks = pending.len().div_ceil(crate::generate::PROMPT_CHUNK);
-            self.next_logits = Some(prefill(self.model, pool, &mut self.cache, pending)?);
+            self.next_logits = Some(prefill(model, pool, &mut self.cache, pending)?);
             let secs = t.elapsed().as_secs_f64();
             if pending.len() <= 2 {
                 self.timing.0 += secs;
@@ -484,6 +494,7 @@ impl<'a> ModelDrafter<'a> {
     /// Drafts `k` tokens after `hist`, drawing from `q` with `rng`.
     fn propose(
         &mut self,
+        model: &Model,
         pool: &ThreadPool,
         hist: &[u32],
         k: usize,
@@ -491,7 +502,7 @@ impl<'a> ModelDrafter<'a> {
         stats: &mut SpecStats,
     ) -> Result<Vec<Drafted>, ModelError> {
         self.timing = (0.0, 0);
-        self.catch_up(pool, hist, stats)?;
+        self.catch_up(model, pool, hist, stats)?;
         let mut sampler = self.sampler.clone();
         let mut out = Vec::with_capacity(k);
         let mut logits = self.next_logits.take().unwrap_or_default();
@@ -515,7 +526,7 @@ impl<'a> ModelDrafter<'a> {
             out.push(d);
             if i + 1 < k && conf >= self.confidence {
                 let t = Instant::now();
-                logits = self.model.forward_one(pool, &mut self.cache, &[id], Logits::Last)?;
+                logits = model.forward_one(pool, &mut self.cache, &[id], Logits::Last)?;
                 let secs = t.elapsed().as_secs_f64();
                 self.fed.push(id);
                 self.timing.0 += secs;
@@ -529,8 +540,8 @@ impl<'a> ModelDrafter<'a> {
 }
 
 #[derive(Clone)]
-enum Drafter<'a> {
-    Model(Box<ModelDrafter<'a>>),
+enum Drafter {
+    Model(Box<ModelDrafter>),
     NGram,
 }
 
@@ -839,23 +850,16 @@ impl Output {
     }
 }
 
-/// One sequence decoded speculatively. Build it, [`prefill`](Self::prefill)
-/// the prompt, then [`generate`](Self::generate). Cloning after the prefill
-/// forks the sequence (both caches and every state), e.g. to draw many
-/// samples from one prompt with [`reseed`](Self::reseed).
+/// The speculation state of one sequence: drafter, controller, history and
+/// statistics — everything but the models and the sequence's own target KV
+/// cache and sampler. [`Speculator`] owns one next to those; the scheduler
+/// keeps one per decoding sequence and runs rounds with [`SpecSeq::step`].
 #[derive(Clone)]
-pub struct Speculator<'a> {
-    target: &'a Model,
-    tokenizer: &'a Tokenizer,
-    params: GenerateParams,
-    /// Holds every committed token but the last.
-    cache: KvCache,
-    drafter: Drafter<'a>,
+pub struct SpecSeq {
+    drafter: Drafter,
     /// Prompt and generated tokens.
     hist: Vec<u32>,
     prompt_len: usize,
-    prompt_secs: f64,
-    sampler: Sampler,
     rng: SplitMix,
     ctl: Controller,
     /// Shortest and longest n-gram looked up (token lookup).
@@ -871,18 +875,18 @@ pub struct Speculator<'a> {
     scratch: Vec<f32>,
 }
 
-impl<'a> Speculator<'a> {
-    /// A speculator for `target` with contexts of `ctx` positions. A draft
-    /// model must already have passed [`check_draft_vocab`].
+impl SpecSeq {
+    /// State for a sequence of `target` sampled with `sampling`, contexts of
+    /// `ctx` positions. A draft model must already have passed
+    /// [`check_draft_vocab`].
     pub fn new(
-        target: &'a Model,
-        tokenizer: &'a Tokenizer,
-        draft: Draft<'a>,
+        target: &Model,
+        draft: Draft<'_>,
         ctx: usize,
-        params: GenerateParams,
+        sampling: &SamplingParams,
         cfg: &SpecConfig,
-    ) -> Result<Speculator<'a>, ModelError> {
-        params.sampling.validate().map_err(ModelError::new)?;
+    ) -> Result<SpecSeq, ModelError> {
+        sampling.validate().map_err(ModelError::new)?;
         if let Some(d) = &cfg.draft_sampling {
             d.validate().map_err(|e| ModelError::new(format!("draft sampling: {e}")))?;
         }
@@ -890,15 +894,14 @@ impl<'a> Speculator<'a> {
             return Err(ModelError::new("n-gram sizes must satisfy 1 <= min <= max"));
         }
         let vocab = target.config().vocab_size;
-        let greedy = params.sampling.temperature <= 0.0;
+        let greedy = sampling.temperature <= 0.0;
         let drafter = match draft {
             Draft::Model(m) => {
-                let mut dp = cfg.draft_sampling.clone().unwrap_or_else(|| params.sampling.clone());
+                let mut dp = cfg.draft_sampling.clone().unwrap_or_else(|| sampling.clone());
                 if greedy {
                     dp = SamplingParams { seed: dp.seed, ..SamplingParams::greedy() };
                 }
                 Drafter::Model(Box::new(ModelDrafter {
-                    model: m,
                     cache: m.new_cache(ctx),
                     fed: Vec::new(),
                     next_logits: None,
@@ -917,16 +920,11 @@ impl<'a> Speculator<'a> {
             Draft::NGram => (false, cfg.ngram_min),
         };
         let has_ngram = !has_model || (cfg.hybrid_ngram_min > 0 && cfg.hybrid_ngram_min <= cfg.ngram_max);
-        Ok(Speculator {
-            target,
-            tokenizer,
-            cache: target.new_cache(ctx),
+        Ok(SpecSeq {
             drafter,
             hist: Vec::new(),
             prompt_len: 0,
-            prompt_secs: 0.0,
-            sampler: Sampler::new(params.sampling.clone()),
-            rng: SplitMix::new(params.sampling.seed),
+            rng: SplitMix::new(sampling.seed),
             ctl: Controller::new(cfg, has_model, has_ngram),
             ngram: (ngram_min, cfg.ngram_max),
             lookup: cfg.lookup,
@@ -935,6 +933,125 @@ impl<'a> Speculator<'a> {
             debug: std::env::var_os("MINNOW_SPEC_DEBUG").is_some(),
             stats: SpecStats { method: draft.method(), ..SpecStats::default() },
             scratch: vec![0.0; vocab],
+        })
+    }
+
+    pub fn stats(&self) -> &SpecStats {
+        &self.stats
+    }
+
+    /// The measured time of a plain one-token target step (running average),
+    /// once one was measured.
+    pub fn plain_step_secs(&self) -> Option<f64> {
+        self.ctl.t_plain.0
+    }
+
+    /// Tokens generated since the prompt.
+    fn generated(&self) -> usize {
+        self.hist.len() - self.prompt_len
+    }
+
+    /// Appends a committed token to the history (and its bytes, for text lookup).
+    fn push(&mut self, tokenizer: &Tokenizer, id: u32) {
+        self.hist.push(id);
+        if self.lookup == Lookup::Text && self.ctl.ngram.present {
+            if tokenizer.is_special(id) {
+                self.text.push(CONTROL_BYTE);
+            } else {
+                self.text.extend_from_slice(&tokenizer.token_bytes(id));
+            }
+        }
+    }
+
+    /// One speculative round (or one plain step) for a sequence decoded by
+    /// someone else — the scheduler — whose state is `prompt` then
+    /// `generated`, with `cache` holding all of it but the last token and
+    /// `sampler` having seen all of it. Returns the tokens committed (at
+    /// least one, at most up to `params.max_tokens` in all, the last one an
+    /// end-of-generation token if one was committed); `cache` and `sampler`
+    /// are left in the same state for the longer sequence. Stop strings are
+    /// the caller's to apply: tokens after one are simply not used.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        target: &Model,
+        tokenizer: &Tokenizer,
+        draft: Option<&Model>,
+        pool: &ThreadPool,
+        cache: &mut KvCache,
+        sampler: &mut Sampler,
+        params: &GenerateParams,
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> Result<Vec<u32>, ModelError> {
+        if self.hist.is_empty() {
+            self.prompt_len = prompt.len();
+            for &t in prompt {
+                self.push(tokenizer, t);
+            }
+        }
+        // Tokens decoded without speculation since the last round.
+        let known = self.generated();
+        if known > generated.len() || self.prompt_len != prompt.len() {
+            return Err(ModelError::new("speculation state out of step with its sequence"));
+        }
+        for &t in &generated[known..] {
+            self.push(tokenizer, t);
+        }
+        let max_new = params.max_tokens.saturating_sub(generated.len());
+        if max_new == 0 || cache.len() + 1 != self.hist.len() {
+            return Err(ModelError::new("speculation step on a sequence that cannot take one"));
+        }
+        // Stop strings are left to the caller, whose text stream spans rounds.
+        let round_params = GenerateParams { max_tokens: max_new, stop: Vec::new(), ..params.clone() };
+        let mut out = Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
+        let mut stream = TextStream::new(&[]);
+        let mut round = Round { target, tokenizer, draft, params: &round_params, cache, sampler, seq: self };
+        round.run(pool, &mut out, &mut stream, &mut |_: &str| {})?;
+        Ok(out.ids)
+    }
+}
+
+/// One sequence decoded speculatively. Build it, [`prefill`](Self::prefill)
+/// the prompt, then [`generate`](Self::generate). Cloning after the prefill
+/// forks the sequence (both caches and every state), e.g. to draw many
+/// samples from one prompt with [`reseed`](Self::reseed).
+#[derive(Clone)]
+pub struct Speculator<'a> {
+    target: &'a Model,
+    tokenizer: &'a Tokenizer,
+    draft: Option<&'a Model>,
+    params: GenerateParams,
+    /// Holds every committed token but the last.
+    cache: KvCache,
+    sampler: Sampler,
+    prompt_secs: f64,
+    seq: SpecSeq,
+}
+
+impl<'a> Speculator<'a> {
+    /// A speculator for `target` with contexts of `ctx` positions. A draft
+    /// model must already have passed [`check_draft_vocab`].
+    pub fn new(
+        target: &'a Model,
+        tokenizer: &'a Tokenizer,
+        draft: Draft<'a>,
+        ctx: usize,
+        params: GenerateParams,
+        cfg: &SpecConfig,
+    ) -> Result<Speculator<'a>, ModelError> {
+        let seq = SpecSeq::new(target, draft, ctx, &params.sampling, cfg)?;
+        Ok(Speculator {
+            target,
+            tokenizer,
+            draft: match draft {
+                Draft::Model(m) => Some(m),
+                Draft::NGram => None,
+            },
+            cache: target.new_cache(ctx),
+            sampler: Sampler::new(params.sampling.clone()),
+            prompt_secs: 0.0,
+            seq,
             params,
         })
     }
@@ -945,7 +1062,7 @@ impl<'a> Speculator<'a> {
         if prompt.is_empty() {
             return Err(ModelError::new("the prompt is empty: nothing to continue from"));
         }
-        if !self.hist.is_empty() {
+        if !self.seq.hist.is_empty() {
             return Err(ModelError::new("the speculator already holds a prompt"));
         }
         if prompt.len() > self.cache.max_len() {
@@ -957,19 +1074,16 @@ impl<'a> Speculator<'a> {
         }
         let start = Instant::now();
         prefill(self.target, pool, &mut self.cache, &prompt[..prompt.len() - 1])?;
-        self.hist = prompt.to_vec();
-        self.prompt_len = prompt.len();
+        self.seq.prompt_len = prompt.len();
         for &t in prompt {
-            self.push_text(t);
-        }
-        for &t in prompt {
+            self.seq.push(self.tokenizer, t);
             self.sampler.accept(t);
         }
-        if let Drafter::Model(d) = &mut self.drafter {
+        if let (Drafter::Model(d), Some(model)) = (&mut self.seq.drafter, self.draft) {
             let t = Instant::now();
             let mut scratch = SpecStats::default();
-            d.catch_up(pool, &self.hist, &mut scratch)?;
-            self.stats.draft_prompt_secs += t.elapsed().as_secs_f64();
+            d.catch_up(model, pool, &self.seq.hist, &mut scratch)?;
+            self.seq.stats.draft_prompt_secs += t.elapsed().as_secs_f64();
         }
         self.prompt_secs = start.elapsed().as_secs_f64();
         Ok(())
@@ -979,98 +1093,124 @@ impl<'a> Speculator<'a> {
     /// history): forks after a shared prefill draw independent samples.
     pub fn reseed(&mut self, seed: u64) {
         let mut s = Sampler::new(SamplingParams { seed, ..self.params.sampling.clone() });
-        for &t in &self.hist {
+        for &t in &self.seq.hist {
             s.accept(t);
         }
         self.sampler = s;
-        self.rng = SplitMix::new(seed);
+        self.seq.rng = SplitMix::new(seed);
         self.params.sampling.seed = seed;
     }
 
     pub fn stats(&self) -> &SpecStats {
-        &self.stats
+        &self.seq.stats
     }
 
     /// Generates after the prefilled prompt, calling `on_text` with released
     /// text as it is produced, like [`crate::generate::generate`].
     pub fn generate(&mut self, pool: &ThreadPool, mut on_text: impl FnMut(&str)) -> Result<Generation, ModelError> {
-        if self.hist.is_empty() {
+        if self.seq.hist.is_empty() {
             return Err(ModelError::new("prefill a prompt before generating"));
         }
-        let params = self.params.clone();
-        let mut stream = TextStream::new(&params.stop);
+        let mut stream = TextStream::new(&self.params.stop);
         let mut out = Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
-        let max_len = self.cache.max_len();
         let gen_start = Instant::now();
-        while out.ids.len() < params.max_tokens && self.cache.len() < max_len {
-            let remaining = params.max_tokens - out.ids.len();
-            let room = max_len - self.cache.len() - 1;
-            // Drafting the last allowed token gains nothing over a plain
-            // step (one target pass either way); fixed-length runs do it anyway
-            // so that every token goes through verification.
-            let cap = if self.ctl.adaptive { remaining - 1 } else { remaining };
-            let plan = self.ctl.plan(out.ids.len(), &mut self.stats);
-            let (kn, km) = (plan.ngram.min(cap).min(room), plan.model.min(cap).min(room));
-            let mut src = Src::NGram;
-            let mut drafts = Vec::new();
-            let draft_secs0 = self.stats.draft_secs;
-            if kn > 0 {
-                let ids = match self.lookup {
-                    Lookup::Text => text_lookup_propose(self.tokenizer, &self.text, kn, self.lookup_min_bytes),
-                    Lookup::Tokens => ngram_propose(&self.hist, kn, self.ngram.0, self.ngram.1),
-                };
-                drafts = ids.into_iter().map(|id| Drafted { id, q: None }).collect();
-            }
-            if drafts.is_empty() && km > 0 {
-                src = Src::Model;
-                if let Drafter::Model(d) = &mut self.drafter {
-                    drafts = d.propose(pool, &self.hist, km, &mut self.rng, &mut self.stats)?;
-                }
-            }
-            let done = if drafts.is_empty() {
-                let off = self.ctl.all_off(out.ids.len());
-                self.plain_step(pool, off, &mut out, &mut stream, &mut on_text)?
-            } else {
-                let timing = match (&self.drafter, src) {
-                    (Drafter::Model(d), Src::Model) => d.timing,
-                    _ => (0.0, 0),
-                };
-                let cost = (timing, self.stats.draft_secs - draft_secs0);
-                self.verify(pool, src, &drafts, cost, &mut out, &mut stream, &mut on_text)?
+        while out.ids.len() < self.params.max_tokens && self.cache.len() < self.cache.max_len() {
+            let mut round = Round {
+                target: self.target,
+                tokenizer: self.tokenizer,
+                draft: self.draft,
+                params: &self.params,
+                cache: &mut self.cache,
+                sampler: &mut self.sampler,
+                seq: &mut self.seq,
             };
-            if done {
+            if round.run(pool, &mut out, &mut stream, &mut on_text)? {
                 break;
             }
         }
         // The cache holds every committed token but the last, as between rounds.
-        let keep = self.hist.len() - 1;
-        self.cache.truncate(keep);
+        self.cache.truncate(self.seq.hist.len() - 1);
         if !out.hit_stop_string {
             let rest = stream.finish();
             out.text.push_str(&rest);
             on_text(&rest);
         }
         let gen_secs = gen_start.elapsed().as_secs_f64();
-        self.stats.plain_step_secs = self.ctl.t_plain.0;
+        self.seq.stats.plain_step_secs = self.seq.ctl.t_plain.0;
         Ok(Generation {
             text: out.text,
             gen_tokens: out.ids.len(),
             ids: out.ids,
-            prompt_tokens: self.prompt_len,
+            prompt_tokens: self.seq.prompt_len,
             prompt_secs: self.prompt_secs,
             gen_secs,
             finish: out.finish,
         })
     }
+}
 
-    fn push_text(&mut self, id: u32) {
-        if self.lookup == Lookup::Text && self.ctl.ngram.present {
-            if self.tokenizer.is_special(id) {
-                self.text.push(CONTROL_BYTE);
-            } else {
-                self.text.extend_from_slice(&self.tokenizer.token_bytes(id));
+/// One round's view of a sequence: the models, the sequence's target cache
+/// and sampler, its speculation state. Built by [`Speculator::generate`]
+/// and [`SpecSeq::step`] from what each owns.
+struct Round<'r> {
+    target: &'r Model,
+    tokenizer: &'r Tokenizer,
+    draft: Option<&'r Model>,
+    params: &'r GenerateParams,
+    /// Holds every committed token but the last between rounds.
+    cache: &'r mut KvCache,
+    sampler: &'r mut Sampler,
+    seq: &'r mut SpecSeq,
+}
+
+impl Round<'_> {
+    /// Drafts (or not), verifies and commits: one target pass. `out.ids`
+    /// counts against `params.max_tokens`. True when generation ends.
+    fn run(
+        &mut self,
+        pool: &ThreadPool,
+        out: &mut Output,
+        stream: &mut TextStream,
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<bool, ModelError> {
+        let max_len = self.cache.max_len();
+        let remaining = self.params.max_tokens - out.ids.len();
+        let room = max_len - self.cache.len() - 1;
+        // Drafting the last allowed token gains nothing over a plain
+        // step (one target pass either way); fixed-length runs do it anyway
+        // so that every token goes through verification.
+        let cap = if self.seq.ctl.adaptive { remaining - 1 } else { remaining };
+        let generated = self.seq.generated();
+        let plan = self.seq.ctl.plan(generated, &mut self.seq.stats);
+        let (kn, km) = (plan.ngram.min(cap).min(room), plan.model.min(cap).min(room));
+        let mut src = Src::NGram;
+        let mut drafts = Vec::new();
+        let draft_secs0 = self.seq.stats.draft_secs;
+        if kn > 0 {
+            let s = &self.seq;
+            let ids = match s.lookup {
+                Lookup::Text => text_lookup_propose(self.tokenizer, &s.text, kn, s.lookup_min_bytes),
+                Lookup::Tokens => ngram_propose(&s.hist, kn, s.ngram.0, s.ngram.1),
+            };
+            drafts = ids.into_iter().map(|id| Drafted { id, q: None }).collect();
+        }
+        if drafts.is_empty() && km > 0 {
+            src = Src::Model;
+            let s = &mut *self.seq;
+            if let (Drafter::Model(d), Some(model)) = (&mut s.drafter, self.draft) {
+                drafts = d.propose(model, pool, &s.hist, km, &mut s.rng, &mut s.stats)?;
             }
         }
+        if drafts.is_empty() {
+            let off = self.seq.ctl.all_off(generated);
+            return self.plain_step(pool, off, out, stream, on_text);
+        }
+        let timing = match (&self.seq.drafter, src) {
+            (Drafter::Model(d), Src::Model) => d.timing,
+            _ => (0.0, 0),
+        };
+        let cost = (timing, self.seq.stats.draft_secs - draft_secs0);
+        self.verify(pool, src, &drafts, cost, out, stream, on_text)
     }
 
     /// Commits a token: history, sampler history (unless `sample` did), output.
@@ -1082,12 +1222,11 @@ impl<'a> Speculator<'a> {
         stream: &mut TextStream,
         on_text: &mut impl FnMut(&str),
     ) -> bool {
-        self.hist.push(id);
-        self.push_text(id);
+        self.seq.push(self.tokenizer, id);
         if !sampled {
             self.sampler.accept(id);
         }
-        out.push(id, self.tokenizer, &self.params, stream, on_text)
+        out.push(id, self.tokenizer, self.params, stream, on_text)
     }
 
     /// One token without drafts; true when generation ends.
@@ -1099,18 +1238,18 @@ impl<'a> Speculator<'a> {
         stream: &mut TextStream,
         on_text: &mut impl FnMut(&str),
     ) -> Result<bool, ModelError> {
-        let last = *self.hist.last().expect("prefilled");
+        let last = *self.seq.hist.last().expect("prefilled");
         let t = Instant::now();
-        let logits = self.target.forward_one(pool, &mut self.cache, &[last], Logits::Last)?;
+        let logits = self.target.forward_one(pool, self.cache, &[last], Logits::Last)?;
         let secs = t.elapsed().as_secs_f64();
-        self.ctl.record_plain(secs);
-        self.stats.target_forwards += 1;
-        self.stats.plain_steps += 1;
-        self.stats.target_secs += secs;
+        self.seq.ctl.record_plain(secs);
+        self.seq.stats.target_forwards += 1;
+        self.seq.stats.plain_steps += 1;
+        self.seq.stats.target_secs += secs;
         if while_off {
-            self.stats.tokens_while_off += 1;
+            self.seq.stats.tokens_while_off += 1;
         }
-        if self.debug {
+        if self.seq.debug {
             eprintln!("[spec] plain step {:.1} ms{}", secs * 1e3, if while_off { " (speculation off)" } else { "" });
         }
         let next = self.sampler.sample(&logits);
@@ -1132,15 +1271,15 @@ impl<'a> Speculator<'a> {
         let base = self.cache.len();
         let committed0 = out.ids.len();
         let mut toks = Vec::with_capacity(drafts.len() + 1);
-        toks.push(*self.hist.last().expect("prefilled"));
+        toks.push(*self.seq.hist.last().expect("prefilled"));
         toks.extend(drafts.iter().map(|d| d.id));
         let t = Instant::now();
-        let rows = self.target.forward_one(pool, &mut self.cache, &toks, Logits::All)?;
+        let rows = self.target.forward_one(pool, self.cache, &toks, Logits::All)?;
         let verify_secs = t.elapsed().as_secs_f64();
-        self.stats.target_forwards += 1;
-        self.stats.target_secs += verify_secs;
-        self.stats.rounds += 1;
-        self.stats.drafted += drafts.len();
+        self.seq.stats.target_forwards += 1;
+        self.seq.stats.target_secs += verify_secs;
+        self.seq.stats.rounds += 1;
+        self.seq.stats.drafted += drafts.len();
         let vocab = rows.len() / toks.len();
         let mut accepted = 0;
         let mut done = false;
@@ -1149,7 +1288,7 @@ impl<'a> Speculator<'a> {
             let row = &rows[j * vocab..(j + 1) * vocab];
             let p = self.sampler.distribution(row);
             let (px, qx) = (lookup(&p, d.id), d.q_of(d.id));
-            let accept = px > 0.0 && (px >= qx || self.rng.next_f64() * (qx as f64) < px as f64);
+            let accept = px > 0.0 && (px >= qx || self.seq.rng.next_f64() * (qx as f64) < px as f64);
             if accept {
                 accepted += 1;
                 if self.commit(d.id, false, out, stream, on_text) {
@@ -1163,10 +1302,10 @@ impl<'a> Speculator<'a> {
                 break;
             }
         }
-        self.stats.accepted += accepted;
+        self.seq.stats.accepted += accepted;
         if src == Src::NGram {
-            self.stats.ngram_drafted += drafts.len();
-            self.stats.ngram_accepted += accepted;
+            self.seq.stats.ngram_drafted += drafts.len();
+            self.seq.stats.ngram_accepted += accepted;
         }
         if !done && !rejected {
             let row = &rows[drafts.len() * vocab..];
@@ -1176,9 +1315,9 @@ impl<'a> Speculator<'a> {
         // Keep `last` and the accepted drafts; drop the rest.
         self.cache.truncate(base + 1 + accepted);
         let committed = out.ids.len() - committed0;
-        self.ctl.record_round(src, drafts.len(), accepted, committed, verify_secs, (draft_secs, draft_passes), draft_total);
-        if self.debug {
-            let c = &self.ctl;
+        self.seq.ctl.record_round(src, drafts.len(), accepted, committed, verify_secs, (draft_secs, draft_passes), draft_total);
+        if self.seq.debug {
+            let c = &self.seq.ctl;
             eprintln!(
                 "[spec] {src:?} {accepted}/{} accepted {:?} | verify {:.1} ms, draft {:.1} ms in {draft_passes} passes | \
                  α model {:.2} ngram {:.2} | t_plain {:.1} t_extra {:.1} t_draft {:.1} ms | \
@@ -1201,8 +1340,8 @@ impl<'a> Speculator<'a> {
 
     /// A draw from `normalize(max(0, p − q))` after draft `d` was rejected.
     fn residual(&mut self, p: &[(u32, f32)], d: &Drafted) -> u32 {
-        let u = self.rng.next_f64();
-        let r = residual_dist(p, d, &mut self.scratch);
+        let u = self.seq.rng.next_f64();
+        let r = residual_dist(p, d, &mut self.seq.scratch);
         if r.is_empty() {
             // p == q up to rounding: the rejection had probability ~0.
             return draw(p, u);
@@ -1255,7 +1394,7 @@ pub fn generate_speculative(
     let mut s = Speculator::new(target, tokenizer, draft, ctx, params.clone(), cfg)?;
     s.prefill(pool, prompt)?;
     let g = s.generate(pool, on_text)?;
-    Ok((g, s.stats.clone()))
+    Ok((g, s.seq.stats.clone()))
 }
 
 #[cfg(test)]

@@ -273,6 +273,10 @@ struct ServeArgs {
     /// Machine price in USD per hour, for the cost estimate in /metrics.
     #[arg(long, default_value_t = 0.0)]
     price_per_hour: f64,
+    /// Speculative decoding while a single sequence decodes (batched
+    /// decoding already amortises weight reads over several).
+    #[command(flatten)]
+    draft: crate::spec::DraftArgs,
 }
 
 #[derive(Args)]
@@ -302,6 +306,7 @@ pub fn main() -> Result<()> {
         Command::Serve(a) => {
             let (m, pool) = a.model.load()?;
             let ctx = context_size(&m, a.ctx)?;
+            let speculation = crate::spec::serve_speculation(&a.draft, &m)?;
             minnow_serve::run(
                 m,
                 pool,
@@ -314,6 +319,7 @@ pub fn main() -> Result<()> {
                     max_queue: a.queue,
                     price_per_hour: a.price_per_hour,
                     model: a.model.model,
+                    speculation,
                 },
             )
         }

@@ -1,6 +1,6 @@
 //! The CLI side of speculative decoding and many-sample generation:
-//! `run --draft MODEL | --lookup`, `run --n N [--vote ...]` and
-//! `bench --draft`.
+//! `run --draft MODEL | --lookup`, `run --n N [--vote ...]`,
+//! `serve --draft MODEL | --lookup` and `bench --draft`.
 
 use crate::models;
 use anyhow::{bail, Result};
@@ -9,6 +9,7 @@ use minnow_engine::chat::ChatMessage;
 use minnow_engine::generate::{generate, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::SamplingParams;
+use minnow_engine::scheduler::Speculation;
 use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats};
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField, LastLine, RegexAnswer};
 use minnow_kernels::pool::ThreadPool;
@@ -63,6 +64,17 @@ impl DraftArgs {
             }
         }
     }
+}
+
+/// `serve --draft/--lookup`: the scheduler's speculation, the draft model
+/// loaded and checked.
+pub fn serve_speculation(a: &DraftArgs, target: &LoadedModel) -> Result<Option<Speculation>> {
+    if !a.enabled() {
+        return Ok(None);
+    }
+    let config = a.config()?;
+    let draft = a.load(target)?.map(std::sync::Arc::new);
+    Ok(Some(Speculation { draft, config }))
 }
 
 /// `run --n` / `--vote` flags.

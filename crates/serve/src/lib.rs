@@ -51,7 +51,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use error::ApiError;
 use minnow_engine::loader::LoadedModel;
-use minnow_engine::scheduler::{Scheduler, SchedulerConfig};
+use minnow_engine::scheduler::{Scheduler, SchedulerConfig, Speculation};
 use minnow_kernels::pool::ThreadPool;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -390,6 +390,8 @@ pub struct RunConfig {
     pub price_per_hour: f64,
     /// The model as named on the command line (a path or a short name).
     pub model: String,
+    /// `--draft`/`--lookup`: speculative decoding while one sequence decodes.
+    pub speculation: Option<Speculation>,
 }
 
 /// `minnow serve`: starts the scheduler on `model`, binds, serves until
@@ -409,7 +411,14 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
         .filter(|k| !k.is_empty());
     let model_id = model_id_of(&cfg.model);
     let threads = pool.n_threads();
-    let sched_cfg = SchedulerConfig { max_parallel: cfg.parallel, ctx: cfg.ctx, max_queue: cfg.max_queue, ..Default::default() };
+    let sched_cfg = SchedulerConfig {
+        max_parallel: cfg.parallel,
+        ctx: cfg.ctx,
+        max_queue: cfg.max_queue,
+        speculation: cfg.speculation.clone(),
+        ..Default::default()
+    };
+    let spec_note = cfg.speculation.as_ref().map_or(String::new(), |s| format!(", speculative decoding: {}", s.method()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The HTTP side is light; the compute threads are the scheduler's.
         .worker_threads(2)
@@ -426,7 +435,7 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
         let opts = ServeOptions { model_id: model_id.clone(), api_key: api_key.clone(), price_per_hour: cfg.price_per_hour, ..Default::default() };
         let state = AppState::new(scheduler, opts);
         eprintln!(
-            "minnow serve: {model_id} on http://{addr}/ ({} parallel, context {}, queue {}, {threads} threads{})",
+            "minnow serve: {model_id} on http://{addr}/ ({} parallel, context {}, queue {}, {threads} threads{}{spec_note})",
             cfg.parallel,
             cfg.ctx,
             cfg.max_queue,

@@ -10,12 +10,17 @@
 //! tokens served, not the idle rent. Dividing by the tokens processed gives
 //! `minnow_cost_per_million_tokens_usd{tokens="completion"|"all"}`.
 //!
+//! Speculative decoding, when the server runs with `--draft`/`--lookup`:
+//! `minnow_spec_*` — acceptance rate, tokens per target forward pass and the
+//! estimated speed-up over plain decoding (see the engine's
+//! `scheduler::speculate` for when the scheduler speculates).
+//!
 //! Per-token latency: each finished request contributes its mean time
 //! between output tokens, `(total - time to first token) / (tokens per
 //! choice - 1)`, once for each of those gaps, so the histogram is over
 //! tokens rather than requests (a long answer weighs more than a short one).
 
-use minnow_engine::scheduler::{SchedulerStats, Usage};
+use minnow_engine::scheduler::{SchedulerStats, SpecTotals, Usage};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -183,6 +188,9 @@ impl Metrics {
         let processed = s.prompt_tokens_total.saturating_sub(s.cached_prompt_tokens_total) + s.completion_tokens_total;
         let _ = writeln!(out, "minnow_cost_per_million_tokens_usd{{tokens=\"all\"}} {}", num(per_million(processed)));
 
+        if let Some(sp) = &s.speculation {
+            write_speculation(&mut out, sp);
+        }
         let _ = writeln!(out, "# HELP minnow_requests_total HTTP requests by endpoint and status (499: client left before the response).");
         let _ = writeln!(out, "# TYPE minnow_requests_total counter");
         for ((ep, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -194,6 +202,23 @@ impl Metrics {
         h.request.write(&mut out, "minnow_request_duration_seconds", "Time from arrival to the last generated token.");
         out
     }
+}
+
+/// Speculative decoding (`--draft`/`--lookup`): only present when configured.
+fn write_speculation(out: &mut String, sp: &SpecTotals) {
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {}", num(value));
+    };
+    metric("minnow_spec_rounds_total", "counter", "Speculative rounds (one target pass each) while a single sequence decoded.", sp.steps as f64);
+    metric("minnow_spec_drafted_tokens_total", "counter", "Draft tokens proposed.", sp.drafted as f64);
+    metric("minnow_spec_accepted_tokens_total", "counter", "Draft tokens accepted by the target.", sp.accepted as f64);
+    metric("minnow_spec_acceptance_rate", "gauge", "Accepted / drafted tokens since start.", sp.acceptance_rate());
+    metric("minnow_spec_tokens_total", "counter", "Tokens generated in speculative rounds.", sp.tokens as f64);
+    metric("minnow_spec_target_forwards_total", "counter", "Target forward passes in speculative rounds.", sp.target_forwards as f64);
+    metric("minnow_spec_tokens_per_target_forward", "gauge", "Tokens per target forward pass while speculating (plain decoding: 1).", sp.tokens_per_target_forward());
+    metric("minnow_spec_speedup", "gauge", "Estimated speed-up of speculation over plain single-sequence decoding (measured plain step time x tokens / time taken; 0 until measured).", sp.speedup());
 }
 
 #[cfg(test)]

@@ -60,8 +60,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(cfg: SchedulerConfig, opts: ServeOptions) -> TestServer {
+        TestServer::start_model(smollm2(), cfg, opts)
+    }
+
+    /// A server of another model (e.g. speculative decoding's target).
+    pub fn start_model(model: Arc<LoadedModel>, cfg: SchedulerConfig, opts: ServeOptions) -> TestServer {
         let key = opts.api_key.clone();
-        let scheduler = Scheduler::start(smollm2(), ThreadPool::new(2), cfg);
+        let scheduler = Scheduler::start(model, ThreadPool::new(2), cfg);
         let state = AppState::new(scheduler, opts);
         // Port 0: the OS picks a free port; tests in parallel never collide.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

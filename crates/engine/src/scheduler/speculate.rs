@@ -1,0 +1,234 @@
+//! Speculative decoding inside the scheduler (`minnow serve --draft/--lookup`).
+//!
+//! # Policy: speculate only while one sequence decodes alone
+//!
+//! On a CPU, decoding is bound by memory bandwidth: a forward step reads every
+//! weight once whatever the batch holds. With several sequences decoding,
+//! continuous batching already turns each weight read into one token per
+//! sequence — the amortisation speculation would buy — and verifying `k`
+//! drafts for each of them would multiply the rows (and the arithmetic, no
+//! longer free) while each sequence rejects at a different place. With one
+//! sequence, a plain step computes one row per weight read and leaves the
+//! cores idle: that is where verifying several drafted tokens in one pass
+//! pays. So the scheduler runs a speculative round ([`SpecSeq::step`]) when
+//! exactly one sequence is decoding and nothing else runs (no prompt being
+//! read), and ordinary batched steps otherwise. A request that arrives is
+//! admitted between two rounds as between two steps.
+//!
+//! A sequence's [`SpecSeq`] (draft-model KV cache, acceptance statistics,
+//! lookup history) lives while it speculates and is dropped at the next
+//! batched step, so the memory held for drafting is one sequence's; if the
+//! sequence is alone again later, the draft model catches up on its history
+//! in one prefill.
+//!
+//! Output is unchanged by any of this: a round commits exactly the tokens the
+//! sequence's own sampler would have produced in distribution (greedy: the
+//! very same tokens), and the scheduler emits them one by one through the
+//! same stop rules as sampled tokens. Requests asking for logprobs are not
+//! speculated (a round does not return per-token logits). One thing does
+//! change for sampled (temperature > 0) requests: speculation draws its
+//! acceptance tests from its own random stream, so a seeded request's exact
+//! tokens depend on whether it decoded alone — its distribution does not.
+
+use super::{take_token, Phase, Running, Worker};
+use crate::loader::LoadedModel;
+use crate::speculative::{Draft, SpecConfig, SpecSeq, SpecStats};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the scheduler speculates with.
+#[derive(Clone)]
+pub struct Speculation {
+    /// A draft model sharing the target's vocabulary (checked with
+    /// [`check_draft_vocab`](crate::speculative::check_draft_vocab) by the
+    /// caller); `None`: prompt lookup.
+    pub draft: Option<Arc<LoadedModel>>,
+    pub config: SpecConfig,
+}
+
+impl std::fmt::Debug for Speculation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Speculation")
+            .field("draft", &self.draft.as_ref().map_or("ngram", |_| "draft-model"))
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Speculation {
+    pub fn method(&self) -> &'static str {
+        if self.draft.is_some() {
+            "draft-model"
+        } else {
+            "ngram"
+        }
+    }
+}
+
+/// What speculation did since the scheduler started.
+#[derive(Clone, Debug, Default)]
+pub struct SpecTotals {
+    /// Speculative rounds run (each one target pass, with or without drafts).
+    pub steps: u64,
+    /// Rounds that verified drafts.
+    pub verify_rounds: u64,
+    pub drafted: u64,
+    pub accepted: u64,
+    /// Target forward passes in speculative rounds.
+    pub target_forwards: u64,
+    /// Tokens the rounds produced (those emitted, up to a stop).
+    pub tokens: u64,
+    /// Seconds spent in speculative rounds (drafting and verifying).
+    pub secs: f64,
+    /// What plain decoding would have taken for `tokens`: each round's
+    /// tokens times the sequence's measured plain step time. Rounds before
+    /// the first plain step was measured are left out of both this and
+    /// `secs_measured`.
+    pub plain_equiv_secs: f64,
+    /// `secs` of the rounds counted in `plain_equiv_secs`.
+    pub secs_measured: f64,
+}
+
+impl SpecTotals {
+    /// Accepted fraction of drafted tokens.
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+
+    /// Tokens per target forward pass while speculating (plain decoding: 1).
+    pub fn tokens_per_target_forward(&self) -> f64 {
+        if self.target_forwards == 0 {
+            0.0
+        } else {
+            self.tokens as f64 / self.target_forwards as f64
+        }
+    }
+
+    /// Estimated speed-up of speculation over plain single-sequence decoding.
+    pub fn speedup(&self) -> f64 {
+        if self.secs_measured > 0.0 {
+            self.plain_equiv_secs / self.secs_measured
+        } else {
+            0.0
+        }
+    }
+
+    fn add(&mut self, before: &SpecStats, after: &SpecStats, tokens: usize, secs: f64, t_plain: Option<f64>) {
+        self.steps += 1;
+        self.verify_rounds += (after.rounds - before.rounds) as u64;
+        self.drafted += (after.drafted - before.drafted) as u64;
+        self.accepted += (after.accepted - before.accepted) as u64;
+        self.target_forwards += (after.target_forwards - before.target_forwards) as u64;
+        self.tokens += tokens as u64;
+        self.secs += secs;
+        if let Some(t) = t_plain {
+            self.plain_equiv_secs += tokens as f64 * t;
+            self.secs_measured += secs;
+        }
+    }
+}
+
+impl Worker {
+    /// The request and sample to speculate for now: speculation is on, one
+    /// live request, decoding exactly one sample, without logprobs.
+    pub(super) fn lone_decoder(&self) -> Option<(usize, usize)> {
+        self.cfg.speculation.as_ref()?;
+        let mut live = self.running.iter().enumerate().filter(|(_, r)| !r.gone && !r.failed);
+        let (ri, r) = live.next()?;
+        if live.next().is_some() || r.top_logprobs.is_some() {
+            return None;
+        }
+        let Phase::Decode { samples } = &r.phase else { return None };
+        let mut decoding = samples.iter().enumerate().filter(|(_, s)| !s.done);
+        let (si, _) = decoding.next()?;
+        decoding.next().is_none().then_some((ri, si))
+    }
+
+    /// Frees the speculation state of every sequence (a batched step follows).
+    pub(super) fn drop_spec_states(&mut self) {
+        for r in &mut self.running {
+            if let Phase::Decode { samples } = &mut r.phase {
+                for s in samples {
+                    s.spec = None;
+                }
+            }
+        }
+    }
+
+    /// One speculative round for sample `si` of request `ri`; its tokens go
+    /// out through the same path as sampled ones.
+    pub(super) fn speculate(&mut self, ri: usize, si: usize) {
+        let Some(spec) = self.cfg.speculation.clone() else { return };
+        let model = self.model.clone();
+        let r = &mut self.running[ri];
+        let t0 = Instant::now();
+        let res = catch_unwind(AssertUnwindSafe(|| round(&model, &spec, self.cfg.ctx, &self.pool, r, si)));
+        let secs = t0.elapsed().as_secs_f64();
+        let (ids, before, after, t_plain) = match res {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return r.fail(format!("speculative decoding failed: {e}")),
+            Err(p) => return r.fail(format!("speculative decoding panicked: {}", super::panic_message(&*p))),
+        };
+        let mut used = 0;
+        for &id in &ids {
+            used += 1;
+            if take_token(&model, r, si, id, None) {
+                break;
+            }
+        }
+        if let Phase::Decode { samples } = &mut r.phase {
+            let s = &mut samples[si];
+            // Tokens after a stop were never emitted: the cache (and the
+            // prefix cache after it) holds only what the answer holds.
+            s.cache.truncate(r.prompt.len() + s.ids.len() - 1);
+        }
+        let mut st = super::lock(&self.shared);
+        st.stats.steps_total += 1;
+        st.stats.last_batch_size = 1;
+        st.stats.batch_size_sum += 1;
+        st.stats.busy_secs += secs;
+        st.stats.completion_tokens_total += used as u64;
+        st.stats.speculation.get_or_insert_with(Default::default).add(&before, &after, used, secs, t_plain);
+    }
+}
+
+/// Runs [`SpecSeq::step`] on the sample, creating its state on first use.
+/// Returns the committed tokens, the statistics before and after, and the
+/// measured plain step time.
+fn round(
+    model: &LoadedModel,
+    spec: &Speculation,
+    ctx: usize,
+    pool: &minnow_kernels::pool::ThreadPool,
+    r: &mut Running,
+    si: usize,
+) -> Result<(Vec<u32>, SpecStats, SpecStats, Option<f64>), crate::model::ModelError> {
+    let Running { phase, prompt, params, .. } = r;
+    let Phase::Decode { samples } = phase else { unreachable!("lone_decoder chose a decoding sample") };
+    let s = &mut samples[si];
+    let draft_model = spec.draft.as_ref().map(|d| &d.model);
+    if s.spec.is_none() {
+        let draft = draft_model.map_or(Draft::NGram, Draft::Model);
+        // The sample's own sampling (its seed is the request's plus its index).
+        s.spec = Some(Box::new(SpecSeq::new(&model.model, draft, ctx, s.sampler.params(), &spec.config)?));
+    }
+    let seq = s.spec.as_mut().expect("just created");
+    let before = seq.stats().clone();
+    let ids = seq.step(
+        &model.model,
+        &model.tokenizer,
+        draft_model,
+        pool,
+        &mut s.cache,
+        &mut s.sampler,
+        params,
+        prompt,
+        &s.ids,
+    )?;
+    Ok((ids, before, seq.stats().clone(), seq.plain_step_secs()))
+}
