@@ -5,45 +5,11 @@
 mod train_common;
 
 use candle_core::Device;
-use minnow_distill::data::DatasetRecord;
 use minnow_distill::train::model::{single_sequence_input, Student};
 use minnow_distill::train::{TrainConfig, Trainer};
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::loader::LoadedModel;
-use std::path::PathBuf;
 use train_common::*;
-
-/// Short question/answer pairs, so a step costs little.
-pub const QA: [(&str, &str); 4] = [
-    ("Capital of France?", "Paris."),
-    ("2 + 3 = ?", "5"),
-    ("Opposite of hot?", "Cold."),
-    ("Color of the sky?", "Blue."),
-];
-
-pub fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("minnow-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-pub fn write_dataset(dir: &std::path::Path) -> PathBuf {
-    let path = dir.join("train.jsonl");
-    let mut text = String::new();
-    for (i, (q, a)) in QA.iter().enumerate() {
-        let rec = DatasetRecord {
-            id: format!("qa-{i}"),
-            messages: vec![ChatMessage::new("user", *q), ChatMessage::new("assistant", *a)],
-            provenance: None,
-            teacher_logprobs: None,
-        };
-        text.push_str(&serde_json::to_string(&rec).unwrap());
-        text.push('\n');
-    }
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[test]
 fn tiny_run_lowers_loss_and_export_matches_engine() {
@@ -54,7 +20,7 @@ fn tiny_run_lowers_loss_and_export_matches_engine() {
         output: dir.join("out.gguf"),
         val_frac: 0.0,
         epochs: 4,
-        lr: 3e-5,
+        lr: 2e-5,
         warmup: 0,
         progress: false,
         ..TrainConfig::default()

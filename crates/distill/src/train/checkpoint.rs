@@ -43,8 +43,7 @@ pub fn path_in(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
-fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+fn write_f32(w: &mut impl Write, v: &[f32]) -> Result<()> {
     let mut bytes = Vec::with_capacity(v.len() * 4);
     for x in v {
         bytes.extend_from_slice(&x.to_le_bytes());
@@ -69,9 +68,9 @@ pub fn save(dir: &Path, mut header: CheckpointHeader, opt: &AdamW) -> Result<()>
         w.write_all(&(json.len() as u64).to_le_bytes())?;
         w.write_all(&json)?;
         for s in &opt.slots {
-            write_tensor(&mut w, s.var.as_tensor())?;
-            write_tensor(&mut w, &s.m)?;
-            write_tensor(&mut w, &s.v)?;
+            write_f32(&mut w, &s.var.as_tensor().flatten_all()?.to_vec1::<f32>()?)?;
+            write_f32(&mut w, &s.m)?;
+            write_f32(&mut w, &s.v)?;
         }
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
@@ -113,12 +112,10 @@ pub fn read_header(dir: &Path) -> Result<Option<(CheckpointHeader, BufReader<Fil
     Ok(Some((header, r)))
 }
 
-fn read_tensor(r: &mut impl Read, like: &Tensor) -> Result<Tensor> {
-    let n = like.elem_count();
+fn read_f32(r: &mut impl Read, n: usize) -> Result<Vec<f32>> {
     let mut bytes = vec![0u8; n * 4];
     r.read_exact(&mut bytes).context("truncated checkpoint data")?;
-    let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    Ok(Tensor::from_vec(v, like.dims(), like.device())?)
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// Restores variables and moments into `opt` from the checkpoint whose
@@ -130,10 +127,11 @@ pub fn restore(header: &CheckpointHeader, mut r: impl Read, opt: &mut AdamW) -> 
         bail!("the checkpoint's variables do not match this run's model (different student or LoRA settings)");
     }
     for s in opt.slots.iter_mut() {
-        let w = read_tensor(&mut r, s.var.as_tensor())?;
-        s.var.set(&w)?;
-        s.m = read_tensor(&mut r, &s.m)?;
-        s.v = read_tensor(&mut r, &s.v)?;
+        let t = s.var.as_tensor();
+        let w = read_f32(&mut r, t.elem_count())?;
+        s.var.set(&Tensor::from_vec(w, t.dims(), t.device())?)?;
+        s.m = read_f32(&mut r, s.m.len())?;
+        s.v = read_f32(&mut r, s.v.len())?;
     }
     let mut extra = [0u8; 1];
     if r.read(&mut extra)? != 0 {

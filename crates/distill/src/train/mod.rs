@@ -279,12 +279,12 @@ fn run_fingerprint(c: &TrainConfig, student: &GgufFile) -> Result<String> {
 }
 
 /// Mean CE over the answer tokens of `order`'s examples.
-fn validation_loss(student: &Student, examples: &[Example], order: &[usize], c: &TrainConfig) -> Result<Option<f64>> {
+fn validation_loss(student: &Student, examples: &[Example], order: &[usize], row_len: usize, c: &TrainConfig) -> Result<Option<f64>> {
     if order.is_empty() {
         return Ok(None);
     }
     let (mut sum, mut n) = (0f64, 0f64);
-    for mb in batch::pack(order, examples, c.max_seq, c.batch_tokens) {
+    for mb in batch::pack(order, examples, row_len, c.batch_tokens) {
         let (inp, tg) = batch::build(&mb, examples, &student.shape, 0, student.device())?;
         let logits = student.forward(&inp)?;
         let s = loss::loss_sum(&logits, &tg, 0.0, 1.0)?;
@@ -322,8 +322,7 @@ fn train_step(student: &Student, opt: &mut AdamW, mbs: &[MicroBatch], examples: 
     if !loss_total.is_finite() {
         bail!("the training loss became {loss_total}: lower --lr (or raise --clip)");
     }
-    optim::clip_grad_norm(&mut acc, c.clip)?;
-    opt.step(&acc, lr)?;
+    opt.step(&acc, lr, c.clip)?;
     Ok((loss_total, tokens))
 }
 
@@ -339,6 +338,11 @@ struct Setup {
     epoch_ends: Vec<usize>,
     kl_k: usize,
     stats: batch::PrepStats,
+    /// Capacity of a packed row: the longest example (at most `max_seq`).
+    /// Attention costs T² per row, so rows no longer than the longest
+    /// example keep packing from multiplying it when examples are similar
+    /// in length, while short examples still share rows.
+    row_len: usize,
 }
 
 fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
@@ -353,10 +357,11 @@ fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
         bail!("every example is longer than --max-seq {}: raise it", c.max_seq);
     }
     let (train_idx, val_idx) = batch::split(examples.len(), c.val_frac, c.seed);
+    let row_len = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1).min(c.max_seq);
     let mut steps = Vec::new();
     let mut epoch_ends = Vec::new();
     for epoch in 0..c.epochs {
-        let one = batch::plan_steps(&train_idx, &examples, 1, c.max_seq, c.batch_tokens, c.grad_accum, c.seed.wrapping_add(epoch as u64));
+        let one = batch::plan_steps(&train_idx, &examples, 1, row_len, c.batch_tokens, c.grad_accum, c.seed.wrapping_add(epoch as u64));
         steps.extend(one);
         epoch_ends.push(steps.len());
     }
@@ -382,7 +387,30 @@ fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
         }
         student.lora = Some(lora::LoraSet::new(&weights, rank, c.lora_alpha, c.seed, device)?);
     }
-    Ok(Setup { base, student, examples, train_idx, val_idx, steps, epoch_ends, kl_k, stats })
+    Ok(Setup { base, student, examples, train_idx, val_idx, steps, epoch_ends, kl_k, stats, row_len })
+}
+
+/// Asks glibc's malloc to keep freed blocks up to its largest threshold
+/// (32 MiB) for reuse rather than returning them to the kernel: a training
+/// step frees and reallocates the same activation and gradient sizes every
+/// step, and fresh pages cost a fault and zeroing each (about a fifth of a
+/// step's time on a CPU without this). glibc is linked anyway; declaring
+/// `mallopt` here avoids a dependency for one call.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        // SAFETY: mallopt only changes malloc's tuning parameters; the
+        // values are in the documented ranges.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
 }
 
 /// Trains as `cfg` says and writes the student GGUF.
@@ -422,6 +450,7 @@ impl Trainer {
             }
             None => {}
         }
+        keep_freed_memory();
         let device = select_device()?;
         let s = setup(cfg, &device)?;
         let fingerprint = run_fingerprint(cfg, &s.base)?;
@@ -460,18 +489,23 @@ impl Trainer {
         self.header.step
     }
 
+    /// Answer positions with a teacher distribution for the KL term, and all answer positions.
+    pub fn kl_coverage(&self) -> (usize, usize) {
+        (self.s.stats.kl_positions, self.s.stats.answer_positions)
+    }
+
     pub fn total_steps(&self) -> usize {
         self.s.steps.len()
     }
 
     /// Mean CE over the validation examples' answer tokens with the current weights.
     pub fn validation_loss(&self) -> Result<Option<f64>> {
-        validation_loss(&self.s.student, &self.s.examples, &self.s.val_idx, &self.cfg)
+        validation_loss(&self.s.student, &self.s.examples, &self.s.val_idx, self.s.row_len, &self.cfg)
     }
 
     /// Mean CE over the training examples' answer tokens with the current weights.
     pub fn training_set_loss(&self) -> Result<Option<f64>> {
-        validation_loss(&self.s.student, &self.s.examples, &self.s.train_idx, &self.cfg)
+        validation_loss(&self.s.student, &self.s.examples, &self.s.train_idx, self.s.row_len, &self.cfg)
     }
 
     /// Writes a checkpoint now (when a checkpoint directory is set).
@@ -489,7 +523,7 @@ impl Trainer {
         let end = until.min(total);
         let at = self.header.step;
         if at == 0 && self.header.val_history.is_empty() {
-            if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, c)? {
+            if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, s.row_len, c)? {
                 self.header.val_history.push((0, v));
             }
         }
@@ -503,7 +537,7 @@ impl Trainer {
             self.header.step = step + 1;
             self.header.last_train_loss = Some(loss);
             if s.epoch_ends.contains(&(step + 1)) {
-                if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, c)? {
+                if let Some(v) = validation_loss(&s.student, &s.examples, &s.val_idx, s.row_len, c)? {
                     self.header.val_history.push((step + 1, v));
                 }
             }

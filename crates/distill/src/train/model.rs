@@ -17,7 +17,7 @@
 
 use super::lora::LoraSet;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, IndexOp, Layout, Shape, Tensor, Var, D};
 use minnow_engine::model::{Arch, ModelConfig};
 use minnow_gguf::GgufFile;
 use minnow_kernels::formats::dequantize;
@@ -189,9 +189,11 @@ impl Student {
             let k = self.rope(&heads(k, nkv)?, &inp.cos, &inp.sin)?;
             let v = heads(v, nkv)?;
             let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let scale = 1.0 / (hd as f64).sqrt();
+            // The 1/sqrt(hd) scale on q ([N, q_dim]) rather than on the
+            // scores ([B, H, T, T], larger).
+            let q = (q * (1.0 / (hd as f64).sqrt()))?;
             // scores [B, H, T, T]
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&inp.mask)?;
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&inp.mask)?;
             let probs = softmax_last(&scores)?;
             // [B, H, T, hd] → [N, H*hd]
             let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
@@ -301,13 +303,66 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
 }
 
-/// Softmax over the last dimension, built from differentiable primitives
-/// (candle's fused softmax has no backward). The max is a constant shift,
-/// detached so autograd does not trace it.
+/// Softmax over the last dimension. On the CPU one fused pass per row
+/// ([`FusedSoftmax`]: the attention scores are the largest activations, and
+/// five separate elementwise passes over them cost more than the matmuls
+/// around them); elsewhere built from differentiable primitives (candle's
+/// fused softmax has no backward). The max is a constant shift, detached so
+/// autograd does not trace it.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1(FusedSoftmax)?);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Row softmax with its gradient: forward fused on the CPU; backward
+/// `dx = p ⊙ (g − Σ g⊙p)` per row.
+struct FusedSoftmax;
+
+impl CustomOp1 for FusedSoftmax {
+    fn name(&self) -> &'static str {
+        "minnow-softmax-last"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("minnow-softmax-last: f32 only");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("minnow-softmax-last: contiguous input only");
+        };
+        let x = &data[a..b];
+        let dim = *layout.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let rows = x.len() / dim.max(1);
+        let per = rows.div_ceil(threads).max(1) * dim;
+        std::thread::scope(|sc| {
+            for (o, xs) in out.chunks_mut(per).zip(x.chunks(per)) {
+                sc.spawn(move || {
+                    for (orow, xrow) in o.chunks_exact_mut(dim).zip(xs.chunks_exact(dim)) {
+                        let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                            *ov = (xv - max).exp();
+                            sum += *ov;
+                        }
+                        let inv = 1.0 / sum;
+                        orow.iter_mut().for_each(|v| *v *= inv);
+                    }
+                });
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(grad.broadcast_sub(&dot)?.mul(res)?))
+    }
 }
 
 /// Log-softmax over the last dimension (same construction as [`softmax_last`]).

@@ -101,3 +101,40 @@ pub fn assert_within_golden(a: &Agreement, what: &str) {
     assert!(a.max_pos <= 1.5, "{what}: a position has mean |Δlogit| {:.4} > 1.5 ({a:?})", a.max_pos);
     assert_eq!(a.top1_agree, a.decisive, "{what}: top-1 disagrees at a decisive position ({a:?})");
 }
+
+/// Short question/answer pairs, so a training step costs little.
+pub const QA: [(&str, &str); 4] = [
+    ("Capital of France?", "Paris."),
+    ("2 + 3 = ?", "5"),
+    ("Opposite of hot?", "Cold."),
+    ("Color of the sky?", "Blue."),
+];
+
+/// A fresh empty directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("minnow-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes [`QA`] as a dataset JSONL (user question, assistant answer).
+pub fn write_dataset(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    let mut text = String::new();
+    for (i, (q, a)) in QA.iter().enumerate() {
+        let rec = minnow_distill::data::DatasetRecord {
+            id: format!("qa-{i}"),
+            messages: vec![
+                minnow_engine::chat::ChatMessage::new("user", *q),
+                minnow_engine::chat::ChatMessage::new("assistant", *a),
+            ],
+            provenance: None,
+            teacher_logprobs: None,
+        };
+        text.push_str(&serde_json::to_string(&rec).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
