@@ -59,6 +59,7 @@ pub fn save(dir: &Path, mut header: CheckpointHeader, opt: &AdamW) -> Result<()>
     header.adam_t = opt.t;
     header.vars = opt.slots.iter().map(|s| (s.name.clone(), s.var.as_tensor().dims().to_vec())).collect();
     let path = path_in(dir);
+    remove_stale_temp_files(dir);
     let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
     let result = (|| -> Result<()> {
         let f = File::create(&tmp)?;
@@ -83,6 +84,21 @@ pub fn save(dir: &Path, mut header: CheckpointHeader, opt: &AdamW) -> Result<()>
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("cannot write checkpoint {}", path.display()))
+}
+
+/// Deletes temporary checkpoint files a killed run left behind (each can be
+/// as large as the model and its optimizer state). One run writes to a
+/// directory at a time, so any such file is stale.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let prefix = format!(".{FILE_NAME}.");
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Reads the header of the checkpoint in `dir`, if there is one.
