@@ -85,6 +85,7 @@ const SPEED_TOKENS: usize = 32;
 
 /// Runs the evaluation and writes the report into `cfg.output`.
 pub fn run(cfg: &EvalConfig) -> Result<Report> {
+    let machine = machine(cfg.threads);
     let (cases, examples) = load_cases(cfg)?;
     let teacher = match &cfg.teacher_outputs {
         Some(p) => Some(read_teacher_outputs(p)?),
@@ -124,7 +125,7 @@ pub fn run(cfg: &EvalConfig) -> Result<Report> {
         cases: cases.len(),
         excluded_examples: examples.len(),
         price_per_hour: cfg.price_per_hour,
-        machine: machine(cfg.threads),
+        machine,
         date_unix: crate::label::unix_now(),
         models: rows,
     };
@@ -154,13 +155,21 @@ fn load_cases(cfg: &EvalConfig) -> Result<(Vec<EvalCase>, Vec<EvalCase>)> {
     Ok((cases, examples))
 }
 
-/// The teacher's answer per prompt (its last user message).
+/// The teacher's answer per prompt (its last user message), from a dataset
+/// (`label`'s output) or from another evaluation's per-case outputs
+/// (`outputs/<row>.jsonl`: `{"prompt", "reply", ...}`).
 fn read_teacher_outputs(path: &Path) -> Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let rec: DatasetRecord = serde_json::from_str(line)
-            .map_err(|e| anyhow!("{}:{}: not a dataset record ({e})", path.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow!("{}:{}: not JSON ({e})", path.display(), i + 1))?;
+        if let (Some(p), Some(r)) = (v["prompt"].as_str(), v["reply"].as_str()) {
+            out.insert(p.to_string(), r.to_string());
+            continue;
+        }
+        let rec: DatasetRecord = serde_json::from_value(v)
+            .map_err(|e| anyhow!("{}:{}: neither a dataset record nor an eval output ({e})", path.display(), i + 1))?;
         let Some((answer, convo)) = rec.messages.split_last().filter(|(a, _)| a.role == "assistant") else {
             bail!("{}:{}: the last message is not the teacher's (assistant) answer", path.display(), i + 1);
         };
@@ -337,5 +346,11 @@ fn machine(threads: usize) -> String {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpu}, {threads} threads")
+    // Speeds on a shared machine depend on what else runs: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    match load {
+        Some(l) => format!("{cpu}, {cores} CPUs, {threads} threads, load average {l} when the evaluation started"),
+        None => format!("{cpu}, {cores} CPUs, {threads} threads"),
+    }
 }

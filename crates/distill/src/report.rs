@@ -56,6 +56,31 @@ pub struct Report {
     pub models: Vec<ModelResult>,
 }
 
+/// One report from several `report.json` files of the same data and
+/// scorer (rows evaluated at different times, e.g. the teacher while the
+/// student trains): rows in the order given.
+pub fn merge(paths: &[std::path::PathBuf]) -> Result<Report> {
+    let mut out: Option<Report> = None;
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let r: Report = serde_json::from_str(&text).with_context(|| format!("{}: not a report.json", p.display()))?;
+        match &mut out {
+            None => out = Some(r),
+            Some(o) => {
+                if (o.data.as_str(), o.scorer.as_str(), o.cases) != (r.data.as_str(), r.scorer.as_str(), r.cases) {
+                    anyhow::bail!(
+                        "{}: evaluated {} cases of {} with {}, the first report {} cases of {} with {}; only reports of the same cases merge",
+                        p.display(), r.cases, r.data, r.scorer, o.cases, o.data, o.scorer
+                    );
+                }
+                o.models.extend(r.models);
+                o.machine = format!("{}; {}", o.machine, r.machine);
+            }
+        }
+    }
+    out.ok_or_else(|| anyhow::anyhow!("nothing to merge"))
+}
+
 /// Writes report.json, report.md and chart.svg into `dir`.
 pub fn write(r: &Report, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -112,10 +137,10 @@ fn markdown(r: &Report) -> String {
     s += "\n- field accuracy / exact: against the gold answers; teacher agreement: the same scorer with the teacher's answer as the gold.\n";
     s += "- prefill / decode tok/s: one stream, measured on this machine (best of two runs on one case's prompt, 32 decoded tokens).\n";
     s += "- $ per 1,000 cases and per 1M generated tokens: the machine's price times the wall time of answering every case batched (continuous batching), prompts included.\n";
-    if let Some(base) = r.models.iter().max_by(|a, b| a.decode_tok_s.total_cmp(&b.decode_tok_s)) {
-        let _ = writeln!(s, "\nDecode speed relative to the fastest row ({}):\n", base.label);
+    if let Some(slowest) = r.models.iter().min_by(|a, b| a.decode_tok_s.total_cmp(&b.decode_tok_s)) {
+        let _ = writeln!(s, "\nDecode speed (one stream) relative to the slowest row ({}):\n", slowest.label);
         for m in &r.models {
-            let _ = writeln!(s, "- {}: {:.2}× slower", m.label, base.decode_tok_s / m.decode_tok_s.max(1e-9));
+            let _ = writeln!(s, "- {}: {:.2}×", m.label, m.decode_tok_s / slowest.decode_tok_s.max(1e-9));
         }
     }
     s += "\nChart: `chart.svg`.\n";

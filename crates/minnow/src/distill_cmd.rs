@@ -353,6 +353,10 @@ struct EvalArgs {
     /// Report directory (report.md, report.json, chart.svg, outputs).
     #[arg(long, short = 'o')]
     output: PathBuf,
+    /// Instead of evaluating: merge these report.json files (same cases,
+    /// rows evaluated separately) into one report in --output.
+    #[arg(long, conflicts_with_all = ["models", "few_shot_models"])]
+    merge: Vec<PathBuf>,
 }
 
 /// `LABEL=MODEL` or `MODEL` (a path that exists wins over a split at `=`).
@@ -366,6 +370,13 @@ fn model_spec(s: &str, few_shot: bool) -> Result<minnow_distill::eval::ModelSpec
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
+    if !a.merge.is_empty() {
+        let report = minnow_distill::report::merge(&a.merge)?;
+        minnow_distill::report::write(&report, &a.output)?;
+        print!("{}", minnow_distill::report::summary_table(&report));
+        eprintln!("minnow distill eval: merged report in {}", a.output.display());
+        return Ok(());
+    }
     if a.models.is_empty() && a.few_shot_models.is_empty() {
         bail!("give at least one --model (or --model-few-shot)");
     }
