@@ -31,6 +31,9 @@ struct Shared {
     /// Set when a worker's job panicked; the caller re-raises it.
     panicked: AtomicBool,
     shutdown: AtomicBool,
+    /// Workers parked on `wake` (or about to be): only then does a new job
+    /// need the lock and a futex wake-up, which cost more than a small job.
+    sleepers: AtomicUsize,
     wake: Condvar,
     wake_lock: Mutex<()>,
 }
@@ -59,6 +62,7 @@ impl ThreadPool {
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
         });
@@ -91,9 +95,12 @@ impl ThreadPool {
         let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
         *self.shared.job.lock().unwrap() = Some(JobPtr(ptr));
         self.shared.pending.store(self.n_threads - 1, Ordering::SeqCst);
-        {
+        // A worker registers in `sleepers` before its last look at
+        // `generation` (both SeqCst): either it sees this bump and runs, or we
+        // see it registered and wake it under the lock.
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _l = self.shared.wake_lock.lock().unwrap();
-            self.shared.generation.fetch_add(1, Ordering::SeqCst);
             self.shared.wake.notify_all();
         }
         let caller_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
@@ -118,8 +125,17 @@ impl ThreadPool {
         }
     }
 
-    /// Splits `0..n` into chunks of at most `grain` and hands them out to the
-    /// threads dynamically (an atomic counter), so uneven chunks balance.
+    /// Splits `0..n` into chunks of at most `grain` and runs `f` on each
+    /// exactly once, spread over the threads.
+    ///
+    /// Each thread owns a contiguous run of chunks and works through it in
+    /// order; a thread that runs out takes the next chunks of the others'
+    /// runs (an atomic counter per run), so uneven progress still balances.
+    /// Contiguity is what matters for a matrix-vector product: each thread
+    /// then streams one long range of weight rows, which the hardware
+    /// prefetcher follows, where handing chunks out round-robin made every
+    /// thread jump ahead by the others' chunks every few kilobytes (decode on
+    /// Qwen2.5-0.5B, 2 threads: 20.5 → 24.5 tok/s).
     pub fn parallel_for(&self, n: usize, grain: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         let grain = grain.max(1);
         let n_chunks = n.div_ceil(grain);
@@ -129,17 +145,36 @@ impl ThreadPool {
             }
             return;
         }
-        let next = AtomicUsize::new(0);
-        self.broadcast(&|_| loop {
-            let chunk = next.fetch_add(1, Ordering::Relaxed);
-            if chunk >= n_chunks {
-                break;
+        let runs = self.n_threads.min(n_chunks).min(MAX_RUNS);
+        // Run r holds chunks [r*n_chunks/runs, (r+1)*n_chunks/runs). On the
+        // stack: a decode step calls this hundreds of times.
+        let run_start = |r: usize| r * n_chunks / runs;
+        let next: [PaddedCounter; MAX_RUNS] = std::array::from_fn(|r| PaddedCounter(AtomicUsize::new(run_start(r.min(runs)))));
+        self.broadcast(&|thread| {
+            for k in 0..runs {
+                let r = (thread + k) % runs;
+                let end = run_start(r + 1);
+                loop {
+                    let chunk = next[r].0.fetch_add(1, Ordering::Relaxed);
+                    if chunk >= end {
+                        break;
+                    }
+                    let start = chunk * grain;
+                    f(start..(start + grain).min(n));
+                }
             }
-            let start = chunk * grain;
-            f(start..(start + grain).min(n));
         });
     }
 }
+
+/// Most contiguous runs `parallel_for` splits work into (threads beyond
+/// this share runs).
+const MAX_RUNS: usize = 64;
+
+/// A counter alone on its cache line, so threads bumping different runs'
+/// counters do not contend.
+#[repr(align(64))]
+struct PaddedCounter(AtomicUsize);
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
@@ -168,9 +203,11 @@ fn worker_loop(shared: &Shared, index: usize) {
         }
         if generation == seen {
             let mut lock = shared.wake_lock.lock().unwrap();
-            while shared.generation.load(Ordering::Acquire) == seen {
+            shared.sleepers.fetch_add(1, Ordering::SeqCst);
+            while shared.generation.load(Ordering::SeqCst) == seen {
                 lock = shared.wake.wait(lock).unwrap();
             }
+            shared.sleepers.fetch_sub(1, Ordering::SeqCst);
             generation = shared.generation.load(Ordering::Acquire);
         }
         seen = generation;
@@ -212,6 +249,35 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    #[test]
+    fn every_index_runs_once_with_more_threads_than_chunks() {
+        let pool = ThreadPool::new(7);
+        for (n, grain) in [(3, 1), (10, 4), (65, 16), (1000, 1), (999, 10)] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.parallel_for(n, grain, &|r| {
+                assert!(r.len() <= grain);
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n} grain={grain}");
+        }
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        // Long enough between jobs that workers stop spinning and park.
+        let pool = ThreadPool::new(3);
+        let count = AtomicUsize::new(0);
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            pool.broadcast(&|_| {
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(count.load(Ordering::Relaxed), 15);
     }
 
     #[test]
