@@ -2,28 +2,13 @@
 //! shapes scripts rely on, determinism of seeded sampling, and one-line errors.
 
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::io::Write;
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
-
-fn smollm2() -> String {
-    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `minnow pull all` first", p.display());
-    p.display().to_string()
-}
+mod common;
 
 fn minnow(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minnow"))
+    let mut child = common::minnow_cmd()
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -45,7 +30,7 @@ fn json_of(out: &Output) -> Value {
 
 #[test]
 fn tokenize_json_matches_golden_shape_and_ids() {
-    let m = smollm2();
+    let m = common::smollm2_arg();
     let v = json_of(&minnow(&["tokenize", &m, "--json"], Some("Hello world")));
     assert_eq!(v, serde_json::json!({"ids": [19556, 905]}));
     // Special tokens parse only when asked.
@@ -57,7 +42,7 @@ fn tokenize_json_matches_golden_shape_and_ids() {
 
 #[test]
 fn logits_json_has_one_entry_per_position_best_first() {
-    let m = smollm2();
+    let m = common::smollm2_arg();
     let v = json_of(&minnow(&["logits", &m, "--ids", "1,2,3,4", "--top", "5", "--json"], None));
     assert_eq!(v["ids"], serde_json::json!([1, 2, 3, 4]));
     let positions = v["positions"].as_array().unwrap();
@@ -76,7 +61,7 @@ fn logits_json_has_one_entry_per_position_best_first() {
 
 #[test]
 fn run_json_is_deterministic_for_a_seed() {
-    let m = smollm2();
+    let m = common::smollm2_arg();
     let args = ["run", &m, "-p", "Once upon a time", "-n", "12", "--temp", "0.9", "--seed", "42", "--json"];
     let a = json_of(&minnow(&args, None));
     let b = json_of(&minnow(&args, None));
@@ -93,7 +78,7 @@ fn run_json_is_deterministic_for_a_seed() {
 
 #[test]
 fn perplexity_json_shape() {
-    let m = smollm2();
+    let m = common::smollm2_arg();
     let dir = std::env::temp_dir().join(format!("minnow-ppl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("t.txt");
@@ -108,7 +93,7 @@ fn perplexity_json_shape() {
 
 #[test]
 fn bench_json_shape() {
-    let m = smollm2();
+    let m = common::smollm2_arg();
     let v = json_of(&minnow(&["bench", &m, "-p", "16", "-n", "4", "-r", "1", "--threads", "2", "--json"], None));
     assert_eq!(v["threads"], 2);
     assert_eq!(v["pp"], 16);
@@ -121,8 +106,8 @@ fn user_mistakes_are_one_line_errors_not_panics() {
     let cases: Vec<Vec<String>> = vec![
         vec!["run".into(), "/no/such/model.gguf".into(), "-p".into(), "hi".into()],
         vec!["info".into(), "not-a-known-model".into()],
-        vec!["run".into(), smollm2(), "-p".into(), "hi".into(), "--temp=-1".into()],
-        vec!["logits".into(), smollm2(), "--ids".into(), "99999999".into(), "--json".into()],
+        vec!["run".into(), common::smollm2_arg(), "-p".into(), "hi".into(), "--temp=-1".into()],
+        vec!["logits".into(), common::smollm2_arg(), "--ids".into(), "99999999".into(), "--json".into()],
     ];
     for args in cases {
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();

@@ -4,30 +4,8 @@
 //! pipeline rerun skips every completed stage.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
-
-fn model() -> PathBuf {
-    let m = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(m.exists(), "{} is missing: run `minnow pull all` first", m.display());
-    m
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("minnow-distill-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
 
 /// Five dev-style cases: two serve as worked examples.
 fn write_dev(dir: &Path) -> PathBuf {
@@ -53,16 +31,16 @@ fn write_dev(dir: &Path) -> PathBuf {
 }
 
 fn minnow(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_minnow")).args(args).output().unwrap();
+    let o = common::minnow_cmd().args(args).output().unwrap();
     (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 #[test]
 fn eval_report_matches_its_per_case_outputs() {
-    let dir = tmp("eval");
+    let dir = common::scratch_dir("distill-eval", "eval");
     let dev = write_dev(&dir);
     let out = dir.join("report");
-    let m = model();
+    let m = common::smollm2();
     let (ok, stdout, err) = minnow(&[
         "distill", "eval", dev.to_str().unwrap(),
         "--few-shot", dev.to_str().unwrap(), "--n-shot", "2",
@@ -108,9 +86,9 @@ fn eval_report_matches_its_per_case_outputs() {
 
 #[test]
 fn eval_errors_are_one_line() {
-    let dir = tmp("eval-errors");
+    let dir = common::scratch_dir("distill-eval", "eval-errors");
     let dev = write_dev(&dir);
-    let m = model();
+    let m = common::smollm2();
     let cases: [(&[&str], &str); 3] = [
         (&["--model", "no-such-model"], "no-such-model"),
         (&["--model", m.to_str().unwrap(), "--scorer", "bleu"], "unknown scorer"),
@@ -127,9 +105,9 @@ fn eval_errors_are_one_line() {
 
 #[test]
 fn pipeline_runs_label_train_eval_and_a_rerun_skips_every_stage() {
-    let dir = tmp("pipeline");
+    let dir = common::scratch_dir("distill-eval", "pipeline");
     write_dev(&dir);
-    let m = model();
+    let m = common::smollm2();
     let config = dir.join("pipeline.toml");
     std::fs::write(
         &config,

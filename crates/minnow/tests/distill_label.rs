@@ -8,28 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
-
-fn model() -> PathBuf {
-    let m = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(m.exists(), "{} is missing: run `minnow pull all` first", m.display());
-    m
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("minnow-distill-label-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
 
 /// Four order messages from the task, ids given by line number.
 fn write_inputs(dir: &Path) -> PathBuf {
@@ -49,13 +28,13 @@ fn write_inputs(dir: &Path) -> PathBuf {
 }
 
 fn label_cmd(inputs: &Path, out: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_minnow"));
+    let mut c = common::minnow_cmd();
     c.args(["distill", "label"])
         .arg(inputs)
         .arg("-o")
         .arg(out)
         .arg("--teacher")
-        .arg(model())
+        .arg(common::smollm2())
         .args(["--max-tokens", "24", "--parallel", "2", "--threads", "2"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -94,7 +73,7 @@ impl Rng {
 
 #[test]
 fn label_killed_at_random_points_then_rerun_equals_an_uninterrupted_run() {
-    let dir = tmp("kill");
+    let dir = common::scratch_dir("distill-label", "kill");
     let inputs = write_inputs(&dir);
     let reference = dir.join("reference.jsonl");
     let t0 = Instant::now();
@@ -147,7 +126,7 @@ fn label_killed_at_random_points_then_rerun_equals_an_uninterrupted_run() {
 
 #[test]
 fn label_errors_are_one_line() {
-    let dir = tmp("errors");
+    let dir = common::scratch_dir("distill-label", "errors");
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"fine\"}\n{\"prompt\": 5}\n").unwrap();
     let started = Instant::now();

@@ -9,25 +9,16 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
+mod common;
 
 /// `minnow serve` on a free port; returns the child and its port.
 fn start_server() -> (Child, u16) {
-    let model = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(model.exists(), "{} is missing: run `minnow pull all` first", model.display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minnow"))
+    let model = common::smollm2();
+    let mut child = common::minnow_cmd()
         .arg("serve")
         .arg(&model)
         .args(["--port", "0", "--threads", "2", "--parallel", "2", "--ctx", "1024"])
@@ -140,13 +131,6 @@ fn start_proxy(server_port: u16, plan: HashMap<usize, Fault>) -> (u16, Arc<Mutex
     (port, seen)
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("minnow-distill-remote-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn write_inputs(dir: &Path) -> PathBuf {
     let p = dir.join("inputs.jsonl");
     let msgs = ["Anna Haddad: five paper shredders at $35.00 to Kazan.", "Jonas Schmidt: 4 wireless mouses at $310 each to Prague.",
@@ -161,7 +145,7 @@ fn write_inputs(dir: &Path) -> PathBuf {
 }
 
 fn label(inputs: &Path, out: &Path, port: u16, extra: &[&str]) -> (bool, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_minnow"))
+    let o = common::minnow_cmd()
         .args(["distill", "label"])
         .arg(inputs)
         .arg("-o")
@@ -190,7 +174,7 @@ fn dataset(out: &Path) -> HashMap<String, serde_json::Value> {
 #[test]
 fn remote_teacher_retries_injected_faults_and_ends_with_the_same_dataset() {
     let (mut server, server_port) = start_server();
-    let dir = tmp("faults");
+    let dir = common::scratch_dir("distill-remote", "faults");
     let inputs = write_inputs(&dir);
 
     // Straight to the server: the dataset without faults.

@@ -3,28 +3,15 @@
 //! and a rerun with a higher --count continues the same file.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::Command;
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
+mod common;
 
 const PREFIX: &str = "Extract the order as JSON with keys customer, product, quantity, unit_price, city, delivery_date.\n\nMessage: ";
 
 #[test]
 fn synth_writes_new_distinct_inputs_and_continues_on_rerun() {
-    let model = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(model.exists(), "{} is missing: run `minnow pull all` first", model.display());
-    let dir = std::env::temp_dir().join(format!("minnow-distill-synth-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let model = common::smollm2();
+    let dir = common::scratch_dir("distill-synth", "run");
     let seeds = [
         "Liam Okafor here. For the Osaka team we'd like 12 whiteboards at 79 USD apiece, delivery 2025-06-07.",
         "Dear sales, we confirm the purchase of ten standing desks (489.9 USD each). Deliver to Kazan on 01/07/2026. Best, Hana Patel",
@@ -36,7 +23,7 @@ fn synth_writes_new_distinct_inputs_and_continues_on_rerun() {
     std::fs::write(&seeds_path, text).unwrap();
     let out = dir.join("new.jsonl");
     let synth = |count: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_minnow"))
+        let o = common::minnow_cmd()
             .args(["distill", "synth", "--task", "customer messages ordering office products"])
             .arg("--seeds")
             .arg(&seeds_path)

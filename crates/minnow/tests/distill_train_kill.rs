@@ -9,28 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
-
-fn smollm2() -> String {
-    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `minnow pull all` first", p.display());
-    p.display().to_string()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("minnow-train-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
 
 const QA: [(&str, &str); 6] = [
     ("Capital of France?", "Paris."),
@@ -57,8 +36,8 @@ fn write_dataset(dir: &Path) -> PathBuf {
 }
 
 fn train_cmd(data: &Path, out: &Path, ckpt: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_minnow"));
-    c.args(["distill", "train", &smollm2(), "--data"])
+    let mut c = common::minnow_cmd();
+    c.args(["distill", "train", &common::smollm2_arg(), "--data"])
         .arg(data)
         .arg("-o")
         .arg(out)
@@ -83,7 +62,7 @@ fn next(state: &mut u64) -> u64 {
 
 #[test]
 fn killed_training_resumes_to_the_same_model() {
-    let dir = temp_dir("kill");
+    let dir = common::scratch_dir("train-cli", "kill");
     let data = write_dataset(&dir);
 
     let reference = dir.join("reference.gguf");
@@ -144,11 +123,11 @@ fn killed_training_resumes_to_the_same_model() {
 
 #[test]
 fn bad_input_gets_one_line_errors() {
-    let dir = temp_dir("errors");
+    let dir = common::scratch_dir("train-cli", "errors");
     let data = write_dataset(&dir);
     let run = |extra: &[&str], data: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_minnow"))
-            .args(["distill", "train", &smollm2(), "--data"])
+        let out = common::minnow_cmd()
+            .args(["distill", "train", &common::smollm2_arg(), "--data"])
             .arg(data)
             .arg("-o")
             .arg(dir.join("x.gguf"))

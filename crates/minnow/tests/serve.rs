@@ -4,20 +4,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-}
+mod common;
 
 /// One HTTP/1.1 request with `Connection: close`; (status, body).
 fn http(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
@@ -35,9 +26,8 @@ fn http(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (
 
 #[test]
 fn serve_binds_loopback_requires_the_env_key_and_stops_on_sigterm() {
-    let model = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(model.exists(), "{} is missing: run `minnow pull all` first", model.display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minnow"))
+    let model = common::smollm2();
+    let mut child = common::minnow_cmd()
         .args(["serve"])
         .arg(&model)
         .args(["--port", "0", "--threads", "2", "--parallel", "2", "--ctx", "512", "--price-per-hour", "1.5"])
