@@ -4,11 +4,13 @@
 //!   reference dequantization and dot product, and an AVX2+FMA dot product
 //!   chosen at run time; a uniform byte-level dispatch over [`GgmlType`].
 //! - [`matmul`]: quantized weight matrix × f32 activations, multithreaded.
+//! - [`attention`]: one head's attention over a span of the KV cache.
 //! - [`ops`]: the f32 element-wise pieces of a transformer (RMSNorm, RoPE,
 //!   softmax, activations).
 //! - [`pool`]: a persistent thread pool, because per-op thread spawning costs
 //!   more than a decode step's small matvecs.
 
+pub mod attention;
 pub mod formats;
 pub mod matmul;
 pub mod ops;

@@ -95,7 +95,8 @@ pub struct TrainConfig {
     pub threads: Option<usize>,
     /// Stop after this many optimizer steps (the schedule is sized to it).
     pub max_steps: Option<usize>,
-    /// Draw the progress bar (on stderr, when it is a terminal).
+    /// Draw the progress bar (on stderr, when it is a terminal); without it
+    /// a progress line goes to stderr once a minute.
     pub progress: bool,
 }
 
@@ -529,6 +530,9 @@ impl Trainer {
         }
         let pb = progress_bar(total, at, c.progress && end > at);
         let t0 = Instant::now();
+        // Without a terminal (a log file, CI) the bar is hidden: a line a
+        // minute instead, so a long run still shows it is moving.
+        let mut last_line = Instant::now();
         let mut tokens = 0u64;
         for step in at..end {
             let lr = optim::lr_at(step, total, c.warmup, c.lr, c.min_lr_ratio);
@@ -545,6 +549,12 @@ impl Trainer {
             let val = self.header.val_history.last().map(|v| format!("  val {:.4}", v.1)).unwrap_or_default();
             pb.set_message(format!("loss {loss:.4}{val}  {rate:.0} tok/s"));
             pb.set_position((step + 1) as u64);
+            if !c.progress && last_line.elapsed().as_secs() >= 60 {
+                last_line = Instant::now();
+                let done = step + 1 - at;
+                let eta = t0.elapsed().as_secs_f64() / done as f64 * (end - step - 1) as f64;
+                eprintln!("minnow distill train: step {}/{total}, loss {loss:.4}{val}, {rate:.0} tok/s, ETA {:.0} min", step + 1, eta / 60.0);
+            }
             if let Some(dir) = &c.checkpoint_dir {
                 if (step + 1) % c.checkpoint_every == 0 || step + 1 == total {
                     checkpoint::save(dir, self.header.clone(), &self.opt)?;

@@ -9,6 +9,7 @@
 use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
+use minnow_kernels::attention::{attend, KvLayout};
 use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, Rope};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
@@ -201,40 +202,14 @@ impl Attention {
                 let kv_off = (head / group) * hd;
                 // SAFETY: task (r, head) alone writes this head_dim slice.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r * q_dim + head * hd), hd) };
+                let kv = KvLayout { kv_stride: kv_dim, kv_off, head_dim: hd };
                 SCORES.with(|scores| {
-                    let mut scores = scores.borrow_mut();
-                    scores.clear();
-                    scores.extend((first..=pos).map(|j| {
-                        let kj = &keys[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
-                        dot(qh, kj) * shape.scale
-                    }));
-                    ops::softmax_inplace(&mut scores);
-                    dst.iter_mut().for_each(|d| *d = 0.0);
-                    for (j, &p) in (first..=pos).zip(scores.iter()) {
-                        let vj = &values[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
-                        for (d, &x) in dst.iter_mut().zip(vj) {
-                            *d += p * x;
-                        }
-                    }
+                    attend(qh, keys, values, kv, first..=pos, shape.scale, &mut scores.borrow_mut(), dst);
                 });
             }
         });
         mm(pool, &self.wo, &out, n)
     }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums so the loop vectorizes.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// The activation of a gated feed-forward network.
