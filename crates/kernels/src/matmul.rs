@@ -15,7 +15,7 @@
 //! how many other tokens are in the batch, nor on the thread count (batch
 //! invariance).
 
-use crate::formats::{cast_blocks, ActBlock, BlockFormat, LayoutError};
+use crate::formats::{cast_blocks, group_scales, ActBlock, BlockFormat, GroupScales, LayoutError};
 use crate::pool::{SharedMut, ThreadPool};
 use crate::GgmlType;
 
@@ -64,18 +64,21 @@ impl QMatrix<'_> {
 #[derive(Default)]
 pub struct ActBuffer {
     words: Vec<u64>,
+    /// The token groups' f32 scales, `[group][block]` (see `GroupScales`).
+    scales: Vec<GroupScales>,
+    /// Scratch for one group's scales.
+    group: Vec<GroupScales>,
 }
 
-impl ActBuffer {
-    fn blocks_mut<A: ActBlock>(&mut self, n_blocks: usize) -> &mut [A] {
-        let bytes = n_blocks * std::mem::size_of::<A>();
-        let words = bytes.div_ceil(8);
-        if self.words.len() < words {
-            self.words.resize(words, 0);
-        }
-        let raw: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words[..words]);
-        bytemuck::cast_slice_mut(&mut raw[..bytes])
+/// `n_blocks` activation blocks over `words`, grown as needed.
+fn blocks_mut<A: ActBlock>(words: &mut Vec<u64>, n_blocks: usize) -> &mut [A] {
+    let bytes = n_blocks * std::mem::size_of::<A>();
+    let n_words = bytes.div_ceil(8);
+    if words.len() < n_words {
+        words.resize(n_words, 0);
     }
+    let raw: &mut [u8] = bytemuck::cast_slice_mut(&mut words[..n_words]);
+    bytemuck::cast_slice_mut(&mut raw[..bytes])
 }
 
 /// Rows per task handed to a thread: enough to amortize the scheduling,
@@ -128,36 +131,57 @@ fn matmul_typed<B: BlockFormat>(
     let weights: &[B] = cast_blocks(w.data)?;
     let w_blocks_per_row = w.cols / B::BLOCK;
     let a_blocks_per_row = w.cols / <B::Dot as ActBlock>::BLOCK;
-    let acts: &mut [B::Dot] = scratch.blocks_mut(n * a_blocks_per_row);
+    let ActBuffer { words, scales, group } = scratch;
+    let acts: &mut [B::Dot] = blocks_mut(words, n * a_blocks_per_row);
     quantize_rows(pool, x, w.cols, acts, a_blocks_per_row);
     let acts: &[B::Dot] = acts;
+    let act_row = |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
+
+    // Tokens in groups of TOKEN_GROUP (the remainder two, then one at a
+    // time), and each group's scales in f32 for the multi-row kernels.
+    let mut groups = [(0usize, 0usize); 3];
+    let mut n_groups_tail = 0;
+    let full = n / TOKEN_GROUP;
+    let mut t = full * TOKEN_GROUP;
+    while t < n {
+        let step = if n - t >= 2 { 2 } else { 1 };
+        groups[n_groups_tail] = (t, step);
+        n_groups_tail += 1;
+        t += step;
+    }
+    let group_at = |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { groups[g - full] };
+    let n_groups = full + n_groups_tail;
+    scales.clear();
+    if n > 1 {
+        for g in 0..n_groups {
+            let (t, step) = group_at(g);
+            let rows: [&[B::Dot]; TOKEN_GROUP] = std::array::from_fn(|k| act_row(t + k.min(step - 1)));
+            group_scales(&rows[..step], group);
+            scales.extend_from_slice(group);
+        }
+    }
+    let scales: &[GroupScales] = scales;
+    let group_scales_of = |g: usize| &scales[g * a_blocks_per_row..(g + 1) * a_blocks_per_row];
 
     let rows = w.rows;
     let out_ptr = SharedMut(out.as_mut_ptr());
-    let act_row = |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
     pool.parallel_for(rows, ROW_TILE, &|tile| {
         let out_ptr = out_ptr;
         let w_row = |r: usize| &weights[r * w_blocks_per_row..(r + 1) * w_blocks_per_row];
-        // Tokens in groups of TOKEN_GROUP (the remainder two, then one at a
-        // time); within a group the tile's weight rows, which stay in cache,
-        // each meet the group's activations.
-        let mut t = 0;
-        while t < n {
-            let step = match n - t {
-                left if left >= TOKEN_GROUP => TOKEN_GROUP,
-                left if left >= 2 => 2,
-                _ => 1,
-            };
+        // Within a group the tile's weight rows, which stay in cache, each
+        // meet the group's activations.
+        for g in 0..n_groups {
+            let (t, step) = group_at(g);
             for r in tile.clone() {
                 let mut v = [0.0f32; TOKEN_GROUP];
                 match step {
                     TOKEN_GROUP => {
                         let a: [&[B::Dot]; TOKEN_GROUP] = std::array::from_fn(|k| act_row(t + k));
-                        B::vec_dot_multi(w_row(r), a, &mut v);
+                        B::vec_dot_multi(w_row(r), a, group_scales_of(g), &mut v);
                     }
                     2 => {
                         let mut v2 = [0.0f32; 2];
-                        B::vec_dot_multi(w_row(r), [act_row(t), act_row(t + 1)], &mut v2);
+                        B::vec_dot_multi(w_row(r), [act_row(t), act_row(t + 1)], group_scales_of(g), &mut v2);
                         v[..2].copy_from_slice(&v2);
                     }
                     _ => v[0] = B::vec_dot(w_row(r), act_row(t)),
@@ -168,7 +192,6 @@ fn matmul_typed<B: BlockFormat>(
                     unsafe { *out_ptr.0.add((t + k) * rows + r) = v };
                 }
             }
-            t += step;
         }
     });
     Ok(())

@@ -13,7 +13,7 @@
 
 use minnow_kernels::formats::kquants::*;
 use minnow_kernels::formats::legacy::*;
-use minnow_kernels::formats::{ActBlock, BlockFormat};
+use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat};
 use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
 use minnow_kernels::pool::ThreadPool;
 use proptest::prelude::*;
@@ -116,7 +116,9 @@ fn check_n<B: BlockFormat, const N: usize>(w: &[B], rows: &[Vec<B::Dot>], want: 
     for start in 0..=rows.len() - N {
         let a: [&[B::Dot]; N] = std::array::from_fn(|t| rows[start + t].as_slice());
         let mut got = [f32::NAN; N];
-        B::vec_dot_multi(w, a, &mut got);
+        let mut scales = Vec::new();
+        group_scales(&a, &mut scales);
+        B::vec_dot_multi(w, a, &scales, &mut got);
         for t in 0..N {
             assert_eq!(
                 got[t].to_bits(),

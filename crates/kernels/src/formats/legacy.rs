@@ -35,7 +35,7 @@
 
 #![allow(non_camel_case_types)]
 
-use super::{ActBlock, BlockFormat};
+use super::{ActBlock, BlockFormat, GroupScales};
 use crate::GgmlType;
 use bytemuck::{Pod, Zeroable};
 
@@ -379,6 +379,9 @@ impl ActBlock for BlockQ8_0 {
     fn quantize(x: &[f32], out: &mut [Self]) {
         BlockQ8_0::quantize(x, out)
     }
+    fn scales_f32(&self) -> (f32, f32) {
+        (f16(self.d), 0.0)
+    }
 }
 
 impl BlockQ8_1 {
@@ -410,6 +413,9 @@ impl ActBlock for BlockQ8_1 {
     fn quantize(x: &[f32], out: &mut [Self]) {
         BlockQ8_1::quantize(x, out)
     }
+    fn scales_f32(&self) -> (f32, f32) {
+        (f16(self.d), f16(self.s))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -438,7 +444,7 @@ macro_rules! simd_or_ref {
 /// (for up to four rows; more go one by one through `vec_dot`), else one
 /// `vec_dot_ref` per activation row (what `vec_dot` would do).
 macro_rules! simd_or_ref_multi {
-    ($w:ident, $a:ident, $out:ident, $kernel:ident) => {{
+    ($w:ident, $a:ident, $scales:ident, $out:ident, $kernel:ident) => {{
         for a in &$a {
             assert_eq!(
                 $w.len(),
@@ -451,9 +457,10 @@ macro_rules! simd_or_ref_multi {
         #[cfg(target_arch = "x86_64")]
         if super::float::has_avx2_fma() {
             if N <= avx2::MAX_ROWS {
+                assert_eq!($scales.len(), $w.len(), "dot: one GroupScales per block");
                 // SAFETY: the CPU has AVX2, FMA and F16C; N ≤ 4; lengths
                 // are equal.
-                *$out = unsafe { avx2::$kernel($w, $a) };
+                *$out = unsafe { avx2::$kernel($w, $a, $scales) };
                 return;
             }
             for (o, a) in $out.iter_mut().zip($a) {
@@ -495,8 +502,8 @@ impl BlockFormat for BlockQ4_0 {
         simd_or_ref!(w, a, dot_q4_0)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], out: &mut [f32; N]) {
-        simd_or_ref_multi!(w, a, out, dot_q4_0_multi)
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], scales: &[GroupScales], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, scales, out, dot_q4_0_multi)
     }
 }
 
@@ -530,8 +537,8 @@ impl BlockFormat for BlockQ4_1 {
         simd_or_ref!(w, a, dot_q4_1)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], out: &mut [f32; N]) {
-        simd_or_ref_multi!(w, a, out, dot_q4_1_multi)
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], scales: &[GroupScales], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, scales, out, dot_q4_1_multi)
     }
 }
 
@@ -563,8 +570,8 @@ impl BlockFormat for BlockQ5_0 {
         simd_or_ref!(w, a, dot_q5_0)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], out: &mut [f32; N]) {
-        simd_or_ref_multi!(w, a, out, dot_q5_0_multi)
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], scales: &[GroupScales], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, scales, out, dot_q5_0_multi)
     }
 }
 
@@ -597,8 +604,8 @@ impl BlockFormat for BlockQ5_1 {
         simd_or_ref!(w, a, dot_q5_1)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], out: &mut [f32; N]) {
-        simd_or_ref_multi!(w, a, out, dot_q5_1_multi)
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], scales: &[GroupScales], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, scales, out, dot_q5_1_multi)
     }
 }
 
@@ -630,8 +637,8 @@ impl BlockFormat for BlockQ8_0 {
         simd_or_ref!(w, a, dot_q8_0)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], out: &mut [f32; N]) {
-        simd_or_ref_multi!(w, a, out, dot_q8_0_multi)
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], scales: &[GroupScales], out: &mut [f32; N]) {
+        simd_or_ref_multi!(w, a, scales, out, dot_q8_0_multi)
     }
 }
 
@@ -656,7 +663,7 @@ impl BlockFormat for BlockQ8_0 {
 /// rounding in the scale products and the summation order.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, QK};
+    use super::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, GroupScales, QK};
     use crate::formats::float::hsum_avx2 as hsum;
     use std::arch::x86_64::*;
 
@@ -925,8 +932,9 @@ mod avx2 {
     // Multi-row kernels: one weight row against N ≤ 4 activation rows.
     //
     // Each weight block is decoded once (nibbles, fifth bits, |x|, its f16
-    // scale) and applied to every activation row. The rows' f16 scales are
-    // converted together, and the N products `dx·dy` (and `m·s`) come from
+    // scale) and applied to every activation row. The rows' scales arrive
+    // as f32 in a `GroupScales` per block (converted once per matmul: the
+    // values `cvtph` gives), and the N products `dx·dy` (and `m·s`) come from
     // one vector multiply: lane t holds exactly the f32 product the
     // single-row kernel's `scale` / `scale_min` computes for row t. Every
     // other operation on row t's data is the single-row kernel's: the same
@@ -937,37 +945,6 @@ mod avx2 {
 
     /// Most activation rows one multi-row kernel call takes.
     pub(super) const MAX_ROWS: usize = 4;
-
-    /// `f16(h(t))` in lane t for t < N ≤ 4, zeros above.
-    #[inline(always)]
-    unsafe fn halves4<const N: usize>(h: impl Fn(usize) -> u16) -> __m128 {
-        let mut bits = 0u64;
-        for t in 0..N {
-            bits |= (h(t) as u64) << (16 * t);
-        }
-        _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
-    }
-
-    /// `f16` of the halves of `pair(t)` in lanes 2t (low half) and 2t+1
-    /// for t < N ≤ 4, zeros above: the `(d, s)` of up to four Q8_1 blocks.
-    #[inline(always)]
-    unsafe fn halves8<const N: usize>(pair: impl Fn(usize) -> u32) -> __m256 {
-        let (mut lo, mut hi) = (0u64, 0u64);
-        for t in 0..N {
-            if t < 2 {
-                lo |= (pair(t) as u64) << (32 * t);
-            } else {
-                hi |= (pair(t) as u64) << (32 * (t - 2));
-            }
-        }
-        _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
-    }
-
-    /// A Q8_1 block's `(d, s)` f16 bits as one u32, `d` low.
-    #[inline(always)]
-    fn d_s(y: &BlockQ8_1) -> u32 {
-        y.d as u32 | (y.s as u32) << 16
-    }
 
     /// [`blocks2`] for N rows at once: `block(i, accs)` updates the N
     /// accumulators for block `i`; block `i` goes to the accumulator
@@ -1007,6 +984,7 @@ mod avx2 {
     unsafe fn multi_0<W, const N: usize>(
         w: &[W],
         a: [&[BlockQ8_0]; N],
+        sc: &[GroupScales],
         unpack: impl Fn(&W) -> ((__m256i, __m256i), u16),
         dot: impl Fn((__m256i, __m256i), __m256i) -> __m256,
     ) -> [f32; N] {
@@ -1014,7 +992,8 @@ mod avx2 {
         blocks2_multi(w.len(), |i, acc| {
             let (q, xd) = unpack(w.get_unchecked(i));
             let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(xd as i32)));
-            let d = _mm_mul_ps(_mm_set1_ps(dx), halves4::<N>(|t| a[t].get_unchecked(i).d));
+            // dx·dy_t for the N rows: the f32 products `scale` forms.
+            let d = _mm_mul_ps(_mm_set1_ps(dx), _mm_load_ps(sc.get_unchecked(i).d.as_ptr()));
             let mut ds = [0.0f32; 4];
             _mm_storeu_ps(ds.as_mut_ptr(), d);
             for t in 0..N {
@@ -1036,26 +1015,29 @@ mod avx2 {
     unsafe fn multi_1<W, const N: usize>(
         w: &[W],
         a: [&[BlockQ8_1]; N],
+        sc: &[GroupScales],
         unpack: impl Fn(&W) -> (__m256i, u32),
     ) -> [f32; N] {
         debug_assert!(N <= MAX_ROWS);
-        let mut mins = _mm256_setzero_ps();
+        // Lane t: Σ over blocks of m·s_t, in block order from zero, as the
+        // single-row kernel's lane 1.
+        let mut mins = _mm_setzero_ps();
         let mut sum = blocks2_multi(w.len(), |i, acc| {
             let (u, xdm) = unpack(w.get_unchecked(i));
-            // [dx, m] in every pair of lanes × [dy_t, s_t] in pair t.
-            let xdm = _mm_cvtph_ps(_mm_cvtsi32_si128(xdm as i32));
-            let xdm = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(xdm)));
-            let p = _mm256_mul_ps(xdm, halves8::<N>(|t| d_s(a[t].get_unchecked(i))));
-            mins = _mm256_add_ps(mins, p);
-            let p: [f32; 8] = std::mem::transmute(p);
+            let xdm = _mm_cvtph_ps(_mm_cvtsi32_si128(xdm as i32)); // [dx, m, 0, 0]
+            let g = sc.get_unchecked(i);
+            let p = _mm_mul_ps(_mm_broadcastss_ps(xdm), _mm_load_ps(g.d.as_ptr()));
+            let m = _mm_permute_ps::<0b0101_0101>(xdm);
+            mins = _mm_add_ps(mins, _mm_mul_ps(m, _mm_load_ps(g.s.as_ptr())));
+            let p: [f32; 4] = std::mem::transmute(p);
             for t in 0..N {
                 let q = dot_unsigned(u, load_i8(&a[t].get_unchecked(i).qs));
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(p[2 * t]), q, acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), q, acc[t]);
             }
         });
-        let mins: [f32; 8] = std::mem::transmute(mins);
+        let mins: [f32; 4] = std::mem::transmute(mins);
         for t in 0..N {
-            sum[t] += mins[2 * t + 1];
+            sum[t] += mins[t];
         }
         sum
     }
@@ -1091,11 +1073,13 @@ mod avx2 {
     pub(super) unsafe fn dot_q4_0_multi<const N: usize>(
         w: &[BlockQ4_0],
         a: [&[BlockQ8_0]; N],
+        sc: &[GroupScales],
     ) -> [f32; N] {
         let eight = _mm256_set1_epi8(8);
         multi_0(
             w,
             a,
+            sc,
             |x| (signed_quants(nibbles(&x.qs), eight), x.d),
             |q, y| dot_offset_shared(q, y),
         )
@@ -1109,8 +1093,9 @@ mod avx2 {
     pub(super) unsafe fn dot_q4_1_multi<const N: usize>(
         w: &[BlockQ4_1],
         a: [&[BlockQ8_1]; N],
+        sc: &[GroupScales],
     ) -> [f32; N] {
-        multi_1(w, a, |x| (nibbles(&x.qs), x.d as u32 | (x.m as u32) << 16))
+        multi_1(w, a, sc, |x| (nibbles(&x.qs), x.d as u32 | (x.m as u32) << 16))
     }
 
     /// Multi-row [`dot_q5_0`].
@@ -1121,10 +1106,12 @@ mod avx2 {
     pub(super) unsafe fn dot_q5_0_multi<const N: usize>(
         w: &[BlockQ5_0],
         a: [&[BlockQ8_0]; N],
+        sc: &[GroupScales],
     ) -> [f32; N] {
         multi_0(
             w,
             a,
+            sc,
             |x| {
                 // s = u - 16 directly: the quant itself where the fifth bit
                 // is set, else nibble - 16 = nibble | 0xF0 (as i8).
@@ -1144,8 +1131,9 @@ mod avx2 {
     pub(super) unsafe fn dot_q5_1_multi<const N: usize>(
         w: &[BlockQ5_1],
         a: [&[BlockQ8_1]; N],
+        sc: &[GroupScales],
     ) -> [f32; N] {
-        multi_1(w, a, |x| {
+        multi_1(w, a, sc, |x| {
             let u = _mm256_or_si256(nibbles(&x.qs), fifth_bits(x.qh));
             (u, x.d as u32 | (x.m as u32) << 16)
         })
@@ -1159,10 +1147,12 @@ mod avx2 {
     pub(super) unsafe fn dot_q8_0_multi<const N: usize>(
         w: &[BlockQ8_0],
         a: [&[BlockQ8_0]; N],
+        sc: &[GroupScales],
     ) -> [f32; N] {
         multi_0(
             w,
             a,
+            sc,
             |x| {
                 let xq = load_i8(&x.qs);
                 ((_mm256_sign_epi8(xq, xq), xq), x.d)

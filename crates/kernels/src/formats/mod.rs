@@ -24,6 +24,40 @@ pub trait ActBlock: bytemuck::Pod + Send + Sync {
     const BLOCK: usize;
     /// Quantizes `x` (`x.len() == out.len() * BLOCK`).
     fn quantize(x: &[f32], out: &mut [Self]);
+
+    /// The block's scale and sum term as f32 (`(d, s)`; `s` is 0 where the
+    /// format has none), for [`GroupScales`]. Formats whose kernels do not
+    /// use them keep the default.
+    fn scales_f32(&self) -> (f32, f32) {
+        (0.0, 0.0)
+    }
+}
+
+/// The activation scales of up to four tokens at one block position,
+/// converted to f32 once per matmul: `d[t]` and `s[t]` of token t, zeros
+/// past the group's size. A multi-row kernel loads a whole group's scales
+/// in one instruction instead of gathering and converting four f16 halves
+/// for every weight row it meets them with.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GroupScales {
+    pub d: [f32; 4],
+    pub s: [f32; 4],
+}
+
+/// `out[i]` = the scales of `rows` (≤ 4 activation rows of equal length)
+/// at block i.
+pub fn group_scales<A: ActBlock>(rows: &[&[A]], out: &mut Vec<GroupScales>) {
+    assert!(rows.len() <= 4, "group_scales: at most four rows");
+    let n_blocks = rows.first().map_or(0, |r| r.len());
+    out.clear();
+    out.extend((0..n_blocks).map(|i| {
+        let mut g = GroupScales::default();
+        for (t, row) in rows.iter().enumerate() {
+            (g.d[t], g.s[t]) = row[i].scales_f32();
+        }
+        g
+    }));
 }
 
 /// A weight block format.
@@ -50,7 +84,11 @@ pub trait BlockFormat: bytemuck::Pod + Send + Sync {
     /// `vec_dot`'s per-block operations, accumulators and final horizontal
     /// sum for each row, so a token's result never depends on which other
     /// tokens share its batch (batch invariance; `tests/multi_dot.rs`).
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[Self::Dot]; N], out: &mut [f32; N]) {
+    ///
+    /// `scales` holds [`group_scales`] of `a` (one per block); formats that
+    /// do not need them ignore it.
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[Self::Dot]; N], scales: &[GroupScales], out: &mut [f32; N]) {
+        let _ = scales;
         for (o, a) in out.iter_mut().zip(a) {
             *o = Self::vec_dot(w, a);
         }

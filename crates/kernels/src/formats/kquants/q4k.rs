@@ -6,7 +6,7 @@
 //! its high nibbles (so one 32-byte load feeds two sub-blocks in SIMD).
 
 use super::{f16_to_f32, has_avx2_fma, unpack_scale_min_k4, BlockQ8K, QK_K};
-use crate::formats::BlockFormat;
+use crate::formats::{BlockFormat, GroupScales};
 use crate::GgmlType;
 
 /// ggml's `block_q4_K`.
@@ -90,7 +90,7 @@ impl BlockFormat for BlockQ4K {
         Self::vec_dot_ref(w, a)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], out: &mut [f32; N]) {
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], _scales: &[GroupScales], out: &mut [f32; N]) {
         for a in &a {
             assert_eq!(w.len(), a.len(), "Q4_K vec_dot: block count mismatch");
         }

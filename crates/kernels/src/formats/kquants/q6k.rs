@@ -9,7 +9,7 @@
 //! bits from bits `2k..2k+2` of `qh[l]`.
 
 use super::{f16_to_f32, has_avx2_fma, BlockQ8K, QK_K};
-use crate::formats::BlockFormat;
+use crate::formats::{BlockFormat, GroupScales};
 use crate::GgmlType;
 
 /// ggml's `block_q6_K`.
@@ -86,7 +86,7 @@ impl BlockFormat for BlockQ6K {
         Self::vec_dot_ref(w, a)
     }
 
-    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], out: &mut [f32; N]) {
+    fn vec_dot_multi<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], _scales: &[GroupScales], out: &mut [f32; N]) {
         for a in &a {
             assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
         }
