@@ -126,8 +126,18 @@ mod avx2 {
     ) {
         let KvLayout { kv_stride, kv_off, head_dim: hd } = layout;
         scores.clear();
-        for j in span.clone() {
-            scores.push(dot(q.as_ptr(), keys.as_ptr().add(j * kv_stride + kv_off), hd) * scale);
+        // Four positions at a time: one horizontal reduction for the four
+        // scores instead of one each.
+        let key = |j: usize| keys.as_ptr().add(j * kv_stride + kv_off);
+        let (mut j, end) = (*span.start(), *span.end() + 1);
+        while j + 4 <= end {
+            let s = dot4(q.as_ptr(), [key(j), key(j + 1), key(j + 2), key(j + 3)], hd);
+            scores.extend(s.iter().map(|&x| x * scale));
+            j += 4;
+        }
+        while j < end {
+            scores.push(dot(q.as_ptr(), key(j), hd) * scale);
+            j += 1;
         }
         crate::ops::softmax_inplace(scores);
         let first = *span.start();
@@ -153,6 +163,34 @@ mod avx2 {
             out[c + 8 * lanes..c + width].copy_from_slice(&tail[..width - 8 * lanes]);
             c += width;
         }
+    }
+
+    /// `a·b[k]` for four vectors `b[k]` of length `n`.
+    #[inline(always)]
+    unsafe fn dot4(a: *const f32, b: [*const f32; 4], n: usize) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(a.add(i));
+            for k in 0..4 {
+                acc[k] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[k].add(i)), acc[k]);
+            }
+            i += 8;
+        }
+        // [Σ0 Σ1 Σ2 Σ3] from the four 8-lane sums: pairwise adds within
+        // each 128-bit half, then the halves added.
+        let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+        let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+        let h = _mm256_hadd_ps(h01, h23);
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        let mut out: [f32; 4] = std::mem::transmute(s);
+        while i < n {
+            for k in 0..4 {
+                out[k] += *a.add(i) * *b[k].add(i);
+            }
+            i += 1;
+        }
+        out
     }
 
     #[inline(always)]
