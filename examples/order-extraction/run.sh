@@ -65,7 +65,7 @@ echo "labeling rate: 16 inputs in ${probe_s} s (model load included); labeling $
 # 2. Train the student on the zero-shot conversations (skipped when done;
 #    an interrupted run resumes from its checkpoints).
 [ -f "$work/student.gguf" ] || stage train "$minnow" distill train "$student" --data "$work/dataset.jsonl" -o "$work/student.gguf" \
-    --epochs "${EPOCHS:-1}" --lr "${LR:-2e-4}" --warmup 3 --max-seq 384 --batch-tokens "${BATCH_TOKENS:-512}" \
+    --epochs "${EPOCHS:-2}" --lr "${LR:-2e-4}" --warmup 10 --max-seq 384 --batch-tokens "${BATCH_TOKENS:-1024}" \
     --checkpoint-dir "$work/checkpoints" --threads "$threads" --out-type q8_0
 
 # 3. Evaluate: teacher and student, few-shot and zero-shot, and the distilled student.
