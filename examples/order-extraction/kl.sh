@@ -9,8 +9,12 @@
 #      on the teacher's top-8 distribution (β = KL_WEIGHT, τ = 1).
 #   3. Both, and the untrained 0.5B, are evaluated zero-shot on dev.jsonl
 #      (minus the 3 worked examples; EVAL_LIMIT to cut it).
+# Full fine-tuning of the 0.5B holds ~16 GB (f32 weights, gradients, AdamW
+# state); LORA_RANK=16 trains adapters instead.
 # Outputs go to work-kl/ (report in work-kl/report/, copied to report-kl/).
-# Every stage resumes: rerun the script after an interruption.
+# Every stage resumes: rerun the script after an interruption. The labels of
+# a run are kept in labeled/kl-dataset-top8.jsonl: copy them to
+# work-kl/dataset.jsonl to skip labeling.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -38,7 +42,7 @@ stage() { # stage NAME COMMAND...: runs and times it
     mv "$timings.tmp" "$timings"
 }
 
-[ "$(wc -l < "$work/dataset.jsonl" 2>/dev/null || echo 0)" -ge "$n" ] || stage label \
+[ -f "$work/dataset.jsonl" ] && [ "$(wc -l < "$work/dataset.jsonl")" -ge "$n" ] || stage label \
     "$minnow" distill label "$task/inputs.jsonl" -o "$work/dataset.jsonl" --teacher "$teacher" \
     --examples "$task/dev.jsonl" --n-examples 3 --max-tokens 96 --parallel 8 --ctx 1024 -t "$threads" \
     --logprobs 8 --limit "$n"
@@ -46,7 +50,8 @@ stage() { # stage NAME COMMAND...: runs and times it
 train() { # train NAME KL_WEIGHT
     [ -f "$work/$1.gguf" ] || stage "train $1" "$minnow" distill train "$student" --data "$work/dataset.jsonl" \
         -o "$work/$1.gguf" --epochs "${EPOCHS:-2}" --lr "${LR:-1e-4}" --warmup 2 --max-seq 384 --batch-tokens 1024 \
-        --kl-weight "$2" --kl-temperature 1 --checkpoint-dir "$work/checkpoints-$1" --threads "$threads" --out-type q8_0
+        --kl-weight "$2" --kl-temperature 1 --checkpoint-dir "$work/checkpoints-$1" --threads "$threads" --out-type q8_0 \
+        ${LORA_RANK:+--lora-rank "$LORA_RANK"}
 }
 train ce 0
 train ce-kl "$beta"
