@@ -192,9 +192,38 @@ fn check_zero_noise_with(model: (&str, &str), options: UpcycleOptions, arch: Arc
         assert_eq!(layer, &want);
     }
 
-    let prompt = "The three primary colors are";
-    assert_eq!(greedy_text(&out, prompt), greedy_text(&dense_path, prompt), "{golden}: greedy continuations differ");
+    assert_same_greedy(&dense, &dense_path, &out, "The three primary colors are", golden);
     summary
+}
+
+/// The greedy continuations of `prompt` by the dense file and the MoE file
+/// agree token for token — except that they may part where the dense model
+/// itself is at a near-tie (top-2 logit gap below `DECISIVE_GAP`, where the
+/// golden tolerances let the top-1 flip: fine-grained experts sum the FFN
+/// in two halves, which rounds differently), and then the MoE's token must be
+/// the dense model's runner-up.
+fn assert_same_greedy(dense: &Model, dense_path: &Path, moe_path: &Path, prompt: &str, what: &str) {
+    let (want, want_text) = greedy_text(dense_path, prompt);
+    let (got, got_text) = greedy_text(moe_path, prompt);
+    let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) else {
+        assert_eq!(want.len(), got.len(), "{what}: greedy continuations differ in length");
+        return;
+    };
+    let m = LoadedModel::load(dense_path).unwrap();
+    let mut ids = m.tokenizer.encode(prompt, true, false).unwrap();
+    ids.extend_from_slice(&want[..i]);
+    let vocab = dense.config().vocab_size;
+    let logits = all_logits(dense, &ids);
+    let last = &logits[logits.len() - vocab..];
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let gap = last[order[0]] - last[order[1]];
+    eprintln!("{what}: greedy texts part at token {i} where the dense top-2 gap is {gap:.3}: {want_text:?} vs {got_text:?}");
+    assert!(
+        gap < DECISIVE_GAP && got[i] as usize == order[1],
+        "{what}: greedy continuations differ at a decisive position (token {i}, dense top-2 gap {gap:.3}): \
+         {want_text:?} vs {got_text:?}"
+    );
 }
 
 #[test]
