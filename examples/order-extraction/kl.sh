@@ -10,7 +10,8 @@
 #   3. Both, and the untrained 0.5B, are evaluated zero-shot on dev.jsonl
 #      (minus the 3 worked examples; EVAL_LIMIT to cut it).
 # Full fine-tuning of the 0.5B holds ~16 GB (f32 weights, gradients, AdamW
-# state); LORA_RANK=16 trains adapters instead.
+# state); LORA_RANK=16 trains adapters instead, BATCH_TOKENS sets the
+# micro-batch (default 1024).
 # Outputs go to work-kl/ (report in work-kl/report/, copied to report-kl/).
 # Every stage resumes: rerun the script after an interruption. The labels of
 # a run are kept in labeled/kl-dataset-top8.jsonl: copy them to
@@ -49,7 +50,7 @@ stage() { # stage NAME COMMAND...: runs and times it
 
 train() { # train NAME KL_WEIGHT
     [ -f "$work/$1.gguf" ] || stage "train $1" "$minnow" distill train "$student" --data "$work/dataset.jsonl" \
-        -o "$work/$1.gguf" --epochs "${EPOCHS:-2}" --lr "${LR:-1e-4}" --warmup 2 --max-seq 384 --batch-tokens 1024 \
+        -o "$work/$1.gguf" --epochs "${EPOCHS:-2}" --lr "${LR:-1e-4}" --warmup 2 --max-seq 384 --batch-tokens "${BATCH_TOKENS:-1024}" \
         --kl-weight "$2" --kl-temperature 1 --checkpoint-dir "$work/checkpoints-$1" --threads "$threads" --out-type q8_0 \
         ${LORA_RANK:+--lora-rank "$LORA_RANK"}
 }
