@@ -146,7 +146,8 @@ fn distance(dense: &Model, other: &Model, prompts: &[Vec<u32>]) -> Distance {
     d
 }
 
-fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, String) {
+/// Greedy continuation of `prompt`: (prompt ids, generated ids, text).
+fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, Vec<u32>, String) {
     let m = LoadedModel::load(path).unwrap();
     let ids = m.tokenizer.encode(prompt, true, false).unwrap();
     let params = GenerateParams {
@@ -156,7 +157,7 @@ fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, String) {
         stop_at_eog: false,
     };
     let g = generate(&m.model, &m.tokenizer, pool(), &mut m.model.new_cache(64), &ids, &params, |_| {}).unwrap();
-    (g.ids, g.text)
+    (ids, g.ids, g.text)
 }
 
 /// Zero noise: the MoE model computes the dense model's function, runs
@@ -203,14 +204,12 @@ fn check_zero_noise_with(model: (&str, &str), options: UpcycleOptions, arch: Arc
 /// in two halves, which rounds differently), and then the MoE's token must be
 /// the dense model's runner-up.
 fn assert_same_greedy(dense: &Model, dense_path: &Path, moe_path: &Path, prompt: &str, what: &str) {
-    let (want, want_text) = greedy_text(dense_path, prompt);
-    let (got, got_text) = greedy_text(moe_path, prompt);
+    let (mut ids, want, want_text) = greedy_text(dense_path, prompt);
+    let (_, got, got_text) = greedy_text(moe_path, prompt);
     let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) else {
         assert_eq!(want.len(), got.len(), "{what}: greedy continuations differ in length");
         return;
     };
-    let m = LoadedModel::load(dense_path).unwrap();
-    let mut ids = m.tokenizer.encode(prompt, true, false).unwrap();
     ids.extend_from_slice(&want[..i]);
     let vocab = dense.config().vocab_size;
     let logits = all_logits(dense, &ids);
