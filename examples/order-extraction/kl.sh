@@ -32,16 +32,7 @@ mkdir -p "$work" "$report"
 [ -x "$minnow" ] || (cd "$repo" && cargo build --release -p minnow)
 
 timings="$work/timings.tsv"
-touch "$timings"
-stage() { # stage NAME COMMAND...: runs and times it
-    local name="$1"; shift
-    local t0; t0=$(date +%s.%N)
-    "$@"
-    local t1; t1=$(date +%s.%N)
-    grep -v "^$name	" "$timings" > "$timings.tmp" || true
-    printf '%s\t%.1f\n' "$name" "$(echo "$t1 - $t0" | bc)" | tee -a "$timings.tmp"
-    mv "$timings.tmp" "$timings"
-}
+. "$here/stage.sh"
 
 [ -f "$work/dataset.jsonl" ] && [ "$(wc -l < "$work/dataset.jsonl")" -ge "$n" ] || stage label \
     "$minnow" distill label "$task/inputs.jsonl" -o "$work/dataset.jsonl" --teacher "$teacher" \

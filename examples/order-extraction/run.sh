@@ -26,18 +26,8 @@ student="${STUDENT:-smollm2-135m}"
 mkdir -p "$work" "$report"
 [ -x "$minnow" ] || (cd "$repo" && cargo build --release -p minnow)
 
-# Stage timings survive a rerun: a stage run again replaces its own line.
 timings="$work/timings.tsv"
-touch "$timings"
-stage() { # stage NAME COMMAND...: runs and times it
-    local name="$1"; shift
-    local t0; t0=$(date +%s.%N)
-    "$@"
-    local t1; t1=$(date +%s.%N)
-    grep -v "^$name	" "$timings" > "$timings.tmp" || true
-    printf '%s\t%.1f\n' "$name" "$(echo "$t1 - $t0" | bc)" | tee -a "$timings.tmp"
-    mv "$timings.tmp" "$timings"
-}
+. "$here/stage.sh"
 
 label() { # label LIMIT
     "$minnow" distill label "$task/inputs.jsonl" -o "$work/dataset.jsonl" \
