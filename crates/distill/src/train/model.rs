@@ -151,11 +151,23 @@ impl Student {
         Ok(w.clone())
     }
 
+    /// `x · Wᵀ` for x [N, in], w [out, in] → [N, out]. A weight that does
+    /// not train goes through [`FrozenMatmul`] on the CPU, so backward
+    /// computes only the input's gradient: candle's matmul backward also
+    /// computes (and keeps until the step ends) a gradient for the weight
+    /// whether or not it trains — for LoRA on a 0.5B model that is 2 GB of
+    /// dead gradients and a third of the backward's arithmetic.
+    fn matmul_t(&self, x: &Tensor, w: &Tensor, name: &str) -> Result<Tensor> {
+        if self.vars.contains_key(name) {
+            return Ok(x.matmul(&w.t()?)?);
+        }
+        frozen_matmul(x, w)
+    }
+
     /// `x · Wᵀ` (+ the LoRA path `scale · (x·Aᵀ)·Bᵀ` when `name` has an adapter):
     /// x [N, in] → [N, out].
     fn linear(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        let w = self.get(name)?;
-        let y = x.matmul(&w.t()?)?;
+        let y = self.matmul_t(x, self.get(name)?, name)?;
         match &self.lora {
             Some(l) => l.apply(name, x, y),
             None => Ok(y),
@@ -193,8 +205,7 @@ impl Student {
             // scores ([B, H, T, T], larger).
             let q = (q * (1.0 / (hd as f64).sqrt()))?;
             // scores [B, H, T, T]
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&inp.mask)?;
-            let probs = softmax_last(&scores)?;
+            let probs = masked_softmax(&q.matmul(&k.t()?)?, &inp.mask)?;
             // [B, H, T, hd] → [N, H*hd]
             let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
             x = (x + self.linear(&a, &p("attn_output.weight"))?)?;
@@ -212,7 +223,7 @@ impl Student {
         let hx = x.index_select(&inp.pick, 0)?;
         let hx = rms_norm(&hx, self.get("output_norm.weight")?, eps)?;
         let head = if self.shape.tied { "token_embd.weight" } else { "output.weight" };
-        Ok(hx.matmul(&self.get(head)?.t()?)?)
+        self.matmul_t(&hx, self.get(head)?, head)
     }
 
     /// RoPE on x [B, heads, T, hd] with cos/sin [B, 1, T, n_rot/2]; the
@@ -256,7 +267,7 @@ impl Student {
         let p = |s: &str| format!("blk.{l}.{s}");
         let n = h.dim(0)?;
         let router = self.get(&p("ffn_gate_inp.weight"))?;
-        let probs = softmax_last(&h.matmul(&router.t()?)?)?; // [N, E]
+        let probs = softmax_last(&self.matmul_t(h, router, &p("ffn_gate_inp.weight"))?)?; // [N, E]
         let host: Vec<Vec<f32>> = probs.to_vec2()?;
         let n_expert = router.dim(0)?;
         // choice [N, k] as flat u32, row-major.
@@ -286,9 +297,9 @@ impl Student {
             let rows_t = Tensor::from_vec(rows, m, &self.device)?;
             let slots_t = Tensor::from_vec(slots, m, &self.device)?;
             let xe = h.index_select(&rows_t, 0)?; // [m, n_embd]
-            let g = xe.matmul(&gate.get(e)?.t()?)?.silu()?;
-            let u = xe.matmul(&up.get(e)?.t()?)?;
-            let d = (g * u)?.matmul(&down.get(e)?.t()?)?; // [m, n_embd]
+            let g = self.matmul_t(&xe, &gate.get(e)?, &p("ffn_gate_exps.weight"))?.silu()?;
+            let u = self.matmul_t(&xe, &up.get(e)?, &p("ffn_up_exps.weight"))?;
+            let d = self.matmul_t(&(g * u)?, &down.get(e)?, &p("ffn_down_exps.weight"))?; // [m, n_embd]
             let we = w_flat.index_select(&slots_t, 0)?.unsqueeze(1)?;
             out = out.index_add(&rows_t, &d.broadcast_mul(&we)?, 0)?;
         }
@@ -311,16 +322,37 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// autograd does not trace it.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return Ok(x.contiguous()?.apply_op1(FusedSoftmax)?);
+        return Ok(x.contiguous()?.apply_op1(FusedSoftmax { mask: None })?);
     }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
+/// `softmax(scores + mask)` over the last dimension for attention scores
+/// [B, H, T, T] and an additive mask [B, 1, T, T]. On the CPU the mask is
+/// added inside the fused pass: as a separate broadcast add, autograd would
+/// also keep a [B, H, T, T] gradient for the (constant) mask in every layer
+/// until the step ends.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let (b, _, t, t2) = scores.dims4()?;
+        if mask.dims() != [b, 1, t, t2] {
+            bail!("attention mask {:?} does not fit scores {:?}", mask.dims(), scores.dims());
+        }
+        let mask = to_f32_vec(mask)?;
+        return Ok(scores.contiguous()?.apply_op1(FusedSoftmax { mask: Some(mask) })?);
+    }
+    softmax_last(&scores.broadcast_add(mask)?)
+}
+
 /// Row softmax with its gradient: forward fused on the CPU; backward
-/// `dx = p ⊙ (g − Σ g⊙p)` per row.
-struct FusedSoftmax;
+/// `dx = p ⊙ (g − Σ g⊙p)` per row. With a mask ([B, 1, T, T] flattened, the
+/// input being [B, H, T, T]) row `r` of the input adds mask row
+/// `(r / (H·T))·T + r % T` first; the mask is a constant (no gradient).
+struct FusedSoftmax {
+    mask: Option<Vec<f32>>,
+}
 
 impl CustomOp1 for FusedSoftmax {
     fn name(&self) -> &'static str {
@@ -335,20 +367,33 @@ impl CustomOp1 for FusedSoftmax {
             candle_core::bail!("minnow-softmax-last: contiguous input only");
         };
         let x = &data[a..b];
-        let dim = *layout.dims().last().unwrap_or(&1);
+        let dims = layout.dims();
+        let dim = *dims.last().unwrap_or(&1);
+        // Mask row of input row r: (r / (H·T))·T + r % T, with T = dims[2].
+        let (h, t) = if dims.len() == 4 { (dims[1], dims[2]) } else { (1, 1) };
+        let mask = self.mask.as_deref();
         let mut out = vec![0f32; x.len()];
         let threads = candle_core::utils::get_num_threads().max(1);
         let rows = x.len() / dim.max(1);
-        let per = rows.div_ceil(threads).max(1) * dim;
+        let per_rows = rows.div_ceil(threads).max(1);
         std::thread::scope(|sc| {
-            for (o, xs) in out.chunks_mut(per).zip(x.chunks(per)) {
+            for (c, (o, xs)) in out.chunks_mut(per_rows * dim).zip(x.chunks(per_rows * dim)).enumerate() {
                 sc.spawn(move || {
-                    for (orow, xrow) in o.chunks_exact_mut(dim).zip(xs.chunks_exact(dim)) {
-                        let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for (i, (orow, xrow)) in o.chunks_exact_mut(dim).zip(xs.chunks_exact(dim)).enumerate() {
+                        let r = c * per_rows + i;
+                        let m = mask.map(|m| {
+                            let mr = (r / (h * t)) * t + r % t;
+                            &m[mr * dim..(mr + 1) * dim]
+                        });
+                        match m {
+                            Some(m) => orow.iter_mut().zip(xrow).zip(m).for_each(|((o, &x), &m)| *o = x + m),
+                            None => orow.copy_from_slice(xrow),
+                        }
+                        let max = orow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         let mut sum = 0f32;
-                        for (ov, &xv) in orow.iter_mut().zip(xrow) {
-                            *ov = (xv - max).exp();
-                            sum += *ov;
+                        for v in orow.iter_mut() {
+                            *v = (*v - max).exp();
+                            sum += *v;
                         }
                         let inv = 1.0 / sum;
                         orow.iter_mut().for_each(|v| *v *= inv);
@@ -362,6 +407,46 @@ impl CustomOp1 for FusedSoftmax {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
         Ok(Some(grad.broadcast_sub(&dot)?.mul(res)?))
+    }
+}
+
+/// `x · Wᵀ` for a weight `w` [out, in] that does not train, x [N, in]: on
+/// the CPU through [`FrozenMatmul`] (no weight gradient), elsewhere candle's
+/// matmul.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?);
+    }
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// `x · Wᵀ` for a weight that does not train: x [N, in] (contiguous), w
+/// [out, in] → [N, out]. Backward gives only `dx = g · W`; candle's own
+/// matmul would also compute `dW = gᵀ · x`, as large as the weight.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "minnow-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("minnow-frozen-matmul: f32 only");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("minnow-frozen-matmul: contiguous input only");
+        };
+        let x = Tensor::from_slice(&data[a..b], layout.dims(), &Device::Cpu)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 

@@ -1,0 +1,63 @@
+//! The trainer's fused CPU ops against candle's composite ops: the masked
+//! attention softmax and the frozen-weight matmul give the same values and
+//! the same input gradients, and the frozen matmul keeps no weight gradient.
+
+use candle_core::{Device, Tensor, Var};
+use minnow_distill::train::model::{frozen_matmul, masked_softmax, packed_mask, softmax_last};
+use minnow_distill::train::rng::SplitMix64;
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = SplitMix64::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.next_f32() * 4.0 - 2.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b): (Vec<f32>, Vec<f32>) =
+        (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn masked_softmax_matches_softmax_of_scores_plus_mask() {
+    // Two packed rows of 5 positions, 3 heads; row 0 holds two examples.
+    let (b, h, t) = (2, 3, 5);
+    let segment = [0, 0, 0, 1, 1, 0, 0, 0, 0, 0];
+    let mask = packed_mask(&segment, b, t, &Device::Cpu).unwrap();
+    let scores = Var::from_tensor(&random(&[b, h, t, t], 7)).unwrap();
+    // A weight per output so the gradient is not trivially zero.
+    let g = random(&[b, h, t, t], 8);
+
+    let fused = masked_softmax(scores.as_tensor(), &mask).unwrap();
+    let plain = softmax_last(&scores.as_tensor().broadcast_add(&mask).unwrap()).unwrap();
+    assert!(max_diff(&fused, &plain) < 1e-6, "forward differs by {}", max_diff(&fused, &plain));
+    // Masked entries are exactly zero.
+    let f: Vec<f32> = fused.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(f[3], 0.0, "row 0 position 0 must not see position 3 (another example)");
+
+    let gf = (fused * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let (df, dp) = (gf.get(scores.as_tensor()).unwrap(), gp.get(scores.as_tensor()).unwrap());
+    assert!(max_diff(df, dp) < 1e-6, "gradient differs by {}", max_diff(df, dp));
+}
+
+#[test]
+fn frozen_matmul_matches_matmul_without_a_weight_gradient() {
+    let x = Var::from_tensor(&random(&[6, 8], 1)).unwrap();
+    let w = random(&[5, 8], 2);
+    let frozen = frozen_matmul(x.as_tensor(), &w).unwrap();
+    let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+    assert_eq!(frozen.dims(), &[6, 5]);
+    assert!(max_diff(&frozen, &plain) < 1e-5);
+
+    let gf = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let (df, dp) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+    assert!(max_diff(df, dp) < 1e-4, "input gradient differs by {}", max_diff(df, dp));
+    // candle's matmul also stores a gradient for the (constant) weight; the
+    // frozen one stores the input's alone.
+    assert_eq!(gp.get_ids().count(), 2, "candle's matmul: input and weight gradients");
+    assert_eq!(gf.get_ids().count(), 1, "frozen matmul: the input gradient only");
+}
