@@ -18,6 +18,7 @@ pub mod chat;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
+pub mod lookup_memory;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;

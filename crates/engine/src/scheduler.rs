@@ -39,6 +39,7 @@ pub use speculate::{SpecTotals, Speculation};
 use crate::generate::{FinishReason, GenerateParams, TextStream};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
+use crate::lookup_memory::LookupMemory;
 use crate::model::{Logits, SeqBatch};
 use crate::sampler::Sampler;
 use minnow_kernels::pool::ThreadPool;
@@ -290,6 +291,11 @@ impl Scheduler {
             model: model.clone(),
             pool,
             prefix: PrefixCache::new(cfg.prefix_cache_bytes),
+            answers: cfg
+                .speculation
+                .as_ref()
+                .filter(|s| s.draft.is_none())
+                .map(|_| LookupMemory::new(speculate::ANSWERS_KEPT)),
             cfg: cfg.clone(),
             running: Vec::new(),
             faults: Vec::new(),
@@ -431,6 +437,8 @@ struct Worker {
     cfg: SchedulerConfig,
     running: Vec<Running>,
     prefix: PrefixCache,
+    /// Recent answers for prompt lookup to draft from (`--lookup` only).
+    answers: Option<LookupMemory>,
     faults: Vec<(u64, Fault)>,
 }
 
@@ -801,6 +809,7 @@ impl Worker {
         }
         for r in &finished {
             self.remember_answer(r);
+            self.remember_for_lookup(r);
         }
         {
             let mut st = lock(&self.shared);
@@ -817,6 +826,17 @@ impl Worker {
         }
         for mut r in finished {
             r.send_finished();
+        }
+    }
+
+    /// With `--lookup`, a finished request's answers (each sample's) are kept
+    /// for later requests with similar prompts to draft from.
+    fn remember_for_lookup(&mut self, r: &Running) {
+        let (Some(mem), Phase::Decode { samples }) = (self.answers.as_mut(), &r.phase) else { return };
+        let tok = &self.model.tokenizer;
+        for s in samples {
+            let ids: Vec<u32> = s.ids.iter().copied().filter(|&id| !tok.is_special(id)).collect();
+            mem.record(&r.prompt, &tok.decode(&ids));
         }
     }
 

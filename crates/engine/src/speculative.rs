@@ -59,7 +59,9 @@ use crate::loader::LoadedModel;
 use crate::model::{Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
+use crate::lookup_memory::{consensus_draft, Consensus, Reference};
 use minnow_kernels::pool::ThreadPool;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where draft tokens come from.
@@ -166,6 +168,9 @@ pub struct SpecStats {
     /// with n-gram drafting; with a draft model, the lookups tried first).
     pub ngram_drafted: usize,
     pub ngram_accepted: usize,
+    /// Of the lookups: those from earlier answers (`--lookup-memory`).
+    pub memory_drafted: usize,
+    pub memory_accepted: usize,
     /// Target forward passes while generating (verifying + plain), not
     /// counting the prompt.
     pub target_forwards: usize,
@@ -225,6 +230,9 @@ impl SpecStats {
         );
         if let Some(x) = self.speedup(gen_tokens, gen_secs) {
             s += &format!(", speed-up ~{x:.2}x vs plain decoding (measured step {:.1} ms)", 1e3 * self.plain_step_secs.unwrap_or(0.0));
+        }
+        if self.memory_drafted > 0 {
+            s += &format!(" ({}/{} from earlier answers)", self.memory_accepted, self.memory_drafted);
         }
         if self.switched_off > 0 {
             s += &format!(", switched off {}x ({} tokens without drafts)", self.switched_off, self.tokens_while_off);
@@ -349,6 +357,11 @@ const CONTROL_BYTE: u8 = 0;
 /// [`LOOKUP_MAX_CONT`], stopping at a [`CONTROL_BYTE`]). Returns the
 /// continuation and whether it was cut short by the length cap.
 pub fn text_lookup(text: &[u8], min_match: usize) -> Option<(&[u8], bool)> {
+    text_lookup_match(text, min_match).map(|(cont, cut, _)| (cont, cut))
+}
+
+/// [`text_lookup`] and the length of the match, in bytes.
+fn text_lookup_match(text: &[u8], min_match: usize) -> Option<(&[u8], bool, usize)> {
     let n = text.len();
     let min_match = min_match.max(1);
     if n <= min_match {
@@ -379,13 +392,56 @@ pub fn text_lookup(text: &[u8], min_match: usize) -> Option<(&[u8], bool)> {
     let rest = &text[best_end..];
     let stop = rest.iter().position(|&b| b == CONTROL_BYTE).unwrap_or(rest.len());
     let len = stop.min(LOOKUP_MAX_CONT);
-    (len > 0).then(|| (&rest[..len], len < stop))
+    (len > 0).then(|| (&rest[..len], len < stop, best_len))
 }
 
-/// Drafts for [`Lookup::Text`]: the continuation found by [`text_lookup`],
-/// tokenized, at most `k` tokens (without a last token that may be cut short).
-fn text_lookup_propose(tokenizer: &Tokenizer, text: &[u8], k: usize, min_match: usize) -> Vec<u32> {
-    let Some((cont, cut)) = text_lookup(text, min_match) else { return Vec::new() };
+/// Drafts for [`Lookup::Text`] and where they come from: what the earlier
+/// answers agree comes next ([`Src::Memory`], at most `k_memory` tokens)
+/// when they align with the output at least as well as the prompt does —
+/// if they align but disagree, a value of this answer's own comes next and
+/// nothing is drafted — else the continuation found by [`text_lookup`]
+/// ([`Src::NGram`], at most `k_ngram`); tokenized, without a last token that
+/// may be cut short.
+fn text_lookup_propose(tokenizer: &Tokenizer, seq: &mut SpecSeq, k_ngram: usize, k_memory: usize) -> (Vec<u32>, Src) {
+    let found = text_lookup_match(&seq.text, seq.lookup_min_bytes);
+    let consensus = consensus_draft(&mut seq.refs, &seq.text[seq.out_start..]);
+    match (consensus, found) {
+        (Some(c), found) if found.is_none_or(|(_, _, len)| c.matched >= len) => {
+            (consensus_propose(tokenizer, &c, k_memory), Src::Memory)
+        }
+        (_, Some((cont, cut, _))) => (tokenize_continuation(tokenizer, cont, cut, k_ngram), Src::NGram),
+        _ => (Vec::new(), Src::NGram),
+    }
+}
+
+/// The references' agreed continuation as tokens: the longest prefix of its
+/// tokenization that every reference's longer text tokenizes the same way
+/// (a token at the cut, ` "` before `product`, may merge with what follows).
+fn consensus_propose(tokenizer: &Tokenizer, c: &Consensus, k: usize) -> Vec<u32> {
+    let encode = |bytes: &[u8]| -> Option<Vec<u32>> {
+        let valid = match std::str::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()?,
+        };
+        tokenizer.encode(valid, false, false).ok()
+    };
+    if c.draft.is_empty() {
+        return Vec::new();
+    }
+    let Some(mut ids) = encode(&c.draft) else { return Vec::new() };
+    for beyond in c.beyond.iter().filter(|b| !b.is_empty()) {
+        let longer = [c.draft.as_slice(), beyond].concat();
+        let Some(other) = encode(&longer) else { return Vec::new() };
+        let same = ids.iter().zip(&other).take_while(|(a, b)| a == b).count();
+        ids.truncate(same);
+    }
+    ids.truncate(k);
+    ids
+}
+
+/// A byte continuation as at most `k` draft tokens, without a last token that
+/// may be cut short (`cut`: the continuation was capped).
+fn tokenize_continuation(tokenizer: &Tokenizer, cont: &[u8], cut: bool, k: usize) -> Vec<u32> {
     let valid = match std::str::from_utf8(cont) {
         Ok(s) => s,
         Err(e) if e.valid_up_to() > 0 => std::str::from_utf8(&cont[..e.valid_up_to()]).unwrap_or(""),
@@ -617,7 +673,12 @@ impl Ratio {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Src {
     Model,
+    /// Prompt lookup: the prompt and the output so far.
     NGram,
+    /// What earlier answers agree on ([`crate::lookup_memory`]): skeleton
+    /// text, accepted far more often than prompt copies (a copied value runs
+    /// on past its end), so it gets its own acceptance rate and length.
+    Memory,
 }
 
 /// Acceptance, measured speed and on/off state of one draft source.
@@ -658,6 +719,7 @@ impl SourceState {
 struct Plan {
     model: usize,
     ngram: usize,
+    memory: usize,
 }
 
 /// Picks draft lengths and decides whether speculation pays (see the
@@ -676,6 +738,7 @@ struct Controller {
     t_draft: Ratio,
     model: SourceState,
     ngram: SourceState,
+    memory: SourceState,
     rounds_since_plain: usize,
 }
 
@@ -694,6 +757,8 @@ impl Controller {
             t_draft: Ratio::default(),
             model: SourceState::new(model),
             ngram: SourceState::new(ngram),
+            // Present with text lookup; silent unless references are set.
+            memory: SourceState::new(ngram && cfg.lookup == Lookup::Text),
             rounds_since_plain: 0,
         }
     }
@@ -702,6 +767,7 @@ impl Controller {
         match src {
             Src::Model => &mut self.model,
             Src::NGram => &mut self.ngram,
+            Src::Memory => &mut self.memory,
         }
     }
 
@@ -711,6 +777,7 @@ impl Controller {
         let (a, draft) = match src {
             Src::Model => (self.model.alpha(), self.t_draft.get().unwrap_or(0.3 * t_plain)),
             Src::NGram => (self.ngram.alpha(), 0.0),
+            Src::Memory => (self.memory.alpha(), 0.0),
         };
         let tokens = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
         let extra = self.t_extra.get().unwrap_or(0.1 * t_plain).max(0.0);
@@ -760,7 +827,8 @@ impl Controller {
     fn plan(&mut self, generated: usize, stats: &mut SpecStats) -> Plan {
         if !self.adaptive {
             let k = self.k_start;
-            return Plan { model: if self.model.present { k } else { 0 }, ngram: if self.ngram.present { k } else { 0 } };
+            let on = |s: &SourceState| if s.present { k } else { 0 };
+            return Plan { model: on(&self.model), ngram: on(&self.ngram), memory: on(&self.memory) };
         }
         let Some(t_plain) = self.t_plain.0 else { return Plan::default() };
         if self.rounds_since_plain >= REMEASURE_EVERY {
@@ -770,13 +838,14 @@ impl Controller {
         // Prompt lookup must beat the draft model where that runs.
         let beat = if model > 0 { self.best(Src::Model, t_plain).1.max(1.0 / t_plain) } else { 1.0 / t_plain };
         let ngram = self.decide(Src::NGram, generated, t_plain, beat, stats);
-        Plan { model, ngram }
+        let memory = self.decide(Src::Memory, generated, t_plain, beat, stats);
+        Plan { model, ngram, memory }
     }
 
     /// Whether every present source is switched off.
     fn all_off(&self, generated: usize) -> bool {
         let off = |s: &SourceState| !s.present || generated < s.off_until;
-        self.adaptive && off(&self.model) && off(&self.ngram)
+        self.adaptive && off(&self.model) && off(&self.ngram) && off(&self.memory)
     }
 
     fn record_plain(&mut self, secs: f64) {
@@ -868,6 +937,11 @@ pub struct SpecSeq {
     lookup_min_bytes: usize,
     /// The bytes of `hist` (control tokens as [`CONTROL_BYTE`]), for text lookup.
     text: Vec<u8>,
+    /// Where the generated part of `text` starts.
+    out_start: usize,
+    /// Earlier answers to similar prompts, aligned with this one's output
+    /// (see [`crate::lookup_memory`]); text lookup drafts from them too.
+    refs: Vec<Reference>,
     /// `MINNOW_SPEC_DEBUG` set: a line per round on stderr.
     debug: bool,
     stats: SpecStats,
@@ -930,6 +1004,8 @@ impl SpecSeq {
             lookup: cfg.lookup,
             lookup_min_bytes: cfg.lookup_min_bytes,
             text: Vec::new(),
+            out_start: 0,
+            refs: Vec::new(),
             debug: std::env::var_os("MINNOW_SPEC_DEBUG").is_some(),
             stats: SpecStats { method: draft.method(), ..SpecStats::default() },
             scratch: vec![0.0; vocab],
@@ -938,6 +1014,13 @@ impl SpecSeq {
 
     pub fn stats(&self) -> &SpecStats {
         &self.stats
+    }
+
+    /// Earlier answers to similar prompts for text lookup to draft from
+    /// ([`LookupMemory::references_for`](crate::lookup_memory::LookupMemory::references_for));
+    /// ignored by token lookup and by draft models.
+    pub fn set_references(&mut self, refs: Vec<Arc<[u8]>>) {
+        self.refs = refs.into_iter().map(Reference::new).collect();
     }
 
     /// The measured time of a plain one-token target step (running average),
@@ -989,6 +1072,7 @@ impl SpecSeq {
             for &t in prompt {
                 self.push(tokenizer, t);
             }
+            self.out_start = self.text.len();
         }
         // Tokens decoded without speculation since the last round.
         let known = self.generated();
@@ -1079,6 +1163,7 @@ impl<'a> Speculator<'a> {
             self.seq.push(self.tokenizer, t);
             self.sampler.accept(t);
         }
+        self.seq.out_start = self.seq.text.len();
         if let (Drafter::Model(d), Some(model)) = (&mut self.seq.drafter, self.draft) {
             let t = Instant::now();
             let mut scratch = SpecStats::default();
@@ -1103,6 +1188,11 @@ impl<'a> Speculator<'a> {
 
     pub fn stats(&self) -> &SpecStats {
         &self.seq.stats
+    }
+
+    /// See [`SpecSeq::set_references`].
+    pub fn set_references(&mut self, refs: Vec<Arc<[u8]>>) {
+        self.seq.set_references(refs);
     }
 
     /// Generates after the prefilled prompt, calling `on_text` with released
@@ -1183,14 +1273,18 @@ impl Round<'_> {
         let generated = self.seq.generated();
         let plan = self.seq.ctl.plan(generated, &mut self.seq.stats);
         let (kn, km) = (plan.ngram.min(cap).min(room), plan.model.min(cap).min(room));
+        let k_mem = plan.memory.min(cap).min(room);
         let mut src = Src::NGram;
         let mut drafts = Vec::new();
         let draft_secs0 = self.seq.stats.draft_secs;
-        if kn > 0 {
-            let s = &self.seq;
-            let ids = match s.lookup {
-                Lookup::Text => text_lookup_propose(self.tokenizer, &s.text, kn, s.lookup_min_bytes),
-                Lookup::Tokens => ngram_propose(&s.hist, kn, s.ngram.0, s.ngram.1),
+        if kn > 0 || k_mem > 0 {
+            let ids = match self.seq.lookup {
+                Lookup::Text => {
+                    let (ids, from) = text_lookup_propose(self.tokenizer, self.seq, kn, k_mem);
+                    src = from;
+                    ids
+                }
+                Lookup::Tokens => ngram_propose(&self.seq.hist, kn, self.seq.ngram.0, self.seq.ngram.1),
             };
             drafts = ids.into_iter().map(|id| Drafted { id, q: None }).collect();
         }
@@ -1303,9 +1397,13 @@ impl Round<'_> {
             }
         }
         self.seq.stats.accepted += accepted;
-        if src == Src::NGram {
+        if src != Src::Model {
             self.seq.stats.ngram_drafted += drafts.len();
             self.seq.stats.ngram_accepted += accepted;
+        }
+        if src == Src::Memory {
+            self.seq.stats.memory_drafted += drafts.len();
+            self.seq.stats.memory_accepted += accepted;
         }
         if !done && !rejected {
             let row = &rows[drafts.len() * vocab..];

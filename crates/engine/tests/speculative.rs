@@ -381,3 +381,51 @@ fn vote_over_samples() {
     let w = v.winner.unwrap();
     assert_eq!(JsonField("answer".into()).extract(texts[w]).as_deref(), Some("42"));
 }
+
+/// Earlier answers to the same instruction as drafts (`--lookup-memory`):
+/// the output is still exactly the plain greedy output, and the skeleton the
+/// answers share is drafted from them and accepted. Messages written for
+/// this test (not the task's).
+#[test]
+fn earlier_answers_draft_the_skeleton_and_output_is_unchanged() {
+    use minnow_engine::lookup_memory::LookupMemory;
+    let _g = serial();
+    let m = model(QWEN05);
+    let ask = |msg: &str| -> Vec<u32> {
+        let text = format!(
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nExtract the booking from the \
+             message as JSON with keys guest (full name), room (lower case), nights (integer), city. Reply with the JSON \
+             only.\n\nMessage: {msg}<|im_end|>\n<|im_start|>assistant\n"
+        );
+        m.tokenizer.encode(&text, true, true).unwrap()
+    };
+    let earlier = [
+        "Hello, this is Marta Lindqvist. I need a double room in Porto for three nights from May 2.",
+        "Booking for Kenji Watanabe: suite, 5 nights, Vienna. Thanks!",
+    ];
+    let mut memory = LookupMemory::new(8);
+    for msg in earlier {
+        let p = ask(msg);
+        memory.record(&p, &plain_greedy(QWEN05, &p, 64).text);
+    }
+    let prompt = ask("Hi! Please reserve a single room for Olu Adeyemi in Nairobi, two nights.");
+    let refs = memory.references_for(&prompt);
+    assert_eq!(refs.len(), 2, "both earlier answers share the instruction");
+    let want = plain_greedy(QWEN05, &prompt, 64);
+    for cfg in [fixed_k(6), SpecConfig::default()] {
+        let mut s = Speculator::new(&m.model, &m.tokenizer, Draft::NGram, 1024, greedy(64), &cfg).unwrap();
+        s.set_references(refs.clone());
+        s.prefill(common::pool(), &prompt).unwrap();
+        let got = s.generate(common::pool(), |_| {}).unwrap();
+        assert_same(&want, &got, "greedy with earlier answers as drafts");
+        let st = s.stats();
+        assert!(
+            st.memory_accepted >= 8 && st.memory_accepted * 10 >= st.memory_drafted * 7,
+            "the shared skeleton is drafted and accepted: {}/{} ({:?} after {:?})",
+            st.memory_accepted,
+            st.memory_drafted,
+            want.text,
+            earlier
+        );
+    }
+}

@@ -10,7 +10,12 @@ use minnow_engine::generate::{generate, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::SamplingParams;
 use minnow_engine::scheduler::Speculation;
-use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats};
+use minnow_engine::generate::GenerateParams as Params;
+use minnow_engine::lookup_memory::LookupMemory;
+use minnow_engine::model::Model;
+use minnow_engine::speculative::{check_draft_vocab, Draft, SpecConfig, SpecStats, Speculator};
+use minnow_engine::tokenizer::Tokenizer;
+use std::sync::Arc;
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField, LastLine, RegexAnswer};
 use minnow_kernels::pool::ThreadPool;
 use serde_json::json;
@@ -34,11 +39,28 @@ pub struct DraftArgs {
     /// Always draft exactly --draft-max tokens: no adaptation, never switched off.
     #[arg(long)]
     pub draft_fixed: bool,
+    /// Prompt lookup also drafts from earlier answers to similar prompts
+    /// kept in this file (JSON lines; created if missing): the skeleton an
+    /// answer shares with the others, e.g. `", "product": "` in JSON
+    /// extraction. `run` adds its answer to the file (the 64 most recent are
+    /// kept); `bench` only reads it.
+    #[arg(long, value_name = "FILE")]
+    pub lookup_memory: Option<std::path::PathBuf>,
 }
+
+/// Answers kept in a `--lookup-memory` file.
+const LOOKUP_MEMORY_CAP: usize = 64;
 
 impl DraftArgs {
     pub fn enabled(&self) -> bool {
         self.draft.is_some() || self.lookup
+    }
+
+    fn memory(&self) -> Result<Option<LookupMemory>> {
+        match &self.lookup_memory {
+            None => Ok(None),
+            Some(p) => Ok(Some(LookupMemory::load(p, LOOKUP_MEMORY_CAP).map_err(anyhow::Error::msg)?)),
+        }
     }
 
     fn config(&self) -> Result<SpecConfig> {
@@ -135,14 +157,20 @@ pub fn run(
         Some(d) => Draft::Model(&d.model),
         None => Draft::NGram,
     };
+    let mut memory = draft.memory()?;
+    let refs = memory.as_ref().map(|mem| mem.references_for(prompt)).unwrap_or_default();
     let stdout = std::io::stdout();
-    let (g, s) = generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, prompt, params, &cfg, |piece| {
+    let (g, s) = speculate(&m.model, &m.tokenizer, pool, source, ctx, prompt, params, &cfg, refs, |piece| {
         if !json_out {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         }
     })?;
+    if let (Some(mem), Some(path)) = (memory.as_mut(), &draft.lookup_memory) {
+        mem.record(prompt, &g.text);
+        mem.save(path).map_err(anyhow::Error::msg)?;
+    }
     if json_out {
         println!(
             "{}",
@@ -158,6 +186,28 @@ pub fn run(
         eprintln!("{}", s.summary(g.gen_tokens, g.gen_secs));
     }
     Ok(())
+}
+
+/// Speculative generation of `prompt`, drafting also from `refs` (earlier
+/// answers; see `--lookup-memory`).
+#[allow(clippy::too_many_arguments)]
+fn speculate(
+    target: &Model,
+    tokenizer: &Tokenizer,
+    pool: &ThreadPool,
+    draft: Draft<'_>,
+    ctx: usize,
+    prompt: &[u32],
+    params: &Params,
+    cfg: &SpecConfig,
+    refs: Vec<Arc<[u8]>>,
+    on_text: impl FnMut(&str),
+) -> Result<(Generation, SpecStats)> {
+    let mut s = Speculator::new(target, tokenizer, draft, ctx, params.clone(), cfg)?;
+    s.set_references(refs);
+    s.prefill(pool, prompt)?;
+    let g = s.generate(pool, on_text)?;
+    Ok((g, s.stats().clone()))
 }
 
 fn summary(g: &Generation) -> String {
@@ -297,13 +347,14 @@ pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats:
     let params = GenerateParams { max_tokens: tg, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: true };
     // Warm-up: pages the weights of both models in.
     let warm = GenerateParams { max_tokens: 2, ..params.clone() };
-    generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &warm, &cfg, |_| {})?;
+    let refs = a.draft.memory()?.map(|mem| mem.references_for(&prompt)).unwrap_or_default();
+    speculate(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &warm, &cfg, refs.clone(), |_| {})?;
     let (mut plain_tps, mut spec_tps, mut last) = (Vec::new(), Vec::new(), None::<(Generation, SpecStats)>);
     for _ in 0..repeats {
         let mut cache = m.model.new_cache(ctx);
         let g = generate(&m.model, &m.tokenizer, pool, &mut cache, &prompt, &params, |_| {})?;
         plain_tps.push(g.gen_tps());
-        let (gs, s) = generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &params, &cfg, |_| {})?;
+        let (gs, s) = speculate(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &params, &cfg, refs.clone(), |_| {})?;
         if gs.ids != g.ids {
             bail!("speculative output differs from plain greedy output: this is a bug");
         }
@@ -318,6 +369,7 @@ pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats:
             "{}",
             json!({
                 "model": name, "draft": draft_name, "threads": pool.n_threads(), "prompt_tokens": prompt.len(),
+                "lookup_references": refs.len(),
                 "gen_tokens": gs.gen_tokens, "plain_tps": p, "speculative_tps": sp, "speedup": sp / p,
                 "plain_tps_runs": plain_tps, "speculative_tps_runs": spec_tps,
                 "speculative": s.to_json(gs.gen_tokens, gs.gen_secs),

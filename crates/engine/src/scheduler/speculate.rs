@@ -32,10 +32,15 @@
 
 use super::{take_token, Phase, Running, Worker};
 use crate::loader::LoadedModel;
+use crate::lookup_memory::LookupMemory;
 use crate::speculative::{Draft, SpecConfig, SpecSeq, SpecStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Answers the server keeps for prompt lookup (`--lookup`) to draft from
+/// ([`crate::lookup_memory`]).
+pub const ANSWERS_KEPT: usize = 32;
 
 /// What the scheduler speculates with.
 #[derive(Clone)]
@@ -167,7 +172,8 @@ impl Worker {
         let model = self.model.clone();
         let r = &mut self.running[ri];
         let t0 = Instant::now();
-        let res = catch_unwind(AssertUnwindSafe(|| round(&model, &spec, self.cfg.ctx, &self.pool, r, si)));
+        let answers = self.answers.as_ref();
+        let res = catch_unwind(AssertUnwindSafe(|| round(&model, &spec, self.cfg.ctx, &self.pool, answers, r, si)));
         let secs = t0.elapsed().as_secs_f64();
         let (ids, before, after, t_plain) = match res {
             Ok(Ok(x)) => x,
@@ -205,6 +211,7 @@ fn round(
     spec: &Speculation,
     ctx: usize,
     pool: &minnow_kernels::pool::ThreadPool,
+    answers: Option<&LookupMemory>,
     r: &mut Running,
     si: usize,
 ) -> Result<(Vec<u32>, SpecStats, SpecStats, Option<f64>), crate::model::ModelError> {
@@ -215,7 +222,11 @@ fn round(
     if s.spec.is_none() {
         let draft = draft_model.map_or(Draft::NGram, Draft::Model);
         // The sample's own sampling (its seed is the request's plus its index).
-        s.spec = Some(Box::new(SpecSeq::new(&model.model, draft, ctx, s.sampler.params(), &spec.config)?));
+        let mut seq = SpecSeq::new(&model.model, draft, ctx, s.sampler.params(), &spec.config)?;
+        if let Some(mem) = answers {
+            seq.set_references(mem.references_for(prompt));
+        }
+        s.spec = Some(Box::new(seq));
     }
     let seq = s.spec.as_mut().expect("just created");
     let before = seq.stats().clone();
