@@ -42,7 +42,7 @@ pub fn attend(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::formats::kquants::has_avx2_fma() {
+    if crate::formats::has_avx2_fma() {
         check(q, keys, values, layout, &span, out);
         // SAFETY: the features were just detected; bounds checked above.
         unsafe { avx2::attend(q, keys, values, layout, span, scale, scores, out) };

@@ -80,16 +80,113 @@ pub fn gelu_tanh(x: f32) -> f32 {
 }
 
 /// `gate[i] = act(gate[i]) * up[i]`: the gated FFN's element-wise step.
+/// With AVX2/FMA eight at a time with a polynomial `exp` ([`simd`]; within
+/// a few 1e-7 of [`gated_silu_ref`]): libm's scalar `expf`/`tanhf` were ~10%
+/// of Gemma 3's prompt processing.
 pub fn gated_silu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::formats::has_avx2_fma() {
+        // SAFETY: the features were just detected; lengths are equal.
+        return unsafe { simd::gated_silu(gate, up) };
+    }
+    gated_silu_ref(gate, up)
+}
+
+/// GELU-gated variant of [`gated_silu`].
+pub fn gated_gelu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::formats::has_avx2_fma() {
+        // SAFETY: as in `gated_silu`.
+        return unsafe { simd::gated_gelu(gate, up) };
+    }
+    gated_gelu_ref(gate, up)
+}
+
+/// Scalar reference of [`gated_silu`] (libm `exp`).
+pub fn gated_silu_ref(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = silu(*g) * u;
     }
 }
 
-/// GELU-gated variant of [`gated_silu`].
-pub fn gated_gelu(gate: &mut [f32], up: &[f32]) {
+/// Scalar reference of [`gated_gelu`] (libm `tanh`).
+pub fn gated_gelu_ref(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// AVX2/FMA activations built on an 8-lane `exp`.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// `e^x` in 8 lanes: `x = n·ln2 + r` with `|r| ≤ ln2/2`, `e^r` by its
+    /// Taylor series to `r^7` (truncation error `r^8/8! < 6e-9` relative),
+    /// times `2^n` built in the exponent bits. Inputs are clamped to
+    /// [-87.3, 88.3], where `2^n` stays a normal float: `e^x` saturates near
+    /// 1e-38 and 2e38 instead of reaching 0 or infinity, which the callers'
+    /// `1 / (1 + e^x)` forms absorb.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // ln 2 in two parts so that n·ln2_hi is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n))
+    }
+
+    /// `x · sigmoid(x) = x / (1 + e^-x)`.
+    #[inline(always)]
+    unsafe fn silu8(x: __m256) -> __m256 {
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
+    }
+
+    /// `0.5·x·(1 + tanh(y))`, `y = √(2/π)·(x + 0.044715·x³)`, with
+    /// `1 + tanh(y) = 2 − 2 / (1 + e^{2y})`.
+    #[inline(always)]
+    unsafe fn gelu8(x: __m256) -> __m256 {
+        let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        let y = _mm256_mul_ps(_mm256_set1_ps(0.797_884_6), _mm256_fmadd_ps(_mm256_set1_ps(0.044715), x3, x));
+        let e = exp8(_mm256_add_ps(y, y));
+        let two = _mm256_set1_ps(2.0);
+        let one_plus_tanh = _mm256_sub_ps(two, _mm256_div_ps(two, _mm256_add_ps(_mm256_set1_ps(1.0), e)));
+        _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), x), one_plus_tanh)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gated_silu(gate: &mut [f32], up: &[f32]) {
+        let n8 = gate.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(silu8(g), u));
+        }
+        super::gated_silu_ref(&mut gate[n8..], &up[n8..]);
+    }
+
+    /// # Safety
+    /// As [`gated_silu`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gated_gelu(gate: &mut [f32], up: &[f32]) {
+        let n8 = gate.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(gelu8(g), u));
+        }
+        super::gated_gelu_ref(&mut gate[n8..], &up[n8..]);
     }
 }
 
@@ -194,5 +291,28 @@ mod tests {
         x[0] = 1.0;
         Rope::new(8, 10000.0, true).apply(&mut x, 8, 1);
         assert!((x[0] - c).abs() < 1e-6 && (x[4] - s).abs() < 1e-6);
+    }
+
+    /// The SIMD activations agree with the libm references over the range a
+    /// transformer sees and beyond (saturation at both ends), including the
+    /// scalar tail of a length that is not a multiple of 8.
+    #[test]
+    fn gated_activations_match_references() {
+        let n = 8 * 500 + 5;
+        let gate: Vec<f32> = (0..n).map(|i| -120.0 + 240.0 * i as f32 / n as f32).collect();
+        let up: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        type Gated = fn(&mut [f32], &[f32]);
+        let pairs: [(&str, Gated, Gated); 2] =
+            [("silu", gated_silu, gated_silu_ref), ("gelu", gated_gelu, gated_gelu_ref)];
+        for (name, fast, reference) in pairs {
+            let (mut a, mut b) = (gate.clone(), gate.clone());
+            fast(&mut a, &up);
+            reference(&mut b, &up);
+            for i in 0..n {
+                let tol = 2e-6 * b[i].abs().max(1.0);
+                assert!((a[i] - b[i]).abs() <= tol, "{name}({}) * {}: {} vs reference {}", gate[i], up[i], a[i], b[i]);
+                assert!(a[i].is_finite(), "{name}({}) is not finite", gate[i]);
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! `vcvtph2ps` in the SIMD path); BF16 → f32 is exact too (the bits shifted
 //! left by 16), so the SIMD and reference dots differ only in summation order.
 
+use super::has_avx2_fma;
 use super::{ActBlock, BlockFormat};
 use crate::GgmlType;
 use bytemuck::{Pod, Zeroable};
@@ -79,17 +80,6 @@ impl ActBlock for BlockF32 {
     }
 }
 
-/// Whether the AVX2 + FMA + F16C kernels may run on this CPU. Every AVX2 CPU
-/// made has F16C too, but we check rather than assume. `is_x86_feature_detected!`
-/// caches its answer, so this is a couple of loads — cheap next to even the
-/// smallest row dot it guards. Shared with `legacy`.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-pub(crate) fn has_avx2_fma() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
-}
 
 impl BlockFormat for BlockF32 {
     const TYPE: GgmlType = GgmlType::F32;

@@ -70,19 +70,7 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(sign | mag)
 }
 
-/// Whether the AVX2+FMA kernels can run on this CPU. The std macro caches
-/// the CPUID result, so calling this once per row costs an atomic load.
-#[inline(always)]
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+pub(crate) use super::has_avx2_fma;
 
 /// Unpacks the 12-byte `scales` field shared by Q4_K and Q5_K into eight
 /// 6-bit scales and eight 6-bit mins (ggml's `get_scale_min_k4`).

@@ -366,7 +366,7 @@ impl BlockQ8_0 {
     pub fn quantize(x: &[f32], out: &mut [Self]) {
         check_len("Q8_0 quantize", x.len(), out.len());
         #[cfg(target_arch = "x86_64")]
-        if super::float::has_avx2_fma() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has AVX2, FMA and F16C; lengths checked.
             return unsafe { avx2::quantize_q8_0(x, out) };
         }
@@ -389,7 +389,7 @@ impl BlockQ8_1 {
     pub fn quantize(x: &[f32], out: &mut [Self]) {
         check_len("Q8_1 quantize", x.len(), out.len());
         #[cfg(target_arch = "x86_64")]
-        if super::float::has_avx2_fma() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has AVX2, FMA and F16C; lengths checked.
             return unsafe { avx2::quantize_q8_1(x, out) };
         }
@@ -432,7 +432,7 @@ macro_rules! simd_or_ref {
             $a.len()
         );
         #[cfg(target_arch = "x86_64")]
-        if super::float::has_avx2_fma() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has AVX2, FMA and F16C; lengths are equal.
             return unsafe { avx2::$kernel($w, $a) };
         }
@@ -455,7 +455,7 @@ macro_rules! simd_or_ref_multi {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        if super::float::has_avx2_fma() {
+        if super::has_avx2_fma() {
             if N <= avx2::MAX_ROWS {
                 assert_eq!($scales.len(), $w.len(), "dot: one GroupScales per block");
                 // SAFETY: the CPU has AVX2, FMA and F16C; N ≤ 4; lengths
@@ -1044,24 +1044,23 @@ mod avx2 {
 
     /// The integer dot of the `_0` formats' multi-row kernels: Σ s·y in the
     /// eight i32 lanes `dot_offset(u, off, y)` gives, where `s = u - off`
-    /// (|s| ≤ 16) are the signed quants, without `dot_offset`'s second
-    /// multiply per row. `y ^ 0x80 = y + 128` is unsigned, so `maddubs`
-    /// takes it against the signed `s` (pairs ≤ 2·255·16, no saturation),
-    /// and `corr = maddubs(128, s)`, shared by all rows, removes the 128·s:
-    /// each i16 pair is exactly `s₀y₀ + s₁y₁`, the pair `dot_offset` forms
-    /// as `(u₀y₀ + u₁y₁) − (off·y₀ + off·y₁)`, for every `y`.
+    /// (|s| ≤ 16) are the signed quants, with the weight side shared by all
+    /// rows: `|s|` (unsigned) against `y` carrying the sign of `s`, one sign
+    /// and one multiply per row (`dot_offset` takes two multiplies and a
+    /// subtraction). Each i16 pair is exactly `s₀y₀ + s₁y₁` (≤ 2·16·127, no
+    /// saturation), the pair `dot_offset` forms as `(u₀y₀ + u₁y₁) − (off·y₀
+    /// + off·y₁)`, so the results are bit-identical; exact for every `y` but
+    /// −128 against a negative `s`, which our Q8 quantizers never produce
+    /// (as [`dot_signed`]).
     #[inline(always)]
-    unsafe fn dot_offset_shared((s, corr): (__m256i, __m256i), y: __m256i) -> __m256 {
-        let yu = _mm256_xor_si256(y, _mm256_set1_epi8(-128));
-        i16_pairs_to_f32(_mm256_sub_epi16(_mm256_maddubs_epi16(yu, s), corr))
+    unsafe fn dot_abs_shared((abs, s): (__m256i, __m256i), y: __m256i) -> __m256 {
+        dot_unsigned(abs, _mm256_sign_epi8(y, s))
     }
 
-    /// The shared part of [`dot_offset_shared`] for quants `u` and offset
-    /// `off`: `(s, corr)`.
+    /// The shared part of [`dot_abs_shared`] for signed quants `s`: `(|s|, s)`.
     #[inline(always)]
-    unsafe fn signed_quants(u: __m256i, off: __m256i) -> (__m256i, __m256i) {
-        let s = _mm256_sub_epi8(u, off);
-        (s, _mm256_maddubs_epi16(_mm256_set1_epi8(-128), s))
+    unsafe fn abs_quants(s: __m256i) -> (__m256i, __m256i) {
+        (_mm256_sign_epi8(s, s), s)
     }
 
     /// Multi-row [`dot_q4_0`].
@@ -1080,8 +1079,8 @@ mod avx2 {
             w,
             a,
             sc,
-            |x| (signed_quants(nibbles(&x.qs), eight), x.d),
-            |q, y| dot_offset_shared(q, y),
+            |x| (abs_quants(_mm256_sub_epi8(nibbles(&x.qs), eight)), x.d),
+            |q, y| dot_abs_shared(q, y),
         )
     }
 
@@ -1117,9 +1116,9 @@ mod avx2 {
                 // is set, else nibble - 16 = nibble | 0xF0 (as i8).
                 let high = _mm256_andnot_si256(fifth_mask(x.qh), _mm256_set1_epi8(-16));
                 let s = _mm256_or_si256(nibbles(&x.qs), high);
-                ((s, _mm256_maddubs_epi16(_mm256_set1_epi8(-128), s)), x.d)
+                (abs_quants(s), x.d)
             },
-            |q, y| dot_offset_shared(q, y),
+            |q, y| dot_abs_shared(q, y),
         )
     }
 

@@ -169,3 +169,20 @@ pub fn is_supported_weight(ty: GgmlType) -> bool {
     }
     dispatch_format!(ty, yes(), false)
 }
+
+/// Whether the AVX2 + FMA + F16C kernels can run on this CPU (every SIMD
+/// kernel of this crate needs these three). The std macro caches the CPUID
+/// result, so calling this once per row costs an atomic load.
+#[inline(always)]
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
