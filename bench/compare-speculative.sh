@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speculative decoding, minnow and llama.cpp side by side, in one run:
 #
-#   bench/compare-speculative.sh [-t THREADS] [-r ROUNDS] [-n GEN_TOKENS] [-k CASES]
+#   bench/compare-speculative.sh [-t THREADS] [-r ROUNDS] [-n GEN_TOKENS] [-k CASES] [-w WARM]
 #
 # Two workloads, greedy, Qwen2.5-Coder-1.5B-Instruct Q4_K_M as the target:
 # - code: raw completion of Python classes (GEN_TOKENS tokens), the 0.5B
@@ -9,6 +9,13 @@
 # - extract: the first CASES messages of the order-extraction task
 #   (../shared/tasks/order-extraction/dev.jsonl) in Qwen's chat template,
 #   prompt-lookup (n-gram) drafting, the answer ending at end-of-turn.
+#   Before the rounds, each engine answers WARM other messages of the task
+#   (default 4; the next ones in dev.jsonl) with lookup decoding, keeping
+#   what it learns from its answers — minnow in a `--lookup-memory` file
+#   (earlier answers drafting the shared JSON skeleton), llama-lookup in its
+#   dynamic n-gram cache (`-lcd`) — as a labeling run over many inputs
+#   would. Measured runs only read them (a fresh copy each run), so no run
+#   sees an answer to its own prompt. -w 0: prompt lookup alone.
 #
 # Per prompt and round, alternating which engine goes first:
 # - `minnow bench --draft/--lookup -r 1`: plain then speculative generation of
@@ -36,16 +43,19 @@ THREADS=2
 ROUNDS=3
 TG=128
 CASES=3
+WARM=4
 while [[ $# -gt 0 ]]; do
     case $1 in
         -t) THREADS=$2; shift 2 ;;
         -r) ROUNDS=$2; shift 2 ;;
         -n) TG=$2; shift 2 ;;
         -k) CASES=$2; shift 2 ;;
+        -w) WARM=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare-speculative: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
+[[ $WARM =~ ^[0-9]+$ ]] || { echo "compare-speculative: WARM must be a number" >&2; exit 2; }
 for v in THREADS ROUNDS TG CASES; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "compare-speculative: $v must be a positive integer" >&2; exit 2; }
 done
@@ -61,7 +71,7 @@ done
 TARGET=$("$MINNOW" pull qwen2.5-coder-1.5b | tail -1)
 DRAFT=$("$MINNOW" pull qwen2.5-coder-0.5b | tail -1)
 OUT=${MINNOW_COMPARE_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/minnow-spec.XXXXXX")}
-mkdir -p "$OUT/prompts"
+mkdir -p "$OUT/prompts" "$OUT/user" "$OUT/warm"
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 log() { echo "[compare-spec] $*" >&2; }
@@ -69,9 +79,10 @@ log() { echo "[compare-spec] $*" >&2; }
 # The prompts, as files of exact text (special tokens written out, as both
 # engines parse them): code prompts raw, extraction prompts in Qwen2.5's chat
 # template with its default system message (what the model's template adds).
-python3 - "$OUT/prompts" "$TASK" "$CASES" <<'EOF'
-import json, sys
-out, task, cases = sys.argv[1], sys.argv[2], int(sys.argv[3])
+python3 - "$OUT/prompts" "$TASK" "$CASES" "$WARM" <<'EOF'
+import json, os, sys
+out, task, cases, warm = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+base = os.path.dirname(out)
 code = [
     "# A Python class for a bank account with deposits, withdrawals, interest and a transaction history.\n\nclass BankAccount:\n",
     "# A Python class for an LRU cache with get, put, a capacity limit and hit/miss statistics.\n\nclass LRUCache:\n",
@@ -79,10 +90,16 @@ code = [
 for i, p in enumerate(code):
     open(f"{out}/code-{i}.txt", "w").write(p)
 system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-for i, line in enumerate(open(task).readlines()[:cases]):
+lines = open(task).readlines()
+for i, line in enumerate(lines[:cases + warm]):
     user = json.loads(line)["prompt"]
     text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    open(f"{out}/extract-{i}.txt", "w").write(text)
+    if i < cases:
+        open(f"{out}/extract-{i}.txt", "w").write(text)
+        open(f"{base}/user/extract-{i}.txt", "w").write(user)
+    else:
+        open(f"{base}/warm/chat-{i}.txt", "w").write(text)
+        open(f"{base}/warm/user-{i}.txt", "w").write(user)
 EOF
 
 record() { # workload prompt engine round json-on-stdin
@@ -103,18 +120,40 @@ print(json.dumps({"decoded": num(r"decoded\s+(\d+)\s+tokens", int), "tps": num(r
                   "accept_pct": num(r"accept\s*=\s*([\d.]+)%")}))'
 }
 
+# What each engine learned from the warm-up answers (read-only below).
+MEMORY=$OUT/minnow-lookup-memory.jsonl
+LCD=$OUT/llama-lookup-dynamic.bin
+
 run_minnow() { # workload prompt-file
-    local args=(--draft "$DRAFT")
-    [[ $1 == extract ]] && args=(--lookup)
-    "$MINNOW" bench "$TARGET" --threads "$THREADS" -n "$TG" -r 1 "${args[@]}" --draft-prompt "$(cat "$2")" --json
+    local args=(--draft "$DRAFT" --draft-prompt "$(cat "$2")")
+    # The extraction prompt as the chat template makes it (the same tokens
+    # as the file's text), as the warm-up's `run --chat` made the memory's.
+    [[ $1 == extract ]] && args=(--lookup --lookup-memory "$MEMORY" --draft-chat --draft-prompt "$(cat "$OUT/user/$(basename "$2")")")
+    "$MINNOW" bench "$TARGET" --threads "$THREADS" -n "$TG" -r 1 "${args[@]}" --json
 }
 
 run_llama() { # workload prompt-file
     local cmd=("$LLAMA/llama-speculative" -md "$DRAFT" --poll-draft 0)
-    [[ $1 == extract ]] && cmd=("$LLAMA/llama-lookup")
+    if [[ $1 == extract ]]; then
+        cmd=("$LLAMA/llama-lookup")
+        if [[ -f $LCD ]]; then cp "$LCD" "$OUT/lcd-run.bin"; cmd+=(-lcd "$OUT/lcd-run.bin"); fi
+    fi
     "${cmd[@]}" -m "$TARGET" -f "$2" -n "$TG" -t "$THREADS" -c 2048 --poll 0 \
         --temp 0 --top-k 1 --seed 1 2>&1 | tee -a "$OUT/llama-$1.log" | parse_llama_spec
 }
+
+# Warm-up: both engines answer the WARM other messages with lookup decoding
+# and keep what they learn.
+rm -f "$MEMORY" "$LCD"
+for f in "$OUT"/warm/chat-*.txt; do
+    [[ -f $f ]] || continue
+    i=${f##*-}; i=${i%.txt}
+    log "warm-up $i: minnow, llama-lookup"
+    "$MINNOW" run "$TARGET" --threads "$THREADS" -n "$TG" --temp 0 --lookup --lookup-memory "$MEMORY" --chat \
+        -p "$(cat "$OUT/warm/user-$i.txt")" >>"$OUT/warm.log" 2>&1
+    "$LLAMA/llama-lookup" -m "$TARGET" -f "$f" -n "$TG" -t "$THREADS" -c 2048 --poll 0 --temp 0 --top-k 1 --seed 1 \
+        -lcd "$LCD" >>"$OUT/warm.log" 2>&1
+done
 
 for ((round = 1; round <= ROUNDS; round++)); do
     # llama.cpp's target alone: generation speed does not depend on the
@@ -137,15 +176,17 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 
-python3 - "$RESULTS" "$THREADS" "$TG" <<'EOF'
+python3 - "$RESULTS" "$THREADS" "$TG" "$WARM" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 threads, tg = sys.argv[2], sys.argv[3]
 med = statistics.median
-print(f"\nGreedy, {threads} threads, up to {tg} tokens, Qwen2.5-Coder-1.5B-Instruct Q4_K_M target; medians over prompts x rounds.\n")
+warm = sys.argv[4]
+print(f"\nGreedy, {threads} threads, up to {tg} tokens, Qwen2.5-Coder-1.5B-Instruct Q4_K_M target; medians over prompts x rounds;"
+      f" extraction after {warm} warm-up answers.\n")
 print("| workload | drafts | engine | target alone tok/s | speculative tok/s | speed-up | accepted | tokens/target pass |")
 print("|---|---|---|---|---|---|---|---|")
-for wl, drafts in [("code", "Qwen2.5-Coder-0.5B"), ("extract", "prompt lookup")]:
+for wl, drafts in [("code", "Qwen2.5-Coder-0.5B"), ("extract", "prompt lookup + earlier answers")]:
     m = [r["out"] for r in rows if r["workload"] == wl and r["engine"] == "minnow"]
     l = [r["out"] for r in rows if r["workload"] == wl and r["engine"] == "llama"]
     plain = med([r["out"][0]["avg_ts"] for r in rows if r["engine"] == "llama-plain"])

@@ -53,7 +53,7 @@ limit_args=()
 stage eval "$minnow" distill eval "$task/dev.jsonl" --few-shot "$task/dev.jsonl" --n-shot 3 \
     --model "student 0.5B, zero-shot, untrained=$student" \
     --model "0.5B distilled, cross-entropy only=$work/ce.gguf" \
-    --model "0.5B distilled, cross-entropy + KL (β=$beta)=$work/ce-kl.gguf" \
+    --model "0.5B distilled, cross-entropy + KL (β $beta)=$work/ce-kl.gguf" \
     --scorer json-fields --price-per-hour "${PRICE_PER_HOUR:-0.10}" --max-tokens 96 --parallel 8 -t "$threads" \
     "${limit_args[@]}" -o "$work/report"
 cp "$work/report/report.md" "$work/report/report.json" "$work/report/chart.svg" "$report/"

@@ -214,6 +214,8 @@ fn write_speculation(out: &mut String, sp: &SpecTotals) {
     metric("minnow_spec_rounds_total", "counter", "Speculative rounds (one target pass each) while a single sequence decoded.", sp.steps as f64);
     metric("minnow_spec_drafted_tokens_total", "counter", "Draft tokens proposed.", sp.drafted as f64);
     metric("minnow_spec_accepted_tokens_total", "counter", "Draft tokens accepted by the target.", sp.accepted as f64);
+    metric("minnow_spec_memory_drafted_tokens_total", "counter", "Of the drafted tokens (--lookup): those from earlier answers to similar prompts.", sp.memory_drafted as f64);
+    metric("minnow_spec_memory_accepted_tokens_total", "counter", "Of the accepted tokens: those from earlier answers.", sp.memory_accepted as f64);
     metric("minnow_spec_acceptance_rate", "gauge", "Accepted / drafted tokens since start.", sp.acceptance_rate());
     metric("minnow_spec_tokens_total", "counter", "Tokens generated in speculative rounds.", sp.tokens as f64);
     metric("minnow_spec_target_forwards_total", "counter", "Target forward passes in speculative rounds.", sp.target_forwards as f64);

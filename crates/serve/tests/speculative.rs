@@ -127,3 +127,32 @@ fn greedy_with_lookup_equals_without_streamed_stopped_and_batched() {
         assert_eq!(h.join().unwrap(), complete(&pc, p, 40, &[]), "concurrent: {p}");
     }
 }
+
+/// `--lookup` keeps recent answers: a request like earlier ones (same
+/// instruction, another message) drafts the answers' shared skeleton from
+/// them, and still answers exactly as without speculation.
+#[test]
+fn lookup_drafts_from_earlier_answers_to_similar_prompts() {
+    let _g = common::heavy();
+    let model = common::smollm2();
+    let ask = |msg: &str| {
+        format!("Extract the person's name and city from the message as JSON, for example {{\"name\": \"Ann Lee\", \"city\": \"Rome\"}}.\n\nMessage: {msg}")
+    };
+    let messages = [
+        "Hi, I am Paula Gomez and I live in Lisbon.",
+        "This is Tom Becker from Hamburg.",
+        "Greetings from Osaka, my name is Yuki Sato.",
+    ];
+    let plain_server = server(model.clone(), None);
+    let pc = plain_server.client();
+    let spec_server = server(model, Some(Speculation { draft: None, config: SpecConfig::default() }));
+    let sc = spec_server.client();
+    for m in messages {
+        assert_eq!(complete(&sc, &ask(m), 48, &[]), complete(&pc, &ask(m), 48, &[]), "{m}");
+    }
+    let got = sc.metrics();
+    let get = |n: &str| got.get(n, &[]).unwrap_or_else(|| panic!("/metrics lacks {n}"));
+    let (drafted, accepted) = (get("minnow_spec_memory_drafted_tokens_total"), get("minnow_spec_memory_accepted_tokens_total"));
+    eprintln!("earlier answers: {accepted}/{drafted} drafts accepted");
+    assert!(accepted >= 4.0, "the answers' shared skeleton was drafted from earlier ones and accepted: {accepted}/{drafted}");
+}

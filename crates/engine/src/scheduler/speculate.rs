@@ -80,6 +80,9 @@ pub struct SpecTotals {
     pub verify_rounds: u64,
     pub drafted: u64,
     pub accepted: u64,
+    /// Of `drafted` / `accepted`: drafts from earlier answers (`--lookup`).
+    pub memory_drafted: u64,
+    pub memory_accepted: u64,
     /// Target forward passes in speculative rounds.
     pub target_forwards: u64,
     /// Tokens the rounds produced (those emitted, up to a stop).
@@ -128,6 +131,8 @@ impl SpecTotals {
         self.verify_rounds += (after.rounds - before.rounds) as u64;
         self.drafted += (after.drafted - before.drafted) as u64;
         self.accepted += (after.accepted - before.accepted) as u64;
+        self.memory_drafted += (after.memory_drafted - before.memory_drafted) as u64;
+        self.memory_accepted += (after.memory_accepted - before.memory_accepted) as u64;
         self.target_forwards += (after.target_forwards - before.target_forwards) as u64;
         self.tokens += tokens as u64;
         self.secs += secs;
