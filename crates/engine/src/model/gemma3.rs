@@ -72,6 +72,10 @@ impl Gemma3 {
         &self.cfg
     }
 
+    pub(crate) fn output_head(&self) -> &Matrix {
+        &self.output
+    }
+
     pub fn forward(&self, pool: &ThreadPool, seqs: &mut [SeqBatch]) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.cfg;
         let layout = RowLayout::new(seqs);

@@ -106,6 +106,10 @@ impl Llama {
         &self.cfg
     }
 
+    pub(crate) fn output_head(&self) -> &Matrix {
+        &self.output
+    }
+
     /// Routing counts of every MoE layer, `None` for a dense model.
     pub fn router_stats(&self) -> Option<RouterStats> {
         let moe = self.cfg.moe.as_ref()?;

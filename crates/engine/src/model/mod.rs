@@ -92,6 +92,15 @@ impl Model {
         }
     }
 
+    /// The output projection (vocab × n_embd; the embedding table when tied)
+    /// as the kernels see it: what turns a [`Logits::Hidden`] state into logits.
+    pub fn output_head(&self) -> minnow_kernels::matmul::QMatrix<'_> {
+        match &self.family {
+            Family::Llama(m) => m.output_head().q(),
+            Family::Gemma3(m) => m.output_head().q(),
+        }
+    }
+
     pub fn file(&self) -> &Arc<GgufFile> {
         &self.file
     }

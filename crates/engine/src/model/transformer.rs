@@ -24,6 +24,11 @@ pub enum Logits {
     Last,
     /// Every token's (perplexity, speculative verification).
     All,
+    /// Not logits: the last token's final hidden state after the output
+    /// norm, shape [n_embd], for a caller that applies (part of) the output
+    /// head itself ([`super::Model::output_head`]; a draft model scoring
+    /// only the tokens it is likely to draft).
+    Hidden,
 }
 
 /// One sequence's part of a batched forward pass.
@@ -251,16 +256,20 @@ pub(crate) fn output_logits(
     layout: &RowLayout,
     seqs: &[SeqBatch],
 ) -> Result<Vec<Vec<f32>>, ModelError> {
+    // Rows through the head, and each sequence's count of them; sequences
+    // asking for the hidden state get their normed last row instead.
     let mut picked: Vec<usize> = Vec::new();
     let mut counts = Vec::new();
+    let mut hidden: Vec<Option<Vec<f32>>> = Vec::with_capacity(seqs.len());
     for (s, seq) in seqs.iter().enumerate() {
         let (a, b) = (layout.seq_start[s], layout.seq_start[s + 1]);
         let rows: Vec<usize> = match seq.logits {
-            Logits::None => vec![],
+            Logits::None | Logits::Hidden => vec![],
             Logits::Last if b > a => vec![b - 1],
             Logits::Last => vec![],
             Logits::All => (a..b).collect(),
         };
+        hidden.push((seq.logits == Logits::Hidden && b > a).then(|| norm_rows(&x[(b - 1) * n_embd..b * n_embd], norm, eps)));
         counts.push(rows.len());
         picked.extend(rows);
     }
@@ -269,12 +278,15 @@ pub(crate) fn output_logits(
         hx.extend_from_slice(&x[r * n_embd..(r + 1) * n_embd]);
     }
     let hx = norm_rows(&hx, norm, eps);
-    let logits = mm(pool, head, &hx, picked.len())?;
+    let logits = if picked.is_empty() { Vec::new() } else { mm(pool, head, &hx, picked.len())? };
     let vocab = head.rows;
     let mut out = Vec::with_capacity(seqs.len());
     let mut at = 0;
-    for c in counts {
-        out.push(logits[at * vocab..(at + c) * vocab].to_vec());
+    for (c, h) in counts.into_iter().zip(hidden) {
+        match h {
+            Some(h) => out.push(h),
+            None => out.push(logits[at * vocab..(at + c) * vocab].to_vec()),
+        }
         at += c;
     }
     Ok(out)
