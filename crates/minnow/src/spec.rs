@@ -46,6 +46,10 @@ pub struct DraftArgs {
     /// kept); `bench` only reads it.
     #[arg(long, value_name = "FILE")]
     pub lookup_memory: Option<std::path::PathBuf>,
+    /// The draft model scores only its first N vocabulary entries (the most
+    /// frequent) and the tokens already in the text; 0: all of them.
+    #[arg(long, value_name = "N", default_value_t = SpecConfig::default().draft_head_rows)]
+    pub draft_head_rows: usize,
 }
 
 /// Answers kept in a `--lookup-memory` file.
@@ -67,7 +71,12 @@ impl DraftArgs {
         if self.draft_max == 0 {
             bail!("--draft-max must be at least 1");
         }
-        let mut cfg = SpecConfig { k_max: self.draft_max, k_start: 4.min(self.draft_max), ..SpecConfig::default() };
+        let mut cfg = SpecConfig {
+            k_max: self.draft_max,
+            k_start: 4.min(self.draft_max),
+            draft_head_rows: self.draft_head_rows,
+            ..SpecConfig::default()
+        };
         if self.draft_fixed {
             cfg = SpecConfig { k_start: self.draft_max, adaptive: false, auto_off: false, ..cfg };
         }
