@@ -1576,7 +1576,8 @@ fn residual_dist(p: &[(u32, f32)], d: &Drafted, scratch: &mut [f32]) -> Vec<(u32
 }
 
 /// Prefill and generate in one call; returns the generation and what
-/// speculation did.
+/// speculation did. `refs`: earlier answers to similar prompts for prompt
+/// lookup to draft from ([`SpecSeq::set_references`]; empty for none).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_speculative(
     target: &Model,
@@ -1587,9 +1588,11 @@ pub fn generate_speculative(
     prompt: &[u32],
     params: &GenerateParams,
     cfg: &SpecConfig,
+    refs: Vec<Arc<[u8]>>,
     on_text: impl FnMut(&str),
 ) -> Result<(Generation, SpecStats), ModelError> {
     let mut s = Speculator::new(target, tokenizer, draft, ctx, params.clone(), cfg)?;
+    s.set_references(refs);
     s.prefill(pool, prompt)?;
     let g = s.generate(pool, on_text)?;
     Ok((g, s.seq.stats.clone()))

@@ -89,6 +89,7 @@ fn spec(
         prompt,
         params,
         cfg,
+        Vec::new(),
         |piece| streamed.push_str(piece),
     )
     .unwrap();

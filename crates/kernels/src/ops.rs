@@ -84,24 +84,27 @@ pub fn gelu_tanh(x: f32) -> f32 {
 /// a few 1e-7 of [`gated_silu_ref`]): libm's scalar `expf`/`tanhf` were ~10%
 /// of Gemma 3's prompt processing.
 pub fn gated_silu(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len());
-    #[cfg(target_arch = "x86_64")]
-    if crate::formats::has_avx2_fma() {
-        // SAFETY: the features were just detected; lengths are equal.
-        return unsafe { simd::gated_silu(gate, up) };
-    }
-    gated_silu_ref(gate, up)
+    gated::<false>(gate, up)
 }
 
 /// GELU-gated variant of [`gated_silu`].
 pub fn gated_gelu(gate: &mut [f32], up: &[f32]) {
+    gated::<true>(gate, up)
+}
+
+/// [`gated_gelu`] when `GELU`, else [`gated_silu`].
+fn gated<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
     #[cfg(target_arch = "x86_64")]
     if crate::formats::has_avx2_fma() {
-        // SAFETY: as in `gated_silu`.
-        return unsafe { simd::gated_gelu(gate, up) };
+        // SAFETY: the features were just detected; lengths are equal.
+        return unsafe { simd::gated::<GELU>(gate, up) };
     }
-    gated_gelu_ref(gate, up)
+    if GELU {
+        gated_gelu_ref(gate, up)
+    } else {
+        gated_silu_ref(gate, up)
+    }
 }
 
 /// Scalar reference of [`gated_silu`] (libm `exp`).
@@ -163,30 +166,25 @@ mod simd {
         _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), x), one_plus_tanh)
     }
 
+    /// `gate[i] = act(gate[i]) · up[i]`, GELU when `GELU` else SiLU; the
+    /// tail of fewer than 8 through the scalar reference.
+    ///
     /// # Safety
     /// AVX2 and FMA must be available; `gate.len() == up.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gated_silu(gate: &mut [f32], up: &[f32]) {
+    pub(super) unsafe fn gated<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
         let n8 = gate.len() / 8 * 8;
         for i in (0..n8).step_by(8) {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
             let u = _mm256_loadu_ps(up.as_ptr().add(i));
-            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(silu8(g), u));
+            let a = if GELU { gelu8(g) } else { silu8(g) };
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(a, u));
         }
-        super::gated_silu_ref(&mut gate[n8..], &up[n8..]);
-    }
-
-    /// # Safety
-    /// As [`gated_silu`].
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gated_gelu(gate: &mut [f32], up: &[f32]) {
-        let n8 = gate.len() / 8 * 8;
-        for i in (0..n8).step_by(8) {
-            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-            let u = _mm256_loadu_ps(up.as_ptr().add(i));
-            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(gelu8(g), u));
+        if GELU {
+            super::gated_gelu_ref(&mut gate[n8..], &up[n8..]);
+        } else {
+            super::gated_silu_ref(&mut gate[n8..], &up[n8..]);
         }
-        super::gated_gelu_ref(&mut gate[n8..], &up[n8..]);
     }
 }
 

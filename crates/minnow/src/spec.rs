@@ -10,12 +10,8 @@ use minnow_engine::generate::{generate, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::SamplingParams;
 use minnow_engine::scheduler::Speculation;
-use minnow_engine::generate::GenerateParams as Params;
 use minnow_engine::lookup_memory::LookupMemory;
-use minnow_engine::model::Model;
-use minnow_engine::speculative::{check_draft_vocab, Draft, SpecConfig, SpecStats, Speculator};
-use minnow_engine::tokenizer::Tokenizer;
-use std::sync::Arc;
+use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats};
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField, LastLine, RegexAnswer};
 use minnow_kernels::pool::ThreadPool;
 use serde_json::json;
@@ -169,7 +165,7 @@ pub fn run(
     let mut memory = draft.memory()?;
     let refs = memory.as_ref().map(|mem| mem.references_for(prompt)).unwrap_or_default();
     let stdout = std::io::stdout();
-    let (g, s) = speculate(&m.model, &m.tokenizer, pool, source, ctx, prompt, params, &cfg, refs, |piece| {
+    let (g, s) = generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, prompt, params, &cfg, refs, |piece| {
         if !json_out {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
@@ -195,28 +191,6 @@ pub fn run(
         eprintln!("{}", s.summary(g.gen_tokens, g.gen_secs));
     }
     Ok(())
-}
-
-/// Speculative generation of `prompt`, drafting also from `refs` (earlier
-/// answers; see `--lookup-memory`).
-#[allow(clippy::too_many_arguments)]
-fn speculate(
-    target: &Model,
-    tokenizer: &Tokenizer,
-    pool: &ThreadPool,
-    draft: Draft<'_>,
-    ctx: usize,
-    prompt: &[u32],
-    params: &Params,
-    cfg: &SpecConfig,
-    refs: Vec<Arc<[u8]>>,
-    on_text: impl FnMut(&str),
-) -> Result<(Generation, SpecStats)> {
-    let mut s = Speculator::new(target, tokenizer, draft, ctx, params.clone(), cfg)?;
-    s.set_references(refs);
-    s.prefill(pool, prompt)?;
-    let g = s.generate(pool, on_text)?;
-    Ok((g, s.stats().clone()))
 }
 
 fn summary(g: &Generation) -> String {
@@ -357,13 +331,13 @@ pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats:
     // Warm-up: pages the weights of both models in.
     let warm = GenerateParams { max_tokens: 2, ..params.clone() };
     let refs = a.draft.memory()?.map(|mem| mem.references_for(&prompt)).unwrap_or_default();
-    speculate(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &warm, &cfg, refs.clone(), |_| {})?;
+    generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &warm, &cfg, refs.clone(), |_| {})?;
     let (mut plain_tps, mut spec_tps, mut last) = (Vec::new(), Vec::new(), None::<(Generation, SpecStats)>);
     for _ in 0..repeats {
         let mut cache = m.model.new_cache(ctx);
         let g = generate(&m.model, &m.tokenizer, pool, &mut cache, &prompt, &params, |_| {})?;
         plain_tps.push(g.gen_tps());
-        let (gs, s) = speculate(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &params, &cfg, refs.clone(), |_| {})?;
+        let (gs, s) = generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &params, &cfg, refs.clone(), |_| {})?;
         if gs.ids != g.ids {
             bail!("speculative output differs from plain greedy output: this is a bug");
         }

@@ -360,13 +360,7 @@ impl CustomOp1 for FusedSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("minnow-softmax-last: f32 only");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("minnow-softmax-last: contiguous input only");
-        };
-        let x = &data[a..b];
+        let x = contiguous_f32(storage, layout, self.name())?;
         let dims = layout.dims();
         let dim = *dims.last().unwrap_or(&1);
         // Mask row of input row r: (r / (H·T))·T + r % T, with T = dims[2].
@@ -410,6 +404,17 @@ impl CustomOp1 for FusedSoftmax {
     }
 }
 
+/// A custom op's input as a contiguous f32 slice (callers make it so).
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input only");
+    };
+    Ok(&data[a..b])
+}
+
 /// `x · Wᵀ` for a weight `w` [out, in] that does not train, x [N, in]: on
 /// the CPU through [`FrozenMatmul`] (no weight gradient), elsewhere candle's
 /// matmul.
@@ -433,13 +438,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("minnow-frozen-matmul: f32 only");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("minnow-frozen-matmul: contiguous input only");
-        };
-        let x = Tensor::from_slice(&data[a..b], layout.dims(), &Device::Cpu)?;
+        let x = Tensor::from_slice(contiguous_f32(storage, layout, self.name())?, layout.dims(), &Device::Cpu)?;
         let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
