@@ -128,24 +128,10 @@ pub fn find(name: &str) -> Option<&'static KnownModel> {
     })
 }
 
-/// Directory where models are cached: `$MINNOW_MODELS`, else
-/// `$XDG_CACHE_HOME/minnow/models`, else `~/.cache/minnow/models`.
+/// Directory where models are cached (see
+/// [`minnow_engine::loader::model_cache_dir`]).
 pub fn cache_dir() -> PathBuf {
-    cache_dir_from(|key| std::env::var_os(key))
-}
-
-/// [`cache_dir`] with the environment passed in, so tests need not mutate it.
-fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
-    let set = |key| env(key).filter(|v| !v.is_empty());
-    if let Some(dir) = set("MINNOW_MODELS") {
-        return PathBuf::from(dir);
-    }
-    // The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
-    if let Some(xdg) = set("XDG_CACHE_HOME").map(PathBuf::from).filter(|p| p.is_absolute()) {
-        return xdg.join("minnow/models");
-    }
-    let home = set("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache/minnow/models")
+    minnow_engine::loader::model_cache_dir()
 }
 
 /// Turns a MODEL argument into a path: an existing file path is returned as is;
@@ -496,24 +482,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
-    }
-
-    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
-        move |key| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| OsString::from(v))
-    }
-
-    #[test]
-    fn cache_dir_precedence() {
-        let all = [("MINNOW_MODELS", "/m"), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")];
-        assert_eq!(cache_dir_from(env_of(&all)), PathBuf::from("/m"));
-        assert_eq!(cache_dir_from(env_of(&all[1..])), PathBuf::from("/x/minnow/models"));
-        assert_eq!(cache_dir_from(env_of(&all[2..])), PathBuf::from("/h/.cache/minnow/models"));
-        // Empty values count as unset; a relative XDG_CACHE_HOME is ignored, as the spec says.
-        let empty = [("MINNOW_MODELS", ""), ("XDG_CACHE_HOME", ""), ("HOME", "/h")];
-        assert_eq!(cache_dir_from(env_of(&empty)), PathBuf::from("/h/.cache/minnow/models"));
-        let relative = [("XDG_CACHE_HOME", "rel"), ("HOME", "/h")];
-        assert_eq!(cache_dir_from(env_of(&relative)), PathBuf::from("/h/.cache/minnow/models"));
-        assert_eq!(cache_dir_from(env_of(&[])), PathBuf::from("./.cache/minnow/models"));
     }
 
     #[test]

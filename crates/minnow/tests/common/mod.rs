@@ -9,16 +9,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Where `minnow pull` puts models: `$MINNOW_MODELS`, else
-/// `$XDG_CACHE_HOME/minnow/models`, else `~/.cache/minnow/models`.
+/// Where `minnow pull` puts the test models (the engine's model cache).
 pub fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
+    minnow_engine::loader::model_cache_dir()
 }
 
 /// SmolLM2-135M-Instruct (Q4_1), the small real model the tests run on;

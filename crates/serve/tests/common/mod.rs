@@ -20,14 +20,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// Where `minnow pull` puts the test models (the engine's model cache).
 pub fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MINNOW_MODELS") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("minnow/models");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
+    minnow_engine::loader::model_cache_dir()
 }
 
 pub fn smollm2_path() -> PathBuf {
