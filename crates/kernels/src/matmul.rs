@@ -137,20 +137,14 @@ fn matmul_typed<B: BlockFormat>(
     let acts: &[B::Dot] = acts;
     let act_row = |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
 
-    // Tokens in groups of TOKEN_GROUP (the remainder two, then one at a
-    // time), and each group's scales in f32 for the multi-row kernels.
-    let mut groups = [(0usize, 0usize); 3];
-    let mut n_groups_tail = 0;
+    // Tokens in groups of TOKEN_GROUP and one group of the 1-3 left over
+    // (one pass over the weights for them: a speculative verification of
+    // 3 tokens unpacks each weight block once, not twice), and each group's
+    // scales in f32 for the multi-row kernels.
     let full = n / TOKEN_GROUP;
-    let mut t = full * TOKEN_GROUP;
-    while t < n {
-        let step = if n - t >= 2 { 2 } else { 1 };
-        groups[n_groups_tail] = (t, step);
-        n_groups_tail += 1;
-        t += step;
-    }
-    let group_at = |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { groups[g - full] };
-    let n_groups = full + n_groups_tail;
+    let tail = n - full * TOKEN_GROUP;
+    let group_at = |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { (full * TOKEN_GROUP, tail) };
+    let n_groups = full + (tail > 0) as usize;
     scales.clear();
     if n > 1 {
         for g in 0..n_groups {
@@ -178,6 +172,12 @@ fn matmul_typed<B: BlockFormat>(
                     TOKEN_GROUP => {
                         let a: [&[B::Dot]; TOKEN_GROUP] = std::array::from_fn(|k| act_row(t + k));
                         B::vec_dot_multi(w_row(r), a, group_scales_of(g), &mut v);
+                    }
+                    3 => {
+                        let mut v3 = [0.0f32; 3];
+                        let a = [act_row(t), act_row(t + 1), act_row(t + 2)];
+                        B::vec_dot_multi(w_row(r), a, group_scales_of(g), &mut v3);
+                        v[..3].copy_from_slice(&v3);
                     }
                     2 => {
                         let mut v2 = [0.0f32; 2];
