@@ -432,3 +432,26 @@ fn earlier_answers_draft_the_skeleton_and_output_is_unchanged() {
         );
     }
 }
+
+/// A draft model that scores only part of its vocabulary (`DraftHead`)
+/// still gives exactly the target's greedy output, however small the part:
+/// SmolLM2 drafting for itself, with its whole head, the default 32,768
+/// most frequent rows, and only 1,000 (most tokens then come from the
+/// target). Drafting for itself with the whole head, every draft is right.
+#[test]
+fn a_cut_draft_head_keeps_the_output_exact() {
+    let _g = serial();
+    let m = model(SMOLLM);
+    let params = greedy(40);
+    let prompt = &golden_prompts(SMOLLM)[0];
+    let want = plain_greedy(SMOLLM, prompt, params.max_tokens);
+    let mut rates = Vec::new();
+    for rows in [0, 32_768, 1_000] {
+        let cfg = SpecConfig { draft_head_rows: rows, ..fixed_k(3) };
+        let (got, s) = spec(m, Draft::Model(&m.model), prompt, &params, &cfg);
+        assert_same(&want, &got, &format!("draft head of {rows} rows"));
+        rates.push(s.acceptance_rate());
+    }
+    assert_eq!(rates[0], 1.0, "a model drafting for itself with its whole head is always right");
+    assert!(rates[2] < rates[0], "1,000 rows cannot draft every token: acceptance {rates:?}");
+}
