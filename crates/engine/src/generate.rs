@@ -81,13 +81,25 @@ fn rate(n: usize, secs: f64) -> f64 {
 /// Runs the prompt through the model in chunks; returns the last position's
 /// logits. `cache` may already hold a prefix.
 pub fn prefill(model: &Model, pool: &ThreadPool, cache: &mut KvCache, prompt: &[u32]) -> Result<Vec<f32>, ModelError> {
-    let mut last = Vec::new();
+    prefill_for(model, pool, cache, prompt, Logits::Last)
+}
+
+/// [`prefill`] returning what `last` asks of the last chunk (`Logits::Last`,
+/// or `Logits::Hidden` for a caller that applies the output head itself).
+pub fn prefill_for(
+    model: &Model,
+    pool: &ThreadPool,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    last: Logits,
+) -> Result<Vec<f32>, ModelError> {
+    let mut out = Vec::new();
     let n_chunks = prompt.len().div_ceil(PROMPT_CHUNK);
     for (i, chunk) in prompt.chunks(PROMPT_CHUNK).enumerate() {
-        let want = if i + 1 == n_chunks { Logits::Last } else { Logits::None };
-        last = model.forward_one(pool, cache, chunk, want)?;
+        let want = if i + 1 == n_chunks { last } else { Logits::None };
+        out = model.forward_one(pool, cache, chunk, want)?;
     }
-    Ok(last)
+    Ok(out)
 }
 
 /// Holds back streamed text that might be the start of a stop string, and

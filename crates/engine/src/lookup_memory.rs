@@ -140,7 +140,8 @@ impl LookupMemory {
     }
 }
 
-fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
+/// Length of the common prefix of `a` and `b`.
+pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
@@ -196,7 +197,7 @@ pub fn consensus_draft(refs: &mut [Reference], output: &[u8]) -> Option<Consensu
     let mut agreed = first.len().min(MAX_CONSENSUS);
     for (r, &s) in refs.iter().zip(&starts).skip(1) {
         let cont = &r.text[s..];
-        agreed = agreed.min(first.iter().zip(cont).take_while(|(a, b)| a == b).count());
+        agreed = agreed.min(shared_prefix(first, cont));
     }
     let draft = first[..agreed].to_vec();
     let beyond = refs.iter().zip(&starts).map(|(r, &s)| r.text[s + agreed..].iter().take(16).copied().collect()).collect();
@@ -219,7 +220,7 @@ pub fn consensus_draft(refs: &mut [Reference], output: &[u8]) -> Option<Consensu
 fn align(r: &Reference, output: &[u8]) -> Option<(usize, usize)> {
     let reference = &r.text[..];
     let new = &output[r.out_at.min(output.len())..];
-    let followed = new.iter().zip(&reference[r.pos.min(reference.len())..]).take_while(|(a, b)| a == b).count();
+    let followed = shared_prefix(new, &reference[r.pos.min(reference.len())..]);
     let from = r.pos + followed;
     if followed == new.len() {
         return (from < reference.len()).then_some((from, MAX_ALIGN));

@@ -59,13 +59,13 @@
 //! [`SpecSeq::step`] on its own cache and sampler (`minnow serve --draft`).
 //! Neither holds the models: a round borrows them.
 
-use crate::generate::{prefill, FinishReason, GenerateParams, Generation, TextStream};
+use crate::generate::{prefill, prefill_for, FinishReason, GenerateParams, Generation, TextStream};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::model::{Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
-use crate::lookup_memory::{consensus_draft, Consensus, Reference};
+use crate::lookup_memory::{consensus_draft, shared_prefix, Consensus, Reference};
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -429,22 +429,14 @@ fn text_lookup_propose(tokenizer: &Tokenizer, seq: &mut SpecSeq, k_ngram: usize,
 /// tokenization that every reference's longer text tokenizes the same way
 /// (a token at the cut, ` "` before `product`, may merge with what follows).
 fn consensus_propose(tokenizer: &Tokenizer, c: &Consensus, k: usize) -> Vec<u32> {
-    let encode = |bytes: &[u8]| -> Option<Vec<u32>> {
-        let valid = match std::str::from_utf8(bytes) {
-            Ok(s) => s,
-            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()?,
-        };
-        tokenizer.encode(valid, false, false).ok()
-    };
     if c.draft.is_empty() {
         return Vec::new();
     }
-    let Some(mut ids) = encode(&c.draft) else { return Vec::new() };
+    let Some((mut ids, _)) = encode_valid_prefix(tokenizer, &c.draft) else { return Vec::new() };
     for beyond in c.beyond.iter().filter(|b| !b.is_empty()) {
         let longer = [c.draft.as_slice(), beyond].concat();
-        let Some(other) = encode(&longer) else { return Vec::new() };
-        let same = ids.iter().zip(&other).take_while(|(a, b)| a == b).count();
-        ids.truncate(same);
+        let Some((other, _)) = encode_valid_prefix(tokenizer, &longer) else { return Vec::new() };
+        ids.truncate(shared_prefix(&ids, &other));
     }
     ids.truncate(k);
     ids
@@ -453,18 +445,23 @@ fn consensus_propose(tokenizer: &Tokenizer, c: &Consensus, k: usize) -> Vec<u32>
 /// A byte continuation as at most `k` draft tokens, without a last token that
 /// may be cut short (`cut`: the continuation was capped).
 fn tokenize_continuation(tokenizer: &Tokenizer, cont: &[u8], cut: bool, k: usize) -> Vec<u32> {
-    let valid = match std::str::from_utf8(cont) {
-        Ok(s) => s,
-        Err(e) if e.valid_up_to() > 0 => std::str::from_utf8(&cont[..e.valid_up_to()]).unwrap_or(""),
-        // The continuation starts inside a character: nothing sensible to tokenize.
-        Err(_) => return Vec::new(),
-    };
-    let Ok(mut ids) = tokenizer.encode(valid, false, false) else { return Vec::new() };
-    if cut || valid.len() < cont.len() {
+    let Some((mut ids, valid_len)) = encode_valid_prefix(tokenizer, cont) else { return Vec::new() };
+    if cut || valid_len < cont.len() {
         ids.pop();
     }
     ids.truncate(k);
     ids
+}
+
+/// The tokens of the longest valid UTF-8 prefix of `bytes` (a continuation
+/// cut mid-character loses that character; one starting inside a character
+/// gives nothing) and that prefix's length; `None` if encoding fails.
+fn encode_valid_prefix(tokenizer: &Tokenizer, bytes: &[u8]) -> Option<(Vec<u32>, usize)> {
+    let valid = match std::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()?,
+    };
+    Some((tokenizer.encode(valid, false, false).ok()?, valid.len()))
 }
 
 /// One drafted token and the distribution it was drawn from (`None`: one-hot).
@@ -601,19 +598,14 @@ impl ModelDrafter {
             return prefill(model, pool, &mut self.cache, tokens);
         };
         head.note(model, tokens);
-        let n_chunks = tokens.len().div_ceil(crate::generate::PROMPT_CHUNK);
-        let mut hidden = Vec::new();
-        for (i, chunk) in tokens.chunks(crate::generate::PROMPT_CHUNK).enumerate() {
-            let want = if i + 1 == n_chunks { Logits::Hidden } else { Logits::None };
-            hidden = model.forward_one(pool, &mut self.cache, chunk, want)?;
-        }
+        let hidden = prefill_for(model, pool, &mut self.cache, tokens, Logits::Hidden)?;
         head.logits(model, pool, &hidden)
     }
 
     /// Makes `fed` a prefix of `hist` (dropping rejected drafts), then feeds
     /// the rest of `hist`; leaves the logits for the next token in `next_logits`.
     fn catch_up(&mut self, model: &Model, pool: &ThreadPool, hist: &[u32], stats: &mut SpecStats) -> Result<(), ModelError> {
-        let common = self.fed.iter().zip(hist).take_while(|(a, b)| a == b).count();
+        let common = shared_prefix(&self.fed, hist);
         if common < self.fed.len() {
             self.fed.truncate(common);
             self.cache.truncate(common);

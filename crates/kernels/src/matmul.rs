@@ -168,23 +168,14 @@ fn matmul_typed<B: BlockFormat>(
             let (t, step) = group_at(g);
             for r in tile.clone() {
                 let mut v = [0.0f32; TOKEN_GROUP];
+                // (A lone token has no group scales: one token's matmul
+                // builds none.)
+                let w = w_row(r);
                 match step {
-                    TOKEN_GROUP => {
-                        let a: [&[B::Dot]; TOKEN_GROUP] = std::array::from_fn(|k| act_row(t + k));
-                        B::vec_dot_multi(w_row(r), a, group_scales_of(g), &mut v);
-                    }
-                    3 => {
-                        let mut v3 = [0.0f32; 3];
-                        let a = [act_row(t), act_row(t + 1), act_row(t + 2)];
-                        B::vec_dot_multi(w_row(r), a, group_scales_of(g), &mut v3);
-                        v[..3].copy_from_slice(&v3);
-                    }
-                    2 => {
-                        let mut v2 = [0.0f32; 2];
-                        B::vec_dot_multi(w_row(r), [act_row(t), act_row(t + 1)], group_scales_of(g), &mut v2);
-                        v[..2].copy_from_slice(&v2);
-                    }
-                    _ => v[0] = B::vec_dot(w_row(r), act_row(t)),
+                    TOKEN_GROUP => dot_group::<B, TOKEN_GROUP>(w, &act_row, t, group_scales_of(g), &mut v),
+                    3 => dot_group::<B, 3>(w, &act_row, t, group_scales_of(g), &mut v),
+                    2 => dot_group::<B, 2>(w, &act_row, t, group_scales_of(g), &mut v),
+                    _ => v[0] = B::vec_dot(w, act_row(t)),
                 }
                 for (k, &v) in v[..step].iter().enumerate() {
                     // SAFETY: each (t + k, r) is written by exactly one tile's
@@ -195,6 +186,24 @@ fn matmul_typed<B: BlockFormat>(
         }
     });
     Ok(())
+}
+
+/// `vec_dot_multi` of weight row `w` with the `N` activation rows from token
+/// `t`, into `v[..N]`.
+#[inline(always)]
+fn dot_group<'a, B: BlockFormat, const N: usize>(
+    w: &[B],
+    act_row: &impl Fn(usize) -> &'a [B::Dot],
+    t: usize,
+    scales: &[GroupScales],
+    v: &mut [f32; TOKEN_GROUP],
+) where
+    B::Dot: 'a,
+{
+    let a: [&[B::Dot]; N] = std::array::from_fn(|k| act_row(t + k));
+    let mut out = [0.0f32; N];
+    B::vec_dot_multi(w, a, scales, &mut out);
+    v[..N].copy_from_slice(&out);
 }
 
 /// Quantizes each of the `n` rows of `x` into its activation blocks, in
