@@ -5,15 +5,21 @@
 //! sequence up to a fixed maximum, so a short chat does not pay for the whole
 //! context window. A cache can be cloned (several samples sharing one prompt)
 //! and truncated (rolling back rejected speculative tokens).
+//!
+//! Keys and values are stored as f16, as llama.cpp's default cache is: half
+//! the memory, and half the bytes attention reads per position (the
+//! attention kernel's f16 arithmetic is described in
+//! `minnow_kernels::attention`).
 
 use crate::model::ModelConfig;
+use half::f16;
 
 #[derive(Clone)]
 pub struct KvCache {
     /// Per layer, shape [len, kv_dim]: keys after RoPE.
-    keys: Vec<Vec<f32>>,
+    keys: Vec<Vec<f16>>,
     /// Per layer, shape [len, kv_dim].
-    values: Vec<Vec<f32>>,
+    values: Vec<Vec<f16>>,
     /// Positions stored.
     len: usize,
     /// Positions this cache may hold.
@@ -32,6 +38,12 @@ impl KvCache {
             max_len,
             kv_dim: cfg.kv_dim(),
         }
+    }
+
+    /// Bytes one position takes in a cache for `cfg`: keys and values of
+    /// every layer, f16.
+    pub fn bytes_per_position(cfg: &ModelConfig) -> usize {
+        2 * cfg.n_layer * cfg.kv_dim() * std::mem::size_of::<f16>()
     }
 
     /// Positions stored.
@@ -78,9 +90,10 @@ impl KvCache {
 
     /// Appends keys and values (each [n, kv_dim]) of layer `layer` for the
     /// positions `len .. len + n`. The last layer's append advances `len`.
+    /// (Rounded to the nearest f16.)
     pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        self.keys[layer].extend_from_slice(k);
-        self.values[layer].extend_from_slice(v);
+        extend_f16(&mut self.keys[layer], k);
+        extend_f16(&mut self.values[layer], v);
         if layer + 1 == self.keys.len() {
             self.len = self.keys[layer].len() / self.kv_dim;
         }
@@ -88,16 +101,25 @@ impl KvCache {
 
     /// Keys of `layer`, shape [positions, kv_dim] (including positions
     /// appended for the current step).
-    pub(crate) fn keys(&self, layer: usize) -> &[f32] {
+    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
         &self.keys[layer]
     }
 
-    pub(crate) fn values(&self, layer: usize) -> &[f32] {
+    pub(crate) fn values(&self, layer: usize) -> &[f16] {
         &self.values[layer]
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.capacity() * 4).sum()
+        self.keys.iter().chain(&self.values).map(|v| v.capacity() * std::mem::size_of::<f16>()).sum()
     }
+}
+
+/// Appends `x` rounded to f16 (`half`'s slice conversion: F16C where the
+/// CPU has it, round to nearest even either way).
+fn extend_f16(dst: &mut Vec<f16>, x: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let start = dst.len();
+    dst.resize(start + x.len(), f16::ZERO);
+    dst[start..].convert_from_f32_slice(x);
 }

@@ -283,7 +283,7 @@ fn prefix_cache_hit_reuses_kv_with_identical_output() {
 fn prefix_cache_evicts_least_recently_used_under_its_bound() {
     let _g = serial();
     let m = model();
-    let per_token = m.model.config().n_layer * m.model.config().kv_dim() * 2 * 4;
+    let per_token = minnow_engine::kv_cache::KvCache::bytes_per_position(m.model.config());
     let prompt = |topic: &str| tokens(&format!("Here is a long and detailed essay about {topic}, written for students who want to learn everything about it in one afternoon:"));
     let (p1, p2, p3) = (prompt("volcanoes"), prompt("glaciers"), prompt("deserts"));
     // Room for two of the three (prompt + 4 answer tokens each), not three.

@@ -9,7 +9,7 @@
 use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
-use minnow_kernels::attention::{attend, KvLayout};
+use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
 use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, Rope};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
@@ -67,8 +67,8 @@ impl RowLayout {
 thread_local! {
     /// Quantized-activation scratch of the thread that calls `mm`.
     static ACTS: RefCell<ActBuffer> = RefCell::new(ActBuffer::default());
-    /// Attention scores scratch of each pool thread, shape [positions].
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Attention scratch (rounded query, scores) of each pool thread.
+    static SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
 }
 
 /// `out = x · Wᵀ` for `n` rows: x [n, w.cols] → out [n, w.rows].
@@ -208,8 +208,8 @@ impl Attention {
                 // SAFETY: task (r, head) alone writes this head_dim slice.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r * q_dim + head * hd), hd) };
                 let kv = KvLayout { kv_stride: kv_dim, kv_off, head_dim: hd };
-                SCORES.with(|scores| {
-                    attend(qh, keys, values, kv, first..=pos, shape.scale, &mut scores.borrow_mut(), dst);
+                SCRATCH.with(|scratch| {
+                    attend(qh, keys, values, kv, first..=pos, shape.scale, &mut scratch.borrow_mut(), dst);
                 });
             }
         });

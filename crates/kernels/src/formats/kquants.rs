@@ -26,8 +26,13 @@
 //! ggml's reference so results track llama.cpp), and an AVX2+FMA `vec_dot`
 //! chosen at run time. The SIMD kernels all follow one pattern: unsigned
 //! quants × signed Q8 bytes with `maddubs` (→ i16 pairs), × the sub-block
-//! scale with `madd` (→ i32), integer accumulation within a super-block, one
-//! FMA into f32 lanes per super-block, one horizontal sum per row.
+//! scale with `madd` (→ i32), integer accumulation within a super-block.
+//! Q2_K, Q3_K and Q5_K then do one FMA into f32 lanes per super-block and one
+//! horizontal sum per row. Q4_K and Q6_K — the bulk of Q4_K_M files — reduce
+//! each super-block's integer sum exactly first and scale that in f32, so
+//! that their multi-token and multi-row kernels can reduce four tokens' (or
+//! rows') sums with one transpose-and-add and scale them with one FMA: the
+//! per-token float work was a third of their prompt-processing time.
 
 mod q2k;
 mod q3k;

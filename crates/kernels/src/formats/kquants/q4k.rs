@@ -104,9 +104,33 @@ impl BlockFormat for BlockQ4K {
             *o = Self::vec_dot_ref(w, a);
         }
     }
+
+    fn vec_dot_rows<const R: usize>(w: [&[Self]; R], a: &[BlockQ8K], out: &mut [f32; R]) {
+        for w in &w {
+            assert_eq!(w.len(), a.len(), "Q4_K vec_dot: block count mismatch");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            *out = unsafe { vec_dot_rows_avx2(w, a) };
+            return;
+        }
+        for (o, w) in out.iter_mut().zip(w) {
+            *o = Self::vec_dot_ref(w, a);
+        }
+    }
 }
 
 /// AVX2 version of [`BlockQ4K::vec_dot_ref`].
+///
+/// Per super-block, both integer sums of the reference — `isum = Σ_j sc[j]
+/// Σ q*q8` and `msum = Σ_j m[j] * bsums` — are formed exactly in i32 lanes
+/// and reduced to two integers, which are then scaled and accumulated in
+/// f32: lane 0 of `acc` gathers `y.d*d * isum`, lane 1 `y.d*(-dmin) *
+/// msum`, and the result is their sum. [`vec_dot_multi_avx2`] does the same
+/// float operations for each of its tokens in its own lanes, so the two agree
+/// to the bit; that layout is what lets it scale four tokens' sums with one
+/// instruction.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
@@ -117,47 +141,80 @@ pub unsafe fn vec_dot_avx2(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     use std::arch::x86_64::*;
 
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm256_setzero_ps();
+    let mut acc = _mm_setzero_ps();
     for (x, y) in w.iter().zip(a) {
-        let d = y.d * f16_to_f32(x.d);
-        let dmin = y.d * f16_to_f32(x.dmin);
+        let xd = f16_to_f32(x.d);
+        let xdmin = f16_to_f32(x.dmin);
         let (sc, mn) = unpack_scale_min_k4(&x.scales);
-
-        // Min term: bsums are per 16 elements, mins per 32, so widen the
-        // mins to 16 i16 each repeated twice and let madd do pairs.
-        let mn8 = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
-        let mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-        let bsums = load256(y.bsums.as_ptr());
-        let pm = _mm256_madd_epi16(bsums, mn16);
-        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), acc_m);
-
+        let pm = _mm256_madd_epi16(load256(y.bsums.as_ptr()), widen_mins(mn));
         let sc16 = bcast_u8x8_as_i16(sc);
         let mut sumi = _mm256_setzero_si256();
         for c in 0..4 {
-            let q4 = load256(x.qs.as_ptr().add(32 * c));
-            let lo = _mm256_and_si256(q4, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-            let y0 = load256(y.qs.as_ptr().add(64 * c));
-            let y1 = load256(y.qs.as_ptr().add(64 * c + 32));
-            // q ≤ 15, |q8| ≤ 128: pair sums ≤ 3840, no i16 saturation.
-            let p0 = _mm256_maddubs_epi16(lo, y0);
-            let p1 = _mm256_maddubs_epi16(hi, y1);
-            let s0 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c));
-            let s1 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1));
+            let (lo, hi) = nibbles(load256(x.qs.as_ptr().add(32 * c)), m4);
+            let (s0, s1) = sub_block_scales(sc16, c);
+            // q ≤ 15, |q8| ≤ 127: pair sums ≤ 3810, no i16 saturation.
+            let p0 = _mm256_maddubs_epi16(lo, load256(y.qs.as_ptr().add(64 * c)));
+            let p1 = _mm256_maddubs_epi16(hi, load256(y.qs.as_ptr().add(64 * c + 32)));
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p0, s0));
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, s1));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        // [isum, msum, -, -]; |isum| ≤ 8*63*15*127*32 < 2^25, exact in i32.
+        let tot = _mm_cvtepi32_ps(lane_sums_x2(sumi, pm));
+        let scale = _mm_mul_ps(_mm_set1_ps(y.d), _mm_setr_ps(xd, -xdmin, 0.0, 0.0));
+        acc = _mm_fmadd_ps(tot, scale, acc);
     }
-    hsum_f32(_mm256_sub_ps(acc, acc_m))
+    _mm_cvtss_f32(acc) + _mm_cvtss_f32(_mm_movehdup_ps(acc))
 }
 
-/// [`vec_dot_avx2`] of one weight row against N activation rows, decoding
-/// each super-block (scales, mins, nibbles) once. For each row the
-/// operations on its data, its accumulators and its final reduction are
-/// exactly `vec_dot_avx2`'s, so `out[t]` is bit-identical to
-/// `vec_dot_avx2(w, a[t])`.
+/// The eight 6-bit mins as sixteen i16, each repeated twice: `bsums` hold
+/// sums of 16 quants, mins cover 32, so `madd(bsums, mins)` gives
+/// `m[j] * (bsums[2j] + bsums[2j+1])` in lane j.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn widen_mins(mn: [u8; 8]) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let mn8 = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
+    _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8))
+}
+
+/// The low and high nibbles of 32 quant bytes: sub-blocks 2c and 2c+1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn nibbles(
+    q4: std::arch::x86_64::__m256i,
+    m4: std::arch::x86_64::__m256i,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    (_mm256_and_si256(q4, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4))
+}
+
+/// The scales of sub-blocks 2c and 2c+1, each broadcast to sixteen i16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sub_block_scales(
+    sc16: std::arch::x86_64::__m256i,
+    c: usize,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use super::simd::pick_i16;
+    use std::arch::x86_64::*;
+    (
+        _mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c)),
+        _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1)),
+    )
+}
+
+/// [`vec_dot_avx2`] of one weight row against N ≤ 4 activation rows,
+/// decoding each super-block (scales, mins, nibbles) once.
+///
+/// Token t's integer sums are formed exactly as in `vec_dot_avx2`; the
+/// per-token reductions are one transpose-and-add ([`lane_sums_x8`]) giving
+/// `[isum t0..t3 | msum t0..t3]`, and one FMA scales and accumulates all
+/// eight, lane t and 4+t doing for token t what lanes 0 and 1 do in
+/// `vec_dot_avx2`. So `out[t]` is bit-identical to `vec_dot_avx2(w, a[t])`
+/// (`tests/multi_dot.rs`).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; every `a[t]` as long as `w`.
@@ -167,37 +224,28 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]
     use super::simd::*;
     use std::arch::x86_64::*;
 
+    const { assert!(N >= 1 && N <= 4) };
     for a in &a {
         assert_eq!(w.len(), a.len());
     }
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut acc_m = [_mm256_setzero_ps(); N];
+    // Lanes 0..4: Σ y.d*d*isum of tokens 0..4; lanes 4..8: Σ y.d*(-dmin)*msum.
+    let mut acc = _mm256_setzero_ps();
     for (i, x) in w.iter().enumerate() {
         let xd = f16_to_f32(x.d);
         let xdmin = f16_to_f32(x.dmin);
         let (sc, mn) = unpack_scale_min_k4(&x.scales);
-
-        let mn8 = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
-        let mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+        let mn16 = widen_mins(mn);
+        // Tokens past N keep zero sums (and zero scales below).
+        let mut pm = [_mm256_setzero_si256(); 4];
         for t in 0..N {
-            let y = a[t].get_unchecked(i);
-            let pm = _mm256_madd_epi16(load256(y.bsums.as_ptr()), mn16);
-            acc_m[t] = _mm256_fmadd_ps(
-                _mm256_set1_ps(y.d * xdmin),
-                _mm256_cvtepi32_ps(pm),
-                acc_m[t],
-            );
+            pm[t] = _mm256_madd_epi16(load256(a[t].get_unchecked(i).bsums.as_ptr()), mn16);
         }
-
         let sc16 = bcast_u8x8_as_i16(sc);
-        let mut sumi = [_mm256_setzero_si256(); N];
+        let mut sumi = [_mm256_setzero_si256(); 4];
         for c in 0..4 {
-            let q4 = load256(x.qs.as_ptr().add(32 * c));
-            let lo = _mm256_and_si256(q4, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-            let s0 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c));
-            let s1 = _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1));
+            let (lo, hi) = nibbles(load256(x.qs.as_ptr().add(32 * c)), m4);
+            let (s0, s1) = sub_block_scales(sc16, c);
             for t in 0..N {
                 let yq = a[t].get_unchecked(i).qs.as_ptr();
                 let p0 = _mm256_maddubs_epi16(lo, load256(yq.add(64 * c)));
@@ -206,20 +254,70 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p1, s1));
             }
         }
-        for t in 0..N {
-            let y = a[t].get_unchecked(i);
-            acc[t] = _mm256_fmadd_ps(
-                _mm256_set1_ps(y.d * xd),
-                _mm256_cvtepi32_ps(sumi[t]),
-                acc[t],
-            );
+        let tot = _mm256_cvtepi32_ps(lane_sums_x8(sumi, pm));
+        let yd = |t: usize| if t < N { a[t].get_unchecked(i).d } else { 0.0 };
+        let yd4 = _mm_setr_ps(yd(0), yd(1), yd(2), yd(3));
+        let xs = _mm256_set_m128(_mm_set1_ps(-xdmin), _mm_set1_ps(xd));
+        acc = _mm256_fmadd_ps(tot, _mm256_mul_ps(_mm256_set_m128(yd4, yd4), xs), acc);
+    }
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    std::array::from_fn(|t| lanes[t] + lanes[4 + t])
+}
+
+/// [`vec_dot_avx2`] of R ≤ 4 weight rows against one activation row (a
+/// lone token's matvec): the rows' integer sums are reduced together
+/// ([`lane_sums_x8`]: `[isum r0..r3 | msum r0..r3]`) and scaled and
+/// accumulated with one FMA, lane r and 4+r doing for row r what lanes 0 and
+/// 1 do in `vec_dot_avx2` (`y.d*d` is the same product either way round), so
+/// `out[r]` is bit-identical to `vec_dot_avx2(w[r], a)`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `w[r]` as long as `a`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn vec_dot_rows_avx2<const R: usize>(w: [&[BlockQ4K]; R], a: &[BlockQ8K]) -> [f32; R] {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+
+    const { assert!(R >= 1 && R <= 4) };
+    for w in &w {
+        assert_eq!(w.len(), a.len());
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    // Lanes 0..4: Σ y.d*d*isum of rows 0..4; lanes 4..8: Σ y.d*(-dmin)*msum.
+    let mut acc = _mm256_setzero_ps();
+    for (i, y) in a.iter().enumerate() {
+        let x: [&BlockQ4K; R] = std::array::from_fn(|r| w[r].get_unchecked(i));
+        let unpacked: [([u8; 8], [u8; 8]); R] = std::array::from_fn(|r| unpack_scale_min_k4(&x[r].scales));
+        // Rows past R keep zero sums (and zero scales below).
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for c in 0..4 {
+            let y0 = load256(y.qs.as_ptr().add(64 * c));
+            let y1 = load256(y.qs.as_ptr().add(64 * c + 32));
+            for r in 0..R {
+                let (lo, hi) = nibbles(load256(x[r].qs.as_ptr().add(32 * c)), m4);
+                let (s0, s1) = sub_block_scales(bcast_u8x8_as_i16(unpacked[r].0), c);
+                let p0 = _mm256_maddubs_epi16(lo, y0);
+                let p1 = _mm256_maddubs_epi16(hi, y1);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p0, s0));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p1, s1));
+            }
         }
+        let bsums = load256(y.bsums.as_ptr());
+        let mut pm = [_mm256_setzero_si256(); 4];
+        for r in 0..R {
+            pm[r] = _mm256_madd_epi16(bsums, widen_mins(unpacked[r].1));
+        }
+        let tot = _mm256_cvtepi32_ps(lane_sums_x8(sumi, pm));
+        let d = |r: usize| if r < R { f16_to_f32(x[r].d) } else { 0.0 };
+        let dmin = |r: usize| if r < R { -f16_to_f32(x[r].dmin) } else { 0.0 };
+        let xs = _mm256_setr_ps(d(0), d(1), d(2), d(3), dmin(0), dmin(1), dmin(2), dmin(3));
+        acc = _mm256_fmadd_ps(tot, _mm256_mul_ps(_mm256_set1_ps(y.d), xs), acc);
     }
-    let mut out = [0.0f32; N];
-    for t in 0..N {
-        out[t] = hsum_f32(_mm256_sub_ps(acc[t], acc_m[t]));
-    }
-    out
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    std::array::from_fn(|r| lanes[r] + lanes[4 + r])
 }
 
 /// Fits `x ≈ scale*q - min` (q ∈ 0..=nmax, min ≥ 0) for one sub-block.

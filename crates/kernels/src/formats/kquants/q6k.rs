@@ -100,13 +100,32 @@ impl BlockFormat for BlockQ6K {
             *o = Self::vec_dot_ref(w, a);
         }
     }
+
+    fn vec_dot_rows<const R: usize>(w: [&[Self]; R], a: &[BlockQ8K], out: &mut [f32; R]) {
+        for w in &w {
+            assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            *out = unsafe { vec_dot_rows_avx2(w, a) };
+            return;
+        }
+        for (o, w) in out.iter_mut().zip(w) {
+            *o = Self::vec_dot_ref(w, a);
+        }
+    }
 }
 
 /// AVX2 version of [`BlockQ6K::vec_dot_ref`].
 ///
 /// `maddubs` wants unsigned × signed bytes, so the quants go in unbiased
 /// (0..64) and the -32 is taken out afterwards in one go:
-/// `Σ sc*(q-32)*q8 = Σ sc*q*q8 - 32*Σ_j sc[j]*bsums[j]`.
+/// `Σ sc*(q-32)*q8 = Σ sc*q*q8 - 32*Σ_j sc[j]*bsums[j]`. That integer sum is
+/// exact in i32 lanes; it is reduced to one integer per super-block and only
+/// then scaled and accumulated in f32 (lane 0 of `acc`), the same float
+/// operations [`vec_dot_multi_avx2`] does in token t's lane, so the two
+/// agree to the bit.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
@@ -116,53 +135,83 @@ pub unsafe fn vec_dot_avx2(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     use super::simd::*;
     use std::arch::x86_64::*;
 
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m3 = _mm256_set1_epi8(0x03);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = _mm_setzero_ps();
     for (x, y) in w.iter().zip(a) {
-        let d = y.d * f16_to_f32(x.d);
-        let sc_bytes: [u8; 16] = bytemuck::cast(x.scales);
-
-        // 32 * Σ_j sc[j] * bsums[j], in 8 i32 lanes.
-        let sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc_bytes.as_ptr() as *const __m128i));
-        let corr = _mm256_madd_epi16(load256(y.bsums.as_ptr()), sc_all);
-
+        let xd = f16_to_f32(x.d);
+        let sc_all = all_scales(x);
         let mut sumi = _mm256_setzero_si256();
         for n in 0..2 {
-            let sc = bcast_i8x8_as_i16(sc_bytes[8 * n..8 * n + 8].try_into().unwrap());
-            let ql0 = load256(x.ql.as_ptr().add(64 * n));
-            let ql1 = load256(x.ql.as_ptr().add(64 * n + 32));
-            let qh = load256(x.qh.as_ptr().add(32 * n));
-            // 16-bit shifts are fine: every value is masked to bits that
-            // came from its own byte.
-            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
-            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(m3)));
-            let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(m3));
-            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(m3)));
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), h0),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), h1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), h2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), h3),
-            ];
+            let (q, sc) = decode_half(x, n);
             for (k, &qk) in q.iter().enumerate() {
-                let q8 = load256(y.qs.as_ptr().add(128 * n + 32 * k));
-                // q ≤ 63, |q8| ≤ 128: pair sums ≤ 16128, no i16 saturation.
-                let p = _mm256_maddubs_epi16(qk, q8);
+                // q ≤ 63, |q8| ≤ 127: pair sums ≤ 16002, no i16 saturation.
+                let p = _mm256_maddubs_epi16(qk, load256(y.qs.as_ptr().add(128 * n + 32 * k)));
                 let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
             }
         }
-        sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        // |isum| ≤ 16*128*(63*127*16 + 32*16*127) < 2^29: exact in i32.
+        let isum = _mm256_sub_epi32(sumi, offset_term(y, sc_all));
+        let scale = _mm_set1_ps(y.d * xd);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(lane_sum_x1(isum)), scale, acc);
     }
-    hsum_f32(acc)
+    _mm_cvtss_f32(acc)
 }
 
-/// [`vec_dot_avx2`] of one weight row against N activation rows, decoding
-/// each super-block (6-bit quants, scales) once. For each row the
-/// operations on its data, its accumulator and its final reduction are
-/// exactly `vec_dot_avx2`'s, so `out[t]` is bit-identical to
+/// The sixteen signed scales as i16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn all_scales(x: &BlockQ6K) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i))
+}
+
+/// `32 * Σ_j sc[j] * bsums[j]` in eight i32 lanes: the -32 of every quant.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn offset_term(y: &BlockQ8K, sc_all: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use super::simd::load256;
+    use std::arch::x86_64::*;
+    _mm256_slli_epi32::<5>(_mm256_madd_epi16(load256(y.bsums.as_ptr()), sc_all))
+}
+
+/// Half `n` of a super-block (128 weights): its 6-bit quants as four
+/// vectors of 32 bytes (element order matching the activations at
+/// `128*n + 32*k`), and its eight scales as i16 in both 128-bit halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode_half(x: &BlockQ6K, n: usize) -> ([std::arch::x86_64::__m256i; 4], std::arch::x86_64::__m256i) {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let sc_bytes: [u8; 16] = bytemuck::cast(x.scales);
+    let sc = bcast_i8x8_as_i16(sc_bytes[8 * n..8 * n + 8].try_into().unwrap());
+    let ql0 = load256(x.ql.as_ptr().add(64 * n));
+    let ql1 = load256(x.ql.as_ptr().add(64 * n + 32));
+    let qh = load256(x.qh.as_ptr().add(32 * n));
+    // 16-bit shifts are fine: every value is masked to bits that came from
+    // its own byte.
+    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(m3)));
+    let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(m3));
+    let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(m3)));
+    let q = [
+        _mm256_or_si256(_mm256_and_si256(ql0, m4), h0),
+        _mm256_or_si256(_mm256_and_si256(ql1, m4), h1),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), h2),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), h3),
+    ];
+    (q, sc)
+}
+
+/// [`vec_dot_avx2`] of one weight row against N ≤ 4 activation rows,
+/// decoding each super-block (6-bit quants, scales) once. Token t's integer
+/// sum is formed as in `vec_dot_avx2`; the four are reduced together
+/// ([`lane_sums_x4`]) and scaled and accumulated with one FMA, lane t doing
+/// what lane 0 does there, so `out[t]` is bit-identical to
 /// `vec_dot_avx2(w, a[t])`.
 ///
 /// # Safety
@@ -173,33 +222,18 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]
     use super::simd::*;
     use std::arch::x86_64::*;
 
+    const { assert!(N >= 1 && N <= 4) };
     for a in &a {
         assert_eq!(w.len(), a.len());
     }
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m3 = _mm256_set1_epi8(0x03);
-    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc = _mm_setzero_ps();
     for (i, x) in w.iter().enumerate() {
         let xd = f16_to_f32(x.d);
-        let sc_bytes: [u8; 16] = bytemuck::cast(x.scales);
-        let sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc_bytes.as_ptr() as *const __m128i));
-
-        let mut sumi = [_mm256_setzero_si256(); N];
+        let sc_all = all_scales(x);
+        // Tokens past N keep zero sums (and zero scales below).
+        let mut sumi = [_mm256_setzero_si256(); 4];
         for n in 0..2 {
-            let sc = bcast_i8x8_as_i16(sc_bytes[8 * n..8 * n + 8].try_into().unwrap());
-            let ql0 = load256(x.ql.as_ptr().add(64 * n));
-            let ql1 = load256(x.ql.as_ptr().add(64 * n + 32));
-            let qh = load256(x.qh.as_ptr().add(32 * n));
-            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
-            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(m3)));
-            let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(m3));
-            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(m3)));
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), h0),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), h1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), h2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), h3),
-            ];
+            let (q, sc) = decode_half(x, n);
             for (k, &qk) in q.iter().enumerate() {
                 let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
                 for t in 0..N {
@@ -210,15 +244,58 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]
             }
         }
         for t in 0..N {
-            let y = a[t].get_unchecked(i);
-            let corr = _mm256_madd_epi16(load256(y.bsums.as_ptr()), sc_all);
-            let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(corr));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * xd), _mm256_cvtepi32_ps(s), acc[t]);
+            sumi[t] = _mm256_sub_epi32(sumi[t], offset_term(a[t].get_unchecked(i), sc_all));
         }
+        let yd = |t: usize| if t < N { a[t].get_unchecked(i).d } else { 0.0 };
+        let scale = _mm_mul_ps(_mm_setr_ps(yd(0), yd(1), yd(2), yd(3)), _mm_set1_ps(xd));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(lane_sums_x4(sumi)), scale, acc);
     }
-    let mut out = [0.0f32; N];
-    for t in 0..N {
-        out[t] = hsum_f32(acc[t]);
+    let mut lanes = [0.0f32; 4];
+    _mm_storeu_ps(lanes.as_mut_ptr(), acc);
+    std::array::from_fn(|t| lanes[t])
+}
+
+/// [`vec_dot_avx2`] of R ≤ 4 weight rows against one activation row (a
+/// lone token's matvec): the rows' integer sums are reduced together
+/// ([`lane_sums_x4`]) and scaled and accumulated with one FMA, lane r doing
+/// for row r what lane 0 does in `vec_dot_avx2`, so `out[r]` is
+/// bit-identical to `vec_dot_avx2(w[r], a)`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `w[r]` as long as `a`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn vec_dot_rows_avx2<const R: usize>(w: [&[BlockQ6K]; R], a: &[BlockQ8K]) -> [f32; R] {
+    use super::simd::*;
+    use std::arch::x86_64::*;
+
+    const { assert!(R >= 1 && R <= 4) };
+    for w in &w {
+        assert_eq!(w.len(), a.len());
     }
-    out
+    let mut acc = _mm_setzero_ps();
+    for (i, y) in a.iter().enumerate() {
+        let x: [&BlockQ6K; R] = std::array::from_fn(|r| w[r].get_unchecked(i));
+        // Rows past R keep zero sums (and zero scales below).
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for n in 0..2 {
+            for r in 0..R {
+                let (q, sc) = decode_half(x[r], n);
+                for (k, &qk) in q.iter().enumerate() {
+                    let p = _mm256_maddubs_epi16(qk, load256(y.qs.as_ptr().add(128 * n + 32 * k)));
+                    let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, s));
+                }
+            }
+        }
+        for r in 0..R {
+            sumi[r] = _mm256_sub_epi32(sumi[r], offset_term(y, all_scales(x[r])));
+        }
+        let d = |r: usize| if r < R { f16_to_f32(x[r].d) } else { 0.0 };
+        let scale = _mm_mul_ps(_mm_set1_ps(y.d), _mm_setr_ps(d(0), d(1), d(2), d(3)));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(lane_sums_x4(sumi)), scale, acc);
+    }
+    let mut lanes = [0.0f32; 4];
+    _mm_storeu_ps(lanes.as_mut_ptr(), acc);
+    std::array::from_fn(|r| lanes[r])
 }
