@@ -8,10 +8,9 @@
 //! the weights are read from memory once per call whatever `n` is.
 //!
 //! Tokens go in groups of four through the format's `vec_dot_multi`, which
-//! decodes each weight block once for the four of them (the 2-3 left over
-//! as one smaller group); a lone token meets the weight rows four at a time
-//! through `vec_dot_rows`. Every output element is, bit for bit, the
-//! format's `vec_dot` over the whole row (`vec_dot_multi` is held to
+//! decodes each weight block once for the four of them (the remainder goes
+//! two at a time, then through `vec_dot`). Every output element is, bit for
+//! bit, the format's `vec_dot` over the whole row (`vec_dot_multi` is held to
 //! that, see `tests/multi_dot.rs`): the result for a token does not depend on
 //! how many other tokens are in the batch, nor on the thread count (batch
 //! invariance).
@@ -91,10 +90,6 @@ const ROW_TILE: usize = 16;
 /// `vec_dot`'s, so the grouping never shows in the output.
 const TOKEN_GROUP: usize = 4;
 
-/// Weight rows handed together to `BlockFormat::vec_dot_rows` for a lone
-/// token; bit-identical to one `vec_dot` per row.
-const ROW_GROUP: usize = 4;
-
 /// `out[t*rows + r] = dot(W[r], x[t*cols ..])` for `t < n`.
 ///
 /// `x` has shape [n, cols], `out` shape [n, rows].
@@ -171,38 +166,16 @@ fn matmul_typed<B: BlockFormat>(
         // meet the group's activations.
         for g in 0..n_groups {
             let (t, step) = group_at(g);
-            if step == 1 {
-                // A lone token (decode): the tile's rows go ROW_GROUP at a
-                // time through vec_dot_rows, which shares per-block work
-                // across them. (It has no group scales: one token's matmul
-                // builds none.)
-                let a = act_row(t);
-                let mut r = tile.start;
-                while r < tile.end {
-                    let k = (tile.end - r).min(ROW_GROUP);
-                    let mut v = [0.0f32; ROW_GROUP];
-                    match k {
-                        ROW_GROUP => dot_rows::<B, ROW_GROUP>(&w_row, r, a, &mut v),
-                        3 => dot_rows::<B, 3>(&w_row, r, a, &mut v),
-                        2 => dot_rows::<B, 2>(&w_row, r, a, &mut v),
-                        _ => v[0] = B::vec_dot(w_row(r), a),
-                    }
-                    for (i, &v) in v[..k].iter().enumerate() {
-                        // SAFETY: each (t, r + i) is written by exactly one
-                        // tile's thread, and t*rows + r + i < out.len().
-                        unsafe { *out_ptr.0.add(t * rows + r + i) = v };
-                    }
-                    r += k;
-                }
-                continue;
-            }
             for r in tile.clone() {
                 let mut v = [0.0f32; TOKEN_GROUP];
+                // (A lone token has no group scales: one token's matmul
+                // builds none.)
                 let w = w_row(r);
                 match step {
                     TOKEN_GROUP => dot_group::<B, TOKEN_GROUP>(w, &act_row, t, group_scales_of(g), &mut v),
                     3 => dot_group::<B, 3>(w, &act_row, t, group_scales_of(g), &mut v),
-                    _ => dot_group::<B, 2>(w, &act_row, t, group_scales_of(g), &mut v),
+                    2 => dot_group::<B, 2>(w, &act_row, t, group_scales_of(g), &mut v),
+                    _ => v[0] = B::vec_dot(w, act_row(t)),
                 }
                 for (k, &v) in v[..step].iter().enumerate() {
                     // SAFETY: each (t + k, r) is written by exactly one tile's
@@ -213,23 +186,6 @@ fn matmul_typed<B: BlockFormat>(
         }
     });
     Ok(())
-}
-
-/// `vec_dot_rows` of the `R` weight rows from row `r` with one activation
-/// row, into `v[..R]`.
-#[inline(always)]
-fn dot_rows<'a, B: BlockFormat, const R: usize>(
-    w_row: &impl Fn(usize) -> &'a [B],
-    r: usize,
-    a: &[B::Dot],
-    v: &mut [f32; ROW_GROUP],
-) where
-    B: 'a,
-{
-    let w: [&[B]; R] = std::array::from_fn(|i| w_row(r + i));
-    let mut out = [0.0f32; R];
-    B::vec_dot_rows(w, a, &mut out);
-    v[..R].copy_from_slice(&out);
 }
 
 /// `vec_dot_multi` of weight row `w` with the `N` activation rows from token

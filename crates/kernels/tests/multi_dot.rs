@@ -1,8 +1,6 @@
 //! `BlockFormat::vec_dot_multi` (one weight row against several activation
 //! rows, each weight block decoded once) must give, for every activation
-//! row, exactly the bits `vec_dot` gives for that row alone; so must
-//! `vec_dot_rows` (several weight rows against one activation row) for every
-//! weight row. That is what
+//! row, exactly the bits `vec_dot` gives for that row alone. That is what
 //! keeps `matmul` batch-invariant: a token's output cannot depend on how
 //! many other tokens share its batch, nor on where it falls in the groups
 //! of four the matmul hands to `vec_dot_multi`.
@@ -147,35 +145,6 @@ fn check_format<B: Weights>(seed: u64, n_blocks: usize) {
     check_n::<B, 3>(&w, &rows, &want);
     check_n::<B, 1>(&w, &rows, &want);
 
-    // vec_dot_rows: several weight rows against one activation row.
-    let ws: Vec<Vec<B>> = (0..5).map(|_| random_weights(&mut rng, n_blocks)).collect();
-    let a = &rows[0];
-    let want: Vec<f32> = ws.iter().map(|w| B::vec_dot(w, a)).collect();
-    check_rows::<B, 4>(&ws, a, &want);
-    check_rows::<B, 3>(&ws, a, &want);
-    check_rows::<B, 2>(&ws, a, &want);
-    check_rows::<B, 1>(&ws, a, &want);
-}
-
-/// `vec_dot_rows::<R>` on every window of R of the weight rows `ws`,
-/// compared bit for bit with `vec_dot`.
-fn check_rows<B: BlockFormat, const R: usize>(ws: &[Vec<B>], a: &[B::Dot], want: &[f32]) {
-    for start in 0..=ws.len() - R {
-        let w: [&[B]; R] = std::array::from_fn(|r| ws[start + r].as_slice());
-        let mut got = [f32::NAN; R];
-        B::vec_dot_rows(w, a, &mut got);
-        for r in 0..R {
-            assert_eq!(
-                got[r].to_bits(),
-                want[start + r].to_bits(),
-                "{}: vec_dot_rows::<{R}> row {r} gives {} but vec_dot gives {} ({} blocks)",
-                B::TYPE,
-                got[r],
-                want[start + r],
-                a.len()
-            );
-        }
-    }
 }
 
 proptest! {

@@ -30,9 +30,9 @@
 //! Q2_K, Q3_K and Q5_K then do one FMA into f32 lanes per super-block and one
 //! horizontal sum per row. Q4_K and Q6_K — the bulk of Q4_K_M files — reduce
 //! each super-block's integer sum exactly first and scale that in f32, so
-//! that their multi-token and multi-row kernels can reduce four tokens' (or
-//! rows') sums with one transpose-and-add and scale them with one FMA: the
-//! per-token float work was a third of their prompt-processing time.
+//! that their multi-token kernels can reduce four tokens' sums with one
+//! transpose-and-add and scale them with one FMA: the per-token float work
+//! was a third of their prompt-processing time.
 
 mod q2k;
 mod q3k;

@@ -93,16 +93,6 @@ pub trait BlockFormat: bytemuck::Pod + Send + Sync {
             *o = Self::vec_dot(w, a);
         }
     }
-    /// `R` weight rows against one activation row (a lone token's matvec):
-    /// `out[r] = vec_dot(w[r], a)` **bit for bit**, for every `r`. Formats
-    /// override it to share per-block work across the rows (the activation
-    /// loads, and for the k-quants the reduction and float scaling of the
-    /// rows' integer sums); the same rule as `vec_dot_multi` holds.
-    fn vec_dot_rows<const R: usize>(w: [&[Self]; R], a: &[Self::Dot], out: &mut [f32; R]) {
-        for (o, w) in out.iter_mut().zip(w) {
-            *o = Self::vec_dot(w, a);
-        }
-    }
 }
 
 /// Error for byte slices that do not hold whole, aligned blocks.

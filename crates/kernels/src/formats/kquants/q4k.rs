@@ -104,21 +104,6 @@ impl BlockFormat for BlockQ4K {
             *o = Self::vec_dot_ref(w, a);
         }
     }
-
-    fn vec_dot_rows<const R: usize>(w: [&[Self]; R], a: &[BlockQ8K], out: &mut [f32; R]) {
-        for w in &w {
-            assert_eq!(w.len(), a.len(), "Q4_K vec_dot: block count mismatch");
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            *out = unsafe { vec_dot_rows_avx2(w, a) };
-            return;
-        }
-        for (o, w) in out.iter_mut().zip(w) {
-            *o = Self::vec_dot_ref(w, a);
-        }
-    }
 }
 
 /// AVX2 version of [`BlockQ4K::vec_dot_ref`].
@@ -263,61 +248,6 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]
     let mut lanes = [0.0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     std::array::from_fn(|t| lanes[t] + lanes[4 + t])
-}
-
-/// [`vec_dot_avx2`] of R ≤ 4 weight rows against one activation row (a
-/// lone token's matvec): the rows' integer sums are reduced together
-/// ([`lane_sums_x8`]: `[isum r0..r3 | msum r0..r3]`) and scaled and
-/// accumulated with one FMA, lane r and 4+r doing for row r what lanes 0 and
-/// 1 do in `vec_dot_avx2` (`y.d*d` is the same product either way round), so
-/// `out[r]` is bit-identical to `vec_dot_avx2(w[r], a)`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; every `w[r]` as long as `a`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn vec_dot_rows_avx2<const R: usize>(w: [&[BlockQ4K]; R], a: &[BlockQ8K]) -> [f32; R] {
-    use super::simd::*;
-    use std::arch::x86_64::*;
-
-    const { assert!(R >= 1 && R <= 4) };
-    for w in &w {
-        assert_eq!(w.len(), a.len());
-    }
-    let m4 = _mm256_set1_epi8(0x0F);
-    // Lanes 0..4: Σ y.d*d*isum of rows 0..4; lanes 4..8: Σ y.d*(-dmin)*msum.
-    let mut acc = _mm256_setzero_ps();
-    for (i, y) in a.iter().enumerate() {
-        let x: [&BlockQ4K; R] = std::array::from_fn(|r| w[r].get_unchecked(i));
-        let unpacked: [([u8; 8], [u8; 8]); R] = std::array::from_fn(|r| unpack_scale_min_k4(&x[r].scales));
-        // Rows past R keep zero sums (and zero scales below).
-        let mut sumi = [_mm256_setzero_si256(); 4];
-        for c in 0..4 {
-            let y0 = load256(y.qs.as_ptr().add(64 * c));
-            let y1 = load256(y.qs.as_ptr().add(64 * c + 32));
-            for r in 0..R {
-                let (lo, hi) = nibbles(load256(x[r].qs.as_ptr().add(32 * c)), m4);
-                let (s0, s1) = sub_block_scales(bcast_u8x8_as_i16(unpacked[r].0), c);
-                let p0 = _mm256_maddubs_epi16(lo, y0);
-                let p1 = _mm256_maddubs_epi16(hi, y1);
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p0, s0));
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p1, s1));
-            }
-        }
-        let bsums = load256(y.bsums.as_ptr());
-        let mut pm = [_mm256_setzero_si256(); 4];
-        for r in 0..R {
-            pm[r] = _mm256_madd_epi16(bsums, widen_mins(unpacked[r].1));
-        }
-        let tot = _mm256_cvtepi32_ps(lane_sums_x8(sumi, pm));
-        let d = |r: usize| if r < R { f16_to_f32(x[r].d) } else { 0.0 };
-        let dmin = |r: usize| if r < R { -f16_to_f32(x[r].dmin) } else { 0.0 };
-        let xs = _mm256_setr_ps(d(0), d(1), d(2), d(3), dmin(0), dmin(1), dmin(2), dmin(3));
-        acc = _mm256_fmadd_ps(tot, _mm256_mul_ps(_mm256_set1_ps(y.d), xs), acc);
-    }
-    let mut lanes = [0.0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    std::array::from_fn(|r| lanes[r] + lanes[4 + r])
 }
 
 /// Fits `x ≈ scale*q - min` (q ∈ 0..=nmax, min ≥ 0) for one sub-block.

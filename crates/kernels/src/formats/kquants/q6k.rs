@@ -100,21 +100,6 @@ impl BlockFormat for BlockQ6K {
             *o = Self::vec_dot_ref(w, a);
         }
     }
-
-    fn vec_dot_rows<const R: usize>(w: [&[Self]; R], a: &[BlockQ8K], out: &mut [f32; R]) {
-        for w in &w {
-            assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            *out = unsafe { vec_dot_rows_avx2(w, a) };
-            return;
-        }
-        for (o, w) in out.iter_mut().zip(w) {
-            *o = Self::vec_dot_ref(w, a);
-        }
-    }
 }
 
 /// AVX2 version of [`BlockQ6K::vec_dot_ref`].
@@ -253,49 +238,4 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]
     let mut lanes = [0.0f32; 4];
     _mm_storeu_ps(lanes.as_mut_ptr(), acc);
     std::array::from_fn(|t| lanes[t])
-}
-
-/// [`vec_dot_avx2`] of R ≤ 4 weight rows against one activation row (a
-/// lone token's matvec): the rows' integer sums are reduced together
-/// ([`lane_sums_x4`]) and scaled and accumulated with one FMA, lane r doing
-/// for row r what lane 0 does in `vec_dot_avx2`, so `out[r]` is
-/// bit-identical to `vec_dot_avx2(w[r], a)`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; every `w[r]` as long as `a`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn vec_dot_rows_avx2<const R: usize>(w: [&[BlockQ6K]; R], a: &[BlockQ8K]) -> [f32; R] {
-    use super::simd::*;
-    use std::arch::x86_64::*;
-
-    const { assert!(R >= 1 && R <= 4) };
-    for w in &w {
-        assert_eq!(w.len(), a.len());
-    }
-    let mut acc = _mm_setzero_ps();
-    for (i, y) in a.iter().enumerate() {
-        let x: [&BlockQ6K; R] = std::array::from_fn(|r| w[r].get_unchecked(i));
-        // Rows past R keep zero sums (and zero scales below).
-        let mut sumi = [_mm256_setzero_si256(); 4];
-        for n in 0..2 {
-            for r in 0..R {
-                let (q, sc) = decode_half(x[r], n);
-                for (k, &qk) in q.iter().enumerate() {
-                    let p = _mm256_maddubs_epi16(qk, load256(y.qs.as_ptr().add(128 * n + 32 * k)));
-                    let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, s));
-                }
-            }
-        }
-        for r in 0..R {
-            sumi[r] = _mm256_sub_epi32(sumi[r], offset_term(y, all_scales(x[r])));
-        }
-        let d = |r: usize| if r < R { f16_to_f32(x[r].d) } else { 0.0 };
-        let scale = _mm_mul_ps(_mm_set1_ps(y.d), _mm_setr_ps(d(0), d(1), d(2), d(3)));
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(lane_sums_x4(sumi)), scale, acc);
-    }
-    let mut lanes = [0.0f32; 4];
-    _mm_storeu_ps(lanes.as_mut_ptr(), acc);
-    std::array::from_fn(|r| lanes[r])
 }
