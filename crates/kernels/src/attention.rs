@@ -6,13 +6,12 @@
 //! memory and bandwidth of f32), and the arithmetic is llama.cpp's for an
 //! f16 cache: its f16 matrix products round the f32 operand to f16 too, so
 //! the query is rounded to f16 before `q·k` and the softmax weights before
-//! they weight the values; products and sums are f32. (On the test models
-//! this moved minnow's per-token log-probabilities closer to llama.cpp's
-//! than exact f32 attention was: Gemma 3's mean NLL gap on the golden texts
-//! roughly halved.)
+//! they weight the values; products and sums are f32. (Against exact f32
+//! attention this left the agreement with llama.cpp's golden log-probabilities
+//! unchanged within rounding noise on the four test models.)
 //!
 //! The KV cache stores every position's heads side by side (`kv_stride`
-//! floats per position, this head's `head_dim` floats at `kv_off`), so the
+//! values per position, this head's `head_dim` values at `kv_off`), so the
 //! kernel walks it with a stride and never copies it. The scalar reference
 //! is what any CPU runs; the AVX2 + FMA variant is picked at run time and
 //! agrees with it to float rounding (checked in the tests below).
@@ -44,11 +43,11 @@ fn round_f16(x: f32) -> f32 {
 /// Where one head's keys and values sit in the cache.
 #[derive(Clone, Copy, Debug)]
 pub struct KvLayout {
-    /// Floats per cached position (all KV heads).
+    /// Values per cached position (all KV heads).
     pub kv_stride: usize,
-    /// This head's first float within a position.
+    /// This head's first value within a position.
     pub kv_off: usize,
-    /// Floats per head.
+    /// Values per head.
     pub head_dim: usize,
 }
 

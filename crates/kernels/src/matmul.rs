@@ -149,6 +149,13 @@ fn matmul_typed<B: BlockFormat>(
     if n > 1 {
         for g in 0..n_groups {
             let (t, step) = group_at(g);
+            if step == 1 {
+                // A lone token left over goes through `vec_dot`, which takes
+                // no group scales; it is the last group, so skipping it
+                // leaves every other group's scales where `group_scales_of`
+                // looks.
+                continue;
+            }
             let rows: [&[B::Dot]; TOKEN_GROUP] = std::array::from_fn(|k| act_row(t + k.min(step - 1)));
             group_scales(&rows[..step], group);
             scales.extend_from_slice(group);
