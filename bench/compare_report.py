@@ -11,7 +11,9 @@ array or `minnow bench --json`'s object).
 The decode ceiling of a model is bandwidth ÷ the bytes of weights read per
 generated token: every tensor of the file once, except the token embedding
 table, of which one row is read, unless the model has no separate output
-matrix and multiplies by the embedding table instead (tied embeddings). The
+matrix and multiplies by the embedding table instead (tied embeddings); and
+of a mixture-of-experts layer's expert tensors (`*_exps`), only the share of
+the experts a token is routed to (`expert_used_count / expert_count`). The
 KV cache read at these short contexts is left out (under 1% here).
 Standard library only.
 """
@@ -54,7 +56,8 @@ class _Reader:
 
 
 def tensor_bytes(path):
-    """{tensor name: bytes in the file} and the tensor shapes, from a GGUF header.
+    """{tensor name: bytes in the file}, the tensor shapes and the metadata's
+    scalar and string values, from a GGUF header.
 
     A tensor's size is the distance to the next tensor's data (the last one's
     to the end of the file), which includes alignment padding of at most
@@ -68,12 +71,11 @@ def tensor_bytes(path):
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is too old")
         n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-        alignment = 32
+        meta = {}
         for _ in range(n_kv):
             key = r.string()
-            value = r.value(r.unpack("<I"))
-            if key == "general.alignment":
-                alignment = value
+            meta[key] = r.value(r.unpack("<I"))
+        alignment = meta.get("general.alignment") or 32
         infos = []
         for _ in range(n_tensors):
             name = r.string()
@@ -88,11 +90,19 @@ def tensor_bytes(path):
     for i, (offset, name, dims) in enumerate(infos):
         end = infos[i + 1][0] if i + 1 < len(infos) else data_len
         sizes[name], shapes[name] = end - offset, dims
-    return sizes, shapes
+    return sizes, shapes, meta
 
 
 def bytes_per_token(path):
-    sizes, shapes = tensor_bytes(path)
+    sizes, shapes, meta = tensor_bytes(path)
+    arch = meta.get("general.architecture", "")
+    n_expert = meta.get(f"{arch}.expert_count") or 0
+    n_used = meta.get(f"{arch}.expert_used_count") or 0
+    if n_expert and n_used:
+        # A token reads only its routed experts' slices of the stacked tensors.
+        for name in sizes:
+            if name.endswith("_exps.weight"):
+                sizes[name] = sizes[name] * n_used // n_expert
     total = sum(sizes.values())
     embd = sizes.get("token_embd.weight")
     if embd is None or "output.weight" not in sizes:
