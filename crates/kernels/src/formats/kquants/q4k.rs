@@ -195,7 +195,7 @@ unsafe fn sub_block_scales(
 /// decoding each super-block (scales, mins, nibbles) once.
 ///
 /// Token t's integer sums are formed exactly as in `vec_dot_avx2`; the
-/// per-token reductions are one transpose-and-add ([`lane_sums_x8`]) giving
+/// per-token reductions are one transpose-and-add (`simd::lane_sums_x8`) giving
 /// `[isum t0..t3 | msum t0..t3]`, and one FMA scales and accumulates all
 /// eight, lane t and 4+t doing for token t what lanes 0 and 1 do in
 /// `vec_dot_avx2`. So `out[t]` is bit-identical to `vec_dot_avx2(w, a[t])`

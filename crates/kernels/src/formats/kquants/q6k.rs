@@ -195,7 +195,7 @@ unsafe fn decode_half(x: &BlockQ6K, n: usize) -> ([std::arch::x86_64::__m256i; 4
 /// [`vec_dot_avx2`] of one weight row against N ≤ 4 activation rows,
 /// decoding each super-block (6-bit quants, scales) once. Token t's integer
 /// sum is formed as in `vec_dot_avx2`; the four are reduced together
-/// ([`lane_sums_x4`]) and scaled and accumulated with one FMA, lane t doing
+/// (`simd::lane_sums_x4`) and scaled and accumulated with one FMA, lane t doing
 /// what lane 0 does there, so `out[t]` is bit-identical to
 /// `vec_dot_avx2(w, a[t])`.
 ///
