@@ -92,12 +92,10 @@ pub fn attend_ref(
     let AttnScratch { q: q16, scores } = scratch;
     q16.clear();
     q16.extend(q.iter().map(|&x| round_f16(x)));
-    let mut kj = vec![0f32; hd];
     scores.clear();
     scores.extend(span.clone().map(|j| {
-        let k16 = &keys[j * kv_stride + kv_off..j * kv_stride + kv_off + hd];
-        kj.iter_mut().zip(k16).for_each(|(d, k)| *d = k.to_f32());
-        dot_ref(q16, &kj) * scale
+        let kj = &keys[j * kv_stride + kv_off..j * kv_stride + kv_off + hd];
+        dot_ref(q16, kj) * scale
     }));
     crate::ops::softmax_inplace(scores);
     out.iter_mut().for_each(|d| *d = 0.0);
@@ -119,14 +117,15 @@ fn check(q: &[f32], keys: &[f16], values: &[f16], l: KvLayout, span: &RangeInclu
     }
 }
 
-/// Dot product with eight partial sums (so the loop vectorizes).
-fn dot_ref(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product with an f16 vector, with eight partial sums (so the loop
+/// vectorizes).
+fn dot_ref(a: &[f32], b: &[f16]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.to_f32()).sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail

@@ -79,16 +79,24 @@ unsafe fn pair_sum_64(x: __m256i, y: __m256i) -> __m256i {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 pub(super) unsafe fn lane_sums_x4(s: [__m256i; 4]) -> __m128i {
-    let e = pair_sum_64(pair_sum_32(s[0], s[1]), pair_sum_32(s[2], s[3]));
+    let e = half_lane_sums(s);
     _mm_add_epi32(_mm256_castsi256_si128(e), _mm256_extracti128_si256::<1>(e))
+}
+
+/// The transpose-and-add stage shared by [`lane_sums_x4`] and
+/// [`lane_sums_x8`]: `[Σ s0, Σ s1, Σ s2, Σ s3]` over the low 128-bit halves'
+/// lanes in the low half, over the high halves' lanes in the high half.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn half_lane_sums(s: [__m256i; 4]) -> __m256i {
+    pair_sum_64(pair_sum_32(s[0], s[1]), pair_sum_32(s[2], s[3]))
 }
 
 /// [`lane_sums_x4`] of `s` in the low half and of `m` in the high half.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 pub(super) unsafe fn lane_sums_x8(s: [__m256i; 4], m: [__m256i; 4]) -> __m256i {
-    let e = pair_sum_64(pair_sum_32(s[0], s[1]), pair_sum_32(s[2], s[3]));
-    let f = pair_sum_64(pair_sum_32(m[0], m[1]), pair_sum_32(m[2], m[3]));
+    let (e, f) = (half_lane_sums(s), half_lane_sums(m));
     _mm256_add_epi32(
         _mm256_permute2x128_si256::<0x20>(e, f),
         _mm256_permute2x128_si256::<0x31>(e, f),
