@@ -510,6 +510,9 @@ impl DraftHead {
     /// (nearly) the whole head.
     fn new(model: &Model, first: usize) -> Option<DraftHead> {
         let rows = model.output_head().rows;
+        // Whole groups of 8 rows, so the first rows of an interleaved head
+        // are a prefix of its bytes.
+        let first = first.next_multiple_of(8);
         (first > 0 && first * 4 < rows * 3).then(|| DraftHead {
             first,
             extra_ids: Vec::new(),
@@ -521,12 +524,12 @@ impl DraftHead {
     /// Adds the rows of `ids` not yet covered.
     fn note(&mut self, model: &Model, ids: &[u32]) {
         let head = model.output_head();
-        let row = head.row_bytes();
         for &id in ids {
             let i = id as usize;
             if i >= self.first && i < head.rows && self.known.insert(id) {
                 self.extra_ids.push(id);
-                self.extra.extend_from_slice(&head.data[i * row..(i + 1) * row]);
+                // (Row-major whatever the head's layout: `extra` is.)
+                head.copy_row(i, &mut self.extra).expect("the model's head is a valid matrix");
             }
         }
     }
@@ -534,7 +537,7 @@ impl DraftHead {
     /// Logits over the whole vocabulary from the final hidden state
     /// (`Logits::Hidden`): computed for the covered rows, `-inf` elsewhere.
     fn logits(&self, model: &Model, pool: &ThreadPool, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {
-        use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
+        use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
         let head = model.output_head();
         let row = head.row_bytes();
         let err = |e: minnow_kernels::formats::LayoutError| ModelError::new(e.to_string());
@@ -543,7 +546,7 @@ impl DraftHead {
         let top = QMatrix { rows: self.first, data: &head.data[..self.first * row], ..head };
         matmul(pool, &top, hidden, 1, &mut out[..self.first], &mut scratch).map_err(err)?;
         if !self.extra_ids.is_empty() {
-            let extra = QMatrix { rows: self.extra_ids.len(), data: &self.extra, ..head };
+            let extra = QMatrix { rows: self.extra_ids.len(), data: &self.extra, layout: Layout::RowMajor, ..head };
             let mut vals = vec![0f32; self.extra_ids.len()];
             matmul(pool, &extra, hidden, 1, &mut vals, &mut scratch).map_err(err)?;
             for (&id, v) in self.extra_ids.iter().zip(vals) {

@@ -22,7 +22,7 @@ use minnow_kernels::formats::float::BlockF16;
 use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
 use minnow_kernels::formats::{ActBlock, BlockFormat};
-use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
+use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
 use minnow_kernels::ops::{rms_norm, softmax_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
 use std::hint::black_box;
@@ -136,7 +136,10 @@ const COLS: usize = 4864;
 fn matmul_one<B: Format>(c: &mut Criterion, pool: &ThreadPool) {
     let mut rng = Rng(0x5EED_0002);
     let w = weights::<B>(&mut rng, ROWS * COLS);
-    let m = QMatrix { ty: B::TYPE, rows: ROWS, cols: COLS, data: bytemuck::cast_slice(&w) };
+    let m = QMatrix { ty: B::TYPE, rows: ROWS, cols: COLS, data: bytemuck::cast_slice(&w), layout: Layout::RowMajor };
+    // The 8-row interleaved layout too, where the format has one.
+    let owned = m.interleave().expect("whole blocks");
+    let interleaved = owned.as_ref().map(|o| o.q());
     let mut scratch = ActBuffer::default();
     for (group, n) in [("matvec", 1usize), ("matmul32", 32)] {
         let x = rng.vec(n * COLS);
@@ -148,9 +151,12 @@ fn matmul_one<B: Format>(c: &mut Criterion, pool: &ThreadPool) {
         } else {
             Throughput::Elements((ROWS * COLS * n) as u64)
         });
-        g.bench_function(B::NAME, |b| {
-            b.iter(|| matmul(pool, &m, black_box(&x), n, &mut out, &mut scratch).expect("matmul shapes"))
-        });
+        for (name, m) in [(B::NAME.to_string(), Some(&m)), (format!("{}/x8", B::NAME), interleaved.as_ref())] {
+            let Some(m) = m else { continue };
+            g.bench_function(name, |b| {
+                b.iter(|| matmul(pool, m, black_box(&x), n, &mut out, &mut scratch).expect("matmul shapes"))
+            });
+        }
         g.finish();
     }
 }

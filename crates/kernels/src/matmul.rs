@@ -15,18 +15,32 @@
 //! how many other tokens are in the batch, nor on the thread count (batch
 //! invariance).
 
+use crate::formats::interleaved::{self, ActMeta, Interleaved};
 use crate::formats::{cast_blocks, group_scales, ActBlock, BlockFormat, GroupScales, LayoutError};
 use crate::pool::{SharedMut, ThreadPool};
 use crate::GgmlType;
 
+/// How a matrix's blocks are arranged in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Row after row, as in the GGUF file.
+    #[default]
+    RowMajor,
+    /// Groups of 8 rows interleaved block column by block column
+    /// (`formats::interleaved`), for the formats that have such a layout;
+    /// rows a multiple of 8. Same size as row-major.
+    Interleaved8,
+}
+
 /// A weight matrix in a block format: `rows` rows of `cols` elements each,
-/// row-major, in `data`.
+/// in `data`, arranged as `layout` says.
 #[derive(Clone, Copy, Debug)]
 pub struct QMatrix<'a> {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    pub layout: Layout,
 }
 
 impl QMatrix<'_> {
@@ -55,8 +69,99 @@ impl QMatrix<'_> {
                 self.data.len()
             )));
         }
+        if self.layout == Layout::Interleaved8 && (self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty))
+        {
+            return Err(LayoutError(format!(
+                "a {} matrix of {} rows has no 8-row interleaved layout",
+                self.ty, self.rows
+            )));
+        }
         Ok(())
     }
+
+    /// Appends row `r` to `out` in the file's (row-major) block format,
+    /// whatever this matrix's layout.
+    pub fn copy_row(&self, r: usize, out: &mut Vec<u8>) -> Result<(), LayoutError> {
+        self.validate()?;
+        if r >= self.rows {
+            return Err(LayoutError(format!("row {r} of a {}-row matrix", self.rows)));
+        }
+        let rb = self.row_bytes();
+        match self.layout {
+            Layout::RowMajor => out.extend_from_slice(&self.data[r * rb..(r + 1) * rb]),
+            Layout::Interleaved8 => crate::dispatch_interleaved!(
+                self.ty,
+                copy_packed_row(self.data, self.cols, r, out),
+                unreachable!("validate checked the format has an interleaved layout")
+            )?,
+        }
+        Ok(())
+    }
+
+    /// Dequantizes row `r` into `out` (`out.len() == cols`).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<(), LayoutError> {
+        match self.layout {
+            Layout::RowMajor => {
+                self.validate()?;
+                let rb = self.row_bytes();
+                if r >= self.rows {
+                    return Err(LayoutError(format!("row {r} of a {}-row matrix", self.rows)));
+                }
+                crate::formats::dequantize(self.ty, &self.data[r * rb..(r + 1) * rb], out)
+            }
+            Layout::Interleaved8 => {
+                let mut row = Vec::with_capacity(self.row_bytes());
+                self.copy_row(r, &mut row)?;
+                crate::formats::dequantize(self.ty, &row, out)
+            }
+        }
+    }
+
+    /// The same matrix repacked into the 8-row interleaved layout: `None`
+    /// when this format or row count has none, or it is interleaved already.
+    pub fn interleave(&self) -> Result<Option<InterleavedMatrix>, LayoutError> {
+        self.validate()?;
+        if self.layout != Layout::RowMajor || self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty) {
+            return Ok(None);
+        }
+        let mut words = vec![0u64; self.data.len().div_ceil(8)];
+        let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..self.data.len()];
+        crate::dispatch_interleaved!(self.ty, pack_bytes(self.data, self.cols, dst), unreachable!("checked above"))?;
+        Ok(Some(InterleavedMatrix { ty: self.ty, rows: self.rows, cols: self.cols, len: self.data.len(), words }))
+    }
+}
+
+/// A matrix repacked into the 8-row interleaved layout, owning its bytes
+/// (`u64` words, so every block type is aligned).
+pub struct InterleavedMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    len: usize,
+    words: Vec<u64>,
+}
+
+impl InterleavedMatrix {
+    /// The matrix as the kernels see it.
+    pub fn q(&self) -> QMatrix<'_> {
+        let data = &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len];
+        QMatrix { ty: self.ty, rows: self.rows, cols: self.cols, data, layout: Layout::Interleaved8 }
+    }
+}
+
+fn pack_bytes<P: Interleaved>(src: &[u8], cols: usize, dst: &mut [u8]) -> Result<(), LayoutError> {
+    let rows: &[P::Row] = cast_blocks(src)?;
+    let out: &mut [P] = bytemuck::try_cast_slice_mut(dst).map_err(|e| LayoutError(format!("interleave: {e:?}")))?;
+    interleaved::pack_matrix(rows, cols / P::Row::BLOCK, out);
+    Ok(())
+}
+
+fn copy_packed_row<P: Interleaved>(data: &[u8], cols: usize, r: usize, out: &mut Vec<u8>) -> Result<(), LayoutError> {
+    let packed: &[P] = cast_blocks(data)?;
+    let mut row = vec![<P::Row as bytemuck::Zeroable>::zeroed(); cols / P::Row::BLOCK];
+    interleaved::unpack_row(packed, cols / P::Row::BLOCK, r, &mut row);
+    out.extend_from_slice(bytemuck::cast_slice(&row));
+    Ok(())
 }
 
 /// Reusable scratch space for quantized activations, 8-byte aligned so any
@@ -68,6 +173,9 @@ pub struct ActBuffer {
     scales: Vec<GroupScales>,
     /// Scratch for one group's scales.
     group: Vec<GroupScales>,
+    /// The interleaved kernels' per-block activation scales and sums,
+    /// `[token][block]`.
+    meta: Vec<ActMeta>,
 }
 
 /// `n_blocks` activation blocks over `words`, grown as needed.
@@ -113,11 +221,91 @@ pub fn matmul(
             n * w.rows
         )));
     }
-    crate::dispatch_format!(
-        w.ty,
-        matmul_typed(pool, w, x, n, out, scratch),
-        Err(LayoutError(format!("{} weights are not supported by matmul", w.ty)))
-    )
+    match w.layout {
+        Layout::RowMajor => crate::dispatch_format!(
+            w.ty,
+            matmul_typed(pool, w, x, n, out, scratch),
+            Err(LayoutError(format!("{} weights are not supported by matmul", w.ty)))
+        ),
+        Layout::Interleaved8 => crate::dispatch_interleaved!(
+            w.ty,
+            matmul_interleaved(pool, w, x, n, out, scratch),
+            unreachable!("validate checked the format has an interleaved layout")
+        ),
+    }
+}
+
+/// `matmul` for a matrix in the 8-row interleaved layout: threads take
+/// tiles of row groups; each group meets the tokens four at a time
+/// (`Interleaved::dot`, whose per-token results do not depend on how many
+/// tokens share the call).
+fn matmul_interleaved<P: Interleaved>(
+    pool: &ThreadPool,
+    w: &QMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut ActBuffer,
+) -> Result<(), LayoutError> {
+    type Dot<P> = <<P as Interleaved>::Row as BlockFormat>::Dot;
+    let groups: &[P] = cast_blocks(w.data)?;
+    let per_row = w.cols / P::Row::BLOCK;
+    let ActBuffer { words, meta, .. } = scratch;
+    let acts: &mut [Dot<P>] = blocks_mut(words, n * per_row);
+    quantize_rows(pool, x, w.cols, acts, per_row);
+    let acts: &[Dot<P>] = acts;
+    meta.clear();
+    meta.extend(acts.iter().map(P::meta));
+    let meta: &[ActMeta] = meta;
+    let act_row = |t: usize| &acts[t * per_row..(t + 1) * per_row];
+    let meta_row = |t: usize| &meta[t * per_row..(t + 1) * per_row];
+
+    let rows = w.rows;
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    pool.parallel_for(rows / interleaved::ROWS, ROW_TILE / interleaved::ROWS, &|tile| {
+        let out_ptr = out_ptr;
+        let mut t = 0;
+        while t < n {
+            let step = (n - t).min(TOKEN_GROUP);
+            for g in tile.clone() {
+                let wg = &groups[g * per_row..(g + 1) * per_row];
+                let mut v = [[0.0f32; interleaved::ROWS]; TOKEN_GROUP];
+                match step {
+                    4 => dot_interleaved::<P, 4>(wg, &act_row, &meta_row, t, &mut v),
+                    3 => dot_interleaved::<P, 3>(wg, &act_row, &meta_row, t, &mut v),
+                    2 => dot_interleaved::<P, 2>(wg, &act_row, &meta_row, t, &mut v),
+                    _ => dot_interleaved::<P, 1>(wg, &act_row, &meta_row, t, &mut v),
+                }
+                for (k, v) in v[..step].iter().enumerate() {
+                    // SAFETY: rows 8g..8g+8 of token t + k are written by
+                    // exactly this tile's thread, and lie inside out
+                    // ((t + k) < n, 8g + 8 <= rows).
+                    unsafe {
+                        let dst = out_ptr.0.add((t + k) * rows + g * interleaved::ROWS);
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), dst, interleaved::ROWS);
+                    }
+                }
+            }
+            t += step;
+        }
+    });
+    Ok(())
+}
+
+/// `Interleaved::dot` of row group `w` with the `N` tokens from `t`.
+#[inline(always)]
+fn dot_interleaved<'a, P: Interleaved, const N: usize>(
+    w: &[P],
+    act_row: &impl Fn(usize) -> &'a [<P::Row as BlockFormat>::Dot],
+    meta_row: &impl Fn(usize) -> &'a [ActMeta],
+    t: usize,
+    v: &mut [[f32; interleaved::ROWS]; TOKEN_GROUP],
+) where
+    <P::Row as BlockFormat>::Dot: 'a,
+{
+    let mut out = [[0.0f32; interleaved::ROWS]; N];
+    P::dot(w, std::array::from_fn(|k| act_row(t + k)), std::array::from_fn(|k| meta_row(t + k)), &mut out);
+    v[..N].copy_from_slice(&out);
 }
 
 fn matmul_typed<B: BlockFormat>(
@@ -131,7 +319,7 @@ fn matmul_typed<B: BlockFormat>(
     let weights: &[B] = cast_blocks(w.data)?;
     let w_blocks_per_row = w.cols / B::BLOCK;
     let a_blocks_per_row = w.cols / <B::Dot as ActBlock>::BLOCK;
-    let ActBuffer { words, scales, group } = scratch;
+    let ActBuffer { words, scales, group, .. } = scratch;
     let acts: &mut [B::Dot] = blocks_mut(words, n * a_blocks_per_row);
     quantize_rows(pool, x, w.cols, acts, a_blocks_per_row);
     let acts: &[B::Dot] = acts;
@@ -238,9 +426,8 @@ pub fn matmul_reference(w: &QMatrix, x: &[f32], n: usize) -> Result<Vec<f32>, La
     w.validate()?;
     let mut row = vec![0f32; w.cols];
     let mut out = vec![0f32; n * w.rows];
-    let rb = w.row_bytes();
     for r in 0..w.rows {
-        crate::formats::dequantize(w.ty, &w.data[r * rb..(r + 1) * rb], &mut row)?;
+        w.row_f32(r, &mut row)?;
         for t in 0..n {
             let xt = &x[t * w.cols..(t + 1) * w.cols];
             out[t * w.rows + r] = row.iter().zip(xt).map(|(a, b)| a * b).sum();

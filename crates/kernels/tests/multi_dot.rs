@@ -13,8 +13,9 @@
 
 use minnow_kernels::formats::kquants::*;
 use minnow_kernels::formats::legacy::*;
+use minnow_kernels::formats::interleaved::*;
 use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat};
-use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
+use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
 use minnow_kernels::pool::ThreadPool;
 use proptest::prelude::*;
 
@@ -207,7 +208,16 @@ fn check_matmul_invariance<B: Weights>(seed: u64, rows: usize, blocks_per_row: u
         rows,
         cols,
         data: bytemuck::cast_slice(&w),
+        layout: Layout::RowMajor,
     };
+    check_invariance_of(&mut rng, &m);
+    if let Some(p) = m.interleave().unwrap() {
+        check_invariance_of(&mut rng, &p.q());
+    }
+}
+
+fn check_invariance_of(rng: &mut Rng, m: &QMatrix) {
+    let (rows, cols) = (m.rows, m.cols);
     let n_max = 11;
     let x: Vec<f32> = (0..n_max * cols).map(|_| rng.f32(2.0)).collect();
     for threads in [1, 3] {
@@ -218,7 +228,7 @@ fn check_matmul_invariance<B: Weights>(seed: u64, rows: usize, blocks_per_row: u
                 let mut out = vec![0.0; rows];
                 matmul(
                     &pool,
-                    &m,
+                    m,
                     &x[t * cols..(t + 1) * cols],
                     1,
                     &mut out,
@@ -230,7 +240,7 @@ fn check_matmul_invariance<B: Weights>(seed: u64, rows: usize, blocks_per_row: u
             .collect();
         for n in 1..=n_max {
             let mut out = vec![0.0; n * rows];
-            matmul(&pool, &m, &x[..n * cols], n, &mut out, &mut scratch).unwrap();
+            matmul(&pool, m, &x[..n * cols], n, &mut out, &mut scratch).unwrap();
             for t in 0..n {
                 let got: Vec<u32> = out[t * rows..(t + 1) * rows]
                     .iter()
@@ -240,8 +250,8 @@ fn check_matmul_invariance<B: Weights>(seed: u64, rows: usize, blocks_per_row: u
                 assert_eq!(
                     got,
                     want,
-                    "{}: token {t} of {n}, {threads} threads",
-                    B::TYPE
+                    "{} {:?}: token {t} of {n}, {threads} threads",
+                    m.ty, m.layout
                 );
             }
         }
@@ -254,8 +264,124 @@ fn matmul_is_batch_invariant() {
     check_matmul_invariance::<BlockQ5_0>(2, 37, 5);
     check_matmul_invariance::<BlockQ4_1>(3, 37, 5);
     check_matmul_invariance::<BlockQ4_0>(4, 37, 5);
+    // Whole groups of 8 rows: these also run in the interleaved layout.
+    check_matmul_invariance::<BlockQ8_0>(11, 40, 5);
+    check_matmul_invariance::<BlockQ5_0>(12, 48, 3);
+    check_matmul_invariance::<BlockQ4_1>(13, 56, 5);
+    check_matmul_invariance::<BlockQ4_0>(14, 40, 1);
     check_matmul_invariance::<BlockQ5_1>(5, 37, 5);
     check_matmul_invariance::<BlockQ4K>(6, 37, 2);
     check_matmul_invariance::<BlockQ6K>(7, 37, 3);
     check_matmul_invariance::<BlockQ5K>(8, 21, 2);
+}
+
+// ---------------------------------------------------------------------------
+// The 8-row interleaved layouts (`formats::interleaved`): the repacking is
+// lossless, the reference agrees with the row-major reference, and the SIMD
+// kernel for N = 1..4 tokens gives the reference's bits for every token.
+
+/// `P::dot::<N>` on every window of N of `acts`, bit for bit against `want`.
+fn check_interleaved_n<P: Interleaved, const N: usize>(
+    packed: &[P],
+    acts: &[Vec<<P::Row as BlockFormat>::Dot>],
+    metas: &[Vec<ActMeta>],
+    want: &[[f32; 8]],
+) {
+    for start in 0..=acts.len() - N {
+        let mut got = [[f32::NAN; 8]; N];
+        P::dot(
+            packed,
+            std::array::from_fn(|t| acts[start + t].as_slice()),
+            std::array::from_fn(|t| metas[start + t].as_slice()),
+            &mut got,
+        );
+        for t in 0..N {
+            let bits = |v: &[f32; 8]| v.map(f32::to_bits);
+            assert_eq!(bits(&got[t]), bits(&want[start + t]), "{}: N = {N}, token {}", P::Row::TYPE, start + t);
+        }
+    }
+}
+
+fn check_interleaved<P: Interleaved>(seed: u64, blocks_per_row: usize)
+where
+    P::Row: Weights,
+{
+    let mut rng = Rng(seed);
+    let w: Vec<P::Row> = random_weights(&mut rng, 8 * blocks_per_row);
+    let mut packed = vec![bytemuck::Zeroable::zeroed(); blocks_per_row];
+    pack_matrix::<P>(&w, blocks_per_row, &mut packed);
+    let mut row = vec![bytemuck::Zeroable::zeroed(); blocks_per_row];
+    for r in 0..8 {
+        unpack_row::<P>(&packed, blocks_per_row, r, &mut row);
+        let want: &[u8] = bytemuck::cast_slice(&w[r * blocks_per_row..(r + 1) * blocks_per_row]);
+        assert_eq!(bytemuck::cast_slice::<_, u8>(&row), want, "{}: row {r} round trip", P::Row::TYPE);
+    }
+
+    let cols = blocks_per_row * P::Row::BLOCK;
+    let acts: Vec<Vec<_>> = (0..6).map(|_| random_acts(&mut rng, cols)).collect();
+    let metas: Vec<Vec<ActMeta>> = acts.iter().map(|a| a.iter().map(P::meta).collect()).collect();
+    let want: Vec<[f32; 8]> = acts.iter().zip(&metas).map(|(a, m)| P::dot_ref(&packed, a, m)).collect();
+    for (a, got) in acts.iter().zip(&want) {
+        for (s, &got) in got.iter().enumerate() {
+            let wr = &w[s * blocks_per_row..(s + 1) * blocks_per_row];
+            let plain = P::Row::vec_dot_ref(wr, a);
+            // Same exact integer sums, different float rounding: within a
+            // few ulps of the sum of the blocks' magnitudes.
+            let mag: f32 = (0..blocks_per_row).map(|j| P::Row::vec_dot_ref(&wr[j..j + 1], &a[j..j + 1]).abs()).sum();
+            assert!(
+                (got - plain).abs() <= 1e-5 * mag,
+                "{}: row {s}: interleaved {got} vs row-major {plain} (magnitude {mag})",
+                P::Row::TYPE
+            );
+
+        }
+    }
+    check_interleaved_n::<P, 1>(&packed, &acts, &metas, &want);
+    check_interleaved_n::<P, 2>(&packed, &acts, &metas, &want);
+    check_interleaved_n::<P, 3>(&packed, &acts, &metas, &want);
+    check_interleaved_n::<P, 4>(&packed, &acts, &metas, &want);
+}
+
+#[test]
+fn interleaved_layouts_round_trip_and_match_their_reference() {
+    for (i, blocks) in [1usize, 2, 7].into_iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        check_interleaved::<BlockQ8_0x8>(seed, blocks);
+        check_interleaved::<BlockQ4_0x8>(seed + 1, blocks);
+        check_interleaved::<BlockQ4_1x8>(seed + 2, blocks);
+        check_interleaved::<BlockQ5_0x8>(seed + 3, blocks);
+    }
+}
+
+/// The interleaved matmul against the dequantize-and-f32 reference, and the
+/// row-major matmul, on a matrix whose rows are whole groups.
+#[test]
+fn interleaved_matmul_matches_reference() {
+    let mut rng = Rng(77);
+    let (rows, blocks) = (24, 4);
+    let w: Vec<BlockQ5_0> = random_weights(&mut rng, rows * blocks);
+    let cols = blocks * 32;
+    let m = QMatrix { ty: BlockQ5_0::TYPE, rows, cols, data: bytemuck::cast_slice(&w), layout: Layout::RowMajor };
+    let owned = m.interleave().unwrap().expect("Q5_0 with 24 rows interleaves");
+    let p = owned.q();
+    let n = 5;
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.f32(1.0)).collect();
+    let pool = ThreadPool::new(2);
+    let mut scratch = ActBuffer::default();
+    let (mut a, mut b) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+    matmul(&pool, &m, &x, n, &mut a, &mut scratch).unwrap();
+    matmul(&pool, &p, &x, n, &mut b, &mut scratch).unwrap();
+    let reference = minnow_kernels::matmul::matmul_reference(&p, &x, n).unwrap();
+    let reference_rm = minnow_kernels::matmul::matmul_reference(&m, &x, n).unwrap();
+    assert_eq!(reference, reference_rm, "row_f32 of the interleaved matrix is the row-major row");
+    for i in 0..n * rows {
+        let tol = 1e-3 * reference[i].abs().max(1.0);
+        assert!((b[i] - a[i]).abs() <= tol, "element {i}: interleaved {} vs row-major {}", b[i], a[i]);
+        // Activations are quantized to 8 bits: a few percent of the scale.
+        let tol = 0.02 * reference.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        assert!((b[i] - reference[i]).abs() <= tol, "element {i}: {} vs reference {}", b[i], reference[i]);
+    }
+    let mut row = Vec::new();
+    p.copy_row(13, &mut row).unwrap();
+    assert_eq!(row, &m.data[13 * m.row_bytes()..14 * m.row_bytes()]);
 }

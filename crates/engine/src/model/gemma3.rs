@@ -9,7 +9,8 @@ use super::config::ModelConfig;
 use super::transformer::{
     embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
 };
-use super::weights::{Matrix, TensorLoader};
+use super::weights::{embedding_and_head, Matrix, TensorLoader};
+use std::sync::Arc;
 use super::ModelError;
 use minnow_kernels::ops::{add_inplace, rms_norm_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
@@ -25,10 +26,11 @@ struct Layer {
 
 pub struct Gemma3 {
     cfg: ModelConfig,
-    tok_embd: Matrix,
+    /// The embedding table (shared with `output` when the two are tied).
+    tok_embd: Arc<Matrix>,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
-    output: Matrix,
+    output: Arc<Matrix>,
     rope_global: Rope,
     rope_local: Rope,
 }
@@ -36,7 +38,7 @@ pub struct Gemma3 {
 impl Gemma3 {
     pub fn load(cfg: ModelConfig, t: &TensorLoader) -> Result<Gemma3, ModelError> {
         let (e, v, hd) = (cfg.n_embd, cfg.vocab_size, cfg.head_dim);
-        let tok_embd = t.matrix("token_embd.weight", v, e)?;
+        let (tok_embd, output) = embedding_and_head(t, v, e)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let p = |name: &str| format!("blk.{l}.{name}");
@@ -61,8 +63,6 @@ impl Gemma3 {
             });
         }
         let output_norm = t.vector("output_norm.weight", e)?;
-        let output =
-            if t.has("output.weight") { t.matrix("output.weight", v, e)? } else { t.matrix("token_embd.weight", v, e)? };
         let rope_global = Rope::new(cfg.n_rot, cfg.rope_base, true);
         let rope_local = Rope::new(cfg.n_rot, cfg.rope_base_local, true);
         Ok(Gemma3 { cfg, tok_embd, layers, output_norm, output, rope_global, rope_local })

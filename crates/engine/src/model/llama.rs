@@ -19,7 +19,8 @@ use super::moe::{MoeFfn, RouterStats};
 use super::transformer::{
     embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
 };
-use super::weights::{Matrix, TensorLoader};
+use super::weights::{embedding_and_head, Matrix, TensorLoader};
+use std::sync::Arc;
 use super::ModelError;
 use minnow_kernels::ops::{add_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
@@ -39,18 +40,19 @@ struct Layer {
 
 pub struct Llama {
     cfg: ModelConfig,
-    tok_embd: Matrix,
+    /// The embedding table (shared with `output` when the two are tied).
+    tok_embd: Arc<Matrix>,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
     /// The output head, or the embedding table when the two are tied.
-    output: Matrix,
+    output: Arc<Matrix>,
     rope: Rope,
 }
 
 impl Llama {
     pub fn load(cfg: ModelConfig, t: &TensorLoader) -> Result<Llama, ModelError> {
         let (e, v) = (cfg.n_embd, cfg.vocab_size);
-        let tok_embd = t.matrix("token_embd.weight", v, e)?;
+        let (tok_embd, output) = embedding_and_head(t, v, e)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let p = |name: &str| format!("blk.{l}.{name}");
@@ -92,11 +94,6 @@ impl Llama {
             });
         }
         let output_norm = t.vector("output_norm.weight", e)?;
-        let output = if t.has("output.weight") {
-            t.matrix("output.weight", v, e)?
-        } else {
-            t.matrix("token_embd.weight", v, e)?
-        };
         let neox = matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3Moe);
         let rope = Rope::new(cfg.n_rot, cfg.rope_base, neox);
         Ok(Llama { cfg, tok_embd, layers, output_norm, output, rope })

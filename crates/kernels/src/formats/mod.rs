@@ -12,6 +12,7 @@
 //! - `kquants`: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, and the activation block Q8_K
 
 pub mod float;
+pub mod interleaved;
 pub mod kquants;
 pub mod legacy;
 
