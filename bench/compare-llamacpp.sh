@@ -152,11 +152,14 @@ done
 OUT=${MINNOW_COMPARE_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/minnow-compare.XXXXXX")}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
+# GNU time for each run's peak RSS, where the machine has it (Debian: `time`).
+if [[ -x /usr/bin/time ]]; then PEAK_RSS="/usr/bin/time -f %M -o $OUT/rss.txt"; else PEAK_RSS=""; fi
 : >"$RESULTS"
-record() { # engine model round others json-on-stdin
+record() { # engine model round others peak-rss-kib json-on-stdin
     python3 -c 'import json, sys
 print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.argv[3]),
-                  "others_running": int(sys.argv[4]), "out": json.load(sys.stdin)}))' "$@" >>"$RESULTS"
+                  "others_running": int(sys.argv[4]), "max_rss_kib": int(sys.argv[5] or 0),
+                  "out": json.load(sys.stdin)}))' "$@" >>"$RESULTS"
 }
 # Tasks of other programs runnable right now (this shell is the one subtracted):
 # the cores may be shared, and a busy machine makes the comparison unfair.
@@ -185,13 +188,14 @@ for name in "${model_list[@]}"; do
         for engine in $order; do
             others=$(others_running)
             log "$name round $round/$ROUNDS: $engine ($others other tasks running)"
+            # Peak resident memory of the whole run (GNU time's %M, KiB).
             if [[ $engine == llama ]]; then
-                "$LLAMACPP_BIN/llama-bench" -m "$path" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o json 2>>"$OUT/llama-bench.log" \
-                    | record llama "$name" "$round" "$others"
+                $PEAK_RSS "$LLAMACPP_BIN/llama-bench" -m "$path" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o json \
+                    >"$OUT/run.json" 2>>"$OUT/llama-bench.log"
             else
-                "$MINNOW" bench "$path" --threads "$THREADS" -p "$PP" -n "$TG" -r 1 --json \
-                    | record minnow "$name" "$round" "$others"
+                $PEAK_RSS "$MINNOW" bench "$path" --threads "$THREADS" -p "$PP" -n "$TG" -r 1 --json >"$OUT/run.json"
             fi
+            record "$engine" "$name" "$round" "$others" "$(tail -1 "$OUT/rss.txt" 2>/dev/null || echo 0)" <"$OUT/run.json"
         done
     done
 done

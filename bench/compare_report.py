@@ -116,7 +116,9 @@ def load_results(out):
     res = {}
     for line in (out / "results.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        slot = res.setdefault((rec["engine"], rec["model"]), {"pp": [], "tg": []})
+        slot = res.setdefault((rec["engine"], rec["model"]), {"pp": [], "tg": [], "rss": []})
+        if rec.get("max_rss_kib"):
+            slot["rss"].append(rec["max_rss_kib"] / 1024)
         if rec["engine"] == "llama":
             for test in rec["out"]:
                 kind = "pp" if test["n_gen"] == 0 else "tg"
@@ -181,6 +183,19 @@ def main():
     print()
     print("Per round (tok/s):")
     print("\n".join(spread))
+    rss = [(m["model"], res.get(("llama", m["model"]), {}).get("rss"), res.get(("minnow", m["model"]), {}).get("rss"))
+           for m in models]
+    rss = [(name, l, n) for name, l, n in rss if l and n]
+    if rss:
+        print()
+        print("Peak resident memory of a whole bench run (median over rounds, MiB; same model, context of "
+              f"pp{pp} + tg{tg}):")
+        print()
+        print("| model | llama.cpp | minnow | minnow ÷ llama.cpp |")
+        print("|---|--:|--:|--:|")
+        for name, l, n in rss:
+            lm, nm = statistics.median(l), statistics.median(n)
+            print(f"| {name} | {lm:.0f} | {nm:.0f} | {nm / lm:.2f}× |")
 
 
 if __name__ == "__main__":

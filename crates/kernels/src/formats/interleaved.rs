@@ -88,7 +88,10 @@ pub trait Interleaved: Pod + Send + Sync {
     /// Reference: 8 rows (a row group's blocks `w`) · one token's activation
     /// row `a`.
     fn dot_ref(w: &[Self], a: &[<Self::Row as BlockFormat>::Dot], meta: &[ActMeta]) -> [f32; ROWS] {
-        assert!(w.len() == a.len() && w.len() == meta.len(), "interleaved dot: length mismatch");
+        assert!(
+            w.len() == a.len() && w.len() == meta.len(),
+            "interleaved dot: length mismatch"
+        );
         let mut acc = [0.0f32; ROWS];
         for ((x, y), m) in w.iter().zip(a).zip(meta) {
             for (s, acc) in acc.iter_mut().enumerate() {
@@ -196,7 +199,10 @@ impl Interleaved for BlockQ8_0x8 {
                 qs[32 * k + 4 * s..32 * k + 4 * s + 4].copy_from_slice(&row.qs[4 * k..4 * k + 4]);
             }
         }
-        BlockQ8_0x8 { d: rows.map(|r| r.d), qs }
+        BlockQ8_0x8 {
+            d: rows.map(|r| r.d),
+            qs,
+        }
     }
 
     fn unpack(&self, s: usize) -> BlockQ8_0 {
@@ -208,7 +214,11 @@ impl Interleaved for BlockQ8_0x8 {
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta { d: f16(a.d), s: 0.0, sum: 0 }
+        ActMeta {
+            d: f16(a.d),
+            s: 0.0,
+            sum: 0,
+        }
     }
 
     fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
@@ -219,7 +229,12 @@ impl Interleaved for BlockQ8_0x8 {
         self.d
     }
 
-    fn dot<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], meta: [&[ActMeta]; N], out: &mut [[f32; ROWS]; N]) {
+    fn dot<const N: usize>(
+        w: &[Self],
+        a: [&[BlockQ8_0]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
         dispatch(w, a, meta, out, simd!(q8_0))
     }
 }
@@ -228,15 +243,25 @@ impl Interleaved for BlockQ4_0x8 {
     type Row = BlockQ4_0;
 
     fn pack(rows: [&BlockQ4_0; ROWS]) -> Self {
-        BlockQ4_0x8 { d: rows.map(|r| r.d), qs: pack_nibbles(rows.map(|r| &r.qs)) }
+        BlockQ4_0x8 {
+            d: rows.map(|r| r.d),
+            qs: pack_nibbles(rows.map(|r| &r.qs)),
+        }
     }
 
     fn unpack(&self, s: usize) -> BlockQ4_0 {
-        BlockQ4_0 { d: self.d[s], qs: unpack_nibbles(&self.qs, s) }
+        BlockQ4_0 {
+            d: self.d[s],
+            qs: unpack_nibbles(&self.qs, s),
+        }
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta { d: f16(a.d), s: 0.0, sum: a.qs.iter().map(|&q| q as i32).sum() }
+        ActMeta {
+            d: f16(a.d),
+            s: 0.0,
+            sum: a.qs.iter().map(|&q| q as i32).sum(),
+        }
     }
 
     /// Σ (q − 8)·y = Σ q·y − 8·Σy.
@@ -248,7 +273,12 @@ impl Interleaved for BlockQ4_0x8 {
         self.d
     }
 
-    fn dot<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], meta: [&[ActMeta]; N], out: &mut [[f32; ROWS]; N]) {
+    fn dot<const N: usize>(
+        w: &[Self],
+        a: [&[BlockQ8_0]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
         dispatch(w, a, meta, out, simd!(q4_0))
     }
 }
@@ -257,15 +287,27 @@ impl Interleaved for BlockQ4_1x8 {
     type Row = BlockQ4_1;
 
     fn pack(rows: [&BlockQ4_1; ROWS]) -> Self {
-        BlockQ4_1x8 { d: rows.map(|r| r.d), m: rows.map(|r| r.m), qs: pack_nibbles(rows.map(|r| &r.qs)) }
+        BlockQ4_1x8 {
+            d: rows.map(|r| r.d),
+            m: rows.map(|r| r.m),
+            qs: pack_nibbles(rows.map(|r| &r.qs)),
+        }
     }
 
     fn unpack(&self, s: usize) -> BlockQ4_1 {
-        BlockQ4_1 { d: self.d[s], m: self.m[s], qs: unpack_nibbles(&self.qs, s) }
+        BlockQ4_1 {
+            d: self.d[s],
+            m: self.m[s],
+            qs: unpack_nibbles(&self.qs, s),
+        }
     }
 
     fn meta(a: &BlockQ8_1) -> ActMeta {
-        ActMeta { d: f16(a.d), s: f16(a.s), sum: 0 }
+        ActMeta {
+            d: f16(a.d),
+            s: f16(a.s),
+            sum: 0,
+        }
     }
 
     fn isum_ref(&self, s: usize, a: &BlockQ8_1) -> i32 {
@@ -277,7 +319,10 @@ impl Interleaved for BlockQ4_1x8 {
     /// the opposite sign to the rest, so where they are added changes the
     /// rounding noticeably (and this model family is sensitive to it).
     fn dot_ref(w: &[Self], a: &[BlockQ8_1], meta: &[ActMeta]) -> [f32; ROWS] {
-        assert!(w.len() == a.len() && w.len() == meta.len(), "interleaved dot: length mismatch");
+        assert!(
+            w.len() == a.len() && w.len() == meta.len(),
+            "interleaved dot: length mismatch"
+        );
         let mut acc = [0.0f32; ROWS];
         let mut mins = [0.0f32; ROWS];
         for ((x, y), m) in w.iter().zip(a).zip(meta) {
@@ -293,7 +338,12 @@ impl Interleaved for BlockQ4_1x8 {
         self.d
     }
 
-    fn dot<const N: usize>(w: &[Self], a: [&[BlockQ8_1]; N], meta: [&[ActMeta]; N], out: &mut [[f32; ROWS]; N]) {
+    fn dot<const N: usize>(
+        w: &[Self],
+        a: [&[BlockQ8_1]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
         dispatch(w, a, meta, out, simd!(q4_1))
     }
 }
@@ -306,10 +356,16 @@ impl Interleaved for BlockQ5_0x8 {
         for (s, row) in rows.iter().enumerate() {
             let bits = u32::from_le_bytes(row.qh);
             for b in 0..4 {
-                qh[4 * s + b] = (0..8).map(|k| (((bits >> (4 * k + b)) & 1) as u8) << k).sum();
+                qh[4 * s + b] = (0..8)
+                    .map(|k| (((bits >> (4 * k + b)) & 1) as u8) << k)
+                    .sum();
             }
         }
-        BlockQ5_0x8 { d: rows.map(|r| r.d), qh, qs: pack_nibbles(rows.map(|r| &r.qs)) }
+        BlockQ5_0x8 {
+            d: rows.map(|r| r.d),
+            qh,
+            qs: pack_nibbles(rows.map(|r| &r.qs)),
+        }
     }
 
     fn unpack(&self, s: usize) -> BlockQ5_0 {
@@ -319,16 +375,26 @@ impl Interleaved for BlockQ5_0x8 {
                 bits |= (((self.qh[4 * s + b] >> k) & 1) as u32) << (4 * k + b);
             }
         }
-        BlockQ5_0 { d: self.d[s], qh: bits.to_le_bytes(), qs: unpack_nibbles(&self.qs, s) }
+        BlockQ5_0 {
+            d: self.d[s],
+            qh: bits.to_le_bytes(),
+            qs: unpack_nibbles(&self.qs, s),
+        }
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta { d: f16(a.d), s: 0.0, sum: a.qs.iter().map(|&q| q as i32).sum() }
+        ActMeta {
+            d: f16(a.d),
+            s: 0.0,
+            sum: a.qs.iter().map(|&q| q as i32).sum(),
+        }
     }
 
     /// Σ (q − 16)·y = Σ q·y − 16·Σy, q the 5-bit quant.
     fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
-        let q = |e: usize| nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4;
+        let q = |e: usize| {
+            nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4
+        };
         isum_of(q, &a.qs) - 16 * Self::meta(a).sum
     }
 
@@ -336,13 +402,19 @@ impl Interleaved for BlockQ5_0x8 {
         self.d
     }
 
-    fn dot<const N: usize>(w: &[Self], a: [&[BlockQ8_0]; N], meta: [&[ActMeta]; N], out: &mut [[f32; ROWS]; N]) {
+    fn dot<const N: usize>(
+        w: &[Self],
+        a: [&[BlockQ8_0]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
         dispatch(w, a, meta, out, simd!(q5_0))
     }
 }
 
 /// A SIMD kernel of this module's shape.
-type Kernel<P, A, const N: usize> = unsafe fn(&[P], [&[A]; N], [&[ActMeta]; N], &mut [[f32; ROWS]; N]);
+type Kernel<P, A, const N: usize> =
+    unsafe fn(&[P], [&[A]; N], [&[ActMeta]; N], &mut [[f32; ROWS]; N]);
 
 /// Runs `kernel` where the CPU has AVX2 + FMA + F16C, the reference
 /// otherwise.
@@ -355,7 +427,10 @@ fn dispatch<P: Interleaved, const N: usize>(
     kernel: Option<Kernel<P, <P::Row as BlockFormat>::Dot, N>>,
 ) {
     for t in 0..N {
-        assert!(w.len() == a[t].len() && w.len() == meta[t].len(), "interleaved dot: length mismatch");
+        assert!(
+            w.len() == a[t].len() && w.len() == meta[t].len(),
+            "interleaved dot: length mismatch"
+        );
     }
     match kernel {
         // SAFETY: the features the kernel needs were detected just now, and
@@ -381,7 +456,9 @@ mod avx2 {
     /// Activation bytes `4k..4k+4` of `y` in every 32-bit lane.
     #[inline(always)]
     unsafe fn chunk(y: &[i8; QK], k: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(y.as_ptr().add(4 * k).cast::<i32>()))
+        _mm256_set1_epi32(std::ptr::read_unaligned(
+            y.as_ptr().add(4 * k).cast::<i32>(),
+        ))
     }
 
     /// Pairs of i16 → i32 lanes (lane s = row s).
@@ -399,7 +476,11 @@ mod avx2 {
     /// `acc = fma(isum, dw·dy, acc)` in every lane: `accumulate_ref`.
     #[inline(always)]
     unsafe fn scale_add(isum: __m256i, dw: __m256, m: &ActMeta, acc: __m256) -> __m256 {
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(m.d)), acc)
+        _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(isum),
+            _mm256_mul_ps(dw, _mm256_set1_ps(m.d)),
+            acc,
+        )
     }
 
     /// The nibble vectors of a block: `lo[m]` = chunk `m`, `hi[m]` = chunk
@@ -477,7 +558,10 @@ mod avx2 {
             let dw = halves(&x.d);
             for t in 0..N {
                 let m = meta[t].get_unchecked(j);
-                let isum = _mm256_sub_epi32(isum4(&lo, &hi, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(8 * m.sum));
+                let isum = _mm256_sub_epi32(
+                    isum4(&lo, &hi, &a[t].get_unchecked(j).qs),
+                    _mm256_set1_epi32(8 * m.sum),
+                );
                 acc[t] = scale_add(isum, dw, m, acc[t]);
             }
         }
@@ -578,18 +662,28 @@ mod avx2 {
 /// `blocks_per_row` blocks into row groups: group `g`'s block column `j` at
 /// `out[g * blocks_per_row + j]`.
 pub fn pack_matrix<P: Interleaved>(rows: &[P::Row], blocks_per_row: usize, out: &mut [P]) {
-    assert!(blocks_per_row > 0 && rows.len() % (ROWS * blocks_per_row) == 0, "pack_matrix: not whole row groups");
+    assert!(
+        blocks_per_row > 0 && rows.len() % (ROWS * blocks_per_row) == 0,
+        "pack_matrix: not whole row groups"
+    );
     assert_eq!(out.len(), rows.len() / ROWS, "pack_matrix: output size");
     for (g, dst) in out.chunks_exact_mut(blocks_per_row).enumerate() {
         let base = g * ROWS * blocks_per_row;
         for (j, d) in dst.iter_mut().enumerate() {
-            *d = P::pack(std::array::from_fn(|s| &rows[base + s * blocks_per_row + j]));
+            *d = P::pack(std::array::from_fn(|s| {
+                &rows[base + s * blocks_per_row + j]
+            }));
         }
     }
 }
 
 /// Row `r` of a packed matrix back in the file's format.
-pub fn unpack_row<P: Interleaved>(packed: &[P], blocks_per_row: usize, r: usize, out: &mut [P::Row]) {
+pub fn unpack_row<P: Interleaved>(
+    packed: &[P],
+    blocks_per_row: usize,
+    r: usize,
+    out: &mut [P::Row],
+) {
     assert_eq!(out.len(), blocks_per_row, "unpack_row: output size");
     let group = &packed[(r / ROWS) * blocks_per_row..(r / ROWS + 1) * blocks_per_row];
     for (o, b) in out.iter_mut().zip(group) {
