@@ -212,20 +212,24 @@ impl GgufFile {
         self.tensor(name).map(|t| self.slice_of(t))
     }
 
-    /// Tells the OS this process no longer needs the pages holding tensor
-    /// `t`'s data, for a loader that has copied them elsewhere (repacked):
-    /// they leave the process's resident memory, and reading the tensor
-    /// later still works (the pages come back from the file). Does nothing
-    /// for a file held in memory. Advice only: errors are ignored.
-    pub fn release_tensor_pages(&self, t: &TensorInfo) {
-        let bytes = self.tensor_data(t);
+    /// Tells the OS this process no longer needs the pages holding `bytes`
+    /// (a slice of this file's data, e.g. a tensor a loader has copied
+    /// elsewhere): they leave the process's resident memory, and reading
+    /// them later still works (the pages come back from the file). Does
+    /// nothing for a file held in memory or a slice from elsewhere. Advice
+    /// only: errors are ignored.
+    pub fn release_pages(&self, bytes: &[u8]) {
         if let Storage::Mapped(map) = &self.storage {
-            let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
-            // SAFETY: the map is a private, read-only mapping of a file that
-            // stays unchanged while mapped (the contract of `open`), so
-            // dropping its pages only means later reads fault them back in
-            // with the same contents; no reference sees different bytes.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
+            let (start, end) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
+            let at = bytes.as_ptr() as usize;
+            if bytes.is_empty() || at < start || at + bytes.len() > end {
+                return;
+            }
+            // SAFETY: the map is a read-only mapping of a file that stays
+            // unchanged while mapped (the contract of `open`), so dropping
+            // its pages only means later reads fault them back in with the
+            // same contents; no reference sees different bytes.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at - start, bytes.len()) };
         }
     }
 

@@ -120,13 +120,26 @@ impl QMatrix<'_> {
     /// The same matrix repacked into the 8-row interleaved layout: `None`
     /// when this format or row count has none, or it is interleaved already.
     pub fn interleave(&self) -> Result<Option<InterleavedMatrix>, LayoutError> {
+        self.interleave_with(|_| {})
+    }
+
+    /// [`QMatrix::interleave`], calling `done` with each stretch of this
+    /// matrix's bytes once it has been copied (whole row groups, about 4 MiB
+    /// at a time, in order), so a loader can release the source as it goes
+    /// and never hold both copies of a large matrix.
+    pub fn interleave_with(&self, mut done: impl FnMut(&[u8])) -> Result<Option<InterleavedMatrix>, LayoutError> {
         self.validate()?;
         if self.layout != Layout::RowMajor || self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty) {
             return Ok(None);
         }
         let mut words = vec![0u64; self.data.len().div_ceil(8)];
         let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..self.data.len()];
-        crate::dispatch_interleaved!(self.ty, pack_bytes(self.data, self.cols, dst), unreachable!("checked above"))?;
+        let group_bytes = interleaved::ROWS * self.row_bytes();
+        let stretch = ((4 << 20) / group_bytes).max(1) * group_bytes;
+        for (src, dst) in self.data.chunks(stretch).zip(dst.chunks_mut(stretch)) {
+            crate::dispatch_interleaved!(self.ty, pack_bytes(src, self.cols, dst), unreachable!("checked above"))?;
+            done(src);
+        }
         Ok(Some(InterleavedMatrix { ty: self.ty, rows: self.rows, cols: self.cols, len: self.data.len(), words }))
     }
 }

@@ -91,7 +91,8 @@ enum Interleave {
 impl Interleave {
     fn applies_to(self, ty: GgmlType) -> bool {
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => true,
+            // Q4_K's interleaved kernel is bit-identical to its row-major one.
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q4_K => true,
             GgmlType::Q8_0 => self == Interleave::Head,
             _ => false,
         }
@@ -142,10 +143,10 @@ impl TensorLoader {
         if !interleave.applies_to(info.ty) {
             return Ok(m);
         }
-        m.interleaved = m.q().interleave().map_err(|e| ModelError::new(format!("tensor '{name}': {e}")))?;
-        if m.interleaved.is_some() {
-            self.file.release_tensor_pages(info);
-        }
+        // The file's pages are released as each stretch is copied.
+        let file = &self.file;
+        m.interleaved =
+            m.q().interleave_with(|done| file.release_pages(done)).map_err(|e| ModelError::new(format!("tensor '{name}': {e}")))?;
         Ok(m)
     }
 

@@ -99,6 +99,17 @@ pub(crate) fn unpack_scale_min_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
+/// Inverse of `unpack_scale_min_k4`: packs 6-bit scales and mins.
+pub(crate) fn pack_scale_min_k4(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+        s[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+        s[j + 8] = (sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4);
+    }
+    s
+}
+
 /// The Q8_K activation block: 256 activations as `d * qs[i]`, plus the sum
 /// of each run of 16 quants (`bsums`), which the weight formats use to apply
 /// their per-sub-block offsets without a pass over the elements.

@@ -5,7 +5,7 @@
 //! chunks, chunk `c` holding sub-block `2c` in its low nibbles and `2c+1` in
 //! its high nibbles (so one 32-byte load feeds two sub-blocks in SIMD).
 
-use super::{f16_to_f32, has_avx2_fma, unpack_scale_min_k4, BlockQ8K, QK_K};
+use super::{f16_to_f32, has_avx2_fma, pack_scale_min_k4, unpack_scale_min_k4, BlockQ8K, QK_K};
 use crate::formats::{BlockFormat, GroupScales};
 use crate::GgmlType;
 
@@ -450,13 +450,3 @@ fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32) -> (u8, u8) {
     best
 }
 
-/// Inverse of `unpack_scale_min_k4`: packs 6-bit scales and mins.
-fn pack_scale_min_k4(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
-    let mut s = [0u8; 12];
-    for j in 0..4 {
-        s[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
-        s[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
-        s[j + 8] = (sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4);
-    }
-    s
-}

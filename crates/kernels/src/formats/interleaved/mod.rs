@@ -73,33 +73,10 @@ pub trait Interleaved: Pod + Send + Sync {
     fn unpack(&self, s: usize) -> Self::Row;
     /// What the kernels need of one activation block.
     fn meta(a: &<Self::Row as BlockFormat>::Dot) -> ActMeta;
-    /// Row `s`'s exact integer sum for this block with activation block `a`
-    /// (offsets applied), as the SIMD kernel computes it.
-    fn isum_ref(&self, s: usize, a: &<Self::Row as BlockFormat>::Dot) -> i32;
-    /// The float step for one block and row: `acc` updated with the block's
-    /// integer sum.
-    fn accumulate_ref(&self, s: usize, isum: i32, m: &ActMeta, acc: f32) -> f32 {
-        let dw = f16(self.scales()[s]);
-        (isum as f32).mul_add(dw * m.d, acc)
-    }
-    /// The eight rows' f16 scales.
-    fn scales(&self) -> [u16; ROWS];
 
     /// Reference: 8 rows (a row group's blocks `w`) · one token's activation
     /// row `a`.
-    fn dot_ref(w: &[Self], a: &[<Self::Row as BlockFormat>::Dot], meta: &[ActMeta]) -> [f32; ROWS] {
-        assert!(
-            w.len() == a.len() && w.len() == meta.len(),
-            "interleaved dot: length mismatch"
-        );
-        let mut acc = [0.0f32; ROWS];
-        for ((x, y), m) in w.iter().zip(a).zip(meta) {
-            for (s, acc) in acc.iter_mut().enumerate() {
-                *acc = x.accumulate_ref(s, x.isum_ref(s, y), m, *acc);
-            }
-        }
-        acc
-    }
+    fn dot_ref(w: &[Self], a: &[<Self::Row as BlockFormat>::Dot], meta: &[ActMeta]) -> [f32; ROWS];
 
     /// 8 rows · `N` tokens: `out[t] = dot_ref(w, a[t], meta[t])` bit for bit
     /// (AVX2 where available).
@@ -113,6 +90,35 @@ pub trait Interleaved: Pod + Send + Sync {
             out[t] = Self::dot_ref(w, a[t], meta[t]);
         }
     }
+}
+
+/// The 32-element formats' shared arithmetic: each block's exact integer
+/// sum per row, then one float step.
+trait ExactSums: Interleaved {
+    /// Row `s`'s exact integer sum for this block with activation block `a`
+    /// (offsets applied), as the SIMD kernel computes it.
+    fn isum_ref(&self, s: usize, a: &<Self::Row as BlockFormat>::Dot) -> i32;
+    /// The eight rows' f16 scales.
+    fn scales(&self) -> [u16; ROWS];
+    /// The float step for one block and row: `acc` updated with the block's
+    /// integer sum.
+    fn accumulate_ref(&self, s: usize, isum: i32, m: &ActMeta, acc: f32) -> f32 {
+        let dw = f16(self.scales()[s]);
+        (isum as f32).mul_add(dw * m.d, acc)
+    }
+}
+
+/// `Interleaved::dot_ref` of the formats whose blocks are summed exactly and
+/// scaled once.
+fn exact_dot_ref<P: ExactSums>(w: &[P], a: &[<P::Row as BlockFormat>::Dot], meta: &[ActMeta]) -> [f32; ROWS] {
+    assert!(w.len() == a.len() && w.len() == meta.len(), "interleaved dot: length mismatch");
+    let mut acc = [0.0f32; ROWS];
+    for ((x, y), m) in w.iter().zip(a).zip(meta) {
+        for (s, acc) in acc.iter_mut().enumerate() {
+            *acc = x.accumulate_ref(s, x.isum_ref(s, y), m, *acc);
+        }
+    }
+    acc
 }
 
 // ---------------------------------------------------------------------------
@@ -221,12 +227,9 @@ impl Interleaved for BlockQ8_0x8 {
         }
     }
 
-    fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
-        isum_of(|e| self.qs[32 * (e / 4) + 4 * s + e % 4] as i32, &a.qs)
-    }
 
-    fn scales(&self) -> [u16; ROWS] {
-        self.d
+    fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
+        exact_dot_ref(w, a, meta)
     }
 
     fn dot<const N: usize>(
@@ -238,6 +241,16 @@ impl Interleaved for BlockQ8_0x8 {
         dispatch(w, a, meta, out, simd!(q8_0))
     }
 }
+impl ExactSums for BlockQ8_0x8 {
+    fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
+        isum_of(|e| self.qs[32 * (e / 4) + 4 * s + e % 4] as i32, &a.qs)
+    }
+
+    fn scales(&self) -> [u16; ROWS] {
+        self.d
+    }
+}
+
 
 impl Interleaved for BlockQ4_0x8 {
     type Row = BlockQ4_0;
@@ -264,13 +277,9 @@ impl Interleaved for BlockQ4_0x8 {
         }
     }
 
-    /// Σ (q − 8)·y = Σ q·y − 8·Σy.
-    fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
-        isum_of(|e| nibble(&self.qs, s, e), &a.qs) - 8 * Self::meta(a).sum
-    }
 
-    fn scales(&self) -> [u16; ROWS] {
-        self.d
+    fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
+        exact_dot_ref(w, a, meta)
     }
 
     fn dot<const N: usize>(
@@ -282,6 +291,17 @@ impl Interleaved for BlockQ4_0x8 {
         dispatch(w, a, meta, out, simd!(q4_0))
     }
 }
+impl ExactSums for BlockQ4_0x8 {
+    /// Σ (q − 8)·y = Σ q·y − 8·Σy.
+    fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
+        isum_of(|e| nibble(&self.qs, s, e), &a.qs) - 8 * Self::meta(a).sum
+    }
+
+    fn scales(&self) -> [u16; ROWS] {
+        self.d
+    }
+}
+
 
 impl Interleaved for BlockQ4_1x8 {
     type Row = BlockQ4_1;
@@ -310,9 +330,6 @@ impl Interleaved for BlockQ4_1x8 {
         }
     }
 
-    fn isum_ref(&self, s: usize, a: &BlockQ8_1) -> i32 {
-        isum_of(|e| nibble(&self.qs, s, e), &a.qs)
-    }
 
     /// Σ (dw q + m)(dy y) = dw dy Σ q y + m s. The min terms go to their own
     /// sum, added at the end, as ggml's Q4_1 dot does: they are large and of
@@ -334,10 +351,6 @@ impl Interleaved for BlockQ4_1x8 {
         std::array::from_fn(|s| acc[s] + mins[s])
     }
 
-    fn scales(&self) -> [u16; ROWS] {
-        self.d
-    }
-
     fn dot<const N: usize>(
         w: &[Self],
         a: [&[BlockQ8_1]; N],
@@ -347,6 +360,16 @@ impl Interleaved for BlockQ4_1x8 {
         dispatch(w, a, meta, out, simd!(q4_1))
     }
 }
+impl ExactSums for BlockQ4_1x8 {
+    fn isum_ref(&self, s: usize, a: &BlockQ8_1) -> i32 {
+        isum_of(|e| nibble(&self.qs, s, e), &a.qs)
+    }
+
+    fn scales(&self) -> [u16; ROWS] {
+        self.d
+    }
+}
+
 
 impl Interleaved for BlockQ5_0x8 {
     type Row = BlockQ5_0;
@@ -390,16 +413,9 @@ impl Interleaved for BlockQ5_0x8 {
         }
     }
 
-    /// Σ (q − 16)·y = Σ q·y − 16·Σy, q the 5-bit quant.
-    fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
-        let q = |e: usize| {
-            nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4
-        };
-        isum_of(q, &a.qs) - 16 * Self::meta(a).sum
-    }
 
-    fn scales(&self) -> [u16; ROWS] {
-        self.d
+    fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
+        exact_dot_ref(w, a, meta)
     }
 
     fn dot<const N: usize>(
@@ -411,6 +427,20 @@ impl Interleaved for BlockQ5_0x8 {
         dispatch(w, a, meta, out, simd!(q5_0))
     }
 }
+impl ExactSums for BlockQ5_0x8 {
+    /// Σ (q − 16)·y = Σ q·y − 16·Σy, q the 5-bit quant.
+    fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
+        let q = |e: usize| {
+            nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4
+        };
+        isum_of(q, &a.qs) - 16 * Self::meta(a).sum
+    }
+
+    fn scales(&self) -> [u16; ROWS] {
+        self.d
+    }
+}
+
 
 /// A SIMD kernel of this module's shape.
 type Kernel<P, A, const N: usize> =
@@ -655,6 +685,9 @@ mod avx2 {
     }
 }
 
+mod q4k;
+pub use q4k::BlockQ4Kx8;
+
 // ---------------------------------------------------------------------------
 // Whole matrices.
 
@@ -694,7 +727,7 @@ pub fn unpack_row<P: Interleaved>(
 /// Whether `ty` has a row-interleaved layout here.
 pub fn has_layout(ty: crate::GgmlType) -> bool {
     use crate::GgmlType as T;
-    matches!(ty, T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q8_0)
+    matches!(ty, T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q8_0 | T::Q4_K)
 }
 
 /// Calls `$f::<PackedType>($args)` for a type with an interleaved layout;
@@ -709,6 +742,7 @@ macro_rules! dispatch_interleaved {
             T::Q4_1 => $f::<BlockQ4_1x8>($($args),*),
             T::Q5_0 => $f::<BlockQ5_0x8>($($args),*),
             T::Q8_0 => $f::<BlockQ8_0x8>($($args),*),
+            T::Q4_K => $f::<BlockQ4Kx8>($($args),*),
             _ => $other,
         }
     }};
