@@ -20,6 +20,7 @@ mod bpe;
 mod pretok;
 mod special;
 mod spm;
+mod vocab;
 
 use minnow_gguf::{GgufFile, Value};
 use special::{Frag, SpecialMatcher};
@@ -132,9 +133,8 @@ enum Model {
 /// encoding and decoding need).
 pub struct Tokenizer {
     model: Model,
-    tokens: Vec<String>,
+    vocab: vocab::Vocab,
     attrs: Vec<Attr>,
-    token_to_id: FastMap<String, u32>,
     special: SpecialMatcher,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -152,7 +152,7 @@ impl std::fmt::Debug for Tokenizer {
         };
         f.debug_struct("Tokenizer")
             .field("kind", &kind)
-            .field("vocab_size", &self.tokens.len())
+            .field("vocab_size", &self.vocab.len())
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("add_bos", &self.add_bos)
@@ -290,17 +290,19 @@ impl Tokenizer {
         if n >= u32::MAX as usize / 2 {
             return Err(meta_err(format!("{KEY_TOKENS} has too many tokens ({n})")));
         }
-        let tokens: Vec<String> = raw_tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.to_string() })
-            .collect();
-        let mut token_to_id: FastMap<String, u32> = fast_map(n);
-        for (i, t) in tokens.iter().enumerate() {
-            if token_to_id.insert(t.clone(), i as u32).is_some() {
-                return Err(meta_err(format!("{KEY_TOKENS} contains `{t}` twice (second at id {i})")));
+        let vocab = vocab::Vocab::new(raw_tokens.iter().enumerate().map(|(i, t)| {
+            if t.is_empty() {
+                std::borrow::Cow::Owned(format!("[EMPTY_{i}]"))
+            } else {
+                std::borrow::Cow::Borrowed(&**t)
             }
-        }
+        }))
+        .map_err(|e| match e {
+            vocab::VocabError::Duplicate { id, text } => {
+                meta_err(format!("{KEY_TOKENS} contains `{text}` twice (second at id {id})"))
+            }
+            vocab::VocabError::TooLarge => meta_err(format!("{KEY_TOKENS}: the token texts exceed 4 GiB")),
+        })?;
 
         let mut attrs = match meta.array(KEY_TYPES)? {
             None => vec![Attr::Normal; n],
@@ -340,7 +342,7 @@ impl Tokenizer {
                 TokenizerError::UnknownPreTokenizer { name: pre_name.to_string(), supported: pretok::supported_names() }
             })?;
             let merges = meta.strings(KEY_MERGES)?.ok_or_else(|| meta_err(format!("{KEY_MERGES} is missing")))?;
-            let bpe = bpe::Bpe::new(&token_to_id, n as u32, &merges, ignore_merges)?;
+            let bpe = bpe::Bpe::new(&vocab, n as u32, &merges, ignore_merges)?;
             Model::Bpe { bpe, pre, char_to_byte: bpe::char_to_byte_table() }
         } else {
             let scores = match meta.array(KEY_SCORES)? {
@@ -358,7 +360,7 @@ impl Tokenizer {
                 }
             };
             let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-            Model::Spm { spm: spm::Spm::new(&token_to_id, scores, unk), add_space_prefix }
+            Model::Spm { spm: spm::Spm::new(&vocab, scores, unk), add_space_prefix }
         };
 
         let default_add_bos = match &model {
@@ -377,7 +379,7 @@ impl Tokenizer {
         // llama.cpp's fix-ups by token text: end-of-turn, end-of-generation and
         // FIM tokens are control tokens even when the converter said otherwise
         // (which changes how their text is tokenized without parse_special).
-        let lookup = |name: &str| token_to_id.get(name).copied();
+        let lookup = |name: &str| vocab.get(name);
         if eot.is_none() {
             let found: Vec<u32> = EOT_NAMES.iter().filter_map(|s| lookup(s)).collect();
             eot = found.iter().copied().min();
@@ -430,16 +432,16 @@ impl Tokenizer {
         }
 
         let special = SpecialMatcher::new(
-            tokens
+            vocab
                 .iter()
                 .zip(&attrs)
                 .enumerate()
                 .filter(|(_, (_, a))| matches!(a, Attr::Control | Attr::UserDefined | Attr::Unknown))
-                .map(|(i, (t, a))| (i as u32, t.clone(), *a == Attr::UserDefined))
+                .map(|(i, (t, a))| (i as u32, t.to_string(), *a == Attr::UserDefined))
                 .collect(),
         );
 
-        Ok(Tokenizer { model, tokens, attrs, token_to_id, special, bos, eos, add_bos, add_eos, eog })
+        Ok(Tokenizer { model, vocab, attrs, special, bos, eos, add_bos, add_eos, eog })
     }
 
     /// Encodes `text`. `add_special` adds BOS/EOS as the model's metadata says;
@@ -476,7 +478,7 @@ impl Tokenizer {
                             offsets.push(s.len());
                             for (ws, we) in pre.split(&chars, &flags) {
                                 let word = &s.as_bytes()[offsets[ws]..offsets[we]];
-                                bpe.encode_word(word, &self.token_to_id, &mut scratch, &mut out);
+                                bpe.encode_word(word, &self.vocab, &mut scratch, &mut out);
                             }
                         }
                     }
@@ -501,7 +503,7 @@ impl Tokenizer {
                             for c in text[a..b].chars() {
                                 escaped.push(if c == ' ' { '▁' } else { c });
                             }
-                            spm.encode(&escaped, &self.token_to_id, &mut out)?;
+                            spm.encode(&escaped, &self.vocab, &mut out)?;
                             prev_special = false;
                         }
                     }
@@ -535,7 +537,7 @@ impl Tokenizer {
     }
 
     fn append_token_bytes(&self, id: u32, out: &mut Vec<u8>) {
-        let Some(text) = self.tokens.get(id as usize) else { return };
+        let Some(text) = self.vocab.text(id) else { return };
         match self.attrs[id as usize] {
             Attr::Control | Attr::Unknown | Attr::UserDefined => out.extend_from_slice(text.as_bytes()),
             Attr::Unused | Attr::Undefined => {}
@@ -564,16 +566,16 @@ impl Tokenizer {
 
     /// The vocabulary string of a token ("" for ids outside the vocabulary).
     pub fn token_text(&self, id: u32) -> &str {
-        self.tokens.get(id as usize).map(String::as_str).unwrap_or("")
+        self.vocab.text(id).unwrap_or("")
     }
 
     /// The id of the token whose vocabulary string is exactly `text`.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.vocab.get(text)
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.vocab.len()
     }
 
     pub fn bos_id(&self) -> Option<u32> {

@@ -98,7 +98,7 @@ impl Bpe {
     /// Builds the merge table. `merges` are `"left right"` strings, rank =
     /// index; the first occurrence of a pair wins, as in llama.cpp.
     pub(crate) fn new(
-        token_to_id: &FastMap<String, u32>,
+        vocab: &super::vocab::Vocab,
         n_vocab: u32,
         merges: &[&str],
         ignore_merges: bool,
@@ -106,7 +106,7 @@ impl Bpe {
         let byte_to_char = byte_to_char_table();
         let mut byte_ids = [NO_TOKEN; 256];
         for (b, c) in byte_to_char.iter().enumerate() {
-            if let Some(&id) = token_to_id.get(c.to_string().as_str()) {
+            if let Some(id) = vocab.get(c.to_string().as_str()) {
                 byte_ids[b] = id;
             }
         }
@@ -122,7 +122,7 @@ impl Bpe {
             };
             let (a, b) = (&m[..p], &m[p + 1..]);
             let lookup = |t: &str| {
-                token_to_id.get(t).copied().ok_or_else(|| {
+                vocab.get(t).ok_or_else(|| {
                     TokenizerError::Metadata(format!("merge #{rank} `{m}` refers to `{t}`, which is not in the vocabulary"))
                 })
             };
@@ -131,15 +131,15 @@ impl Bpe {
                 continue;
             }
             let joined = format!("{a}{b}");
-            let merged = match token_to_id.get(&joined) {
-                Some(&id) => id,
+            let merged = match vocab.get(&joined) {
+                Some(id) => id,
                 None => {
                     // Not a token: llama.cpp still merges, and at the end emits
                     // whichever single bytes of the text are tokens.
                     let next = n_vocab as usize + virtual_fallback.len();
                     let id = *virtual_ids.entry(joined.clone()).or_insert_with(|| {
                         virtual_fallback.push(
-                            joined.bytes().filter_map(|byte| byte_token(token_to_id, byte)).collect::<Vec<u32>>(),
+                            joined.bytes().filter_map(|byte| byte_token(vocab, byte)).collect::<Vec<u32>>(),
                         );
                         next as u32
                     });
@@ -158,7 +158,7 @@ impl Bpe {
     pub(crate) fn encode_word(
         &self,
         word: &[u8],
-        token_to_id: &FastMap<String, u32>,
+        vocab: &super::vocab::Vocab,
         scratch: &mut BpeScratch,
         out: &mut Vec<u32>,
     ) {
@@ -169,7 +169,7 @@ impl Bpe {
             let mapped = &mut scratch.mapped;
             mapped.clear();
             mapped.extend(word.iter().map(|&b| self.byte_to_char[b as usize]));
-            if let Some(&id) = token_to_id.get(mapped.as_str()) {
+            if let Some(id) = vocab.get(mapped.as_str()) {
                 out.push(id);
                 return;
             }
@@ -228,9 +228,9 @@ impl Bpe {
 }
 
 /// The token whose text is the single byte `b` (only ASCII can be).
-fn byte_token(token_to_id: &FastMap<String, u32>, b: u8) -> Option<u32> {
+fn byte_token(vocab: &super::vocab::Vocab, b: u8) -> Option<u32> {
     if b.is_ascii() {
-        token_to_id.get((b as char).to_string().as_str()).copied()
+        vocab.get((b as char).to_string().as_str())
     } else {
         None
     }

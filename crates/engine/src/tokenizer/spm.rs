@@ -9,7 +9,7 @@
 //! candidate pair is looked up as a slice of that text with no allocation; a
 //! binary heap keeps long inputs at O(n log n).
 
-use super::{FastMap, TokenizerError};
+use super::TokenizerError;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
@@ -59,12 +59,12 @@ impl Ord for Bigram {
 }
 
 impl Spm {
-    pub(crate) fn new(token_to_id: &FastMap<String, u32>, scores: Vec<f32>, unk: Option<u32>) -> Spm {
+    pub(crate) fn new(vocab: &super::vocab::Vocab, scores: Vec<f32>, unk: Option<u32>) -> Spm {
         let mut byte_ids = [None; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
-            *slot = token_to_id.get(format!("<0x{b:02X}>").as_str()).copied().or_else(|| {
+            *slot = vocab.get(format!("<0x{b:02X}>").as_str()).or_else(|| {
                 // A single-byte token string can only be ASCII in valid UTF-8.
-                (b < 0x80).then(|| token_to_id.get((b as u8 as char).to_string().as_str()).copied()).flatten()
+                (b < 0x80).then(|| vocab.get((b as u8 as char).to_string().as_str())).flatten()
             });
         }
         Spm { scores, byte_ids, unk }
@@ -74,7 +74,7 @@ impl Spm {
     pub(crate) fn encode(
         &self,
         text: &str,
-        token_to_id: &FastMap<String, u32>,
+        vocab: &super::vocab::Vocab,
         out: &mut Vec<u32>,
     ) -> Result<(), TokenizerError> {
         if text.is_empty() {
@@ -100,7 +100,7 @@ impl Spm {
             }
             let (ls, rs) = (syms[l as usize], syms[r as usize]);
             let piece = &text[ls.start as usize..(rs.start + rs.len) as usize];
-            if let Some(&id) = token_to_id.get(piece) {
+            if let Some(id) = vocab.get(piece) {
                 let score = self.scores.get(id as usize).copied().unwrap_or(0.0);
                 heap.push(Bigram { score, left: l, right: r, size: piece.len() as u32 });
             }
@@ -126,8 +126,8 @@ impl Spm {
         while i != NONE {
             let s = syms[i as usize];
             let piece = &text[s.start as usize..(s.start + s.len) as usize];
-            match token_to_id.get(piece) {
-                Some(&id) => out.push(id),
+            match vocab.get(piece) {
+                Some(id) => out.push(id),
                 None => {
                     // Only single characters can be left unmerged and unknown.
                     for &byte in piece.as_bytes() {
