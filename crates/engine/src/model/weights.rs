@@ -75,9 +75,9 @@ impl ExpertMatrices {
 /// the row-major kernels scale eight partial sums per block: the same value
 /// up to f32 rounding. Inside the network that rounding reaches the next
 /// 8-bit activation quantization and can flip a quant, and Gemma 3 is
-/// sensitive to that: moving its Q8_0 matrices (q/k/v and FFN inputs, 640
-/// wide, too narrow for k-quants) to the exact-sum order moved its golden
-/// log-likelihood gap to llama.cpp from 0.018 to 0.022 (limit 0.02). A bit-
+/// sensitive to that: moving its inner Q8_0 matrices (`attn_v` in half its
+/// layers) to the exact-sum order moved its golden log-likelihood gap to
+/// llama.cpp from 0.018 to 0.022 (limit 0.02). A bit-
 /// exact interleaved Q8_0 (eight lane accumulators) measured slower than the
 /// row-major kernel. So inner Q8_0 matrices keep the file's layout; the
 /// output head, whose products are the logits and feed nothing else, and the

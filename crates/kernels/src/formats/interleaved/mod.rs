@@ -1,5 +1,6 @@
-//! Row-interleaved ("x8") layouts of the 32-element legacy formats, repacked
-//! at load time, and their dot kernels.
+//! Row-interleaved ("x8") layouts, repacked at load time, and their dot
+//! kernels: the [`Interleaved`] trait and the 32-element formats here, Q4_K
+//! in `q4k.rs`.
 //!
 //! Why: in the file's row-major layout a dot product of one weight row ends
 //! each 32-element block with float work — convert the block's eight i32
@@ -26,10 +27,10 @@
 //! Each block's integer sum per row is exact (no overflow: see the bounds at
 //! each kernel); then per block and row `acc = fma(Σ, dw·dy, acc)`, in block
 //! order (Q4_1's min terms `mw·s` summed apart, added at the end). The
-//! scalar reference does
-//! exactly these float operations, so the SIMD kernels equal it bit for bit,
-//! and a token's result does not depend on how many tokens share the call
-//! (the same per-lane operations for N = 1..4): matmul stays batch-invariant.
+//! scalar reference does exactly these float operations, so the SIMD kernels
+//! equal it bit for bit, and a token's result does not depend on how many
+//! tokens share the call (the same per-lane operations for N = 1..4): matmul
+//! stays batch-invariant.
 
 use super::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
 use super::BlockFormat;
