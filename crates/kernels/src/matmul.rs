@@ -82,10 +82,7 @@ impl QMatrix<'_> {
     /// Appends row `r` to `out` in the file's (row-major) block format,
     /// whatever this matrix's layout.
     pub fn copy_row(&self, r: usize, out: &mut Vec<u8>) -> Result<(), LayoutError> {
-        self.validate()?;
-        if r >= self.rows {
-            return Err(LayoutError(format!("row {r} of a {}-row matrix", self.rows)));
-        }
+        self.check_row(r)?;
         let rb = self.row_bytes();
         match self.layout {
             Layout::RowMajor => out.extend_from_slice(&self.data[r * rb..(r + 1) * rb]),
@@ -98,15 +95,21 @@ impl QMatrix<'_> {
         Ok(())
     }
 
+    /// A valid matrix, and `r` one of its rows.
+    fn check_row(&self, r: usize) -> Result<(), LayoutError> {
+        self.validate()?;
+        if r >= self.rows {
+            return Err(LayoutError(format!("row {r} of a {}-row matrix", self.rows)));
+        }
+        Ok(())
+    }
+
     /// Dequantizes row `r` into `out` (`out.len() == cols`).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<(), LayoutError> {
         match self.layout {
             Layout::RowMajor => {
-                self.validate()?;
+                self.check_row(r)?;
                 let rb = self.row_bytes();
-                if r >= self.rows {
-                    return Err(LayoutError(format!("row {r} of a {}-row matrix", self.rows)));
-                }
                 crate::formats::dequantize(self.ty, &self.data[r * rb..(r + 1) * rb], out)
             }
             Layout::Interleaved8 => {

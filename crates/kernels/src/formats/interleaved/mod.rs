@@ -191,6 +191,12 @@ fn nibble(qs: &[u8; ROWS * QK / 2], s: usize, e: usize) -> i32 {
     (if k < 4 { byte & 0x0F } else { byte >> 4 }) as i32
 }
 
+/// `Σq` of an activation block: the `_0` formats take their offset out of
+/// the integer sum with it.
+fn q8_sum(a: &BlockQ8_0) -> i32 {
+    a.qs.iter().map(|&q| q as i32).sum()
+}
+
 /// Σ q·y over a block for quants given per element.
 fn isum_of(q: impl Fn(usize) -> i32, y: &[i8; QK]) -> i32 {
     (0..QK).map(|e| q(e) * y[e] as i32).sum()
@@ -228,7 +234,6 @@ impl Interleaved for BlockQ8_0x8 {
         }
     }
 
-
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
         exact_dot_ref(w, a, meta)
     }
@@ -242,6 +247,7 @@ impl Interleaved for BlockQ8_0x8 {
         dispatch(w, a, meta, out, simd!(q8_0))
     }
 }
+
 impl ExactSums for BlockQ8_0x8 {
     fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
         isum_of(|e| self.qs[32 * (e / 4) + 4 * s + e % 4] as i32, &a.qs)
@@ -251,7 +257,6 @@ impl ExactSums for BlockQ8_0x8 {
         self.d
     }
 }
-
 
 impl Interleaved for BlockQ4_0x8 {
     type Row = BlockQ4_0;
@@ -271,13 +276,8 @@ impl Interleaved for BlockQ4_0x8 {
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta {
-            d: f16(a.d),
-            s: 0.0,
-            sum: a.qs.iter().map(|&q| q as i32).sum(),
-        }
+        ActMeta { d: f16(a.d), s: 0.0, sum: q8_sum(a) }
     }
-
 
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
         exact_dot_ref(w, a, meta)
@@ -292,17 +292,17 @@ impl Interleaved for BlockQ4_0x8 {
         dispatch(w, a, meta, out, simd!(q4_0))
     }
 }
+
 impl ExactSums for BlockQ4_0x8 {
     /// Σ (q − 8)·y = Σ q·y − 8·Σy.
     fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
-        isum_of(|e| nibble(&self.qs, s, e), &a.qs) - 8 * Self::meta(a).sum
+        isum_of(|e| nibble(&self.qs, s, e), &a.qs) - 8 * q8_sum(a)
     }
 
     fn scales(&self) -> [u16; ROWS] {
         self.d
     }
 }
-
 
 impl Interleaved for BlockQ4_1x8 {
     type Row = BlockQ4_1;
@@ -330,7 +330,6 @@ impl Interleaved for BlockQ4_1x8 {
             sum: 0,
         }
     }
-
 
     /// Σ (dw q + m)(dy y) = dw dy Σ q y + m s. The min terms go to their own
     /// sum, added at the end, as ggml's Q4_1 dot does: they are large and of
@@ -361,6 +360,7 @@ impl Interleaved for BlockQ4_1x8 {
         dispatch(w, a, meta, out, simd!(q4_1))
     }
 }
+
 impl ExactSums for BlockQ4_1x8 {
     fn isum_ref(&self, s: usize, a: &BlockQ8_1) -> i32 {
         isum_of(|e| nibble(&self.qs, s, e), &a.qs)
@@ -370,7 +370,6 @@ impl ExactSums for BlockQ4_1x8 {
         self.d
     }
 }
-
 
 impl Interleaved for BlockQ5_0x8 {
     type Row = BlockQ5_0;
@@ -407,13 +406,8 @@ impl Interleaved for BlockQ5_0x8 {
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta {
-            d: f16(a.d),
-            s: 0.0,
-            sum: a.qs.iter().map(|&q| q as i32).sum(),
-        }
+        ActMeta { d: f16(a.d), s: 0.0, sum: q8_sum(a) }
     }
-
 
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
         exact_dot_ref(w, a, meta)
@@ -428,20 +422,20 @@ impl Interleaved for BlockQ5_0x8 {
         dispatch(w, a, meta, out, simd!(q5_0))
     }
 }
+
 impl ExactSums for BlockQ5_0x8 {
     /// Σ (q − 16)·y = Σ q·y − 16·Σy, q the 5-bit quant.
     fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
         let q = |e: usize| {
             nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4
         };
-        isum_of(q, &a.qs) - 16 * Self::meta(a).sum
+        isum_of(q, &a.qs) - 16 * q8_sum(a)
     }
 
     fn scales(&self) -> [u16; ROWS] {
         self.d
     }
 }
-
 
 /// A SIMD kernel of this module's shape.
 type Kernel<P, A, const N: usize> =
@@ -727,8 +721,10 @@ pub fn unpack_row<P: Interleaved>(
 
 /// Whether `ty` has a row-interleaved layout here.
 pub fn has_layout(ty: crate::GgmlType) -> bool {
-    use crate::GgmlType as T;
-    matches!(ty, T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q8_0 | T::Q4_K)
+    fn yes<P: Interleaved>() -> bool {
+        true
+    }
+    crate::dispatch_interleaved!(ty, yes(), false)
 }
 
 /// Calls `$f::<PackedType>($args)` for a type with an interleaved layout;
