@@ -14,7 +14,7 @@
 use minnow_kernels::formats::kquants::*;
 use minnow_kernels::formats::legacy::*;
 use minnow_kernels::formats::interleaved::*;
-use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat};
+use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat, SimdLevel};
 use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
 use minnow_kernels::pool::ThreadPool;
 use proptest::prelude::*;
@@ -281,8 +281,10 @@ fn matmul_is_batch_invariant() {
 // lossless, the reference agrees with the row-major reference, and the SIMD
 // kernel for N = 1..4 tokens gives the reference's bits for every token.
 
-/// `P::dot::<N>` on every window of N of `acts`, bit for bit against `want`.
+/// `P::dot_at::<N>` at `level` on every window of N of `acts`, bit for bit
+/// against `want`.
 fn check_interleaved_n<P: Interleaved, const N: usize>(
+    level: SimdLevel,
     packed: &[P],
     acts: &[Vec<<P::Row as BlockFormat>::Dot>],
     metas: &[Vec<ActMeta>],
@@ -290,7 +292,8 @@ fn check_interleaved_n<P: Interleaved, const N: usize>(
 ) {
     for start in 0..=acts.len() - N {
         let mut got = [[f32::NAN; 8]; N];
-        P::dot(
+        P::dot_at(
+            level,
             packed,
             std::array::from_fn(|t| acts[start + t].as_slice()),
             std::array::from_fn(|t| metas[start + t].as_slice()),
@@ -298,7 +301,13 @@ fn check_interleaved_n<P: Interleaved, const N: usize>(
         );
         for t in 0..N {
             let bits = |v: &[f32; 8]| v.map(f32::to_bits);
-            assert_eq!(bits(&got[t]), bits(&want[start + t]), "{}: N = {N}, token {}", P::Row::TYPE, start + t);
+            assert_eq!(
+                bits(&got[t]),
+                bits(&want[start + t]),
+                "{}: {level:?}, N = {N}, token {}",
+                P::Row::TYPE,
+                start + t
+            );
         }
     }
 }
@@ -344,10 +353,14 @@ where
 
         }
     }
-    check_interleaved_n::<P, 1>(&packed, &acts, &metas, &want);
-    check_interleaved_n::<P, 2>(&packed, &acts, &metas, &want);
-    check_interleaved_n::<P, 3>(&packed, &acts, &metas, &want);
-    check_interleaved_n::<P, 4>(&packed, &acts, &metas, &want);
+    // Every level this CPU has (each kernel variant), not only the one
+    // `dot` would pick.
+    for level in SimdLevel::available() {
+        check_interleaved_n::<P, 1>(level, &packed, &acts, &metas, &want);
+        check_interleaved_n::<P, 2>(level, &packed, &acts, &metas, &want);
+        check_interleaved_n::<P, 3>(level, &packed, &acts, &metas, &want);
+        check_interleaved_n::<P, 4>(level, &packed, &acts, &metas, &want);
+    }
 }
 
 #[test]

@@ -187,3 +187,71 @@ pub(crate) fn has_avx2_fma() -> bool {
         false
     }
 }
+
+/// The instruction sets the integer dot kernels choose between, in order.
+///
+/// Every level computes the same exact integer sums and the same float
+/// operations, so results are bit for bit the same whichever runs; a higher
+/// level only needs fewer instructions (AVX-512 VNNI's `vpdpbusd` multiplies
+/// unsigned by signed bytes and adds groups of four into i32 lanes in one
+/// instruction, where AVX2 needs `maddubs`, `madd` and an add, and its
+/// EVEX encoding broadcasts the activation bytes from memory for free).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// The above plus AVX-512 F/BW/VL and VNNI, used on 256-bit vectors.
+    Avx512Vnni,
+}
+
+impl SimdLevel {
+    /// The best level this CPU supports (detected once).
+    pub fn detected() -> SimdLevel {
+        static DETECTED: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Self::detect)
+    }
+
+    fn detect() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if !has_avx2_fma() {
+                return SimdLevel::Scalar;
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                return SimdLevel::Avx512Vnni;
+            }
+            SimdLevel::Avx2
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            SimdLevel::Scalar
+        }
+    }
+
+    /// Every level this CPU can run, lowest first (for tests that hold the
+    /// kernels of each level to the same results).
+    pub fn available() -> Vec<SimdLevel> {
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
+            .into_iter()
+            .filter(|&l| l <= SimdLevel::detected())
+            .collect()
+    }
+}
+
+/// The level the kernels use: the detected one, capped by the environment
+/// variable `MINNOW_SIMD` (`scalar`, `avx2` or `avx512`) when set, so a
+/// benchmark can compare levels on one machine. Read once.
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = SimdLevel::detected();
+        let cap = match std::env::var("MINNOW_SIMD").as_deref() {
+            Ok("scalar") => SimdLevel::Scalar,
+            Ok("avx2") => SimdLevel::Avx2,
+            _ => SimdLevel::Avx512Vnni,
+        };
+        detected.min(cap)
+    })
+}

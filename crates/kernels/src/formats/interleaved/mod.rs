@@ -33,16 +33,25 @@
 //! stays batch-invariant.
 
 use super::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
-use super::BlockFormat;
+use super::{simd_level, BlockFormat, SimdLevel};
 use bytemuck::{Pod, Zeroable};
 
-/// The AVX2 kernel `$name::<N>` as an `Option`, `None` off x86-64.
+/// The SIMD kernels `$name::<N>` of a format as [`Kernels`]: the AVX2 one,
+/// and the AVX-512 VNNI one where the format has it (`simd!(name, vnni)`);
+/// none off x86-64.
 macro_rules! simd {
     ($name:ident) => {{
         #[cfg(target_arch = "x86_64")]
-        let k: Option<Kernel<_, _, N>> = Some(avx2::$name::<N>);
+        let k: Kernels<_, _, N> = Kernels { avx2: Some(avx2::$name::<N>), vnni: None };
         #[cfg(not(target_arch = "x86_64"))]
-        let k: Option<Kernel<_, _, N>> = None;
+        let k: Kernels<_, _, N> = Kernels { avx2: None, vnni: None };
+        k
+    }};
+    ($name:ident, vnni) => {{
+        #[cfg(target_arch = "x86_64")]
+        let k: Kernels<_, _, N> = Kernels { avx2: Some(avx2::$name::<N>), vnni: Some(vnni::$name::<N>) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let k: Kernels<_, _, N> = Kernels { avx2: None, vnni: None };
         k
     }};
 }
@@ -79,17 +88,30 @@ pub trait Interleaved: Pod + Send + Sync {
     /// row `a`.
     fn dot_ref(w: &[Self], a: &[<Self::Row as BlockFormat>::Dot], meta: &[ActMeta]) -> [f32; ROWS];
 
-    /// 8 rows · `N` tokens: `out[t] = dot_ref(w, a[t], meta[t])` bit for bit
-    /// (AVX2 where available).
+    /// 8 rows · `N` tokens: `out[t] = dot_ref(w, a[t], meta[t])` bit for bit,
+    /// with the best kernel up to `level` that this format has.
+    fn dot_at<const N: usize>(
+        level: SimdLevel,
+        w: &[Self],
+        a: [&[<Self::Row as BlockFormat>::Dot]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        let _ = level;
+        for t in 0..N {
+            out[t] = Self::dot_ref(w, a[t], meta[t]);
+        }
+    }
+
+    /// [`Interleaved::dot_at`] at the kernels' level ([`simd_level`]).
+    #[inline(always)]
     fn dot<const N: usize>(
         w: &[Self],
         a: [&[<Self::Row as BlockFormat>::Dot]; N],
         meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
-        for t in 0..N {
-            out[t] = Self::dot_ref(w, a[t], meta[t]);
-        }
+        Self::dot_at(simd_level(), w, a, meta, out)
     }
 }
 
@@ -227,24 +249,22 @@ impl Interleaved for BlockQ8_0x8 {
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta {
-            d: f16(a.d),
-            s: 0.0,
-            sum: 0,
-        }
+        // Σy: the VNNI kernel's offset (it multiplies q + 128).
+        ActMeta { d: f16(a.d), s: 0.0, sum: q8_sum(a) }
     }
 
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
         exact_dot_ref(w, a, meta)
     }
 
-    fn dot<const N: usize>(
+    fn dot_at<const N: usize>(
+        level: SimdLevel,
         w: &[Self],
         a: [&[BlockQ8_0]; N],
         meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
-        dispatch(w, a, meta, out, simd!(q8_0))
+        dispatch(level, w, a, meta, out, simd!(q8_0, vnni))
     }
 }
 
@@ -283,13 +303,14 @@ impl Interleaved for BlockQ4_0x8 {
         exact_dot_ref(w, a, meta)
     }
 
-    fn dot<const N: usize>(
+    fn dot_at<const N: usize>(
+        level: SimdLevel,
         w: &[Self],
         a: [&[BlockQ8_0]; N],
         meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
-        dispatch(w, a, meta, out, simd!(q4_0))
+        dispatch(level, w, a, meta, out, simd!(q4_0, vnni))
     }
 }
 
@@ -351,13 +372,14 @@ impl Interleaved for BlockQ4_1x8 {
         std::array::from_fn(|s| acc[s] + mins[s])
     }
 
-    fn dot<const N: usize>(
+    fn dot_at<const N: usize>(
+        level: SimdLevel,
         w: &[Self],
         a: [&[BlockQ8_1]; N],
         meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
-        dispatch(w, a, meta, out, simd!(q4_1))
+        dispatch(level, w, a, meta, out, simd!(q4_1, vnni))
     }
 }
 
@@ -413,13 +435,14 @@ impl Interleaved for BlockQ5_0x8 {
         exact_dot_ref(w, a, meta)
     }
 
-    fn dot<const N: usize>(
+    fn dot_at<const N: usize>(
+        level: SimdLevel,
         w: &[Self],
         a: [&[BlockQ8_0]; N],
         meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
-        dispatch(w, a, meta, out, simd!(q5_0))
+        dispatch(level, w, a, meta, out, simd!(q5_0, vnni))
     }
 }
 
@@ -441,15 +464,22 @@ impl ExactSums for BlockQ5_0x8 {
 type Kernel<P, A, const N: usize> =
     unsafe fn(&[P], [&[A]; N], [&[ActMeta]; N], &mut [[f32; ROWS]; N]);
 
-/// Runs `kernel` where the CPU has AVX2 + FMA + F16C, the reference
-/// otherwise.
+/// A format's SIMD kernels, one per level it has.
+struct Kernels<P, A, const N: usize> {
+    avx2: Option<Kernel<P, A, N>>,
+    vnni: Option<Kernel<P, A, N>>,
+}
+
+/// Runs the best of `kernels` that `level` allows (levels above what the CPU
+/// has fall back to what it has), the reference when there is none.
 #[inline(always)]
 fn dispatch<P: Interleaved, const N: usize>(
+    level: SimdLevel,
     w: &[P],
     a: [&[<P::Row as BlockFormat>::Dot]; N],
     meta: [&[ActMeta]; N],
     out: &mut [[f32; ROWS]; N],
-    kernel: Option<Kernel<P, <P::Row as BlockFormat>::Dot, N>>,
+    kernels: Kernels<P, <P::Row as BlockFormat>::Dot, N>,
 ) {
     for t in 0..N {
         assert!(
@@ -457,11 +487,18 @@ fn dispatch<P: Interleaved, const N: usize>(
             "interleaved dot: length mismatch"
         );
     }
+    let level = level.min(SimdLevel::detected());
+    let kernel = match level {
+        SimdLevel::Avx512Vnni => kernels.vnni.or(kernels.avx2),
+        SimdLevel::Avx2 => kernels.avx2,
+        SimdLevel::Scalar => None,
+    };
     match kernel {
-        // SAFETY: the features the kernel needs were detected just now, and
-        // the lengths it relies on were checked above.
-        Some(k) if super::has_avx2_fma() => unsafe { k(w, a, meta, out) },
-        _ => {
+        // SAFETY: the CPU has the features of `level` (capped by what was
+        // detected just above), and the lengths the kernel relies on were
+        // checked above.
+        Some(k) => unsafe { k(w, a, meta, out) },
+        None => {
             for t in 0..N {
                 out[t] = P::dot_ref(w, a[t], meta[t]);
             }
@@ -480,7 +517,7 @@ mod avx2 {
 
     /// Activation bytes `4k..4k+4` of `y` in every 32-bit lane.
     #[inline(always)]
-    unsafe fn chunk(y: &[i8; QK], k: usize) -> __m256i {
+    pub(super) unsafe fn chunk(y: &[i8; QK], k: usize) -> __m256i {
         _mm256_set1_epi32(std::ptr::read_unaligned(
             y.as_ptr().add(4 * k).cast::<i32>(),
         ))
@@ -488,19 +525,19 @@ mod avx2 {
 
     /// Pairs of i16 → i32 lanes (lane s = row s).
     #[inline(always)]
-    unsafe fn widen(p: __m256i) -> __m256i {
+    pub(super) unsafe fn widen(p: __m256i) -> __m256i {
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
 
     /// The eight rows' f16 values as f32.
     #[inline(always)]
-    unsafe fn halves(h: &[u16; ROWS]) -> __m256 {
+    pub(super) unsafe fn halves(h: &[u16; ROWS]) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
     }
 
     /// `acc = fma(isum, dw·dy, acc)` in every lane: `accumulate_ref`.
     #[inline(always)]
-    unsafe fn scale_add(isum: __m256i, dw: __m256, m: &ActMeta, acc: __m256) -> __m256 {
+    pub(super) unsafe fn scale_add(isum: __m256i, dw: __m256, m: &ActMeta, acc: __m256) -> __m256 {
         _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(isum),
             _mm256_mul_ps(dw, _mm256_set1_ps(m.d)),
@@ -511,7 +548,7 @@ mod avx2 {
     /// The nibble vectors of a block: `lo[m]` = chunk `m`, `hi[m]` = chunk
     /// `m + 4`, each byte one row's quant.
     #[inline(always)]
-    unsafe fn nibbles(qs: &[u8; ROWS * QK / 2]) -> ([__m256i; 4], [__m256i; 4]) {
+    pub(super) unsafe fn nibbles(qs: &[u8; ROWS * QK / 2]) -> ([__m256i; 4], [__m256i; 4]) {
         let mask = _mm256_set1_epi8(0x0F);
         let mut lo = [_mm256_setzero_si256(); 4];
         let mut hi = [_mm256_setzero_si256(); 4];
@@ -625,7 +662,7 @@ mod avx2 {
     /// moved to bit 4. The 16-bit shifts carry bits across bytes, but only
     /// into positions the mask clears (a shift by at most 4).
     #[inline(always)]
-    unsafe fn fifth(qh: __m256i, k: usize) -> __m256i {
+    pub(super) unsafe fn fifth(qh: __m256i, k: usize) -> __m256i {
         let v = match k {
             0 => _mm256_slli_epi16(qh, 4),
             1 => _mm256_slli_epi16(qh, 3),
@@ -671,6 +708,147 @@ mod avx2 {
                 let m = meta[t].get_unchecked(j);
                 let isum = _mm256_add_epi32(widen(p0), widen(p1));
                 let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * m.sum));
+                acc[t] = scale_add(isum, dw, m, acc[t]);
+            }
+        }
+        for t in 0..N {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        }
+    }
+}
+
+/// AVX-512 VNNI kernels (on 256-bit vectors): the AVX2 kernels' integer
+/// sums, each chunk's four products per lane summed straight into i32 by one
+/// `vpdpbusd` whose activation operand is broadcast from memory, so the
+/// same float step gives the same bits.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::avx2::{chunk, fifth, halves, nibbles, scale_add};
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// `Σ_k u[k]·y[chunk k]` in i32 lanes, for unsigned quants `u`.
+    #[inline(always)]
+    unsafe fn isum8(u: &[__m256i; 8], y: &[i8; QK]) -> __m256i {
+        // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
+        let mut a = _mm256_setzero_si256();
+        let mut b = _mm256_setzero_si256();
+        for k in (0..8).step_by(2) {
+            a = _mm256_dpbusd_epi32(a, u[k], chunk(y, k));
+            b = _mm256_dpbusd_epi32(b, u[k + 1], chunk(y, k + 1));
+        }
+        _mm256_add_epi32(a, b)
+    }
+
+    /// # Safety
+    /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI; `a[t]` and `meta[t]` as
+    /// long as `w`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q8_0<const N: usize>(
+        w: &[BlockQ8_0x8],
+        a: [&[BlockQ8_0]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        let bias = _mm256_set1_epi8(-128);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (j, x) in w.iter().enumerate() {
+            // The signed quants made unsigned (q + 128): `vpdpbusd` wants
+            // its first factor unsigned and its broadcast one signed. The
+            // extra 128·Σy is taken off once per block below.
+            let mut u = [_mm256_setzero_si256(); 8];
+            for (k, u) in u.iter_mut().enumerate() {
+                *u = _mm256_xor_si256(_mm256_loadu_si256(x.qs.as_ptr().add(32 * k).cast()), bias);
+            }
+            let dw = halves(&x.d);
+            for t in 0..N {
+                let m = meta[t].get_unchecked(j);
+                // |Σ| ≤ 32·255·127 < 2²¹: exact.
+                let isum = _mm256_sub_epi32(isum8(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(128 * m.sum));
+                acc[t] = scale_add(isum, dw, m, acc[t]);
+            }
+        }
+        for t in 0..N {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        }
+    }
+
+    /// The nibble vectors of a block in chunk order (`lo` then `hi`).
+    #[inline(always)]
+    unsafe fn nibble_chunks(qs: &[u8; ROWS * QK / 2]) -> [__m256i; 8] {
+        let (lo, hi) = nibbles(qs);
+        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+    }
+
+    /// # Safety
+    /// As [`q8_0`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4_0<const N: usize>(
+        w: &[BlockQ4_0x8],
+        a: [&[BlockQ8_0]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (j, x) in w.iter().enumerate() {
+            let u = nibble_chunks(&x.qs);
+            let dw = halves(&x.d);
+            for t in 0..N {
+                let m = meta[t].get_unchecked(j);
+                let isum = _mm256_sub_epi32(isum8(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(8 * m.sum));
+                acc[t] = scale_add(isum, dw, m, acc[t]);
+            }
+        }
+        for t in 0..N {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        }
+    }
+
+    /// # Safety
+    /// As [`q8_0`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4_1<const N: usize>(
+        w: &[BlockQ4_1x8],
+        a: [&[BlockQ8_1]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut mins = [_mm256_setzero_ps(); N];
+        for (j, x) in w.iter().enumerate() {
+            let u = nibble_chunks(&x.qs);
+            let (dw, mw) = (halves(&x.d), halves(&x.m));
+            for t in 0..N {
+                let m = meta[t].get_unchecked(j);
+                acc[t] = scale_add(isum8(&u, &a[t].get_unchecked(j).qs), dw, m, acc[t]);
+                mins[t] = _mm256_add_ps(mins[t], _mm256_mul_ps(mw, _mm256_set1_ps(m.s)));
+            }
+        }
+        for t in 0..N {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), _mm256_add_ps(acc[t], mins[t]));
+        }
+    }
+
+    /// # Safety
+    /// As [`q8_0`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q5_0<const N: usize>(
+        w: &[BlockQ5_0x8],
+        a: [&[BlockQ8_0]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (j, x) in w.iter().enumerate() {
+            let mut u = nibble_chunks(&x.qs);
+            let qh = _mm256_loadu_si256(x.qh.as_ptr().cast());
+            for (k, u) in u.iter_mut().enumerate() {
+                *u = _mm256_or_si256(*u, fifth(qh, k));
+            }
+            let dw = halves(&x.d);
+            for t in 0..N {
+                let m = meta[t].get_unchecked(j);
+                let isum = _mm256_sub_epi32(isum8(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(16 * m.sum));
                 acc[t] = scale_add(isum, dw, m, acc[t]);
             }
         }

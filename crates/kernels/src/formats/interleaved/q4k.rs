@@ -20,7 +20,8 @@
 //! `acc_i = fma(isum, dy·d, acc_i)` and `acc_m = fma(msum, dy·(−dmin), acc_m)`
 //! and finally `acc_i + acc_m`. So repacking changes no result.
 
-use super::{ActMeta, Interleaved, Kernel, ROWS};
+use super::{ActMeta, Interleaved, Kernels, ROWS};
+use crate::formats::SimdLevel;
 use crate::formats::kquants::{f16_to_f32, pack_scale_min_k4, unpack_scale_min_k4, BlockQ4K, BlockQ8K, QK_K};
 use bytemuck::{Pod, Zeroable};
 
@@ -119,15 +120,23 @@ impl Interleaved for BlockQ4Kx8 {
         })
     }
 
-    fn dot<const N: usize>(w: &[Self], a: [&[BlockQ8K]; N], meta: [&[ActMeta]; N], out: &mut [[f32; ROWS]; N]) {
-        super::dispatch(w, a, meta, out, simd!(q4k))
+    fn dot_at<const N: usize>(
+        level: SimdLevel,
+        w: &[Self],
+        a: [&[BlockQ8K]; N],
+        meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        super::dispatch(level, w, a, meta, out, simd!(q4k, vnni))
     }
 }
 
-/// AVX2 + FMA + F16C: `dot_ref` in lanes, the weight super-block's scales and
-/// nibbles decoded once for all `N` tokens.
+/// `dot_ref` in lanes, the weight super-block's scales and nibbles decoded
+/// once for all `N` tokens: one body, instantiated for AVX2 (`avx2::q4k`)
+/// and for AVX-512 VNNI (`vnni::q4k`), which differ only in how a
+/// sub-block's products are summed.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod body {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -142,41 +151,42 @@ mod avx2 {
         _mm256_set1_epi32(std::ptr::read_unaligned(y.as_ptr().add(at).cast::<i32>()))
     }
 
+    /// Scales and mins of the 8 rows × 8 sub-blocks, as bytes `[8b + s]`.
+    #[inline(always)]
+    unsafe fn scales_mins(x: &BlockQ4Kx8) -> ([u8; 64], [u8; 64]) {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let low2 = _mm256_set1_epi8(0x03);
+        let mut sc = [0u8; 64];
+        let mut mn = [0u8; 64];
+        let hi = load(x.scales_hi.as_ptr());
+        for half in 0..2 {
+            let lo = load(x.scales_lo.as_ptr().add(32 * half));
+            let h = if half == 0 { _mm256_and_si256(hi, low4) } else { _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4) };
+            // Top bits: ≤ 3 before the shift, so the 16-bit shifts move no
+            // bit across a byte.
+            let s = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4));
+            let m_lo = _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4);
+            let m_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4);
+            _mm256_storeu_si256(sc.as_mut_ptr().add(32 * half).cast(), s);
+            _mm256_storeu_si256(mn.as_mut_ptr().add(32 * half).cast(), _mm256_or_si256(m_lo, m_hi));
+        }
+        (sc, mn)
+    }
+
     /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::formats::interleaved) unsafe fn q4k<const N: usize>(
+    /// AVX2, FMA and F16C, and with `VNNI` also AVX-512 VL and VNNI; `a[t]`
+    /// as long as `w`.
+    #[inline(always)]
+    pub(super) unsafe fn q4k<const N: usize, const VNNI: bool>(
         w: &[BlockQ4Kx8],
         a: [&[BlockQ8K]; N],
-        _meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
         let low4 = _mm256_set1_epi8(0x0F);
-        let low2 = _mm256_set1_epi8(0x03);
         let mut acc_i = [_mm256_setzero_ps(); N];
         let mut acc_m = [_mm256_setzero_ps(); N];
         for (j, x) in w.iter().enumerate() {
-            // Scales and mins of the 8 rows × 8 sub-blocks, as bytes
-            // [8b + s], spilled to the stack to be picked per sub-block.
-            let mut sc = [0u8; 64];
-            let mut mn = [0u8; 64];
-            let hi = load(x.scales_hi.as_ptr());
-            for half in 0..2 {
-                let lo = load(x.scales_lo.as_ptr().add(32 * half));
-                let h = if half == 0 { _mm256_and_si256(hi, low4) } else { _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4) };
-                // Top bits: ≤ 3 before the shift, so the 16-bit shifts move no
-                // bit across a byte.
-                let s = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4));
-                let m_lo = _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4);
-                let m_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4);
-                _mm256_storeu_si256(sc.as_mut_ptr().add(32 * half).cast(), s);
-                _mm256_storeu_si256(mn.as_mut_ptr().add(32 * half).cast(), _mm256_or_si256(m_lo, m_hi));
-            }
-            // Sub-block b's scale for `madd`: row s's scale in both i16 of lane s.
-            let scale = |b: usize| {
-                let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.as_ptr().add(8 * b).cast()));
-                _mm256_or_si256(v, _mm256_slli_epi32(v, 16))
-            };
+            let (sc, mn) = scales_mins(x);
             // Mins of sub-blocks 2i and 2i + 1 as an i16 pair in lane s.
             let mut mins = [_mm256_setzero_si256(); 4];
             for (i, m) in mins.iter_mut().enumerate() {
@@ -184,27 +194,60 @@ mod avx2 {
                 let odd = _mm_loadl_epi64(mn.as_ptr().add(16 * i + 8).cast());
                 *m = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(even, odd));
             }
+            // Sub-block b's scale: row s's in lane s, as i32.
+            let scale32 = |b: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.as_ptr().add(8 * b).cast()));
 
             let mut isum = [_mm256_setzero_si256(); N];
             for c in 0..4 {
+                // Sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles).
                 let mut p_lo = [_mm256_setzero_si256(); N];
                 let mut p_hi = [_mm256_setzero_si256(); N];
+                // With one or two tokens, odd chunks go to a second set of
+                // `vpdpbusd` accumulators so that the chains overlap
+                // (integer sums: the split changes nothing).
+                let mut q_lo = [_mm256_setzero_si256(); N];
+                let mut q_hi = [_mm256_setzero_si256(); N];
                 for m in 0..8 {
                     let v = load(x.qs.as_ptr().add(256 * c + 32 * m));
                     let lo = _mm256_and_si256(v, low4);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                     for t in 0..N {
-                        // q ≤ 15, |q8| ≤ 127: pairs ≤ 3810, eight summed ≤
-                        // 30480 < 2¹⁵.
                         let y = &a[t].get_unchecked(j).qs;
-                        p_lo[t] = _mm256_add_epi16(p_lo[t], _mm256_maddubs_epi16(lo, chunk(y, 64 * c + 4 * m)));
-                        p_hi[t] = _mm256_add_epi16(p_hi[t], _mm256_maddubs_epi16(hi, chunk(y, 64 * c + 32 + 4 * m)));
+                        let (y_lo, y_hi) = (chunk(y, 64 * c + 4 * m), chunk(y, 64 * c + 32 + 4 * m));
+                        if VNNI {
+                            // Exact i32 sums of the sub-block's products.
+                            if N <= 2 && m % 2 == 1 {
+                                q_lo[t] = _mm256_dpbusd_epi32(q_lo[t], lo, y_lo);
+                                q_hi[t] = _mm256_dpbusd_epi32(q_hi[t], hi, y_hi);
+                            } else {
+                                p_lo[t] = _mm256_dpbusd_epi32(p_lo[t], lo, y_lo);
+                                p_hi[t] = _mm256_dpbusd_epi32(p_hi[t], hi, y_hi);
+                            }
+                        } else {
+                            // q ≤ 15, |q8| ≤ 127: pairs ≤ 3810, eight summed
+                            // ≤ 30480 < 2¹⁵.
+                            p_lo[t] = _mm256_add_epi16(p_lo[t], _mm256_maddubs_epi16(lo, y_lo));
+                            p_hi[t] = _mm256_add_epi16(p_hi[t], _mm256_maddubs_epi16(hi, y_hi));
+                        }
                     }
                 }
-                let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
+                let (s_lo, s_hi) = (scale32(2 * c), scale32(2 * c + 1));
                 for t in 0..N {
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p_lo[t], s_lo));
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p_hi[t], s_hi));
+                    // The same integer either way: scale × the sub-block's sum
+                    // (|·| ≤ 63·32·15·127 < 2²³).
+                    let (v_lo, v_hi) = if VNNI {
+                        let (p_lo, p_hi) = if N <= 2 {
+                            (_mm256_add_epi32(p_lo[t], q_lo[t]), _mm256_add_epi32(p_hi[t], q_hi[t]))
+                        } else {
+                            (p_lo[t], p_hi[t])
+                        };
+                        (_mm256_mullo_epi32(p_lo, s_lo), _mm256_mullo_epi32(p_hi, s_hi))
+                    } else {
+                        // The scale in both i16 of the lane: `madd` adds the pair.
+                        let pair = |s: __m256i| _mm256_or_si256(s, _mm256_slli_epi32(s, 16));
+                        (_mm256_madd_epi16(p_lo[t], pair(s_lo)), _mm256_madd_epi16(p_hi[t], pair(s_hi)))
+                    };
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(v_lo, v_hi));
                 }
             }
             let d = _mm256_cvtph_ps(_mm_loadu_si128(x.d.as_ptr().cast()));
@@ -228,5 +271,41 @@ mod avx2 {
         for t in 0..N {
             _mm256_storeu_ps(out[t].as_mut_ptr(), _mm256_add_ps(acc_i[t], acc_m[t]));
         }
+    }
+}
+
+/// AVX2 + FMA + F16C.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    /// # Safety
+    /// AVX2, FMA and F16C; `a[t]` as long as `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::formats::interleaved) unsafe fn q4k<const N: usize>(
+        w: &[BlockQ4Kx8],
+        a: [&[BlockQ8K]; N],
+        _meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        body::q4k::<N, false>(w, a, out)
+    }
+}
+
+/// AVX-512 VNNI on 256-bit vectors (and AVX-512's 32 vector registers).
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::*;
+
+    /// # Safety
+    /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI; `a[t]` as long as `w`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::formats::interleaved) unsafe fn q4k<const N: usize>(
+        w: &[BlockQ4Kx8],
+        a: [&[BlockQ8K]; N],
+        _meta: [&[ActMeta]; N],
+        out: &mut [[f32; ROWS]; N],
+    ) {
+        body::q4k::<N, true>(w, a, out)
     }
 }

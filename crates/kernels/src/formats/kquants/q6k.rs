@@ -8,8 +8,8 @@
 //! `ql[l + 32*(k&1)]` (low nibble for k < 2, high for k ≥ 2) and its high
 //! bits from bits `2k..2k+2` of `qh[l]`.
 
-use super::{f16_to_f32, has_avx2_fma, BlockQ8K, QK_K};
-use crate::formats::{BlockFormat, GroupScales};
+use super::{f16_to_f32, BlockQ8K, QK_K};
+use crate::formats::{simd_level, BlockFormat, GroupScales, SimdLevel};
 use crate::GgmlType;
 
 /// ggml's `block_q6_K`.
@@ -79,9 +79,12 @@ impl BlockFormat for BlockQ6K {
     fn vec_dot(w: &[Self], a: &[BlockQ8K]) -> f32 {
         assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { vec_dot_avx2(w, a) };
+        match simd_level() {
+            // SAFETY: the CPU has the level's features (`simd_level` never
+            // exceeds what was detected).
+            SimdLevel::Avx512Vnni => return unsafe { vec_dot_vnni(w, a) },
+            SimdLevel::Avx2 => return unsafe { vec_dot_avx2(w, a) },
+            SimdLevel::Scalar => {}
         }
         Self::vec_dot_ref(w, a)
     }
@@ -91,10 +94,11 @@ impl BlockFormat for BlockQ6K {
             assert_eq!(w.len(), a.len(), "Q6_K vec_dot: block count mismatch");
         }
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            *out = unsafe { vec_dot_multi_avx2(w, a) };
-            return;
+        match simd_level() {
+            // SAFETY: as in `vec_dot`; the lengths were checked above.
+            SimdLevel::Avx512Vnni => return *out = unsafe { vec_dot_multi_vnni(w, a) },
+            SimdLevel::Avx2 => return *out = unsafe { vec_dot_multi_avx2(w, a) },
+            SimdLevel::Scalar => {}
         }
         for (o, a) in out.iter_mut().zip(a) {
             *o = Self::vec_dot_ref(w, a);
@@ -117,6 +121,39 @@ impl BlockFormat for BlockQ6K {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn vec_dot_avx2(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    dot_body::<false>(w, a)
+}
+
+/// [`vec_dot_avx2`] with AVX-512 VNNI's `vpdpwssd` (scale multiply and
+/// accumulate in one instruction): the same integers, the same result.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, AVX-512 F/BW/VL and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn vec_dot_vnni(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    dot_body::<true>(w, a)
+}
+
+/// `sum + Σ pairs of p·s` in i32 lanes: `madd` + add, or one `vpdpwssd`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn madd_add<const VNNI: bool>(
+    sum: std::arch::x86_64::__m256i,
+    p: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    if VNNI {
+        _mm256_dpwssd_epi32(sum, p, s)
+    } else {
+        _mm256_add_epi32(sum, _mm256_madd_epi16(p, s))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_body<const VNNI: bool>(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     use super::simd::*;
     use std::arch::x86_64::*;
 
@@ -131,7 +168,7 @@ pub unsafe fn vec_dot_avx2(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                 // q ≤ 63, |q8| ≤ 127: pair sums ≤ 16002, no i16 saturation.
                 let p = _mm256_maddubs_epi16(qk, load256(y.qs.as_ptr().add(128 * n + 32 * k)));
                 let s = _mm256_shuffle_epi8(sc, pick_i16(2 * k, 2 * k + 1));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+                sumi = madd_add::<VNNI>(sumi, p, s);
             }
         }
         // |isum| ≤ 16*128*(63*127*16 + 32*16*127) < 2^29: exact in i32.
@@ -204,6 +241,23 @@ unsafe fn decode_half(x: &BlockQ6K, n: usize) -> ([std::arch::x86_64::__m256i; 4
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    multi_body::<N, false>(w, a)
+}
+
+/// [`vec_dot_multi_avx2`] with `vpdpwssd`, as [`vec_dot_vnni`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, AVX-512 F/BW/VL and VNNI; every `a[t]` as
+/// long as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn vec_dot_multi_vnni<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    multi_body::<N, true>(w, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn multi_body<const N: usize, const VNNI: bool>(w: &[BlockQ6K], a: [&[BlockQ8K]; N]) -> [f32; N] {
     use super::simd::*;
     use std::arch::x86_64::*;
 
@@ -224,7 +278,7 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]
                 for t in 0..N {
                     let q8 = load256(a[t].get_unchecked(i).qs.as_ptr().add(128 * n + 32 * k));
                     let p = _mm256_maddubs_epi16(qk, q8);
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, s));
+                    sumi[t] = madd_add::<VNNI>(sumi[t], p, s);
                 }
             }
         }
