@@ -270,6 +270,7 @@ fn matmul_is_batch_invariant() {
     check_matmul_invariance::<BlockQ4_1>(13, 56, 5);
     check_matmul_invariance::<BlockQ4_0>(14, 40, 1);
     check_matmul_invariance::<BlockQ4K>(15, 40, 2);
+    check_matmul_invariance::<BlockQ6K>(16, 48, 2);
     check_matmul_invariance::<BlockQ5_1>(5, 37, 5);
     check_matmul_invariance::<BlockQ4K>(6, 37, 2);
     check_matmul_invariance::<BlockQ6K>(7, 37, 3);
@@ -344,11 +345,13 @@ where
                 P::Row::TYPE
             );
             #[cfg(target_arch = "x86_64")]
-            if P::Row::TYPE == minnow_kernels::GgmlType::Q4_K && std::arch::is_x86_feature_detected!("avx2") {
-                // Q4_K's interleaved arithmetic is the row-major AVX2
+            if matches!(P::Row::TYPE, minnow_kernels::GgmlType::Q4_K | minnow_kernels::GgmlType::Q6_K)
+                && std::arch::is_x86_feature_detected!("avx2")
+            {
+                // The K-quants' interleaved arithmetic is the row-major SIMD
                 // kernel's, to the bit.
                 let simd = P::Row::vec_dot(wr, a);
-                assert_eq!(got.to_bits(), simd.to_bits(), "Q4_K row {s}: {got} vs row-major {simd}");
+                assert_eq!(got.to_bits(), simd.to_bits(), "{} row {s}: {got} vs row-major {simd}", P::Row::TYPE);
             }
 
         }
@@ -372,6 +375,7 @@ fn interleaved_layouts_round_trip_and_match_their_reference() {
         check_interleaved::<BlockQ4_1x8>(seed + 2, blocks);
         check_interleaved::<BlockQ5_0x8>(seed + 3, blocks);
         check_interleaved::<BlockQ4Kx8>(seed + 4, blocks);
+        check_interleaved::<BlockQ6Kx8>(seed + 5, blocks);
     }
 }
 

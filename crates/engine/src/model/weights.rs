@@ -91,8 +91,9 @@ enum Interleave {
 impl Interleave {
     fn applies_to(self, ty: GgmlType) -> bool {
         match ty {
-            // Q4_K's interleaved kernel is bit-identical to its row-major one.
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q4_K => true,
+            // Q4_K's and Q6_K's interleaved kernels are bit-identical to
+            // their row-major ones.
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K => true,
             GgmlType::Q8_0 => self == Interleave::Head,
             _ => false,
         }

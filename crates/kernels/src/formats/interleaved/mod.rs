@@ -1,6 +1,6 @@
 //! Row-interleaved ("x8") layouts, repacked at load time, and their dot
 //! kernels: the [`Interleaved`] trait and the 32-element formats here, Q4_K
-//! in `q4k.rs`.
+//! in `q4k.rs`, Q6_K in `q6k.rs`.
 //!
 //! Why: in the file's row-major layout a dot product of one weight row ends
 //! each 32-element block with float work — convert the block's eight i32
@@ -859,7 +859,9 @@ mod vnni {
 }
 
 mod q4k;
+mod q6k;
 pub use q4k::BlockQ4Kx8;
+pub use q6k::BlockQ6Kx8;
 
 // ---------------------------------------------------------------------------
 // Whole matrices.
@@ -918,6 +920,7 @@ macro_rules! dispatch_interleaved {
             T::Q5_0 => $f::<BlockQ5_0x8>($($args),*),
             T::Q8_0 => $f::<BlockQ8_0x8>($($args),*),
             T::Q4_K => $f::<BlockQ4Kx8>($($args),*),
+            T::Q6_K => $f::<BlockQ6Kx8>($($args),*),
             _ => $other,
         }
     }};
