@@ -142,9 +142,14 @@ def main():
     print(f"minnow vs llama.cpp, {meta['date']}: {meta['cpu']}, {meta['cpus']} CPUs, "
           f"{meta['threads']} threads, pp{pp} / tg{tg} tok/s, median of {meta['rounds']} alternating rounds; "
           f"load average {meta['load_before']} before, {meta['load_after']} after.")
-    print(f"minnow {meta['commit']}; llama.cpp from {meta['llamacpp']}. "
+    levels = sorted({r["out"].get("simd") for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+                     if r.get("engine") == "minnow" and isinstance(r.get("out"), dict) and r["out"].get("simd")})
+    kernels = f" (kernels: {', '.join(levels)})" if levels else ""
+    each = ", ".join(f"{p.stem.removeprefix('membw-')} {json.loads(p.read_text())['best_gbps']:.1f}"
+                     for p in sorted(out.glob("membw*.json")))
+    print(f"minnow {meta['commit']}{kernels}; llama.cpp from {meta['llamacpp']}. "
           f"Read bandwidth {gbps:.1f} GB/s ({bw['threads']} threads, best of {bw['runs']}; "
-          f"median {bw['median_gbps']:.1f}). Ratios are minnow ÷ llama.cpp.")
+          f"median {bw['median_gbps']:.1f}; measured {each}). Ratios are minnow ÷ llama.cpp.")
     others = [r["others_running"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
               if "others_running" in r]
     if others:

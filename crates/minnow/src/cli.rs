@@ -683,13 +683,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         tg_rates.push(a.tg as f64 / t.elapsed().as_secs_f64());
     }
     let (pp, tg) = (median(pp_rates), median(tg_rates));
+    // The integer-dot kernels' instruction set (MINNOW_SIMD caps it).
+    let simd = minnow_kernels::formats::simd_level();
     if a.json {
         println!(
             "{}",
-            json!({"model": a.model.model, "threads": pool.n_threads(), "pp": a.pp, "tg": a.tg, "pp_tps": pp, "tg_tps": tg})
+            json!({"model": a.model.model, "threads": pool.n_threads(), "simd": format!("{simd:?}"), "pp": a.pp, "tg": a.tg, "pp_tps": pp, "tg_tps": tg})
         );
     } else {
-        println!("model: {}  threads: {}", a.model.model, pool.n_threads());
+        println!("model: {}  threads: {}  kernels: {simd:?}", a.model.model, pool.n_threads());
         println!("pp{:<5} {:8.2} tok/s", a.pp, pp);
         println!("tg{:<5} {:8.2} tok/s", a.tg, tg);
     }
