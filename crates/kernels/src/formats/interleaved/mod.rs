@@ -506,77 +506,100 @@ fn dispatch<P: Interleaved, const N: usize>(
     }
 }
 
-/// AVX2 + FMA + F16C kernels: for each block, each token's eight rows'
-/// exact integer sums in the eight i32 lanes, then the float step of
-/// `accumulate_ref` in lanes. The weight block is decoded once for all `N`
-/// tokens.
+/// The SIMD kernels, each written once as a body generic over `VNNI`; the
+/// macro `entry_points!` makes an AVX2 + FMA + F16C (`avx2::NAME`) and an
+/// AVX-512 VNNI (`vnni::NAME`) function of each. Per block, each token's
+/// eight rows' exact integer sums in the eight i32 lanes, then the float
+/// step of `accumulate_ref` in lanes; the weight block is decoded once for
+/// all `N` tokens. The two instruction sets differ only in how a chunk's
+/// products are summed: AVX2 with `maddubs` into i16 pairs (a few chunks
+/// added in i16 where the bounds allow, then `madd` to i32), VNNI with one
+/// `vpdpbusd` straight into i32, its activation operand broadcast from
+/// memory. The integers are the same, so are the results.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod body {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Activation bytes `4k..4k+4` of `y` in every 32-bit lane.
+    /// 32 bytes from `p`.
     #[inline(always)]
-    pub(super) unsafe fn chunk(y: &[i8; QK], k: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(
-            y.as_ptr().add(4 * k).cast::<i32>(),
-        ))
+    pub(super) unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p.cast())
+    }
+
+    /// Activation bytes `at..at + 4` of `y` in every 32-bit lane.
+    #[inline(always)]
+    pub(super) unsafe fn chunk(y: &[i8], at: usize) -> __m256i {
+        debug_assert!(at + 4 <= y.len());
+        _mm256_set1_epi32(std::ptr::read_unaligned(y.as_ptr().add(at).cast::<i32>()))
     }
 
     /// Pairs of i16 → i32 lanes (lane s = row s).
     #[inline(always)]
-    pub(super) unsafe fn widen(p: __m256i) -> __m256i {
+    unsafe fn widen(p: __m256i) -> __m256i {
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
 
     /// The eight rows' f16 values as f32.
     #[inline(always)]
-    pub(super) unsafe fn halves(h: &[u16; ROWS]) -> __m256 {
+    unsafe fn halves(h: &[u16; ROWS]) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
     }
 
     /// `acc = fma(isum, dw·dy, acc)` in every lane: `accumulate_ref`.
     #[inline(always)]
-    pub(super) unsafe fn scale_add(isum: __m256i, dw: __m256, m: &ActMeta, acc: __m256) -> __m256 {
-        _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(isum),
-            _mm256_mul_ps(dw, _mm256_set1_ps(m.d)),
-            acc,
-        )
+    unsafe fn scale_add(isum: __m256i, dw: __m256, m: &ActMeta, acc: __m256) -> __m256 {
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(m.d)), acc)
     }
 
-    /// The nibble vectors of a block: `lo[m]` = chunk `m`, `hi[m]` = chunk
-    /// `m + 4`, each byte one row's quant.
+    /// The nibble vectors of a block in chunk order: chunk `m` (low
+    /// nibbles) then chunk `m + 4` (high nibbles), each byte one row's quant.
     #[inline(always)]
-    pub(super) unsafe fn nibbles(qs: &[u8; ROWS * QK / 2]) -> ([__m256i; 4], [__m256i; 4]) {
+    unsafe fn nibbles(qs: &[u8; ROWS * QK / 2]) -> [__m256i; 8] {
         let mask = _mm256_set1_epi8(0x0F);
-        let mut lo = [_mm256_setzero_si256(); 4];
-        let mut hi = [_mm256_setzero_si256(); 4];
+        let mut u = [_mm256_setzero_si256(); 8];
         for m in 0..4 {
             let v = _mm256_loadu_si256(qs.as_ptr().add(32 * m).cast());
-            lo[m] = _mm256_and_si256(v, mask);
-            hi[m] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            u[m] = _mm256_and_si256(v, mask);
+            u[m + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
         }
-        (lo, hi)
+        u
     }
 
-    /// Σ over chunks of u·y for unsigned quants `u` ≤ 15: eight chunks'
-    /// pairs (each |pair| ≤ 2·15·127 = 3810) summed in i16 (≤ 30480, no
-    /// overflow), then widened.
+    /// `Σ_k u[k]·y[chunk k]` in i32 lanes for unsigned quants `u` ≤ `MAX`.
     #[inline(always)]
-    unsafe fn isum4(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8; QK]) -> __m256i {
-        let mut p = _mm256_setzero_si256();
-        for m in 0..4 {
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[m], chunk(y, m)));
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[m], chunk(y, m + 4)));
+    unsafe fn isum8<const VNNI: bool, const MAX: i32>(u: &[__m256i; 8], y: &[i8; QK]) -> __m256i {
+        if VNNI {
+            // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
+            let mut a = _mm256_setzero_si256();
+            let mut b = _mm256_setzero_si256();
+            for k in (0..8).step_by(2) {
+                a = _mm256_dpbusd_epi32(a, u[k], chunk(y, 4 * k));
+                b = _mm256_dpbusd_epi32(b, u[k + 1], chunk(y, 4 * k + 4));
+            }
+            _mm256_add_epi32(a, b)
+        } else {
+            // Each `maddubs` pair is ≤ 2·MAX·127; as many chunks as stay
+            // under 2¹⁵ are summed in i16 before widening: all eight for
+            // MAX = 15 (≤ 30480), four for MAX = 31 (≤ 31496).
+            let per = if 16 * MAX * 127 < 1 << 15 { 8 } else { 4 };
+            let mut total = _mm256_setzero_si256();
+            for g in (0..8).step_by(per) {
+                let mut p = _mm256_setzero_si256();
+                for k in g..g + per {
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(u[k], chunk(y, 4 * k)));
+                }
+                total = _mm256_add_epi32(total, widen(p));
+            }
+            total
         }
-        widen(p)
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0<const N: usize>(
+    /// The features of the instruction set (see `entry_points!`); `a[t]`
+    /// and `meta[t]` as long as `w`.
+    #[inline(always)]
+    pub(super) unsafe fn q8_0<const N: usize, const VNNI: bool>(
         w: &[BlockQ8_0x8],
         a: [&[BlockQ8_0]; N],
         meta: [&[ActMeta]; N],
@@ -584,20 +607,38 @@ mod avx2 {
     ) {
         let mut acc = [_mm256_setzero_ps(); N];
         for (j, x) in w.iter().enumerate() {
-            let mut isum = [_mm256_setzero_si256(); N];
-            for k in 0..QK / 4 {
-                let q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * k).cast());
-                let abs = _mm256_sign_epi8(q, q);
-                for t in 0..N {
-                    // |q|·(±y): each pair ≤ 2·127·127 < 2¹⁵ (our Q8 quantizers
-                    // never produce −128), widened every chunk.
-                    let y = _mm256_sign_epi8(chunk(&a[t].get_unchecked(j).qs, k), q);
-                    isum[t] = _mm256_add_epi32(isum[t], widen(_mm256_maddubs_epi16(abs, y)));
-                }
-            }
             let dw = halves(&x.d);
-            for t in 0..N {
-                acc[t] = scale_add(isum[t], dw, meta[t].get_unchecked(j), acc[t]);
+            let q = |k: usize| _mm256_loadu_si256(x.qs.as_ptr().add(32 * k).cast());
+            if VNNI {
+                // The signed quants made unsigned (q + 128): `vpdpbusd` wants
+                // its first factor unsigned and its broadcast one signed. The
+                // extra 128·Σy is taken off once per block.
+                let bias = _mm256_set1_epi8(-128);
+                let u: [__m256i; 8] = std::array::from_fn(|k| _mm256_xor_si256(q(k), bias));
+                for t in 0..N {
+                    let m = meta[t].get_unchecked(j);
+                    // |Σ| ≤ 32·255·127 < 2²¹: exact.
+                    let isum = _mm256_sub_epi32(
+                        isum8::<true, 255>(&u, &a[t].get_unchecked(j).qs),
+                        _mm256_set1_epi32(128 * m.sum),
+                    );
+                    acc[t] = scale_add(isum, dw, m, acc[t]);
+                }
+            } else {
+                let mut isum = [_mm256_setzero_si256(); N];
+                for k in 0..QK / 4 {
+                    let q = q(k);
+                    let abs = _mm256_sign_epi8(q, q);
+                    for t in 0..N {
+                        // |q|·(±y): each pair ≤ 2·127·127 < 2¹⁵ (our Q8
+                        // quantizers never produce −128), widened every chunk.
+                        let y = _mm256_sign_epi8(chunk(&a[t].get_unchecked(j).qs, 4 * k), q);
+                        isum[t] = _mm256_add_epi32(isum[t], widen(_mm256_maddubs_epi16(abs, y)));
+                    }
+                }
+                for t in 0..N {
+                    acc[t] = scale_add(isum[t], dw, meta[t].get_unchecked(j), acc[t]);
+                }
             }
         }
         for t in 0..N {
@@ -606,9 +647,9 @@ mod avx2 {
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_0<const N: usize>(
+    /// As [`q8_0`].
+    #[inline(always)]
+    pub(super) unsafe fn q4_0<const N: usize, const VNNI: bool>(
         w: &[BlockQ4_0x8],
         a: [&[BlockQ8_0]; N],
         meta: [&[ActMeta]; N],
@@ -616,12 +657,12 @@ mod avx2 {
     ) {
         let mut acc = [_mm256_setzero_ps(); N];
         for (j, x) in w.iter().enumerate() {
-            let (lo, hi) = nibbles(&x.qs);
+            let u = nibbles(&x.qs);
             let dw = halves(&x.d);
             for t in 0..N {
                 let m = meta[t].get_unchecked(j);
                 let isum = _mm256_sub_epi32(
-                    isum4(&lo, &hi, &a[t].get_unchecked(j).qs),
+                    isum8::<VNNI, 15>(&u, &a[t].get_unchecked(j).qs),
                     _mm256_set1_epi32(8 * m.sum),
                 );
                 acc[t] = scale_add(isum, dw, m, acc[t]);
@@ -633,9 +674,9 @@ mod avx2 {
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_1<const N: usize>(
+    /// As [`q8_0`].
+    #[inline(always)]
+    pub(super) unsafe fn q4_1<const N: usize, const VNNI: bool>(
         w: &[BlockQ4_1x8],
         a: [&[BlockQ8_1]; N],
         meta: [&[ActMeta]; N],
@@ -644,12 +685,11 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); N];
         let mut mins = [_mm256_setzero_ps(); N];
         for (j, x) in w.iter().enumerate() {
-            let (lo, hi) = nibbles(&x.qs);
+            let u = nibbles(&x.qs);
             let (dw, mw) = (halves(&x.d), halves(&x.m));
             for t in 0..N {
                 let m = meta[t].get_unchecked(j);
-                let isum = isum4(&lo, &hi, &a[t].get_unchecked(j).qs);
-                acc[t] = scale_add(isum, dw, m, acc[t]);
+                acc[t] = scale_add(isum8::<VNNI, 15>(&u, &a[t].get_unchecked(j).qs), dw, m, acc[t]);
                 mins[t] = _mm256_add_ps(mins[t], _mm256_mul_ps(mw, _mm256_set1_ps(m.s)));
             }
         }
@@ -662,7 +702,7 @@ mod avx2 {
     /// moved to bit 4. The 16-bit shifts carry bits across bytes, but only
     /// into positions the mask clears (a shift by at most 4).
     #[inline(always)]
-    pub(super) unsafe fn fifth(qh: __m256i, k: usize) -> __m256i {
+    unsafe fn fifth(qh: __m256i, k: usize) -> __m256i {
         let v = match k {
             0 => _mm256_slli_epi16(qh, 4),
             1 => _mm256_slli_epi16(qh, 3),
@@ -677,9 +717,9 @@ mod avx2 {
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q5_0<const N: usize>(
+    /// As [`q8_0`].
+    #[inline(always)]
+    pub(super) unsafe fn q5_0<const N: usize, const VNNI: bool>(
         w: &[BlockQ5_0x8],
         a: [&[BlockQ8_0]; N],
         meta: [&[ActMeta]; N],
@@ -687,27 +727,18 @@ mod avx2 {
     ) {
         let mut acc = [_mm256_setzero_ps(); N];
         for (j, x) in w.iter().enumerate() {
-            let (lo, hi) = nibbles(&x.qs);
+            let mut u = nibbles(&x.qs);
             let qh = _mm256_loadu_si256(x.qh.as_ptr().cast());
-            let mut u = [_mm256_setzero_si256(); 8];
-            for m in 0..4 {
-                u[m] = _mm256_or_si256(lo[m], fifth(qh, m));
-                u[m + 4] = _mm256_or_si256(hi[m], fifth(qh, m + 4));
+            for (k, u) in u.iter_mut().enumerate() {
+                *u = _mm256_or_si256(*u, fifth(qh, k));
             }
             let dw = halves(&x.d);
             for t in 0..N {
-                let y = &a[t].get_unchecked(j).qs;
-                // Quants ≤ 31: pairs ≤ 2·31·127 = 7874, four chunks summed in
-                // i16 (≤ 31496), so two halves.
-                let mut p0 = _mm256_setzero_si256();
-                let mut p1 = _mm256_setzero_si256();
-                for k in 0..4 {
-                    p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(u[k], chunk(y, k)));
-                    p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(u[k + 4], chunk(y, k + 4)));
-                }
                 let m = meta[t].get_unchecked(j);
-                let isum = _mm256_add_epi32(widen(p0), widen(p1));
-                let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * m.sum));
+                let isum = _mm256_sub_epi32(
+                    isum8::<VNNI, 31>(&u, &a[t].get_unchecked(j).qs),
+                    _mm256_set1_epi32(16 * m.sum),
+                );
                 acc[t] = scale_add(isum, dw, m, acc[t]);
             }
         }
@@ -717,145 +748,57 @@ mod avx2 {
     }
 }
 
-/// AVX-512 VNNI kernels (on 256-bit vectors): the AVX2 kernels' integer
-/// sums, each chunk's four products per lane summed straight into i32 by one
-/// `vpdpbusd` whose activation operand is broadcast from memory, so the
-/// same float step gives the same bits.
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::avx2::{chunk, fifth, halves, nibbles, scale_add};
-    use super::*;
-    use std::arch::x86_64::*;
+/// `mod avx2` and `mod vnni`, each with one `#[target_feature]` function per
+/// `name: Layout, Activation;` that runs `body::name::<N, VNNI>` compiled for
+/// that instruction set (what `simd!` picks from).
+macro_rules! entry_points {
+    ($($name:ident: $P:ty, $A:ty;)*) => {
+        /// AVX2 + FMA + F16C.
+        #[cfg(target_arch = "x86_64")]
+        mod avx2 {
+            use super::*;
+            $(
+                /// # Safety
+                /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(in crate::formats::interleaved) unsafe fn $name<const N: usize>(
+                    w: &[$P],
+                    a: [&[$A]; N],
+                    meta: [&[ActMeta]; N],
+                    out: &mut [[f32; ROWS]; N],
+                ) {
+                    body::$name::<N, false>(w, a, meta, out)
+                }
+            )*
+        }
 
-    /// `Σ_k u[k]·y[chunk k]` in i32 lanes, for unsigned quants `u`.
-    #[inline(always)]
-    unsafe fn isum8(u: &[__m256i; 8], y: &[i8; QK]) -> __m256i {
-        // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
-        let mut a = _mm256_setzero_si256();
-        let mut b = _mm256_setzero_si256();
-        for k in (0..8).step_by(2) {
-            a = _mm256_dpbusd_epi32(a, u[k], chunk(y, k));
-            b = _mm256_dpbusd_epi32(b, u[k + 1], chunk(y, k + 1));
+        /// AVX-512 VNNI on 256-bit vectors (with AVX-512's 32 registers).
+        #[cfg(target_arch = "x86_64")]
+        mod vnni {
+            use super::*;
+            $(
+                /// # Safety
+                /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI; `a[t]` and
+                /// `meta[t]` as long as `w`.
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+                pub(in crate::formats::interleaved) unsafe fn $name<const N: usize>(
+                    w: &[$P],
+                    a: [&[$A]; N],
+                    meta: [&[ActMeta]; N],
+                    out: &mut [[f32; ROWS]; N],
+                ) {
+                    body::$name::<N, true>(w, a, meta, out)
+                }
+            )*
         }
-        _mm256_add_epi32(a, b)
-    }
+    };
+}
 
-    /// # Safety
-    /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI; `a[t]` and `meta[t]` as
-    /// long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q8_0<const N: usize>(
-        w: &[BlockQ8_0x8],
-        a: [&[BlockQ8_0]; N],
-        meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        let bias = _mm256_set1_epi8(-128);
-        let mut acc = [_mm256_setzero_ps(); N];
-        for (j, x) in w.iter().enumerate() {
-            // The signed quants made unsigned (q + 128): `vpdpbusd` wants
-            // its first factor unsigned and its broadcast one signed. The
-            // extra 128·Σy is taken off once per block below.
-            let mut u = [_mm256_setzero_si256(); 8];
-            for (k, u) in u.iter_mut().enumerate() {
-                *u = _mm256_xor_si256(_mm256_loadu_si256(x.qs.as_ptr().add(32 * k).cast()), bias);
-            }
-            let dw = halves(&x.d);
-            for t in 0..N {
-                let m = meta[t].get_unchecked(j);
-                // |Σ| ≤ 32·255·127 < 2²¹: exact.
-                let isum = _mm256_sub_epi32(isum8(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(128 * m.sum));
-                acc[t] = scale_add(isum, dw, m, acc[t]);
-            }
-        }
-        for t in 0..N {
-            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
-        }
-    }
-
-    /// The nibble vectors of a block in chunk order (`lo` then `hi`).
-    #[inline(always)]
-    unsafe fn nibble_chunks(qs: &[u8; ROWS * QK / 2]) -> [__m256i; 8] {
-        let (lo, hi) = nibbles(qs);
-        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
-    }
-
-    /// # Safety
-    /// As [`q8_0`].
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q4_0<const N: usize>(
-        w: &[BlockQ4_0x8],
-        a: [&[BlockQ8_0]; N],
-        meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        for (j, x) in w.iter().enumerate() {
-            let u = nibble_chunks(&x.qs);
-            let dw = halves(&x.d);
-            for t in 0..N {
-                let m = meta[t].get_unchecked(j);
-                let isum = _mm256_sub_epi32(isum8(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(8 * m.sum));
-                acc[t] = scale_add(isum, dw, m, acc[t]);
-            }
-        }
-        for t in 0..N {
-            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
-        }
-    }
-
-    /// # Safety
-    /// As [`q8_0`].
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q4_1<const N: usize>(
-        w: &[BlockQ4_1x8],
-        a: [&[BlockQ8_1]; N],
-        meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut mins = [_mm256_setzero_ps(); N];
-        for (j, x) in w.iter().enumerate() {
-            let u = nibble_chunks(&x.qs);
-            let (dw, mw) = (halves(&x.d), halves(&x.m));
-            for t in 0..N {
-                let m = meta[t].get_unchecked(j);
-                acc[t] = scale_add(isum8(&u, &a[t].get_unchecked(j).qs), dw, m, acc[t]);
-                mins[t] = _mm256_add_ps(mins[t], _mm256_mul_ps(mw, _mm256_set1_ps(m.s)));
-            }
-        }
-        for t in 0..N {
-            _mm256_storeu_ps(out[t].as_mut_ptr(), _mm256_add_ps(acc[t], mins[t]));
-        }
-    }
-
-    /// # Safety
-    /// As [`q8_0`].
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q5_0<const N: usize>(
-        w: &[BlockQ5_0x8],
-        a: [&[BlockQ8_0]; N],
-        meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        for (j, x) in w.iter().enumerate() {
-            let mut u = nibble_chunks(&x.qs);
-            let qh = _mm256_loadu_si256(x.qh.as_ptr().cast());
-            for (k, u) in u.iter_mut().enumerate() {
-                *u = _mm256_or_si256(*u, fifth(qh, k));
-            }
-            let dw = halves(&x.d);
-            for t in 0..N {
-                let m = meta[t].get_unchecked(j);
-                let isum = _mm256_sub_epi32(isum8(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(16 * m.sum));
-                acc[t] = scale_add(isum, dw, m, acc[t]);
-            }
-        }
-        for t in 0..N {
-            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
-        }
-    }
+entry_points! {
+    q8_0: BlockQ8_0x8, BlockQ8_0;
+    q4_0: BlockQ4_0x8, BlockQ8_0;
+    q4_1: BlockQ4_1x8, BlockQ8_1;
+    q5_0: BlockQ5_0x8, BlockQ8_0;
 }
 
 mod q4k;

@@ -137,19 +137,9 @@ impl Interleaved for BlockQ4Kx8 {
 /// sub-block's products are summed.
 #[cfg(target_arch = "x86_64")]
 mod body {
+    use super::super::body::{chunk, load};
     use super::*;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        _mm256_loadu_si256(p.cast())
-    }
-
-    /// Activation bytes `at..at + 4` in every 32-bit lane.
-    #[inline(always)]
-    unsafe fn chunk(y: &[i8; QK_K], at: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(y.as_ptr().add(at).cast::<i32>()))
-    }
 
     /// Scales and mins of the 8 rows × 8 sub-blocks, as bytes `[8b + s]`.
     #[inline(always)]
@@ -180,6 +170,7 @@ mod body {
     pub(super) unsafe fn q4k<const N: usize, const VNNI: bool>(
         w: &[BlockQ4Kx8],
         a: [&[BlockQ8K]; N],
+        _meta: [&[ActMeta]; N],
         out: &mut [[f32; ROWS]; N],
     ) {
         let low4 = _mm256_set1_epi8(0x0F);
@@ -274,38 +265,6 @@ mod body {
     }
 }
 
-/// AVX2 + FMA + F16C.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-
-    /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::formats::interleaved) unsafe fn q4k<const N: usize>(
-        w: &[BlockQ4Kx8],
-        a: [&[BlockQ8K]; N],
-        _meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        body::q4k::<N, false>(w, a, out)
-    }
-}
-
-/// AVX-512 VNNI on 256-bit vectors (and AVX-512's 32 vector registers).
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::*;
-
-    /// # Safety
-    /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI; `a[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(in crate::formats::interleaved) unsafe fn q4k<const N: usize>(
-        w: &[BlockQ4Kx8],
-        a: [&[BlockQ8K]; N],
-        _meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        body::q4k::<N, true>(w, a, out)
-    }
+entry_points! {
+    q4k: BlockQ4Kx8, BlockQ8K;
 }

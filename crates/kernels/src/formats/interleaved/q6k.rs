@@ -157,21 +157,9 @@ impl ExactSums for BlockQ6Kx8 {
 /// one body for AVX2 (`avx2::q6k`) and AVX-512 VNNI (`vnni::q6k`).
 #[cfg(target_arch = "x86_64")]
 mod body {
+    use super::super::body::{chunk, load};
     use super::*;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        _mm256_loadu_si256(p.cast())
-    }
-
-    /// Activation chunk `c` (bytes `4c..4c + 4`) in every 32-bit lane.
-    #[inline(always)]
-    unsafe fn chunk(y: &[i8; QK_K], c: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(
-            y.as_ptr().add(4 * c).cast::<i32>(),
-        ))
-    }
 
     /// Step `i`'s four chunks of 6-bit quants: chunks `i`, `i + 16`,
     /// `i + 32`, `i + 48`, each byte one row's quant (0..64). The 16-bit
@@ -242,7 +230,7 @@ mod body {
                     for (quarter, &qv) in q.iter().enumerate() {
                         let c = i + 16 * quarter;
                         for t in 0..N {
-                            let y = chunk(&a[t].get_unchecked(jb).qs, c);
+                            let y = chunk(&a[t].get_unchecked(jb).qs, 4 * c);
                             if VNNI {
                                 sb[t][quarter] = _mm256_dpbusd_epi32(sb[t][quarter], qv, y);
                             } else {
@@ -298,39 +286,6 @@ mod body {
     }
 }
 
-/// AVX2 + FMA + F16C.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-
-    /// # Safety
-    /// AVX2, FMA and F16C; `a[t]` and `meta[t]` as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::formats::interleaved) unsafe fn q6k<const N: usize>(
-        w: &[BlockQ6Kx8],
-        a: [&[BlockQ8K]; N],
-        meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        body::q6k::<N, false>(w, a, meta, out)
-    }
-}
-
-/// AVX-512 VNNI on 256-bit vectors.
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::*;
-
-    /// # Safety
-    /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI; `a[t]` and `meta[t]` as
-    /// long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(in crate::formats::interleaved) unsafe fn q6k<const N: usize>(
-        w: &[BlockQ6Kx8],
-        a: [&[BlockQ8K]; N],
-        meta: [&[ActMeta]; N],
-        out: &mut [[f32; ROWS]; N],
-    ) {
-        body::q6k::<N, true>(w, a, meta, out)
-    }
+entry_points! {
+    q6k: BlockQ6Kx8, BlockQ8K;
 }
