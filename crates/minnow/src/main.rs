@@ -30,6 +30,15 @@ fn main() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
+    // A kernel-level cap for A/B benchmarks (see bench/README.md); a typo
+    // must not silently run the default kernels.
+    if let Some(v) = std::env::var_os("MINNOW_SIMD") {
+        let v = v.to_string_lossy();
+        if minnow_kernels::formats::SimdLevel::from_name(&v).is_none() {
+            eprintln!("minnow: error: MINNOW_SIMD={v:?} names no kernel level: use scalar, avx2 or avx512 (or unset it)");
+            std::process::exit(2);
+        }
+    }
     if let Err(e) = cli::main() {
         // One clear line, no backtrace: user mistakes are not crashes.
         eprintln!("minnow: error: {e:#}");

@@ -99,6 +99,25 @@ fn bench_json_shape() {
     assert_eq!(v["pp"], 16);
     assert_eq!(v["tg"], 4);
     assert!(v["pp_tps"].as_f64().unwrap() > 0.0 && v["tg_tps"].as_f64().unwrap() > 0.0);
+    assert!(["Scalar", "Avx2", "Avx512Vnni"].contains(&v["simd"].as_str().unwrap()), "simd: {}", v["simd"]);
+}
+
+#[test]
+fn simd_cap_is_honoured_and_a_bad_one_refused() {
+    let m = common::smollm2_arg();
+    let run = |cap: &str| {
+        common::minnow_cmd()
+            .args(["bench", &m, "-p", "4", "-n", "2", "-r", "1", "--json"])
+            .env("MINNOW_SIMD", cap)
+            .output()
+            .expect("cannot start minnow")
+    };
+    let v = json_of(&run("scalar"));
+    assert_eq!(v["simd"], "Scalar");
+    let bad = run("avx3");
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("MINNOW_SIMD") && err.lines().count() == 1, "stderr: {err}");
 }
 
 #[test]

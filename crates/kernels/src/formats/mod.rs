@@ -240,18 +240,27 @@ impl SimdLevel {
     }
 }
 
-/// The level the kernels use: the detected one, capped by the environment
-/// variable `MINNOW_SIMD` (`scalar`, `avx2` or `avx512`) when set, so a
-/// benchmark can compare levels on one machine. Read once.
+impl SimdLevel {
+    /// A level named as `MINNOW_SIMD` takes it: `scalar`, `avx2` or `avx512`.
+    pub fn from_name(name: &str) -> Option<SimdLevel> {
+        match name {
+            "scalar" => Some(SimdLevel::Scalar),
+            "avx2" => Some(SimdLevel::Avx2),
+            "avx512" => Some(SimdLevel::Avx512Vnni),
+            _ => None,
+        }
+    }
+}
+
+/// The level the interleaved and Q6_K kernels use: the detected one, capped
+/// by the environment variable `MINNOW_SIMD` (`scalar`, `avx2` or `avx512`)
+/// when set, so a benchmark can compare levels on one machine. Read once; a
+/// value that names no level caps nothing (the `minnow` binary refuses such
+/// a value at start with a clear error).
 pub fn simd_level() -> SimdLevel {
     static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let detected = SimdLevel::detected();
-        let cap = match std::env::var("MINNOW_SIMD").as_deref() {
-            Ok("scalar") => SimdLevel::Scalar,
-            Ok("avx2") => SimdLevel::Avx2,
-            _ => SimdLevel::Avx512Vnni,
-        };
-        detected.min(cap)
+        let cap = std::env::var("MINNOW_SIMD").ok().and_then(|v| SimdLevel::from_name(&v));
+        SimdLevel::detected().min(cap.unwrap_or(SimdLevel::Avx512Vnni))
     })
 }
