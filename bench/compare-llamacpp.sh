@@ -161,12 +161,14 @@ print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.
                   "others_running": int(sys.argv[4]), "max_rss_kib": int(sys.argv[5] or 0),
                   "out": json.load(sys.stdin)}))' "$@" >>"$RESULTS"
 }
-# Tasks of other programs runnable right now (this shell is the one subtracted):
-# the cores may be shared, and a busy machine makes the comparison unfair.
+# Tasks of other programs runnable right now, into $others (this shell is the
+# one subtracted): the cores may be shared, and a busy machine makes the
+# comparison unfair. Not `$(...)`: the subshell and this shell, still running
+# beside it on another core, would both count, and every run looked busy.
 others_running() {
     local _a _b _c running _d
     read -r _a _b _c running _d </proc/loadavg
-    echo $((${running%/*} - 1))
+    others=$((${running%/*} - 1))
 }
 
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -186,7 +188,7 @@ for name in "${model_list[@]}"; do
         # Alternate the order so neither engine always runs on a warmer machine.
         if ((round % 2)); then order="llama minnow"; else order="minnow llama"; fi
         for engine in $order; do
-            others=$(others_running)
+            others_running
             log "$name round $round/$ROUNDS: $engine ($others other tasks running)"
             # Peak resident memory of the whole run (GNU time's %M, KiB).
             if [[ $engine == llama ]]; then
