@@ -47,7 +47,7 @@
 //!   taken from `rand`, whose `StdRng` explicitly does not promise a stable
 //!   stream across versions; the algorithm *is* the contract, pinned by tests
 //!   against the published reference outputs;
-//! - `exp` is computed by [`det_exp`] from IEEE-exact basic operations only,
+//! - `exp` is computed by `det_exp` from IEEE-exact basic operations only,
 //!   since the platform libm's `exp` may differ in the last bit between
 //!   systems, which could move a top-p cut-off or a draw boundary;
 //! - every ordering that influences a result is a total order (value, then

@@ -20,7 +20,7 @@
 //! A request with `n > 1` samples reads its prompt once; its KV cache is then
 //! copied per sample, and sample `i` samples with seed `seed + i`. Finished
 //! prompts (and finished single-sample generations, prompt plus answer) go
-//! into a [prefix cache](prefix_cache) that later prompts starting the same
+//! into a prefix cache (`prefix_cache`) that later prompts starting the same
 //! way resume from.
 //!
 //! Results are pushed to each request's [`EventSink`] from the scheduler
@@ -72,7 +72,7 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Bound on the bytes of KV the prefix cache keeps; 0 disables it.
     pub prefix_cache_bytes: usize,
-    /// Speculative decoding while a single sequence decodes (see [`speculate`]).
+    /// Speculative decoding while a single sequence decodes (see `speculate`).
     pub speculation: Option<Speculation>,
 }
 

@@ -39,7 +39,7 @@
 //!
 //! # When it pays
 //!
-//! A [`Controller`] keeps running estimates of the acceptance rate `α` per
+//! A `Controller` keeps running estimates of the acceptance rate `α` per
 //! drafted token, the time of a plain one-token target step, the extra time
 //! per additional token in a verifying pass, and the time of a draft forward
 //! pass. Before each round it picks the draft length `k` maximising the
@@ -365,7 +365,7 @@ const CONTROL_BYTE: u8 = 0;
 /// Text-level prompt lookup: the longest suffix of `text` (at least
 /// `min_match` bytes; the latest occurrence among equals) that also occurs
 /// earlier, and the bytes that followed that occurrence (up to
-/// [`LOOKUP_MAX_CONT`], stopping at a [`CONTROL_BYTE`]). Returns the
+/// `LOOKUP_MAX_CONT`, stopping at a `CONTROL_BYTE`). Returns the
 /// continuation and whether it was cut short by the length cap.
 pub fn text_lookup(text: &[u8], min_match: usize) -> Option<(&[u8], bool)> {
     text_lookup_match(text, min_match).map(|(cont, cut, _)| (cont, cut))

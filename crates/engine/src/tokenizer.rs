@@ -2,13 +2,13 @@
 //!
 //! Two vocabulary kinds are supported:
 //! - byte-level BPE (`tokenizer.ggml.model = gpt2`: SmolLM, Qwen, Llama 3...),
-//!   with the pre-tokenizer named by `tokenizer.ggml.pre` ([`pretok`]) and
-//!   merge ranks from `tokenizer.ggml.merges` ([`bpe`]);
+//!   with the pre-tokenizer named by `tokenizer.ggml.pre` (`pretok`) and
+//!   merge ranks from `tokenizer.ggml.merges` (`bpe`);
 //! - SentencePiece-style BPE (`llama`: Gemma, Llama 2...) driven by token
-//!   scores, with `<0xXX>` byte fallback ([`spm`]).
+//!   scores, with `<0xXX>` byte fallback (`spm`).
 //!
 //! Before either runs, special-token text is cut out of the input
-//! ([`special`]): control tokens only when asked to parse special tokens,
+//! (`special`): control tokens only when asked to parse special tokens,
 //! user-defined tokens always (llama.cpp and Hugging Face agree on that; for
 //! Gemma 3 it is what turns newline and space runs into their own tokens).
 //!

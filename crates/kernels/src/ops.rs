@@ -80,7 +80,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 }
 
 /// `gate[i] = act(gate[i]) * up[i]`: the gated FFN's element-wise step.
-/// With AVX2/FMA eight at a time with a polynomial `exp` ([`simd`]; within
+/// With AVX2/FMA eight at a time with a polynomial `exp` (`simd`; within
 /// a few 1e-7 of [`gated_silu_ref`]): libm's scalar `expf`/`tanhf` were ~10%
 /// of Gemma 3's prompt processing.
 pub fn gated_silu(gate: &mut [f32], up: &[f32]) {

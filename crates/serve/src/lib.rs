@@ -2,8 +2,8 @@
 //! continuous-batching [`Scheduler`].
 //!
 //! This crate is only the HTTP half. It turns requests into token ids and
-//! [`GenRequest`]s, hands them to the scheduler, and turns the scheduler's
-//! [`GenEvent`]s back into OpenAI's JSON and server-sent-event shapes. It
+//! `GenRequest`s, hands them to the scheduler, and turns the scheduler's
+//! `GenEvent`s back into OpenAI's JSON and server-sent-event shapes. It
 //! knows nothing of kernels or batching: the scheduler owns the model, the
 //! KV caches, the prefix cache and the compute threads.
 //!

@@ -30,7 +30,7 @@ use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, D};
 
 /// The teacher's top-k at each loss row, flattened: ids and log-probs of
-/// shape [M*k]; rows without a teacher distribution have `has[r] = 0`.
+/// shape `[M*k]`; rows without a teacher distribution have `has[r] = 0`.
 #[derive(Debug, Clone)]
 pub struct TeacherTop {
     pub k: usize,
@@ -42,9 +42,9 @@ pub struct TeacherTop {
 /// What the loss compares the logits of M rows against.
 #[derive(Debug, Clone)]
 pub struct LossTargets {
-    /// Target token per row, shape [M].
+    /// Target token per row, shape `[M]`.
     pub targets: Vec<u32>,
-    /// 1 for rows that count, 0 for masked rows (prompt, padding), shape [M].
+    /// 1 for rows that count, 0 for masked rows (prompt, padding), shape `[M]`.
     pub mask: Vec<f32>,
     pub teacher: Option<TeacherTop>,
 }
@@ -63,7 +63,7 @@ pub struct LossSum {
     pub n_kl_rows: f64,
 }
 
-/// Cross-entropy of each row: logits [M, V], targets [M] → [M].
+/// Cross-entropy of each row: logits `[M, V]`, targets `[M]` → `[M]`.
 pub fn row_ce(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let m = targets.len();
     let lsm = log_softmax_last(logits)?;
@@ -97,7 +97,7 @@ fn teacher_probs(t: &TeacherTop, tau: f64) -> (Vec<f32>, Vec<f32>) {
     (p, plogp)
 }
 
-/// KL of each row (see the module doc), shape [M]; 0 for rows without a
+/// KL of each row (see the module doc), shape `[M]`; 0 for rows without a
 /// teacher distribution.
 pub fn row_kl(logits: &Tensor, t: &TeacherTop, tau: f64) -> Result<Tensor> {
     let m = t.has.len();

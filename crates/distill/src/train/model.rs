@@ -40,14 +40,14 @@ pub struct StudentShape {
 pub struct ForwardInput {
     pub b: usize,
     pub t: usize,
-    /// Token ids, shape [B*T], u32.
+    /// Token ids, shape `[B*T]`, u32.
     pub tokens: Tensor,
     /// RoPE cos and sin at each token's own position, shape [B, 1, T, n_rot/2].
     pub cos: Tensor,
     pub sin: Tensor,
     /// Additive attention mask (0 or -inf), shape [B, 1, T, T].
     pub mask: Tensor,
-    /// Flattened row indices whose logits are wanted, shape [M], u32.
+    /// Flattened row indices whose logits are wanted, shape `[M]`, u32.
     pub pick: Tensor,
 }
 
@@ -307,7 +307,7 @@ impl Student {
     }
 }
 
-/// RMSNorm of every row of x [N, width] with weight w [width].
+/// RMSNorm of every row of x `[N, width]` with weight w `[width]`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (ms + eps)?.sqrt()?.recip()?;
@@ -315,7 +315,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Softmax over the last dimension. On the CPU one fused pass per row
-/// ([`FusedSoftmax`]: the attention scores are the largest activations, and
+/// (`FusedSoftmax`: the attention scores are the largest activations, and
 /// five separate elementwise passes over them cost more than the matmuls
 /// around them); elsewhere built from differentiable primitives (candle's
 /// fused softmax has no backward). The max is a constant shift, detached so
@@ -416,7 +416,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> can
 }
 
 /// `x · Wᵀ` for a weight `w` [out, in] that does not train, x [N, in]: on
-/// the CPU through [`FrozenMatmul`] (no weight gradient), elsewhere candle's
+/// the CPU through `FrozenMatmul` (no weight gradient), elsewhere candle's
 /// matmul.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
@@ -487,7 +487,7 @@ pub fn rope_tables(pos: &[u32], b: usize, t: usize, n_rot: usize, base: f32, dev
 
 /// The additive mask of a packed batch: position i of a row sees position j
 /// when both belong to the same example (`segment`) and j ≤ i. Shape
-/// [B, 1, T, T]; `segment` is [B*T] (padding is its own segment per position
+/// `[B, 1, T, T]`; `segment` is `[B*T]` (padding is its own segment per position
 /// run, so every row sees at least itself and the softmax never divides by 0).
 pub fn packed_mask(segment: &[u32], b: usize, t: usize, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; b * t * t];

@@ -25,7 +25,7 @@ pub enum Logits {
     /// Every token's (perplexity, speculative verification).
     All,
     /// Not logits: the last token's final hidden state after the output
-    /// norm, shape [n_embd], for a caller that applies (part of) the output
+    /// norm, shape `[n_embd]`, for a caller that applies (part of) the output
     /// head itself ([`super::Model::output_head`]; a draft model scoring
     /// only the tokens it is likely to draft).
     Hidden,

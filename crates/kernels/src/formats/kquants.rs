@@ -4,12 +4,12 @@
 //!
 //! | type         | bytes | layout (ggml field order)                            | weight                    |
 //! |--------------|-------|------------------------------------------------------|---------------------------|
-//! | [`BlockQ2K`] | 84    | scales[16] (lo: scale, hi: min), qs[64], d, dmin     | `d*sc*q - dmin*m`, q∈0..3 |
-//! | [`BlockQ3K`] | 110   | hmask[32], qs[64], scales[12] (16×6 bit), d          | `d*(sc-32)*(q-4)`, q∈0..7 |
-//! | [`BlockQ4K`] | 144   | d, dmin, scales[12] (8×6-bit scale, 8×6-bit min), qs[128] | `d*sc*q - dmin*m`, q∈0..15 |
-//! | [`BlockQ5K`] | 176   | d, dmin, scales[12], qh[32], qs[128]                  | `d*sc*q - dmin*m`, q∈0..31 |
-//! | [`BlockQ6K`] | 210   | ql[128], qh[64], scales: i8[16], d                   | `d*sc*(q-32)`, q∈0..63    |
-//! | [`BlockQ8K`] | 292   | d: f32, qs: i8[256], bsums: i16[16]                  | activations: `d*q`        |
+//! | [`BlockQ2K`] | 84    | `scales[16]` (lo: scale, hi: min), `qs[64]`, d, dmin     | `d*sc*q - dmin*m`, q∈0..3 |
+//! | [`BlockQ3K`] | 110   | `hmask[32]`, `qs[64]`, `scales[12]` (16×6 bit), d          | `d*(sc-32)*(q-4)`, q∈0..7 |
+//! | [`BlockQ4K`] | 144   | d, dmin, `scales[12]` (8×6-bit scale, 8×6-bit min), `qs[128]` | `d*sc*q - dmin*m`, q∈0..15 |
+//! | [`BlockQ5K`] | 176   | d, dmin, `scales[12]`, `qh[32]`, `qs[128]`                  | `d*sc*q - dmin*m`, q∈0..31 |
+//! | [`BlockQ6K`] | 210   | `ql[128]`, `qh[64]`, `scales: i8[16]`, d                   | `d*sc*(q-32)`, q∈0..63    |
+//! | [`BlockQ8K`] | 292   | d: f32, `qs: i8[256]`, `bsums: i16[16]`                  | activations: `d*q`        |
 //!
 //! f16 fields are stored as their raw `u16` bits so every block is plain old
 //! data (`bytemuck::Pod`, alignment 2; Q8_K has alignment 4 for its f32).
@@ -133,7 +133,7 @@ impl ActBlock for BlockQ8K {
     ///
     /// This runs on every activation row before a k-quant matmul, so it has
     /// an AVX2 version (`quantize_q8k_avx2`), bit-identical to the scalar
-    /// [`quantize_q8k_block`].
+    /// `quantize_q8k_block`.
     fn quantize(x: &[f32], out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q8_K quantize: length mismatch");
         #[cfg(target_arch = "x86_64")]

@@ -19,7 +19,7 @@ pub struct BlockQ3K {
     pub hmask: [u8; QK_K / 8],
     /// Low 2 bits of the quants.
     pub qs: [u8; QK_K / 4],
-    /// Sixteen 6-bit scales, packed (see [`unpack_scales`]).
+    /// Sixteen 6-bit scales, packed (see `unpack_scales`).
     pub scales: [u8; 12],
     /// Super-block scale (f16 bits).
     pub d: u16,
