@@ -36,17 +36,10 @@ use super::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
 use super::{simd_level, BlockFormat, SimdLevel};
 use bytemuck::{Pod, Zeroable};
 
-/// The SIMD kernels `$name::<N>` of a format as [`Kernels`]: the AVX2 one,
-/// and the AVX-512 VNNI one where the format has it (`simd!(name, vnni)`);
-/// none off x86-64.
+/// The SIMD kernels `$name::<N>` of a format as [`Kernels`] (made by
+/// `entry_points!`): `simd!(name, vnni)` for a format with an AVX2 and an
+/// AVX-512 VNNI kernel; none off x86-64.
 macro_rules! simd {
-    ($name:ident) => {{
-        #[cfg(target_arch = "x86_64")]
-        let k: Kernels<_, _, N> = Kernels { avx2: Some(avx2::$name::<N>), vnni: None };
-        #[cfg(not(target_arch = "x86_64"))]
-        let k: Kernels<_, _, N> = Kernels { avx2: None, vnni: None };
-        k
-    }};
     ($name:ident, vnni) => {{
         #[cfg(target_arch = "x86_64")]
         let k: Kernels<_, _, N> = Kernels { avx2: Some(avx2::$name::<N>), vnni: Some(vnni::$name::<N>) };
