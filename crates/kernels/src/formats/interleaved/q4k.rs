@@ -223,6 +223,14 @@ mod body {
                     }
                 }
                 let (s_lo, s_hi) = (scale32(2 * c), scale32(2 * c + 1));
+                // AVX2's `madd` wants the scale in both i16 of the lane (it
+                // adds the pair); VNNI multiplies the i32 sums by it.
+                let (s_lo, s_hi) = if VNNI {
+                    (s_lo, s_hi)
+                } else {
+                    let pair = |s: __m256i| _mm256_or_si256(s, _mm256_slli_epi32(s, 16));
+                    (pair(s_lo), pair(s_hi))
+                };
                 for t in 0..N {
                     // The same integer either way: scale × the sub-block's sum
                     // (|·| ≤ 63·32·15·127 < 2²³).
@@ -234,9 +242,7 @@ mod body {
                         };
                         (_mm256_mullo_epi32(p_lo, s_lo), _mm256_mullo_epi32(p_hi, s_hi))
                     } else {
-                        // The scale in both i16 of the lane: `madd` adds the pair.
-                        let pair = |s: __m256i| _mm256_or_si256(s, _mm256_slli_epi32(s, 16));
-                        (_mm256_madd_epi16(p_lo[t], pair(s_lo)), _mm256_madd_epi16(p_hi[t], pair(s_hi)))
+                        (_mm256_madd_epi16(p_lo[t], s_lo), _mm256_madd_epi16(p_hi[t], s_hi))
                     };
                     isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(v_lo, v_hi));
                 }

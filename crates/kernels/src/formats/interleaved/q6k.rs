@@ -27,7 +27,7 @@
 //! `acc = fma(isum, dy·d, acc)`. So repacking changes no result.
 
 use super::{ActMeta, ExactSums, Interleaved, Kernels, ROWS};
-use crate::formats::kquants::{BlockQ6K, BlockQ8K, QK_K};
+use crate::formats::kquants::{q6, BlockQ6K, BlockQ8K, QK_K};
 use crate::formats::SimdLevel;
 use bytemuck::{Pod, Zeroable};
 
@@ -57,16 +57,6 @@ fn chunk_place(c: usize) -> ((usize, u32), (usize, u32)) {
     )
 }
 
-/// Row `r`'s unsigned 6-bit quant (0..64) of element `e`, as the file stores it.
-fn row_quant(r: &BlockQ6K, e: usize) -> u8 {
-    let (n, rest) = (e / 128, e % 128);
-    let (k, l) = (rest / 32, rest % 32);
-    let lo = r.ql[64 * n + l + 32 * (k & 1)];
-    let lo = if k < 2 { lo & 0xF } else { lo >> 4 };
-    let hi = (r.qh[32 * n + l] >> (2 * k)) & 3;
-    lo | (hi << 4)
-}
-
 impl BlockQ6Kx8 {
     /// Row `s`'s unsigned 6-bit quant of element `e`.
     fn quant(&self, s: usize, e: usize) -> u8 {
@@ -87,7 +77,7 @@ impl Interleaved for BlockQ6Kx8 {
                 out.scales[8 * j + s] = row.scales[j];
             }
             for e in 0..QK_K {
-                let q = row_quant(row, e);
+                let q = q6(row, e);
                 let ((lo_at, lo_shift), (hi_at, hi_shift)) = chunk_place(e / 4);
                 let at = 4 * s + e % 4;
                 out.qs[lo_at + at] |= (q & 0xF) << lo_shift;
@@ -215,12 +205,12 @@ mod body {
                 )
             };
             // Scales of sub-blocks 2p and 2p + 1 as an i16 pair in lane s,
-            // for the offset term.
-            let pair = |p: usize| {
+            // for the offset term (once per block, for every token).
+            let pairs: [__m256i; 8] = std::array::from_fn(|p| {
                 let even = _mm_loadl_epi64(x.scales.as_ptr().add(16 * p).cast());
                 let odd = _mm_loadl_epi64(x.scales.as_ptr().add(16 * p + 8).cast());
                 _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(even, odd))
-            };
+            });
             let mut isum = [_mm256_setzero_si256(); N];
             // Steps 4g..4g + 4 complete sub-blocks g, g + 4, g + 8, g + 12.
             for g in 0..4 {
@@ -229,6 +219,8 @@ mod body {
                     let q = step_quants(x, i);
                     for (quarter, &qv) in q.iter().enumerate() {
                         let c = i + 16 * quarter;
+                        // AVX2's scale for this chunk, shared by the tokens.
+                        let sc = if VNNI { _mm256_setzero_si256() } else { scale16x2(c / 4) };
                         for t in 0..N {
                             let y = chunk(&a[t].get_unchecked(jb).qs, 4 * c);
                             if VNNI {
@@ -237,10 +229,7 @@ mod body {
                                 // q ≤ 63, |q8| ≤ 127: pairs ≤ 16002, no
                                 // saturation; × the scale in i32.
                                 let p = _mm256_maddubs_epi16(qv, y);
-                                isum[t] = _mm256_add_epi32(
-                                    isum[t],
-                                    _mm256_madd_epi16(p, scale16x2(c / 4)),
-                                );
+                                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, sc));
                             }
                         }
                     }
@@ -265,9 +254,9 @@ mod body {
                         y.bsums.as_ptr().add(2 * p).cast::<i32>(),
                     ));
                     off = if VNNI {
-                        _mm256_dpwssd_epi32(off, pair(p), b)
+                        _mm256_dpwssd_epi32(off, pairs[p], b)
                     } else {
-                        _mm256_add_epi32(off, _mm256_madd_epi16(pair(p), b))
+                        _mm256_add_epi32(off, _mm256_madd_epi16(pairs[p], b))
                     };
                 }
                 // |isum| ≤ 16·128·(63·127·16 + 32·16·127) < 2²⁹: exact.
