@@ -142,7 +142,8 @@ def main():
     print(f"minnow vs llama.cpp, {meta['date']}: {meta['cpu']}, {meta['cpus']} CPUs, "
           f"{meta['threads']} threads, pp{pp} / tg{tg} tok/s, median of {meta['rounds']} alternating rounds; "
           f"load average {meta['load_before']} before, {meta['load_after']} after.")
-    levels = sorted({r["out"].get("simd") for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+    records = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    levels = sorted({r["out"].get("simd") for r in records
                      if r.get("engine") == "minnow" and isinstance(r.get("out"), dict) and r["out"].get("simd")})
     kernels = f" (kernels: {', '.join(levels)})" if levels else ""
     each = ", ".join(f"{p.stem.removeprefix('membw-')} {json.loads(p.read_text())['best_gbps']:.1f}"
@@ -150,8 +151,7 @@ def main():
     print(f"minnow {meta['commit']}{kernels}; llama.cpp from {meta['llamacpp']}. "
           f"Read bandwidth {gbps:.1f} GB/s ({bw['threads']} threads, best of {bw['runs']}; "
           f"median {bw['median_gbps']:.1f}; measured {each}). Ratios are minnow ÷ llama.cpp.")
-    others = [r["others_running"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
-              if "others_running" in r]
+    others = [r["others_running"] for r in records if "others_running" in r]
     if others:
         mean = sum(others) / len(others)
         print(f"Other programs' runnable tasks at the start of each engine run: mean {mean:.1f}, max {max(others)}.")
