@@ -19,6 +19,7 @@ use crate::formats::interleaved::{self, ActMeta, Interleaved};
 use crate::formats::{cast_blocks, group_scales, ActBlock, BlockFormat, GroupScales, LayoutError};
 use crate::pool::{SharedMut, ThreadPool};
 use crate::GgmlType;
+use std::ops::Range;
 
 /// How a matrix's blocks are arranged in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -225,6 +226,85 @@ pub fn matmul(
     out: &mut [f32],
     scratch: &mut ActBuffer,
 ) -> Result<(), LayoutError> {
+    let job = prepare(pool, w, x, n, out, scratch)?;
+    pool.parallel_for(job.tiles, 1, &|tiles| (job.run)(tiles));
+    Ok(())
+}
+
+/// Several products of the same activations, `outs[i] = x · ws[i]ᵀ`, in one
+/// job of the pool: e.g. a layer's q, k and v projections, or its FFN's gate
+/// and up.
+///
+/// Each output element is the one [`matmul`] gives, bit for bit. What
+/// changes is the scheduling: the matrices' row tiles form one index space
+/// that the threads split into contiguous runs, so a thread done with its
+/// part of one matrix goes straight on to the next instead of waiting for
+/// the others at the end of each product. In decode, where each product is a
+/// few hundred microseconds, those waits and the fresh start of every
+/// thread's memory stream were a measurable share of the time.
+///
+/// `scratch` needs one buffer per matrix (each matrix's activations are
+/// quantized to its own format's dot type).
+pub fn matmul_many(
+    pool: &ThreadPool,
+    x: &[f32],
+    n: usize,
+    ws: &[&QMatrix],
+    outs: &mut [&mut [f32]],
+    scratch: &mut [ActBuffer],
+) -> Result<(), LayoutError> {
+    if ws.len() != outs.len() || scratch.len() < ws.len() {
+        return Err(LayoutError(format!(
+            "matmul_many: {} matrices, {} outputs, {} scratch buffers",
+            ws.len(),
+            outs.len(),
+            scratch.len()
+        )));
+    }
+    let mut jobs = Vec::with_capacity(ws.len());
+    for ((w, out), scratch) in ws.iter().zip(outs.iter_mut()).zip(scratch.iter_mut()) {
+        jobs.push(prepare(pool, w, x, n, out, scratch)?);
+    }
+    // first[i]: the first tile of job i in the joint index space.
+    let mut first = Vec::with_capacity(jobs.len() + 1);
+    first.push(0);
+    for job in &jobs {
+        first.push(first.last().unwrap() + job.tiles);
+    }
+    let total = *first.last().unwrap();
+    pool.parallel_for(total, 1, &|tiles| {
+        let mut i = first.partition_point(|&f| f <= tiles.start) - 1;
+        let mut at = tiles.start;
+        while at < tiles.end {
+            while first[i + 1] <= at {
+                i += 1;
+            }
+            let end = tiles.end.min(first[i + 1]);
+            (jobs[i].run)(at - first[i]..end - first[i]);
+            at = end;
+        }
+    });
+    Ok(())
+}
+
+/// A product ready to run: activations quantized, output rows cut into
+/// `tiles` tiles of `ROW_TILE` rows that threads may run in any order, each
+/// writing only its own rows of the output.
+struct Prepared<'a> {
+    tiles: usize,
+    run: Box<dyn Fn(Range<usize>) + Sync + 'a>,
+}
+
+/// Checks shapes, quantizes the activations into `scratch` and returns the
+/// product's tiles.
+fn prepare<'a>(
+    pool: &ThreadPool,
+    w: &QMatrix<'a>,
+    x: &'a [f32],
+    n: usize,
+    out: &'a mut [f32],
+    scratch: &'a mut ActBuffer,
+) -> Result<Prepared<'a>, LayoutError> {
     w.validate()?;
     if x.len() != n * w.cols || out.len() != n * w.rows {
         return Err(LayoutError(format!(
@@ -240,50 +320,53 @@ pub fn matmul(
     match w.layout {
         Layout::RowMajor => crate::dispatch_format!(
             w.ty,
-            matmul_typed(pool, w, x, n, out, scratch),
+            prepare_typed(pool, *w, x, n, out, scratch),
             Err(LayoutError(format!("{} weights are not supported by matmul", w.ty)))
         ),
         Layout::Interleaved8 => crate::dispatch_interleaved!(
             w.ty,
-            matmul_interleaved(pool, w, x, n, out, scratch),
+            prepare_interleaved(pool, *w, x, n, out, scratch),
             unreachable!("validate checked the format has an interleaved layout")
         ),
     }
 }
 
-/// `matmul` for a matrix in the 8-row interleaved layout: threads take
-/// tiles of row groups; each group meets the tokens four at a time
+/// A matrix in the 8-row interleaved layout: a tile is `ROW_TILE / 8` row
+/// groups; each group meets the tokens four at a time
 /// (`Interleaved::dot`, whose per-token results do not depend on how many
 /// tokens share the call).
-fn matmul_interleaved<P: Interleaved>(
+fn prepare_interleaved<'a, P: Interleaved>(
     pool: &ThreadPool,
-    w: &QMatrix,
+    w: QMatrix<'a>,
     x: &[f32],
     n: usize,
-    out: &mut [f32],
-    scratch: &mut ActBuffer,
-) -> Result<(), LayoutError> {
+    out: &'a mut [f32],
+    scratch: &'a mut ActBuffer,
+) -> Result<Prepared<'a>, LayoutError> {
     type Dot<P> = <<P as Interleaved>::Row as BlockFormat>::Dot;
-    let groups: &[P] = cast_blocks(w.data)?;
+    let groups: &'a [P] = cast_blocks(w.data)?;
     let per_row = w.cols / P::Row::BLOCK;
     let ActBuffer { words, meta, .. } = scratch;
     let acts: &mut [Dot<P>] = blocks_mut(words, n * per_row);
     quantize_rows(pool, x, w.cols, acts, per_row);
-    let acts: &[Dot<P>] = acts;
+    let acts: &'a [Dot<P>] = acts;
     meta.clear();
     meta.extend(acts.iter().map(P::meta));
-    let meta: &[ActMeta] = meta;
-    let act_row = |t: usize| &acts[t * per_row..(t + 1) * per_row];
-    let meta_row = |t: usize| &meta[t * per_row..(t + 1) * per_row];
+    let meta: &'a [ActMeta] = meta;
 
     let rows = w.rows;
+    let n_groups = rows / interleaved::ROWS;
+    const GROUPS_PER_TILE: usize = ROW_TILE / interleaved::ROWS;
     let out_ptr = SharedMut(out.as_mut_ptr());
-    pool.parallel_for(rows / interleaved::ROWS, ROW_TILE / interleaved::ROWS, &|tile| {
+    let run = move |tiles: Range<usize>| {
         let out_ptr = out_ptr;
+        let act_row = |t: usize| &acts[t * per_row..(t + 1) * per_row];
+        let meta_row = |t: usize| &meta[t * per_row..(t + 1) * per_row];
+        let tile_groups = tiles.start * GROUPS_PER_TILE..(tiles.end * GROUPS_PER_TILE).min(n_groups);
         let mut t = 0;
         while t < n {
             let step = (n - t).min(TOKEN_GROUP);
-            for g in tile.clone() {
+            for g in tile_groups.clone() {
                 let wg = &groups[g * per_row..(g + 1) * per_row];
                 let mut v = [[0.0f32; interleaved::ROWS]; TOKEN_GROUP];
                 match step {
@@ -293,8 +376,8 @@ fn matmul_interleaved<P: Interleaved>(
                     _ => dot_interleaved::<P, 1>(wg, &act_row, &meta_row, t, &mut v),
                 }
                 for (k, v) in v[..step].iter().enumerate() {
-                    // SAFETY: rows 8g..8g+8 of token t + k are written by
-                    // exactly this tile's thread, and lie inside out
+                    // SAFETY: rows 8g..8g+8 of token t + k are written only
+                    // by the thread running this tile, and lie inside out
                     // ((t + k) < n, 8g + 8 <= rows).
                     unsafe {
                         let dst = out_ptr.0.add((t + k) * rows + g * interleaved::ROWS);
@@ -304,8 +387,8 @@ fn matmul_interleaved<P: Interleaved>(
             }
             t += step;
         }
-    });
-    Ok(())
+    };
+    Ok(Prepared { tiles: n_groups.div_ceil(GROUPS_PER_TILE), run: Box::new(run) })
 }
 
 /// `Interleaved::dot` of row group `w` with the `N` tokens from `t`.
@@ -324,22 +407,24 @@ fn dot_interleaved<'a, P: Interleaved, const N: usize>(
     v[..N].copy_from_slice(&out);
 }
 
-fn matmul_typed<B: BlockFormat>(
+/// A row-major matrix: a tile is `ROW_TILE` rows; tokens meet them in groups
+/// of `TOKEN_GROUP` through `vec_dot_multi`.
+fn prepare_typed<'a, B: BlockFormat>(
     pool: &ThreadPool,
-    w: &QMatrix,
+    w: QMatrix<'a>,
     x: &[f32],
     n: usize,
-    out: &mut [f32],
-    scratch: &mut ActBuffer,
-) -> Result<(), LayoutError> {
-    let weights: &[B] = cast_blocks(w.data)?;
+    out: &'a mut [f32],
+    scratch: &'a mut ActBuffer,
+) -> Result<Prepared<'a>, LayoutError> {
+    let weights: &'a [B] = cast_blocks(w.data)?;
     let w_blocks_per_row = w.cols / B::BLOCK;
     let a_blocks_per_row = w.cols / <B::Dot as ActBlock>::BLOCK;
     let ActBuffer { words, scales, group, .. } = scratch;
     let acts: &mut [B::Dot] = blocks_mut(words, n * a_blocks_per_row);
     quantize_rows(pool, x, w.cols, acts, a_blocks_per_row);
-    let acts: &[B::Dot] = acts;
-    let act_row = |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
+    let acts: &'a [B::Dot] = acts;
+    let act_row = move |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
 
     // Tokens in groups of TOKEN_GROUP and one group of the 1-3 left over
     // (one pass over the weights for them: a speculative verification of
@@ -347,7 +432,7 @@ fn matmul_typed<B: BlockFormat>(
     // scales in f32 for the multi-row kernels.
     let full = n / TOKEN_GROUP;
     let tail = n - full * TOKEN_GROUP;
-    let group_at = |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { (full * TOKEN_GROUP, tail) };
+    let group_at = move |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { (full * TOKEN_GROUP, tail) };
     let n_groups = full + (tail > 0) as usize;
     scales.clear();
     if n > 1 {
@@ -365,13 +450,14 @@ fn matmul_typed<B: BlockFormat>(
             scales.extend_from_slice(group);
         }
     }
-    let scales: &[GroupScales] = scales;
-    let group_scales_of = |g: usize| &scales[g * a_blocks_per_row..(g + 1) * a_blocks_per_row];
+    let scales: &'a [GroupScales] = scales;
+    let group_scales_of = move |g: usize| &scales[g * a_blocks_per_row..(g + 1) * a_blocks_per_row];
 
     let rows = w.rows;
     let out_ptr = SharedMut(out.as_mut_ptr());
-    pool.parallel_for(rows, ROW_TILE, &|tile| {
+    let run = move |tiles: Range<usize>| {
         let out_ptr = out_ptr;
+        let tile = tiles.start * ROW_TILE..(tiles.end * ROW_TILE).min(rows);
         let w_row = |r: usize| &weights[r * w_blocks_per_row..(r + 1) * w_blocks_per_row];
         // Within a group the tile's weight rows, which stay in cache, each
         // meet the group's activations.
@@ -389,14 +475,15 @@ fn matmul_typed<B: BlockFormat>(
                     _ => v[0] = B::vec_dot(w, act_row(t)),
                 }
                 for (k, &v) in v[..step].iter().enumerate() {
-                    // SAFETY: each (t + k, r) is written by exactly one tile's
-                    // thread, and (t + k)*rows + r < n*rows == out.len().
+                    // SAFETY: each (t + k, r) is written only by the thread
+                    // running this tile, and (t + k)*rows + r < n*rows ==
+                    // out.len().
                     unsafe { *out_ptr.0.add((t + k) * rows + r) = v };
                 }
             }
         }
-    });
-    Ok(())
+    };
+    Ok(Prepared { tiles: rows.div_ceil(ROW_TILE), run: Box::new(run) })
 }
 
 /// `vec_dot_multi` of weight row `w` with the `N` activation rows from token

@@ -15,7 +15,7 @@ use minnow_kernels::formats::kquants::*;
 use minnow_kernels::formats::legacy::*;
 use minnow_kernels::formats::interleaved::*;
 use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat, SimdLevel};
-use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
+use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, Layout, QMatrix};
 use minnow_kernels::pool::ThreadPool;
 use proptest::prelude::*;
 
@@ -410,4 +410,53 @@ fn interleaved_matmul_matches_reference() {
     let mut row = Vec::new();
     p.copy_row(13, &mut row).unwrap();
     assert_eq!(row, &m.data[13 * m.row_bytes()..14 * m.row_bytes()]);
+}
+
+/// `matmul_many` gives each matrix exactly `matmul`'s bits, whatever mix of
+/// formats, layouts and row counts shares the call (rows not a multiple of
+/// the 16-row tile included), for several batch sizes and thread counts;
+/// and refuses mismatched arguments with an error.
+#[test]
+fn matmul_many_matches_separate_matmuls() {
+    let mut rng = Rng(4242);
+    let cols = 2 * 256;
+    let q4k: Vec<BlockQ4K> = random_weights(&mut rng, 40 * 2);
+    let q6k: Vec<BlockQ6K> = random_weights(&mut rng, 24 * 2);
+    let q8: Vec<BlockQ8_0> = random_weights(&mut rng, 8 * 16);
+    let q4k_m = QMatrix { ty: BlockQ4K::TYPE, rows: 40, cols, data: bytemuck::cast_slice(&q4k), layout: Layout::RowMajor };
+    let q6k_m = QMatrix { ty: BlockQ6K::TYPE, rows: 24, cols, data: bytemuck::cast_slice(&q6k), layout: Layout::RowMajor };
+    let q8_m = QMatrix { ty: BlockQ8_0::TYPE, rows: 8, cols, data: bytemuck::cast_slice(&q8), layout: Layout::RowMajor };
+    let q4k_x8 = q4k_m.interleave().unwrap().expect("40 rows interleave");
+    let q6k_x8 = q6k_m.interleave().unwrap().expect("24 rows interleave");
+    let ws = [q4k_x8.q(), q4k_m, q6k_x8.q(), q8_m, q6k_m];
+    let ws: Vec<&QMatrix> = ws.iter().collect();
+    let x: Vec<f32> = (0..6 * cols).map(|_| rng.f32(2.0)).collect();
+    for threads in [1, 2, 3] {
+        let pool = ThreadPool::new(threads);
+        for n in [1, 2, 5, 6] {
+            let x = &x[..n * cols];
+            let mut want: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n * w.rows]).collect();
+            let mut scratch = ActBuffer::default();
+            for (w, out) in ws.iter().zip(&mut want) {
+                matmul(&pool, w, x, n, out, &mut scratch).unwrap();
+            }
+            let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; n * w.rows]).collect();
+            let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|o| o.as_mut_slice()).collect();
+            let mut scratch: Vec<ActBuffer> = (0..ws.len()).map(|_| ActBuffer::default()).collect();
+            matmul_many(&pool, x, n, &ws, &mut outs, &mut scratch).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let g: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+                let w: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(g, w, "matrix {i} ({} {:?}), n {n}, {threads} threads", ws[i].ty, ws[i].layout);
+            }
+        }
+    }
+    let pool = ThreadPool::new(2);
+    let mut one = vec![0.0; 40];
+    let mut scratch = vec![ActBuffer::default()];
+    let err = matmul_many(&pool, &x[..cols], 1, &ws[..2], &mut [&mut one[..]], &mut scratch).unwrap_err();
+    assert!(err.to_string().contains("2 matrices, 1 outputs"), "{err}");
+    let mut short = vec![0.0; 39];
+    let err = matmul_many(&pool, &x[..cols], 1, &ws[..1], &mut [&mut short[..]], &mut scratch).unwrap_err();
+    assert!(err.to_string().contains("out has 39"), "{err}");
 }

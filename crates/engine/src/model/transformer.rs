@@ -10,7 +10,7 @@ use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
 use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
-use minnow_kernels::matmul::{matmul, ActBuffer, QMatrix};
+use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, Rope};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
 use std::cell::RefCell;
@@ -67,6 +67,8 @@ impl RowLayout {
 thread_local! {
     /// Quantized-activation scratch of the thread that calls `mm`.
     static ACTS: RefCell<ActBuffer> = RefCell::new(ActBuffer::default());
+    /// The same for `mm_many`, one buffer per matrix.
+    static ACTS_MANY: RefCell<Vec<ActBuffer>> = const { RefCell::new(Vec::new()) };
     /// Attention scratch (rounded query, scores) of each pool thread.
     static SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
 }
@@ -83,6 +85,24 @@ pub(crate) fn mm_q(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Resul
     ACTS.with(|acts| matmul(pool, w, x, n, &mut out, &mut acts.borrow_mut()))
         .map_err(|e| ModelError::new(e.to_string()))?;
     Ok(out)
+}
+
+/// `mm` of several matrices with the same input `x` [n, cols], in one job of
+/// the pool (`matmul_many`): → one output per matrix, [n, w.rows].
+pub(crate) fn mm_many<const K: usize>(pool: &ThreadPool, ws: [&Matrix; K], x: &[f32], n: usize) -> Result<[Vec<f32>; K], ModelError> {
+    let qs: [QMatrix; K] = ws.map(|w| w.q());
+    let mut outs: [Vec<f32>; K] = std::array::from_fn(|i| vec![0f32; n * qs[i].rows]);
+    let refs: [&QMatrix; K] = std::array::from_fn(|i| &qs[i]);
+    let mut slices: [&mut [f32]; K] = outs.each_mut().map(|o| o.as_mut_slice());
+    ACTS_MANY.with(|acts| {
+        let mut acts = acts.borrow_mut();
+        if acts.len() < K {
+            acts.resize_with(K, ActBuffer::default);
+        }
+        matmul_many(pool, x, n, &refs, &mut slices, &mut acts)
+    })
+    .map_err(|e| ModelError::new(e.to_string()))?;
+    Ok(outs)
 }
 
 /// Adds `bias` to every row of `x`.
@@ -162,17 +182,12 @@ impl Attention {
         let q_dim = shape.n_head * hd;
         let kv_dim = shape.n_head_kv * hd;
         // q [n, q_dim], k and v [n, kv_dim]
-        let mut q = mm(pool, &self.wq, h, n)?;
-        let mut k = mm(pool, &self.wk, h, n)?;
-        let v = {
-            let mut v = mm(pool, &self.wv, h, n)?;
-            if let Some((bq, bk, bv)) = &self.bias {
-                add_bias(&mut q, bq);
-                add_bias(&mut k, bk);
-                add_bias(&mut v, bv);
-            }
-            v
-        };
+        let [mut q, mut k, mut v] = mm_many(pool, [&self.wq, &self.wk, &self.wv], h, n)?;
+        if let Some((bq, bk, bv)) = &self.bias {
+            add_bias(&mut q, bq);
+            add_bias(&mut k, bk);
+            add_bias(&mut v, bv);
+        }
         if let Some((qn, kn)) = &self.qk_norm {
             q.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, qn, shape.eps));
             k.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, kn, shape.eps));
@@ -234,8 +249,7 @@ pub(crate) struct Ffn {
 impl Ffn {
     /// x [n, n_embd] → [n, n_embd].
     pub fn forward(&self, pool: &ThreadPool, act: Activation, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
-        let mut g = mm(pool, &self.gate, x, n)?;
-        let u = mm(pool, &self.up, x, n)?;
+        let [mut g, u] = mm_many(pool, [&self.gate, &self.up], x, n)?;
         match act {
             Activation::Silu => ops::gated_silu(&mut g, &u),
             Activation::GeluTanh => ops::gated_gelu(&mut g, &u),
