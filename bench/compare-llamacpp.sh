@@ -13,14 +13,18 @@
 #    sdist version; nothing of llama.cpp ever enters this repository.
 # 2. Builds minnow and the bandwidth tool (crates/kernels/examples/membw.rs;
 #    --no-build uses target/release's as they are), and measures the
-#    machine's read bandwidth with THREADS threads, before and after the
-#    engines (the better of the two counts).
+#    machine's read bandwidth with THREADS threads at the start, before every
+#    engine run, after each model's last run, and at the end (0.7 s each):
+#    on a machine whose bandwidth changes from second to second, each model's
+#    ceiling is taken from the readings around its own rounds.
 # 3. For each model, ROUNDS rounds of one llama-bench run and one `minnow bench`
 #    run each, alternating which goes first, so both engines see the same
 #    machine (the cores may be shared); reports each engine's median.
 # 4. Prints a markdown table: both engines, the ratios, and the decode ceiling
 #    (bandwidth ÷ weight bytes read per generated token) with how close each
-#    engine comes to it.
+#    engine comes to it, from the median of the readings around that model's
+#    rounds; and, stricter, whether the decode target also holds against the
+#    best reading of the whole run.
 #
 # Environment:
 #   MINNOW_LLAMACPP_DIR  build cache (default ~/.cache/minnow/llama.cpp)
@@ -179,6 +183,15 @@ log "measuring read bandwidth with $THREADS threads"
 "$MEMBW" --threads "$THREADS" --json >"$OUT/membw-start.json"
 cat "$OUT/membw-start.json" >&2
 
+# One bandwidth reading into membw-rounds.jsonl: model, round, and which
+# engine runs next ("-" after a model's last run).
+bandwidth() { # model round next
+    "$MEMBW" --threads "$THREADS" --json | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+r.update(model=sys.argv[1], round=int(sys.argv[2]), next=sys.argv[3])
+print(json.dumps(r))' "$@" >>"$OUT/membw-rounds.jsonl"
+}
+
 IFS=, read -r -a model_list <<<"$MODELS"
 for name in "${model_list[@]}"; do
     # A test model's short name, or a GGUF file (e.g. an upcycled model).
@@ -188,6 +201,7 @@ for name in "${model_list[@]}"; do
         # Alternate the order so neither engine always runs on a warmer machine.
         if ((round % 2)); then order="llama minnow"; else order="minnow llama"; fi
         for engine in $order; do
+            bandwidth "$name" "$round" "$engine"
             others_running
             log "$name round $round/$ROUNDS: $engine ($others other tasks running)"
             # Peak resident memory of the whole run (GNU time's %M, KiB).
@@ -200,9 +214,9 @@ for name in "${model_list[@]}"; do
             record "$engine" "$name" "$round" "$others" "$(tail -1 "$OUT/rss.txt" 2>/dev/null || echo 0)" <"$OUT/run.json"
         done
     done
+    bandwidth "$name" "$ROUNDS" -
 done
-# Bandwidth again at the end: on a shared machine the better of the two is the
-# closer to what the hardware can do.
+# Bandwidth again at the end, for the run's best reading.
 "$MEMBW" --threads "$THREADS" --json >"$OUT/membw-end.json"
 cat "$OUT/membw-end.json" >&2
 
