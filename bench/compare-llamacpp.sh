@@ -159,6 +159,9 @@ RESULTS=$OUT/results.jsonl
 # GNU time for each run's peak RSS, where the machine has it (Debian: `time`).
 if [[ -x /usr/bin/time ]]; then PEAK_RSS="/usr/bin/time -f %M -o $OUT/rss.txt"; else PEAK_RSS=""; fi
 : >"$RESULTS"
+# (A reused MINNOW_COMPARE_OUT starts empty too.)
+: >"$OUT/models.jsonl"
+: >"$OUT/membw-rounds.jsonl"
 record() { # engine model round others peak-rss-kib json-on-stdin
     python3 -c 'import json, sys
 print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.argv[3]),
