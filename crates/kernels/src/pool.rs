@@ -12,7 +12,7 @@
 //! borrowed closure sound.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -55,7 +55,8 @@ pub struct ThreadPool {
 impl ThreadPool {
     /// A pool of `n_threads` threads in all (the caller counts as one).
     pub fn new(n_threads: usize) -> ThreadPool {
-        let n_threads = n_threads.max(1);
+        // (Capped far above any machine's cores: `RunCounter` relies on it.)
+        let n_threads = n_threads.clamp(1, 1 << 16);
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             generation: AtomicUsize::new(0),
@@ -128,14 +129,19 @@ impl ThreadPool {
     /// Splits `0..n` into chunks of at most `grain` and runs `f` on each
     /// exactly once, spread over the threads.
     ///
-    /// Each thread owns a contiguous run of chunks and works through it in
-    /// order; a thread that runs out takes the next chunks of the others'
-    /// runs (an atomic counter per run), so uneven progress still balances.
-    /// Contiguity is what matters for a matrix-vector product: each thread
-    /// then streams one long range of weight rows, which the hardware
-    /// prefetcher follows, where handing chunks out round-robin made every
-    /// thread jump ahead by the others' chunks every few kilobytes (decode on
-    /// Qwen2.5-0.5B, 2 threads: 20.5 → 24.5 tok/s).
+    /// Each thread owns a contiguous run of chunks and works through it
+    /// front to back. Contiguity is what matters for a matrix-vector
+    /// product: each thread then streams one long range of weight rows,
+    /// which the hardware prefetcher follows, where handing chunks out
+    /// round-robin made every thread jump ahead by the others' chunks every
+    /// few kilobytes (decode on Qwen2.5-0.5B, 2 threads: 20.5 → 24.5 tok/s).
+    ///
+    /// A thread that runs out takes chunks from the *back* of the others'
+    /// runs, so uneven progress still balances without the thief reading
+    /// the lines the owner's prefetcher has just brought into the owner's
+    /// cache. Against taking from the front, as this did before, in the same
+    /// process (decode steps alternating between the two): SmolLM2 decode
+    /// 4.3% faster per token, Qwen2.5 0.5B 1.4%, 1.5B 1.5%.
     pub fn parallel_for(&self, n: usize, grain: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         let grain = grain.max(1);
         let n_chunks = n.div_ceil(grain);
@@ -149,18 +155,20 @@ impl ThreadPool {
         // Run r holds chunks [r*n_chunks/runs, (r+1)*n_chunks/runs). On the
         // stack: a decode step calls this hundreds of times.
         let run_start = |r: usize| r * n_chunks / runs;
-        let next: [PaddedCounter; MAX_RUNS] = std::array::from_fn(|r| PaddedCounter(AtomicUsize::new(run_start(r.min(runs)))));
+        let left: [RunCounter; MAX_RUNS] =
+            std::array::from_fn(|r| RunCounter::new(run_start(r.min(runs)), run_start((r + 1).min(runs))));
+        let run_chunk = |start: usize| f(start * grain..(start * grain + grain).min(n));
         self.broadcast(&|thread| {
-            for k in 0..runs {
+            let own = thread < runs;
+            if own {
+                while let Some(c) = left[thread].take_front() {
+                    run_chunk(c);
+                }
+            }
+            for k in own as usize..runs {
                 let r = (thread + k) % runs;
-                let end = run_start(r + 1);
-                loop {
-                    let chunk = next[r].0.fetch_add(1, Ordering::Relaxed);
-                    if chunk >= end {
-                        break;
-                    }
-                    let start = chunk * grain;
-                    f(start..(start + grain).min(n));
+                while let Some(c) = left[r].take_back() {
+                    run_chunk(c);
                 }
             }
         });
@@ -168,13 +176,45 @@ impl ThreadPool {
 }
 
 /// Most contiguous runs `parallel_for` splits work into (threads beyond
-/// this share runs).
+/// this only take chunks from the back of the others' runs).
 const MAX_RUNS: usize = 64;
 
-/// A counter alone on its cache line, so threads bumping different runs'
-/// counters do not contend.
+/// The chunks of one run not yet taken, `front..back`, in one atomic word so
+/// that the owner (taking from the front) and thieves (from the back) never
+/// both take a chunk: front in the low 32 bits, back + `BACK_BIAS` in the
+/// high 32. Alone on its cache line, so threads working on different runs
+/// do not contend. A take that finds the run empty still moves its end by
+/// one (each thread tries an empty run once), so `back` may end below
+/// `front`, even below zero (both just mean empty); the bias keeps the high
+/// field itself from wrapping.
 #[repr(align(64))]
-struct PaddedCounter(AtomicUsize);
+struct RunCounter(AtomicU64);
+
+/// More than any pool's thread count.
+const BACK_BIAS: u64 = 1 << 20;
+
+impl RunCounter {
+    fn new(front: usize, back: usize) -> RunCounter {
+        assert!(back as u64 + BACK_BIAS < 1 << 32, "parallel_for: {back} chunks are too many");
+        RunCounter(AtomicU64::new(front as u64 | ((back as u64 + BACK_BIAS) << 32)))
+    }
+
+    /// (front, back) of a counter word; back may have gone below front
+    /// (and below zero) through failed takes.
+    fn split(word: u64) -> (i64, i64) {
+        ((word & 0xFFFF_FFFF) as i64, (word >> 32) as i64 - BACK_BIAS as i64)
+    }
+
+    fn take_front(&self) -> Option<usize> {
+        let (front, back) = Self::split(self.0.fetch_add(1, Ordering::Relaxed));
+        (front < back).then_some(front as usize)
+    }
+
+    fn take_back(&self) -> Option<usize> {
+        let (front, back) = Self::split(self.0.fetch_sub(1 << 32, Ordering::Relaxed));
+        (front < back).then(|| back as usize - 1)
+    }
+}
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
@@ -258,6 +298,44 @@ mod tests {
             let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
             pool.parallel_for(n, grain, &|r| {
                 assert!(r.len() <= grain);
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n} grain={grain}");
+        }
+    }
+
+    /// The owner takes from the front, thieves from the back, and once the
+    /// run is empty every take fails, however many failed before (each
+    /// moves an end past the other).
+    #[test]
+    fn run_counter_hands_out_each_chunk_once() {
+        let c = RunCounter::new(3, 7);
+        assert_eq!(c.take_front(), Some(3));
+        assert_eq!(c.take_back(), Some(6));
+        assert_eq!(c.take_back(), Some(5));
+        assert_eq!(c.take_front(), Some(4));
+        for _ in 0..100 {
+            assert_eq!(c.take_back(), None);
+            assert_eq!(c.take_front(), None);
+        }
+        let empty = RunCounter::new(0, 0);
+        for _ in 0..100 {
+            assert_eq!(empty.take_back(), None);
+        }
+        assert_eq!(empty.take_front(), None);
+    }
+
+    /// Many jobs of every size on more threads than cores, so owners are
+    /// often descheduled and thieves take most of their runs.
+    #[test]
+    fn every_index_runs_once_under_contention() {
+        let pool = ThreadPool::new(9);
+        for n in 0..400usize {
+            let grain = 1 + n % 5;
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.parallel_for(n, grain, &|r| {
                 for i in r {
                     hits[i].fetch_add(1, Ordering::Relaxed);
                 }
