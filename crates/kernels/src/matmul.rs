@@ -14,6 +14,11 @@
 //! that, see `tests/multi_dot.rs`): the result for a token does not depend on
 //! how many other tokens are in the batch, nor on the thread count (batch
 //! invariance).
+//!
+//! Each product is prepared (shapes checked, activations quantized) and then
+//! run as tiles of 16 output rows on the thread pool; `matmul_many` runs the
+//! tiles of several products of the same activations (a layer's q, k and v)
+//! as one job.
 
 use crate::formats::interleaved::{self, ActMeta, Interleaved};
 use crate::formats::{cast_blocks, group_scales, ActBlock, BlockFormat, GroupScales, LayoutError};
