@@ -27,7 +27,7 @@
 //! `acc = fma(isum, dy·d, acc)`. So repacking changes no result.
 
 use super::{ActMeta, ExactSums, Interleaved, Kernels, ROWS};
-use crate::formats::kquants::{q6, BlockQ6K, BlockQ8K, QK_K};
+use crate::formats::kquants::{BlockQ6K, BlockQ8K, QK_K};
 use crate::formats::SimdLevel;
 use bytemuck::{Pod, Zeroable};
 
@@ -76,12 +76,24 @@ impl Interleaved for BlockQ6Kx8 {
             for j in 0..QK_K / 16 {
                 out.scales[8 * j + s] = row.scales[j];
             }
-            for e in 0..QK_K {
-                let q = q6(row, e);
-                let ((lo_at, lo_shift), (hi_at, hi_shift)) = chunk_place(e / 4);
-                let at = 4 * s + e % 4;
-                out.qs[lo_at + at] |= (q & 0xF) << lo_shift;
-                out.qs[hi_at + at] |= (q >> 4) << hi_shift;
+            // A chunk's four quants at once, as the bytes of a u32: their
+            // low nibbles are four consecutive bytes of `ql` (one nibble
+            // each), their high bit pairs four consecutive bytes of `qh`
+            // (one pair each); see `q6` for where element e lives.
+            for c in 0..QK_K / 4 {
+                let (n, r) = (c / 32, 4 * c % 128);
+                let (k, l) = (r / 32, r % 32);
+                let word = |b: &[u8]| u32::from_le_bytes(b[..4].try_into().unwrap());
+                let lo = word(&row.ql[64 * n + l + 32 * (k & 1)..]) >> if k < 2 { 0 } else { 4 };
+                let hi = word(&row.qh[32 * n + l..]) >> (2 * k);
+                let ((lo_at, lo_shift), (hi_at, hi_shift)) = chunk_place(c);
+                let at = 4 * s;
+                let or_into = |qs: &mut [u8], at: usize, v: u32| {
+                    let v = word(&qs[at..]) | v;
+                    qs[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                };
+                or_into(&mut out.qs, lo_at + at, (lo & 0x0F0F_0F0F) << lo_shift);
+                or_into(&mut out.qs, hi_at + at, (hi & 0x0303_0303) << hi_shift);
             }
         }
         out

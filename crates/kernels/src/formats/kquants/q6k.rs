@@ -30,7 +30,7 @@ const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 2);
 
 /// The unsigned 6-bit quant (0..64) of element `i` of a block.
 #[inline(always)]
-pub(crate) fn q6(b: &BlockQ6K, i: usize) -> u8 {
+fn q6(b: &BlockQ6K, i: usize) -> u8 {
     let (n, r) = (i / 128, i % 128);
     let (k, l) = (r / 32, r % 32);
     let lo = b.ql[64 * n + l + 32 * (k & 1)];
