@@ -57,6 +57,21 @@ fn chunk_place(c: usize) -> ((usize, u32), (usize, u32)) {
     )
 }
 
+/// Chunk `c`'s four quants (elements 4c..4c + 4) of a Q6_K row as the bytes
+/// of two u32: the low 4 bits, and the high 2 bits. The four elements' low
+/// nibbles are four consecutive bytes of `ql` and their high pairs four
+/// consecutive bytes of `qh` (the row-major format's layout: element e's
+/// low nibble in `ql[64n + l + 32(k & 1)]`, low or high half as k < 2,
+/// its high pair at bit 2k of `qh[32n + l]`, for e = 128n + 32k + l).
+#[inline(always)]
+fn chunk_bits(row: &BlockQ6K, c: usize) -> (u32, u32) {
+    let (n, k, l) = (c / 32, c % 32 / 8, 4 * c % 32);
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let lo = word(&row.ql[64 * n + l + 32 * (k & 1)..]) >> if k < 2 { 0 } else { 4 };
+    let hi = word(&row.qh[32 * n + l..]) >> (2 * k);
+    (lo & 0x0F0F_0F0F, hi & 0x0303_0303)
+}
+
 impl BlockQ6Kx8 {
     /// Row `s`'s unsigned 6-bit quant of element `e`.
     fn quant(&self, s: usize, e: usize) -> u8 {
@@ -76,24 +91,13 @@ impl Interleaved for BlockQ6Kx8 {
             for j in 0..QK_K / 16 {
                 out.scales[8 * j + s] = row.scales[j];
             }
-            // A chunk's four quants at once, as the bytes of a u32: their
-            // low nibbles are four consecutive bytes of `ql` (one nibble
-            // each), their high bit pairs four consecutive bytes of `qh`
-            // (one pair each); see `q6` for where element e lives.
-            for c in 0..QK_K / 4 {
-                let (n, r) = (c / 32, 4 * c % 128);
-                let (k, l) = (r / 32, r % 32);
-                let word = |b: &[u8]| u32::from_le_bytes(b[..4].try_into().unwrap());
-                let lo = word(&row.ql[64 * n + l + 32 * (k & 1)..]) >> if k < 2 { 0 } else { 4 };
-                let hi = word(&row.qh[32 * n + l..]) >> (2 * k);
-                let ((lo_at, lo_shift), (hi_at, hi_shift)) = chunk_place(c);
-                let at = 4 * s;
-                let or_into = |qs: &mut [u8], at: usize, v: u32| {
-                    let v = word(&qs[at..]) | v;
-                    qs[at..at + 4].copy_from_slice(&v.to_le_bytes());
-                };
-                or_into(&mut out.qs, lo_at + at, (lo & 0x0F0F_0F0F) << lo_shift);
-                or_into(&mut out.qs, hi_at + at, (hi & 0x0303_0303) << hi_shift);
+            // Step by step, each of the row's three 4-byte slots whole.
+            for i in 0..STEPS {
+                let [(l0, h0), (l1, h1), (l2, h2), (l3, h3)] = std::array::from_fn(|q| chunk_bits(row, i + STEPS * q));
+                let at = STEP * i + 4 * s;
+                out.qs[at..at + 4].copy_from_slice(&(l0 | l2 << 4).to_le_bytes());
+                out.qs[at + 32..at + 36].copy_from_slice(&(l1 | l3 << 4).to_le_bytes());
+                out.qs[at + 64..at + 68].copy_from_slice(&(h0 | h1 << 2 | h2 << 4 | h3 << 6).to_le_bytes());
             }
         }
         out
