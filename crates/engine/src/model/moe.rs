@@ -20,7 +20,7 @@
 //! batch (the fixture tests check this).
 
 use super::config::MoeConfig;
-use super::transformer::{mm, mm_q, Activation, Ffn};
+use super::transformer::{mm, mm_many_q, mm_q, Activation, Ffn};
 use super::weights::{ExpertMatrices, Matrix, TensorLoader};
 use super::ModelError;
 use minnow_kernels::ops;
@@ -122,8 +122,7 @@ impl MoeFfn {
                 let r = s / k;
                 xe.extend_from_slice(&x[r * e..(r + 1) * e]);
             }
-            let mut g = mm_q(pool, &self.gate.expert(ex), &xe, m)?;
-            let u = mm_q(pool, &self.up.expert(ex), &xe, m)?;
+            let [mut g, u] = mm_many_q(pool, [self.gate.expert(ex), self.up.expert(ex)], &xe, m)?;
             ops::gated_silu(&mut g, &u);
             let d = mm_q(pool, &self.down.expert(ex), &g, m)?;
             for (i, &s) in slots.iter().enumerate() {

@@ -90,7 +90,12 @@ pub(crate) fn mm_q(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Resul
 /// `mm` of several matrices with the same input `x` [n, cols], in one job of
 /// the pool (`matmul_many`): → one output per matrix, [n, w.rows].
 pub(crate) fn mm_many<const K: usize>(pool: &ThreadPool, ws: [&Matrix; K], x: &[f32], n: usize) -> Result<[Vec<f32>; K], ModelError> {
-    let qs: [QMatrix; K] = ws.map(|w| w.q());
+    mm_many_q(pool, ws.map(|w| w.q()), x, n)
+}
+
+/// `mm_many` for matrices given as the kernels see them (e.g. one expert's
+/// gate and up).
+pub(crate) fn mm_many_q<const K: usize>(pool: &ThreadPool, qs: [QMatrix; K], x: &[f32], n: usize) -> Result<[Vec<f32>; K], ModelError> {
     let mut outs: [Vec<f32>; K] = std::array::from_fn(|i| vec![0f32; n * qs[i].rows]);
     let refs: [&QMatrix; K] = std::array::from_fn(|i| &qs[i]);
     let mut slices: [&mut [f32]; K] = outs.each_mut().map(|o| o.as_mut_slice());
