@@ -9,7 +9,12 @@
 //! loop), on the same threads, alternating, best of `--runs`. The last
 //! column cuts the same bytes into matrices of `--rows` rows (1536 by
 //! default: Qwen2.5-1.5B's q and o projections) and runs them one `matmul`
-//! each, as a decode step does: what each call's start and end cost. Weight
+//! each, as a decode step does: what each call's start and end cost. The
+//! column after it runs the same pieces laid out so that each thread's part of
+//! one is followed in memory by its part of the next (piece k is T matrices
+//! of R/T rows, the k-th of each of T regions, run as one `matmul_many` job:
+//! thread t streams region t from call to call), which tells whether a
+//! layout keeping each thread's stream going across matrices would win. Weight
 //! bytes are pseudo-random (so no page is the shared zero page); their values
 //! do not change the integer kernels' speed. Rows have 1536 columns.
 //!
@@ -19,7 +24,7 @@
 //! One thread is the steadier measure on a shared machine: a core's own
 //! memory parallelism limits it, not what the neighbours leave of the bus.
 
-use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
+use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, Layout, QMatrix};
 use minnow_kernels::pool::ThreadPool;
 use minnow_kernels::GgmlType;
 use std::hint::black_box;
@@ -75,8 +80,20 @@ fn main() {
     // Also as many separate matrices of `--rows` rows, one `matmul` each, as
     // a decode step runs them (1536 rows: Qwen2.5-1.5B's q and o projections).
     let piece_rows = arg("--rows", 1536);
+    if piece_rows % (8 * threads) != 0 {
+        eprintln!("matvec_stream: --rows must be a multiple of 8 × --threads (each thread's part whole row groups)");
+        std::process::exit(2);
+    }
     println!("{threads} thread(s), {} MiB per matrix, best of {runs}, GB/s (10^9 bytes/s)", size >> 20);
-    println!("{:<8} {:>8} {:>8} {:>6} {:>10}", "format", "kernel", "read", "ratio", format!("{piece_rows}-row"));
+    println!(
+        "{:<8} {:>8} {:>8} {:>6} {:>10} {:>12}",
+        "format",
+        "kernel",
+        "read",
+        "ratio",
+        format!("{piece_rows}-row"),
+        "per-thread"
+    );
     for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
         let row_bytes = cols / ty.block_size() * ty.type_size();
         let rows = size / row_bytes / 8 * 8;
@@ -96,7 +113,22 @@ fn main() {
             .chunks_exact(piece_bytes)
             .map(|data| QMatrix { rows: piece_rows, data, ..m })
             .collect();
-        let (mut best_k, mut best_r, mut best_p) = (0f64, 0f64, 0f64);
+        // The same pieces, each thread's parts one after another: region t
+        // holds part t of every piece.
+        let part_bytes = piece_bytes / threads;
+        let region = pieces.len() * part_bytes;
+        let per_thread: Vec<Vec<QMatrix>> = (0..pieces.len())
+            .map(|k| {
+                (0..threads)
+                    .map(|t| {
+                        let at = t * region + k * part_bytes;
+                        QMatrix { rows: piece_rows / threads, data: &m.data[at..at + part_bytes], ..m }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut scratch_many: Vec<ActBuffer> = (0..threads).map(|_| ActBuffer::default()).collect();
+        let (mut best_k, mut best_r, mut best_p, mut best_t) = (0f64, 0f64, 0f64, 0f64);
         for _ in 0..runs + 1 {
             let t = Instant::now();
             matmul(&pool, &m, black_box(&x), 1, &mut out, &mut scratch).expect("matvec");
@@ -107,12 +139,19 @@ fn main() {
             }
             best_p = best_p.max((pieces.len() * piece_bytes) as f64 / t.elapsed().as_secs_f64() / 1e9);
             let t = Instant::now();
+            for parts in &per_thread {
+                let refs: Vec<&QMatrix> = parts.iter().collect();
+                let mut outs: Vec<&mut [f32]> = out[..piece_rows].chunks_mut(piece_rows / threads).collect();
+                matmul_many(&pool, black_box(&x), 1, &refs, &mut outs, &mut scratch_many).expect("matvec");
+            }
+            best_t = best_t.max((pieces.len() * piece_bytes) as f64 / t.elapsed().as_secs_f64() / 1e9);
+            let t = Instant::now();
             black_box(read_all(&pool, black_box(&words)));
             best_r = best_r.max((words.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
         let layout = if m.layout == Layout::Interleaved8 { "/x8" } else { "" };
         println!(
-            "{:<8} {best_k:>8.1} {best_r:>8.1} {:>5.0}% {best_p:>10.1}",
+            "{:<8} {best_k:>8.1} {best_r:>8.1} {:>5.0}% {best_p:>10.1} {best_t:>12.1}",
             format!("{ty}{layout}"),
             100.0 * best_k / best_r
         );
