@@ -121,11 +121,10 @@ def bytes_per_token(path):
     return total - embd + embd // rows
 
 
-def load_results(out):
-    """{(engine, model): {"pp": [tok/s per round], "tg": [...]}}."""
+def load_results(records):
+    """{(engine, model): {"pp": [tok/s per round], "tg": [...]}} from results.jsonl's records."""
     res = {}
-    for line in (out / "results.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in records:
         slot = res.setdefault((rec["engine"], rec["model"]), {"pp": [], "tg": [], "rss": []})
         if rec.get("max_rss_kib"):
             slot["rss"].append(rec["max_rss_kib"] / 1024)
@@ -148,13 +147,13 @@ def main():
     around = [json.loads(l) for l in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
     best_gbps = max([bw["best_gbps"]] + [r["best_gbps"] for r in around])
     models = [json.loads(l) for l in (out / "models.jsonl").read_text().splitlines()]
-    res = load_results(out)
     pp, tg = meta["pp"], meta["tg"]
 
     print(f"minnow vs llama.cpp, {meta['date']}: {meta['cpu']}, {meta['cpus']} CPUs, "
           f"{meta['threads']} threads, pp{pp} / tg{tg} tok/s, median of {meta['rounds']} alternating rounds; "
           f"load average {meta['load_before']} before, {meta['load_after']} after.")
     records = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    res = load_results(records)
     levels = sorted({r["out"].get("simd") for r in records
                      if r.get("engine") == "minnow" and isinstance(r.get("out"), dict) and r["out"].get("simd")})
     kernels = f" (kernels: {', '.join(levels)})" if levels else ""
@@ -196,9 +195,9 @@ def main():
         npp, ntg = statistics.median(n["pp"]), statistics.median(n["tg"])
         # Issue 5: pp ≥ 1.25× llama.cpp; tg ≥ the lower of 1.25× llama.cpp and 90% of the ceiling.
         ok_pp = "✓" if npp >= 1.25 * lpp else "✗"
-        ok_tg = "✓" if ntg >= min(1.25 * ltg, 0.9 * ceiling) else "✗"
-        strict = "✓" if ntg >= min(1.25 * ltg, 0.9 * best_ceiling) else "✗"
-        strict += f" ({100 * ntg / best_ceiling:.0f}% of {best_ceiling:.1f})"
+        tg_met = lambda c: "✓" if ntg >= min(1.25 * ltg, 0.9 * c) else "✗"
+        ok_tg = tg_met(ceiling)
+        strict = f"{tg_met(best_ceiling)} ({100 * ntg / best_ceiling:.0f}% of {best_ceiling:.1f})"
         print(f"| {name} | {per_tok / 1e6:.0f} MB | {lpp:.1f} | {npp:.1f} | {npp / lpp:.2f}× "
               f"| {ltg:.1f} | {ntg:.1f} | {ntg / ltg:.2f}× | {gbps:.1f} | {ceiling:.1f} | {100 * ltg / ceiling:.0f}% "
               f"| {100 * ntg / ceiling:.0f}% | {ok_pp} / {ok_tg} | {strict} |")
