@@ -232,7 +232,7 @@ pub fn matmul(
     scratch: &mut ActBuffer,
 ) -> Result<(), LayoutError> {
     let job = prepare(pool, w, x, n, out, scratch)?;
-    pool.parallel_for(job.tiles, 1, &|tiles| (job.run)(tiles));
+    pool.parallel_for(job.tiles, 1, &*job.run);
     Ok(())
 }
 

@@ -47,6 +47,7 @@ pub use q3k::BlockQ3K;
 pub use q4k::BlockQ4K;
 pub use q5k::BlockQ5K;
 pub use q6k::BlockQ6K;
+pub(crate) use q6k::q6_place;
 
 use super::ActBlock;
 

@@ -27,7 +27,7 @@
 //! `acc = fma(isum, dy·d, acc)`. So repacking changes no result.
 
 use super::{ActMeta, ExactSums, Interleaved, Kernels, ROWS};
-use crate::formats::kquants::{BlockQ6K, BlockQ8K, QK_K};
+use crate::formats::kquants::{q6_place, BlockQ6K, BlockQ8K, QK_K};
 use crate::formats::SimdLevel;
 use bytemuck::{Pod, Zeroable};
 
@@ -58,17 +58,14 @@ fn chunk_place(c: usize) -> ((usize, u32), (usize, u32)) {
 }
 
 /// Chunk `c`'s four quants (elements 4c..4c + 4) of a Q6_K row as the bytes
-/// of two u32: the low 4 bits, and the high 2 bits. The four elements' low
-/// nibbles are four consecutive bytes of `ql` and their high pairs four
-/// consecutive bytes of `qh` (the row-major format's layout: element e's
-/// low nibble in `ql[64n + l + 32(k & 1)]`, low or high half as k < 2,
-/// its high pair at bit 2k of `qh[32n + l]`, for e = 128n + 32k + l).
+/// of two u32: the low 4 bits, and the high 2 bits (four consecutive bytes
+/// of `ql` and of `qh`, see `q6_place`).
 #[inline(always)]
 fn chunk_bits(row: &BlockQ6K, c: usize) -> (u32, u32) {
-    let (n, k, l) = (c / 32, c % 32 / 8, 4 * c % 32);
+    let (lo_at, lo_shift, hi_at, hi_shift) = q6_place(4 * c);
     let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let lo = word(&row.ql[64 * n + l + 32 * (k & 1)..]) >> if k < 2 { 0 } else { 4 };
-    let hi = word(&row.qh[32 * n + l..]) >> (2 * k);
+    let lo = word(&row.ql[lo_at..]) >> lo_shift;
+    let hi = word(&row.qh[hi_at..]) >> hi_shift;
     (lo & 0x0F0F_0F0F, hi & 0x0303_0303)
 }
 
@@ -111,10 +108,9 @@ impl Interleaved for BlockQ6Kx8 {
         }
         for e in 0..QK_K {
             let q = self.quant(s, e);
-            let (n, rest) = (e / 128, e % 128);
-            let (k, l) = (rest / 32, rest % 32);
-            row.ql[64 * n + l + 32 * (k & 1)] |= if k < 2 { q & 0xF } else { (q & 0xF) << 4 };
-            row.qh[32 * n + l] |= (q >> 4) << (2 * k);
+            let (lo_at, lo_shift, hi_at, hi_shift) = q6_place(e);
+            row.ql[lo_at] |= (q & 0xF) << lo_shift;
+            row.qh[hi_at] |= (q >> 4) << hi_shift;
         }
         row
     }

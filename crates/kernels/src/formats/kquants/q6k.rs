@@ -28,15 +28,23 @@ pub struct BlockQ6K {
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 2);
 
+/// Where element `i` of a block keeps its quant: its low 4 bits in
+/// `ql[.0]` at bit `.1` (0 or 4), its high 2 bits in `qh[.2]` at bit `.3`.
+/// For i = 128n + 32k + l: `ql[64n + 32(k & 1) + l]`, low half when k < 2,
+/// and bits 2k of `qh[32n + l]`; so elements 4c..4c + 4 sit in four
+/// consecutive bytes of each, at the same bits.
+#[inline(always)]
+pub(crate) fn q6_place(i: usize) -> (usize, u32, usize, u32) {
+    let (n, r) = (i / 128, i % 128);
+    let (k, l) = (r / 32, r % 32);
+    (64 * n + l + 32 * (k & 1), if k < 2 { 0 } else { 4 }, 32 * n + l, 2 * k as u32)
+}
+
 /// The unsigned 6-bit quant (0..64) of element `i` of a block.
 #[inline(always)]
 fn q6(b: &BlockQ6K, i: usize) -> u8 {
-    let (n, r) = (i / 128, i % 128);
-    let (k, l) = (r / 32, r % 32);
-    let lo = b.ql[64 * n + l + 32 * (k & 1)];
-    let lo = if k < 2 { lo & 0xF } else { lo >> 4 };
-    let hi = (b.qh[32 * n + l] >> (2 * k)) & 3;
-    lo | (hi << 4)
+    let (lo_at, lo_shift, hi_at, hi_shift) = q6_place(i);
+    ((b.ql[lo_at] >> lo_shift) & 0xF) | (((b.qh[hi_at] >> hi_shift) & 3) << 4)
 }
 
 impl BlockFormat for BlockQ6K {
