@@ -193,12 +193,7 @@ fn id_text(id: Option<serde_json::Value>, line_no: usize) -> Result<String, Stri
 /// Non-blank lines of a JSONL file with their 1-based line numbers.
 fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| (i + 1, l.to_string()))
-        .collect())
+    Ok(text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.to_string())).collect())
 }
 
 /// Reads one record per line; the error names the file and line. Ids must
@@ -300,7 +295,8 @@ impl<T: Serialize + DeserializeOwned + Keyed> RecordLog<T> {
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let torn_bytes = (bytes.len() - keep) as u64;
         if torn_bytes > 0 {
-            file.set_len(keep as u64).with_context(|| format!("cannot truncate the torn last line of {}", path.display()))?;
+            file.set_len(keep as u64)
+                .with_context(|| format!("cannot truncate the torn last line of {}", path.display()))?;
             file.sync_all()?;
         }
         file.seek(SeekFrom::End(0))?;
@@ -316,7 +312,12 @@ impl<T: Serialize + DeserializeOwned + Keyed> RecordLog<T> {
                 anyhow!("{}:{}: not a record this command writes ({e}); use another output file", path.display(), i + 1)
             })?;
             if !done.insert(rec.key().to_string()) {
-                bail!("{}:{}: id {:?} appears twice; the file was not written by minnow", path.display(), i + 1, rec.key());
+                bail!(
+                    "{}:{}: id {:?} appears twice; the file was not written by minnow",
+                    path.display(),
+                    i + 1,
+                    rec.key()
+                );
             }
             records.push(rec);
         }

@@ -51,7 +51,8 @@ impl ModelSpec {
         if let Some(l) = &self.label {
             return l.clone();
         }
-        let stem = self.path.file_stem().map_or_else(|| self.path.display().to_string(), |s| s.to_string_lossy().into());
+        let stem =
+            self.path.file_stem().map_or_else(|| self.path.display().to_string(), |s| s.to_string_lossy().into());
         if self.few_shot {
             format!("{stem}, {n_shot}-shot")
         } else {
@@ -95,7 +96,10 @@ pub fn run(cfg: &EvalConfig) -> Result<Report> {
         .with_context(|| format!("cannot create {}", cfg.output.display()))?;
     if let Some(a) = &cfg.agree_with {
         if !cfg.models.iter().any(|m| &m.label(examples.len()) == a) {
-            bail!("--agree-with {a:?} names no row; rows are {:?}", cfg.models.iter().map(|m| m.label(examples.len())).collect::<Vec<_>>());
+            bail!(
+                "--agree-with {a:?} names no row; rows are {:?}",
+                cfg.models.iter().map(|m| m.label(examples.len())).collect::<Vec<_>>()
+            );
         }
     }
     let mut rows = Vec::new();
@@ -162,8 +166,8 @@ fn read_teacher_outputs(path: &Path) -> Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| anyhow!("{}:{}: not JSON ({e})", path.display(), i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow!("{}:{}: not JSON ({e})", path.display(), i + 1))?;
         if let (Some(p), Some(r)) = (v["prompt"].as_str(), v["reply"].as_str()) {
             out.insert(p.to_string(), r.to_string());
             continue;
@@ -207,7 +211,8 @@ fn eval_model(
     let answers: Vec<_> = answers.into_iter().map(|a| a.expect("every job answered")).collect();
     write_outputs(&cfg.output, &label, cases, &answers, &cfg.scorer)?;
 
-    let scores: Vec<CaseScore> = cases.iter().zip(&answers).map(|(c, a)| cfg.scorer.score(&a.text, &c.answer_value())).collect();
+    let scores: Vec<CaseScore> =
+        cases.iter().zip(&answers).map(|(c, a)| cfg.scorer.score(&a.text, &c.answer_value())).collect();
     let texts: Vec<String> = answers.iter().map(|a| a.text.clone()).collect();
     let agreement = teacher.and_then(|t| {
         let theirs: Vec<Option<&String>> = cases.iter().map(|c| t.get(c.last_user())).collect();
@@ -247,12 +252,20 @@ fn agreement(scorer: &Scorer, mine: &[String], theirs: &[String]) -> Option<repo
 fn agreement_with(scorer: &Scorer, mine: &[String], theirs: &[Option<&String>]) -> Option<report::Agreement> {
     let agree: Vec<CaseScore> =
         mine.iter().zip(theirs).filter_map(|(m, t)| t.and_then(|t| scorer.agree(m, t))).collect();
-    (!agree.is_empty()).then(|| report::Agreement { cases: agree.len(), field_accuracy: field_accuracy(&agree), exact: exact_rate(&agree) })
+    (!agree.is_empty()).then(|| report::Agreement {
+        cases: agree.len(),
+        field_accuracy: field_accuracy(&agree),
+        exact: exact_rate(&agree),
+    })
 }
 
 /// A context that holds the longest prompt plus `max_tokens`, within the
 /// model's own; an error names the case that cannot fit.
-fn context_for(model: &LoadedModel, convos: &[Vec<minnow_engine::chat::ChatMessage>], max_tokens: usize) -> Result<usize> {
+fn context_for(
+    model: &LoadedModel,
+    convos: &[Vec<minnow_engine::chat::ChatMessage>],
+    max_tokens: usize,
+) -> Result<usize> {
     let train = model.model.config().context_length;
     let mut longest = 0;
     for c in convos {
@@ -312,9 +325,17 @@ pub fn slug(label: &str) -> String {
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
 }
 
-fn write_outputs(dir: &Path, label: &str, cases: &[EvalCase], answers: &[crate::teacher::Answer], scorer: &Scorer) -> Result<()> {
+fn write_outputs(
+    dir: &Path,
+    label: &str,
+    cases: &[EvalCase],
+    answers: &[crate::teacher::Answer],
+    scorer: &Scorer,
+) -> Result<()> {
     let path = dir.join("outputs").join(format!("{}.jsonl", slug(label)));
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?);
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
     for (c, a) in cases.iter().zip(answers) {
         let s = scorer.score(&a.text, &c.answer_value());
         let line = json!({
@@ -344,10 +365,16 @@ fn bar(progress: bool, n: usize, label: &str) -> ProgressBar {
 fn machine(threads: usize) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     // Speeds on a shared machine depend on what else runs: say how busy it was.
-    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string));
+    let load =
+        std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string));
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     match load {
         Some(l) => format!("{cpu}, {cores} CPUs, {threads} threads, load average {l} when the evaluation started"),

@@ -96,11 +96,7 @@ pub fn label(cfg: &LabelConfig, teacher: &dyn Teacher) -> Result<LabelSummary> {
         inputs.truncate(n);
     }
     let (mut log, recovered) = RecordLog::<DatasetRecord>::open(&cfg.output)?;
-    let mut sum = LabelSummary {
-        wanted: inputs.len(),
-        torn_bytes_dropped: recovered.torn_bytes,
-        ..Default::default()
-    };
+    let mut sum = LabelSummary { wanted: inputs.len(), torn_bytes_dropped: recovered.torn_bytes, ..Default::default() };
     sum.already = inputs.iter().filter(|i| log.contains(&i.id)).count();
     let todo: Vec<Input> = inputs.into_iter().filter(|i| !log.contains(&i.id)).collect();
     if todo.is_empty() {
@@ -164,8 +160,9 @@ fn progress_bar(cfg: &LabelConfig, n: usize) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(n as u64);
-    let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
 }

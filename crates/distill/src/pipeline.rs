@@ -209,12 +209,13 @@ impl Paths {
 
 /// Runs the pipeline described by `config_path`.
 pub fn run(config_path: &Path, resolve: Resolver) -> Result<()> {
-    let text = std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-    let cfg: Config = toml::from_str(&text).map_err(|e| {
-        anyhow!("{}: {}", config_path.display(), e.to_string().lines().collect::<Vec<_>>().join(" "))
-    })?;
+    let text =
+        std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let cfg: Config = toml::from_str(&text)
+        .map_err(|e| anyhow!("{}: {}", config_path.display(), e.to_string().lines().collect::<Vec<_>>().join(" ")))?;
     let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let paths = Paths { work: if cfg.work_dir.is_absolute() { cfg.work_dir.clone() } else { base.join(&cfg.work_dir) }, base };
+    let paths =
+        Paths { work: if cfg.work_dir.is_absolute() { cfg.work_dir.clone() } else { base.join(&cfg.work_dir) }, base };
     std::fs::create_dir_all(&paths.work).with_context(|| format!("cannot create {}", paths.work.display()))?;
     let t_all = Instant::now();
 
@@ -231,7 +232,11 @@ pub fn run(config_path: &Path, resolve: Resolver) -> Result<()> {
     if let Some(e) = &cfg.eval {
         stage("eval", || run_eval(e, student.as_deref(), &dataset, &paths, resolve))?;
     }
-    eprintln!("minnow distill run: done in {:.1} s; everything is under {}", t_all.elapsed().as_secs_f64(), paths.work.display());
+    eprintln!(
+        "minnow distill run: done in {:.1} s; everything is under {}",
+        t_all.elapsed().as_secs_f64(),
+        paths.work.display()
+    );
     Ok(())
 }
 
@@ -247,7 +252,8 @@ fn build_teacher(t: &TeacherSection, paths: &Paths, resolve: Resolver) -> Result
     match (&t.teacher, &t.teacher_url) {
         (Some(m), None) => {
             let path = paths.model(m, resolve)?;
-            let threads = t.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let threads =
+                t.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             Ok(Box::new(LocalModel::load(&path, threads, t.parallel.unwrap_or(8), t.ctx.unwrap_or(2048))?))
         }
         (None, Some(url)) => {
@@ -283,7 +289,13 @@ fn run_synth(s: &SynthSection, t: &TeacherSection, paths: &Paths, resolve: Resol
         output: output.clone(),
         count: s.count,
         seeds_per_request: s.seeds_per_request,
-        settings: GenSettings { max_tokens: s.max_tokens, temperature: s.temperature, top_p: 0.95, seed: s.seed, logprobs: None },
+        settings: GenSettings {
+            max_tokens: s.max_tokens,
+            temperature: s.temperature,
+            top_p: 0.95,
+            seed: s.seed,
+            logprobs: None,
+        },
         filters: Filters { min_chars: 20, max_chars: 2000, max_similarity: s.max_similarity },
         progress: std::io::stderr().is_terminal(),
     };
@@ -322,7 +334,13 @@ fn run_label(l: &LabelSection, inputs: &Path, paths: &Paths, resolve: Resolver) 
         output: output.clone(),
         examples,
         system: l.system.clone(),
-        settings: GenSettings { max_tokens: l.max_tokens, temperature: l.temperature, top_p: 1.0, seed: l.seed, logprobs: l.logprobs },
+        settings: GenSettings {
+            max_tokens: l.max_tokens,
+            temperature: l.temperature,
+            top_p: 1.0,
+            seed: l.seed,
+            logprobs: l.logprobs,
+        },
         limit: l.limit,
         price_per_hour: l.price_per_hour,
         progress: std::io::stderr().is_terminal(),
@@ -340,8 +358,12 @@ fn run_train(t: &toml::Table, dataset: &Path, paths: &Paths, resolve: Resolver) 
         .remove("student")
         .and_then(|v| v.as_str().map(str::to_string))
         .ok_or_else(|| anyhow!("[train] needs `student` (a GGUF or a model name)"))?;
-    let output = table.remove("output").and_then(|v| v.as_str().map(PathBuf::from)).unwrap_or_else(|| "student.gguf".into());
-    let checkpoints = table.remove("checkpoint_dir").and_then(|v| v.as_str().map(PathBuf::from)).unwrap_or_else(|| "checkpoints".into());
+    let output =
+        table.remove("output").and_then(|v| v.as_str().map(PathBuf::from)).unwrap_or_else(|| "student.gguf".into());
+    let checkpoints = table
+        .remove("checkpoint_dir")
+        .and_then(|v| v.as_str().map(PathBuf::from))
+        .unwrap_or_else(|| "checkpoints".into());
     let mut cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| anyhow!("[train]: {}", e.message()))?;
     cfg.student = paths.model(&student, resolve)?;
     cfg.data = dataset.to_path_buf();

@@ -128,7 +128,11 @@ fn markdown(r: &Report) -> String {
         "Data: `{}` ({} cases{}); scorer `{}`; machine: {}; price ${:.2}/hour.\n",
         r.data,
         r.cases,
-        if r.excluded_examples > 0 { format!(", the {} worked examples left out", r.excluded_examples) } else { String::new() },
+        if r.excluded_examples > 0 {
+            format!(", the {} worked examples left out", r.excluded_examples)
+        } else {
+            String::new()
+        },
         r.scorer,
         r.machine,
         r.price_per_hour
@@ -168,7 +172,12 @@ const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"
 
 fn panel(s: &mut String, r: &Report, x0: f64, title: &str, xs: &[f64]) {
     let (pw, ph, y0) = (380.0, 300.0, 50.0);
-    let _ = writeln!(s, "<text x=\"{}\" y=\"30\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>", x0 + pw / 2.0, esc(title));
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"30\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>",
+        x0 + pw / 2.0,
+        esc(title)
+    );
     let _ = writeln!(s, "<rect x=\"{x0}\" y=\"{y0}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#444\"/>");
     for i in 0..=4 {
         let acc = i as f64 / 4.0;
@@ -207,8 +216,19 @@ fn panel(s: &mut String, r: &Report, x0: f64, title: &str, xs: &[f64]) {
         }
         let (cx, cy) = (px(x), y0 + ph * (1.0 - m.field_accuracy.clamp(0.0, 1.0)));
         let c = COLORS[i % COLORS.len()];
-        let _ = writeln!(s, "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"6\" fill=\"{c}\"><title>{}</title></circle>", esc(&m.label));
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{} ({})</text>", cx + 8.0, cy - 8.0, i + 1, fmt_num(x));
+        let _ = writeln!(
+            s,
+            "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"6\" fill=\"{c}\"><title>{}</title></circle>",
+            esc(&m.label)
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{} ({})</text>",
+            cx + 8.0,
+            cy - 8.0,
+            i + 1,
+            fmt_num(x)
+        );
     }
 }
 

@@ -79,7 +79,9 @@ impl Scorer {
             Scorer::JsonFields => first_json_object(other).map(|g| json_fields(reply, &Value::Object(g))),
             Scorer::Exact => Some(one(reply.trim() == other.trim())),
             Scorer::Regex(re) => {
-                let pick = |s: &str| re.captures(s).and_then(|c| c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().trim().to_string()));
+                let pick = |s: &str| {
+                    re.captures(s).and_then(|c| c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().trim().to_string()))
+                };
                 let theirs = pick(other)?;
                 Some(one(pick(reply).as_deref() == Some(theirs.as_str())))
             }

@@ -120,7 +120,11 @@ pub fn synth(cfg: &SynthConfig, teacher: &dyn Teacher) -> Result<SynthSummary> {
                 *sum.dropped.entry(why).or_default() += 1;
                 return Ok(());
             }
-            let rec = InputRecord { id: Some(format!("synth-{:06}", log.len() + 1)), prompt: Some(format!("{prefix}{body}")), messages: None };
+            let rec = InputRecord {
+                id: Some(format!("synth-{:06}", log.len() + 1)),
+                prompt: Some(format!("{prefix}{body}")),
+                messages: None,
+            };
             log.append(&rec)?;
             dedup.add(&body);
             sum.kept += 1;
@@ -249,7 +253,8 @@ fn common_prefix(seeds: &[String]) -> String {
     while !first.is_char_boundary(len) {
         len -= 1;
     }
-    let cut = first[..len].rfind(char::is_whitespace).map_or(0, |i| i + first[i..].chars().next().map_or(1, char::len_utf8));
+    let cut =
+        first[..len].rfind(char::is_whitespace).map_or(0, |i| i + first[i..].chars().next().map_or(1, char::len_utf8));
     // A few shared words are not a template.
     if cut < 20 {
         String::new()
@@ -356,7 +361,9 @@ fn bar(progress: bool, count: usize, done: usize) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let b = ProgressBar::new(count as u64);
-    if let Ok(s) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} kept {per_sec} ETA {eta}") {
+    if let Ok(s) =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} kept {per_sec} ETA {eta}")
+    {
         b.set_style(s);
     }
     b.set_position(done as u64);
@@ -370,7 +377,10 @@ mod tests {
     #[test]
     fn prefix_is_cut_at_a_word_boundary() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let p = common_prefix(&s(&["Extract the order as JSON. Message: Anna buys", "Extract the order as JSON. Message: Ali sells"]));
+        let p = common_prefix(&s(&[
+            "Extract the order as JSON. Message: Anna buys",
+            "Extract the order as JSON. Message: Ali sells",
+        ]));
         assert_eq!(p, "Extract the order as JSON. Message: ");
         assert_eq!(common_prefix(&s(&["short one", "short two"])), "");
         assert_eq!(common_prefix(&s(&["only seed here and long enough to matter"])), "");

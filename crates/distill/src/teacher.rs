@@ -447,11 +447,8 @@ impl RemoteTeacher {
             }
         }
         let endpoint = chat_endpoint(&cfg.url)?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(cfg.timeout))
-            .build()
-            .into();
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(cfg.timeout)).build().into();
         let limiter = RateLimiter::new(cfg.requests_per_minute);
         Ok(RemoteTeacher { cfg, endpoint, agent, vocab, limiter, stats: Mutex::new(RemoteStats::default()) })
     }
@@ -522,9 +519,7 @@ impl RemoteTeacher {
         }
         let mut resp = match req.send(body.to_string()) {
             Ok(r) => r,
-            Err(e) => {
-                return Err(Failure::Retry { why: format!("{}: {e}", self.endpoint), after: None, status: None })
-            }
+            Err(e) => return Err(Failure::Retry { why: format!("{}: {e}", self.endpoint), after: None, status: None }),
         };
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -537,7 +532,11 @@ impl RemoteTeacher {
         let text = match resp.body_mut().with_config().limit(64 << 20).read_to_string() {
             Ok(t) => t,
             Err(e) => {
-                return Err(Failure::Retry { why: format!("{}: reading the answer: {e}", self.endpoint), after: None, status: None })
+                return Err(Failure::Retry {
+                    why: format!("{}: reading the answer: {e}", self.endpoint),
+                    after: None,
+                    status: None,
+                })
             }
         };
         let detail = || {
@@ -548,11 +547,17 @@ impl RemoteTeacher {
             format!("{} answered {status}: {msg}", self.endpoint)
         };
         match status {
-            200..=299 => serde_json::from_str(&text)
-                .map_err(|e| Failure::Retry { why: format!("{}: answer is not JSON: {e}", self.endpoint), after: None, status: None }),
+            200..=299 => serde_json::from_str(&text).map_err(|e| Failure::Retry {
+                why: format!("{}: answer is not JSON: {e}", self.endpoint),
+                after: None,
+                status: None,
+            }),
             429 | 500..=599 => Err(Failure::Retry { why: detail(), after: retry_after, status: Some(status) }),
             401 | 403 => Err(Failure::Fatal(format!("{}; check --api-key (or OPENAI_API_KEY)", detail()))),
-            404 => Err(Failure::Fatal(format!("{}; check --teacher-url (a server root, its /v1, or /v1/chat/completions)", detail()))),
+            404 => Err(Failure::Fatal(format!(
+                "{}; check --teacher-url (a server root, its /v1, or /v1/chat/completions)",
+                detail()
+            ))),
             _ => Err(Failure::Job(detail())),
         }
     }
@@ -587,7 +592,10 @@ impl RemoteTeacher {
                 None => e["token"].as_str().ok_or("a logprob entry without token")?.as_bytes().to_vec(),
             };
             let id = vocab.id(&bytes).ok_or_else(|| {
-                format!("token {:?} is not in the vocabulary given with --teacher-vocab", String::from_utf8_lossy(&bytes))
+                format!(
+                    "token {:?} is not in the vocabulary given with --teacher-vocab",
+                    String::from_utf8_lossy(&bytes)
+                )
             })?;
             Ok((id, e["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32))
         };
@@ -632,7 +640,9 @@ impl Teacher for RemoteTeacher {
         on_answer: &mut dyn FnMut(usize, Result<Answer, String>) -> Result<()>,
     ) -> Result<()> {
         if settings.logprobs.is_some() && self.vocab.is_none() {
-            bail!("--logprobs with --teacher-url needs --teacher-vocab GGUF (the teacher's tokenizer) to store token ids");
+            bail!(
+                "--logprobs with --teacher-url needs --teacher-vocab GGUF (the teacher's tokenizer) to store token ids"
+            );
         }
         let queue = Mutex::new(VecDeque::from(jobs));
         let stop = AtomicBool::new(false);

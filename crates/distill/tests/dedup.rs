@@ -58,6 +58,12 @@ fn seeds_count_as_already_seen() {
     for seed in [BASE, "Liam Okafor here. For the Osaka team we'd like 12 whiteboards at 79 USD apiece, by June 7th."] {
         d.add(seed);
     }
-    assert_eq!(d.check("liam okafor here. for the osaka team we'd like 12 whiteboards at 79 usd apiece, by june 7th."), Some("exact duplicate"));
-    assert_eq!(d.check("Liam Okafor here. For the Osaka team we'd like 12 whiteboards at 79 USD apiece, by June 8th."), Some("near duplicate"));
+    assert_eq!(
+        d.check("liam okafor here. for the osaka team we'd like 12 whiteboards at 79 usd apiece, by june 7th."),
+        Some("exact duplicate")
+    );
+    assert_eq!(
+        d.check("Liam Okafor here. For the Osaka team we'd like 12 whiteboards at 79 USD apiece, by June 8th."),
+        Some("near duplicate")
+    );
 }

@@ -17,7 +17,10 @@ fn tmp(name: &str) -> PathBuf {
 fn rec(id: &str, answer: &str) -> DatasetRecord {
     DatasetRecord {
         id: id.into(),
-        messages: vec![ChatMessage::new("user", format!("question {id}\nwith a newline")), ChatMessage::new("assistant", answer)],
+        messages: vec![
+            ChatMessage::new("user", format!("question {id}\nwith a newline")),
+            ChatMessage::new("assistant", answer),
+        ],
         provenance: None,
         teacher_logprobs: None,
     }

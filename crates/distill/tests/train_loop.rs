@@ -49,7 +49,13 @@ fn tiny_run_lowers_loss_and_export_matches_engine() {
         .collect();
     let ours: Vec<Vec<Vec<f32>>> = seqs
         .iter()
-        .map(|s| t.student().forward(&single_sequence_input(s, &t.student().shape, &Device::Cpu).unwrap()).unwrap().to_vec2().unwrap())
+        .map(|s| {
+            t.student()
+                .forward(&single_sequence_input(s, &t.student().shape, &Device::Cpu).unwrap())
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        })
         .collect();
     let report = t.finish().unwrap();
     assert_eq!(report.steps, 4);

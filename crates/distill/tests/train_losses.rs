@@ -3,7 +3,7 @@
 //! KL = 0 for identical distributions.
 
 use candle_core::Device;
-use minnow_distill::train::loss::{loss_sum, logits_tensor, masked_ce_mean, row_kl, LossTargets, TeacherTop};
+use minnow_distill::train::loss::{logits_tensor, loss_sum, masked_ce_mean, row_kl, LossTargets, TeacherTop};
 
 fn close(a: f64, b: f64, what: &str) {
     assert!((a - b).abs() < 1e-5, "{what}: {a} vs hand-computed {b}");

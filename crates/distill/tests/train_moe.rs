@@ -20,7 +20,9 @@ fn candle_logits(s: &Student, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn sample_tokens(m: &LoadedModel) -> Vec<u32> {
-    m.tokenizer.encode("The quick brown fox jumps over the lazy dog, then orders 12 whiteboards for Osaka.", true, false).unwrap()
+    m.tokenizer
+        .encode("The quick brown fox jumps over the lazy dog, then orders 12 whiteboards for Osaka.", true, false)
+        .unwrap()
 }
 
 #[test]

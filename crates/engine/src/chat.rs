@@ -58,10 +58,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -71,27 +68,15 @@ impl ChatMessage {
 pub enum ChatError {
     /// The template does not compile.
     #[error("{template}: syntax error{}: {detail}", at_line(.line))]
-    Syntax {
-        template: String,
-        detail: String,
-        line: Option<usize>,
-    },
+    Syntax { template: String, detail: String, line: Option<usize> },
     /// The template itself called `raise_exception(message)`, i.e. it
     /// rejects this conversation (e.g. roles that do not alternate).
     #[error("{template} rejected the conversation{}: {message}", at_line(.line))]
-    Raised {
-        template: String,
-        message: String,
-        line: Option<usize>,
-    },
+    Raised { template: String, message: String, line: Option<usize> },
     /// Rendering failed for another reason (undefined attribute, type error,
     /// bad `tojson` argument, ...).
     #[error("{template}: render failed{}: {detail}", at_line(.line))]
-    Render {
-        template: String,
-        detail: String,
-        line: Option<usize>,
-    },
+    Render { template: String, detail: String, line: Option<usize> },
     /// The GGUF metadata needed to build the template is malformed.
     #[error("{template}: bad GGUF metadata: {detail}")]
     Metadata { template: String, detail: String },
@@ -150,12 +135,7 @@ impl ChatTemplate {
 
     /// Like [`ChatTemplate::new`], with `name` used in error messages
     /// (e.g. the model's name) so a server log says which template failed.
-    pub fn with_name(
-        name: &str,
-        source: &str,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<ChatTemplate, ChatError> {
+    pub fn with_name(name: &str, source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, ChatError> {
         let name = name.to_string();
         let env = build_environment(&name, source).map_err(|e| ChatError::Syntax {
             template: name.clone(),
@@ -173,10 +153,8 @@ impl ChatTemplate {
         // Probe once with the smallest conversation every template accepts;
         // the BOS handling of a template does not depend on the messages.
         // A template that rejects even that gives no answer: assume no BOS.
-        t.renders_bos = t
-            .render(&[ChatMessage::new("user", "Hi")], true)
-            .map(|s| t.starts_with_bos(&s))
-            .unwrap_or(false);
+        t.renders_bos =
+            t.render(&[ChatMessage::new("user", "Hi")], true).map(|s| t.starts_with_bos(&s)).unwrap_or(false);
         Ok(t)
     }
 
@@ -204,15 +182,8 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the prompt ends with
     /// the header of the assistant's next turn. The result is exactly what
     /// transformers' `apply_chat_template(..., tokenize=False)` returns.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ChatError> {
-        let tmpl = self
-            .env
-            .get_template(&self.name)
-            .map_err(|e| self.render_error(e))?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
+        let tmpl = self.env.get_template(&self.name).map_err(|e| self.render_error(e))?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             bos_token => self.bos_token.as_str(),
@@ -265,19 +236,11 @@ impl ChatTemplate {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
             if let Some(r) = s.downcast_ref::<RaisedException>() {
-                return ChatError::Raised {
-                    template: self.name.clone(),
-                    message: r.0.clone(),
-                    line: e.line(),
-                };
+                return ChatError::Raised { template: self.name.clone(), message: r.0.clone(), line: e.line() };
             }
             src = s.source();
         }
-        ChatError::Render {
-            template: self.name.clone(),
-            detail: describe(&e),
-            line: e.line(),
-        }
+        ChatError::Render { template: self.name.clone(), detail: describe(&e), line: e.line() }
     }
 }
 
@@ -314,21 +277,12 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 
 /// The text of the special token whose id is stored under `id_key`;
 /// empty when the model has no such token.
-fn special_token_text(
-    f: &minnow_gguf::GgufFile,
-    id_key: &str,
-    name: &str,
-) -> Result<String, ChatError> {
+fn special_token_text(f: &minnow_gguf::GgufFile, id_key: &str, name: &str) -> Result<String, ChatError> {
     let Some(id) = f.get(id_key) else {
         return Ok(String::new());
     };
-    let bad = |detail: String| ChatError::Metadata {
-        template: name.to_string(),
-        detail,
-    };
-    let id = id
-        .as_u64()
-        .ok_or_else(|| bad(format!("{id_key} is not an unsigned integer")))?;
+    let bad = |detail: String| ChatError::Metadata { template: name.to_string(), detail };
+    let id = id.as_u64().ok_or_else(|| bad(format!("{id_key} is not an unsigned integer")))?;
     let tokens = f
         .get("tokenizer.ggml.tokens")
         .and_then(|v| v.as_array())
@@ -336,17 +290,8 @@ fn special_token_text(
     let tok = usize::try_from(id)
         .ok()
         .and_then(|i| tokens.get(i))
-        .ok_or_else(|| {
-            bad(format!(
-                "{id_key} = {id} is outside the vocabulary of {}",
-                tokens.len()
-            ))
-        })?;
-    tok.as_str().map(str::to_string).ok_or_else(|| {
-        bad(format!(
-            "token {id} in tokenizer.ggml.tokens is not a string"
-        ))
-    })
+        .ok_or_else(|| bad(format!("{id_key} = {id} is outside the vocabulary of {}", tokens.len())))?;
+    tok.as_str().map(str::to_string).ok_or_else(|| bad(format!("token {id} in tokenizer.ggml.tokens is not a string")))
 }
 
 /// What went wrong, on one line, without minijinja's " (in name:line)"
@@ -387,10 +332,7 @@ fn build_environment(name: &str, source: &str) -> Result<Environment<'static>, E
         Err(Error::new(ErrorKind::InvalidOperation, msg.clone()).with_source(RaisedException(msg)))
     });
     env.add_function("strftime_now", |fmt: String| -> Result<String, Error> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         Ok(strftime(&fmt, now))
     });
     env.add_filter("tojson", tojson_filter);
@@ -443,11 +385,7 @@ fn rewrite_generation_tags(source: &str) -> String {
 fn python_formatter(out: &mut Output, _state: &State, value: &Value) -> Result<(), Error> {
     let s = match value.kind() {
         ValueKind::Undefined => return Ok(()),
-        ValueKind::String => {
-            return out
-                .write_str(value.as_str().unwrap_or_default())
-                .map_err(fmt_error)
-        }
+        ValueKind::String => return out.write_str(value.as_str().unwrap_or_default()).map_err(fmt_error),
         _ => py_str(value)?,
     };
     out.write_str(&s).map_err(fmt_error)
@@ -508,11 +446,7 @@ fn py_repr(value: &Value, out: &mut String) -> Result<(), Error> {
 /// Python's repr of a str: single quotes unless the text contains a single
 /// quote and no double quote.
 fn py_repr_str(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -526,11 +460,7 @@ fn py_repr_str(s: &str, out: &mut String) {
             }
             c if c.is_control() => {
                 let n = c as u32;
-                let _ = if n < 0x100 {
-                    write!(out, "\\x{n:02x}")
-                } else {
-                    write!(out, "\\u{n:04x}")
-                };
+                let _ = if n < 0x100 { write!(out, "\\x{n:02x}") } else { write!(out, "\\u{n:04x}") };
             }
             c => out.push(c),
         }
@@ -566,9 +496,7 @@ fn py_float(f: f64, json: bool) -> String {
     }
     // Rust's `{:e}` gives the shortest round-trip digits, like Python.
     let sci = format!("{:e}", f.abs());
-    let (mant, exp) = sci
-        .split_once('e')
-        .expect("LowerExp always has an exponent");
+    let (mant, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("LowerExp exponent is an integer");
     let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
     let n = digits.len() as i32;
@@ -612,9 +540,7 @@ fn tojson_filter(
 ) -> Result<String, Error> {
     let ensure_ascii = match ensure_ascii {
         Some(v) => v.is_true(),
-        None => kwargs
-            .get::<Option<Value>>("ensure_ascii")?
-            .is_some_and(|v| v.is_true()),
+        None => kwargs.get::<Option<Value>>("ensure_ascii")?.is_some_and(|v| v.is_true()),
     };
     let indent = match indent {
         Some(v) => Some(v),
@@ -638,22 +564,16 @@ fn tojson_filter(
             }
         },
     };
-    let separators = kwargs
-        .get::<Option<Value>>("separators")?
-        .filter(|v| !v.is_none());
+    let separators = kwargs.get::<Option<Value>>("separators")?.filter(|v| !v.is_none());
     let (item_sep, key_sep) = match separators {
         Some(v) => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
-                    a.as_str().unwrap().to_string(),
-                    b.as_str().unwrap().to_string(),
-                ),
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
+                    (a.as_str().unwrap().to_string(), b.as_str().unwrap().to_string())
+                }
                 _ => {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be a pair of strings",
-                    ))
+                    return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings"))
                 }
             }
         }
@@ -661,17 +581,9 @@ fn tojson_filter(
         None if indent.is_some() => (",".into(), ": ".into()),
         None => (", ".into(), ": ".into()),
     };
-    let sort_keys = kwargs
-        .get::<Option<Value>>("sort_keys")?
-        .is_some_and(|v| v.is_true());
+    let sort_keys = kwargs.get::<Option<Value>>("sort_keys")?.is_some_and(|v| v.is_true());
     kwargs.assert_all_used()?;
-    let opts = JsonOpts {
-        ensure_ascii,
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys,
-    };
+    let opts = JsonOpts { ensure_ascii, indent, item_sep, key_sep, sort_keys };
     let mut out = String::new();
     json_dump(value, &opts, 0, &mut out)?;
     Ok(out)
@@ -799,15 +711,7 @@ fn json_str(s: &str, ensure_ascii: bool, out: &mut String) {
     out.push('"');
 }
 
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
+const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
 const MONTHS: [&str; 12] = [
     "January",
     "February",
@@ -890,11 +794,7 @@ fn strftime(fmt: &str, unix: i64) -> String {
             break;
         };
         let num = |out: &mut String, v: i64, width: usize| {
-            let _ = if no_pad {
-                write!(out, "{v}")
-            } else {
-                write!(out, "{v:0width$}")
-            };
+            let _ = if no_pad { write!(out, "{v}") } else { write!(out, "{v:0width$}") };
         };
         let hour12 = if tm.hour % 12 == 0 { 12 } else { tm.hour % 12 };
         match conv {
@@ -917,11 +817,7 @@ fn strftime(fmt: &str, unix: i64) -> String {
             }
             'd' => num(&mut out, tm.day.into(), 2),
             'e' => {
-                let _ = if no_pad {
-                    write!(out, "{}", tm.day)
-                } else {
-                    write!(out, "{:>2}", tm.day)
-                };
+                let _ = if no_pad { write!(out, "{}", tm.day) } else { write!(out, "{:>2}", tm.day) };
             }
             'H' => num(&mut out, tm.hour.into(), 2),
             'I' => num(&mut out, hour12.into(), 2),
@@ -944,13 +840,7 @@ fn strftime(fmt: &str, unix: i64) -> String {
                 let _ = write!(out, "{}-{:02}-{:02}", tm.year, tm.month, tm.day);
             }
             'D' | 'x' => {
-                let _ = write!(
-                    out,
-                    "{:02}/{:02}/{:02}",
-                    tm.month,
-                    tm.day,
-                    tm.year.rem_euclid(100)
-                );
+                let _ = write!(out, "{:02}/{:02}/{:02}", tm.month, tm.day, tm.year.rem_euclid(100));
             }
             'T' | 'X' => {
                 let _ = write!(out, "{:02}:{:02}:{:02}", tm.hour, tm.min, tm.sec);
@@ -1023,14 +913,9 @@ mod tests {
     #[test]
     fn chat_generation_tag_rewrite() {
         assert_eq!(
-            rewrite_generation_tags(
-                "a{%- generation -%}b{% endgeneration %}c{% if x %}{% endif %}"
-            ),
+            rewrite_generation_tags("a{%- generation -%}b{% endgeneration %}c{% if x %}{% endif %}"),
             "a{%- if true -%}b{% endif %}c{% if x %}{% endif %}"
         );
-        assert_eq!(
-            rewrite_generation_tags("x {% unterminated"),
-            "x {% unterminated"
-        );
+        assert_eq!(rewrite_generation_tags("x {% unterminated"), "x {% unterminated");
     }
 }

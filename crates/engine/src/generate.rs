@@ -229,15 +229,7 @@ pub fn generate(
         on_text(&rest);
     }
     let gen_secs = gen_start.elapsed().as_secs_f64();
-    Ok(Generation {
-        text,
-        gen_tokens: ids.len(),
-        ids,
-        prompt_tokens: prompt.len(),
-        prompt_secs,
-        gen_secs,
-        finish,
-    })
+    Ok(Generation { text, gen_tokens: ids.len(), ids, prompt_tokens: prompt.len(), prompt_secs, gen_secs, finish })
 }
 
 #[cfg(test)]

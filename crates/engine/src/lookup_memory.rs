@@ -200,7 +200,8 @@ pub fn consensus_draft(refs: &mut [Reference], output: &[u8]) -> Option<Consensu
         agreed = agreed.min(shared_prefix(first, cont));
     }
     let draft = first[..agreed].to_vec();
-    let beyond = refs.iter().zip(&starts).map(|(r, &s)| r.text[s + agreed..].iter().take(16).copied().collect()).collect();
+    let beyond =
+        refs.iter().zip(&starts).map(|(r, &s)| r.text[s + agreed..].iter().take(16).copied().collect()).collect();
     for (r, &s) in refs.iter_mut().zip(&starts) {
         (r.pos, r.out_at) = (s, output.len());
     }
@@ -256,7 +257,9 @@ mod tests {
             r#"{"customer": "Hana Patel", "product": "standing desk", "quantity": 10, "unit_price": 489.9}"#,
         ]);
         // Nothing generated yet: the common start.
-        let d = |r: &mut Vec<Reference>, out: &str| consensus_draft(r, out.as_bytes()).map(|c| String::from_utf8(c.draft).unwrap());
+        let d = |r: &mut Vec<Reference>, out: &str| {
+            consensus_draft(r, out.as_bytes()).map(|c| String::from_utf8(c.draft).unwrap())
+        };
         // Nothing generated yet: the common start.
         assert_eq!(d(&mut r, "").unwrap(), r#"{"customer": ""#);
         // At the value: aligned, but the references disagree.

@@ -153,16 +153,10 @@ impl SamplingParams {
             return Err(format!("repeat_penalty must be finite and > 0, got {r}"));
         }
         if !self.presence_penalty.is_finite() {
-            return Err(format!(
-                "presence_penalty must be finite, got {}",
-                self.presence_penalty
-            ));
+            return Err(format!("presence_penalty must be finite, got {}", self.presence_penalty));
         }
         if !self.frequency_penalty.is_finite() {
-            return Err(format!(
-                "frequency_penalty must be finite, got {}",
-                self.frequency_penalty
-            ));
+            return Err(format!("frequency_penalty must be finite, got {}", self.frequency_penalty));
         }
         Ok(())
     }
@@ -411,11 +405,7 @@ impl Sampler {
         for (i, &l) in buf.iter().enumerate() {
             if l > f32::NEG_INFINITY {
                 any_pos_inf |= l == f32::INFINITY;
-                cands.push(Cand {
-                    id: i as u32,
-                    logit: l,
-                    w: 0.0,
-                });
+                cands.push(Cand { id: i as u32, logit: l, w: 0.0 });
             }
         }
         if cands.is_empty() {
@@ -442,11 +432,8 @@ impl Sampler {
 
         // Temperature + softmax, fused: exp((l - max) / T) == exp(l/T - max/T)
         // but cannot overflow, and the top token's weight is exactly 1.
-        let max = if sorted {
-            cands[0].logit
-        } else {
-            cands.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.logit))
-        } as f64;
+        let max =
+            if sorted { cands[0].logit } else { cands.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.logit)) } as f64;
         let t = temperature as f64;
         let mut sum = 0.0f64;
         for c in cands.iter_mut() {
@@ -466,11 +453,8 @@ impl Sampler {
                 cands.retain(|c| c.w >= min_w);
             }
             let target = top_p as f64 * sum;
-            let keep = if sorted {
-                prefix_reaching(cands, target)
-            } else {
-                partial_sort_prefix_reaching(cands, target)
-            };
+            let keep =
+                if sorted { prefix_reaching(cands, target) } else { partial_sort_prefix_reaching(cands, target) };
             cands.truncate(keep);
         } else if min_w > 0.0 {
             cands.retain(|c| c.w >= min_w);
@@ -621,12 +605,7 @@ impl Xoshiro256 {
         let mut st = seed;
         // splitmix64 is a bijection of its counter, so four consecutive
         // outputs are never all zero (the one state xoshiro must avoid).
-        let s = [
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-        ];
+        let s = [splitmix64(&mut st), splitmix64(&mut st), splitmix64(&mut st), splitmix64(&mut st)];
         Xoshiro256 { s }
     }
 
@@ -703,23 +682,13 @@ mod tests {
         let mut x = -707.9;
         while x <= 700.0 {
             let (got, want) = (det_exp(x), x.exp());
-            assert!(
-                ((got - want) / want).abs() < 1e-14,
-                "exp({x}) = {got}, libm {want}"
-            );
+            assert!(((got - want) / want).abs() < 1e-14, "exp({x}) = {got}, libm {want}");
             x += 0.0137;
         }
     }
 
     fn cands_from(ws: &[f64]) -> Vec<Cand> {
-        ws.iter()
-            .enumerate()
-            .map(|(i, &w)| Cand {
-                id: i as u32,
-                logit: 0.0,
-                w,
-            })
-            .collect()
+        ws.iter().enumerate().map(|(i, &w)| Cand { id: i as u32, logit: 0.0, w }).collect()
     }
 
     #[test]
@@ -728,9 +697,7 @@ mod tests {
         // sizes around the chunk boundaries (64, 320, 1344).
         let mut rng = Xoshiro256::seed_from_u64(99);
         for &n in &[1usize, 5, 63, 64, 65, 320, 321, 1000, 5000] {
-            let ws: Vec<f64> = (0..n)
-                .map(|_| (rng.next_u64() % 50) as f64 / 49.0 + 1e-3)
-                .collect();
+            let ws: Vec<f64> = (0..n).map(|_| (rng.next_u64() % 50) as f64 / 49.0 + 1e-3).collect();
             let sum: f64 = ws.iter().sum();
             for &p in &[0.0, 0.1, 0.5, 0.9, 0.999, 1.0] {
                 let mut full = cands_from(&ws);
@@ -752,22 +719,13 @@ mod tests {
 
     #[test]
     fn window_counts_track_window() {
-        let mut s = Sampler::new(SamplingParams {
-            repeat_last_n: 3,
-            ..SamplingParams::default()
-        });
+        let mut s = Sampler::new(SamplingParams { repeat_last_n: 3, ..SamplingParams::default() });
         for t in [5, 5, 6, 7, 5, 8] {
             s.accept(t);
         }
         // Window: [7, 5, 8].
         assert_eq!(s.window.iter().copied().collect::<Vec<_>>(), vec![7, 5, 8]);
-        assert_eq!(
-            s.window_counts
-                .iter()
-                .map(|(&k, &v)| (k, v))
-                .collect::<Vec<_>>(),
-            vec![(5, 1), (7, 1), (8, 1)]
-        );
+        assert_eq!(s.window_counts.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>(), vec![(5, 1), (7, 1), (8, 1)]);
         assert_eq!(s.counts[&5], 3);
         s.reset();
         assert!(s.window.is_empty() && s.counts.is_empty() && s.window_counts.is_empty());

@@ -144,11 +144,24 @@ pub enum GenEvent {
     /// it, possibly empty while a UTF-8 character or a possible stop string
     /// is pending. An end-of-generation token that stops a sample gets no
     /// Token event (it is not text); it is counted in `completion_tokens`.
-    Token { index: usize, id: u32, text: String, logprob: Option<TokenLogprob> },
+    Token {
+        index: usize,
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// Sample `index` ended; `text_tail` is held-back text released at the end.
-    Done { index: usize, finish: FinishReason, text_tail: String },
+    Done {
+        index: usize,
+        finish: FinishReason,
+        text_tail: String,
+    },
     /// All samples are done. `ttft_secs`: submit → first sampled token.
-    Finished { usage: Usage, ttft_secs: f64, total_secs: f64 },
+    Finished {
+        usage: Usage,
+        ttft_secs: f64,
+        total_secs: f64,
+    },
     Error(String),
 }
 
@@ -463,8 +476,12 @@ struct Running {
 
 enum Phase {
     /// Reading the prompt; `cache` holds its first `cache.len()` tokens.
-    Prefill { cache: KvCache },
-    Decode { samples: Vec<Sample> },
+    Prefill {
+        cache: KvCache,
+    },
+    Decode {
+        samples: Vec<Sample>,
+    },
 }
 
 struct Sample {
@@ -675,10 +692,8 @@ impl Worker {
     /// Starts a request: resumes from the longest cached prefix of its prompt.
     fn admit(&mut self, q: Queued) {
         let Queued { id, req, sink, submitted } = q;
-        let (cache, cached) = self
-            .prefix
-            .lookup(&req.prompt)
-            .unwrap_or_else(|| (self.model.model.new_cache(self.cfg.ctx), 0));
+        let (cache, cached) =
+            self.prefix.lookup(&req.prompt).unwrap_or_else(|| (self.model.model.new_cache(self.cfg.ctx), 0));
         {
             let mut st = lock(&self.shared);
             st.stats.prompt_tokens_total += req.prompt.len() as u64;
@@ -735,7 +750,11 @@ impl Worker {
                         slots.push((ri, Slot::Sample(si)));
                         owners.push(*id);
                         let last = s.ids.last().expect("a decoding sample has sampled a token");
-                        seqs.push(SeqBatch { tokens: std::slice::from_ref(last), cache: &mut s.cache, logits: Logits::Last });
+                        seqs.push(SeqBatch {
+                            tokens: std::slice::from_ref(last),
+                            cache: &mut s.cache,
+                            logits: Logits::Last,
+                        });
                     }
                 }
             }
@@ -931,7 +950,14 @@ fn start_decoding(model: &LoadedModel, r: &mut Running, logits: &[f32]) -> u64 {
         // The last sample takes the original cache; the others copy it.
         let c = if i + 1 == r.n { cache.take().unwrap() } else { cache.as_ref().unwrap().clone() };
         let done = r.params.max_tokens == 0;
-        samples.push(Sample { cache: c, sampler, text: TextStream::new(&r.params.stop), ids: Vec::new(), done, spec: None });
+        samples.push(Sample {
+            cache: c,
+            sampler,
+            text: TextStream::new(&r.params.stop),
+            ids: Vec::new(),
+            done,
+            spec: None,
+        });
     }
     r.phase = Phase::Decode { samples };
     if r.params.max_tokens == 0 {

@@ -62,10 +62,10 @@
 use crate::generate::{prefill, prefill_for, FinishReason, GenerateParams, Generation, TextStream};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
+use crate::lookup_memory::{consensus_draft, shared_prefix, Consensus, Reference};
 use crate::model::{Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
-use crate::lookup_memory::{consensus_draft, shared_prefix, Consensus, Reference};
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -240,7 +240,10 @@ impl SpecStats {
             self.tokens_per_target_forward(gen_tokens)
         );
         if let Some(x) = self.speedup(gen_tokens, gen_secs) {
-            s += &format!(", speed-up ~{x:.2}x vs plain decoding (measured step {:.1} ms)", 1e3 * self.plain_step_secs.unwrap_or(0.0));
+            s += &format!(
+                ", speed-up ~{x:.2}x vs plain decoding (measured step {:.1} ms)",
+                1e3 * self.plain_step_secs.unwrap_or(0.0)
+            );
         }
         if self.memory_drafted > 0 {
             s += &format!(" ({}/{} from earlier answers)", self.memory_accepted, self.memory_drafted);
@@ -607,7 +610,13 @@ impl ModelDrafter {
 
     /// Makes `fed` a prefix of `hist` (dropping rejected drafts), then feeds
     /// the rest of `hist`; leaves the logits for the next token in `next_logits`.
-    fn catch_up(&mut self, model: &Model, pool: &ThreadPool, hist: &[u32], stats: &mut SpecStats) -> Result<(), ModelError> {
+    fn catch_up(
+        &mut self,
+        model: &Model,
+        pool: &ThreadPool,
+        hist: &[u32],
+        stats: &mut SpecStats,
+    ) -> Result<(), ModelError> {
         let common = shared_prefix(&self.fed, hist);
         if common < self.fed.len() {
             self.fed.truncate(common);
@@ -1183,7 +1192,8 @@ impl SpecSeq {
         }
         // Stop strings are left to the caller, whose text stream spans rounds.
         let round_params = GenerateParams { max_tokens: max_new, stop: Vec::new(), ..params.clone() };
-        let mut out = Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
+        let mut out =
+            Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
         let mut stream = TextStream::new(&[]);
         let mut round = Round { target, tokenizer, draft, params: &round_params, cache, sampler, seq: self };
         round.run(pool, &mut out, &mut stream, &mut |_: &str| {})?;
@@ -1297,7 +1307,8 @@ impl<'a> Speculator<'a> {
             return Err(ModelError::new("prefill a prompt before generating"));
         }
         let mut stream = TextStream::new(&self.params.stop);
-        let mut out = Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
+        let mut out =
+            Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
         let gen_start = Instant::now();
         while out.ids.len() < self.params.max_tokens && self.cache.len() < self.cache.max_len() {
             let mut round = Round {
@@ -1508,7 +1519,15 @@ impl Round<'_> {
         // Keep `last` and the accepted drafts; drop the rest.
         self.cache.truncate(base + 1 + accepted);
         let committed = out.ids.len() - committed0;
-        self.seq.ctl.record_round(src, drafts.len(), accepted, committed, verify_secs, (draft_secs, draft_passes), draft_total);
+        self.seq.ctl.record_round(
+            src,
+            drafts.len(),
+            accepted,
+            committed,
+            verify_secs,
+            (draft_secs, draft_passes),
+            draft_total,
+        );
         if self.seq.debug {
             let c = &self.seq.ctl;
             eprintln!(

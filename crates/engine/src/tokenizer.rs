@@ -313,7 +313,9 @@ impl Tokenizer {
                 arr.iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        v.as_i64().map(Attr::from_type).ok_or_else(|| meta_err(format!("{KEY_TYPES}[{i}] is not an integer")))
+                        v.as_i64()
+                            .map(Attr::from_type)
+                            .ok_or_else(|| meta_err(format!("{KEY_TYPES}[{i}] is not an integer")))
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
@@ -325,7 +327,11 @@ impl Tokenizer {
             Ok(meta.id(key, n)?.or(default.filter(|&d| (d as usize) < n)))
         };
         let (bos, eos, unk) = if is_bpe {
-            (id_or("tokenizer.ggml.bos_token_id", None)?, id_or("tokenizer.ggml.eos_token_id", None)?, id_or("tokenizer.ggml.unknown_token_id", None)?)
+            (
+                id_or("tokenizer.ggml.bos_token_id", None)?,
+                id_or("tokenizer.ggml.eos_token_id", None)?,
+                id_or("tokenizer.ggml.unknown_token_id", None)?,
+            )
         } else {
             (
                 id_or("tokenizer.ggml.bos_token_id", Some(1))?,
@@ -354,7 +360,9 @@ impl Tokenizer {
                     arr.iter()
                         .enumerate()
                         .map(|(i, v)| {
-                            v.as_f64().map(|x| x as f32).ok_or_else(|| meta_err(format!("{KEY_SCORES}[{i}] is not a number")))
+                            v.as_f64()
+                                .map(|x| x as f32)
+                                .ok_or_else(|| meta_err(format!("{KEY_SCORES}[{i}] is not a number")))
                         })
                         .collect::<Result<Vec<_>, _>>()?
                 }

@@ -143,7 +143,9 @@ impl ExpertType {
             .find(|t| t.name().eq_ignore_ascii_case(s) && can_quantize(*t))
             .map(ExpertType::To)
             .ok_or_else(|| {
-                err(format!("expert type '{s}' is not one of: keep, q8_0, q4_0, q4_k, q4_1, q5_0, q5_1, f16, bf16, f32"))
+                err(format!(
+                    "expert type '{s}' is not one of: keep, q8_0, q4_0, q4_k, q4_1, q5_0, q5_1, f16, bf16, f32"
+                ))
             })
     }
 }
@@ -230,9 +232,9 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
         Arch::Qwen2 => (Arch::Qwen2Moe, true),
         other => {
             return Err(err(format!(
-                "upcycling '{}' is not supported: minnow upcycles llama (to Mixtral-style llama) and qwen2 (to qwen2moe)",
-                other.name()
-            )))
+            "upcycling '{}' is not supported: minnow upcycles llama (to Mixtral-style llama) and qwen2 (to qwen2moe)",
+            other.name()
+        )))
         }
     };
     let (e, k, n_embd, n_ff, n_layer) = (opts.experts, opts.top_k, cfg.n_embd, cfg.n_ff, cfg.n_layer);
@@ -322,7 +324,9 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
                 // llama.cpp's qwen2moe requires an output head of its own.
                 add(&mut w, "output.weight".into(), &t.dims, t.ty, Cow::Borrowed(src.tensor_data(t)))?;
                 total_params += t.n_elements();
-                notes.push("the embedding table is also written as output.weight (llama.cpp's qwen2moe requires one)".into());
+                notes.push(
+                    "the embedding table is also written as output.weight (llama.cpp's qwen2moe requires one)".into(),
+                );
             }
             continue;
         };
@@ -340,9 +344,14 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
             // The router goes first, where the dense gate was.
             let gate = src.tensor_data(dense);
             let (gate_ty, noise, stream) = (dense.ty, opts.noise, noise_stream(opts.seed, &[l as u64, 100]));
-            w.add_tensor_streamed(p("ffn_gate_inp.weight"), &[n_embd as u64, e as u64], GgmlType::F32, move |out: &mut dyn Write| {
-                write_router(out, gate, gate_ty, src_rows * src_cols, n_embd * e, noise, stream)
-            })
+            w.add_tensor_streamed(
+                p("ffn_gate_inp.weight"),
+                &[n_embd as u64, e as u64],
+                GgmlType::F32,
+                move |out: &mut dyn Write| {
+                    write_router(out, gate, gate_ty, src_rows * src_cols, n_embd * e, noise, stream)
+                },
+            )
             .map_err(|e| err(e.to_string()))?;
             total_params += (n_embd * e) as u64;
             extra_active += (n_embd * e) as u64;
@@ -368,8 +377,10 @@ pub fn plan<'a>(src: &'a GgufFile, opts: &UpcycleOptions) -> Result<(GgufWriter<
             threads: opts.threads,
         };
         let name = p(["ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"][which]);
-        w.add_tensor_streamed(name, &[cols as u64, rows as u64, e as u64], out_ty, move |out: &mut dyn Write| stack.produce(out))
-            .map_err(|e| err(e.to_string()))?;
+        w.add_tensor_streamed(name, &[cols as u64, rows as u64, e as u64], out_ty, move |out: &mut dyn Write| {
+            stack.produce(out)
+        })
+        .map_err(|e| err(e.to_string()))?;
         total_params += (rows * cols * e) as u64;
         extra_active += (rows * cols * k) as u64;
         extra_active -= (src_rows * src_cols) as u64;
@@ -428,7 +439,10 @@ pub fn upcycle_file(input: &Path, output: &Path, opts: &UpcycleOptions) -> Resul
     check_options(opts)?;
     if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
         if a == b {
-            return Err(err(format!("the output {} is the input: write the MoE model to a new file", output.display())));
+            return Err(err(format!(
+                "the output {} is the input: write the MoE model to a new file",
+                output.display()
+            )));
         }
     }
     let file = Arc::new(GgufFile::open(input).map_err(|e| err(e.to_string()))?);
@@ -638,7 +652,10 @@ impl ExpertStack<'_> {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(io_err("a quantizing thread panicked")))).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(io_err("a quantizing thread panicked"))))
+                .collect()
         });
         results.into_iter().collect::<io::Result<()>>()?;
         Ok(out)

@@ -67,7 +67,14 @@ struct Running {
 
 impl Running {
     /// Records a sampled token; marks the sample done when it must end.
-    fn push(&mut self, id: u32, tokenizer: &Tokenizer, params: &GenerateParams, on_text: &mut impl FnMut(usize, &str), i: usize) {
+    fn push(
+        &mut self,
+        id: u32,
+        tokenizer: &Tokenizer,
+        params: &GenerateParams,
+        on_text: &mut impl FnMut(usize, &str),
+        i: usize,
+    ) {
         self.sample.ids.push(id);
         self.last = id;
         if params.stop_at_eog && tokenizer.is_end_of_generation(id) {
@@ -118,13 +125,19 @@ pub fn generate_n(
     let gen_start = Instant::now();
     let mut seqs: Vec<Running> = (0..n)
         .map(|i| {
-            let mut sampler =
-                Sampler::new(SamplingParams { seed: params.sampling.seed.wrapping_add(i as u64), ..params.sampling.clone() });
+            let mut sampler = Sampler::new(SamplingParams {
+                seed: params.sampling.seed.wrapping_add(i as u64),
+                ..params.sampling.clone()
+            });
             for &t in prompt {
                 sampler.accept(t);
             }
             Running {
-                cache: if i + 1 == n { std::mem::replace(&mut cache, model.new_cache(0)) } else { cache.clone_prefix(prompt.len()) },
+                cache: if i + 1 == n {
+                    std::mem::replace(&mut cache, model.new_cache(0))
+                } else {
+                    cache.clone_prefix(prompt.len())
+                },
                 sampler,
                 stream: TextStream::new(&params.stop),
                 sample: Sample { text: String::new(), ids: Vec::new(), finish: FinishReason::Length },
@@ -147,7 +160,11 @@ pub fn generate_n(
         for (i, s) in seqs.iter_mut().enumerate() {
             if !s.done {
                 active.push(i);
-                batch.push(SeqBatch { tokens: std::slice::from_ref(&s.last), cache: &mut s.cache, logits: Logits::Last });
+                batch.push(SeqBatch {
+                    tokens: std::slice::from_ref(&s.last),
+                    cache: &mut s.cache,
+                    logits: Logits::Last,
+                });
             }
         }
         if batch.is_empty() {
@@ -338,7 +355,8 @@ mod tests {
 
     #[test]
     fn json_field_finds_the_object_and_normalises() {
-        let t = "Here:\n```json\n{\"customer\": \"Ann Lee\", \"quantity\": 12.0, \"o\": {\"b\": 1, \"a\": [1, 2]}}\n```";
+        let t =
+            "Here:\n```json\n{\"customer\": \"Ann Lee\", \"quantity\": 12.0, \"o\": {\"b\": 1, \"a\": [1, 2]}}\n```";
         assert_eq!(JsonField("customer".into()).extract(t), Some("Ann Lee".into()));
         assert_eq!(JsonField("quantity".into()).extract(t), Some("12".into()));
         assert_eq!(JsonField("o.a.1".into()).extract(t), Some("2".into()));

@@ -120,10 +120,7 @@ fn smollm2_template() {
     let t = model_template(SMOLLM);
     assert_eq!(t.bos_token(), "<|im_start|>");
     assert_eq!(t.eos_token(), "<|im_end|>");
-    assert_eq!(
-        t.render(&conversation(), true).unwrap(),
-        CHATML_CONVERSATION
-    );
+    assert_eq!(t.render(&conversation(), true).unwrap(), CHATML_CONVERSATION);
     // SmolLM2 inserts its own default system prompt.
     assert_eq!(
         t.render(&single_user(), true).unwrap(),
@@ -135,10 +132,7 @@ fn smollm2_template() {
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nHello!<|im_end|>\n"
     );
-    assert_eq!(
-        t.render(&unicode_conversation(), true).unwrap(),
-        CHATML_UNICODE
-    );
+    assert_eq!(t.render(&unicode_conversation(), true).unwrap(), CHATML_UNICODE);
     // SmolLM2's BOS token *is* `<|im_start|>`, which every prompt starts
     // with: adding BOS on top would double it.
     assert!(t.renders_bos());
@@ -148,16 +142,10 @@ fn smollm2_template() {
 fn qwen25_coder_templates() {
     for file in [QWEN_05B, QWEN_15B] {
         let t = model_template(file);
-        assert!(t
-            .source()
-            .contains("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."));
+        assert!(t.source().contains("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."));
         assert_eq!(t.bos_token(), "<|endoftext|>", "{file}");
         assert_eq!(t.eos_token(), "<|im_end|>", "{file}");
-        assert_eq!(
-            t.render(&conversation(), true).unwrap(),
-            CHATML_CONVERSATION,
-            "{file}"
-        );
+        assert_eq!(t.render(&conversation(), true).unwrap(), CHATML_CONVERSATION, "{file}");
         // Without a system message Qwen's template adds its default one.
         assert_eq!(
             t.render(&single_user(), true).unwrap(),
@@ -171,11 +159,7 @@ fn qwen25_coder_templates() {
              <|im_start|>user\nHello!<|im_end|>\n",
             "{file}"
         );
-        assert_eq!(
-            t.render(&unicode_conversation(), true).unwrap(),
-            CHATML_UNICODE,
-            "{file}"
-        );
+        assert_eq!(t.render(&unicode_conversation(), true).unwrap(), CHATML_UNICODE, "{file}");
         assert!(!t.renders_bos(), "{file}");
     }
 }
@@ -185,26 +169,15 @@ fn gemma3_base_model_has_no_template_and_falls_back_to_chatml() {
     let f = common::open_model_file(GEMMA);
     assert!(ChatTemplate::from_gguf(&f).unwrap().is_none());
     assert_eq!(render_plain(&conversation(), true), CHATML_CONVERSATION);
-    assert_eq!(
-        render_plain(&single_user(), true),
-        "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
-    );
-    assert_eq!(
-        render_plain(&single_user(), false),
-        "<|im_start|>user\nHello!<|im_end|>\n"
-    );
+    assert_eq!(render_plain(&single_user(), true), "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(render_plain(&single_user(), false), "<|im_start|>user\nHello!<|im_end|>\n");
     assert_eq!(render_plain(&unicode_conversation(), true), CHATML_UNICODE);
 }
 
 #[test]
 fn chatml_template_matches_render_plain() {
     let t = ChatTemplate::new(CHATML_TEMPLATE, "", "").unwrap();
-    for msgs in [
-        conversation(),
-        single_user(),
-        unicode_conversation(),
-        vec![],
-    ] {
+    for msgs in [conversation(), single_user(), unicode_conversation(), vec![]] {
         for agp in [true, false] {
             assert_eq!(t.render(&msgs, agp).unwrap(), render_plain(&msgs, agp));
         }
@@ -226,10 +199,7 @@ fn gemma3_it_template() {
         t.render(&single_user(), true).unwrap(),
         "<bos><start_of_turn>user\nHello!<end_of_turn>\n<start_of_turn>model\n"
     );
-    assert_eq!(
-        t.render(&single_user(), false).unwrap(),
-        "<bos><start_of_turn>user\nHello!<end_of_turn>\n"
-    );
+    assert_eq!(t.render(&single_user(), false).unwrap(), "<bos><start_of_turn>user\nHello!<end_of_turn>\n");
     // Gemma trims each message (`| trim`); everything else passes through.
     assert_eq!(
         t.render(&unicode_conversation(), true).unwrap(),
@@ -249,27 +219,18 @@ fn raise_exception_carries_the_templates_message() {
     let bad = [
         vec![ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
         vec![ChatMessage::new("assistant", "a")],
-        vec![
-            ChatMessage::new("system", "s"),
-            ChatMessage::new("assistant", "x"),
-        ],
+        vec![ChatMessage::new("system", "s"), ChatMessage::new("assistant", "x")],
     ];
     for msgs in bad {
         match t.render(&msgs, true) {
             Err(ChatError::Raised { message, line, .. }) => {
-                assert_eq!(
-                    message,
-                    "Conversation roles must alternate user/assistant/user/assistant/..."
-                );
+                assert_eq!(message, "Conversation roles must alternate user/assistant/user/assistant/...");
                 assert_eq!(line, Some(15));
             }
             other => panic!("expected ChatError::Raised, got {other:?}"),
         }
     }
-    let err = t
-        .render(&[ChatMessage::new("assistant", "a")], true)
-        .unwrap_err()
-        .to_string();
+    let err = t.render(&[ChatMessage::new("assistant", "a")], true).unwrap_err().to_string();
     assert_eq!(
         err,
         "chat template rejected the conversation at line 15: \
@@ -286,67 +247,39 @@ fn raise_exception_carries_the_templates_message() {
     )
     .unwrap();
     let err = named.render(&single_user(), true).unwrap_err().to_string();
-    assert_eq!(
-        err,
-        "tokenizer.chat_template of 'X' rejected the conversation at line 1: no: user"
-    );
+    assert_eq!(err, "tokenizer.chat_template of 'X' rejected the conversation at line 1: no: user");
 }
 
 #[test]
 fn from_gguf_names_the_model_in_errors() {
     let t = model_template(QWEN_05B);
-    assert!(
-        t.name().starts_with("tokenizer.chat_template of '"),
-        "{}",
-        t.name()
-    );
+    assert!(t.name().starts_with("tokenizer.chat_template of '"), "{}", t.name());
     // Qwen's template indexes messages[0]['role']: with no messages that is
     // an undefined lookup, which Jinja2 also rejects.
     let err = t.render(&[], true).unwrap_err();
     assert!(matches!(err, ChatError::Render { .. }), "{err:?}");
     assert!(err.to_string().starts_with(t.name()), "{err}");
-    assert!(
-        err.to_string()
-            .ends_with(": render failed at line 15: undefined value"),
-        "{err}"
-    );
+    assert!(err.to_string().ends_with(": render failed at line 15: undefined value"), "{err}");
 }
 
 #[test]
 fn syntax_errors_are_reported_by_new() {
-    for src in [
-        "{% if messages %}unclosed",
-        "{{ messages[0].role ",
-        "{% for %}{% endfor %}",
-        "{% endif %}",
-    ] {
+    for src in ["{% if messages %}unclosed", "{{ messages[0].role ", "{% for %}{% endfor %}", "{% endif %}"] {
         let err = ChatTemplate::new(src, "", "").unwrap_err();
         assert!(matches!(err, ChatError::Syntax { .. }), "{src}: {err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.starts_with("chat template: syntax error at line 1: "),
-            "{msg}"
-        );
+        assert!(msg.starts_with("chat template: syntax error at line 1: "), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
     }
-    let err = ChatTemplate::new("ok\n{% if x %}\n{% endfor %}", "", "")
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        err,
-        "chat template: syntax error at line 3: unknown statement endfor"
-    );
+    let err = ChatTemplate::new("ok\n{% if x %}\n{% endfor %}", "", "").unwrap_err().to_string();
+    assert_eq!(err, "chat template: syntax error at line 3: unknown statement endfor");
 }
 
 /// Renders a one-off template against a fixed two-message conversation.
 fn eval(src: &str) -> String {
-    let msgs = [
-        ChatMessage::new("user", "Héllo wörld"),
-        ChatMessage::new("assistant", " ok "),
-    ];
+    let msgs = [ChatMessage::new("user", "Héllo wörld"), ChatMessage::new("assistant", " ok ")];
     let t = ChatTemplate::new(src, "<s>", "</s>").unwrap_or_else(|e| panic!("{e}"));
-    t.render(&msgs, true)
-        .unwrap_or_else(|e| panic!("{src}: {e}"))
+    t.render(&msgs, true).unwrap_or_else(|e| panic!("{src}: {e}"))
 }
 
 #[test]
@@ -355,9 +288,7 @@ fn python_string_list_and_dict_methods() {
     // Printed as Python prints a list.
     assert_eq!(eval(r#"{{ "a,b".split(",") }}"#), "['a', 'b']");
     assert_eq!(
-        eval(
-            r#"{{ messages[0].content.startswith("Hé") }} {{ messages[0].content.endswith("x") }}"#
-        ),
+        eval(r#"{{ messages[0].content.startswith("Hé") }} {{ messages[0].content.endswith("x") }}"#),
         "True False"
     );
     assert_eq!(
@@ -373,24 +304,16 @@ fn python_string_list_and_dict_methods() {
         "a=1;b=ü;1dflt"
     );
     assert_eq!(
-        eval(
-            r#"{{ "a b  c".split() }}{{ "x".join(["1","2"]) }}{{ " abc ".strip().capitalize() }}"#
-        ),
+        eval(r#"{{ "a b  c".split() }}{{ "x".join(["1","2"]) }}{{ " abc ".strip().capitalize() }}"#),
         "['a', 'b', 'c']1x2Abc"
     );
-    assert_eq!(
-        eval(r#"{{ messages | length }} {{ messages[-1]["content"] | trim }}"#),
-        "2 ok"
-    );
+    assert_eq!(eval(r#"{{ messages | length }} {{ messages[-1]["content"] | trim }}"#), "2 ok");
 }
 
 #[test]
 fn tojson_is_transformers_tojson() {
     // ensure_ascii=False: non-ASCII stays as is; Python's ", " / ": ".
-    assert_eq!(
-        eval("{{ messages[0] | tojson }}"),
-        r#"{"role": "user", "content": "Héllo wörld"}"#
-    );
+    assert_eq!(eval("{{ messages[0] | tojson }}"), r#"{"role": "user", "content": "Héllo wörld"}"#);
     assert_eq!(
         eval(r#"{{ {"name": "日本", "n": [1, 2.5, true, none], "e": {}, "l": []} | tojson }}"#),
         r#"{"name": "日本", "n": [1, 2.5, true, null], "e": {}, "l": []}"#
@@ -404,16 +327,10 @@ fn tojson_is_transformers_tojson() {
         eval(r#"{{ {"b": 1, "a": "é"} | tojson(sort_keys=true, ensure_ascii=true) }}"#),
         r#"{"a": "\u00e9", "b": 1}"#
     );
-    assert_eq!(
-        eval(r#"{{ [1, 2] | tojson(separators=(",", ":")) }}"#),
-        "[1,2]"
-    );
+    assert_eq!(eval(r#"{{ [1, 2] | tojson(separators=(",", ":")) }}"#), "[1,2]");
     // json.dumps cannot serialize Undefined; neither can we.
     let t = ChatTemplate::new("{{ nothing | tojson }}", "", "").unwrap();
-    assert!(matches!(
-        t.render(&single_user(), true),
-        Err(ChatError::Render { .. })
-    ));
+    assert!(matches!(t.render(&single_user(), true), Err(ChatError::Render { .. })));
 }
 
 #[test]
@@ -438,16 +355,13 @@ fn jinja2_semantics() {
         "True"
     );
     // trim_blocks + lstrip_blocks on, trailing newline dropped.
-    assert_eq!(
-        eval("  {% if true %}\n    x\n  {% endif %}\nend\n"),
-        "    x\nend"
-    );
+    assert_eq!(eval("  {% if true %}\n    x\n  {% endif %}\nend\n"), "    x\nend");
     // loop controls.
-    assert_eq!(eval("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}"), "user");
     assert_eq!(
-        eval("{{ bos_token }}|{{ eos_token }}|{{ add_generation_prompt }}"),
-        "<s>|</s>|True"
+        eval("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}"),
+        "user"
     );
+    assert_eq!(eval("{{ bos_token }}|{{ eos_token }}|{{ add_generation_prompt }}"), "<s>|</s>|True");
     // transformers' {% generation %} tag renders its body.
     assert_eq!(
         eval("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endif %}{% endfor %}"),
@@ -460,10 +374,7 @@ fn strftime_now_formats_the_current_date() {
     let s = eval(r#"{{ strftime_now("%Y-%m-%d") }}|{{ strftime_now("%d %b %Y") }}"#);
     let (iso, human) = s.split_once('|').unwrap();
     let parts: Vec<u32> = iso.split('-').map(|p| p.parse().unwrap()).collect();
-    assert!(
-        parts[0] >= 2024 && (1..=12).contains(&parts[1]) && (1..=31).contains(&parts[2]),
-        "{s}"
-    );
+    assert!(parts[0] >= 2024 && (1..=12).contains(&parts[1]) && (1..=31).contains(&parts[2]), "{s}");
     assert!(human.ends_with(&parts[0].to_string()), "{s}");
 }
 
@@ -475,17 +386,11 @@ fn templates_are_shared_across_threads() {
     let handles: Vec<_> = (0..4)
         .map(|i| {
             let t = t.clone();
-            std::thread::spawn(move || {
-                t.render(&[ChatMessage::new("user", format!("n{i}"))], true)
-                    .unwrap()
-            })
+            std::thread::spawn(move || t.render(&[ChatMessage::new("user", format!("n{i}"))], true).unwrap())
         })
         .collect();
     for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(
-            h.join().unwrap(),
-            format!("<bos><start_of_turn>user\nn{i}<end_of_turn>\n<start_of_turn>model\n")
-        );
+        assert_eq!(h.join().unwrap(), format!("<bos><start_of_turn>user\nn{i}<end_of_turn>\n<start_of_turn>model\n"));
     }
 }
 

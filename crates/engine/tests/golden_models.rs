@@ -59,11 +59,7 @@ fn compare_position(ours: &[f32], reference: &Value, what: &str) -> f32 {
     let ref_logits = floats(&reference["logits"]);
     let gap = ref_logits[0] - ref_logits[1];
     if gap >= DECISIVE_GAP {
-        assert_eq!(
-            argmax(ours),
-            ref_ids[0],
-            "{what}: top-1 differs from llama.cpp's (reference gap {gap:.3})"
-        );
+        assert_eq!(argmax(ours), ref_ids[0], "{what}: top-1 differs from llama.cpp's (reference gap {gap:.3})");
     }
     let n = 10.min(ref_ids.len());
     (0..n).map(|i| (ours[ref_ids[i] as usize] - ref_logits[i]).abs()).sum::<f32>() / n as f32
@@ -102,12 +98,7 @@ fn check_logits(golden: &str, file: &str) {
         let worst = diffs.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
         eprintln!("{golden} case {c}: mean |Δlogit| {mean:.4}, worst {:.4} at {}", worst.1, worst.0);
         assert!(mean <= MAX_MEAN_LOGIT_DIFF, "{golden} case {c}: mean |Δlogit| {mean} > {MAX_MEAN_LOGIT_DIFF}");
-        assert!(
-            worst.1 <= MAX_POSITION_LOGIT_DIFF,
-            "{}: |Δlogit| {} > {MAX_POSITION_LOGIT_DIFF}",
-            worst.0,
-            worst.1
-        );
+        assert!(worst.1 <= MAX_POSITION_LOGIT_DIFF, "{}: |Δlogit| {} > {MAX_POSITION_LOGIT_DIFF}", worst.0, worst.1);
 
         // Free-running greedy: equal up to the first step where the
         // reference itself was close to a tie.
@@ -131,7 +122,8 @@ fn check_nll(golden: &str, file: &str) {
     for case in data["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let ids = ids(&case["ids"]);
-        let reference: Vec<f64> = case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let reference: Vec<f64> =
+            case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let mut cache = m.new_cache(ids.len());
         let logits = m.forward_one(pool(), &mut cache, &ids, Logits::All).unwrap();
         let mut lp = vec![0f32; vocab];

@@ -7,23 +7,13 @@ use proptest::prelude::*;
 
 /// Temperature 1, no truncation, no penalties: sampling from plain softmax.
 fn plain(seed: u64) -> SamplingParams {
-    SamplingParams {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        seed,
-        ..SamplingParams::greedy()
-    }
+    SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed, ..SamplingParams::greedy() }
 }
 
 /// Reference softmax in f64 with the standard library's `exp`.
 fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-    let e: Vec<f64> = logits
-        .iter()
-        .map(|&l| ((l as f64 - max) / t).exp())
-        .collect();
+    let e: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / t).exp()).collect();
     let s: f64 = e.iter().sum();
     e.iter().map(|x| x / s).collect()
 }
@@ -40,10 +30,7 @@ fn assert_probs_close(d: &[(u32, f32)], want: &[(u32, f64)]) {
 }
 
 fn entropy(d: &[(u32, f32)]) -> f64 {
-    d.iter()
-        .filter(|&&(_, p)| p > 0.0)
-        .map(|&(_, p)| -(p as f64) * (p as f64).ln())
-        .sum()
+    d.iter().filter(|&&(_, p)| p > 0.0).map(|&(_, p)| -(p as f64) * (p as f64).ln()).sum()
 }
 
 /// The logits of a distribution with the given probabilities.
@@ -74,23 +61,15 @@ fn greedy_ignores_nan_and_falls_back_deterministically() {
     assert_eq!(s.sample(&[f32::NAN, 1.0, f32::NAN, 2.0]), 3);
     assert_eq!(s.sample(&[f32::NAN, f32::NAN]), 0);
     assert_eq!(s.sample(&[f32::NEG_INFINITY; 5]), 0);
-    assert_eq!(
-        s.sample(&[f32::NEG_INFINITY, f32::INFINITY, f32::INFINITY]),
-        1
-    );
+    assert_eq!(s.sample(&[f32::NEG_INFINITY, f32::INFINITY, f32::INFINITY]), 1);
 }
 
 #[test]
 fn greedy_is_independent_of_seed() {
-    let logits: Vec<f32> = (0..1000)
-        .map(|i| ((i * 7919) % 1000) as f32 * 0.01)
-        .collect();
+    let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * 0.01).collect();
     let want = Sampler::new(SamplingParams::greedy()).sample(&logits);
     for seed in 0..20 {
-        let mut s = Sampler::new(SamplingParams {
-            seed,
-            ..SamplingParams::greedy()
-        });
+        let mut s = Sampler::new(SamplingParams { seed, ..SamplingParams::greedy() });
         assert_eq!(s.sample(&logits), want);
     }
 }
@@ -99,19 +78,13 @@ fn greedy_is_independent_of_seed() {
 fn top_k_one_is_greedy() {
     let mut state = 12345u64;
     let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((state >> 40) % 64) as f32 * 0.25 // coarse values: plenty of ties
     };
     for round in 0..200 {
         let logits: Vec<f32> = (0..50).map(|_| next()).collect();
         let mut greedy = Sampler::new(SamplingParams::greedy());
-        let mut k1 = Sampler::new(SamplingParams {
-            top_k: 1,
-            seed: round,
-            ..SamplingParams::default()
-        });
+        let mut k1 = Sampler::new(SamplingParams { top_k: 1, seed: round, ..SamplingParams::default() });
         let g = greedy.sample(&logits);
         assert_eq!(k1.sample(&logits), g);
         assert_eq!(k1.distribution(&logits), vec![(g, 1.0)]);
@@ -161,15 +134,9 @@ fn reset_and_clone_replay_the_stream() {
     let first: Vec<u32> = (0..20).map(|_| s.sample(&logits)).collect();
     let mut fork = s.clone();
     let next: Vec<u32> = (0..20).map(|_| s.sample(&logits)).collect();
-    assert_eq!(
-        (0..20).map(|_| fork.sample(&logits)).collect::<Vec<_>>(),
-        next
-    );
+    assert_eq!((0..20).map(|_| fork.sample(&logits)).collect::<Vec<_>>(), next);
     s.reset();
-    assert_eq!(
-        (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>(),
-        first
-    );
+    assert_eq!((0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>(), first);
 }
 
 /// Pins the exact output stream for a fixed seed. The sampler promises the
@@ -181,10 +148,7 @@ fn reset_and_clone_replay_the_stream() {
 #[test]
 fn seeded_stream_is_pinned() {
     let logits: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
-    let params = SamplingParams {
-        seed: 1234,
-        ..SamplingParams::default()
-    };
+    let params = SamplingParams { seed: 1234, ..SamplingParams::default() };
     let got = run(params, &logits, 16);
     let pinned: Vec<u32> = PINNED.to_vec();
     assert_eq!(got, pinned, "seeded output stream changed");
@@ -218,10 +182,7 @@ fn frequencies_match_softmax() {
             })
             .sum();
         // chi-square, 7 degrees of freedom, p = 0.001.
-        assert!(
-            chi2 < 24.32,
-            "seed {seed}: chi2 = {chi2}, counts {counts:?}"
-        );
+        assert!(chi2 < 24.32, "seed {seed}: chi2 = {chi2}, counts {counts:?}");
     }
 }
 
@@ -229,14 +190,8 @@ fn frequencies_match_softmax() {
 fn frequencies_match_distribution_after_filters() {
     // The draw follows `distribution` also when filters are active.
     let logits: Vec<f32> = (0..20).map(|i| (i as f32 * 0.7).cos() * 1.5).collect();
-    let params = SamplingParams {
-        temperature: 0.7,
-        top_k: 12,
-        top_p: 0.9,
-        min_p: 0.05,
-        seed: 5,
-        ..SamplingParams::greedy()
-    };
+    let params =
+        SamplingParams { temperature: 0.7, top_k: 12, top_p: 0.9, min_p: 0.05, seed: 5, ..SamplingParams::greedy() };
     let dist = Sampler::new(params.clone()).distribution(&logits);
     let mut s = Sampler::new(params);
     let n = 20_000;
@@ -268,11 +223,7 @@ fn distribution_is_softmax_without_filters() {
     let logits = [0.3f32, -1.2, 2.2, 0.0, 1.1];
     let want = softmax(&logits, 1.0);
     let d = Sampler::new(plain(0)).distribution(&logits);
-    let mut want_sorted: Vec<(u32, f64)> = want
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (i as u32, p))
-        .collect();
+    let mut want_sorted: Vec<(u32, f64)> = want.iter().enumerate().map(|(i, &p)| (i as u32, p)).collect();
     want_sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
     assert_probs_close(&d, &want_sorted);
     let total: f32 = d.iter().map(|&(_, p)| p).sum();
@@ -284,10 +235,7 @@ fn distribution_is_softmax_without_filters() {
 #[test]
 fn top_k_keeps_exactly_the_k_best() {
     let logits = [3.0f32, 1.0, 2.0, 0.0, -1.0];
-    let params = SamplingParams {
-        top_k: 2,
-        ..plain(0)
-    };
+    let params = SamplingParams { top_k: 2, ..plain(0) };
     let d = Sampler::new(params).distribution(&logits);
     let sm = softmax(&[3.0, 2.0], 1.0);
     assert_probs_close(&d, &[(0, sm[0]), (2, sm[1])]);
@@ -295,10 +243,7 @@ fn top_k_keeps_exactly_the_k_best() {
 
 #[test]
 fn top_k_ties_keep_lowest_ids() {
-    let params = SamplingParams {
-        top_k: 2,
-        ..plain(0)
-    };
+    let params = SamplingParams { top_k: 2, ..plain(0) };
     let d = Sampler::new(params).distribution(&[0.0, 1.0, 1.0, 1.0]);
     assert_probs_close(&d, &[(1, 0.5), (2, 0.5)]);
 }
@@ -306,21 +251,14 @@ fn top_k_ties_keep_lowest_ids() {
 #[test]
 fn top_k_larger_than_vocab_is_off() {
     let logits = [0.5f32, 0.1, -0.3];
-    let params = SamplingParams {
-        top_k: 10,
-        ..plain(0)
-    };
+    let params = SamplingParams { top_k: 10, ..plain(0) };
     assert_eq!(Sampler::new(params).distribution(&logits).len(), 3);
 }
 
 const PROBS: [f64; 5] = [0.05, 0.5, 0.15, 0.3, 0.0001];
 
 fn with(top_p: f32, min_p: f32) -> Vec<(u32, f32)> {
-    let params = SamplingParams {
-        top_p,
-        min_p,
-        ..plain(0)
-    };
+    let params = SamplingParams { top_p, min_p, ..plain(0) };
     Sampler::new(params).distribution(&logits_of(&PROBS))
 }
 
@@ -355,19 +293,13 @@ fn top_p_on_a_large_vocab_matches_a_full_sort() {
     let mut state = 7u64;
     let logits: Vec<f32> = (0..n)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 11) as f64 / (1u64 << 53) as f64 * 12.0) as f32
         })
         .collect();
     let sm = softmax(&logits, 1.0);
     for &p in &[0.3f32, 0.9, 0.99] {
-        let d = Sampler::new(SamplingParams {
-            top_p: p,
-            ..plain(0)
-        })
-        .distribution(&logits);
+        let d = Sampler::new(SamplingParams { top_p: p, ..plain(0) }).distribution(&logits);
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| sm[b].total_cmp(&sm[a]).then(a.cmp(&b)));
         let mut cum = 0.0;
@@ -408,14 +340,8 @@ fn top_k_then_top_p_uses_probabilities_after_top_k() {
     // After top-k 3, tokens 1, 3, 2 renormalise to 0.526, 0.316, 0.158: the
     // cumulative is 0.842 after two. Over the whole vocabulary it would be
     // 0.80, so top-p 0.82 tells the two readings apart.
-    let dist = |top_p: f32| {
-        Sampler::new(SamplingParams {
-            top_k: 3,
-            top_p,
-            ..plain(0)
-        })
-        .distribution(&logits_of(&PROBS))
-    };
+    let dist =
+        |top_p: f32| Sampler::new(SamplingParams { top_k: 3, top_p, ..plain(0) }).distribution(&logits_of(&PROBS));
     assert_probs_close(&dist(0.82), &renorm(&[1, 3]));
     assert_probs_close(&dist(0.85), &renorm(&[1, 3, 2]));
 }
@@ -424,20 +350,10 @@ fn top_k_then_top_p_uses_probabilities_after_top_k() {
 fn defaults_are_llama_cpp_like_and_filter() {
     let p = SamplingParams::default();
     assert_eq!(
-        (
-            p.temperature,
-            p.top_k,
-            p.top_p,
-            p.min_p,
-            p.repeat_penalty,
-            p.repeat_last_n
-        ),
+        (p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.repeat_last_n),
         (0.8, 40, 0.95, 0.05, 1.0, 64)
     );
-    assert_eq!(
-        (p.presence_penalty, p.frequency_penalty, p.seed),
-        (0.0, 0.0, 0)
-    );
+    assert_eq!((p.presence_penalty, p.frequency_penalty, p.seed), (0.0, 0.0, 0));
     assert!(p.validate().is_ok());
     assert!(SamplingParams::greedy().validate().is_ok());
     let logits: Vec<f32> = (0..1000).map(|i| -(i as f32) * 0.01).collect();
@@ -448,14 +364,7 @@ fn defaults_are_llama_cpp_like_and_filter() {
 #[test]
 fn serde_fills_missing_fields_with_defaults() {
     let p: SamplingParams = serde_json::from_str(r#"{"temperature": 0, "seed": 7}"#).unwrap();
-    assert_eq!(
-        p,
-        SamplingParams {
-            temperature: 0.0,
-            seed: 7,
-            ..SamplingParams::default()
-        }
-    );
+    assert_eq!(p, SamplingParams { temperature: 0.0, seed: 7, ..SamplingParams::default() });
     let round: SamplingParams = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
     assert_eq!(round, p);
 }
@@ -465,15 +374,7 @@ fn serde_fills_missing_fields_with_defaults() {
 #[test]
 fn temperature_scales_entropy() {
     let logits = [2.0f32, 1.0, 0.5, 0.0, -1.0, -3.0];
-    let h = |t: f32| {
-        entropy(
-            &Sampler::new(SamplingParams {
-                temperature: t,
-                ..plain(0)
-            })
-            .distribution(&logits),
-        )
-    };
+    let h = |t: f32| entropy(&Sampler::new(SamplingParams { temperature: t, ..plain(0) }).distribution(&logits));
     let hs: Vec<f64> = [0.1, 0.5, 1.0, 2.0, 10.0].iter().map(|&t| h(t)).collect();
     for w in hs.windows(2) {
         assert!(w[0] < w[1], "entropy must grow with temperature: {hs:?}");
@@ -482,11 +383,7 @@ fn temperature_scales_entropy() {
     assert!(h(0.01) < 1e-6);
     assert!((h(1e4) - (6f64).ln()).abs() < 1e-3);
     // Matches softmax(logits / T).
-    let d = Sampler::new(SamplingParams {
-        temperature: 0.5,
-        ..plain(0)
-    })
-    .distribution(&logits);
+    let d = Sampler::new(SamplingParams { temperature: 0.5, ..plain(0) }).distribution(&logits);
     let sm = softmax(&logits, 0.5);
     for (t, p) in d {
         assert!((p as f64 - sm[t as usize]).abs() < 1e-6);
@@ -497,10 +394,7 @@ fn temperature_scales_entropy() {
 
 #[test]
 fn repeat_penalty_divides_positive_and_multiplies_negative() {
-    let mut s = Sampler::new(SamplingParams {
-        repeat_penalty: 2.0,
-        ..SamplingParams::greedy()
-    });
+    let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..SamplingParams::greedy() });
     for t in [0, 1, 2, 0] {
         s.accept(t);
     }
@@ -512,10 +406,7 @@ fn repeat_penalty_divides_positive_and_multiplies_negative() {
 
 #[test]
 fn repeat_penalty_changes_greedy_choice() {
-    let mut s = Sampler::new(SamplingParams {
-        repeat_penalty: 1.5,
-        ..SamplingParams::greedy()
-    });
+    let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.5, ..SamplingParams::greedy() });
     let logits = [3.0f32, 2.5, 0.0];
     assert_eq!(s.sample(&logits), 0); // sample records 0
     assert_eq!(s.sample(&logits), 1); // 3.0 / 1.5 = 2.0 < 2.5
@@ -524,11 +415,7 @@ fn repeat_penalty_changes_greedy_choice() {
 
 #[test]
 fn repeat_penalty_only_counts_last_n() {
-    let mut s = Sampler::new(SamplingParams {
-        repeat_penalty: 2.0,
-        repeat_last_n: 2,
-        ..SamplingParams::greedy()
-    });
+    let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, repeat_last_n: 2, ..SamplingParams::greedy() });
     for t in [0, 1, 2] {
         s.accept(t);
     }
@@ -537,11 +424,7 @@ fn repeat_penalty_only_counts_last_n() {
     assert_eq!(l, [4.0, 2.0, 2.0, 4.0]);
 
     // repeat_last_n = 0: nothing is repeat-penalised.
-    let mut s = Sampler::new(SamplingParams {
-        repeat_penalty: 2.0,
-        repeat_last_n: 0,
-        ..SamplingParams::greedy()
-    });
+    let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, repeat_last_n: 0, ..SamplingParams::greedy() });
     s.accept(0);
     let mut l = [4.0f32];
     s.penalize(&mut l);
@@ -567,21 +450,14 @@ fn presence_and_frequency_penalties_subtract() {
 
 #[test]
 fn negative_presence_penalty_encourages() {
-    let mut s = Sampler::new(SamplingParams {
-        presence_penalty: -1.0,
-        ..SamplingParams::greedy()
-    });
+    let mut s = Sampler::new(SamplingParams { presence_penalty: -1.0, ..SamplingParams::greedy() });
     s.accept(2);
     assert_eq!(s.sample(&[1.0, 1.5, 1.0]), 2);
 }
 
 #[test]
 fn penalties_ignore_out_of_vocab_history() {
-    let mut s = Sampler::new(SamplingParams {
-        repeat_penalty: 2.0,
-        presence_penalty: 1.0,
-        ..SamplingParams::greedy()
-    });
+    let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, presence_penalty: 1.0, ..SamplingParams::greedy() });
     s.accept(1_000_000);
     s.accept(u32::MAX);
     let mut l = [1.0f32, 2.0];
@@ -592,10 +468,7 @@ fn penalties_ignore_out_of_vocab_history() {
 
 #[test]
 fn sample_does_not_modify_callers_logits_and_distribution_does_not_record() {
-    let mut s = Sampler::new(SamplingParams {
-        repeat_penalty: 2.0,
-        ..plain(1)
-    });
+    let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..plain(1) });
     let logits = vec![1.0f32, 2.0, 3.0];
     let copy = logits.clone();
     let before = s.distribution(&logits);
@@ -614,104 +487,20 @@ fn sample_does_not_modify_callers_logits_and_distribution_does_not_record() {
 fn validate_names_each_bad_parameter() {
     let ok = SamplingParams::default();
     let cases: Vec<(SamplingParams, &str)> = vec![
-        (
-            SamplingParams {
-                temperature: -0.1,
-                ..ok.clone()
-            },
-            "temperature",
-        ),
-        (
-            SamplingParams {
-                temperature: f32::NAN,
-                ..ok.clone()
-            },
-            "temperature",
-        ),
-        (
-            SamplingParams {
-                temperature: f32::INFINITY,
-                ..ok.clone()
-            },
-            "temperature",
-        ),
-        (
-            SamplingParams {
-                top_p: 0.0,
-                ..ok.clone()
-            },
-            "top_p",
-        ),
-        (
-            SamplingParams {
-                top_p: 1.01,
-                ..ok.clone()
-            },
-            "top_p",
-        ),
-        (
-            SamplingParams {
-                top_p: f32::NAN,
-                ..ok.clone()
-            },
-            "top_p",
-        ),
-        (
-            SamplingParams {
-                min_p: -0.01,
-                ..ok.clone()
-            },
-            "min_p",
-        ),
-        (
-            SamplingParams {
-                min_p: 1.5,
-                ..ok.clone()
-            },
-            "min_p",
-        ),
-        (
-            SamplingParams {
-                min_p: f32::NAN,
-                ..ok.clone()
-            },
-            "min_p",
-        ),
-        (
-            SamplingParams {
-                repeat_penalty: 0.0,
-                ..ok.clone()
-            },
-            "repeat_penalty",
-        ),
-        (
-            SamplingParams {
-                repeat_penalty: -1.0,
-                ..ok.clone()
-            },
-            "repeat_penalty",
-        ),
-        (
-            SamplingParams {
-                repeat_penalty: f32::INFINITY,
-                ..ok.clone()
-            },
-            "repeat_penalty",
-        ),
-        (
-            SamplingParams {
-                presence_penalty: f32::NAN,
-                ..ok.clone()
-            },
-            "presence_penalty",
-        ),
-        (
-            SamplingParams {
-                frequency_penalty: f32::NEG_INFINITY,
-                ..ok.clone()
-            },
-            "frequency_penalty",
-        ),
+        (SamplingParams { temperature: -0.1, ..ok.clone() }, "temperature"),
+        (SamplingParams { temperature: f32::NAN, ..ok.clone() }, "temperature"),
+        (SamplingParams { temperature: f32::INFINITY, ..ok.clone() }, "temperature"),
+        (SamplingParams { top_p: 0.0, ..ok.clone() }, "top_p"),
+        (SamplingParams { top_p: 1.01, ..ok.clone() }, "top_p"),
+        (SamplingParams { top_p: f32::NAN, ..ok.clone() }, "top_p"),
+        (SamplingParams { min_p: -0.01, ..ok.clone() }, "min_p"),
+        (SamplingParams { min_p: 1.5, ..ok.clone() }, "min_p"),
+        (SamplingParams { min_p: f32::NAN, ..ok.clone() }, "min_p"),
+        (SamplingParams { repeat_penalty: 0.0, ..ok.clone() }, "repeat_penalty"),
+        (SamplingParams { repeat_penalty: -1.0, ..ok.clone() }, "repeat_penalty"),
+        (SamplingParams { repeat_penalty: f32::INFINITY, ..ok.clone() }, "repeat_penalty"),
+        (SamplingParams { presence_penalty: f32::NAN, ..ok.clone() }, "presence_penalty"),
+        (SamplingParams { frequency_penalty: f32::NEG_INFINITY, ..ok.clone() }, "frequency_penalty"),
     ];
     for (p, name) in cases {
         let err = p.validate().expect_err(name);
@@ -719,32 +508,12 @@ fn validate_names_each_bad_parameter() {
     }
     // Boundaries that are valid.
     for p in [
-        SamplingParams {
-            temperature: 0.0,
-            ..ok.clone()
-        },
-        SamplingParams {
-            top_p: 1.0,
-            ..ok.clone()
-        },
-        SamplingParams {
-            min_p: 0.0,
-            ..ok.clone()
-        },
-        SamplingParams {
-            min_p: 1.0,
-            ..ok.clone()
-        },
-        SamplingParams {
-            presence_penalty: -2.0,
-            frequency_penalty: 2.0,
-            ..ok.clone()
-        },
-        SamplingParams {
-            top_k: 0,
-            repeat_last_n: 0,
-            ..ok.clone()
-        },
+        SamplingParams { temperature: 0.0, ..ok.clone() },
+        SamplingParams { top_p: 1.0, ..ok.clone() },
+        SamplingParams { min_p: 0.0, ..ok.clone() },
+        SamplingParams { min_p: 1.0, ..ok.clone() },
+        SamplingParams { presence_penalty: -2.0, frequency_penalty: 2.0, ..ok.clone() },
+        SamplingParams { top_k: 0, repeat_last_n: 0, ..ok.clone() },
     ] {
         assert!(p.validate().is_ok(), "{p:?}");
     }
@@ -779,10 +548,7 @@ fn non_finite_logits_do_not_panic() {
 
 #[test]
 fn penalties_that_kill_every_token_fall_back_to_raw_argmax() {
-    let mut s = Sampler::new(SamplingParams {
-        frequency_penalty: f32::MAX,
-        ..plain(0)
-    });
+    let mut s = Sampler::new(SamplingParams { frequency_penalty: f32::MAX, ..plain(0) });
     for _ in 0..4 {
         s.accept(0);
         s.accept(1);
@@ -794,11 +560,7 @@ fn penalties_that_kill_every_token_fall_back_to_raw_argmax() {
 fn large_vocab_with_default_params() {
     let n = 151_936;
     let logits: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.001).sin() * 8.0).collect();
-    let mut s = Sampler::new(SamplingParams {
-        seed: 11,
-        repeat_penalty: 1.1,
-        ..SamplingParams::default()
-    });
+    let mut s = Sampler::new(SamplingParams { seed: 11, repeat_penalty: 1.1, ..SamplingParams::default() });
     for _ in 0..100 {
         assert!((s.sample(&logits) as usize) < n);
     }

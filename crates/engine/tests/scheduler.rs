@@ -120,7 +120,10 @@ fn reference_counted(prompt: &[u32], params: &GenerateParams) -> (SampleOut, usi
     let g = generate::generate(&m.model, &m.tokenizer, common::pool(), &mut cache, prompt, params, |_| {}).unwrap();
     let count = g.gen_tokens;
     let mut ids = g.ids;
-    if params.stop_at_eog && g.finish == FinishReason::Stop && ids.last().is_some_and(|&t| m.tokenizer.is_end_of_generation(t)) {
+    if params.stop_at_eog
+        && g.finish == FinishReason::Stop
+        && ids.last().is_some_and(|&t| m.tokenizer.is_end_of_generation(t))
+    {
         ids.pop();
     }
     (SampleOut { ids, text: g.text, finish: Some(g.finish), logprobs: Vec::new() }, count)
@@ -199,7 +202,12 @@ fn sixteen_concurrent_greedy_requests_equal_each_alone() {
         assert_eq!(out.usage.prompt_tokens, prompts[i].len());
         assert_eq!(out.usage.cached_prompt_tokens, 0);
         assert_eq!(out.usage.completion_tokens, counts[i]);
-        assert_eq!(strip_logprobs(out.samples[0].clone()), expected[i], "request {i} ({:?}) differs in the batch", PROMPTS[i]);
+        assert_eq!(
+            strip_logprobs(out.samples[0].clone()),
+            expected[i],
+            "request {i} ({:?}) differs in the batch",
+            PROMPTS[i]
+        );
     }
     let st = s.stats();
     assert!(st.steps_total > 0);
@@ -216,7 +224,14 @@ fn n_samples_share_one_prefill() {
     let prompt = tokens("Write a short poem about the sea. The waves");
     let mut params = GenerateParams {
         max_tokens: 12,
-        sampling: SamplingParams { temperature: 1.0, top_k: 40, top_p: 0.95, min_p: 0.0, seed: 7, ..SamplingParams::default() },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.0,
+            seed: 7,
+            ..SamplingParams::default()
+        },
         stop: Vec::new(),
         stop_at_eog: false,
     };
@@ -235,7 +250,10 @@ fn n_samples_share_one_prefill() {
         params.sampling.seed = 7 + i as u64;
         assert_eq!(out.samples[i], reference(&prompt, &params), "sample {i}");
     }
-    assert!(out.samples[0].ids != out.samples[1].ids || out.samples[1].ids != out.samples[2].ids, "three identical samples");
+    assert!(
+        out.samples[0].ids != out.samples[1].ids || out.samples[1].ids != out.samples[2].ids,
+        "three identical samples"
+    );
     s.shutdown(false);
 }
 
@@ -271,7 +289,12 @@ fn prefix_cache_hit_reuses_kv_with_identical_output() {
     turn2.extend(&out_b.samples[0].ids);
     turn2.extend(tokens(" Question: And the deepest ocean trench? Answer:").into_iter().skip(1));
     let out_t = run(&s, GenRequest::new(turn2.clone(), params.clone()));
-    assert!(out_t.usage.cached_prompt_tokens >= b.len() + 15, "cached {} of {}", out_t.usage.cached_prompt_tokens, turn2.len());
+    assert!(
+        out_t.usage.cached_prompt_tokens >= b.len() + 15,
+        "cached {} of {}",
+        out_t.usage.cached_prompt_tokens,
+        turn2.len()
+    );
     assert_eq!(out_t.samples[0], reference(&turn2, &params));
 
     let st = s.stats();
@@ -284,7 +307,9 @@ fn prefix_cache_evicts_least_recently_used_under_its_bound() {
     let _g = serial();
     let m = model();
     let per_token = minnow_engine::kv_cache::KvCache::bytes_per_position(m.model.config());
-    let prompt = |topic: &str| tokens(&format!("Here is a long and detailed essay about {topic}, written for students who want to learn everything about it in one afternoon:"));
+    let prompt = |topic: &str| {
+        tokens(&format!("Here is a long and detailed essay about {topic}, written for students who want to learn everything about it in one afternoon:"))
+    };
     let (p1, p2, p3) = (prompt("volcanoes"), prompt("glaciers"), prompt("deserts"));
     // Room for two of the three (prompt + 4 answer tokens each), not three.
     let bound = (p1.len() + 4) * per_token * 5 / 2;
@@ -316,7 +341,12 @@ fn prefix_cache_evicts_least_recently_used_under_its_bound() {
 #[test]
 fn long_prompt_is_chunked_while_another_stream_decodes() {
     let _g = serial();
-    let s = start(SchedulerConfig { max_parallel: 2, prefill_chunk: 16, prefix_cache_bytes: 0, ..SchedulerConfig::default() });
+    let s = start(SchedulerConfig {
+        max_parallel: 2,
+        prefill_chunk: 16,
+        prefix_cache_bytes: 0,
+        ..SchedulerConfig::default()
+    });
     // Shared log of (request, event kind) in arrival order.
     let log: Arc<Mutex<Vec<(char, &'static str)>>> = Arc::default();
     let sink = |name: char, tx: std::sync::mpsc::Sender<GenEvent>| -> EventSink {
@@ -558,7 +588,13 @@ fn logprobs_are_the_raw_log_softmax() {
     // same numbers for its first token (the same raw logits).
     let sampled = GenerateParams {
         max_tokens: 1,
-        sampling: SamplingParams { temperature: 5.0, top_k: 3, seed: 1, repeat_penalty: 1.5, ..SamplingParams::default() },
+        sampling: SamplingParams {
+            temperature: 5.0,
+            top_k: 3,
+            seed: 1,
+            repeat_penalty: 1.5,
+            ..SamplingParams::default()
+        },
         stop: vec![],
         stop_at_eog: false,
     };

@@ -11,9 +11,7 @@ mod common;
 use minnow_engine::generate::{generate, prefill, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::{Sampler, SamplingParams};
-use minnow_engine::speculative::{
-    check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats, Speculator,
-};
+use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats, Speculator};
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -350,10 +348,14 @@ fn n_samples_share_one_prefill() {
     let longest = g.samples.iter().map(|s| s.ids.len()).max().unwrap();
     assert_eq!(g.decode_forwards, longest - 1, "one batched pass per step");
     for i in [0usize, 3, 7] {
-        let want = plain(m, &prompt, &GenerateParams {
-            sampling: SamplingParams { seed: 7 + i as u64, ..params.sampling.clone() },
-            ..params.clone()
-        });
+        let want = plain(
+            m,
+            &prompt,
+            &GenerateParams {
+                sampling: SamplingParams { seed: 7 + i as u64, ..params.sampling.clone() },
+                ..params.clone()
+            },
+        );
         assert_eq!(g.samples[i].ids, want.ids, "sample {i}");
         assert_eq!(g.samples[i].text, want.text, "sample {i}");
         assert_eq!(streamed[i], want.text, "sample {i} streamed");

@@ -130,7 +130,10 @@ fn bad_metadata_is_a_clear_error() {
         (with(bpe_meta(), "tokenizer.ggml.tokens", Some(s("a"))), "tokenizer.ggml.tokens is not an array"),
         (with(bpe_meta(), "tokenizer.ggml.tokens", Some(ints(&[1, 2]))), "tokenizer.ggml.tokens[0] is not a string"),
         (with(bpe_meta(), "tokenizer.ggml.tokens", Some(strs(&[]))), "tokenizer.ggml.tokens is empty"),
-        (with(spm_meta(), "tokenizer.ggml.tokens", Some(strs(&["a", "b", "a", "c", "d", "e", "f", "g", "h"]))), "contains `a` twice"),
+        (
+            with(spm_meta(), "tokenizer.ggml.tokens", Some(strs(&["a", "b", "a", "c", "d", "e", "f", "g", "h"]))),
+            "contains `a` twice",
+        ),
         (with(bpe_meta(), "tokenizer.ggml.token_type", Some(ints(&[1, 1]))), "token_type has 2 entries for 259 tokens"),
         (with(bpe_meta(), "tokenizer.ggml.token_type", Some(strs(&["x"; 259]))), "token_type[0] is not an integer"),
         (with(spm_meta(), "tokenizer.ggml.scores", Some(floats(&[1.0]))), "scores has 1 entries for 9 tokens"),
@@ -141,10 +144,19 @@ fn bad_metadata_is_a_clear_error() {
         (with(bpe_meta(), "tokenizer.ggml.merges", Some(ints(&[3]))), "tokenizer.ggml.merges[0] is not a string"),
         (with(bpe_meta(), "tokenizer.ggml.pre", Some(s("no-such-pre"))), "unknown BPE pre-tokenizer `no-such-pre`"),
         (with(bpe_meta(), "tokenizer.ggml.eos_token_id", Some(Value::U32(259))), "eos_token_id = 259 is out of range"),
-        (with(bpe_meta(), "tokenizer.ggml.bos_token_id", Some(Value::I32(-1))), "bos_token_id is not an unsigned integer"),
-        (with(bpe_meta(), "tokenizer.ggml.eot_token_id", Some(Value::U64(u64::MAX))), "eot_token_id = 18446744073709551615 is out of range"),
+        (
+            with(bpe_meta(), "tokenizer.ggml.bos_token_id", Some(Value::I32(-1))),
+            "bos_token_id is not an unsigned integer",
+        ),
+        (
+            with(bpe_meta(), "tokenizer.ggml.eot_token_id", Some(Value::U64(u64::MAX))),
+            "eot_token_id = 18446744073709551615 is out of range",
+        ),
         (with(bpe_meta(), "tokenizer.ggml.add_bos_token", Some(Value::U8(1))), "add_bos_token is not a bool"),
-        (with(bpe_meta(), "tokenizer.ggml.add_bos_token", Some(Value::Bool(true))), "add_bos_token is set but there is no BOS token"),
+        (
+            with(bpe_meta(), "tokenizer.ggml.add_bos_token", Some(Value::Bool(true))),
+            "add_bos_token is set but there is no BOS token",
+        ),
     ];
     for (meta, want) in cases {
         let e = err(&meta);

@@ -105,7 +105,9 @@ fn special_tokens_parse_only_when_asked() {
     for (_, file) in common::MODELS {
         let tok = load(file);
         let mut checked = 0;
-        for name in ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"] {
+        for name in
+            ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"]
+        {
             let Some(id) = tok.token_id(name) else { continue };
             assert!(tok.is_special(id), "{file}: {name} should be special");
             assert_eq!(tok.encode(name, false, true).unwrap(), [id], "{file}: {name} parsed");

@@ -150,12 +150,8 @@ fn distance(dense: &Model, other: &Model, prompts: &[Vec<u32>]) -> Distance {
 fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, Vec<u32>, String) {
     let m = LoadedModel::load(path).unwrap();
     let ids = m.tokenizer.encode(prompt, true, false).unwrap();
-    let params = GenerateParams {
-        max_tokens: 12,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        stop_at_eog: false,
-    };
+    let params =
+        GenerateParams { max_tokens: 12, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: false };
     let g = generate(&m.model, &m.tokenizer, pool(), &mut m.model.new_cache(64), &ids, &params, |_| {}).unwrap();
     (ids, g.ids, g.text)
 }
@@ -182,7 +178,8 @@ fn check_zero_noise_with(model: (&str, &str), options: UpcycleOptions, arch: Arc
     let m = cfg.moe.as_ref().unwrap();
     let width = dense.config().n_ff / if options.fine_grained { top_k } else { 1 };
     assert_eq!((m.n_expert, m.n_expert_used, m.n_ff_exp), (experts, top_k, width));
-    distance(&dense, &moe, &prompts(golden)).assert_within_dense_tolerances(&format!("{golden} {experts}x top-{top_k}"));
+    distance(&dense, &moe, &prompts(golden))
+        .assert_within_dense_tolerances(&format!("{golden} {experts}x top-{top_k}"));
 
     // The zero router ties every expert: each token goes to experts 0..k.
     let stats = moe.router_stats().unwrap();
@@ -217,7 +214,9 @@ fn assert_same_greedy(dense: &Model, dense_path: &Path, moe_path: &Path, prompt:
     let mut order: Vec<usize> = (0..vocab).collect();
     order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
     let gap = last[order[0]] - last[order[1]];
-    eprintln!("{what}: greedy texts part at token {i} where the dense top-2 gap is {gap:.3}: {want_text:?} vs {got_text:?}");
+    eprintln!(
+        "{what}: greedy texts part at token {i} where the dense top-2 gap is {gap:.3}: {want_text:?} vs {got_text:?}"
+    );
     assert!(
         gap < DECISIVE_GAP && got[i] as usize == order[1],
         "{what}: greedy continuations differ at a decisive position (token {i}, dense top-2 gap {gap:.3}): \

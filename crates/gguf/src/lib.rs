@@ -16,8 +16,8 @@ mod value;
 mod writer;
 
 pub use reader::{
-    GgufError, GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS,
-    MAX_KEY_LEN, MAX_METADATA_VALUES, MAX_TENSOR_NAME_LEN,
+    GgufError, GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN,
+    MAX_METADATA_VALUES, MAX_TENSOR_NAME_LEN,
 };
 pub use types::GgmlType;
 pub use value::{Value, ValueType};

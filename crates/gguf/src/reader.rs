@@ -51,10 +51,7 @@ pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("invalid GGUF file: {0}")]
     Invalid(String),
     /// A well-formed header with a version this crate does not read.
@@ -133,10 +130,7 @@ impl GgufFile {
     /// leaves existing mappings intact.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
-        let io_error = |source| GgufError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
         let file = File::open(path).map_err(io_error)?;
         let len = file.metadata().map_err(io_error)?.len();
         let storage = if len == 0 {
@@ -280,10 +274,7 @@ struct Parsed {
 /// and cannot rewrite the user's terminal.
 pub(crate) fn invalid(message: String) -> GgufError {
     let one_line = if message.chars().any(char::is_control) {
-        message
-            .chars()
-            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
-            .collect()
+        message.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
     } else {
         message
     };
@@ -309,11 +300,7 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn new(bytes: &'a [u8]) -> Parser<'a> {
-        Parser {
-            bytes,
-            pos: 0,
-            values_left: MAX_METADATA_VALUES,
-        }
+        Parser { bytes, pos: 0, values_left: MAX_METADATA_VALUES }
     }
 
     fn remaining(&self) -> u64 {
@@ -386,15 +373,8 @@ impl<'a> Parser<'a> {
     /// Rejects a count of `count` items, each at least `min_size` bytes, that
     /// the rest of the file cannot hold. After this, `count` is a safe
     /// capacity: it is at most the number of remaining bytes.
-    fn check_count(
-        &self,
-        count: u64,
-        min_size: u64,
-        what: &dyn Fn() -> String,
-    ) -> Result<(), GgufError> {
-        let fits = count
-            .checked_mul(min_size)
-            .is_some_and(|needed| needed <= self.remaining());
+    fn check_count(&self, count: u64, min_size: u64, what: &dyn Fn() -> String) -> Result<(), GgufError> {
+        let fits = count.checked_mul(min_size).is_some_and(|needed| needed <= self.remaining());
         if fits {
             Ok(())
         } else {
@@ -416,12 +396,8 @@ impl<'a> Parser<'a> {
         let kv_count = self.u64(&|| "header: kv_count".to_string())?;
         // Each count is checked alone against the whole rest of the file; the
         // per-entry reads below catch the combination.
-        self.check_count(kv_count, MIN_KV_SIZE, &|| {
-            format!("header: kv_count {kv_count}")
-        })?;
-        self.check_count(tensor_count, MIN_TENSOR_INFO_SIZE, &|| {
-            format!("header: tensor_count {tensor_count}")
-        })?;
+        self.check_count(kv_count, MIN_KV_SIZE, &|| format!("header: kv_count {kv_count}"))?;
+        self.check_count(tensor_count, MIN_TENSOR_INFO_SIZE, &|| format!("header: tensor_count {tensor_count}"))?;
 
         let (metadata, metadata_index) = self.metadata(kv_count)?;
         let alignment = alignment_of(&metadata, &metadata_index)?;
@@ -431,16 +407,10 @@ impl<'a> Parser<'a> {
         let table_end = self.pos as u64;
         let data_offset = table_end
             .checked_next_multiple_of(alignment)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "data section: offset {table_end} cannot be aligned to {alignment}"
-                ))
-            })?;
+            .ok_or_else(|| invalid(format!("data section: offset {table_end} cannot be aligned to {alignment}")))?;
         let file_size = self.file_size();
         for t in &tensors {
-            let end = data_offset
-                .checked_add(t.offset)
-                .and_then(|start| start.checked_add(t.n_bytes));
+            let end = data_offset.checked_add(t.offset).and_then(|start| start.checked_add(t.n_bytes));
             if end.is_none_or(|end| end > file_size) {
                 return Err(invalid(format!(
                     "tensor '{}': data [offset {}, {} bytes] runs past the end of the file ({} bytes; data section starts at {})",
@@ -448,15 +418,7 @@ impl<'a> Parser<'a> {
                 )));
             }
         }
-        Ok(Parsed {
-            version,
-            alignment,
-            data_offset,
-            metadata,
-            metadata_index,
-            tensors,
-            tensor_index,
-        })
+        Ok(Parsed { version, alignment, data_offset, metadata, metadata_index, tensors, tensor_index })
     }
 
     /// Magic and version; returns the version.
@@ -488,13 +450,9 @@ impl<'a> Parser<'a> {
             }),
             v if matches!(v.swap_bytes(), 2 | 3) => Err(GgufError::UnsupportedVersion {
                 version,
-                hint:
-                    "this looks like a big-endian GGUF file; only little-endian files are supported",
+                hint: "this looks like a big-endian GGUF file; only little-endian files are supported",
             }),
-            _ => Err(GgufError::UnsupportedVersion {
-                version,
-                hint: "only versions 2 and 3 are supported",
-            }),
+            _ => Err(GgufError::UnsupportedVersion { version, hint: "only versions 2 and 3 are supported" }),
         }
     }
 
@@ -510,9 +468,7 @@ impl<'a> Parser<'a> {
             self.reserve_values(1, &key)?;
             let value = self.value(ty, &key, 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
-                return Err(invalid(format!(
-                    "metadata '{key}': duplicate key (second one at offset {key_at})"
-                )));
+                return Err(invalid(format!("metadata '{key}': duplicate key (second one at offset {key_at})")));
             }
             metadata.push((key, value));
         }
@@ -520,11 +476,8 @@ impl<'a> Parser<'a> {
     }
 
     fn value_type(&self, type_id: u32, key: &str, at: usize) -> Result<ValueType, GgufError> {
-        ValueType::from_id(type_id).ok_or_else(|| {
-            invalid(format!(
-                "metadata '{key}': unknown value type {type_id} at offset {at}"
-            ))
-        })
+        ValueType::from_id(type_id)
+            .ok_or_else(|| invalid(format!("metadata '{key}': unknown value type {type_id} at offset {at}")))
     }
 
     /// Counts `n` more values against [`MAX_METADATA_VALUES`]. Arrays reserve
@@ -562,9 +515,7 @@ impl<'a> Parser<'a> {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
                 other => {
-                    return Err(invalid(format!(
-                        "metadata '{key}': bool value {other} at offset {at} is not 0 or 1"
-                    )))
+                    return Err(invalid(format!("metadata '{key}': bool value {other} at offset {at} is not 0 or 1")))
                 }
             },
             // Values are not length-limited beyond the file itself: a chat
@@ -622,9 +573,7 @@ impl<'a> Parser<'a> {
     fn tensor_info(&mut self, name: String, alignment: u64) -> Result<TensorInfo, GgufError> {
         let n_dims = self.u32(&|| format!("tensor '{name}': n_dims"))?;
         if !(1..=MAX_DIMS as u32).contains(&n_dims) {
-            return Err(invalid(format!(
-                "tensor '{name}': n_dims {n_dims} is not in 1..={MAX_DIMS}"
-            )));
+            return Err(invalid(format!("tensor '{name}': n_dims {n_dims} is not in 1..={MAX_DIMS}")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         let mut n_elements: u64 = 1;
@@ -634,24 +583,17 @@ impl<'a> Parser<'a> {
                 return Err(invalid(format!("tensor '{name}': dimension {d} is 0")));
             }
             n_elements = n_elements.checked_mul(dim).ok_or_else(|| {
-                invalid(format!(
-                    "tensor '{name}': element count overflows (dimensions so far {dims:?} × {dim})"
-                ))
+                invalid(format!("tensor '{name}': element count overflows (dimensions so far {dims:?} × {dim})"))
             })?;
             dims.push(dim);
         }
         // ggml stores element counts as i64.
         if n_elements > i64::MAX as u64 {
-            return Err(invalid(format!(
-                "tensor '{name}': {n_elements} elements is more than ggml can address"
-            )));
+            return Err(invalid(format!("tensor '{name}': {n_elements} elements is more than ggml can address")));
         }
         let type_id = self.u32(&|| format!("tensor '{name}': type"))?;
-        let ty = GgmlType::from_id(type_id).ok_or_else(|| {
-            invalid(format!(
-                "tensor '{name}': unknown or unsupported ggml type id {type_id}"
-            ))
-        })?;
+        let ty = GgmlType::from_id(type_id)
+            .ok_or_else(|| invalid(format!("tensor '{name}': unknown or unsupported ggml type id {type_id}")))?;
         // Kernels work row by row, so each row (dims[0] elements) must be a
         // whole number of blocks, not merely the tensor as a whole.
         let block_size = ty.block_size() as u64;
@@ -661,24 +603,16 @@ impl<'a> Parser<'a> {
                 dims[0]
             )));
         }
-        let n_bytes = ty.bytes_for(n_elements).ok_or_else(|| {
-            invalid(format!(
-                "tensor '{name}': size of {n_elements} {ty} elements overflows"
-            ))
-        })?;
+        let n_bytes = ty
+            .bytes_for(n_elements)
+            .ok_or_else(|| invalid(format!("tensor '{name}': size of {n_elements} {ty} elements overflows")))?;
         let offset = self.u64(&|| format!("tensor '{name}': data offset"))?;
         if !offset.is_multiple_of(alignment) {
             return Err(invalid(format!(
                 "tensor '{name}': data offset {offset} is not a multiple of the alignment {alignment}"
             )));
         }
-        Ok(TensorInfo {
-            name,
-            dims,
-            ty,
-            offset,
-            n_bytes,
-        })
+        Ok(TensorInfo { name, dims, ty, offset, n_bytes })
     }
 }
 
@@ -694,10 +628,7 @@ fn initial_capacity(count: u64) -> usize {
 }
 
 /// The data alignment declared by `general.alignment`, validated.
-fn alignment_of(
-    metadata: &[(String, Value)],
-    index: &HashMap<String, usize>,
-) -> Result<u64, GgufError> {
+fn alignment_of(metadata: &[(String, Value)], index: &HashMap<String, usize>) -> Result<u64, GgufError> {
     let Some(&i) = index.get("general.alignment") else {
         return Ok(DEFAULT_ALIGNMENT);
     };

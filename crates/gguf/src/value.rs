@@ -227,10 +227,7 @@ mod tests {
     #[test]
     fn value_type_of_values() {
         assert_eq!(Value::Bool(true).value_type(), ValueType::Bool);
-        assert_eq!(
-            Value::Array(ValueType::U8, vec![]).value_type(),
-            ValueType::Array
-        );
+        assert_eq!(Value::Array(ValueType::U8, vec![]).value_type(), ValueType::Array);
         assert_eq!(Value::String("x".into()).value_type(), ValueType::String);
     }
 }

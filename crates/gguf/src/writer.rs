@@ -39,10 +39,7 @@ type TensorProducer<'a> = Box<dyn Fn(&mut dyn Write) -> io::Result<()> + Send + 
 /// Where a pending tensor's bytes come from.
 enum TensorData<'a> {
     Bytes(Cow<'a, [u8]>),
-    Streamed {
-        len: u64,
-        produce: TensorProducer<'a>,
-    },
+    Streamed { len: u64, produce: TensorProducer<'a> },
 }
 
 impl TensorData<'_> {
@@ -71,7 +68,6 @@ pub struct GgufWriter<'a> {
     tensor_index: HashMap<String, usize>,
 }
 
-
 impl<'a> GgufWriter<'a> {
     pub fn new() -> GgufWriter<'a> {
         GgufWriter::default()
@@ -84,14 +80,10 @@ impl<'a> GgufWriter<'a> {
         let mut writer = GgufWriter::new();
         // The file was validated by the same rules, so nothing here can fail.
         for (key, value) in file.metadata() {
-            writer
-                .add_metadata(key.clone(), value.clone())
-                .expect("validated metadata");
+            writer.add_metadata(key.clone(), value.clone()).expect("validated metadata");
         }
         for t in file.tensors() {
-            writer
-                .add_tensor(t.name.clone(), &t.dims, t.ty, file.tensor_data(t))
-                .expect("validated tensor");
+            writer.add_tensor(t.name.clone(), &t.dims, t.ty, file.tensor_data(t)).expect("validated tensor");
         }
         writer
     }
@@ -160,23 +152,13 @@ impl<'a> GgufWriter<'a> {
     ) -> Result<u64, GgufError> {
         let name = name.into();
         let len = self.check_tensor(&name, dims, ty)?;
-        self.push_tensor(
-            name,
-            dims,
-            ty,
-            TensorData::Streamed {
-                len,
-                produce: Box::new(produce),
-            },
-        );
+        self.push_tensor(name, dims, ty, TensorData::Streamed { len, produce: Box::new(produce) });
         Ok(len)
     }
 
     /// The tensors added so far: name, ggml dims and type, in file order.
     pub fn tensor_infos(&self) -> impl Iterator<Item = (&str, &[u64], GgmlType)> {
-        self.tensors
-            .iter()
-            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.ty))
+        self.tensors.iter().map(|t| (t.name.as_str(), t.dims.as_slice(), t.ty))
     }
 
     /// Checks a tensor's name, dims and type against the reader's rules and
@@ -186,15 +168,10 @@ impl<'a> GgufWriter<'a> {
             return Err(invalid(format!("tensor '{name}': duplicate tensor name")));
         }
         if name.len() as u64 > MAX_TENSOR_NAME_LEN {
-            return Err(invalid(format!(
-                "tensor '{name}': name longer than {MAX_TENSOR_NAME_LEN} bytes"
-            )));
+            return Err(invalid(format!("tensor '{name}': name longer than {MAX_TENSOR_NAME_LEN} bytes")));
         }
         if dims.is_empty() || dims.len() > MAX_DIMS {
-            return Err(invalid(format!(
-                "tensor '{name}': {} dimensions is not in 1..={MAX_DIMS}",
-                dims.len()
-            )));
+            return Err(invalid(format!("tensor '{name}': {} dimensions is not in 1..={MAX_DIMS}", dims.len())));
         }
         if let Some(d) = dims.iter().position(|&d| d == 0) {
             return Err(invalid(format!("tensor '{name}': dimension {d} is 0")));
@@ -203,11 +180,7 @@ impl<'a> GgufWriter<'a> {
             .iter()
             .try_fold(1u64, |n, &d| n.checked_mul(d))
             .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "tensor '{name}': element count of {dims:?} overflows"
-                ))
-            })?;
+            .ok_or_else(|| invalid(format!("tensor '{name}': element count of {dims:?} overflows")))?;
         let block_size = ty.block_size() as u64;
         if !dims[0].is_multiple_of(block_size) {
             return Err(invalid(format!(
@@ -215,21 +188,13 @@ impl<'a> GgufWriter<'a> {
                 dims[0]
             )));
         }
-        ty.bytes_for(n_elements).ok_or_else(|| {
-            invalid(format!(
-                "tensor '{name}': size of {n_elements} {ty} elements overflows"
-            ))
-        })
+        ty.bytes_for(n_elements)
+            .ok_or_else(|| invalid(format!("tensor '{name}': size of {n_elements} {ty} elements overflows")))
     }
 
     fn push_tensor(&mut self, name: String, dims: &[u64], ty: GgmlType, data: TensorData<'a>) {
         self.tensor_index.insert(name.clone(), self.tensors.len());
-        self.tensors.push(PendingTensor {
-            name,
-            dims: dims.to_vec(),
-            ty,
-            data,
-        });
+        self.tensors.push(PendingTensor { name, dims: dims.to_vec(), ty, data });
     }
 
     /// The alignment the file will be written with (`general.alignment` if
@@ -243,10 +208,7 @@ impl<'a> GgufWriter<'a> {
 
     /// Writes the file to `out`.
     pub fn write_to(&self, out: impl Write) -> io::Result<()> {
-        let mut out = CountingWriter {
-            inner: out,
-            written: 0,
-        };
+        let mut out = CountingWriter { inner: out, written: 0 };
         let alignment = self.alignment();
         // Everything before the data section is small (a vocabulary at most),
         // so it is built in memory; tensor data streams straight from its source.
@@ -256,22 +218,14 @@ impl<'a> GgufWriter<'a> {
                 TensorData::Bytes(bytes) => out.write_all(bytes)?,
                 TensorData::Streamed { len, produce } => {
                     let start = out.written;
-                    let mut limited = LimitedWriter {
-                        out: &mut out,
-                        left: *len,
-                    };
+                    let mut limited = LimitedWriter { out: &mut out, left: *len };
                     let result = produce(&mut limited);
                     let written = out.written - start;
-                    result.map_err(|e| {
-                        io::Error::new(e.kind(), format!("tensor '{}': {e}", t.name))
-                    })?;
+                    result.map_err(|e| io::Error::new(e.kind(), format!("tensor '{}': {e}", t.name)))?;
                     if written != *len {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            format!(
-                                "tensor '{}': the producer wrote {written} bytes, {len} were declared",
-                                t.name
-                            ),
+                            format!("tensor '{}': the producer wrote {written} bytes, {len} were declared", t.name),
                         ));
                     }
                 }
@@ -284,8 +238,7 @@ impl<'a> GgufWriter<'a> {
     /// The whole file in memory (tests, small files).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
-        self.write_to(&mut bytes)
-            .expect("writing to a Vec cannot fail");
+        self.write_to(&mut bytes).expect("writing to a Vec cannot fail");
         bytes
     }
 
@@ -295,16 +248,10 @@ impl<'a> GgufWriter<'a> {
     /// have the old file mapped keep seeing the old contents.
     pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
-        let io_error = |source| GgufError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let file_name = path.file_name().ok_or_else(|| {
-            io_error(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "path has no file name",
-            ))
-        })?;
+        let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| io_error(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -319,11 +266,7 @@ impl<'a> GgufWriter<'a> {
         let temp_path = dir.join(temp_name);
 
         let result = (|| {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&temp_path)?;
+            let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path)?;
             let mut buffered = BufWriter::with_capacity(1 << 20, file);
             self.write_to(&mut buffered)?;
             let file = buffered.into_inner().map_err(|e| e.into_error())?;
@@ -374,9 +317,7 @@ impl<'a> GgufWriter<'a> {
 /// Checks one metadata entry against the reader's rules.
 fn check_metadata(key: &str, value: &Value) -> Result<(), GgufError> {
     if key.len() as u64 > MAX_KEY_LEN {
-        return Err(invalid(format!(
-            "metadata '{key}': key longer than {MAX_KEY_LEN} bytes"
-        )));
+        return Err(invalid(format!("metadata '{key}': key longer than {MAX_KEY_LEN} bytes")));
     }
     check_value(key, value, 0)?;
     if key == "general.alignment" {
@@ -400,9 +341,7 @@ fn check_metadata(key: &str, value: &Value) -> Result<(), GgufError> {
 fn check_value(key: &str, value: &Value, depth: usize) -> Result<(), GgufError> {
     if let Value::Array(elem_type, elems) = value {
         if depth + 1 > MAX_ARRAY_DEPTH {
-            return Err(invalid(format!(
-                "metadata '{key}': arrays nested more than {MAX_ARRAY_DEPTH} deep"
-            )));
+            return Err(invalid(format!("metadata '{key}': arrays nested more than {MAX_ARRAY_DEPTH} deep")));
         }
         for (i, elem) in elems.iter().enumerate() {
             if elem.value_type() != *elem_type {
@@ -484,10 +423,7 @@ struct LimitedWriter<'w, W> {
 impl<W: Write> Write for LimitedWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.len() as u64 > self.left {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the producer wrote more bytes than were declared",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the producer wrote more bytes than were declared"));
         }
         self.out.write_all(buf)?;
         self.left -= buf.len() as u64;
@@ -511,29 +447,15 @@ mod tests {
     #[test]
     fn round_trip_small_file() {
         let mut w = GgufWriter::new();
-        w.add_metadata("general.architecture", Value::String("test".into()))
-            .unwrap();
+        w.add_metadata("general.architecture", Value::String("test".into())).unwrap();
         w.add_metadata("test.count", Value::U32(7)).unwrap();
         w.add_metadata(
             "test.nested",
-            Value::Array(
-                ValueType::Array,
-                vec![Value::Array(
-                    ValueType::I8,
-                    vec![Value::I8(-1), Value::I8(2)],
-                )],
-            ),
+            Value::Array(ValueType::Array, vec![Value::Array(ValueType::I8, vec![Value::I8(-1), Value::I8(2)])]),
         )
         .unwrap();
-        w.add_tensor("a", &[3], GgmlType::F32, f32_bytes(&[1.0, 2.0, 3.0]))
-            .unwrap();
-        w.add_tensor(
-            "b",
-            &[2, 2],
-            GgmlType::F32,
-            f32_bytes(&[4.0, 5.0, 6.0, 7.0]),
-        )
-        .unwrap();
+        w.add_tensor("a", &[3], GgmlType::F32, f32_bytes(&[1.0, 2.0, 3.0])).unwrap();
+        w.add_tensor("b", &[2, 2], GgmlType::F32, f32_bytes(&[4.0, 5.0, 6.0, 7.0])).unwrap();
         let bytes = w.to_bytes();
         assert_eq!(bytes.len() % 32, 0);
 
@@ -545,10 +467,7 @@ mod tests {
         assert_eq!((a.offset, a.n_bytes), (0, 12));
         // The second tensor starts at the next aligned offset.
         assert_eq!(file.tensor("b").unwrap().offset, 32);
-        assert_eq!(
-            file.tensor_data_by_name("b").unwrap(),
-            &f32_bytes(&[4.0, 5.0, 6.0, 7.0])[..]
-        );
+        assert_eq!(file.tensor_data_by_name("b").unwrap(), &f32_bytes(&[4.0, 5.0, 6.0, 7.0])[..]);
         // Writing what we read gives the same bytes back.
         assert_eq!(GgufWriter::from_file(&file).to_bytes(), bytes);
     }
@@ -556,12 +475,9 @@ mod tests {
     #[test]
     fn honours_alignment() {
         let mut w = GgufWriter::new();
-        w.add_metadata("general.alignment", Value::U32(256))
-            .unwrap();
-        w.add_tensor("a", &[1], GgmlType::F32, f32_bytes(&[1.0]))
-            .unwrap();
-        w.add_tensor("b", &[1], GgmlType::F32, f32_bytes(&[2.0]))
-            .unwrap();
+        w.add_metadata("general.alignment", Value::U32(256)).unwrap();
+        w.add_tensor("a", &[1], GgmlType::F32, f32_bytes(&[1.0])).unwrap();
+        w.add_tensor("b", &[1], GgmlType::F32, f32_bytes(&[2.0])).unwrap();
         let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
         assert_eq!(file.alignment(), 256);
         assert_eq!(file.data_offset() % 256, 0);
@@ -573,59 +489,29 @@ mod tests {
     fn refuses_what_the_reader_would_refuse() {
         let mut w = GgufWriter::new();
         w.add_metadata("k", Value::U8(1)).unwrap();
-        assert!(w
-            .add_metadata("k", Value::U8(2))
-            .unwrap_err()
-            .to_string()
-            .contains("duplicate key"));
+        assert!(w.add_metadata("k", Value::U8(2)).unwrap_err().to_string().contains("duplicate key"));
         w.set_metadata("k", Value::U8(3)).unwrap();
         assert_eq!(w.metadata[0].1, Value::U8(3));
         let mixed = Value::Array(ValueType::U8, vec![Value::U8(1), Value::I8(1)]);
-        assert!(w
-            .add_metadata("m", mixed)
-            .unwrap_err()
-            .to_string()
-            .contains("element 1 is a i8"));
-        for bad in [
-            Value::U32(0),
-            Value::U32(24),
-            Value::U64(1 << 40),
-            Value::Bool(true),
-            Value::String("32".into()),
-        ] {
-            let err = w
-                .add_metadata("general.alignment", bad)
-                .unwrap_err()
-                .to_string();
+        assert!(w.add_metadata("m", mixed).unwrap_err().to_string().contains("element 1 is a i8"));
+        for bad in [Value::U32(0), Value::U32(24), Value::U64(1 << 40), Value::Bool(true), Value::String("32".into())] {
+            let err = w.add_metadata("general.alignment", bad).unwrap_err().to_string();
             assert!(err.contains("general.alignment"), "{err}");
         }
         let mut deep = Value::Array(ValueType::U8, vec![]);
         for _ in 0..MAX_ARRAY_DEPTH {
             deep = Value::Array(ValueType::Array, vec![deep]);
         }
-        assert!(w
-            .add_metadata("deep", deep)
-            .unwrap_err()
-            .to_string()
-            .contains("nested"));
+        assert!(w.add_metadata("deep", deep).unwrap_err().to_string().contains("nested"));
 
-        w.add_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34])
-            .unwrap();
+        w.add_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34]).unwrap();
         let err = |r: Result<(), GgufError>| r.unwrap_err().to_string();
-        assert!(err(w.add_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34]))
-            .contains("duplicate tensor name"));
+        assert!(err(w.add_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34])).contains("duplicate tensor name"));
         assert!(err(w.add_tensor("u", &[], GgmlType::F32, vec![])).contains("dimensions"));
-        assert!(
-            err(w.add_tensor("u", &[1, 1, 1, 1, 1], GgmlType::F32, vec![0; 4]))
-                .contains("dimensions")
-        );
+        assert!(err(w.add_tensor("u", &[1, 1, 1, 1, 1], GgmlType::F32, vec![0; 4])).contains("dimensions"));
         assert!(err(w.add_tensor("u", &[0], GgmlType::F32, vec![])).contains("dimension 0 is 0"));
-        assert!(
-            err(w.add_tensor("u", &[u64::MAX, 2], GgmlType::F32, vec![])).contains("overflows")
-        );
-        assert!(
-            err(w.add_tensor("u", &[16, 2], GgmlType::Q8_0, vec![0; 34])).contains("block size 32")
-        );
+        assert!(err(w.add_tensor("u", &[u64::MAX, 2], GgmlType::F32, vec![])).contains("overflows"));
+        assert!(err(w.add_tensor("u", &[16, 2], GgmlType::Q8_0, vec![0; 34])).contains("block size 32"));
         assert!(err(w.add_tensor("u", &[2], GgmlType::F32, vec![0; 4])).contains("needs 8 bytes"));
     }
 
@@ -635,26 +521,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("small.gguf");
         let mut w = GgufWriter::new();
-        w.add_metadata("general.architecture", Value::String("test".into()))
-            .unwrap();
-        w.add_tensor("a", &[2], GgmlType::F16, vec![1, 2, 3, 4])
-            .unwrap();
+        w.add_metadata("general.architecture", Value::String("test".into())).unwrap();
+        w.add_tensor("a", &[2], GgmlType::F16, vec![1, 2, 3, 4]).unwrap();
         w.write_file(&path).unwrap();
         // Overwriting replaces the file and leaves no temporary behind.
         w.write_file(&path).unwrap();
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("small.gguf")]);
         let file = GgufFile::open(&path).unwrap();
         assert_eq!(file.tensor_data_by_name("a"), Some(&[1u8, 2, 3, 4][..]));
         std::fs::remove_dir_all(&dir).unwrap();
 
-        let err = w
-            .write_file(dir.join("missing-dir/x.gguf"))
-            .unwrap_err()
-            .to_string();
+        let err = w.write_file(dir.join("missing-dir/x.gguf")).unwrap_err().to_string();
         assert!(err.contains("missing-dir/x.gguf"), "{err}");
     }
 }

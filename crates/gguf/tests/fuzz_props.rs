@@ -60,19 +60,12 @@ fn interesting_u64() -> impl Strategy<Value = u64> {
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 1u8..=255).prop_map(|(pos, xor)| Mutation::FlipByte { pos, xor }),
-        (
-            any::<usize>(),
-            proptest::collection::vec(any::<u8>(), 1..16)
-        )
+        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16))
             .prop_map(|(pos, bytes)| Mutation::Insert { pos, bytes }),
         (any::<usize>(), 1usize..32).prop_map(|(pos, len)| Mutation::Delete { pos, len }),
         any::<usize>().prop_map(|len| Mutation::Truncate { len }),
-        (any::<usize>(), interesting_u64())
-            .prop_map(|(field, value)| Mutation::OverwriteU64 { field, value }),
-        (any::<usize>(), interesting_u64()).prop_map(|(field, v)| Mutation::OverwriteU32 {
-            field,
-            value: v as u32
-        }),
+        (any::<usize>(), interesting_u64()).prop_map(|(field, value)| Mutation::OverwriteU64 { field, value }),
+        (any::<usize>(), interesting_u64()).prop_map(|(field, v)| Mutation::OverwriteU32 { field, value: v as u32 }),
     ]
 }
 
@@ -119,12 +112,7 @@ fn walk(value: &Value) -> usize {
             })
             .sum(),
         other => {
-            let _ = (
-                other.as_u64(),
-                other.as_i64(),
-                other.as_f64(),
-                other.as_bool(),
-            );
+            let _ = (other.as_u64(), other.as_i64(), other.as_f64(), other.as_bool());
             1
         }
     }
@@ -152,20 +140,11 @@ fn check_accepted(file: &GgufFile) {
 /// The seeds: the marked base file, and a file with deeper array nesting.
 fn seeds() -> Vec<Emitter> {
     let mut nested = Emitter::new();
-    nested
-        .header(3, 0, 1)
-        .kv("deep", "test.deep", ValueType::Array);
+    nested.header(3, 0, 1).kv("deep", "test.deep", ValueType::Array);
     for level in 0..6 {
-        nested
-            .mark(format!("level{level}"))
-            .u32(ValueType::Array.id())
-            .u64(1);
+        nested.mark(format!("level{level}")).u32(ValueType::Array.id()).u64(1);
     }
-    nested
-        .mark("leaf")
-        .u32(ValueType::U16.id())
-        .u64(2)
-        .u32(0x0001_0002);
+    nested.mark("leaf").u32(ValueType::U16.id()).u64(2).u32(0x0001_0002);
     vec![base_file(), nested]
 }
 
@@ -212,32 +191,21 @@ fn leaf_value(ty: ValueType) -> BoxedStrategy<Value> {
 }
 
 fn leaf_type() -> impl Strategy<Value = ValueType> {
-    proptest::sample::select(
-        ValueType::ALL
-            .iter()
-            .copied()
-            .filter(|t| *t != ValueType::Array)
-            .collect::<Vec<_>>(),
-    )
+    proptest::sample::select(ValueType::ALL.iter().copied().filter(|t| *t != ValueType::Array).collect::<Vec<_>>())
 }
 
 /// A value of any type, arrays homogeneous and nested up to three deep.
 fn value() -> impl Strategy<Value = Value> {
-    leaf_type()
-        .prop_flat_map(leaf_value)
-        .prop_recursive(3, 64, 8, |inner| {
-            // An array's elements share one type: pick a template element, then
-            // keep only generated elements of that type.
-            (inner.clone(), proptest::collection::vec(inner, 0..8)).prop_map(|(first, rest)| {
-                let ty = first.value_type();
-                let mut elems = vec![first];
-                elems.extend(
-                    rest.into_iter()
-                        .filter(|v| v.value_type() == ty && !matches!(v, Value::Array(..))),
-                );
-                Value::Array(ty, elems)
-            })
+    leaf_type().prop_flat_map(leaf_value).prop_recursive(3, 64, 8, |inner| {
+        // An array's elements share one type: pick a template element, then
+        // keep only generated elements of that type.
+        (inner.clone(), proptest::collection::vec(inner, 0..8)).prop_map(|(first, rest)| {
+            let ty = first.value_type();
+            let mut elems = vec![first];
+            elems.extend(rest.into_iter().filter(|v| v.value_type() == ty && !matches!(v, Value::Array(..))));
+            Value::Array(ty, elems)
         })
+    })
 }
 
 fn tensor_type() -> impl Strategy<Value = GgmlType> {

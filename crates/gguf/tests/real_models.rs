@@ -34,31 +34,16 @@ fn check_consistency(file: &GgufFile) {
     for t in file.tensors() {
         let data = file.tensor_data(t);
         assert_eq!(data.len() as u64, t.n_bytes, "{}", t.name);
-        assert_eq!(
-            t.ty.bytes_for(t.n_elements()),
-            Some(t.n_bytes),
-            "{}",
-            t.name
-        );
+        assert_eq!(t.ty.bytes_for(t.n_elements()), Some(t.n_bytes), "{}", t.name);
         assert_eq!(t.offset % file.alignment(), 0, "{}", t.name);
         // Converters lay tensors out in table order without overlap.
-        assert!(
-            t.offset >= prev_end,
-            "{} overlaps the previous tensor",
-            t.name
-        );
+        assert!(t.offset >= prev_end, "{} overlaps the previous tensor", t.name);
         prev_end = t.offset + t.n_bytes;
     }
     assert!(file.data_offset() + prev_end <= file.file_size());
-    let tokens = file
-        .get("tokenizer.ggml.tokens")
-        .and_then(Value::as_array)
-        .expect("token list");
+    let tokens = file.get("tokenizer.ggml.tokens").and_then(Value::as_array).expect("token list");
     assert!(tokens.iter().all(|t| t.as_str().is_some()));
-    if let Some(types) = file
-        .get("tokenizer.ggml.token_type")
-        .and_then(Value::as_array)
-    {
+    if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
         assert_eq!(types.len(), tokens.len());
     }
 }
@@ -71,21 +56,10 @@ fn smollm2_135m() {
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.version(), 3);
     assert_eq!(file.tensors().len(), 272);
-    assert_eq!(
-        file.get("general.architecture").and_then(Value::as_str),
-        Some("llama")
-    );
-    assert_eq!(
-        file.get("llama.block_count").and_then(Value::as_u64),
-        Some(30)
-    );
-    assert_eq!(
-        file.get("llama.embedding_length").and_then(Value::as_u64),
-        Some(576)
-    );
-    let q = file
-        .tensor("blk.0.attn_q.weight")
-        .expect("blk.0.attn_q.weight");
+    assert_eq!(file.get("general.architecture").and_then(Value::as_str), Some("llama"));
+    assert_eq!(file.get("llama.block_count").and_then(Value::as_u64), Some(30));
+    assert_eq!(file.get("llama.embedding_length").and_then(Value::as_u64), Some(576));
+    let q = file.tensor("blk.0.attn_q.weight").expect("blk.0.attn_q.weight");
     assert_eq!(q.dims, vec![576, 576]);
     assert_eq!(q.ty, GgmlType::Q4_1);
     assert_eq!(file.file_size(), std::fs::metadata(&path).unwrap().len());
@@ -105,10 +79,7 @@ fn every_cached_model_parses() {
             continue;
         }
         let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let arch = file
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .expect("architecture");
+        let arch = file.get("general.architecture").and_then(Value::as_str).expect("architecture");
         let mut types: Vec<_> = file.tensors().iter().map(|t| t.ty.name()).collect();
         types.sort();
         types.dedup();
@@ -137,9 +108,7 @@ fn smollm2_write_round_trip() {
     let dir = std::env::temp_dir().join(format!("minnow-gguf-round-trip-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy_path = dir.join("copy.gguf");
-    GgufWriter::from_file(&original)
-        .write_file(&copy_path)
-        .unwrap();
+    GgufWriter::from_file(&original).write_file(&copy_path).unwrap();
 
     let copy = GgufFile::open(&copy_path).unwrap();
     assert_eq!(copy.metadata(), original.metadata());

@@ -18,8 +18,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 fn streamed_and_borrowed_tensors_read_back_alike() {
     let a: Vec<u8> = (0..12u8).collect();
     let mut w = GgufWriter::new();
-    w.add_metadata("general.architecture", Value::String("test".into()))
-        .unwrap();
+    w.add_metadata("general.architecture", Value::String("test".into())).unwrap();
     w.add_tensor("a", &[3], GgmlType::F32, &a[..]).unwrap();
     // Written in two pieces: producers may write in any number of calls.
     let n = w
@@ -29,12 +28,8 @@ fn streamed_and_borrowed_tensors_read_back_alike() {
         })
         .unwrap();
     assert_eq!(n, 68);
-    w.add_tensor("c", &[1], GgmlType::F32, vec![1, 2, 3, 4])
-        .unwrap();
-    let names: Vec<_> = w
-        .tensor_infos()
-        .map(|(n, d, t)| (n.to_string(), d.to_vec(), t))
-        .collect();
+    w.add_tensor("c", &[1], GgmlType::F32, vec![1, 2, 3, 4]).unwrap();
+    let names: Vec<_> = w.tensor_infos().map(|(n, d, t)| (n.to_string(), d.to_vec(), t)).collect();
     assert_eq!(names[1], ("b".to_string(), vec![32, 2], GgmlType::Q8_0));
 
     let bytes = w.to_bytes();
@@ -54,32 +49,20 @@ fn streamed_and_borrowed_tensors_read_back_alike() {
 #[test]
 fn streamed_tensors_are_checked_like_others() {
     let mut w = GgufWriter::new();
-    let err = w
-        .add_tensor_streamed("x", &[16], GgmlType::Q4_0, |_: &mut dyn Write| Ok(()))
-        .unwrap_err()
-        .to_string();
+    let err = w.add_tensor_streamed("x", &[16], GgmlType::Q4_0, |_: &mut dyn Write| Ok(())).unwrap_err().to_string();
     assert!(err.contains("block size 32"), "{err}");
     w.add_tensor("x", &[1], GgmlType::F32, vec![0; 4]).unwrap();
-    let err = w
-        .add_tensor_streamed("x", &[1], GgmlType::F32, |_: &mut dyn Write| Ok(()))
-        .unwrap_err()
-        .to_string();
+    let err = w.add_tensor_streamed("x", &[1], GgmlType::F32, |_: &mut dyn Write| Ok(())).unwrap_err().to_string();
     assert!(err.contains("duplicate"), "{err}");
 }
 
 #[test]
 fn a_producer_that_writes_the_wrong_amount_fails_the_write() {
-    for (wrote, word) in [
-        (7usize, "7 bytes, 8 were declared"),
-        (9, "more bytes than were declared"),
-    ] {
+    for (wrote, word) in [(7usize, "7 bytes, 8 were declared"), (9, "more bytes than were declared")] {
         let mut w = GgufWriter::new();
-        w.add_tensor_streamed(
-            "short_or_long",
-            &[2],
-            GgmlType::F32,
-            move |out: &mut dyn Write| out.write_all(&vec![0u8; wrote]),
-        )
+        w.add_tensor_streamed("short_or_long", &[2], GgmlType::F32, move |out: &mut dyn Write| {
+            out.write_all(&vec![0u8; wrote])
+        })
         .unwrap();
         let err = w.write_to(Vec::new()).unwrap_err().to_string();
         assert!(err.contains("short_or_long") && err.contains(word), "{err}");
@@ -102,10 +85,7 @@ fn a_producer_error_fails_the_write() {
     })
     .unwrap();
     let err = w.write_to(Vec::new()).unwrap_err().to_string();
-    assert!(
-        err.contains("broken") && err.contains("quantizer exploded"),
-        "{err}"
-    );
+    assert!(err.contains("broken") && err.contains("quantizer exploded"), "{err}");
 }
 
 /// A real model rewritten with every tensor streamed (from the mapped
@@ -114,9 +94,7 @@ fn a_producer_error_fails_the_write() {
 fn real_model_streamed_round_trip() {
     let dir = match std::env::var_os("MINNOW_MODELS") {
         Some(d) => PathBuf::from(d),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models")
-        }
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/minnow/models"),
     };
     let path = dir.join("smollm2-135m-instruct-q4_1.gguf");
     if !path.exists() {

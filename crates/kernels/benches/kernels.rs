@@ -21,11 +21,11 @@
 
 use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
 use minnow_kernels::formats::float::BlockF16;
 use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
 use minnow_kernels::formats::{ActBlock, BlockFormat};
-use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
 use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
 use minnow_kernels::ops::{rms_norm, softmax_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;

@@ -108,11 +108,8 @@ fn main() {
         let mut words = vec![0u64; m.data.len() / 8];
         fill(bytemuck::cast_slice_mut(&mut words), 7);
         let piece_bytes = piece_rows * row_bytes;
-        let pieces: Vec<QMatrix> = m
-            .data
-            .chunks_exact(piece_bytes)
-            .map(|data| QMatrix { rows: piece_rows, data, ..m })
-            .collect();
+        let pieces: Vec<QMatrix> =
+            m.data.chunks_exact(piece_bytes).map(|data| QMatrix { rows: piece_rows, data, ..m }).collect();
         // The same pieces, each thread's parts one after another: region t
         // holds part t of every piece.
         let part_bytes = piece_bytes / threads;

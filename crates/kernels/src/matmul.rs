@@ -75,7 +75,8 @@ impl QMatrix<'_> {
                 self.data.len()
             )));
         }
-        if self.layout == Layout::Interleaved8 && (self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty))
+        if self.layout == Layout::Interleaved8
+            && (self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty))
         {
             return Err(LayoutError(format!(
                 "a {} matrix of {} rows has no 8-row interleaved layout",

@@ -135,7 +135,10 @@ mod simd {
     #[inline(always)]
     unsafe fn exp8(x: __m256) -> __m256 {
         let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
-        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         // ln 2 in two parts so that n·ln2_hi is exact.
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
@@ -212,9 +215,7 @@ pub struct Rope {
 impl Rope {
     pub fn new(n_rot: usize, base: f32, neox: bool) -> Rope {
         assert!(n_rot % 2 == 0 && n_rot <= 1024, "rotary dimension {n_rot} must be even and at most 1024");
-        let inv_freq = (0..n_rot / 2)
-            .map(|i| (base as f64).powf(-2.0 * i as f64 / n_rot as f64))
-            .collect();
+        let inv_freq = (0..n_rot / 2).map(|i| (base as f64).powf(-2.0 * i as f64 / n_rot as f64)).collect();
         Rope { n_rot, neox, inv_freq }
     }
 

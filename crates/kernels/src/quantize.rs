@@ -84,11 +84,7 @@ const SCRATCH_BLOCKS: usize = 1024;
 fn encode_into<B: Encode>(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), LayoutError> {
     let size = std::mem::size_of::<B>();
     if !src.len().is_multiple_of(B::BLOCK) {
-        return Err(LayoutError(format!(
-            "{} values are not a whole number of {ty} blocks of {}",
-            src.len(),
-            B::BLOCK
-        )));
+        return Err(LayoutError(format!("{} values are not a whole number of {ty} blocks of {}", src.len(), B::BLOCK)));
     }
     let n_blocks = src.len() / B::BLOCK;
     if dst.len() != n_blocks * size {
@@ -128,7 +124,9 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), LayoutE
     dispatch_encode!(
         ty,
         encode_into(ty, src, dst),
-        Err(LayoutError(format!("minnow cannot quantize to {ty} (it can to F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)")))
+        Err(LayoutError(format!(
+            "minnow cannot quantize to {ty} (it can to F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)"
+        )))
     )
 }
 

@@ -69,9 +69,7 @@ fn q4k_uniform_block() {
     b.d = ONE;
     b.scales = [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];
     b.qs = [0x33; 128];
-    assert!(deq_via_bytes(GgmlType::Q4_K, &[b])
-        .iter()
-        .all(|&v| v == 3.0));
+    assert!(deq_via_bytes(GgmlType::Q4_K, &[b]).iter().all(|&v| v == 3.0));
 }
 
 #[test]
@@ -189,9 +187,7 @@ fn q3k_layout() {
     // bits (j/4 here) at bits 2*(j/4) of byte 8 + j%4.
     let mut b: BlockQ3K = zeroed();
     b.d = ONE;
-    b.scales = [
-        0x11, 0x55, 0x99, 0xDD, 0x11, 0x55, 0x99, 0xDD, 0xE4, 0xE4, 0xE4, 0xE4,
-    ];
+    b.scales = [0x11, 0x55, 0x99, 0xDD, 0x11, 0x55, 0x99, 0xDD, 0xE4, 0xE4, 0xE4, 0xE4];
     // qs = 0, hmask = 0 → q = 0 - 4 everywhere.
     let y = deq_via_bytes(GgmlType::Q3_K, &[b]);
     for (i, &v) in y.iter().enumerate() {
@@ -199,9 +195,7 @@ fn q3k_layout() {
         assert_eq!(v, (-4 * sc) as f32, "element {i}");
     }
     // Bit positions, with all third bits set (q = low bits) except one.
-    b.scales = [
-        0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0xAA, 0xAA, 0xAA, 0xAA,
-    ]; // all 33 → 1
+    b.scales = [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0xAA, 0xAA, 0xAA, 0xAA]; // all 33 → 1
     b.hmask = [0xFF; 32];
     b.qs[32 + 5] = 0b11_10_01_00; // elements 128+5, +32, +64, +96 ← 0, 1, 2, 3
     b.hmask[9] = !(1 << 5); // bit 4n+k = 5: n=1, k=1 → element 128+32+9 loses its +4
@@ -298,10 +292,7 @@ fn simd_path_present() {
     // Not an assertion: the SIMD-vs-reference properties below are vacuous
     // on a CPU without AVX2+FMA, so say which path ran.
     #[cfg(target_arch = "x86_64")]
-    eprintln!(
-        "avx2+fma: {}",
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    );
+    eprintln!("avx2+fma: {}", is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
 }
 
 // ---------------------------------------------------------------- properties
@@ -335,24 +326,12 @@ fn check_dot<B: BlockFormat<Dot = BlockQ8K>>(w: &[B], x: &[f32]) -> Result<(), T
     let wf = deq(w);
     let af = deq_acts(&a);
     let exact: f64 = wf.iter().zip(&af).map(|(&p, &q)| p as f64 * q as f64).sum();
-    let mag: f64 = wf
-        .iter()
-        .zip(&af)
-        .map(|(&p, &q)| (p as f64 * q as f64).abs())
-        .sum();
+    let mag: f64 = wf.iter().zip(&af).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
     let r = B::vec_dot_ref(w, &a) as f64;
     let s = B::vec_dot(w, &a) as f64;
     let tol = 1e-4 * mag + 1e-6;
-    prop_assert!(
-        (r - exact).abs() <= tol,
-        "{}: ref {r} vs dequantized dot {exact} (Σ|p| {mag})",
-        B::TYPE
-    );
-    prop_assert!(
-        (s - r).abs() <= tol,
-        "{}: simd {s} vs ref {r} (Σ|p| {mag})",
-        B::TYPE
-    );
+    prop_assert!((r - exact).abs() <= tol, "{}: ref {r} vs dequantized dot {exact} (Σ|p| {mag})", B::TYPE);
+    prop_assert!((s - r).abs() <= tol, "{}: simd {s} vs ref {r} (Σ|p| {mag})", B::TYPE);
     Ok(())
 }
 

@@ -79,19 +79,9 @@ fn q4_0_hand_block() {
     assert_eq!(deq_bytes(GgmlType::Q4_0, &bytes), want);
 
     // qs[j] = j | (15 - j) << 4: element j = (j - 8)·d, element 16 + j = (7 - j)·d.
-    let b = BlockQ4_0 {
-        d: h(0.25),
-        qs: std::array::from_fn(|j| j as u8 | (15 - j as u8) << 4),
-    };
-    let want: Vec<f32> = (0..32)
-        .map(|i| {
-            if i < 16 {
-                (i as f32 - 8.0) * 0.25
-            } else {
-                (7.0 - (i - 16) as f32) * 0.25
-            }
-        })
-        .collect();
+    let b = BlockQ4_0 { d: h(0.25), qs: std::array::from_fn(|j| j as u8 | (15 - j as u8) << 4) };
+    let want: Vec<f32> =
+        (0..32).map(|i| if i < 16 { (i as f32 - 8.0) * 0.25 } else { (7.0 - (i - 16) as f32) * 0.25 }).collect();
     assert_eq!(deq(&[b]), want);
 }
 
@@ -100,15 +90,8 @@ fn q4_1_hand_block() {
     // d = 0.25, m = -1: element j = 0.25·j - 1, element 16 + j = 0.25·(15 - j) - 1.
     let mut bytes = vec![0x00, 0x34, 0x00, 0xBC]; // f16 0.25, -1.0
     bytes.extend((0..16u8).map(|j| j | (15 - j) << 4));
-    let want: Vec<f32> = (0..32)
-        .map(|i| {
-            if i < 16 {
-                0.25 * i as f32 - 1.0
-            } else {
-                0.25 * (31 - i) as f32 - 1.0
-            }
-        })
-        .collect();
+    let want: Vec<f32> =
+        (0..32).map(|i| if i < 16 { 0.25 * i as f32 - 1.0 } else { 0.25 * (31 - i) as f32 - 1.0 }).collect();
     assert_eq!(deq_bytes(GgmlType::Q4_1, &bytes), want);
 }
 
@@ -155,18 +138,9 @@ fn q8_0_hand_block() {
 #[test]
 fn float_hand_values() {
     // F16 1.0 = 3C00, -2.5 = C100; BF16 1.0 = 3F80, -2.5 = C020; F32 little-endian.
-    assert_eq!(
-        deq_bytes(GgmlType::F16, &[0x00, 0x3C, 0x00, 0xC1]),
-        vec![1.0, -2.5]
-    );
-    assert_eq!(
-        deq_bytes(GgmlType::BF16, &[0x80, 0x3F, 0x20, 0xC0]),
-        vec![1.0, -2.5]
-    );
-    let f32_bytes: Vec<u8> = [1.5f32, -0.25]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    assert_eq!(deq_bytes(GgmlType::F16, &[0x00, 0x3C, 0x00, 0xC1]), vec![1.0, -2.5]);
+    assert_eq!(deq_bytes(GgmlType::BF16, &[0x80, 0x3F, 0x20, 0xC0]), vec![1.0, -2.5]);
+    let f32_bytes: Vec<u8> = [1.5f32, -0.25].iter().flat_map(|v| v.to_le_bytes()).collect();
     assert_eq!(deq_bytes(GgmlType::F32, &f32_bytes), vec![1.5, -0.25]);
 }
 
@@ -186,71 +160,35 @@ fn byte_dispatch_rejects_bad_lengths() {
 #[test]
 fn hand_dots() {
     // Q4_0 (0 ×16, 3.5 ×16) · Q8_0 (d = 1, all q = 1) = 16 · 3.5 = 56.
-    let w = [BlockQ4_0 {
-        d: h(0.5),
-        qs: [0xF8; 16],
-    }];
-    let a = [BlockQ8_0 {
-        d: h(1.0),
-        qs: [1; 32],
-    }];
+    let w = [BlockQ4_0 { d: h(0.5), qs: [0xF8; 16] }];
+    let a = [BlockQ8_0 { d: h(1.0), qs: [1; 32] }];
     assert_eq!(BlockQ4_0::vec_dot_ref(&w, &a), 56.0);
     assert_eq!(BlockQ4_0::vec_dot(&w, &a), 56.0);
 
     // Q4_1 d = 1, m = 1, all q = 0 → every x = 1; Q8_1 d = 0.5, q = 2 → y = 1,
     // s = 0.5·64 = 32. The whole dot is the min term: 32.
-    let w = [BlockQ4_1 {
-        d: h(1.0),
-        m: h(1.0),
-        qs: [0; 16],
-    }];
-    let a = [BlockQ8_1 {
-        d: h(0.5),
-        s: h(32.0),
-        qs: [2; 32],
-    }];
+    let w = [BlockQ4_1 { d: h(1.0), m: h(1.0), qs: [0; 16] }];
+    let a = [BlockQ8_1 { d: h(0.5), s: h(32.0), qs: [2; 32] }];
     assert_eq!(BlockQ4_1::vec_dot_ref(&w, &a), 32.0);
     assert_eq!(BlockQ4_1::vec_dot(&w, &a), 32.0);
 
     // Q5_0 with only element 31's fifth bit set, all low bits 0: x = -16
     // everywhere but x[31] = 0. Against y = i: -16 · Σ_{i<31} i = -7440.
-    let w = [BlockQ5_0 {
-        d: h(1.0),
-        qh: [0, 0, 0, 0x80],
-        qs: [0; 16],
-    }];
-    let a = [BlockQ8_0 {
-        d: h(1.0),
-        qs: std::array::from_fn(|i| i as i8),
-    }];
+    let w = [BlockQ5_0 { d: h(1.0), qh: [0, 0, 0, 0x80], qs: [0; 16] }];
+    let a = [BlockQ8_0 { d: h(1.0), qs: std::array::from_fn(|i| i as i8) }];
     assert_eq!(BlockQ5_0::vec_dot_ref(&w, &a), -7440.0);
     assert_eq!(BlockQ5_0::vec_dot(&w, &a), -7440.0);
 
     // Q5_1 d = 1, m = -16 with all fifth bits and low bits 15: x = 31 - 16 = 15;
     // y = 1 (d = 1, s = 32): 15·32 = 480.
-    let w = [BlockQ5_1 {
-        d: h(1.0),
-        m: h(-16.0),
-        qh: [0xFF; 4],
-        qs: [0xFF; 16],
-    }];
-    let a = [BlockQ8_1 {
-        d: h(1.0),
-        s: h(32.0),
-        qs: [1; 32],
-    }];
+    let w = [BlockQ5_1 { d: h(1.0), m: h(-16.0), qh: [0xFF; 4], qs: [0xFF; 16] }];
+    let a = [BlockQ8_1 { d: h(1.0), s: h(32.0), qs: [1; 32] }];
     assert_eq!(BlockQ5_1::vec_dot_ref(&w, &a), 480.0);
     assert_eq!(BlockQ5_1::vec_dot(&w, &a), 480.0);
 
     // Q8_0 extremes, including a -128 weight: Σ (-128·127 + 127·-127 ...).
-    let w = [BlockQ8_0 {
-        d: h(1.0),
-        qs: std::array::from_fn(|i| if i % 2 == 0 { -128 } else { 127 }),
-    }];
-    let a = [BlockQ8_0 {
-        d: h(1.0),
-        qs: std::array::from_fn(|i| if i % 2 == 0 { 127 } else { -127 }),
-    }];
+    let w = [BlockQ8_0 { d: h(1.0), qs: std::array::from_fn(|i| if i % 2 == 0 { -128 } else { 127 }) }];
+    let a = [BlockQ8_0 { d: h(1.0), qs: std::array::from_fn(|i| if i % 2 == 0 { 127 } else { -127 }) }];
     let want = 16.0 * (-128.0 * 127.0 - 127.0 * 127.0);
     assert_eq!(BlockQ8_0::vec_dot_ref(&w, &a), want);
     assert_eq!(BlockQ8_0::vec_dot(&w, &a), want);
@@ -281,9 +219,7 @@ fn q4_0_quantize_golden_bytes() {
 #[test]
 fn q8_0_quantize_golden_bytes() {
     // amax = 63.5 → d = 0.5 exactly; x = q·0.5.
-    let q: Vec<i8> = (0..32)
-        .map(|i| if i == 7 { 127 } else { (i * 7 - 110) as i8 })
-        .collect();
+    let q: Vec<i8> = (0..32).map(|i| if i == 7 { 127 } else { (i * 7 - 110) as i8 }).collect();
     let x: Vec<f32> = q.iter().map(|&q| q as f32 * 0.5).collect();
     let mut b = [BlockQ8_0::zeroed()];
     BlockQ8_0::quantize(&x, &mut b);
@@ -302,27 +238,21 @@ fn q8_0_quantize_golden_bytes() {
 #[test]
 fn on_grid_round_trips_are_exact() {
     // Q4_1: m = 1, d = 0.25, q = i % 16 (both ends present).
-    let x: Vec<f32> = (0..32)
-        .map(|i| 1.0 + 0.25 * ((i * 7) % 16) as f32)
-        .collect();
+    let x: Vec<f32> = (0..32).map(|i| 1.0 + 0.25 * ((i * 7) % 16) as f32).collect();
     let mut b = [BlockQ4_1::zeroed()];
     BlockQ4_1::quantize(&x, &mut b);
     assert_eq!((hf(b[0].d), hf(b[0].m)), (0.25, 1.0));
     assert_eq!(deq(&b), x);
 
     // Q5_0: x = (q - 16)·0.25, q = 0..32 (largest magnitude -4 at q = 0).
-    let x: Vec<f32> = (0..32)
-        .map(|i| (((i * 5) % 32) as f32 - 16.0) * 0.25)
-        .collect();
+    let x: Vec<f32> = (0..32).map(|i| (((i * 5) % 32) as f32 - 16.0) * 0.25).collect();
     let mut b = [BlockQ5_0::zeroed()];
     BlockQ5_0::quantize(&x, &mut b);
     assert_eq!(hf(b[0].d), 0.25);
     assert_eq!(deq(&b), x);
 
     // Q5_1: m = -2, d = 0.125, q = 0..32.
-    let x: Vec<f32> = (0..32)
-        .map(|i| -2.0 + 0.125 * ((i * 3) % 32) as f32)
-        .collect();
+    let x: Vec<f32> = (0..32).map(|i| -2.0 + 0.125 * ((i * 3) % 32) as f32).collect();
     let mut b = [BlockQ5_1::zeroed()];
     BlockQ5_1::quantize(&x, &mut b);
     assert_eq!((hf(b[0].d), hf(b[0].m)), (0.125, -2.0));
@@ -384,11 +314,7 @@ impl Act for BlockQ8_0 {
 impl Act for BlockQ8_1 {
     fn make(d: f32, qs: [i8; 32]) -> Self {
         let sum: i32 = qs.iter().map(|&q| q as i32).sum();
-        BlockQ8_1 {
-            d: h(d),
-            s: h(hf(h(d)) * sum as f32),
-            qs,
-        }
+        BlockQ8_1 { d: h(d), s: h(hf(h(d)) * sum as f32), qs }
     }
     fn d(&self) -> f32 {
         hf(self.d)
@@ -411,10 +337,7 @@ fn qh(raw: &[u8; 32]) -> [u8; 4] {
 
 impl Weight for BlockQ4_0 {
     fn make(raw: &[u8; 32], d: f32, _: f32) -> Self {
-        BlockQ4_0 {
-            d: h(d),
-            qs: nib(raw),
-        }
+        BlockQ4_0 { d: h(d), qs: nib(raw) }
     }
     fn q(&self) -> [i8; 32] {
         self.quants()
@@ -432,11 +355,7 @@ impl Weight for BlockQ4_0 {
 
 impl Weight for BlockQ4_1 {
     fn make(raw: &[u8; 32], d: f32, m: f32) -> Self {
-        BlockQ4_1 {
-            d: h(d),
-            m: h(m),
-            qs: nib(raw),
-        }
+        BlockQ4_1 { d: h(d), m: h(m), qs: nib(raw) }
     }
     fn q(&self) -> [i8; 32] {
         self.quants()
@@ -454,11 +373,7 @@ impl Weight for BlockQ4_1 {
 
 impl Weight for BlockQ5_0 {
     fn make(raw: &[u8; 32], d: f32, _: f32) -> Self {
-        BlockQ5_0 {
-            d: h(d),
-            qh: qh(raw),
-            qs: nib(raw),
-        }
+        BlockQ5_0 { d: h(d), qh: qh(raw), qs: nib(raw) }
     }
     fn q(&self) -> [i8; 32] {
         self.quants()
@@ -474,12 +389,7 @@ impl Weight for BlockQ5_0 {
 
 impl Weight for BlockQ5_1 {
     fn make(raw: &[u8; 32], d: f32, m: f32) -> Self {
-        BlockQ5_1 {
-            d: h(d),
-            m: h(m),
-            qh: qh(raw),
-            qs: nib(raw),
-        }
+        BlockQ5_1 { d: h(d), m: h(m), qh: qh(raw), qs: nib(raw) }
     }
     fn q(&self) -> [i8; 32] {
         self.quants()
@@ -496,10 +406,7 @@ impl Weight for BlockQ5_1 {
 impl Weight for BlockQ8_0 {
     fn make(raw: &[u8; 32], d: f32, _: f32) -> Self {
         // Any byte, -128 included: weights from other quantizers may hold it.
-        BlockQ8_0 {
-            d: h(d),
-            qs: raw.map(|b| b as i8),
-        }
+        BlockQ8_0 { d: h(d), qs: raw.map(|b| b as i8) }
     }
     fn q(&self) -> [i8; 32] {
         self.qs
@@ -524,21 +431,14 @@ where
         .zip(a)
         .map(|(x, y)| {
             let (d, m) = x.dm();
-            let qy: i64 = x
-                .q()
-                .iter()
-                .zip(y.qs())
-                .map(|(&q, &v)| (q as i64 * v as i64).abs())
-                .sum();
+            let qy: i64 = x.q().iter().zip(y.qs()).map(|(&q, &v)| (q as i64 * v as i64).abs()).sum();
             (d as f64 * y.d() as f64).abs() * qy as f64 + (m as f64 * y.s() as f64).abs()
         })
         .sum()
 }
 
 fn deq_act<A: Act>(a: &[A]) -> Vec<f64> {
-    a.iter()
-        .flat_map(|b| b.qs().map(|q| b.d() as f64 * q as f64))
-        .collect()
+    a.iter().flat_map(|b| b.qs().map(|q| b.d() as f64 * q as f64)).collect()
 }
 
 /// (a) SIMD vs reference and (b) reference vs an f64 dot of dequantized data.
@@ -566,10 +466,7 @@ where
             (x.dm().1 as f64 * (y.s() as f64 - y.d() as f64 * sum as f64)).abs()
         })
         .sum();
-    prop_assert!(
-        (r - exact).abs() <= tol + s_slack,
-        "ref {r} vs dequantized {exact}, tol {tol} + {s_slack}"
-    );
+    prop_assert!((r - exact).abs() <= tol + s_slack, "ref {r} vs dequantized {exact}, tol {tol} + {s_slack}");
     Ok(())
 }
 
@@ -597,11 +494,7 @@ fn case() -> impl Strategy<Value = (Vec<(f32, f32, [u8; 32])>, Vec<f32>, Vec<(f3
     })
 }
 
-fn run_dots<W: Weight>(
-    wp: &[(f32, f32, [u8; 32])],
-    x: &[f32],
-    ap: &[(f32, Vec<i8>)],
-) -> Result<(), TestCaseError>
+fn run_dots<W: Weight>(wp: &[(f32, f32, [u8; 32])], x: &[f32], ap: &[(f32, Vec<i8>)]) -> Result<(), TestCaseError>
 where
     W::Dot: Act,
 {
@@ -611,10 +504,7 @@ where
     W::Dot::quantize(x, &mut a);
     check_dots(&w, &a)?;
     // And raw random quants, to reach bit patterns the quantizer rarely makes.
-    let a: Vec<W::Dot> = ap
-        .iter()
-        .map(|(d, q)| W::Dot::make(*d, q[..].try_into().unwrap()))
-        .collect();
+    let a: Vec<W::Dot> = ap.iter().map(|(d, q)| W::Dot::make(*d, q[..].try_into().unwrap())).collect();
     check_dots(&w, &a)
 }
 
@@ -630,10 +520,7 @@ where
         let (d, m) = blk.dm();
         let bound = W::ERR_STEPS * d.abs() + m.abs() * 2f32.powi(-11) + 1e-6;
         for (j, (&a, &q)) in xs.iter().zip(ys).enumerate() {
-            prop_assert!(
-                (a - q).abs() <= bound,
-                "block {i} elem {j}: {a} → {q}, bound {bound}, {blk:?}"
-            );
+            prop_assert!((a - q).abs() <= bound, "block {i} elem {j}: {a} → {q}, bound {bound}, {blk:?}");
         }
     }
     // And via the byte-level dispatch, identically.
@@ -645,18 +532,11 @@ where
 /// ±magnitude, possibly all shifted by an offset (the `_1` formats care).
 fn rows() -> impl Strategy<Value = Vec<f32>> {
     prop::collection::vec(
-        (
-            uniform(0.01, 100.0),
-            uniform(-1.0, 1.0),
-            prop::collection::vec(uniform(-1.0, 1.0), 32),
-        ),
+        (uniform(0.01, 100.0), uniform(-1.0, 1.0), prop::collection::vec(uniform(-1.0, 1.0), 32)),
         0..12,
     )
     .prop_map(|blocks| {
-        blocks
-            .into_iter()
-            .flat_map(|(mag, off, v)| v.into_iter().map(move |u| (u + off) * mag))
-            .collect()
+        blocks.into_iter().flat_map(|(mag, off, v)| v.into_iter().map(move |u| (u + off) * mag)).collect()
     })
 }
 

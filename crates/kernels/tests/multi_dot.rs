@@ -11,9 +11,9 @@
 //! `s` / `bsums`). Row lengths include odd block counts, which exercise the
 //! tail of the two-accumulator loops.
 
+use minnow_kernels::formats::interleaved::*;
 use minnow_kernels::formats::kquants::*;
 use minnow_kernels::formats::legacy::*;
-use minnow_kernels::formats::interleaved::*;
 use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat, SimdLevel};
 use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, Layout, QMatrix};
 use minnow_kernels::pool::ThreadPool;
@@ -137,15 +137,12 @@ fn check_n<B: BlockFormat, const N: usize>(w: &[B], rows: &[Vec<B::Dot>], want: 
 fn check_format<B: Weights>(seed: u64, n_blocks: usize) {
     let mut rng = Rng(seed);
     let w: Vec<B> = random_weights(&mut rng, n_blocks);
-    let rows: Vec<Vec<B::Dot>> = (0..5)
-        .map(|_| random_acts(&mut rng, n_blocks * B::BLOCK))
-        .collect();
+    let rows: Vec<Vec<B::Dot>> = (0..5).map(|_| random_acts(&mut rng, n_blocks * B::BLOCK)).collect();
     let want: Vec<f32> = rows.iter().map(|a| B::vec_dot(&w, a)).collect();
     check_n::<B, 4>(&w, &rows, &want);
     check_n::<B, 2>(&w, &rows, &want);
     check_n::<B, 3>(&w, &rows, &want);
     check_n::<B, 1>(&w, &rows, &want);
-
 }
 
 proptest! {
@@ -203,13 +200,7 @@ fn check_matmul_invariance<B: Weights>(seed: u64, rows: usize, blocks_per_row: u
     let mut rng = Rng(seed);
     let w: Vec<B> = random_weights(&mut rng, rows * blocks_per_row);
     let cols = blocks_per_row * B::BLOCK;
-    let m = QMatrix {
-        ty: B::TYPE,
-        rows,
-        cols,
-        data: bytemuck::cast_slice(&w),
-        layout: Layout::RowMajor,
-    };
+    let m = QMatrix { ty: B::TYPE, rows, cols, data: bytemuck::cast_slice(&w), layout: Layout::RowMajor };
     check_invariance_of(&mut rng, &m);
     if let Some(p) = m.interleave().unwrap() {
         check_invariance_of(&mut rng, &p.q());
@@ -226,15 +217,7 @@ fn check_invariance_of(rng: &mut Rng, m: &QMatrix) {
         let single: Vec<Vec<f32>> = (0..n_max)
             .map(|t| {
                 let mut out = vec![0.0; rows];
-                matmul(
-                    &pool,
-                    m,
-                    &x[t * cols..(t + 1) * cols],
-                    1,
-                    &mut out,
-                    &mut scratch,
-                )
-                .unwrap();
+                matmul(&pool, m, &x[t * cols..(t + 1) * cols], 1, &mut out, &mut scratch).unwrap();
                 out
             })
             .collect();
@@ -242,17 +225,9 @@ fn check_invariance_of(rng: &mut Rng, m: &QMatrix) {
             let mut out = vec![0.0; n * rows];
             matmul(&pool, m, &x[..n * cols], n, &mut out, &mut scratch).unwrap();
             for t in 0..n {
-                let got: Vec<u32> = out[t * rows..(t + 1) * rows]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
+                let got: Vec<u32> = out[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
                 let want: Vec<u32> = single[t].iter().map(|v| v.to_bits()).collect();
-                assert_eq!(
-                    got,
-                    want,
-                    "{} {:?}: token {t} of {n}, {threads} threads",
-                    m.ty, m.layout
-                );
+                assert_eq!(got, want, "{} {:?}: token {t} of {n}, {threads} threads", m.ty, m.layout);
             }
         }
     }
@@ -353,7 +328,6 @@ where
                 let simd = P::Row::vec_dot(wr, a);
                 assert_eq!(got.to_bits(), simd.to_bits(), "{} row {s}: {got} vs row-major {simd}", P::Row::TYPE);
             }
-
         }
     }
     // Every level this CPU has (each kernel variant), not only the one
@@ -423,9 +397,12 @@ fn matmul_many_matches_separate_matmuls() {
     let q4k: Vec<BlockQ4K> = random_weights(&mut rng, 40 * 2);
     let q6k: Vec<BlockQ6K> = random_weights(&mut rng, 24 * 2);
     let q8: Vec<BlockQ8_0> = random_weights(&mut rng, 8 * 16);
-    let q4k_m = QMatrix { ty: BlockQ4K::TYPE, rows: 40, cols, data: bytemuck::cast_slice(&q4k), layout: Layout::RowMajor };
-    let q6k_m = QMatrix { ty: BlockQ6K::TYPE, rows: 24, cols, data: bytemuck::cast_slice(&q6k), layout: Layout::RowMajor };
-    let q8_m = QMatrix { ty: BlockQ8_0::TYPE, rows: 8, cols, data: bytemuck::cast_slice(&q8), layout: Layout::RowMajor };
+    let q4k_m =
+        QMatrix { ty: BlockQ4K::TYPE, rows: 40, cols, data: bytemuck::cast_slice(&q4k), layout: Layout::RowMajor };
+    let q6k_m =
+        QMatrix { ty: BlockQ6K::TYPE, rows: 24, cols, data: bytemuck::cast_slice(&q6k), layout: Layout::RowMajor };
+    let q8_m =
+        QMatrix { ty: BlockQ8_0::TYPE, rows: 8, cols, data: bytemuck::cast_slice(&q8), layout: Layout::RowMajor };
     let q4k_x8 = q4k_m.interleave().unwrap().expect("40 rows interleave");
     let q6k_x8 = q6k_m.interleave().unwrap().expect("24 rows interleave");
     let ws = [q4k_x8.q(), q4k_m, q6k_x8.q(), q8_m, q6k_m];

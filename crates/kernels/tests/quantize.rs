@@ -130,7 +130,8 @@ fn bad_input_is_refused() {
 /// Random bytes made into valid blocks: each f16 scale field set to a
 /// finite value (random bits can be NaN or infinite).
 fn random_blocks(ty: GgmlType, n_blocks: usize, seed: u64, scale_fields: &[usize]) -> Vec<u8> {
-    let mut bytes: Vec<u8> = weights(n_blocks * ty.type_size(), seed).iter().map(|v| (v * 2550.0) as i32 as u8).collect();
+    let mut bytes: Vec<u8> =
+        weights(n_blocks * ty.type_size(), seed).iter().map(|v| (v * 2550.0) as i32 as u8).collect();
     for (b, block) in bytes.chunks_exact_mut(ty.type_size()).enumerate() {
         for (j, &o) in scale_fields.iter().enumerate() {
             let v = half::f16::from_f32(0.001 * (1 + (b * 7 + j * 3) % 13) as f32);
@@ -207,11 +208,13 @@ fn scaling_refuses_overflow_and_bad_input() {
 fn writer_quantizes_on_write() {
     let x = weights(512 * 3, 4);
     let mut w = GgufWriter::new();
-    for (name, ty) in [("q8", GgmlType::Q8_0), ("q4", GgmlType::Q4_0), ("q4k", GgmlType::Q4_K), ("f16", GgmlType::F16)] {
+    for (name, ty) in [("q8", GgmlType::Q8_0), ("q4", GgmlType::Q4_0), ("q4k", GgmlType::Q4_K), ("f16", GgmlType::F16)]
+    {
         w.add_tensor_quantized(name, &[512, 3], ty, &x).unwrap();
     }
     let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
-    for (name, ty) in [("q8", GgmlType::Q8_0), ("q4", GgmlType::Q4_0), ("q4k", GgmlType::Q4_K), ("f16", GgmlType::F16)] {
+    for (name, ty) in [("q8", GgmlType::Q8_0), ("q4", GgmlType::Q4_0), ("q4k", GgmlType::Q4_K), ("f16", GgmlType::F16)]
+    {
         let t = file.tensor(name).unwrap();
         assert_eq!((t.ty, t.dims.clone()), (ty, vec![512, 3]));
         let data = file.tensor_data(t);

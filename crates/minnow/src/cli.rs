@@ -421,7 +421,10 @@ fn run(a: RunArgs) -> Result<()> {
 /// can then stay in scripts that run both kinds.
 fn moe_stats(m: &LoadedModel) -> serde_json::Value {
     let Some(s) = m.model.router_stats() else {
-        eprintln!("note: --moe-stats: this is a dense model ({}), it has no experts to report on", m.model.config().arch.name());
+        eprintln!(
+            "note: --moe-stats: this is a dense model ({}), it has no experts to report on",
+            m.model.config().arch.name()
+        );
         return serde_json::Value::Null;
     };
     eprint!("{}", s.format_table());
@@ -469,7 +472,10 @@ fn chat(a: ChatArgs) -> Result<()> {
         messages.push(ChatMessage::new("user", line.to_string()));
         let prompt = chat_prompt(&m, &messages)?;
         if prompt.len() >= ctx {
-            eprintln!("the conversation ({} tokens) no longer fits the context of {ctx}; /reset to start over", prompt.len());
+            eprintln!(
+                "the conversation ({} tokens) no longer fits the context of {ctx}; /reset to start over",
+                prompt.len()
+            );
             messages.pop();
             continue;
         }
@@ -506,10 +512,8 @@ fn info(a: InfoArgs) -> Result<()> {
     let kv_bytes = (minnow_engine::kv_cache::KvCache::bytes_per_position(&cfg) * ctx) as u64;
     let name = m.file.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
     if a.json {
-        let mix_json: serde_json::Map<String, serde_json::Value> = mix
-            .iter()
-            .map(|(k, (n, e))| (k.clone(), json!({"tensors": n, "elements": e})))
-            .collect();
+        let mix_json: serde_json::Map<String, serde_json::Value> =
+            mix.iter().map(|(k, (n, e))| (k.clone(), json!({"tensors": n, "elements": e}))).collect();
         println!(
             "{}",
             json!({
@@ -530,7 +534,10 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("name:          {name}");
     println!("architecture:  {}", cfg.arch.name());
     println!("parameters:    {:.1} M", params as f64 / 1e6);
-    println!("layers:        {} (width {}, FFN {}, heads {} / {} kv, head dim {})", cfg.n_layer, cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+    println!(
+        "layers:        {} (width {}, FFN {}, heads {} / {} kv, head dim {})",
+        cfg.n_layer, cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    );
     println!("vocabulary:    {} tokens", cfg.vocab_size);
     println!("context:       {} tokens (trained)", cfg.context_length);
     if let Some(w) = cfg.sliding_window {

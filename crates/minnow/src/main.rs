@@ -35,7 +35,9 @@ fn main() {
     if let Some(v) = std::env::var_os("MINNOW_SIMD") {
         let v = v.to_string_lossy();
         if minnow_kernels::formats::SimdLevel::from_name(&v).is_none() {
-            eprintln!("minnow: error: MINNOW_SIMD={v:?} names no kernel level: use scalar, avx2 or avx512 (or unset it)");
+            eprintln!(
+                "minnow: error: MINNOW_SIMD={v:?} names no kernel level: use scalar, avx2 or avx512 (or unset it)"
+            );
             std::process::exit(2);
         }
     }

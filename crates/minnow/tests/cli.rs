@@ -2,8 +2,8 @@
 //! shapes scripts rely on, determinism of seeded sampling, and one-line errors.
 
 use serde_json::Value;
-use std::process::{Output, Stdio};
 use std::io::Write;
+use std::process::{Output, Stdio};
 
 mod common;
 
@@ -25,7 +25,8 @@ fn minnow(args: &[&str], stdin: Option<&str>) -> Output {
 
 fn json_of(out: &Output) -> Value {
     assert!(out.status.success(), "minnow failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]

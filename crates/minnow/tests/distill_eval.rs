@@ -32,7 +32,11 @@ fn write_dev(dir: &Path) -> PathBuf {
 
 fn minnow(args: &[&str]) -> (bool, String, String) {
     let o = common::minnow_cmd().args(args).output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -42,17 +46,34 @@ fn eval_report_matches_its_per_case_outputs() {
     let out = dir.join("report");
     let m = common::smollm2();
     let (ok, stdout, err) = minnow(&[
-        "distill", "eval", dev.to_str().unwrap(),
-        "--few-shot", dev.to_str().unwrap(), "--n-shot", "2",
-        "--model", &format!("zero={}", m.display()),
-        "--model-few-shot", &format!("two={}", m.display()),
-        "--agree-with", "two",
-        "--max-tokens", "64", "--parallel", "2", "-t", "2", "--price-per-hour", "3.6",
-        "-o", out.to_str().unwrap(),
+        "distill",
+        "eval",
+        dev.to_str().unwrap(),
+        "--few-shot",
+        dev.to_str().unwrap(),
+        "--n-shot",
+        "2",
+        "--model",
+        &format!("zero={}", m.display()),
+        "--model-few-shot",
+        &format!("two={}", m.display()),
+        "--agree-with",
+        "two",
+        "--max-tokens",
+        "64",
+        "--parallel",
+        "2",
+        "-t",
+        "2",
+        "--price-per-hour",
+        "3.6",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("| zero |") && stdout.contains("| two |"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["cases"], 3, "the 2 worked examples are left out of 5 cases");
     let rows = report["models"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -148,7 +169,8 @@ limit = 2
     let work = dir.join("work");
     assert_eq!(std::fs::read_to_string(work.join("dataset.jsonl")).unwrap().lines().count(), 5);
     assert!(work.join("student.gguf").exists());
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.join("report/report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("report/report.json")).unwrap()).unwrap();
     assert_eq!(report["models"][1]["label"], "tuned");
     assert!(report["models"][1]["model"].as_str().unwrap().ends_with("student.gguf"));
     // Teacher agreement comes from the dataset (the same prompts were labeled).

@@ -21,7 +21,9 @@ fn write_inputs(dir: &Path) -> PathBuf {
     ];
     let text: String = lines
         .iter()
-        .map(|m| serde_json::json!({"prompt": format!("Extract the order as JSON.\n\nMessage: {m}")}).to_string() + "\n")
+        .map(|m| {
+            serde_json::json!({"prompt": format!("Extract the order as JSON.\n\nMessage: {m}")}).to_string() + "\n"
+        })
         .collect();
     std::fs::write(&p, text).unwrap();
     p

@@ -69,7 +69,9 @@ fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     let head = String::from_utf8_lossy(&buf).into_owned();
     let len = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+        })
         .unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).ok()?;
@@ -133,12 +135,20 @@ fn start_proxy(server_port: u16, plan: HashMap<usize, Fault>) -> (u16, Arc<Mutex
 
 fn write_inputs(dir: &Path) -> PathBuf {
     let p = dir.join("inputs.jsonl");
-    let msgs = ["Anna Haddad: five paper shredders at $35.00 to Kazan.", "Jonas Schmidt: 4 wireless mouses at $310 each to Prague.",
-        "Hana Schmidt: 10 headsets, 149.5 USD each, to Beirut.", "Liam Okafor: 12 whiteboards at 79 USD for Osaka."];
+    let msgs = [
+        "Anna Haddad: five paper shredders at $35.00 to Kazan.",
+        "Jonas Schmidt: 4 wireless mouses at $310 each to Prague.",
+        "Hana Schmidt: 10 headsets, 149.5 USD each, to Beirut.",
+        "Liam Okafor: 12 whiteboards at 79 USD for Osaka.",
+    ];
     let text: String = msgs
         .iter()
         .enumerate()
-        .map(|(i, m)| serde_json::json!({"id": format!("order-{i}"), "prompt": format!("Extract the order as JSON.\n\n{m}")}).to_string() + "\n")
+        .map(|(i, m)| {
+            serde_json::json!({"id": format!("order-{i}"), "prompt": format!("Extract the order as JSON.\n\n{m}")})
+                .to_string()
+                + "\n"
+        })
         .collect();
     std::fs::write(&p, text).unwrap();
     p
@@ -205,7 +215,8 @@ fn remote_teacher_retries_injected_faults_and_ends_with_the_same_dataset() {
     assert_eq!(seen.len(), 4 + plan.len(), "{seen:#?}");
     for (n, s) in seen.iter().enumerate() {
         if s.fault.is_some() {
-            let retry = seen[n + 1..].iter().find(|r| r.body == s.body).unwrap_or_else(|| panic!("request {n} never retried"));
+            let retry =
+                seen[n + 1..].iter().find(|r| r.body == s.body).unwrap_or_else(|| panic!("request {n} never retried"));
             let waited = retry.at - s.at;
             if s.fault == Some(Fault::TooMany { retry_after: Some(1) }) {
                 assert!(waited >= Duration::from_millis(950), "Retry-After: 1 not honoured: retried after {waited:?}");

@@ -6,7 +6,8 @@ use std::collections::HashSet;
 
 mod common;
 
-const PREFIX: &str = "Extract the order as JSON with keys customer, product, quantity, unit_price, city, delivery_date.\n\nMessage: ";
+const PREFIX: &str =
+    "Extract the order as JSON with keys customer, product, quantity, unit_price, city, delivery_date.\n\nMessage: ";
 
 #[test]
 fn synth_writes_new_distinct_inputs_and_continues_on_rerun() {
@@ -19,7 +20,8 @@ fn synth_writes_new_distinct_inputs_and_continues_on_rerun() {
         "Hi, this is Jonas Schmidt. Please send 4 wireless mouses at $310.00 each to Prague by the 12th of December 2025.",
     ];
     let seeds_path = dir.join("seeds.jsonl");
-    let text: String = seeds.iter().map(|s| serde_json::json!({"prompt": format!("{PREFIX}{s}")}).to_string() + "\n").collect();
+    let text: String =
+        seeds.iter().map(|s| serde_json::json!({"prompt": format!("{PREFIX}{s}")}).to_string() + "\n").collect();
     std::fs::write(&seeds_path, text).unwrap();
     let out = dir.join("new.jsonl");
     let synth = |count: &str| {

@@ -42,7 +42,18 @@ fn train_cmd(data: &Path, out: &Path, ckpt: &Path) -> Command {
         .arg("-o")
         .arg(out)
         .args(["--lora-rank", "4", "--lora-targets", "q,v", "--lr", "1e-3", "--epochs", "2", "--max-seq", "110"])
-        .args(["--batch-tokens", "160", "--val-frac", "0.2", "--warmup", "1", "--checkpoint-every", "1", "--threads", "2"])
+        .args([
+            "--batch-tokens",
+            "160",
+            "--val-frac",
+            "0.2",
+            "--warmup",
+            "1",
+            "--checkpoint-every",
+            "1",
+            "--threads",
+            "2",
+        ])
         .arg("--checkpoint-dir")
         .arg(ckpt)
         .stdout(Stdio::null())
@@ -83,7 +94,11 @@ fn killed_training_resumes_to_the_same_model() {
         let mut child = train_cmd(&data, &killed, &ckpt).spawn().unwrap();
         // Kill somewhere in the first ~90% of a whole run (a resumed run is
         // shorter, so later attempts often finish); from the 5th run on, let it be.
-        let delay = if runs < 5 { Duration::from_millis(next(&mut seed) % (full_run.as_millis() as u64 * 9 / 10).max(1)) } else { Duration::from_secs(600) };
+        let delay = if runs < 5 {
+            Duration::from_millis(next(&mut seed) % (full_run.as_millis() as u64 * 9 / 10).max(1))
+        } else {
+            Duration::from_secs(600)
+        };
         let started = Instant::now();
         let finished = loop {
             if let Some(status) = child.try_wait().unwrap() {

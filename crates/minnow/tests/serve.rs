@@ -15,7 +15,12 @@ fn http(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).unwrap();
     let out = String::from_utf8_lossy(&out).into_owned();
@@ -49,7 +54,11 @@ fn serve_binds_loopback_requires_the_env_key_and_stops_on_sigterm() {
         lines
     });
     let first = rx.recv_timeout(Duration::from_secs(60)).expect("no startup line");
-    let addr = first.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("no address in {first:?}"));
+    let addr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
     assert!(addr.starts_with("127.0.0.1:"), "must bind loopback by default: {first}");
     assert!(first.contains("API key required"), "{first}");
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();

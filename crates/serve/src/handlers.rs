@@ -23,7 +23,9 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// already says it is too large, else counted as it arrives (chunked bodies).
 async fn read_body(state: &AppState, headers: &HeaderMap, mut body: Body) -> Result<Vec<u8>> {
     let limit = state.opts.max_body_bytes;
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+    {
         if len > limit as u64 {
             return Err(ApiError::too_large(limit));
         }
@@ -159,8 +161,11 @@ async fn generate(
     let max_n = state.scheduler.config().max_parallel;
     if opts.n > max_n {
         // Each choice is a sequence in the batch: more than the slots cannot run.
-        return Err(ApiError::invalid("n", format!("`n` must be at most {max_n} on this server (its --parallel), got {}", opts.n))
-            .with_code("invalid_value"));
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be at most {max_n} on this server (its --parallel), got {}", opts.n),
+        )
+        .with_code("invalid_value"));
     }
     let ctx = state.scheduler.config().ctx;
     let max_tokens = opts.max_tokens.unwrap_or_else(|| ctx.saturating_sub(prompt.len()).max(1));
@@ -173,7 +178,12 @@ async fn generate(
     });
     let req = GenRequest {
         prompt,
-        params: GenerateParams { max_tokens, sampling: opts.sampling.clone(), stop: opts.stop.clone(), stop_at_eog: !opts.ignore_eos },
+        params: GenerateParams {
+            max_tokens,
+            sampling: opts.sampling.clone(),
+            stop: opts.stop.clone(),
+            stop_at_eog: !opts.ignore_eos,
+        },
         n: opts.n,
         top_logprobs: opts.logprobs,
     };
@@ -183,7 +193,9 @@ async fn generate(
     let sink = Box::new(move |ev: GenEvent| tx.send(ev).is_ok());
     let id = state.scheduler.submit(req, sink).map_err(|e| match e {
         SubmitError::QueueFull { retry_after_secs } => ApiError::queue_full(retry_after_secs),
-        SubmitError::ContextOverflow { prompt_tokens, max_tokens, ctx } => context_overflow(endpoint, prompt_tokens, max_tokens, ctx),
+        SubmitError::ContextOverflow { prompt_tokens, max_tokens, ctx } => {
+            context_overflow(endpoint, prompt_tokens, max_tokens, ctx)
+        }
         SubmitError::Invalid(msg) => ApiError::bad_request(msg),
         SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down"),
     })?;
@@ -295,8 +307,11 @@ pub async fn model_by_id(State(state): State<Arc<AppState>>, Path(id): Path<Stri
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let s = state.scheduler.stats();
-    let (status, code) =
-        if state.is_shutting_down() { ("shutting_down", StatusCode::SERVICE_UNAVAILABLE) } else { ("ok", StatusCode::OK) };
+    let (status, code) = if state.is_shutting_down() {
+        ("shutting_down", StatusCode::SERVICE_UNAVAILABLE)
+    } else {
+        ("ok", StatusCode::OK)
+    };
     let body = json!({"status": status, "active": s.active, "queue_depth": s.queue_depth});
     (code, json_response(&body)).into_response()
 }
@@ -315,9 +330,19 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let obj = read_object(&state, &headers, body).await?;
         let (param, text) = match (obj.get("content"), obj.get("prompt")) {
             (Some(Value::String(s)), _) => ("content", s.clone()),
-            (Some(v), _) if !v.is_null() => return Err(ApiError::invalid("content", format!("`content` must be a string, not {}", params::type_name(v)))),
+            (Some(v), _) if !v.is_null() => {
+                return Err(ApiError::invalid(
+                    "content",
+                    format!("`content` must be a string, not {}", params::type_name(v)),
+                ))
+            }
             (_, Some(Value::String(s))) => ("prompt", s.clone()),
-            (_, Some(v)) if !v.is_null() => return Err(ApiError::invalid("prompt", format!("`prompt` must be a string, not {}", params::type_name(v)))),
+            (_, Some(v)) if !v.is_null() => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("`prompt` must be a string, not {}", params::type_name(v)),
+                ))
+            }
             _ => return Err(ApiError::invalid("content", "`content` is required").with_code("missing_parameter")),
         };
         let add_special = params::opt_bool(&obj, "add_special")?.unwrap_or(false);
@@ -329,9 +354,7 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
             .map_err(|e| ApiError::invalid(param, format!("cannot tokenize: {e}")))?;
         let tokens: Vec<Value> = if with_pieces {
             let tok = &state.model().tokenizer;
-            ids.iter()
-                .map(|&id| json!({"id": id, "piece": String::from_utf8_lossy(&tok.token_bytes(id))}))
-                .collect()
+            ids.iter().map(|&id| json!({"id": id, "piece": String::from_utf8_lossy(&tok.token_bytes(id))})).collect()
         } else {
             ids.iter().map(|&id| json!(id)).collect()
         };
@@ -347,8 +370,15 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, headers: HeaderMap, 
         let obj = read_object(&state, &headers, body).await?;
         let ids = match obj.get("tokens") {
             Some(Value::Array(a)) => params::token_ids(a, "tokens")?,
-            None | Some(Value::Null) => return Err(ApiError::invalid("tokens", "`tokens` is required").with_code("missing_parameter")),
-            Some(v) => return Err(ApiError::invalid("tokens", format!("`tokens` must be an array of token ids, not {}", params::type_name(v)))),
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid("tokens", "`tokens` is required").with_code("missing_parameter"))
+            }
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "tokens",
+                    format!("`tokens` must be an array of token ids, not {}", params::type_name(v)),
+                ))
+            }
         };
         check_ids(&state, &ids, "tokens")?;
         let model = state.model().clone();

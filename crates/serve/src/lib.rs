@@ -214,7 +214,9 @@ async fn require_key(
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         match given {
-            None => return ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`").into_response(),
+            None => {
+                return ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`").into_response()
+            }
             Some(g) if !same_key(g.as_bytes(), key.as_bytes()) => {
                 return ApiError::unauthorized("incorrect API key").into_response()
             }
@@ -404,11 +406,7 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
     if !(cfg.price_per_hour.is_finite() && cfg.price_per_hour >= 0.0) {
         bail!("--price-per-hour must be a non-negative number");
     }
-    let api_key = cfg
-        .api_key
-        .clone()
-        .or_else(|| std::env::var("MINNOW_API_KEY").ok())
-        .filter(|k| !k.is_empty());
+    let api_key = cfg.api_key.clone().or_else(|| std::env::var("MINNOW_API_KEY").ok()).filter(|k| !k.is_empty());
     let model_id = model_id_of(&cfg.model);
     let threads = pool.n_threads();
     let sched_cfg = SchedulerConfig {
@@ -418,7 +416,8 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
         speculation: cfg.speculation.clone(),
         ..Default::default()
     };
-    let spec_note = cfg.speculation.as_ref().map_or(String::new(), |s| format!(", speculative decoding: {}", s.method()));
+    let spec_note =
+        cfg.speculation.as_ref().map_or(String::new(), |s| format!(", speculative decoding: {}", s.method()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The HTTP side is light; the compute threads are the scheduler's.
         .worker_threads(2)

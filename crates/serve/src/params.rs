@@ -269,7 +269,10 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
         Some(Value::String(x)) => vec![x.clone()],
         Some(Value::Array(items)) => {
             if items.len() > MAX_STOPS {
-                return Err(out_of_range("stop", format!("`stop` may hold at most {MAX_STOPS} strings, got {}", items.len())));
+                return Err(out_of_range(
+                    "stop",
+                    format!("`stop` may hold at most {MAX_STOPS} strings, got {}", items.len()),
+                ));
             }
             let mut out = Vec::with_capacity(items.len());
             for (i, it) in items.iter().enumerate() {
@@ -334,13 +337,24 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
         Some(v) => return Err(wrong_type("response_format", "an object", v)),
     }
 
-    Ok(GenOptions { stream, include_usage: stream && include_usage, n, max_tokens, sampling: s, stop, logprobs, ignore_eos })
+    Ok(GenOptions {
+        stream,
+        include_usage: stream && include_usage,
+        n,
+        max_tokens,
+        sampling: s,
+        stop,
+        logprobs,
+        ignore_eos,
+    })
 }
 
 /// `POST /v1/chat/completions`.
 pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
     let msgs = match obj.get("messages") {
-        None | Some(Value::Null) => return Err(ApiError::invalid("messages", "`messages` is required").with_code("missing_parameter")),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid("messages", "`messages` is required").with_code("missing_parameter"))
+        }
         Some(Value::Array(a)) => a,
         Some(v) => return Err(wrong_type("messages", "an array", v)),
     };
@@ -354,7 +368,8 @@ pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
         let role = match m.get("role") {
             Some(Value::String(r)) => r.as_str(),
             None | Some(Value::Null) => {
-                return Err(ApiError::invalid(format!("{p}.role"), format!("`{p}.role` is required")).with_code("missing_parameter"))
+                return Err(ApiError::invalid(format!("{p}.role"), format!("`{p}.role` is required"))
+                    .with_code("missing_parameter"))
             }
             Some(v) => return Err(wrong_type(&format!("{p}.role"), "a string", v)),
         };
@@ -390,8 +405,16 @@ pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
                             Some(Value::String(t)) => text.push_str(t),
                             v => return Err(wrong_type(&format!("{pp}.text"), "a string", v.unwrap_or(&Value::Null))),
                         },
-                        Some(other) => return Err(unsupported(&format!("{pp}.type"), &format!("content of type `{other}`"))),
-                        None => return Err(wrong_type(&format!("{pp}.type"), "a string", part.get("type").unwrap_or(&Value::Null))),
+                        Some(other) => {
+                            return Err(unsupported(&format!("{pp}.type"), &format!("content of type `{other}`")))
+                        }
+                        None => {
+                            return Err(wrong_type(
+                                &format!("{pp}.type"),
+                                "a string",
+                                part.get("type").unwrap_or(&Value::Null),
+                            ))
+                        }
                     }
                 }
                 text
@@ -406,7 +429,9 @@ pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
 /// `POST /v1/completions`.
 pub fn parse_completion(obj: &Map<String, Value>) -> Result<CompletionRequest, ApiError> {
     let prompt = match obj.get("prompt") {
-        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "`prompt` is required").with_code("missing_parameter")),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid("prompt", "`prompt` is required").with_code("missing_parameter"))
+        }
         Some(v) => parse_prompt(v)?,
     };
     if opt_bool(obj, "echo")?.unwrap_or(false) {
@@ -471,7 +496,8 @@ mod tests {
 
     #[test]
     fn defaults_are_openai_s() {
-        let r = parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "unknown": {"x": 1}}))).unwrap();
+        let r =
+            parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "unknown": {"x": 1}}))).unwrap();
         assert_eq!(r.opts.n, 1);
         assert_eq!(r.opts.max_tokens, None);
         assert_eq!(r.opts.sampling.temperature, 1.0);
@@ -523,7 +549,10 @@ mod tests {
 
     #[test]
     fn max_completion_tokens_and_integral_floats() {
-        let r = parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7.0, "n": 2}))).unwrap();
+        let r = parse_chat(&obj(
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7.0, "n": 2}),
+        ))
+        .unwrap();
         assert_eq!(r.opts.max_tokens, Some(7));
         assert_eq!(r.opts.n, 2);
     }

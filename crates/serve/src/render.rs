@@ -137,7 +137,9 @@ impl Shape {
             (true, Endpoint::Completion) => completion_logprobs(tok, lps, offset),
         };
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}),
+            Endpoint::Chat => {
+                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
+            }
             Endpoint::Completion => json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}),
         };
         self.envelope(true, vec![choice])
@@ -147,7 +149,9 @@ impl Shape {
     pub fn finish_chunk(&self, index: usize, finish: FinishReason) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish.as_str()}),
-            Endpoint::Completion => json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish.as_str()}),
+            Endpoint::Completion => {
+                json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish.as_str()})
+            }
         };
         self.envelope(true, vec![choice])
     }
@@ -178,7 +182,9 @@ impl Shape {
                         "logprobs": logprobs,
                         "finish_reason": finish,
                     }),
-                    Endpoint::Completion => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish}),
+                    Endpoint::Completion => {
+                        json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
+                    }
                 }
             })
             .collect();

@@ -61,7 +61,8 @@ impl http_body::Body for LoggedBody {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         // hyper stops polling once `is_end_stream` says so, so a body that
         // ends with its last frame (a plain JSON one) never returns None.
-        let ended = matches!(r, Poll::Ready(None)) || (matches!(r, Poll::Ready(Some(Ok(_)))) && self.inner.is_end_stream());
+        let ended =
+            matches!(r, Poll::Ready(None)) || (matches!(r, Poll::Ready(Some(Ok(_)))) && self.inner.is_end_stream());
         if ended {
             if let Some(log) = self.log.take() {
                 log.update(|d| d.body_done = true);
@@ -98,7 +99,14 @@ fn data_line(v: &Value) -> Bytes {
 }
 
 impl SseBody {
-    pub fn new(rx: UnboundedReceiver<GenEvent>, shape: Shape, state: Arc<AppState>, guard: CancelGuard, log: Arc<RequestLog>, n: usize) -> SseBody {
+    pub fn new(
+        rx: UnboundedReceiver<GenEvent>,
+        shape: Shape,
+        state: Arc<AppState>,
+        guard: CancelGuard,
+        log: Arc<RequestLog>,
+        n: usize,
+    ) -> SseBody {
         let mut queued = VecDeque::new();
         // Chat streams open each choice with its role, before any text,
         // as OpenAI's do (some clients key on it).
@@ -131,7 +139,8 @@ impl SseBody {
             GenEvent::Token { index, text, logprob, .. } => {
                 // Counted as they go, so a stream cut short logs what it got.
                 self.log.update(|d| d.completion_tokens += 1);
-                let lps: Vec<TokenLogprob> = if self.shape.logprobs { logprob.into_iter().collect() } else { Vec::new() };
+                let lps: Vec<TokenLogprob> =
+                    if self.shape.logprobs { logprob.into_iter().collect() } else { Vec::new() };
                 self.text(index, &text, &lps);
             }
             GenEvent::Done { index, finish, text_tail } => {

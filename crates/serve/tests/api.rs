@@ -46,7 +46,13 @@ fn models_health_index_and_tokenizer_endpoints() {
     assert_eq!(t, json!({"tokens": [19556, 905]}));
     // `prompt` is accepted as the field name too; special tokens parse by default.
     assert_eq!(c.post("/tokenize", &json!({"prompt": "<|im_start|>"})).json()["tokens"], json!([1]));
-    assert!(c.post("/tokenize", &json!({"content": "<|im_start|>", "parse_special": false})).json()["tokens"].as_array().unwrap().len() > 1);
+    assert!(
+        c.post("/tokenize", &json!({"content": "<|im_start|>", "parse_special": false})).json()["tokens"]
+            .as_array()
+            .unwrap()
+            .len()
+            > 1
+    );
     let p = c.post("/tokenize", &json!({"content": "Hello", "with_pieces": true})).json();
     assert_eq!(p["tokens"][0]["piece"], "Hello");
     assert_eq!(c.post("/detokenize", &json!({"tokens": [19556, 905]})).json(), json!({"content": "Hello world"}));
@@ -92,7 +98,10 @@ fn chat_completion_shape_and_streaming_agree() {
     sbody["stream_options"] = json!({"include_usage": true});
     let s = c.stream("/v1/chat/completions", &sbody);
     assert_eq!(s.status, 200);
-    assert!(s.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream")));
+    assert!(s
+        .headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream")));
     let events = s.collect();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let first: Value = serde_json::from_str(&events[0]).unwrap();
@@ -143,7 +152,9 @@ fn completions_with_logprobs_stop_and_token_prompts() {
     }
 
     // Token ids as the prompt give the same answer as the text.
-    let ids = c.post("/tokenize", &json!({"content": "The capital of France is", "add_special": true})).json()["tokens"].clone();
+    let ids = c.post("/tokenize", &json!({"content": "The capital of France is", "add_special": true})).json()
+        ["tokens"]
+        .clone();
     let v2 = c.post("/v1/completions", &json!({"prompt": ids, "max_tokens": 8, "temperature": 0})).json();
     assert_eq!(v2["choices"][0]["text"], text);
 
@@ -173,7 +184,12 @@ fn completions_with_logprobs_stop_and_token_prompts() {
 #[test]
 fn chat_logprobs_and_n_choices() {
     let c = shared();
-    let v = c.post("/v1/chat/completions", &chat("Say hello.", json!({"logprobs": true, "top_logprobs": 2, "max_tokens": 6}))).json();
+    let v = c
+        .post(
+            "/v1/chat/completions",
+            &chat("Say hello.", json!({"logprobs": true, "top_logprobs": 2, "max_tokens": 6})),
+        )
+        .json();
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert!(!content.is_empty());
     for e in content {
@@ -249,8 +265,10 @@ fn bad_requests_are_400s_naming_the_parameter() {
     // Messages.
     c.post("/v1/chat/completions", &json!({"model": "x"})).assert_error(400, Some("messages"));
     c.post("/v1/chat/completions", &json!({"messages": []})).assert_error(400, Some("messages"));
-    c.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": 7}]})).assert_error(400, Some("messages[0].content"));
-    c.post("/v1/chat/completions", &json!({"messages": [{"content": "x"}]})).assert_error(400, Some("messages[0].role"));
+    c.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": 7}]}))
+        .assert_error(400, Some("messages[0].content"));
+    c.post("/v1/chat/completions", &json!({"messages": [{"content": "x"}]}))
+        .assert_error(400, Some("messages[0].role"));
     // Completion prompts.
     c.post("/v1/completions", &json!({"max_tokens": 3})).assert_error(400, Some("prompt"));
     c.post("/v1/completions", &json!({"prompt": {"text": "x"}})).assert_error(400, Some("prompt"));
@@ -259,7 +277,10 @@ fn bad_requests_are_400s_naming_the_parameter() {
     c.post("/v1/completions", &json!({"prompt": "x", "logprobs": 99})).assert_error(400, Some("logprobs"));
 
     // Unknown parameters are ignored.
-    let r = c.post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 2, "user": "u1", "frobnicate": {"x": [1]}, "metadata": null})));
+    let r = c.post(
+        "/v1/chat/completions",
+        &chat("hi", json!({"max_tokens": 2, "user": "u1", "frobnicate": {"x": [1]}, "metadata": null})),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -271,8 +292,14 @@ fn context_overflow_is_a_400_with_both_numbers() {
     let e = r.assert_error(400, Some("messages"));
     assert_eq!(e["error"]["code"], "context_length_exceeded");
     let msg = e["error"]["message"].as_str().unwrap();
-    let prompt_tokens = c.post("/v1/chat/completions", &chat("Hello there", json!({"max_tokens": 1}))).json()["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(msg.contains("1024") && msg.contains("5000") && msg.contains(&format!("{prompt_tokens} in the messages")), "{msg}");
+    let prompt_tokens = c.post("/v1/chat/completions", &chat("Hello there", json!({"max_tokens": 1}))).json()["usage"]
+        ["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        msg.contains("1024") && msg.contains("5000") && msg.contains(&format!("{prompt_tokens} in the messages")),
+        "{msg}"
+    );
 
     // A prompt longer than the context, without max_tokens.
     let long = "word ".repeat(1500);
@@ -300,7 +327,8 @@ fn oversized_bodies_are_413() {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    let (status, _, mut body) = c.send_raw("POST", "/v1/completions", &[("Transfer-Encoding", "chunked".into())], &chunked);
+    let (status, _, mut body) =
+        c.send_raw("POST", "/v1/completions", &[("Transfer-Encoding", "chunked".into())], &chunked);
     assert_eq!(status, 413);
     let v: Value = serde_json::from_slice(&body.read_all().unwrap_or_default()).unwrap_or(Value::Null);
     assert_eq!(v["error"]["code"], "request_too_large");
@@ -313,13 +341,20 @@ fn api_key_is_required_when_set() {
     let _g = common::heavy();
     let s = TestServer::start(
         SchedulerConfig { max_parallel: 2, ctx: 512, ..Default::default() },
-        ServeOptions { model_id: "smollm2".into(), api_key: Some("sekrit-key".into()), log_requests: false, ..Default::default() },
+        ServeOptions {
+            model_id: "smollm2".into(),
+            api_key: Some("sekrit-key".into()),
+            log_requests: false,
+            ..Default::default()
+        },
     );
     let c = s.client();
     let anon = c.with_key(None);
     let e = anon.post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 2}))).assert_error(401, None);
     assert_eq!(e["error"]["type"], "authentication_error");
-    c.with_key(Some("wrong-key")).post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 2}))).assert_error(401, None);
+    c.with_key(Some("wrong-key"))
+        .post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 2})))
+        .assert_error(401, None);
     c.with_key(Some("sekrit-ke")).get("/v1/models").assert_error(401, None);
     anon.get("/metrics").assert_error(401, None);
     anon.post("/tokenize", &json!({"content": "x"})).assert_error(401, None);
@@ -345,13 +380,17 @@ fn full_queue_is_429_and_a_client_that_leaves_frees_its_slot() {
         ServeOptions { model_id: "smollm2".into(), log_requests: false, ..Default::default() },
     );
     let c = s.client();
-    let long = json!({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "temperature": 0, "stream": true});
+    let long =
+        json!({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "temperature": 0, "stream": true});
     // A: running (its first token has arrived).
     let mut a = c.stream("/v1/completions", &long);
     assert_eq!(a.status, 200);
     assert!(a.next_data().is_some());
     // B: waits in the queue.
-    let mut b = c.stream("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": true}));
+    let mut b = c.stream(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": true}),
+    );
     assert_eq!(b.status, 200);
     let role = b.next_data().unwrap();
     assert!(role.contains("\"role\":\"assistant\""));
@@ -365,27 +404,39 @@ fn full_queue_is_429_and_a_client_that_leaves_frees_its_slot() {
 
     // B hangs up while queued: its place frees.
     drop(b.into_stream());
-    assert!(c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_queue_depth", &[]) == Some(0.0)), "queued request not dropped");
+    assert!(
+        c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_queue_depth", &[]) == Some(0.0)),
+        "queued request not dropped"
+    );
     // A hangs up mid-stream: its slot frees long before 1500 tokens.
     assert_eq!(active(&c), 1.0);
     let t = Instant::now();
     drop(a.into_stream());
-    assert!(c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_active_requests", &[]) == Some(0.0)), "slot not freed");
+    assert!(
+        c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_active_requests", &[]) == Some(0.0)),
+        "slot not freed"
+    );
     eprintln!("slot freed {:.0} ms after the disconnect", t.elapsed().as_secs_f64() * 1e3);
     // The freed slot serves the next request at once.
     let r = c.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0}));
     assert_eq!(r.status, 200, "{}", r.text());
     // A non-streaming client that leaves while waiting is cancelled too
     // (a raw socket: the response head would come only at the very end).
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "temperature": 0}).to_string();
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "temperature": 0}).to_string();
     let mut sock = std::net::TcpStream::connect(c.addr).unwrap();
     use std::io::Write;
     write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     assert!(c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_active_requests", &[]) == Some(1.0)));
     drop(sock);
-    assert!(c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_active_requests", &[]) == Some(0.0)), "waiting client not cancelled");
+    assert!(
+        c.wait_metrics(Duration::from_secs(10), |m| m.get("minnow_active_requests", &[]) == Some(0.0)),
+        "waiting client not cancelled"
+    );
     let m = c.metrics();
-    assert!(m.get("minnow_requests_total", &[("endpoint", "/v1/completions"), ("status", "499")]).is_some_and(|n| n >= 1.0));
+    assert!(m
+        .get("minnow_requests_total", &[("endpoint", "/v1/completions"), ("status", "499")])
+        .is_some_and(|n| n >= 1.0));
 }
 
 #[test]
@@ -397,7 +448,8 @@ fn metrics_parse_as_prometheus_text_and_count() {
     );
     let c = s.client();
     let m0 = c.metrics();
-    for name in ["minnow_queue_depth", "minnow_active_requests", "minnow_batch_size", "minnow_estimated_cost_usd_total"] {
+    for name in ["minnow_queue_depth", "minnow_active_requests", "minnow_batch_size", "minnow_estimated_cost_usd_total"]
+    {
         assert!(m0.get(name, &[]).is_some(), "{name} missing");
     }
     assert_eq!(m0.types["minnow_time_to_first_token_seconds"], "histogram");

@@ -13,8 +13,22 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 const TOPICS: [&str; 16] = [
-    "the sea", "mountains", "a cat", "bread", "the moon", "trains", "music", "winter",
-    "a library", "coffee", "rain", "bicycles", "the desert", "bees", "a lighthouse", "chess",
+    "the sea",
+    "mountains",
+    "a cat",
+    "bread",
+    "the moon",
+    "trains",
+    "music",
+    "winter",
+    "a library",
+    "coffee",
+    "rain",
+    "bicycles",
+    "the desert",
+    "bees",
+    "a lighthouse",
+    "chess",
 ];
 
 fn request(topic: &str) -> Value {
@@ -75,7 +89,9 @@ fn sixteen_concurrent_streams_match_their_solo_outputs() {
     }
     // They really ran together: the mean batch of those steps is well above 1.
     let after = c.metrics();
-    let sum = |m: &common::prom::Metrics| m.get("minnow_batch_size_mean", &[]).unwrap() * m.get("minnow_steps_total", &[]).unwrap();
+    let sum = |m: &common::prom::Metrics| {
+        m.get("minnow_batch_size_mean", &[]).unwrap() * m.get("minnow_steps_total", &[]).unwrap()
+    };
     let steps = after.get("minnow_steps_total", &[]).unwrap() - before.get("minnow_steps_total", &[]).unwrap();
     let mean = (sum(&after) - sum(&before)) / steps;
     eprintln!("mean batch while concurrent: {mean:.1} sequences over {steps} steps");
@@ -86,7 +102,9 @@ fn sixteen_concurrent_streams_match_their_solo_outputs() {
 fn shared_system_prompt_is_served_from_the_prefix_cache() {
     let _g = common::heavy();
     let system = "You are a careful assistant for a small bakery. ".to_string()
-        + &(1..=30).map(|i| format!("Rule {i}: answer politely, briefly and truthfully about bread number {i}. ")).collect::<String>();
+        + &(1..=30)
+            .map(|i| format!("Rule {i}: answer politely, briefly and truthfully about bread number {i}. "))
+            .collect::<String>();
     let ask = |q: &str| {
         json!({
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
@@ -120,7 +138,10 @@ fn shared_system_prompt_is_served_from_the_prefix_cache() {
     // A second turn of the first chat reuses at least the first turn's prompt.
     let mut turn2 = ask("Do you sell rye bread?");
     let answer = first["choices"][0]["message"]["content"].clone();
-    turn2["messages"].as_array_mut().unwrap().extend([json!({"role": "assistant", "content": answer}), json!({"role": "user", "content": "And wheat?"})]);
+    turn2["messages"]
+        .as_array_mut()
+        .unwrap()
+        .extend([json!({"role": "assistant", "content": answer}), json!({"role": "user", "content": "And wheat?"})]);
     let t2 = c.post("/v1/chat/completions", &turn2).json();
     let hit2 = t2["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     assert!(hit2 >= p1 - 1, "turn 2 reused {hit2} tokens, turn 1's prompt was {p1}");

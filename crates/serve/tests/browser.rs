@@ -24,7 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn find_chromium() -> Option<String> {
-    for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome", "/usr/bin/google-chrome-stable"] {
+    for c in
+        ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome", "/usr/bin/google-chrome-stable"]
+    {
         if std::path::Path::new(c).exists() {
             return Some(c.to_string());
         }
@@ -142,7 +144,8 @@ impl DevTools {
     fn eval(&mut self, expr: &str) -> Value {
         let id = self.next_id;
         self.next_id += 1;
-        let cmd = json!({"id": id, "method": "Runtime.evaluate", "params": {"expression": expr, "returnByValue": true}});
+        let cmd =
+            json!({"id": id, "method": "Runtime.evaluate", "params": {"expression": expr, "returnByValue": true}});
         self.send_text(&cmd.to_string());
         loop {
             let v: Value = serde_json::from_str(&self.read_message()).unwrap();
@@ -176,7 +179,8 @@ fn devtools_get(port: u16, path: &str) -> Value {
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).unwrap();
-    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("bad DevTools JSON ({e}): {}", String::from_utf8_lossy(&body)))
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("bad DevTools JSON ({e}): {}", String::from_utf8_lossy(&body)))
 }
 
 #[test]
@@ -219,7 +223,10 @@ fn chat_page_streams_a_reply_in_headless_chromium() {
     let browser = Browser { child, profile: profile.clone() };
     let start = Instant::now();
     let port: u16 = loop {
-        if let Some(p) = std::fs::read_to_string(profile.join("DevToolsActivePort")).ok().and_then(|t| t.lines().next()?.trim().parse().ok()) {
+        if let Some(p) = std::fs::read_to_string(profile.join("DevToolsActivePort"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse().ok())
+        {
             break p;
         }
         assert!(start.elapsed() < Duration::from_secs(60), "Chromium did not open its DevTools port");
@@ -227,7 +234,11 @@ fn chat_page_streams_a_reply_in_headless_chromium() {
     };
     let ws_path = loop {
         let targets = devtools_get(port, "/json/list");
-        let page = targets.as_array().unwrap().iter().find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.1")));
+        let page = targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.1")));
         if let Some(p) = page {
             let ws = p["webSocketDebuggerUrl"].as_str().unwrap();
             break ws[ws.find("/devtools/").unwrap()..].to_string();

@@ -26,7 +26,12 @@ fn official_openai_python_client_works_against_the_server() {
     }
     let s = TestServer::start(
         SchedulerConfig { max_parallel: 4, ctx: 2048, ..Default::default() },
-        ServeOptions { model_id: "smollm2".into(), api_key: Some("py-test-key".into()), log_requests: false, ..Default::default() },
+        ServeOptions {
+            model_id: "smollm2".into(),
+            api_key: Some("py-test-key".into()),
+            log_requests: false,
+            ..Default::default()
+        },
     );
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/test_openai_client.py");
     let out = Command::new("python3")

@@ -62,7 +62,10 @@ fn greedy_with_draft_model_equals_without() {
     let plain = {
         let s = server(target.clone(), None);
         let c = s.client();
-        assert!(c.metrics().get("minnow_spec_drafted_tokens_total", &[]).is_none(), "no speculation metrics without it");
+        assert!(
+            c.metrics().get("minnow_spec_drafted_tokens_total", &[]).is_none(),
+            "no speculation metrics without it"
+        );
         complete(&c, prompt, 24, &[])
     };
     let s = server(target, Some(Speculation { draft: Some(draft), config: SpecConfig::default() }));
@@ -152,7 +155,11 @@ fn lookup_drafts_from_earlier_answers_to_similar_prompts() {
     }
     let got = sc.metrics();
     let get = |n: &str| got.get(n, &[]).unwrap_or_else(|| panic!("/metrics lacks {n}"));
-    let (drafted, accepted) = (get("minnow_spec_memory_drafted_tokens_total"), get("minnow_spec_memory_accepted_tokens_total"));
+    let (drafted, accepted) =
+        (get("minnow_spec_memory_drafted_tokens_total"), get("minnow_spec_memory_accepted_tokens_total"));
     eprintln!("earlier answers: {accepted}/{drafted} drafts accepted");
-    assert!(accepted >= 4.0, "the answers' shared skeleton was drafted from earlier ones and accepted: {accepted}/{drafted}");
+    assert!(
+        accepted >= 4.0,
+        "the answers' shared skeleton was drafted from earlier ones and accepted: {accepted}/{drafted}"
+    );
 }

@@ -63,7 +63,11 @@ fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 }
 
 /// Prompt ids and answer ids of one record (see the module doc).
-pub fn tokenize_record(tok: &Tokenizer, chat: Option<&ChatTemplate>, rec: &DatasetRecord) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn tokenize_record(
+    tok: &Tokenizer,
+    chat: Option<&ChatTemplate>,
+    rec: &DatasetRecord,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let n = rec.messages.len();
     if n < 2 || rec.messages[n - 1].role != "assistant" {
         bail!("record '{}': the last message must be the assistant's answer, after at least one other message", rec.id);
@@ -205,7 +209,13 @@ pub fn answer_tokens(mb: &MicroBatch, examples: &[Example]) -> usize {
 
 /// The model input and loss targets of a micro-batch. Loss rows are the
 /// positions that predict an answer token (position j−1 predicts token j).
-pub fn build(mb: &MicroBatch, examples: &[Example], shape: &StudentShape, kl_k: usize, device: &Device) -> Result<(ForwardInput, LossTargets)> {
+pub fn build(
+    mb: &MicroBatch,
+    examples: &[Example],
+    shape: &StudentShape,
+    kl_k: usize,
+    device: &Device,
+) -> Result<(ForwardInput, LossTargets)> {
     let b = mb.rows.len();
     let t = mb.rows.iter().map(|r| r.iter().map(|&i| examples[i].tokens.len()).sum::<usize>()).max().unwrap_or(0);
     let mut tokens = vec![0u32; b * t];

@@ -58,7 +58,13 @@ pub struct LoraSet {
 
 impl LoraSet {
     /// Adapters for `weights` (name, [out, in]) with the given rank and alpha.
-    pub fn new(weights: &[(String, (usize, usize))], rank: usize, alpha: f64, seed: u64, device: &Device) -> Result<LoraSet> {
+    pub fn new(
+        weights: &[(String, (usize, usize))],
+        rank: usize,
+        alpha: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Result<LoraSet> {
         if rank == 0 {
             bail!("--lora-rank must be at least 1");
         }

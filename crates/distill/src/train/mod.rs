@@ -280,7 +280,13 @@ fn run_fingerprint(c: &TrainConfig, student: &GgufFile) -> Result<String> {
 }
 
 /// Mean CE over the answer tokens of `order`'s examples.
-fn validation_loss(student: &Student, examples: &[Example], order: &[usize], row_len: usize, c: &TrainConfig) -> Result<Option<f64>> {
+fn validation_loss(
+    student: &Student,
+    examples: &[Example],
+    order: &[usize],
+    row_len: usize,
+    c: &TrainConfig,
+) -> Result<Option<f64>> {
     if order.is_empty() {
         return Ok(None);
     }
@@ -296,7 +302,10 @@ fn validation_loss(student: &Student, examples: &[Example], order: &[usize], row
 }
 
 fn progress_bar(total: usize, start: usize, show: bool) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(Some(total as u64), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let pb = ProgressBar::with_draw_target(
+        Some(total as u64),
+        if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
     pb.set_style(
         ProgressStyle::with_template("train {bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -306,7 +315,15 @@ fn progress_bar(total: usize, start: usize, show: bool) -> ProgressBar {
 }
 
 /// Runs one optimizer step over its micro-batches; returns (mean loss, tokens).
-fn train_step(student: &Student, opt: &mut AdamW, mbs: &[MicroBatch], examples: &[Example], c: &TrainConfig, kl_k: usize, lr: f64) -> Result<(f64, u64)> {
+fn train_step(
+    student: &Student,
+    opt: &mut AdamW,
+    mbs: &[MicroBatch],
+    examples: &[Example],
+    c: &TrainConfig,
+    kl_k: usize,
+    lr: f64,
+) -> Result<(f64, u64)> {
     let n_answer: usize = mbs.iter().map(|mb| batch::answer_tokens(mb, examples)).sum();
     let mut acc = Vec::new();
     let (mut loss_total, mut tokens) = (0f64, 0u64);
@@ -362,7 +379,15 @@ fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
     let mut steps = Vec::new();
     let mut epoch_ends = Vec::new();
     for epoch in 0..c.epochs {
-        let one = batch::plan_steps(&train_idx, &examples, 1, row_len, c.batch_tokens, c.grad_accum, c.seed.wrapping_add(epoch as u64));
+        let one = batch::plan_steps(
+            &train_idx,
+            &examples,
+            1,
+            row_len,
+            c.batch_tokens,
+            c.grad_accum,
+            c.seed.wrapping_add(epoch as u64),
+        );
         steps.extend(one);
         epoch_ends.push(steps.len());
     }
@@ -373,7 +398,8 @@ fn setup(c: &TrainConfig, device: &Device) -> Result<Setup> {
             epoch_ends.push(steps.len());
         }
     }
-    let mut student = Student::load(&base, device, c.lora_rank.is_none()).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let mut student =
+        Student::load(&base, device, c.lora_rank.is_none()).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     if let Some(rank) = c.lora_rank {
         let stems = lora::parse_targets(&c.lora_targets)?;
         let mut weights = Vec::new();
@@ -553,7 +579,11 @@ impl Trainer {
                 last_line = Instant::now();
                 let done = step + 1 - at;
                 let eta = t0.elapsed().as_secs_f64() / done as f64 * (end - step - 1) as f64;
-                eprintln!("minnow distill train: step {}/{total}, loss {loss:.4}{val}, {rate:.0} tok/s, ETA {:.0} min", step + 1, eta / 60.0);
+                eprintln!(
+                    "minnow distill train: step {}/{total}, loss {loss:.4}{val}, {rate:.0} tok/s, ETA {:.0} min",
+                    step + 1,
+                    eta / 60.0
+                );
             }
             if let Some(dir) = &c.checkpoint_dir {
                 if (step + 1) % c.checkpoint_every == 0 || step + 1 == total {

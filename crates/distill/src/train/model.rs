@@ -284,8 +284,11 @@ impl Student {
             w = w.broadcast_div(&w.sum_keepdim(1)?)?;
         }
         let w_flat = w.flatten_all()?; // [N*k]
-        let (gate, up, down) =
-            (self.get(&p("ffn_gate_exps.weight"))?, self.get(&p("ffn_up_exps.weight"))?, self.get(&p("ffn_down_exps.weight"))?);
+        let (gate, up, down) = (
+            self.get(&p("ffn_gate_exps.weight"))?,
+            self.get(&p("ffn_up_exps.weight"))?,
+            self.get(&p("ffn_down_exps.weight"))?,
+        );
         let mut out = h.zeros_like()?;
         for e in 0..n_expert {
             let slots: Vec<u32> = (0..n * k).filter(|&s| choice[s] == e as u32).map(|s| s as u32).collect();
@@ -470,7 +473,14 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 /// RoPE tables for token positions `pos` (one per token of a [B, T] batch):
 /// cos and sin, each [B, 1, T, n_rot/2]. Angles in f64 as the engine computes
 /// them, `pos · base^(-2i/n_rot)`.
-pub fn rope_tables(pos: &[u32], b: usize, t: usize, n_rot: usize, base: f32, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    pos: &[u32],
+    b: usize,
+    t: usize,
+    n_rot: usize,
+    base: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = n_rot / 2;
     let inv: Vec<f64> = (0..half).map(|i| (base as f64).powf(-2.0 * i as f64 / n_rot as f64)).collect();
     let mut cos = Vec::with_capacity(pos.len() * half);

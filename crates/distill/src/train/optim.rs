@@ -85,7 +85,12 @@ impl AdamW {
             let t = s.var.as_tensor();
             let wd = if t.rank() >= 2 { p.weight_decay as f32 } else { 0.0 };
             let mut w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let tasks: Vec<_> = w.chunks_mut(CHUNK).zip(s.m.chunks_mut(CHUNK)).zip(s.v.chunks_mut(CHUNK)).zip(g.chunks(CHUNK)).collect();
+            let tasks: Vec<_> = w
+                .chunks_mut(CHUNK)
+                .zip(s.m.chunks_mut(CHUNK))
+                .zip(s.v.chunks_mut(CHUNK))
+                .zip(g.chunks(CHUNK))
+                .collect();
             let per = tasks.len().div_ceil(threads).max(1);
             let mut groups: Vec<Vec<_>> = Vec::new();
             let mut it = tasks.into_iter().peekable();

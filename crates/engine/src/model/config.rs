@@ -122,9 +122,8 @@ impl ModelConfig {
         let arch = Arch::from_name(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let req = |k: &str, max: u64| -> Result<usize, ModelError> {
-            let v = file
-                .get(&key(k))
-                .ok_or_else(|| ModelError::new(format!("metadata key '{}' is missing", key(k))))?;
+            let v =
+                file.get(&key(k)).ok_or_else(|| ModelError::new(format!("metadata key '{}' is missing", key(k))))?;
             let n = v.as_u64().ok_or_else(|| {
                 ModelError::new(format!("metadata key '{}' must be a non-negative integer, found {v:?}", key(k)))
             })?;
@@ -269,10 +268,8 @@ fn moe_config(
     };
     let n_expert = count("expert_count")?.unwrap_or(0);
     let n_used = count("expert_used_count")?.unwrap_or(0);
-    let has_expert_tensors = file
-        .tensors()
-        .iter()
-        .any(|t| t.name.ends_with("_exps.weight") || t.name.ends_with(".ffn_gate_inp.weight"));
+    let has_expert_tensors =
+        file.tensors().iter().any(|t| t.name.ends_with("_exps.weight") || t.name.ends_with(".ffn_gate_inp.weight"));
 
     if n_expert == 0 {
         if arch.requires_experts() {
@@ -324,10 +321,9 @@ fn moe_config(
     let width = |k: &str| -> Result<Option<usize>, ModelError> {
         match count(k)? {
             None => Ok(None),
-            Some(n) if n == 0 || n > MAX_WIDTH => Err(ModelError::new(format!(
-                "metadata key '{}' = {n} is out of range 1..={MAX_WIDTH}",
-                key(k)
-            ))),
+            Some(n) if n == 0 || n > MAX_WIDTH => {
+                Err(ModelError::new(format!("metadata key '{}' = {n} is out of range 1..={MAX_WIDTH}", key(k))))
+            }
             Some(n) => Ok(Some(n as usize)),
         }
     };

@@ -10,10 +10,10 @@ use super::transformer::{
     embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
 };
 use super::weights::{embedding_and_head, Matrix, TensorLoader};
-use std::sync::Arc;
 use super::ModelError;
 use minnow_kernels::ops::{add_inplace, rms_norm_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
+use std::sync::Arc;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -82,11 +82,7 @@ impl Gemma3 {
         let n = layout.n_rows();
         let e = cfg.n_embd;
         // x: the residual stream, [n, n_embd]
-        let mut x = embed(
-            &self.tok_embd,
-            seqs.iter().flat_map(|s| s.tokens.iter().copied()),
-            (e as f32).sqrt(),
-        )?;
+        let mut x = embed(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), (e as f32).sqrt())?;
         for (l, layer) in self.layers.iter().enumerate() {
             let local = cfg.is_sliding(l);
             let shape = AttentionShape {

@@ -20,10 +20,10 @@ use super::transformer::{
     embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
 };
 use super::weights::{embedding_and_head, Matrix, TensorLoader};
-use std::sync::Arc;
 use super::ModelError;
 use minnow_kernels::ops::{add_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
+use std::sync::Arc;
 
 /// A layer's feed-forward network.
 enum FfnKind {

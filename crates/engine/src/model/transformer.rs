@@ -89,24 +89,35 @@ pub(crate) fn mm_q(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Resul
 
 /// `mm` of several matrices with the same input `x` [n, cols], in one job of
 /// the pool (`matmul_many`): → one output per matrix, [n, w.rows].
-pub(crate) fn mm_many<const K: usize>(pool: &ThreadPool, ws: [&Matrix; K], x: &[f32], n: usize) -> Result<[Vec<f32>; K], ModelError> {
+pub(crate) fn mm_many<const K: usize>(
+    pool: &ThreadPool,
+    ws: [&Matrix; K],
+    x: &[f32],
+    n: usize,
+) -> Result<[Vec<f32>; K], ModelError> {
     mm_many_q(pool, ws.map(|w| w.q()), x, n)
 }
 
 /// `mm_many` for matrices given as the kernels see them (e.g. one expert's
 /// gate and up).
-pub(crate) fn mm_many_q<const K: usize>(pool: &ThreadPool, qs: [QMatrix; K], x: &[f32], n: usize) -> Result<[Vec<f32>; K], ModelError> {
+pub(crate) fn mm_many_q<const K: usize>(
+    pool: &ThreadPool,
+    qs: [QMatrix; K],
+    x: &[f32],
+    n: usize,
+) -> Result<[Vec<f32>; K], ModelError> {
     let mut outs: [Vec<f32>; K] = std::array::from_fn(|i| vec![0f32; n * qs[i].rows]);
     let refs: [&QMatrix; K] = std::array::from_fn(|i| &qs[i]);
     let mut slices: [&mut [f32]; K] = outs.each_mut().map(|o| o.as_mut_slice());
-    ACTS_MANY.with(|acts| {
-        let mut acts = acts.borrow_mut();
-        if acts.len() < K {
-            acts.resize_with(K, ActBuffer::default);
-        }
-        matmul_many(pool, x, n, &refs, &mut slices, &mut acts)
-    })
-    .map_err(|e| ModelError::new(e.to_string()))?;
+    ACTS_MANY
+        .with(|acts| {
+            let mut acts = acts.borrow_mut();
+            if acts.len() < K {
+                acts.resize_with(K, ActBuffer::default);
+            }
+            matmul_many(pool, x, n, &refs, &mut slices, &mut acts)
+        })
+        .map_err(|e| ModelError::new(e.to_string()))?;
     Ok(outs)
 }
 
@@ -288,7 +299,9 @@ pub(crate) fn output_logits(
             Logits::Last => vec![],
             Logits::All => (a..b).collect(),
         };
-        hidden.push((seq.logits == Logits::Hidden && b > a).then(|| norm_rows(&x[(b - 1) * n_embd..b * n_embd], norm, eps)));
+        hidden.push(
+            (seq.logits == Logits::Hidden && b > a).then(|| norm_rows(&x[(b - 1) * n_embd..b * n_embd], norm, eps)),
+        );
         counts.push(rows.len());
         picked.extend(rows);
     }

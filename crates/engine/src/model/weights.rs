@@ -107,9 +107,7 @@ pub struct TensorLoader {
 
 impl TensorLoader {
     fn info(&self, name: &str) -> Result<&TensorInfo, ModelError> {
-        self.file
-            .tensor(name)
-            .ok_or_else(|| ModelError::new(format!("tensor '{name}' is missing from the model file")))
+        self.file.tensor(name).ok_or_else(|| ModelError::new(format!("tensor '{name}' is missing from the model file")))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -138,7 +136,10 @@ impl TensorLoader {
             )));
         }
         if !is_supported_weight(info.ty) {
-            return Err(ModelError::new(format!("tensor '{name}' has type {} which minnow cannot compute with", info.ty)));
+            return Err(ModelError::new(format!(
+                "tensor '{name}' has type {} which minnow cannot compute with",
+                info.ty
+            )));
         }
         let mut m = Matrix { file: self.file.clone(), info: info.clone(), interleaved: None, ty: info.ty, rows, cols };
         if !interleave.applies_to(info.ty) {
@@ -146,8 +147,10 @@ impl TensorLoader {
         }
         // The file's pages are released as each stretch is copied.
         let file = &self.file;
-        m.interleaved =
-            m.q().interleave_with(|done| file.release_pages(done)).map_err(|e| ModelError::new(format!("tensor '{name}': {e}")))?;
+        m.interleaved = m
+            .q()
+            .interleave_with(|done| file.release_pages(done))
+            .map_err(|e| ModelError::new(format!("tensor '{name}': {e}")))?;
         Ok(m)
     }
 
@@ -163,7 +166,10 @@ impl TensorLoader {
             )));
         }
         if !is_supported_weight(info.ty) {
-            return Err(ModelError::new(format!("tensor '{name}' has type {} which minnow cannot compute with", info.ty)));
+            return Err(ModelError::new(format!(
+                "tensor '{name}' has type {} which minnow cannot compute with",
+                info.ty
+            )));
         }
         // The reader checked the innermost dimension is whole blocks, so each
         // expert's slice starts on a block boundary; this is the remaining
@@ -193,7 +199,11 @@ impl TensorLoader {
 
 /// The embedding table and the output head: one shared matrix when the file
 /// ties them (no `output.weight`), loaded as a head either way.
-pub fn embedding_and_head(t: &TensorLoader, vocab: usize, n_embd: usize) -> Result<(Arc<Matrix>, Arc<Matrix>), ModelError> {
+pub fn embedding_and_head(
+    t: &TensorLoader,
+    vocab: usize,
+    n_embd: usize,
+) -> Result<(Arc<Matrix>, Arc<Matrix>), ModelError> {
     if t.has("output.weight") {
         let embd = t.matrix("token_embd.weight", vocab, n_embd)?;
         Ok((Arc::new(embd), Arc::new(t.output_head("output.weight", vocab, n_embd)?)))

@@ -118,12 +118,16 @@ impl Bpe {
             // (A space byte is always a char boundary, so the slices below are valid.)
             let split = m.as_bytes().iter().skip(1).position(|&b| b == b' ').map(|p| p + 1);
             let Some(p) = split else {
-                return Err(TokenizerError::Metadata(format!("merge #{rank} `{m}` is not two tokens separated by a space")));
+                return Err(TokenizerError::Metadata(format!(
+                    "merge #{rank} `{m}` is not two tokens separated by a space"
+                )));
             };
             let (a, b) = (&m[..p], &m[p + 1..]);
             let lookup = |t: &str| {
                 vocab.get(t).ok_or_else(|| {
-                    TokenizerError::Metadata(format!("merge #{rank} `{m}` refers to `{t}`, which is not in the vocabulary"))
+                    TokenizerError::Metadata(format!(
+                        "merge #{rank} `{m}` refers to `{t}`, which is not in the vocabulary"
+                    ))
                 })
             };
             let (ia, ib) = (lookup(a)?, lookup(b)?);
@@ -138,9 +142,8 @@ impl Bpe {
                     // whichever single bytes of the text are tokens.
                     let next = n_vocab as usize + virtual_fallback.len();
                     let id = *virtual_ids.entry(joined.clone()).or_insert_with(|| {
-                        virtual_fallback.push(
-                            joined.bytes().filter_map(|byte| byte_token(vocab, byte)).collect::<Vec<u32>>(),
-                        );
+                        virtual_fallback
+                            .push(joined.bytes().filter_map(|byte| byte_token(vocab, byte)).collect::<Vec<u32>>());
                         next as u32
                     });
                     id

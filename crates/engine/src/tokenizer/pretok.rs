@@ -399,9 +399,10 @@ mod tests {
 
     #[test]
     fn gpt2_words() {
-        assert_eq!(split("gpt2", "Hello  world's 123!!\n\nok "), [
-            "Hello", " ", " world", "'s", " 123", "!!", "\n", "\n", "ok", " "
-        ]);
+        assert_eq!(
+            split("gpt2", "Hello  world's 123!!\n\nok "),
+            ["Hello", " ", " world", "'s", " 123", "!!", "\n", "\n", "ok", " "]
+        );
     }
 
     #[test]
@@ -411,9 +412,10 @@ mod tests {
 
     #[test]
     fn llama3_and_qwen2() {
-        assert_eq!(split("llama-bpe", "x=1234567 DON'T\n\n  hi"), [
-            "x", "=", "123", "456", "7", " DON", "'T", "\n\n", " ", " hi"
-        ]);
+        assert_eq!(
+            split("llama-bpe", "x=1234567 DON'T\n\n  hi"),
+            ["x", "=", "123", "456", "7", " DON", "'T", "\n\n", " ", " hi"]
+        );
         assert_eq!(split("qwen2", "ab12 (c)\t\nd"), ["ab", "1", "2", " (", "c", ")", "\t\n", "d"]);
         assert_eq!(split("qwen2", "a \n b  "), ["a", " \n", " b", "  "]);
     }

@@ -159,12 +159,7 @@ mod tests {
     fn longest_token_wins_everywhere() {
         let m = SpecialMatcher::new(vec![(1, "ab".into(), false), (2, "bcd".into(), false), (3, "\n".into(), true)]);
         let t = "xabcd\nab";
-        assert_eq!(m.partition(t, true), [
-            Frag::Text(0, 2),
-            Frag::Token(2),
-            Frag::Token(3),
-            Frag::Token(1)
-        ]);
+        assert_eq!(m.partition(t, true), [Frag::Text(0, 2), Frag::Token(2), Frag::Token(3), Frag::Token(1)]);
         // Without parse_special only the user-defined "\n" is cut.
         assert_eq!(m.partition(t, false), [Frag::Text(0, 5), Frag::Token(3), Frag::Text(6, 8)]);
     }

@@ -35,7 +35,9 @@ fn hash(s: &str) -> usize {
 }
 
 impl Vocab {
-    pub(crate) fn new<'a>(tokens: impl ExactSizeIterator<Item = std::borrow::Cow<'a, str>>) -> Result<Vocab, VocabError> {
+    pub(crate) fn new<'a>(
+        tokens: impl ExactSizeIterator<Item = std::borrow::Cow<'a, str>>,
+    ) -> Result<Vocab, VocabError> {
         let n = tokens.len();
         let mut v = Vocab {
             text: String::new(),

@@ -28,11 +28,7 @@ impl Emitter {
 
     /// Where the field `name` starts.
     pub fn at(&self, name: &str) -> usize {
-        self.marks
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no mark '{name}'"))
-            .1
+        self.marks.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no mark '{name}'")).1
     }
 
     /// All named positions (field starts), for the property tests.
@@ -109,45 +105,24 @@ pub const Q8_TENSOR_BYTES: usize = 68;
 pub fn base_file() -> Emitter {
     let mut e = Emitter::new();
     e.header(3, 2, 5);
-    e.kv("arch", "general.architecture", ValueType::String)
-        .string(b"test");
+    e.kv("arch", "general.architecture", ValueType::String).string(b"test");
     e.kv("align", "general.alignment", ValueType::U32).u32(32);
     e.kv("flag", "test.flag", ValueType::Bool).u8(1);
-    e.kv("tokens", "test.tokens", ValueType::Array)
-        .u32(ValueType::String.id())
-        .mark("tokens.count")
-        .u64(2);
-    e.mark("tokens.elem0")
-        .string(b"a")
-        .mark("tokens.elem1")
-        .string(b"bc");
-    e.kv("nested", "test.nested", ValueType::Array)
-        .u32(ValueType::Array.id())
-        .u64(2);
-    e.mark("nested.inner0")
-        .u32(ValueType::U8.id())
-        .u64(2)
-        .raw(&[1, 2]);
-    e.mark("nested.inner1")
-        .u32(ValueType::U8.id())
-        .u64(1)
-        .raw(&[3]);
+    e.kv("tokens", "test.tokens", ValueType::Array).u32(ValueType::String.id()).mark("tokens.count").u64(2);
+    e.mark("tokens.elem0").string(b"a").mark("tokens.elem1").string(b"bc");
+    e.kv("nested", "test.nested", ValueType::Array).u32(ValueType::Array.id()).u64(2);
+    e.mark("nested.inner0").u32(ValueType::U8.id()).u64(2).raw(&[1, 2]);
+    e.mark("nested.inner1").u32(ValueType::U8.id()).u64(1).raw(&[3]);
     e.tensor("t.f32", &[4], GgmlType::F32.id(), 0);
     e.tensor("t.q8", &[32, 2], GgmlType::Q8_0.id(), 32);
     e.mark("table_end").pad(32).mark("data");
     e.mark("t.f32.data").raw(&tensor_f32_data()).pad(32);
-    e.mark("t.q8.data")
-        .raw(&tensor_q8_data())
-        .mark("data_end")
-        .pad(32);
+    e.mark("t.q8.data").raw(&tensor_q8_data()).mark("data_end").pad(32);
     e
 }
 
 pub fn tensor_f32_data() -> Vec<u8> {
-    [1.0f32, -2.0, 3.5, 0.25]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
+    [1.0f32, -2.0, 3.5, 0.25].iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 pub fn tensor_q8_data() -> Vec<u8> {
@@ -157,23 +132,15 @@ pub fn tensor_q8_data() -> Vec<u8> {
 /// The same file as [`base_file`], made by the writer.
 pub fn base_file_from_writer() -> Vec<u8> {
     let mut w = GgufWriter::new();
-    w.add_metadata("general.architecture", Value::String("test".into()))
-        .unwrap();
+    w.add_metadata("general.architecture", Value::String("test".into())).unwrap();
     w.add_metadata("general.alignment", Value::U32(32)).unwrap();
     w.add_metadata("test.flag", Value::Bool(true)).unwrap();
     let tokens = vec![Value::String("a".into()), Value::String("bc".into())];
-    w.add_metadata("test.tokens", Value::Array(ValueType::String, tokens))
-        .unwrap();
+    w.add_metadata("test.tokens", Value::Array(ValueType::String, tokens)).unwrap();
     let inner0 = Value::Array(ValueType::U8, vec![Value::U8(1), Value::U8(2)]);
     let inner1 = Value::Array(ValueType::U8, vec![Value::U8(3)]);
-    w.add_metadata(
-        "test.nested",
-        Value::Array(ValueType::Array, vec![inner0, inner1]),
-    )
-    .unwrap();
-    w.add_tensor("t.f32", &[4], GgmlType::F32, tensor_f32_data())
-        .unwrap();
-    w.add_tensor("t.q8", &[32, 2], GgmlType::Q8_0, tensor_q8_data())
-        .unwrap();
+    w.add_metadata("test.nested", Value::Array(ValueType::Array, vec![inner0, inner1])).unwrap();
+    w.add_tensor("t.f32", &[4], GgmlType::F32, tensor_f32_data()).unwrap();
+    w.add_tensor("t.q8", &[32, 2], GgmlType::Q8_0, tensor_q8_data()).unwrap();
     w.to_bytes()
 }

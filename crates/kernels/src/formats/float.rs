@@ -80,7 +80,6 @@ impl ActBlock for BlockF32 {
     }
 }
 
-
 impl BlockFormat for BlockF32 {
     const TYPE: GgmlType = GgmlType::F32;
     const BLOCK: usize = 1;
@@ -185,12 +184,7 @@ mod avx2 {
     /// The shared loop; `load(i)` widens weights `i..i+8` to f32 and
     /// `scalar(i)` converts one weight.
     #[inline(always)]
-    unsafe fn dot_with(
-        n: usize,
-        a: &[f32],
-        load: impl Fn(usize) -> __m256,
-        scalar: impl Fn(usize) -> f32,
-    ) -> f32 {
+    unsafe fn dot_with(n: usize, a: &[f32], load: impl Fn(usize) -> __m256, scalar: impl Fn(usize) -> f32) -> f32 {
         debug_assert_eq!(a.len(), n);
         let ap = a.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -278,12 +272,8 @@ mod tests {
         // Every length 0..80 exercises the 32-wide loop, the 8-wide loop and
         // the scalar tail in each combination.
         for n in 0..80usize {
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.125)
-                .collect();
-            let a: Vec<BlockF32> = (0..n)
-                .map(|i| BlockF32(((i * 11 % 17) as f32 - 8.0) * 0.25))
-                .collect();
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.125).collect();
+            let a: Vec<BlockF32> = (0..n).map(|i| BlockF32(((i * 11 % 17) as f32 - 8.0) * 0.25)).collect();
             let w32: Vec<BlockF32> = x.iter().map(|&v| BlockF32(v)).collect();
             let mut w16 = vec![BlockF16(0); n];
             BlockF16::quantize(&x, &mut w16);

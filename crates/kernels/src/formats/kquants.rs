@@ -46,8 +46,8 @@ pub use q2k::BlockQ2K;
 pub use q3k::BlockQ3K;
 pub use q4k::BlockQ4K;
 pub use q5k::BlockQ5K;
-pub use q6k::BlockQ6K;
 pub(crate) use q6k::q6_place;
+pub use q6k::BlockQ6K;
 
 use super::ActBlock;
 
@@ -235,9 +235,7 @@ unsafe fn quantize_q8k_avx2(x: &[f32], out: &mut [BlockQ8K]) {
             let mut q = [_mm256_setzero_si256(); 4];
             for (k, q) in q.iter_mut().enumerate() {
                 let v = _mm256_loadu_ps(p.add(32 * c + 8 * k));
-                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(is, v),
-                );
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(is, v));
                 *q = _mm256_cvtps_epi32(r);
             }
             let q16a = _mm256_packs_epi32(q[0], q[1]);
@@ -254,11 +252,7 @@ impl BlockQ8K {
     /// Dequantizes activation blocks (`out.len() == blocks.len() * 256`);
     /// for tests and debugging, the kernels never need it.
     pub fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            blocks.len() * QK_K,
-            "Q8_K dequantize: length mismatch"
-        );
+        assert_eq!(out.len(), blocks.len() * QK_K, "Q8_K dequantize: length mismatch");
         for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
             for (o, &q) in y.iter_mut().zip(&b.qs) {
                 *o = b.d * q as f32;
@@ -282,17 +276,7 @@ mod tests {
         }
         let mut blocks: Vec<Vec<f32>> = Vec::new();
         // max = -127 → iscale = 1: every k + 0.5 is an exact tie.
-        blocks.push(
-            (0..QK_K)
-                .map(|i| {
-                    if i == 3 {
-                        -127.0
-                    } else {
-                        (i % 253) as f32 * 0.5 - 63.0
-                    }
-                })
-                .collect(),
-        );
+        blocks.push((0..QK_K).map(|i| if i == 3 { -127.0 } else { (i % 253) as f32 * 0.5 - 63.0 }).collect());
         // Opposite-signed equal extremes: the first one sets the sign.
         blocks.push(
             (0..QK_K)
@@ -328,21 +312,9 @@ mod tests {
         }
         // Zeros, a NaN, an infinity, a subnormal max (iscale overflows).
         blocks.push(vec![0.0; QK_K]);
-        blocks.push(
-            (0..QK_K)
-                .map(|i| if i == 5 { f32::NAN } else { i as f32 })
-                .collect(),
-        );
-        blocks.push(
-            (0..QK_K)
-                .map(|i| if i == 5 { f32::NEG_INFINITY } else { i as f32 })
-                .collect(),
-        );
-        blocks.push(
-            (0..QK_K)
-                .map(|i| if i == 1 { 1e-40 } else { 0.0 })
-                .collect(),
-        );
+        blocks.push((0..QK_K).map(|i| if i == 5 { f32::NAN } else { i as f32 }).collect());
+        blocks.push((0..QK_K).map(|i| if i == 5 { f32::NEG_INFINITY } else { i as f32 }).collect());
+        blocks.push((0..QK_K).map(|i| if i == 1 { 1e-40 } else { 0.0 }).collect());
         let x: Vec<f32> = blocks.concat();
         let n = x.len() / QK_K;
         let mut want = vec![bytemuck::Zeroable::zeroed(); n];

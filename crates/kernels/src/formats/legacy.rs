@@ -136,11 +136,7 @@ fn idot(x: &[i8; QK], y: &[i8; QK]) -> i32 {
 }
 
 fn check_len(what: &str, elems: usize, blocks: usize) {
-    assert_eq!(
-        elems,
-        blocks * QK,
-        "{what}: {elems} elements for {blocks} blocks of {QK}"
-    );
+    assert_eq!(elems, blocks * QK, "{what}: {elems} elements for {blocks} blocks of {QK}");
 }
 
 // ---------------------------------------------------------------------------
@@ -233,8 +229,7 @@ fn abs_max(x: &[f32]) -> (f32, f32) {
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter()
-        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    x.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
 #[inline]
@@ -424,13 +419,7 @@ impl ActBlock for BlockQ8_1 {
 /// Picks the AVX2 kernel when the CPU has it, else the reference.
 macro_rules! simd_or_ref {
     ($w:ident, $a:ident, $kernel:ident) => {{
-        assert_eq!(
-            $w.len(),
-            $a.len(),
-            "dot: {} weight blocks, {} activation blocks",
-            $w.len(),
-            $a.len()
-        );
+        assert_eq!($w.len(), $a.len(), "dot: {} weight blocks, {} activation blocks", $w.len(), $a.len());
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2_fma() {
             // SAFETY: the CPU has AVX2, FMA and F16C; lengths are equal.
@@ -446,13 +435,7 @@ macro_rules! simd_or_ref {
 macro_rules! simd_or_ref_multi {
     ($w:ident, $a:ident, $scales:ident, $out:ident, $kernel:ident) => {{
         for a in &$a {
-            assert_eq!(
-                $w.len(),
-                a.len(),
-                "dot: {} weight blocks, {} activation blocks",
-                $w.len(),
-                a.len()
-            );
+            assert_eq!($w.len(), a.len(), "dot: {} weight blocks, {} activation blocks", $w.len(), a.len());
         }
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2_fma() {
@@ -807,10 +790,7 @@ mod avx2 {
         let q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(qs.as_mut_ptr().cast(), q8);
         let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        let sum = _mm_add_epi32(
-            _mm256_castsi256_si128(sum),
-            _mm256_extracti128_si256(sum, 1),
-        );
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
         let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
         (d, _mm_cvtsi128_si32(sum))
@@ -951,10 +931,7 @@ mod avx2 {
     /// `blocks2` would give it, and the results are reduced as `blocks2`
     /// reduces them.
     #[inline(always)]
-    unsafe fn blocks2_multi<const N: usize>(
-        n: usize,
-        mut block: impl FnMut(usize, &mut [__m256; N]),
-    ) -> [f32; N] {
+    unsafe fn blocks2_multi<const N: usize>(n: usize, mut block: impl FnMut(usize, &mut [__m256; N])) -> [f32; N] {
         let mut acc0 = [_mm256_setzero_ps(); N];
         let mut acc1 = [_mm256_setzero_ps(); N];
         let mut i = 0;
@@ -1075,13 +1052,7 @@ mod avx2 {
         sc: &[GroupScales],
     ) -> [f32; N] {
         let eight = _mm256_set1_epi8(8);
-        multi_0(
-            w,
-            a,
-            sc,
-            |x| (abs_quants(_mm256_sub_epi8(nibbles(&x.qs), eight)), x.d),
-            |q, y| dot_abs_shared(q, y),
-        )
+        multi_0(w, a, sc, |x| (abs_quants(_mm256_sub_epi8(nibbles(&x.qs), eight)), x.d), |q, y| dot_abs_shared(q, y))
     }
 
     /// Multi-row [`dot_q4_1`].
@@ -1187,17 +1158,12 @@ mod tests {
                 x.push(match k % 3 {
                     0 => h,
                     1 => -h,
-                    _ => {
-                        f32::from_bits(h.abs().to_bits() - 1) * if j % 2 == 0 { 1.0 } else { -1.0 }
-                    }
+                    _ => f32::from_bits(h.abs().to_bits() - 1) * if j % 2 == 0 { 1.0 } else { -1.0 },
                 });
             }
         }
         // Arbitrary scales, and an all-zero block.
-        x.extend(
-            (0..QK * 20)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.37e-3 * (1 + i / QK) as f32),
-        );
+        x.extend((0..QK * 20).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.37e-3 * (1 + i / QK) as f32));
         x.extend([0.0; QK]);
         let n = x.len() / QK;
         let (mut a, mut b) = (vec![BlockQ8_0::zeroed(); n], vec![BlockQ8_0::zeroed(); n]);

@@ -310,7 +310,13 @@ impl Client {
     }
 
     /// Sends a request whose head and body are given; returns the open body.
-    pub fn send_raw(&self, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Vec<(String, String)>, BodyReader) {
+    pub fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, BodyReader) {
         let s = self.connect();
         let mut req = self.head_bytes(method, path, headers);
         req.extend_from_slice(body);
@@ -325,7 +331,8 @@ impl Client {
         let mut r = BufReader::new(s.try_clone().unwrap());
         let (status, headers) = read_head(&mut r).expect("reading the response head");
         let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-        let remaining = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok());
+        let remaining =
+            headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok());
         if status >= 400 {
             // The server may close without reading the rest: stop writing.
             let _ = s.shutdown(std::net::Shutdown::Write);
@@ -427,7 +434,9 @@ pub mod prom {
     impl Metrics {
         /// The value of a series with these labels (all of them, in any order).
         pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-            self.samples.get(&series_key(name, labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())).copied()
+            self.samples
+                .get(&series_key(name, labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+                .copied()
         }
 
         /// Sum over every series of `name`, whatever their labels.
@@ -629,7 +638,11 @@ pub mod prom {
         assert!(parse("# TYPE a counter\na{x=\"1} 1\n").is_err(), "unterminated label");
         assert!(parse("# TYPE a counter\na 1\na 2\n").is_err(), "duplicate");
         assert!(parse("# TYPE a gauge\na one\n").is_err(), "bad value");
-        assert!(parse("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n").is_err());
-        assert!(parse("# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 2\n").is_ok());
+        assert!(
+            parse("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n").is_err()
+        );
+        assert!(
+            parse("# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 2\n").is_ok()
+        );
     }
 }

@@ -227,10 +227,7 @@ impl Interleaved for BlockQ8_0x8 {
                 qs[32 * k + 4 * s..32 * k + 4 * s + 4].copy_from_slice(&row.qs[4 * k..4 * k + 4]);
             }
         }
-        BlockQ8_0x8 {
-            d: rows.map(|r| r.d),
-            qs,
-        }
+        BlockQ8_0x8 { d: rows.map(|r| r.d), qs }
     }
 
     fn unpack(&self, s: usize) -> BlockQ8_0 {
@@ -275,17 +272,11 @@ impl Interleaved for BlockQ4_0x8 {
     type Row = BlockQ4_0;
 
     fn pack(rows: [&BlockQ4_0; ROWS]) -> Self {
-        BlockQ4_0x8 {
-            d: rows.map(|r| r.d),
-            qs: pack_nibbles(rows.map(|r| &r.qs)),
-        }
+        BlockQ4_0x8 { d: rows.map(|r| r.d), qs: pack_nibbles(rows.map(|r| &r.qs)) }
     }
 
     fn unpack(&self, s: usize) -> BlockQ4_0 {
-        BlockQ4_0 {
-            d: self.d[s],
-            qs: unpack_nibbles(&self.qs, s),
-        }
+        BlockQ4_0 { d: self.d[s], qs: unpack_nibbles(&self.qs, s) }
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
@@ -322,27 +313,15 @@ impl Interleaved for BlockQ4_1x8 {
     type Row = BlockQ4_1;
 
     fn pack(rows: [&BlockQ4_1; ROWS]) -> Self {
-        BlockQ4_1x8 {
-            d: rows.map(|r| r.d),
-            m: rows.map(|r| r.m),
-            qs: pack_nibbles(rows.map(|r| &r.qs)),
-        }
+        BlockQ4_1x8 { d: rows.map(|r| r.d), m: rows.map(|r| r.m), qs: pack_nibbles(rows.map(|r| &r.qs)) }
     }
 
     fn unpack(&self, s: usize) -> BlockQ4_1 {
-        BlockQ4_1 {
-            d: self.d[s],
-            m: self.m[s],
-            qs: unpack_nibbles(&self.qs, s),
-        }
+        BlockQ4_1 { d: self.d[s], m: self.m[s], qs: unpack_nibbles(&self.qs, s) }
     }
 
     fn meta(a: &BlockQ8_1) -> ActMeta {
-        ActMeta {
-            d: f16(a.d),
-            s: f16(a.s),
-            sum: 0,
-        }
+        ActMeta { d: f16(a.d), s: f16(a.s), sum: 0 }
     }
 
     /// Σ (dw q + m)(dy y) = dw dy Σ q y + m s. The min terms go to their own
@@ -350,10 +329,7 @@ impl Interleaved for BlockQ4_1x8 {
     /// the opposite sign to the rest, so where they are added changes the
     /// rounding noticeably (and this model family is sensitive to it).
     fn dot_ref(w: &[Self], a: &[BlockQ8_1], meta: &[ActMeta]) -> [f32; ROWS] {
-        assert!(
-            w.len() == a.len() && w.len() == meta.len(),
-            "interleaved dot: length mismatch"
-        );
+        assert!(w.len() == a.len() && w.len() == meta.len(), "interleaved dot: length mismatch");
         let mut acc = [0.0f32; ROWS];
         let mut mins = [0.0f32; ROWS];
         for ((x, y), m) in w.iter().zip(a).zip(meta) {
@@ -394,16 +370,10 @@ impl Interleaved for BlockQ5_0x8 {
         for (s, row) in rows.iter().enumerate() {
             let bits = u32::from_le_bytes(row.qh);
             for b in 0..4 {
-                qh[4 * s + b] = (0..8)
-                    .map(|k| (((bits >> (4 * k + b)) & 1) as u8) << k)
-                    .sum();
+                qh[4 * s + b] = (0..8).map(|k| (((bits >> (4 * k + b)) & 1) as u8) << k).sum();
             }
         }
-        BlockQ5_0x8 {
-            d: rows.map(|r| r.d),
-            qh,
-            qs: pack_nibbles(rows.map(|r| &r.qs)),
-        }
+        BlockQ5_0x8 { d: rows.map(|r| r.d), qh, qs: pack_nibbles(rows.map(|r| &r.qs)) }
     }
 
     fn unpack(&self, s: usize) -> BlockQ5_0 {
@@ -413,11 +383,7 @@ impl Interleaved for BlockQ5_0x8 {
                 bits |= (((self.qh[4 * s + b] >> k) & 1) as u32) << (4 * k + b);
             }
         }
-        BlockQ5_0 {
-            d: self.d[s],
-            qh: bits.to_le_bytes(),
-            qs: unpack_nibbles(&self.qs, s),
-        }
+        BlockQ5_0 { d: self.d[s], qh: bits.to_le_bytes(), qs: unpack_nibbles(&self.qs, s) }
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
@@ -442,9 +408,7 @@ impl Interleaved for BlockQ5_0x8 {
 impl ExactSums for BlockQ5_0x8 {
     /// Σ (q − 16)·y = Σ q·y − 16·Σy, q the 5-bit quant.
     fn isum_ref(&self, s: usize, a: &BlockQ8_0) -> i32 {
-        let q = |e: usize| {
-            nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4
-        };
+        let q = |e: usize| nibble(&self.qs, s, e) | (((self.qh[4 * s + e % 4] >> (e / 4)) & 1) as i32) << 4;
         isum_of(q, &a.qs) - 16 * q8_sum(a)
     }
 
@@ -454,8 +418,7 @@ impl ExactSums for BlockQ5_0x8 {
 }
 
 /// A SIMD kernel of this module's shape.
-type Kernel<P, A, const N: usize> =
-    unsafe fn(&[P], [&[A]; N], [&[ActMeta]; N], &mut [[f32; ROWS]; N]);
+type Kernel<P, A, const N: usize> = unsafe fn(&[P], [&[A]; N], [&[ActMeta]; N], &mut [[f32; ROWS]; N]);
 
 /// A format's SIMD kernels, one per level it has.
 struct Kernels<P, A, const N: usize> {
@@ -475,10 +438,7 @@ fn dispatch<P: Interleaved, const N: usize>(
     kernels: Kernels<P, <P::Row as BlockFormat>::Dot, N>,
 ) {
     for t in 0..N {
-        assert!(
-            w.len() == a[t].len() && w.len() == meta[t].len(),
-            "interleaved dot: length mismatch"
-        );
+        assert!(w.len() == a[t].len() && w.len() == meta[t].len(), "interleaved dot: length mismatch");
     }
     let level = level.min(SimdLevel::detected());
     let kernel = match level {
@@ -654,10 +614,8 @@ mod body {
             let dw = halves(&x.d);
             for t in 0..N {
                 let m = meta[t].get_unchecked(j);
-                let isum = _mm256_sub_epi32(
-                    isum8::<VNNI, 15>(&u, &a[t].get_unchecked(j).qs),
-                    _mm256_set1_epi32(8 * m.sum),
-                );
+                let isum =
+                    _mm256_sub_epi32(isum8::<VNNI, 15>(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(8 * m.sum));
                 acc[t] = scale_add(isum, dw, m, acc[t]);
             }
         }
@@ -728,10 +686,8 @@ mod body {
             let dw = halves(&x.d);
             for t in 0..N {
                 let m = meta[t].get_unchecked(j);
-                let isum = _mm256_sub_epi32(
-                    isum8::<VNNI, 31>(&u, &a[t].get_unchecked(j).qs),
-                    _mm256_set1_epi32(16 * m.sum),
-                );
+                let isum =
+                    _mm256_sub_epi32(isum8::<VNNI, 31>(&u, &a[t].get_unchecked(j).qs), _mm256_set1_epi32(16 * m.sum));
                 acc[t] = scale_add(isum, dw, m, acc[t]);
             }
         }
@@ -806,28 +762,18 @@ pub use q6k::BlockQ6Kx8;
 /// `blocks_per_row` blocks into row groups: group `g`'s block column `j` at
 /// `out[g * blocks_per_row + j]`.
 pub fn pack_matrix<P: Interleaved>(rows: &[P::Row], blocks_per_row: usize, out: &mut [P]) {
-    assert!(
-        blocks_per_row > 0 && rows.len() % (ROWS * blocks_per_row) == 0,
-        "pack_matrix: not whole row groups"
-    );
+    assert!(blocks_per_row > 0 && rows.len() % (ROWS * blocks_per_row) == 0, "pack_matrix: not whole row groups");
     assert_eq!(out.len(), rows.len() / ROWS, "pack_matrix: output size");
     for (g, dst) in out.chunks_exact_mut(blocks_per_row).enumerate() {
         let base = g * ROWS * blocks_per_row;
         for (j, d) in dst.iter_mut().enumerate() {
-            *d = P::pack(std::array::from_fn(|s| {
-                &rows[base + s * blocks_per_row + j]
-            }));
+            *d = P::pack(std::array::from_fn(|s| &rows[base + s * blocks_per_row + j]));
         }
     }
 }
 
 /// Row `r` of a packed matrix back in the file's format.
-pub fn unpack_row<P: Interleaved>(
-    packed: &[P],
-    blocks_per_row: usize,
-    r: usize,
-    out: &mut [P::Row],
-) {
+pub fn unpack_row<P: Interleaved>(packed: &[P], blocks_per_row: usize, r: usize, out: &mut [P::Row]) {
     assert_eq!(out.len(), blocks_per_row, "unpack_row: output size");
     let group = &packed[(r / ROWS) * blocks_per_row..(r / ROWS + 1) * blocks_per_row];
     for (o, b) in out.iter_mut().zip(group) {

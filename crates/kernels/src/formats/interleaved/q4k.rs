@@ -21,8 +21,8 @@
 //! and finally `acc_i + acc_m`. So repacking changes no result.
 
 use super::{ActMeta, Interleaved, Kernels, ROWS};
-use crate::formats::SimdLevel;
 use crate::formats::kquants::{f16_to_f32, pack_scale_min_k4, unpack_scale_min_k4, BlockQ4K, BlockQ8K, QK_K};
+use crate::formats::SimdLevel;
 use bytemuck::{Pod, Zeroable};
 
 /// 8 rows of Q4_K: 1152 bytes = 8 × 144.
@@ -151,7 +151,8 @@ mod body {
         let hi = load(x.scales_hi.as_ptr());
         for half in 0..2 {
             let lo = load(x.scales_lo.as_ptr().add(32 * half));
-            let h = if half == 0 { _mm256_and_si256(hi, low4) } else { _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4) };
+            let h =
+                if half == 0 { _mm256_and_si256(hi, low4) } else { _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4) };
             // Top bits: ≤ 3 before the shift, so the 16-bit shifts move no
             // bit across a byte.
             let s = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4));
@@ -257,9 +258,12 @@ mod body {
                 let b2 = _mm_loadu_si128(y.bsums.as_ptr().add(8).cast());
                 let ys = _mm_hadd_epi16(b, b2);
                 let mut msum = _mm256_madd_epi16(mins[0], _mm256_broadcastd_epi32(ys));
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[1], _mm256_broadcastd_epi32(_mm_srli_si128(ys, 4))));
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[2], _mm256_broadcastd_epi32(_mm_srli_si128(ys, 8))));
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[3], _mm256_broadcastd_epi32(_mm_srli_si128(ys, 12))));
+                msum =
+                    _mm256_add_epi32(msum, _mm256_madd_epi16(mins[1], _mm256_broadcastd_epi32(_mm_srli_si128(ys, 4))));
+                msum =
+                    _mm256_add_epi32(msum, _mm256_madd_epi16(mins[2], _mm256_broadcastd_epi32(_mm_srli_si128(ys, 8))));
+                msum =
+                    _mm256_add_epi32(msum, _mm256_madd_epi16(mins[3], _mm256_broadcastd_epi32(_mm_srli_si128(ys, 12))));
                 let dy = _mm256_set1_ps(y.d);
                 acc_i[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(dy, d), acc_i[t]);
                 acc_m[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dy, neg_dmin), acc_m[t]);

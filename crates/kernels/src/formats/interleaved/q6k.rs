@@ -51,10 +51,7 @@ fn chunk_place(c: usize) -> ((usize, u32), (usize, u32)) {
     let (i, quarter) = (c % STEPS, c / STEPS);
     let low_part = quarter % 2; // chunks i, i + 32 in part 0; i + 16, i + 48 in part 1
     let low_shift = if quarter < 2 { 0 } else { 4 };
-    (
-        (STEP * i + 32 * low_part, low_shift),
-        (STEP * i + 64, 2 * quarter as u32),
-    )
+    ((STEP * i + 32 * low_part, low_shift), (STEP * i + 64, 2 * quarter as u32))
 }
 
 /// Chunk `c`'s four quants (elements 4c..4c + 4) of a Q6_K row as the bytes
@@ -116,11 +113,7 @@ impl Interleaved for BlockQ6Kx8 {
     }
 
     fn meta(a: &BlockQ8K) -> ActMeta {
-        ActMeta {
-            d: a.d,
-            s: 0.0,
-            sum: 0,
-        }
+        ActMeta { d: a.d, s: 0.0, sum: 0 }
     }
 
     fn dot_ref(w: &[Self], a: &[BlockQ8K], meta: &[ActMeta]) -> [f32; ROWS] {
@@ -142,9 +135,7 @@ impl ExactSums for BlockQ6Kx8 {
     fn isum_ref(&self, s: usize, a: &BlockQ8K) -> i32 {
         (0..QK_K / 16)
             .map(|j| {
-                let dot: i32 = (16 * j..16 * j + 16)
-                    .map(|e| (self.quant(s, e) as i32 - 32) * a.qs[e] as i32)
-                    .sum();
+                let dot: i32 = (16 * j..16 * j + 16).map(|e| (self.quant(s, e) as i32 - 32) * a.qs[e] as i32).sum();
                 self.scales[8 * j + s] as i32 * dot
             })
             .sum()
@@ -173,18 +164,9 @@ mod body {
         let p = x.qs.as_ptr().add(STEP * i);
         let (l0, l1, h) = (load(p), load(p.add(32)), load(p.add(64)));
         [
-            _mm256_or_si256(
-                _mm256_and_si256(l0, m4),
-                _mm256_and_si256(_mm256_slli_epi16(h, 4), m2),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(l1, m4),
-                _mm256_and_si256(_mm256_slli_epi16(h, 2), m2),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                _mm256_and_si256(h, m2),
-            ),
+            _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2)),
+            _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m2)),
             _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                 _mm256_and_si256(_mm256_srli_epi16(h, 2), m2),
@@ -206,15 +188,10 @@ mod body {
         for (jb, x) in w.iter().enumerate() {
             // Sub-block j's scales, row s in lane s: as i32 (VNNI) or as the
             // same i16 twice (AVX2's `madd` of a chunk's product pairs).
-            let scale32 = |j: usize| {
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(x.scales.as_ptr().add(8 * j).cast()))
-            };
+            let scale32 = |j: usize| _mm256_cvtepi8_epi32(_mm_loadl_epi64(x.scales.as_ptr().add(8 * j).cast()));
             let scale16x2 = |j: usize| {
                 let v = scale32(j);
-                _mm256_or_si256(
-                    _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)),
-                    _mm256_slli_epi32(v, 16),
-                )
+                _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16))
             };
             // Scales of sub-blocks 2p and 2p + 1 as an i16 pair in lane s,
             // for the offset term (once per block, for every token).
@@ -250,8 +227,7 @@ mod body {
                     for quarter in 0..4 {
                         let sc = scale32(g + 4 * quarter);
                         for t in 0..N {
-                            isum[t] =
-                                _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sb[t][quarter], sc));
+                            isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sb[t][quarter], sc));
                         }
                     }
                 }
@@ -262,9 +238,7 @@ mod body {
                 // 32·Σ_j sc[j]·bsums[j]: the −32 of every quant.
                 let mut off = _mm256_setzero_si256();
                 for p in 0..8 {
-                    let b = _mm256_set1_epi32(std::ptr::read_unaligned(
-                        y.bsums.as_ptr().add(2 * p).cast::<i32>(),
-                    ));
+                    let b = _mm256_set1_epi32(std::ptr::read_unaligned(y.bsums.as_ptr().add(2 * p).cast::<i32>()));
                     off = if VNNI {
                         _mm256_dpwssd_epi32(off, pairs[p], b)
                     } else {
@@ -274,11 +248,7 @@ mod body {
                 // |isum| ≤ 16·128·(63·127·16 + 32·16·127) < 2²⁹: exact.
                 let total = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(off, 5));
                 let m = meta[t].get_unchecked(jb);
-                acc[t] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(total),
-                    _mm256_mul_ps(dw, _mm256_set1_ps(m.d)),
-                    acc[t],
-                );
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(dw, _mm256_set1_ps(m.d)), acc[t]);
             }
         }
         for t in 0..N {

@@ -40,11 +40,7 @@ impl BlockFormat for BlockQ2K {
     type Dot = BlockQ8K;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            blocks.len() * QK_K,
-            "Q2_K dequantize: length mismatch"
-        );
+        assert_eq!(out.len(), blocks.len() * QK_K, "Q2_K dequantize: length mismatch");
         for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
             let d = f16_to_f32(b.d);
             let dmin = f16_to_f32(b.dmin);
@@ -63,9 +59,7 @@ impl BlockFormat for BlockQ2K {
             let mut isum = 0i32;
             let mut msum = 0i32;
             for j in 0..16 {
-                let s: i32 = (16 * j..16 * j + 16)
-                    .map(|i| q2(x, i) as i32 * y.qs[i] as i32)
-                    .sum();
+                let s: i32 = (16 * j..16 * j + 16).map(|i| q2(x, i) as i32 * y.qs[i] as i32).sum();
                 isum += (x.scales[j] & 0xF) as i32 * s;
                 msum += (x.scales[j] >> 4) as i32 * y.bsums[j] as i32;
             }

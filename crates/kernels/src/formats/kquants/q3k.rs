@@ -65,11 +65,7 @@ impl BlockFormat for BlockQ3K {
     type Dot = BlockQ8K;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            blocks.len() * QK_K,
-            "Q3_K dequantize: length mismatch"
-        );
+        assert_eq!(out.len(), blocks.len() * QK_K, "Q3_K dequantize: length mismatch");
         for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
             let d = f16_to_f32(b.d);
             let sc = unpack_scales(&b.scales);
@@ -87,9 +83,7 @@ impl BlockFormat for BlockQ3K {
             let sc = unpack_scales(&x.scales);
             let mut isum = 0i32;
             for (j, &scale) in sc.iter().enumerate() {
-                let s: i32 = (16 * j..16 * j + 16)
-                    .map(|i| q3(x, i) as i32 * y.qs[i] as i32)
-                    .sum();
+                let s: i32 = (16 * j..16 * j + 16).map(|i| q3(x, i) as i32 * y.qs[i] as i32).sum();
                 isum += scale as i32 * s;
             }
             sum += y.d * f16_to_f32(x.d) * isum as f32;

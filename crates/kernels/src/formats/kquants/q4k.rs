@@ -32,11 +32,7 @@ impl BlockFormat for BlockQ4K {
     type Dot = BlockQ8K;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            blocks.len() * QK_K,
-            "Q4_K dequantize: length mismatch"
-        );
+        assert_eq!(out.len(), blocks.len() * QK_K, "Q4_K dequantize: length mismatch");
         for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
             let d = f16_to_f32(b.d);
             let dmin = f16_to_f32(b.dmin);
@@ -67,11 +63,7 @@ impl BlockFormat for BlockQ4K {
                 let (c, shift) = (j / 2, 4 * (j % 2));
                 let q = &x.qs[32 * c..32 * c + 32];
                 let q8 = &y.qs[32 * j..32 * j + 32];
-                let s: i32 = q
-                    .iter()
-                    .zip(q8)
-                    .map(|(&q, &v)| ((q >> shift) & 0xF) as i32 * v as i32)
-                    .sum();
+                let s: i32 = q.iter().zip(q8).map(|(&q, &v)| ((q >> shift) & 0xF) as i32 * v as i32).sum();
                 isum += sc[j] as i32 * s;
                 msum += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
             }
@@ -185,10 +177,7 @@ unsafe fn sub_block_scales(
 ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
     use super::simd::pick_i16;
     use std::arch::x86_64::*;
-    (
-        _mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c)),
-        _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1)),
-    )
+    (_mm256_shuffle_epi8(sc16, pick_i16(2 * c, 2 * c)), _mm256_shuffle_epi8(sc16, pick_i16(2 * c + 1, 2 * c + 1)))
 }
 
 /// [`vec_dot_avx2`] of one weight row against N ≤ 4 activation rows,
@@ -270,11 +259,7 @@ fn fit_scale_min(x: &[f32], nmax: u8) -> (f32, f32) {
     let err = |scale: f32, min: f32| -> f32 {
         x.iter()
             .map(|&v| {
-                let q = if scale > 0.0 {
-                    ((v + min) / scale).round().clamp(0.0, nmaxf)
-                } else {
-                    0.0
-                };
+                let q = if scale > 0.0 { ((v + min) / scale).round().clamp(0.0, nmaxf) } else { 0.0 };
                 let e = scale * q - min - v;
                 weight(v) * e * e
             })
@@ -372,11 +357,7 @@ impl BlockQ4K {
                 let off = dminf * lm[j] as f32;
                 let (c, shift) = (j / 2, 4 * (j % 2));
                 for l in 0..32 {
-                    let q = if step > 0.0 {
-                        ((xb[32 * j + l] + off) / step).round().clamp(0.0, 15.0) as u8
-                    } else {
-                        0
-                    };
+                    let q = if step > 0.0 { ((xb[32 * j + l] + off) / step).round().clamp(0.0, 15.0) as u8 } else { 0 };
                     b.qs[32 * c + l] |= q << shift;
                 }
             }
@@ -425,11 +406,7 @@ fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32) -> (u8, u8) {
     // smallest scale code whose top level reaches hi.
     let lm_cover = if dminf > 0.0 { (-lo / dminf).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
     let off_cover = dminf * lm_cover as f32;
-    let ls_cover = if df > 0.0 {
-        ((hi + off_cover) / (15.0 * df)).ceil().clamp(0.0, 63.0) as u8
-    } else {
-        0
-    };
+    let ls_cover = if df > 0.0 { ((hi + off_cover) / (15.0 * df)).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
     let bound = ((hi - lo) / 15.0).max(df).max(dminf);
     let mut best = (ls_cover, lm_cover);
     let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf).1;
@@ -449,4 +426,3 @@ fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32) -> (u8, u8) {
     }
     best
 }
-

@@ -42,11 +42,7 @@ impl BlockFormat for BlockQ5K {
     type Dot = BlockQ8K;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            blocks.len() * QK_K,
-            "Q5_K dequantize: length mismatch"
-        );
+        assert_eq!(out.len(), blocks.len() * QK_K, "Q5_K dequantize: length mismatch");
         for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
             let d = f16_to_f32(b.d);
             let dmin = f16_to_f32(b.dmin);
@@ -67,9 +63,7 @@ impl BlockFormat for BlockQ5K {
             let mut isum = 0i32;
             let mut msum = 0i32;
             for j in 0..8 {
-                let s: i32 = (32 * j..32 * j + 32)
-                    .map(|i| q5(x, i) as i32 * y.qs[i] as i32)
-                    .sum();
+                let s: i32 = (32 * j..32 * j + 32).map(|i| q5(x, i) as i32 * y.qs[i] as i32).sum();
                 isum += sc[j] as i32 * s;
                 msum += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
             }

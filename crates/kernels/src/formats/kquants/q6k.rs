@@ -53,11 +53,7 @@ impl BlockFormat for BlockQ6K {
     type Dot = BlockQ8K;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            blocks.len() * QK_K,
-            "Q6_K dequantize: length mismatch"
-        );
+        assert_eq!(out.len(), blocks.len() * QK_K, "Q6_K dequantize: length mismatch");
         for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
             let d = f16_to_f32(b.d);
             for (i, o) in y.iter_mut().enumerate() {
@@ -74,9 +70,7 @@ impl BlockFormat for BlockQ6K {
         for (x, y) in w.iter().zip(a) {
             let mut isum = 0i32;
             for j in 0..16 {
-                let s: i32 = (16 * j..16 * j + 16)
-                    .map(|i| (q6(x, i) as i32 - 32) * y.qs[i] as i32)
-                    .sum();
+                let s: i32 = (16 * j..16 * j + 16).map(|i| (q6(x, i) as i32 - 32) * y.qs[i] as i32).sum();
                 isum += x.scales[j] as i32 * s;
             }
             sum += y.d * f16_to_f32(x.d) * isum as f32;

@@ -97,10 +97,7 @@ unsafe fn half_lane_sums(s: [__m256i; 4]) -> __m256i {
 #[inline]
 pub(super) unsafe fn lane_sums_x8(s: [__m256i; 4], m: [__m256i; 4]) -> __m256i {
     let (e, f) = (half_lane_sums(s), half_lane_sums(m));
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(e, f),
-        _mm256_permute2x128_si256::<0x31>(e, f),
-    )
+    _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(e, f), _mm256_permute2x128_si256::<0x31>(e, f))
 }
 
 /// The sums of the eight i32 lanes of `s` and of `m`, in lanes 0 and 1
