@@ -60,8 +60,7 @@ impl Histogram {
     }
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        write_header(out, name, "histogram", help);
         let mut cum = 0;
         for (i, b) in self.bounds.iter().enumerate() {
             cum += self.counts[i];
@@ -159,68 +158,98 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, s: &SchedulerStats, price_per_hour: f64) -> String {
         let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {}", num(value));
-        };
-        metric("minnow_prompt_tokens_total", "counter", "Prompt tokens of finished and running requests (cached ones included).", s.prompt_tokens_total as f64);
-        metric("minnow_cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.", s.cached_prompt_tokens_total as f64);
-        metric("minnow_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total as f64);
-        metric("minnow_scheduler_requests_total", "counter", "Requests the scheduler accepted.", s.requests_total as f64);
-        metric("minnow_queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth as f64);
-        metric("minnow_active_requests", "gauge", "Requests being computed (prefill or decode).", s.active as f64);
-        metric("minnow_batch_size", "gauge", "Sequences in the last batched forward step.", s.last_batch_size as f64);
         let mean_batch = if s.steps_total > 0 { s.batch_size_sum as f64 / s.steps_total as f64 } else { 0.0 };
-        metric("minnow_batch_size_mean", "gauge", "Mean sequences per forward step since start.", mean_batch);
-        metric("minnow_steps_total", "counter", "Batched forward steps.", s.steps_total as f64);
-        metric("minnow_busy_seconds_total", "counter", "Seconds the scheduler spent computing.", s.busy_secs);
-        metric("minnow_prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", s.prefix_cache_bytes as f64);
-        metric("minnow_prefix_cache_entries", "gauge", "Sequences held by the prefix cache.", s.prefix_cache_entries as f64);
-        metric("minnow_http_in_flight", "gauge", "HTTP requests being handled, streams included.", self.in_flight.load(Ordering::Relaxed) as f64);
         let cost = price_per_hour * s.busy_secs / 3600.0;
-        metric("minnow_price_per_hour_usd", "gauge", "The machine price given with --price-per-hour.", price_per_hour);
-        metric("minnow_estimated_cost_usd_total", "counter", "price_per_hour x busy seconds / 3600.", cost);
+        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
+        // (name, type, help, value); one line each, as the exposition reads.
+        #[rustfmt::skip]
+        let scheduler: [(&str, &str, &str, f64); 14] = [
+            ("minnow_prompt_tokens_total", "counter", "Prompt tokens of finished and running requests (cached ones included).", s.prompt_tokens_total as f64),
+            ("minnow_cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.", s.cached_prompt_tokens_total as f64),
+            ("minnow_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total as f64),
+            ("minnow_scheduler_requests_total", "counter", "Requests the scheduler accepted.", s.requests_total as f64),
+            ("minnow_queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth as f64),
+            ("minnow_active_requests", "gauge", "Requests being computed (prefill or decode).", s.active as f64),
+            ("minnow_batch_size", "gauge", "Sequences in the last batched forward step.", s.last_batch_size as f64),
+            ("minnow_batch_size_mean", "gauge", "Mean sequences per forward step since start.", mean_batch),
+            ("minnow_steps_total", "counter", "Batched forward steps.", s.steps_total as f64),
+            ("minnow_busy_seconds_total", "counter", "Seconds the scheduler spent computing.", s.busy_secs),
+            ("minnow_prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", s.prefix_cache_bytes as f64),
+            ("minnow_prefix_cache_entries", "gauge", "Sequences held by the prefix cache.", s.prefix_cache_entries as f64),
+            ("minnow_http_in_flight", "gauge", "HTTP requests being handled, streams included.", in_flight),
+            ("minnow_price_per_hour_usd", "gauge", "The machine price given with --price-per-hour.", price_per_hour),
+        ];
+        write_metrics(&mut out, &scheduler);
+        write_metrics(
+            &mut out,
+            &[("minnow_estimated_cost_usd_total", "counter", "price_per_hour x busy seconds / 3600.", cost)],
+        );
         let per_million = |tokens: u64| if tokens > 0 { cost / tokens as f64 * 1e6 } else { 0.0 };
-        let _ = writeln!(out, "# HELP minnow_cost_per_million_tokens_usd Estimated cost per million tokens: generated ones, or all processed (prompt + generated).");
-        let _ = writeln!(out, "# TYPE minnow_cost_per_million_tokens_usd gauge");
-        let _ = writeln!(out, "minnow_cost_per_million_tokens_usd{{tokens=\"completion\"}} {}", num(per_million(s.completion_tokens_total)));
         let processed = s.prompt_tokens_total.saturating_sub(s.cached_prompt_tokens_total) + s.completion_tokens_total;
+        write_header(
+            &mut out,
+            "minnow_cost_per_million_tokens_usd",
+            "gauge",
+            "Estimated cost per million tokens: generated ones, or all processed (prompt + generated).",
+        );
+        let completion = num(per_million(s.completion_tokens_total));
+        let _ = writeln!(out, "minnow_cost_per_million_tokens_usd{{tokens=\"completion\"}} {completion}");
         let _ = writeln!(out, "minnow_cost_per_million_tokens_usd{{tokens=\"all\"}} {}", num(per_million(processed)));
 
         if let Some(sp) = &s.speculation {
             write_speculation(&mut out, sp);
         }
-        let _ = writeln!(out, "# HELP minnow_requests_total HTTP requests by endpoint and status (499: client left before the response).");
-        let _ = writeln!(out, "# TYPE minnow_requests_total counter");
+        write_header(
+            &mut out,
+            "minnow_requests_total",
+            "counter",
+            "HTTP requests by endpoint and status (499: client left before the response).",
+        );
         for ((ep, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "minnow_requests_total{{endpoint=\"{ep}\",status=\"{status}\"}} {n}");
         }
         let h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
         h.ttft.write(&mut out, "minnow_time_to_first_token_seconds", "Time from arrival to the first generated token.");
-        h.per_token.write(&mut out, "minnow_time_per_output_token_seconds", "Time between generated tokens (per token).");
+        h.per_token.write(
+            &mut out,
+            "minnow_time_per_output_token_seconds",
+            "Time between generated tokens (per token).",
+        );
         h.request.write(&mut out, "minnow_request_duration_seconds", "Time from arrival to the last generated token.");
         out
     }
 }
 
+/// The `# HELP` and `# TYPE` lines of a metric.
+fn write_header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Unlabelled metrics, each given as (name, type, help, value).
+fn write_metrics(out: &mut String, metrics: &[(&str, &str, &str, f64)]) {
+    for &(name, kind, help, value) in metrics {
+        write_header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {}", num(value));
+    }
+}
+
 /// Speculative decoding (`--draft`/`--lookup`): only present when configured.
 fn write_speculation(out: &mut String, sp: &SpecTotals) {
-    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {}", num(value));
-    };
-    metric("minnow_spec_rounds_total", "counter", "Speculative rounds (one target pass each) while a single sequence decoded.", sp.steps as f64);
-    metric("minnow_spec_drafted_tokens_total", "counter", "Draft tokens proposed.", sp.drafted as f64);
-    metric("minnow_spec_accepted_tokens_total", "counter", "Draft tokens accepted by the target.", sp.accepted as f64);
-    metric("minnow_spec_memory_drafted_tokens_total", "counter", "Of the drafted tokens (--lookup): those from earlier answers to similar prompts.", sp.memory_drafted as f64);
-    metric("minnow_spec_memory_accepted_tokens_total", "counter", "Of the accepted tokens: those from earlier answers.", sp.memory_accepted as f64);
-    metric("minnow_spec_acceptance_rate", "gauge", "Accepted / drafted tokens since start.", sp.acceptance_rate());
-    metric("minnow_spec_tokens_total", "counter", "Tokens generated in speculative rounds.", sp.tokens as f64);
-    metric("minnow_spec_target_forwards_total", "counter", "Target forward passes in speculative rounds.", sp.target_forwards as f64);
-    metric("minnow_spec_tokens_per_target_forward", "gauge", "Tokens per target forward pass while speculating (plain decoding: 1).", sp.tokens_per_target_forward());
-    metric("minnow_spec_speedup", "gauge", "Estimated speed-up of speculation over plain single-sequence decoding (measured plain step time x tokens / time taken; 0 until measured).", sp.speedup());
+    #[rustfmt::skip]
+    let metrics = [
+        ("minnow_spec_rounds_total", "counter", "Speculative rounds (one target pass each) while a single sequence decoded.", sp.steps as f64),
+        ("minnow_spec_drafted_tokens_total", "counter", "Draft tokens proposed.", sp.drafted as f64),
+        ("minnow_spec_accepted_tokens_total", "counter", "Draft tokens accepted by the target.", sp.accepted as f64),
+        ("minnow_spec_memory_drafted_tokens_total", "counter", "Of the drafted tokens (--lookup): those from earlier answers to similar prompts.", sp.memory_drafted as f64),
+        ("minnow_spec_memory_accepted_tokens_total", "counter", "Of the accepted tokens: those from earlier answers.", sp.memory_accepted as f64),
+        ("minnow_spec_acceptance_rate", "gauge", "Accepted / drafted tokens since start.", sp.acceptance_rate()),
+        ("minnow_spec_tokens_total", "counter", "Tokens generated in speculative rounds.", sp.tokens as f64),
+        ("minnow_spec_target_forwards_total", "counter", "Target forward passes in speculative rounds.", sp.target_forwards as f64),
+        ("minnow_spec_tokens_per_target_forward", "gauge", "Tokens per target forward pass while speculating (plain decoding: 1).", sp.tokens_per_target_forward()),
+        ("minnow_spec_speedup", "gauge", "Estimated speed-up of speculation over plain single-sequence decoding (measured plain step time x tokens / time taken; 0 until measured).", sp.speedup()),
+    ];
+    write_metrics(out, &metrics);
 }
 
 #[cfg(test)]
