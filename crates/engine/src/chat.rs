@@ -507,11 +507,11 @@ fn py_float(f: f64, json: bool) -> String {
     if (-4..16).contains(&exp) {
         if exp < 0 {
             out.push_str("0.");
-            out.extend(std::iter::repeat('0').take((-exp - 1) as usize));
+            out.extend(std::iter::repeat_n('0', (-exp - 1) as usize));
             out.push_str(&digits);
         } else if n <= exp + 1 {
             out.push_str(&digits);
-            out.extend(std::iter::repeat('0').take((exp + 1 - n) as usize));
+            out.extend(std::iter::repeat_n('0', (exp + 1 - n) as usize));
             out.push_str(".0");
         } else {
             out.push_str(&digits[..(exp + 1) as usize]);
@@ -796,7 +796,7 @@ fn strftime(fmt: &str, unix: i64) -> String {
         let num = |out: &mut String, v: i64, width: usize| {
             let _ = if no_pad { write!(out, "{v}") } else { write!(out, "{v:0width$}") };
         };
-        let hour12 = if tm.hour % 12 == 0 { 12 } else { tm.hour % 12 };
+        let hour12 = if tm.hour.is_multiple_of(12) { 12 } else { tm.hour % 12 };
         match conv {
             'a' => out.push_str(&WEEKDAYS[tm.wday as usize][..3]),
             'A' => out.push_str(WEEKDAYS[tm.wday as usize]),

@@ -566,7 +566,7 @@ fn det_exp(x: f64) -> f64 {
     // Cody–Waite split of ln 2: k * LN2_HI is exact for |k| < 2^20.
     const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
     const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
-    if !(x > -708.0) {
+    if x.is_nan() || x <= -708.0 {
         return 0.0;
     }
     if x > 709.0 {

@@ -212,7 +212,7 @@ pub struct LastLine;
 
 impl AnswerExtractor for LastLine {
     fn extract(&self, text: &str) -> Option<String> {
-        text.lines().map(str::trim).filter(|l| !l.is_empty()).last().map(str::to_string)
+        text.lines().map(str::trim).rfind(|l| !l.is_empty()).map(str::to_string)
     }
 }
 

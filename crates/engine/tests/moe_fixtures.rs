@@ -387,9 +387,12 @@ fn restack(t: &TensorInfo, data: &[u8], pick: impl Fn(usize) -> Option<usize>) -
     out
 }
 
+/// Replaces a tensor by what it returns (empty: dropped), or keeps it (`None`).
+type TensorEdit = Box<dyn Fn(&TensorInfo, &[u8]) -> Option<Vec<NewTensor>>>;
+
 /// Every expert a copy of expert 0; optionally a router of zeros (every
 /// expert equally likely, so the tie rule decides).
-fn identical_experts(zero_router: bool) -> Box<dyn Fn(&TensorInfo, &[u8]) -> Option<Vec<NewTensor>>> {
+fn identical_experts(zero_router: bool) -> TensorEdit {
     Box::new(move |t, data| {
         if t.name.ends_with("_exps.weight") {
             Some(vec![(t.name.clone(), t.dims.clone(), t.ty, restack(t, data, |_| Some(0)))])
@@ -529,7 +532,7 @@ struct Edit {
     reshape: Vec<(&'static str, Vec<u64>)>,
     /// Replaces each tensor by what this returns (nothing: dropped); the
     /// tensors it does not handle (`None`) are kept.
-    tensors: Option<Box<dyn Fn(&TensorInfo, &[u8]) -> Option<Vec<NewTensor>>>>,
+    tensors: Option<TensorEdit>,
 }
 
 /// `fixture` rewritten with `edit`.

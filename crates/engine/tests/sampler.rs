@@ -195,7 +195,7 @@ fn frequencies_match_distribution_after_filters() {
     let dist = Sampler::new(params.clone()).distribution(&logits);
     let mut s = Sampler::new(params);
     let n = 20_000;
-    let mut counts = vec![0usize; 20];
+    let mut counts = [0usize; 20];
     for _ in 0..n {
         counts[s.sample(&logits) as usize] += 1;
     }

@@ -60,7 +60,8 @@ fn plain(m: &LoadedModel, prompt: &[u32], params: &GenerateParams) -> Generation
 /// draft-model and n-gram tests compare against the same reference, and the
 /// 1.5B's plain runs are the costliest part of this suite.
 fn plain_greedy(name: &str, prompt: &[u32], max_tokens: usize) -> Generation {
-    static DONE: OnceLock<Mutex<HashMap<(String, Vec<u32>, usize), Generation>>> = OnceLock::new();
+    type Key = (String, Vec<u32>, usize); // (model, prompt, max_tokens)
+    static DONE: OnceLock<Mutex<HashMap<Key, Generation>>> = OnceLock::new();
     let key = (name.to_string(), prompt.to_vec(), max_tokens);
     if let Some(g) = DONE.get_or_init(Default::default).lock().unwrap().get(&key) {
         return g.clone();

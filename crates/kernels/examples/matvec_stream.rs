@@ -80,7 +80,7 @@ fn main() {
     // Also as many separate matrices of `--rows` rows, one `matmul` each, as
     // a decode step runs them (1536 rows: Qwen2.5-1.5B's q and o projections).
     let piece_rows = arg("--rows", 1536);
-    if piece_rows % (8 * threads) != 0 {
+    if !piece_rows.is_multiple_of(8 * threads) {
         eprintln!("matvec_stream: --rows must be a multiple of 8 × --threads (each thread's part whole row groups)");
         std::process::exit(2);
     }

@@ -57,7 +57,7 @@ impl QMatrix<'_> {
 
     /// Checks that `data` holds exactly `rows` whole rows of whole blocks.
     pub fn validate(&self) -> Result<(), LayoutError> {
-        if self.cols % self.ty.block_size() != 0 {
+        if !self.cols.is_multiple_of(self.ty.block_size()) {
             return Err(LayoutError(format!(
                 "row length {} is not a multiple of the {} block size {}",
                 self.cols,
@@ -76,7 +76,7 @@ impl QMatrix<'_> {
             )));
         }
         if self.layout == Layout::Interleaved8
-            && (self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty))
+            && (!self.rows.is_multiple_of(interleaved::ROWS) || !interleaved::has_layout(self.ty))
         {
             return Err(LayoutError(format!(
                 "a {} matrix of {} rows has no 8-row interleaved layout",
@@ -139,7 +139,10 @@ impl QMatrix<'_> {
     /// and never hold both copies of a large matrix.
     pub fn interleave_with(&self, mut done: impl FnMut(&[u8])) -> Result<Option<InterleavedMatrix>, LayoutError> {
         self.validate()?;
-        if self.layout != Layout::RowMajor || self.rows % interleaved::ROWS != 0 || !interleaved::has_layout(self.ty) {
+        if self.layout != Layout::RowMajor
+            || !self.rows.is_multiple_of(interleaved::ROWS)
+            || !interleaved::has_layout(self.ty)
+        {
             return Ok(None);
         }
         let mut words = vec![0u64; self.data.len().div_ceil(8)];
@@ -363,9 +366,8 @@ fn prepare_interleaved<'a, P: Interleaved>(
     let rows = w.rows;
     let n_groups = rows / interleaved::ROWS;
     const GROUPS_PER_TILE: usize = ROW_TILE / interleaved::ROWS;
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out.as_mut_ptr());
     let run = move |tiles: Range<usize>| {
-        let out_ptr = out_ptr;
         let act_row = |t: usize| &acts[t * per_row..(t + 1) * per_row];
         let meta_row = |t: usize| &meta[t * per_row..(t + 1) * per_row];
         let tile_groups = tiles.start * GROUPS_PER_TILE..(tiles.end * GROUPS_PER_TILE).min(n_groups);
@@ -386,7 +388,7 @@ fn prepare_interleaved<'a, P: Interleaved>(
                     // by the thread running this tile, and lie inside out
                     // ((t + k) < n, 8g + 8 <= rows).
                     unsafe {
-                        let dst = out_ptr.0.add((t + k) * rows + g * interleaved::ROWS);
+                        let dst = out_ptr.get().add((t + k) * rows + g * interleaved::ROWS);
                         std::ptr::copy_nonoverlapping(v.as_ptr(), dst, interleaved::ROWS);
                     }
                 }
@@ -460,9 +462,8 @@ fn prepare_typed<'a, B: BlockFormat>(
     let group_scales_of = move |g: usize| &scales[g * a_blocks_per_row..(g + 1) * a_blocks_per_row];
 
     let rows = w.rows;
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out.as_mut_ptr());
     let run = move |tiles: Range<usize>| {
-        let out_ptr = out_ptr;
         let tile = tiles.start * ROW_TILE..(tiles.end * ROW_TILE).min(rows);
         let w_row = |r: usize| &weights[r * w_blocks_per_row..(r + 1) * w_blocks_per_row];
         // Within a group the tile's weight rows, which stay in cache, each
@@ -484,7 +485,7 @@ fn prepare_typed<'a, B: BlockFormat>(
                     // SAFETY: each (t + k, r) is written only by the thread
                     // running this tile, and (t + k)*rows + r < n*rows ==
                     // out.len().
-                    unsafe { *out_ptr.0.add((t + k) * rows + r) = v };
+                    unsafe { *out_ptr.get().add((t + k) * rows + r) = v };
                 }
             }
         }
@@ -518,12 +519,11 @@ fn quantize_rows<A: ActBlock>(pool: &ThreadPool, x: &[f32], cols: usize, acts: &
         A::quantize(x, acts);
         return;
     }
-    let ptr = SharedMut(acts.as_mut_ptr());
+    let ptr = SharedMut::new(acts.as_mut_ptr());
     pool.parallel_for(n, 4, &|range| {
-        let ptr = ptr;
         for t in range {
             // SAFETY: row t's blocks are disjoint from every other row's.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(t * per_row), per_row) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * per_row), per_row) };
             A::quantize(&x[t * cols..(t + 1) * cols], dst);
         }
     });

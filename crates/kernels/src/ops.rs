@@ -214,7 +214,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(n_rot: usize, base: f32, neox: bool) -> Rope {
-        assert!(n_rot % 2 == 0 && n_rot <= 1024, "rotary dimension {n_rot} must be even and at most 1024");
+        assert!(n_rot.is_multiple_of(2) && n_rot <= 1024, "rotary dimension {n_rot} must be even and at most 1024");
         let inv_freq = (0..n_rot / 2).map(|i| (base as f64).powf(-2.0 * i as f64 / n_rot as f64)).collect();
         Rope { n_rot, neox, inv_freq }
     }

@@ -111,7 +111,7 @@ impl ThreadPool {
         let mut spins = 0usize;
         while self.shared.pending.load(Ordering::Acquire) != 0 {
             spins += 1;
-            if spins % 256 == 0 {
+            if spins.is_multiple_of(256) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -269,9 +269,21 @@ fn worker_loop(shared: &Shared, index: usize) {
 /// A raw pointer that may be shared across the pool's threads, for kernels
 /// whose threads write provably disjoint parts of one output buffer.
 #[derive(Clone, Copy)]
-pub struct SharedMut<T>(pub *mut T);
+pub struct SharedMut<T>(*mut T);
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    pub fn new(ptr: *mut T) -> Self {
+        SharedMut(ptr)
+    }
+
+    /// The pointer. A method rather than the field, so that a closure using
+    /// it captures the whole (`Sync`) wrapper and not the bare pointer.
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -36,7 +36,7 @@ impl Rng {
     }
     /// Uniform in [-scale, scale), with the odd exact zero.
     fn f32(&mut self, scale: f32) -> f32 {
-        if self.next() % 97 == 0 {
+        if self.next().is_multiple_of(97) {
             return 0.0;
         }
         ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
@@ -429,11 +429,11 @@ fn matmul_many_matches_separate_matmuls() {
         }
     }
     let pool = ThreadPool::new(2);
-    let mut one = vec![0.0; 40];
+    let mut one = [0.0; 40];
     let mut scratch = vec![ActBuffer::default()];
     let err = matmul_many(&pool, &x[..cols], 1, &ws[..2], &mut [&mut one[..]], &mut scratch).unwrap_err();
     assert!(err.to_string().contains("2 matrices, 1 outputs"), "{err}");
-    let mut short = vec![0.0; 39];
+    let mut short = [0.0; 39];
     let err = matmul_many(&pool, &x[..cols], 1, &ws[..1], &mut [&mut short[..]], &mut scratch).unwrap_err();
     assert!(err.to_string().contains("out has 39"), "{err}");
 }

@@ -509,7 +509,7 @@ fn info(a: InfoArgs) -> Result<()> {
         e.1 += t.n_elements();
     }
     let ctx = cfg.context_length.min(4096);
-    let kv_bytes = (minnow_engine::kv_cache::KvCache::bytes_per_position(&cfg) * ctx) as u64;
+    let kv_bytes = (minnow_engine::kv_cache::KvCache::bytes_per_position(cfg) * ctx) as u64;
     let name = m.file.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
     if a.json {
         let mix_json: serde_json::Map<String, serde_json::Value> =

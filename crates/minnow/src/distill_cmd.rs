@@ -89,7 +89,9 @@ impl TeacherArgs {
             return Ok(Box::new(LocalModel::load(&path, threads(self.threads)?, self.parallel, self.ctx)?));
         }
         let url = self.teacher_url.as_deref().ok_or_else(|| anyhow!("give --teacher MODEL or --teacher-url URL"))?;
-        if !(self.timeout.is_finite() && self.timeout > 0.0) || !(self.backoff.is_finite() && self.backoff >= 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !positive(self.timeout) || !non_negative(self.backoff) {
             bail!("--timeout must be positive and --backoff non-negative (seconds)");
         }
         let api_key = self

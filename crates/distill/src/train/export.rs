@@ -29,7 +29,7 @@ fn type_for(dims: &[u64], want: GgmlType) -> GgmlType {
     if dims.len() < 2 {
         return GgmlType::F32;
     }
-    if dims[0] % want.block_size() as u64 != 0 {
+    if !dims[0].is_multiple_of(want.block_size() as u64) {
         return GgmlType::F16;
     }
     want

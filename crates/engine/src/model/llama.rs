@@ -26,6 +26,7 @@ use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
 
 /// A layer's feed-forward network.
+#[allow(clippy::large_enum_variant, reason = "one per layer: boxing would save nothing that matters")]
 enum FfnKind {
     Dense(Ffn),
     Moe(MoeFfn),

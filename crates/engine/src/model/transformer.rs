@@ -221,10 +221,9 @@ impl Attention {
         // slice of `out` [n, q_dim].
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.cache).collect();
         let mut out = vec![0f32; n * q_dim];
-        let out_ptr = SharedMut(out.as_mut_ptr());
+        let out_ptr = SharedMut::new(out.as_mut_ptr());
         let group = shape.n_head / shape.n_head_kv;
         pool.parallel_for(n * shape.n_head, 1, &|range| {
-            let out_ptr = out_ptr;
             for task in range {
                 let (r, head) = (task / shape.n_head, task % shape.n_head);
                 let (s, pos) = layout.rows[r];
@@ -237,7 +236,7 @@ impl Attention {
                 let qh = &q[r * q_dim + head * hd..r * q_dim + (head + 1) * hd];
                 let kv_off = (head / group) * hd;
                 // SAFETY: task (r, head) alone writes this head_dim slice.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r * q_dim + head * hd), hd) };
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * q_dim + head * hd), hd) };
                 let kv = KvLayout { kv_stride: kv_dim, kv_off, head_dim: hd };
                 SCRATCH.with(|scratch| {
                     attend(qh, keys, values, kv, first..=pos, shape.scale, &mut scratch.borrow_mut(), dst);

@@ -165,6 +165,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Layou
 
 /// Whether `ty` is a weight format the kernels can multiply with.
 pub fn is_supported_weight(ty: GgmlType) -> bool {
+    #[allow(clippy::extra_unused_type_parameters, reason = "dispatch_format! names the block type")]
     fn yes<B: BlockFormat>() -> bool {
         true
     }

@@ -31,6 +31,10 @@
 //! equal it bit for bit, and a token's result does not depend on how many
 //! tokens share the call (the same per-lane operations for N = 1..4): matmul
 //! stays batch-invariant.
+#![allow(
+    clippy::needless_range_loop,
+    reason = "SIMD loops index several arrays (registers per token, per step) by one counter"
+)]
 
 use super::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
 use super::{simd_level, BlockFormat, SimdLevel};
@@ -783,6 +787,7 @@ pub fn unpack_row<P: Interleaved>(packed: &[P], blocks_per_row: usize, r: usize,
 
 /// Whether `ty` has a row-interleaved layout here.
 pub fn has_layout(ty: crate::GgmlType) -> bool {
+    #[allow(clippy::extra_unused_type_parameters, reason = "dispatch_interleaved! names the packed type")]
     fn yes<P: Interleaved>() -> bool {
         true
     }

@@ -49,7 +49,7 @@ impl BlockQ4Kx8 {
     /// Row `s`'s 4-bit quant of element `e` (0..32) of sub-block `b`.
     fn quant(&self, s: usize, b: usize, e: usize) -> i32 {
         let byte = self.qs[256 * (b / 2) + 32 * (e / 4) + 4 * s + e % 4];
-        (if b % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32
+        (if b.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 }) as i32
     }
 }
 

@@ -25,6 +25,10 @@
 //! bit: per super-block the exact integer `isum = Σ_j sc[j]·Σ (q − 32)·q8`
 //! (formed as `Σ_j sc[j]·Σ q·q8 − 32·Σ_j sc[j]·bsums[j]`), then
 //! `acc = fma(isum, dy·d, acc)`. So repacking changes no result.
+#![allow(
+    clippy::needless_range_loop,
+    reason = "SIMD loops index several arrays (registers per token, per step) by one counter"
+)]
 
 use super::{ActMeta, ExactSums, Interleaved, Kernels, ROWS};
 use crate::formats::kquants::{q6_place, BlockQ6K, BlockQ8K, QK_K};
