@@ -10,8 +10,6 @@ use common::*;
 use minnow_engine::model::{Logits, Model};
 use minnow_kernels::ops::log_softmax;
 use serde_json::Value;
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 
 /// Top-1 must agree wherever the reference's top-1 − top-2 gap is at least this.
 const DECISIVE_GAP: f32 = 0.75;
@@ -24,39 +22,15 @@ const MAX_MEAN_LOGPROB_DIFF: f64 = 0.1;
 
 /// Each model is loaded once per test binary.
 fn model(file: &str) -> &'static Model {
-    static MODELS_LOADED: OnceLock<Mutex<HashMap<String, &'static Model>>> = OnceLock::new();
-    let map = MODELS_LOADED.get_or_init(Default::default);
-    let mut map = map.lock().unwrap();
-    map.entry(file.to_string()).or_insert_with(|| {
-        let m = Model::from_gguf(open_model_file(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-        Box::leak(Box::new(m))
-    })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
+    load_once(file, || open_model_file(file))
 }
 
 /// Compares our logits at one position with a reference top-20 entry.
 /// Returns the mean |Δlogit| over the reference's top 10, and whether the
 /// top-1 check applied and passed.
 fn compare_position(ours: &[f32], reference: &Value, what: &str) -> f32 {
-    let ref_ids = ids(&reference["ids"]);
-    let ref_logits = floats(&reference["logits"]);
+    let ref_ids = json_ids(&reference["ids"]);
+    let ref_logits = json_floats(&reference["logits"]);
     let gap = ref_logits[0] - ref_logits[1];
     if gap >= DECISIVE_GAP {
         assert_eq!(argmax(ours), ref_ids[0], "{what}: top-1 differs from llama.cpp's (reference gap {gap:.3})");
@@ -70,8 +44,8 @@ fn check_logits(golden: &str, file: &str) {
     let vocab = m.config().vocab_size;
     let data = golden_json(golden, "logits.json");
     for (c, case) in data["cases"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&case["prompt_ids"]);
-        let greedy = ids(&case["greedy_ids"]);
+        let prompt = json_ids(&case["prompt_ids"]);
+        let greedy = json_ids(&case["greedy_ids"]);
         let mut diffs = Vec::new();
 
         // Every prompt position.
@@ -105,7 +79,7 @@ fn check_logits(golden: &str, file: &str) {
         let mut cache = m.new_cache(4096);
         let mut next = argmax(&m.forward_one(pool(), &mut cache, &prompt, Logits::Last).unwrap());
         for (j, reference) in greedy_topk.iter().enumerate() {
-            let ref_logits = floats(&reference["logits"]);
+            let ref_logits = json_floats(&reference["logits"]);
             if ref_logits[0] - ref_logits[1] < DECISIVE_GAP {
                 break;
             }
@@ -121,7 +95,7 @@ fn check_nll(golden: &str, file: &str) {
     let data = golden_json(golden, "nll.json");
     for case in data["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let ids = ids(&case["ids"]);
+        let ids = json_ids(&case["ids"]);
         let reference: Vec<f64> =
             case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let mut cache = m.new_cache(ids.len());

@@ -58,30 +58,7 @@ fn open_fixture(name: &str) -> Arc<GgufFile> {
 /// Each fixture loaded once per binary, for the tests that only read it.
 /// (Tests of router statistics load their own: counters are per model.)
 fn model(name: &str) -> &'static Model {
-    static LOADED: OnceLock<Mutex<HashMap<String, &'static Model>>> = OnceLock::new();
-    let mut map = LOADED.get_or_init(Default::default).lock().unwrap();
-    map.entry(name.to_string()).or_insert_with(|| {
-        let m = Model::from_gguf(open_fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        Box::leak(Box::new(m))
-    })
-}
-
-fn ids(v: &Json) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn floats(v: &Json) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
+    load_once(name, || open_fixture(name))
 }
 
 /// Tally of one fixture's comparison with the reference.
@@ -96,8 +73,8 @@ struct Tally {
 
 impl Tally {
     fn position(&mut self, ours: &[f32], reference: &Json, what: String) {
-        let ref_ids = ids(&reference["ids"]);
-        let ref_logits = floats(&reference["logits"]);
+        let ref_ids = json_ids(&reference["ids"]);
+        let ref_logits = json_floats(&reference["logits"]);
         if ref_logits[0] - ref_logits[1] >= DECISIVE_GAP {
             self.decisive += 1;
             if argmax(ours) == ref_ids[0] {
@@ -117,8 +94,8 @@ fn check_logits(name: &str) {
     let data = golden_json(name, "logits.json");
     let mut all = Tally::default();
     for (c, case) in data["cases"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&case["prompt_ids"]);
-        let greedy = ids(&case["greedy_ids"]);
+        let prompt = json_ids(&case["prompt_ids"]);
+        let greedy = json_ids(&case["greedy_ids"]);
         let mut t = Tally::default();
 
         // Every prompt position.
@@ -171,7 +148,7 @@ fn check_nll(name: &str) {
     let data = golden_json(name, "nll.json");
     for case in data["cases"].as_array().unwrap() {
         let case_name = case["name"].as_str().unwrap();
-        let ids = ids(&case["ids"]);
+        let ids = json_ids(&case["ids"]);
         let reference: Vec<f64> =
             case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let mut cache = m.new_cache(ids.len());
@@ -246,7 +223,7 @@ fn configs_read_from_metadata() {
 
 /// A fixed 20-token stretch of real text (the NLL case's first tokens).
 fn twenty_tokens(name: &str) -> Vec<u32> {
-    ids(&golden_json(name, "nll.json")["cases"][0]["ids"])[..20].to_vec()
+    json_ids(&golden_json(name, "nll.json")["cases"][0]["ids"])[..20].to_vec()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -21,10 +21,6 @@ fn load(file: &str) -> &'static Tokenizer {
     &all.iter().find(|(f, _)| *f == file).unwrap_or_else(|| panic!("{file} is not a test model")).1
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
 /// Every golden case of every model, both modes; all mismatches of a model in
 /// one message.
 #[test]
@@ -40,7 +36,7 @@ fn golden_ids_match_llama_cpp() {
         for case in cases {
             let text = case["text"].as_str().expect("text");
             for (mode, add, parse) in [("with_special", true, false), ("parse_special", false, true)] {
-                let want = ids(&case[mode]);
+                let want = common::json_ids(&case[mode]);
                 let got = tok.encode(text, add, parse).expect("encode");
                 if got != want {
                     bad.push(format!("  {mode} {text:?}\n    want {want:?}\n    got  {got:?}"));

@@ -4,8 +4,9 @@
 
 use minnow_gguf::GgufFile;
 use minnow_kernels::pool::ThreadPool;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where `minnow pull` puts the test models (the engine's model cache).
 pub fn models_dir() -> PathBuf {
@@ -45,6 +46,39 @@ pub fn golden_json(model_dir: &str, name: &str) -> serde_json::Value {
     let p = golden_dir().join(model_dir).join(name);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
+}
+
+/// Loads the model `key` with `open` the first time it is asked for, then
+/// hands out the same one: each model is loaded once per test binary.
+pub fn load_once(key: &str, open: impl FnOnce() -> Arc<GgufFile>) -> &'static minnow_engine::model::Model {
+    type Loaded = HashMap<String, &'static minnow_engine::model::Model>;
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let mut map = LOADED.get_or_init(Default::default).lock().unwrap();
+    map.entry(key.to_string()).or_insert_with(|| {
+        let m = minnow_engine::model::Model::from_gguf(open()).unwrap_or_else(|e| panic!("{key}: {e}"));
+        Box::leak(Box::new(m))
+    })
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("an array of ids").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
+}
+
+/// A JSON array of numbers, as f32.
+pub fn json_floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().expect("an array of numbers").iter().map(|x| x.as_f64().expect("a number") as f32).collect()
+}
+
+/// Index of the largest value; the first of equal ones.
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// One pool per test binary; concurrent tests take turns using it.
