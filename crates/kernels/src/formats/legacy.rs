@@ -457,28 +457,66 @@ macro_rules! simd_or_ref_multi {
     }};
 }
 
+/// The scalar references, shared by the formats with a scale only (`_0`,
+/// Q8_0; dotted with Q8_0) and those with a scale and a min (`_1`; dotted
+/// with Q8_1). `parts` gives a block's f16 scale (and min) and its quants,
+/// offset applied.
+fn dequantize_0<B>(what: &str, blocks: &[B], out: &mut [f32], parts: impl Fn(&B) -> (u16, [i8; QK])) {
+    check_len(what, out.len(), blocks.len());
+    for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let (d, quants) = parts(b);
+        let d = f16(d);
+        for (o, q) in out.iter_mut().zip(quants) {
+            *o = d * q as f32;
+        }
+    }
+}
+
+fn dequantize_1<B>(what: &str, blocks: &[B], out: &mut [f32], parts: impl Fn(&B) -> (u16, u16, [i8; QK])) {
+    check_len(what, out.len(), blocks.len());
+    for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let (d, m, quants) = parts(b);
+        let (d, m) = (f16(d), f16(m));
+        for (o, q) in out.iter_mut().zip(quants) {
+            *o = d * q as f32 + m;
+        }
+    }
+}
+
+/// Σ dx dy Σ q y.
+fn dot_ref_0<B>(what: &str, w: &[B], a: &[BlockQ8_0], parts: impl Fn(&B) -> (u16, [i8; QK])) -> f32 {
+    assert_eq!(w.len(), a.len(), "{what} dot: length mismatch");
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let (d, quants) = parts(x);
+        sum += idot(&quants, &y.qs) as f32 * f16(d) * f16(y.d);
+    }
+    sum
+}
+
+/// Σ (dx q + m)(dy y) = Σ dx dy Σ q y + m s.
+fn dot_ref_1<B>(what: &str, w: &[B], a: &[BlockQ8_1], parts: impl Fn(&B) -> (u16, u16, [i8; QK])) -> f32 {
+    assert_eq!(w.len(), a.len(), "{what} dot: length mismatch");
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let (d, m, quants) = parts(x);
+        let sumi = idot(&quants, &y.qs);
+        sum += f16(d) * f16(y.d) * sumi as f32 + f16(m) * f16(y.s);
+    }
+    sum
+}
+
 impl BlockFormat for BlockQ4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
     const BLOCK: usize = QK;
     type Dot = BlockQ8_0;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        check_len("Q4_0 dequantize", out.len(), blocks.len());
-        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let d = f16(b.d);
-            for (o, q) in out.iter_mut().zip(b.quants()) {
-                *o = d * q as f32;
-            }
-        }
+        dequantize_0("Q4_0 dequantize", blocks, out, |b| (b.d, b.quants()))
     }
 
     fn vec_dot_ref(w: &[Self], a: &[BlockQ8_0]) -> f32 {
-        assert_eq!(w.len(), a.len(), "Q4_0 dot: length mismatch");
-        let mut sum = 0.0f32;
-        for (x, y) in w.iter().zip(a) {
-            sum += idot(&x.quants(), &y.qs) as f32 * f16(x.d) * f16(y.d);
-        }
-        sum
+        dot_ref_0("Q4_0", w, a, |b| (b.d, b.quants()))
     }
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_0]) -> f32 {
@@ -496,24 +534,11 @@ impl BlockFormat for BlockQ4_1 {
     type Dot = BlockQ8_1;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        check_len("Q4_1 dequantize", out.len(), blocks.len());
-        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let (d, m) = (f16(b.d), f16(b.m));
-            for (o, q) in out.iter_mut().zip(b.quants()) {
-                *o = d * q as f32 + m;
-            }
-        }
+        dequantize_1("Q4_1 dequantize", blocks, out, |b| (b.d, b.m, b.quants()))
     }
 
-    /// Σ (dx q + m)(dy y) = dx dy Σ q y + m s.
     fn vec_dot_ref(w: &[Self], a: &[BlockQ8_1]) -> f32 {
-        assert_eq!(w.len(), a.len(), "Q4_1 dot: length mismatch");
-        let mut sum = 0.0f32;
-        for (x, y) in w.iter().zip(a) {
-            let sumi = idot(&x.quants(), &y.qs);
-            sum += f16(x.d) * f16(y.d) * sumi as f32 + f16(x.m) * f16(y.s);
-        }
-        sum
+        dot_ref_1("Q4_1", w, a, |b| (b.d, b.m, b.quants()))
     }
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_1]) -> f32 {
@@ -531,22 +556,11 @@ impl BlockFormat for BlockQ5_0 {
     type Dot = BlockQ8_0;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        check_len("Q5_0 dequantize", out.len(), blocks.len());
-        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let d = f16(b.d);
-            for (o, q) in out.iter_mut().zip(b.quants()) {
-                *o = d * q as f32;
-            }
-        }
+        dequantize_0("Q5_0 dequantize", blocks, out, |b| (b.d, b.quants()))
     }
 
     fn vec_dot_ref(w: &[Self], a: &[BlockQ8_0]) -> f32 {
-        assert_eq!(w.len(), a.len(), "Q5_0 dot: length mismatch");
-        let mut sum = 0.0f32;
-        for (x, y) in w.iter().zip(a) {
-            sum += idot(&x.quants(), &y.qs) as f32 * f16(x.d) * f16(y.d);
-        }
-        sum
+        dot_ref_0("Q5_0", w, a, |b| (b.d, b.quants()))
     }
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_0]) -> f32 {
@@ -564,23 +578,11 @@ impl BlockFormat for BlockQ5_1 {
     type Dot = BlockQ8_1;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        check_len("Q5_1 dequantize", out.len(), blocks.len());
-        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let (d, m) = (f16(b.d), f16(b.m));
-            for (o, q) in out.iter_mut().zip(b.quants()) {
-                *o = d * q as f32 + m;
-            }
-        }
+        dequantize_1("Q5_1 dequantize", blocks, out, |b| (b.d, b.m, b.quants()))
     }
 
     fn vec_dot_ref(w: &[Self], a: &[BlockQ8_1]) -> f32 {
-        assert_eq!(w.len(), a.len(), "Q5_1 dot: length mismatch");
-        let mut sum = 0.0f32;
-        for (x, y) in w.iter().zip(a) {
-            let sumi = idot(&x.quants(), &y.qs);
-            sum += f16(x.d) * f16(y.d) * sumi as f32 + f16(x.m) * f16(y.s);
-        }
-        sum
+        dot_ref_1("Q5_1", w, a, |b| (b.d, b.m, b.quants()))
     }
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_1]) -> f32 {
@@ -598,22 +600,11 @@ impl BlockFormat for BlockQ8_0 {
     type Dot = BlockQ8_0;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
-        check_len("Q8_0 dequantize", out.len(), blocks.len());
-        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let d = f16(b.d);
-            for (o, &q) in out.iter_mut().zip(&b.qs) {
-                *o = d * q as f32;
-            }
-        }
+        dequantize_0("Q8_0 dequantize", blocks, out, |b| (b.d, b.qs))
     }
 
     fn vec_dot_ref(w: &[Self], a: &[BlockQ8_0]) -> f32 {
-        assert_eq!(w.len(), a.len(), "Q8_0 dot: length mismatch");
-        let mut sum = 0.0f32;
-        for (x, y) in w.iter().zip(a) {
-            sum += idot(&x.qs, &y.qs) as f32 * f16(x.d) * f16(y.d);
-        }
-        sum
+        dot_ref_0("Q8_0", w, a, |b| (b.d, b.qs))
     }
 
     fn vec_dot(w: &[Self], a: &[BlockQ8_0]) -> f32 {
