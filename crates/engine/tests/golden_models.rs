@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use minnow_engine::model::{Logits, Model};
-use minnow_kernels::ops::log_softmax;
 use serde_json::Value;
 
 /// Top-1 must agree wherever the reference's top-1 − top-2 gap is at least this.
@@ -90,26 +89,8 @@ fn check_logits(golden: &str, file: &str) {
 }
 
 fn check_nll(golden: &str, file: &str) {
-    let m = model(file);
-    let vocab = m.config().vocab_size;
-    let data = golden_json(golden, "nll.json");
-    for case in data["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let ids = json_ids(&case["ids"]);
-        let reference: Vec<f64> =
-            case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let mut cache = m.new_cache(ids.len());
-        let logits = m.forward_one(pool(), &mut cache, &ids, Logits::All).unwrap();
-        let mut lp = vec![0f32; vocab];
-        let ours: Vec<f64> = (0..ids.len() - 1)
-            .map(|i| {
-                log_softmax(&logits[i * vocab..(i + 1) * vocab], &mut lp);
-                lp[ids[i + 1] as usize] as f64
-            })
-            .collect();
-        let mean_nll = -ours.iter().sum::<f64>() / ours.len() as f64;
-        let ref_nll = case["mean_nll"].as_f64().unwrap();
-        let mean_diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f64>() / ours.len() as f64;
+    for c in compare_nll(model(file), golden) {
+        let (name, mean_nll, ref_nll, mean_diff) = (&c.case, c.mean_nll, c.ref_nll, c.mean_logprob_diff);
         eprintln!("{golden} {name}: mean NLL {mean_nll:.4} (llama.cpp {ref_nll:.4}), mean |Δlogprob| {mean_diff:.4}");
         assert!((mean_nll - ref_nll).abs() <= MAX_MEAN_NLL_DIFF, "{golden} {name}: mean NLL {mean_nll} vs {ref_nll}");
         assert!(mean_diff <= MAX_MEAN_LOGPROB_DIFF, "{golden} {name}: mean |Δlogprob| {mean_diff}");

@@ -15,7 +15,6 @@ mod common;
 use common::*;
 use minnow_engine::model::{Logits, Model, RouterStats, SeqBatch};
 use minnow_gguf::{GgmlType, GgufFile, GgufWriter, TensorInfo, Value};
-use minnow_kernels::ops::log_softmax;
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -143,26 +142,8 @@ fn check_logits(name: &str) {
 }
 
 fn check_nll(name: &str) {
-    let m = model(name);
-    let vocab = m.config().vocab_size;
-    let data = golden_json(name, "nll.json");
-    for case in data["cases"].as_array().unwrap() {
-        let case_name = case["name"].as_str().unwrap();
-        let ids = json_ids(&case["ids"]);
-        let reference: Vec<f64> =
-            case["next_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let mut cache = m.new_cache(ids.len());
-        let logits = m.forward_one(pool(), &mut cache, &ids, Logits::All).unwrap();
-        let mut lp = vec![0f32; vocab];
-        let ours: Vec<f64> = (0..ids.len() - 1)
-            .map(|i| {
-                log_softmax(&logits[i * vocab..(i + 1) * vocab], &mut lp);
-                lp[ids[i + 1] as usize] as f64
-            })
-            .collect();
-        let mean_nll = -ours.iter().sum::<f64>() / ours.len() as f64;
-        let ref_nll = case["mean_nll"].as_f64().unwrap();
-        let mean_diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f64>() / ours.len() as f64;
+    for c in compare_nll(model(name), name) {
+        let (case_name, mean_nll, ref_nll, mean_diff) = (&c.case, c.mean_nll, c.ref_nll, c.mean_logprob_diff);
         eprintln!(
             "{name} {case_name}: mean NLL {mean_nll:.4} (llama.cpp {ref_nll:.4}, Δ {:+.4}), mean |Δlogprob| {mean_diff:.4}",
             mean_nll - ref_nll

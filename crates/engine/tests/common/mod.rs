@@ -81,6 +81,50 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// One case of a golden `nll.json`, compared: the mean negative log-likelihood
+/// of each next token, ours and llama.cpp's, and the mean |Δ| of the
+/// per-token log-probs.
+pub struct NllComparison {
+    pub case: String,
+    pub mean_nll: f64,
+    pub ref_nll: f64,
+    pub mean_logprob_diff: f64,
+}
+
+/// Runs every case of `<golden>/nll.json` through `m` (one pass per case,
+/// logits of every position).
+pub fn compare_nll(m: &minnow_engine::model::Model, golden: &str) -> Vec<NllComparison> {
+    let vocab = m.config().vocab_size;
+    let data = golden_json(golden, "nll.json");
+    let mut out = Vec::new();
+    for case in data["cases"].as_array().expect("nll.json: cases") {
+        let ids = json_ids(&case["ids"]);
+        let reference: Vec<f64> = case["next_logprobs"]
+            .as_array()
+            .expect("nll.json: next_logprobs")
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut cache = m.new_cache(ids.len());
+        let logits = m.forward_one(pool(), &mut cache, &ids, minnow_engine::model::Logits::All).unwrap();
+        let mut lp = vec![0f32; vocab];
+        let ours: Vec<f64> = (0..ids.len() - 1)
+            .map(|i| {
+                minnow_kernels::ops::log_softmax(&logits[i * vocab..(i + 1) * vocab], &mut lp);
+                lp[ids[i + 1] as usize] as f64
+            })
+            .collect();
+        let n = ours.len() as f64;
+        out.push(NllComparison {
+            case: case["name"].as_str().expect("nll.json: case name").to_string(),
+            mean_nll: -ours.iter().sum::<f64>() / n,
+            ref_nll: case["mean_nll"].as_f64().expect("nll.json: mean_nll"),
+            mean_logprob_diff: ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f64>() / n,
+        });
+    }
+    out
+}
+
 /// One pool per test binary; concurrent tests take turns using it.
 pub fn pool() -> &'static ThreadPool {
     static POOL: OnceLock<ThreadPool> = OnceLock::new();
