@@ -62,6 +62,7 @@
 //! distribution over a 150k vocabulary never sorts it whole. `sample` reuses
 //! its buffers across calls.
 
+use minnow_kernels::ops::argmax;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -538,19 +539,6 @@ fn draw(cands: &[Cand], total: f64, u: f64) -> u32 {
     }
     // Only reachable if rounding made r == total; every candidate has w > 0.
     cands.last().map_or(0, |c| c.id)
-}
-
-/// Argmax ignoring NaN; ties → lowest index; `None` if nothing beats -inf.
-fn argmax(xs: &[f32]) -> Option<u32> {
-    let mut best = None;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > best_v {
-            best_v = x;
-            best = Some(i as u32);
-        }
-    }
-    best
 }
 
 /// When no token is viable after the penalties: the raw argmax, else token 0.

@@ -27,7 +27,7 @@ use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, B
 use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
 use minnow_kernels::formats::{ActBlock, BlockFormat};
 use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
-use minnow_kernels::ops::{rms_norm, softmax_inplace, Rope};
+use minnow_kernels::ops::{argmax, argmax_ref, rms_norm, softmax_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
 use std::hint::black_box;
 use std::time::Duration;
@@ -209,6 +209,10 @@ fn ops(c: &mut Criterion) {
     let mut q = rng.vec(14 * 64);
     g.throughput(Throughput::Elements(14 * 64));
     g.bench_function("rope/14x64", |b| b.iter(|| rope.apply(black_box(&mut q), 64, black_box(1000))));
+    // The same with the angles computed beforehand, once per forward pass:
+    // what each layer pays.
+    let angles = rope.angles(&[1000]);
+    g.bench_function("rope/14x64/rotate", |b| b.iter(|| angles.apply(0, black_box(&mut q), 64)));
 
     // An attention row at 4096 positions, and the Qwen vocabulary's logits.
     for n in [4096usize, 151_936] {
@@ -222,6 +226,11 @@ fn ops(c: &mut Criterion) {
             })
         });
     }
+    // Greedy decoding's pick over the Qwen vocabulary.
+    let logits: Vec<f32> = rng.vec(151_936).iter().map(|v| 8.0 * v).collect();
+    g.throughput(Throughput::Elements(151_936));
+    g.bench_function("argmax/151936/ref", |b| b.iter(|| argmax_ref(black_box(&logits))));
+    g.bench_function("argmax/151936", |b| b.iter(|| argmax(black_box(&logits))));
     g.finish();
 }
 

@@ -191,6 +191,44 @@ mod simd {
     }
 }
 
+/// Index of the largest value, NaN ignored, the lowest index among equal
+/// ones; `None` when no value exceeds −∞ (empty, or all −∞ / NaN). Greedy
+/// decoding's step over the vocabulary (151,936 logits for Qwen).
+pub fn argmax(x: &[f32]) -> Option<u32> {
+    // Two passes the compiler vectorizes: the maximum in 32 lanes (four
+    // registers, so the max latency does not serialize; `f32::max` returns
+    // the other operand when one is NaN), then the first block of 32 that
+    // holds it.
+    const LANES: usize = 32;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    for c in chunks.clone() {
+        for k in 0..LANES {
+            lanes[k] = lanes[k].max(c[k]);
+        }
+    }
+    let best = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if best == f32::NEG_INFINITY {
+        return None;
+    }
+    let block = x.chunks(LANES).position(|c| c.iter().fold(false, |hit, &v| hit | (v == best)))?;
+    let within = x[LANES * block..].iter().position(|&v| v == best)?;
+    Some((LANES * block + within) as u32)
+}
+
+/// The scalar reference of [`argmax`].
+pub fn argmax_ref(x: &[f32]) -> Option<u32> {
+    let mut best = None;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in x.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = Some(i as u32);
+        }
+    }
+    best
+}
+
 /// `x[i] += y[i]`.
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
@@ -221,14 +259,36 @@ impl Rope {
 
     /// Rotates every head of `x` (shape [n_heads, head_dim]) for position `pos`.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
-        let half = self.n_rot / 2;
-        // cos/sin for this position, shape [half] each.
-        let mut cs = [(0f32, 0f32); 512];
-        let cs = &mut cs[..half];
-        for (c, &f) in cs.iter_mut().zip(&self.inv_freq) {
-            let a = pos as f64 * f;
-            *c = (a.cos() as f32, a.sin() as f32);
+        self.angles(&[pos]).apply(0, x, head_dim);
+    }
+
+    /// cos/sin of every rotated pair at each of `positions`: computed once
+    /// per forward pass, since every layer rotates by the same angles.
+    pub fn angles(&self, positions: &[usize]) -> RopeAngles {
+        let mut cs = Vec::with_capacity(positions.len() * self.inv_freq.len());
+        for &pos in positions {
+            cs.extend(self.inv_freq.iter().map(|&f| {
+                let a = pos as f64 * f;
+                (a.cos() as f32, a.sin() as f32)
+            }));
         }
+        RopeAngles { half: self.n_rot / 2, neox: self.neox, cs }
+    }
+}
+
+/// The rotation of a batch's rows ([`Rope::angles`]).
+pub struct RopeAngles {
+    half: usize,
+    neox: bool,
+    /// (cos, sin) of pair i at row r: `cs[r * half + i]`, shape [n_rows, half].
+    cs: Vec<(f32, f32)>,
+}
+
+impl RopeAngles {
+    /// Rotates every head of `x` (shape [n_heads, head_dim]) by row `row`'s angles.
+    pub fn apply(&self, row: usize, x: &mut [f32], head_dim: usize) {
+        let half = self.half;
+        let cs = &self.cs[row * half..(row + 1) * half];
         for head in x.chunks_exact_mut(head_dim) {
             for (i, &(cos, sin)) in cs.iter().enumerate() {
                 let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
@@ -252,6 +312,46 @@ mod tests {
         rms_norm(&x, &w, 0.0, &mut out);
         for (o, wi) in out.iter().zip(&w) {
             assert!((o - wi).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn argmax_matches_reference() {
+        let nan = f32::NAN;
+        let ninf = f32::NEG_INFINITY;
+        let cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![nan],
+            vec![ninf; 20],
+            vec![nan, ninf, nan],
+            vec![1.0],
+            vec![nan, 2.0, 5.0, 5.0, nan],
+            // Ties across and within blocks of eight: the lowest index wins.
+            (0..100).map(|i| if i % 37 == 35 { 9.0 } else { 0.0 }).collect(),
+            (0..17).map(|i| -(i as f32)).collect(),
+            (0..17).map(|i| i as f32).collect(),
+            // The maximum in the remainder after the last block of eight.
+            (0..71).map(|i| if i == 69 { f32::INFINITY } else { nan }).collect(),
+            vec![-0.0, 0.0, -0.0],
+            vec![0.0, -0.0],
+        ];
+        for x in &cases {
+            assert_eq!(argmax(x), argmax_ref(x), "{x:?}");
+        }
+        // Pseudo-random rows of every length up to 200, with NaNs and repeats.
+        let mut seed = 12345u32;
+        for len in 0..200 {
+            let x: Vec<f32> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    match seed >> 28 {
+                        0 => nan,
+                        1 => ninf,
+                        k => (k % 5) as f32,
+                    }
+                })
+                .collect();
+            assert_eq!(argmax(&x), argmax_ref(&x), "{x:?}");
         }
     }
 

@@ -8,7 +8,7 @@ use minnow_engine::generate::{generate, prefill, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::model::Logits;
 use minnow_engine::sampler::SamplingParams;
-use minnow_kernels::ops::log_softmax;
+use minnow_kernels::ops::{argmax, log_softmax};
 use minnow_kernels::pool::ThreadPool;
 // Shared with the server so a conversation tokenizes the same way in both.
 use minnow_serve::chat_prompt;
@@ -685,7 +685,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let t = Instant::now();
         for _ in 0..a.tg {
             let logits = m.model.forward_one(&pool, &mut cache, &[tok], Logits::Last)?;
-            tok = logits.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0 as u32).unwrap_or(0);
+            tok = argmax(&logits).unwrap_or(0);
         }
         tg_rates.push(a.tg as f64 / t.elapsed().as_secs_f64());
     }

@@ -83,13 +83,15 @@ impl Gemma3 {
         let e = cfg.n_embd;
         // x: the residual stream, [n, n_embd]
         let mut x = embed(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), (e as f32).sqrt())?;
+        let (angles_local, angles_global) =
+            (self.rope_local.angles(&layout.positions()), self.rope_global.angles(&layout.positions()));
         for (l, layer) in self.layers.iter().enumerate() {
             let local = cfg.is_sliding(l);
             let shape = AttentionShape {
                 n_head: cfg.n_head,
                 n_head_kv: cfg.n_head_kv,
                 head_dim: cfg.head_dim,
-                rope: if local { &self.rope_local } else { &self.rope_global },
+                rope: if local { &angles_local } else { &angles_global },
                 eps: cfg.norm_eps,
                 scale: 1.0 / (cfg.head_dim as f32).sqrt(),
                 window: if local { cfg.sliding_window } else { None },

@@ -136,11 +136,12 @@ impl Llama {
         let n = layout.n_rows();
         // x: the residual stream, [n, n_embd]
         let mut x = embed(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), 1.0)?;
+        let angles = self.rope.angles(&layout.positions());
         let shape = AttentionShape {
             n_head: cfg.n_head,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
-            rope: &self.rope,
+            rope: &angles,
             eps: cfg.norm_eps,
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             window: None,

@@ -11,7 +11,7 @@ use super::ModelError;
 use crate::kv_cache::KvCache;
 use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
 use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, QMatrix};
-use minnow_kernels::ops::{self, Rope};
+use minnow_kernels::ops::{self, RopeAngles};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
 use std::cell::RefCell;
 
@@ -61,6 +61,11 @@ impl RowLayout {
 
     pub fn n_rows(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Each row's position in its sequence, shape [n_rows].
+    pub fn positions(&self) -> Vec<usize> {
+        self.rows.iter().map(|&(_, pos)| pos).collect()
     }
 }
 
@@ -171,7 +176,8 @@ pub(crate) struct AttentionShape<'a> {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
-    pub rope: &'a Rope,
+    /// The rotation of each row of the batch, shape [n_rows, ..].
+    pub rope: &'a RopeAngles,
     pub eps: f32,
     /// Softmax scale of q·k.
     pub scale: f32,
@@ -208,9 +214,9 @@ impl Attention {
             q.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, qn, shape.eps));
             k.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, kn, shape.eps));
         }
-        for (r, &(_, pos)) in layout.rows.iter().enumerate() {
-            shape.rope.apply(&mut q[r * q_dim..(r + 1) * q_dim], hd, pos);
-            shape.rope.apply(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, pos);
+        for r in 0..n {
+            shape.rope.apply(r, &mut q[r * q_dim..(r + 1) * q_dim], hd);
+            shape.rope.apply(r, &mut k[r * kv_dim..(r + 1) * kv_dim], hd);
         }
         for (s, seq) in seqs.iter_mut().enumerate() {
             let (a, b) = (layout.seq_start[s], layout.seq_start[s + 1]);
@@ -309,13 +315,17 @@ pub(crate) fn output_logits(
         hx.extend_from_slice(&x[r * n_embd..(r + 1) * n_embd]);
     }
     let hx = norm_rows(&hx, norm, eps);
-    let logits = if picked.is_empty() { Vec::new() } else { mm(pool, head, &hx, picked.len())? };
+    let mut logits = if picked.is_empty() { Vec::new() } else { mm(pool, head, &hx, picked.len())? };
     let vocab = head.rows;
     let mut out = Vec::with_capacity(seqs.len());
     let mut at = 0;
     for (c, h) in counts.into_iter().zip(hidden) {
         match h {
             Some(h) => out.push(h),
+            // One sequence takes every row (decoding alone): hand over the
+            // buffer rather than copy the vocabulary's logits.
+            None if c == 0 => out.push(Vec::new()),
+            None if c == picked.len() => out.push(std::mem::take(&mut logits)),
             None => out.push(logits[at * vocab..(at + c) * vocab].to_vec()),
         }
         at += c;
