@@ -97,7 +97,7 @@ pub fn attend_ref(
         let kj = &keys[j * kv_stride + kv_off..j * kv_stride + kv_off + hd];
         dot_ref(q16, kj) * scale
     }));
-    crate::ops::softmax_inplace(scores);
+    softmax_ref(scores);
     out.iter_mut().for_each(|d| *d = 0.0);
     for (j, &p) in span.zip(scores.iter()) {
         let p = round_f16(p);
@@ -115,6 +115,21 @@ fn check(q: &[f32], keys: &[f16], values: &[f16], l: KvLayout, span: &RangeInclu
         let end = (span.end() + 1) * l.kv_stride;
         assert!(keys.len() >= end && values.len() >= end, "attend: span beyond the cache");
     }
+}
+
+/// Softmax of a head's scores in place (`span` is never empty, so there is a
+/// finite maximum unless the scores are NaN, which then spread to the
+/// output). `e^x` is [`crate::ops::exp_poly`], the bits of the SIMD
+/// kernel's eight-lane exp.
+fn softmax_ref(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = crate::ops::exp_poly(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Dot product with an f16 vector, with eight partial sums (so the loop
@@ -175,7 +190,7 @@ mod avx2 {
             scores.push(dot(q.as_ptr(), key(j), hd) * scale);
             j += 1;
         }
-        crate::ops::softmax_inplace(scores);
+        softmax(scores);
         round_f16_inplace(scores);
         let first = *span.start();
         let mut c = 0;
@@ -200,6 +215,29 @@ mod avx2 {
             out[c + 8 * lanes..c + width].copy_from_slice(&tail[..width - 8 * lanes]);
             c += width;
         }
+    }
+
+    /// [`super::softmax_ref`] with `e^x` eight lanes at a time (the same
+    /// bits) and the sum in eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn softmax(x: &mut [f32]) {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m = _mm256_set1_ps(max);
+        let mut lanes = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = crate::ops::simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            lanes = _mm256_add_ps(lanes, e);
+        }
+        let mut sum = crate::formats::float::hsum_avx2(lanes);
+        for v in chunks.into_remainder() {
+            *v = crate::ops::exp_poly(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|v| *v *= inv);
     }
 
     /// Eight f16 (raw bits) as f32.

@@ -122,8 +122,26 @@ pub fn gated_gelu_ref(gate: &mut [f32], up: &[f32]) {
 }
 
 /// AVX2/FMA activations built on an 8-lane `exp`.
+/// The scalar mirror of the eight-lane `e^x` (`simd::exp8`): the same
+/// operations, each exactly rounded (`mul_add` is a fused multiply-add), so
+/// the same bits. For references that must agree with the SIMD kernels.
+pub fn exp_poly(x: f32) -> f32 {
+    // max/min written so that a NaN passes through, as in `exp8`.
+    let x = if x.is_nan() { x } else { x.clamp(-87.3, 88.3) };
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(0.693_359_4, x);
+    let r = (-n).mul_add(-2.121_944_4e-4, r);
+    let mut p = 1.0f32 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // `_mm256_cvtps_epi32` of NaN is i32::MIN; `as` would give 0.
+    let n = if n.is_nan() { i32::MIN } else { n as i32 };
+    p * f32::from_bits((n.wrapping_add(127) as u32) << 23)
+}
+
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     /// `e^x` in 8 lanes: `x = n·ln2 + r` with `|r| ≤ ln2/2`, `e^r` by its
@@ -132,9 +150,11 @@ mod simd {
     /// [-87.3, 88.3], where `2^n` stays a normal float: `e^x` saturates near
     /// 1e-38 and 2e38 instead of reaching 0 or infinity, which the callers'
     /// `1 / (1 + e^x)` forms absorb.
+    /// A NaN lane stays NaN (the clamp's constants are the first operands:
+    /// `max`/`min` return the second when either is NaN).
     #[inline(always)]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+    pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_set1_ps(88.3), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
         let n = _mm256_round_ps(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
@@ -353,6 +373,42 @@ mod tests {
                 .collect();
             assert_eq!(argmax(&x), argmax_ref(&x), "{x:?}");
         }
+    }
+
+    /// `exp_poly` is the eight-lane exp's bits, lane by lane, and both are
+    /// within 2 ulps of libm's `exp` over the range softmax uses (and then
+    /// some); NaN stays NaN and the clamp holds at both ends.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn exp_poly_is_exp8_bit_for_bit() {
+        if !crate::formats::has_avx2_fma() {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -100.0 + i as f32 * 0.000_95).collect();
+        xs.extend([0.0, -0.0, 1e-30, -1e-30, 88.3, -87.3, 88.4, -87.4, 1e10, -1e10, f32::INFINITY, f32::NEG_INFINITY]);
+        xs.push(f32::NAN);
+        while !xs.len().is_multiple_of(8) {
+            xs.push(0.5);
+        }
+        let mut simd = vec![0f32; xs.len()];
+        for (x, out) in xs.chunks_exact(8).zip(simd.chunks_exact_mut(8)) {
+            // SAFETY: AVX2 and FMA were just detected.
+            unsafe {
+                use std::arch::x86_64::*;
+                let e = simd::exp8(_mm256_loadu_ps(x.as_ptr()));
+                _mm256_storeu_ps(out.as_mut_ptr(), e);
+            }
+        }
+        for (&x, &e) in xs.iter().zip(&simd) {
+            let p = exp_poly(x);
+            assert!(p.to_bits() == e.to_bits() || (p.is_nan() && e.is_nan()), "exp({x}): scalar {p}, simd {e}");
+            if (-87.0..88.0).contains(&x) {
+                let want = (x as f64).exp();
+                assert!(((p as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {p}, libm {want}");
+            }
+        }
+        assert!(exp_poly(f32::NAN).is_nan());
+        assert!(exp_poly(-1e10) > 0.0 && exp_poly(-1e10) < 1e-37);
     }
 
     #[test]
