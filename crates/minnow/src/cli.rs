@@ -241,6 +241,10 @@ struct BenchArgs {
     /// Repeats (the median is reported).
     #[arg(short = 'r', default_value_t = 3)]
     repeats: usize,
+    /// Context depth, as llama-bench's `-d`: both tests run after this many
+    /// tokens already in the KV cache (filled once, not timed).
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
     #[arg(long)]
     json: bool,
     /// With --draft/--lookup: plain vs speculative greedy generation of -n
@@ -667,20 +671,37 @@ fn bench(a: BenchArgs) -> Result<()> {
         return crate::spec::bench(&m, &pool, &a.model.model, a.tg, a.repeats, &a.draft, a.json);
     }
     let vocab = m.model.config().vocab_size as u32;
-    // Arbitrary but fixed token ids, as llama-bench uses random ones.
-    let prompt: Vec<u32> = (0..a.pp as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    let ctx = a.pp + a.tg + 1;
-    // One warm-up pass pages the weights in.
+    // Arbitrary but fixed token ids, as llama-bench uses random ones: the
+    // depth's tokens, then the prompt's.
+    let ids: Vec<u32> = (0..(a.depth + a.pp) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let (context, prompt) = ids.split_at(a.depth);
+    let ctx = a.depth + a.pp.max(a.tg) + 1;
+    let max_ctx = m.model.config().context_length;
+    if ctx > max_ctx {
+        bail!(
+            "-d {} with -p {} / -n {} needs {ctx} positions, more than the model's context of {max_ctx}",
+            a.depth,
+            a.pp,
+            a.tg
+        );
+    }
+    // One warm-up pass pages the weights in; the depth is filled once, and
+    // each test starts from it (the cache truncated back to it).
     prefill(&m.model, &pool, &mut m.model.new_cache(ctx), &prompt[..prompt.len().min(16)])?;
+    let mut cache = m.model.new_cache(ctx);
+    if !context.is_empty() {
+        prefill(&m.model, &pool, &mut cache, context)?;
+    }
     let mut pp_rates = Vec::new();
     let mut tg_rates = Vec::new();
     for _ in 0..a.repeats {
-        let mut cache = m.model.new_cache(ctx);
+        cache.truncate(a.depth);
         let t = Instant::now();
-        prefill(&m.model, &pool, &mut cache, &prompt)?;
+        prefill(&m.model, &pool, &mut cache, prompt)?;
         pp_rates.push(a.pp as f64 / t.elapsed().as_secs_f64());
-        // Generation measured from an empty context, as llama-bench's tg.
-        let mut cache = m.model.new_cache(ctx);
+        // Generation measured right after the depth (without the prompt), as
+        // llama-bench's tg.
+        cache.truncate(a.depth);
         let mut tok = prompt[0];
         let t = Instant::now();
         for _ in 0..a.tg {
@@ -695,12 +716,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"model": a.model.model, "threads": pool.n_threads(), "simd": format!("{simd:?}"), "pp": a.pp, "tg": a.tg, "pp_tps": pp, "tg_tps": tg})
+            json!({"model": a.model.model, "threads": pool.n_threads(), "simd": format!("{simd:?}"), "pp": a.pp, "tg": a.tg, "depth": a.depth, "pp_tps": pp, "tg_tps": tg})
         );
     } else {
         println!("model: {}  threads: {}  kernels: {simd:?}", a.model.model, pool.n_threads());
-        println!("pp{:<5} {:8.2} tok/s", a.pp, pp);
-        println!("tg{:<5} {:8.2} tok/s", a.tg, tg);
+        let at = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
+        println!("pp{:<5} {:8.2} tok/s{at}", a.pp, pp);
+        println!("tg{:<5} {:8.2} tok/s{at}", a.tg, tg);
     }
     Ok(())
 }

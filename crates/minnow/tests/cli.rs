@@ -99,8 +99,26 @@ fn bench_json_shape() {
     assert_eq!(v["threads"], 2);
     assert_eq!(v["pp"], 16);
     assert_eq!(v["tg"], 4);
+    assert_eq!(v["depth"], 0);
     assert!(v["pp_tps"].as_f64().unwrap() > 0.0 && v["tg_tps"].as_f64().unwrap() > 0.0);
     assert!(["Scalar", "Avx2", "Avx512Vnni"].contains(&v["simd"].as_str().unwrap()), "simd: {}", v["simd"]);
+}
+
+/// `-d`: both tests run after a filled context (reported in the JSON), and a
+/// depth the model's context cannot hold is a one-line error, not a panic.
+#[test]
+fn bench_depth_runs_after_a_filled_context() {
+    let m = common::smollm2_arg();
+    let v = json_of(&minnow(
+        &["bench", &m, "-p", "8", "-n", "4", "-r", "1", "-d", "300", "--threads", "2", "--json"],
+        None,
+    ));
+    assert_eq!(v["depth"], 300);
+    assert!(v["pp_tps"].as_f64().unwrap() > 0.0 && v["tg_tps"].as_f64().unwrap() > 0.0);
+    let out = minnow(&["bench", &m, "-p", "8", "-n", "4", "-r", "1", "-d", "1000000"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more than the model's context"), "{err}");
 }
 
 #[test]
