@@ -16,28 +16,27 @@ use half::f16;
 
 #[derive(Clone)]
 pub struct KvCache {
-    /// Per layer, shape [len, kv_dim]: keys after RoPE.
-    keys: Vec<Vec<f16>>,
-    /// Per layer, shape [len, kv_dim].
-    values: Vec<Vec<f16>>,
+    /// Per layer and KV head, shape [len, head_dim]: keys after RoPE. Head
+    /// by head rather than position by position, so that attention reads one
+    /// head's keys as one contiguous stream: interleaved, a head's 128–256
+    /// bytes every `kv_dim` elements defeated the hardware prefetcher, and a
+    /// decode step (which finds the cache in memory, not in L2) ran at half
+    /// speed (criterion `attention/9x64/ctx1024/cold`: 107 vs 64 µs).
+    keys: Vec<Vec<Vec<f16>>>,
+    /// Per layer and KV head, shape [len, head_dim].
+    values: Vec<Vec<Vec<f16>>>,
     /// Positions stored.
     len: usize,
     /// Positions this cache may hold.
     max_len: usize,
-    /// n_head_kv * head_dim.
-    kv_dim: usize,
+    head_dim: usize,
 }
 
 impl KvCache {
     /// An empty cache for `cfg` holding at most `max_len` positions.
     pub fn new(cfg: &ModelConfig, max_len: usize) -> KvCache {
-        KvCache {
-            keys: vec![Vec::new(); cfg.n_layer],
-            values: vec![Vec::new(); cfg.n_layer],
-            len: 0,
-            max_len,
-            kv_dim: cfg.kv_dim(),
-        }
+        let empty = vec![vec![Vec::new(); cfg.n_head_kv]; cfg.n_layer];
+        KvCache { keys: empty.clone(), values: empty, len: 0, max_len, head_dim: cfg.head_dim }
     }
 
     /// Bytes one position takes in a cache for `cfg`: keys and values of
@@ -60,16 +59,19 @@ impl KvCache {
         self.max_len
     }
 
+    /// Every (layer, head) buffer of keys and values.
+    fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Vec<f16>> {
+        self.keys.iter_mut().chain(&mut self.values).flatten()
+    }
+
     /// Forgets every position from `len` on. Also drops keys and values a
     /// failed forward pass appended to some layers but not the last (which
     /// would otherwise misalign the layers), so `truncate(len())` restores a
     /// consistent cache after an error.
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.len);
-        for l in 0..self.keys.len() {
-            self.keys[l].truncate(len * self.kv_dim);
-            self.values[l].truncate(len * self.kv_dim);
-        }
+        let n = len * self.head_dim;
+        self.buffers_mut().for_each(|b| b.truncate(n));
         self.len = len;
     }
 
@@ -78,13 +80,16 @@ impl KvCache {
     /// whole cache and keeps its spare capacity.
     pub fn clone_prefix(&self, len: usize) -> KvCache {
         let len = len.min(self.len);
-        let n = len * self.kv_dim;
+        let n = len * self.head_dim;
+        let prefix = |layers: &Vec<Vec<Vec<f16>>>| {
+            layers.iter().map(|heads| heads.iter().map(|h| h[..n].to_vec()).collect()).collect()
+        };
         KvCache {
-            keys: self.keys.iter().map(|k| k[..n].to_vec()).collect(),
-            values: self.values.iter().map(|v| v[..n].to_vec()).collect(),
+            keys: prefix(&self.keys),
+            values: prefix(&self.values),
             len,
             max_len: self.max_len,
-            kv_dim: self.kv_dim,
+            head_dim: self.head_dim,
         }
     }
 
@@ -92,26 +97,33 @@ impl KvCache {
     /// positions `len .. len + n`. The last layer's append advances `len`.
     /// (Rounded to the nearest f16.)
     pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        extend_f16(&mut self.keys[layer], k);
-        extend_f16(&mut self.values[layer], v);
+        let hd = self.head_dim;
+        let n_kv = self.keys[layer].len();
+        for (row_k, row_v) in k.chunks_exact(n_kv * hd).zip(v.chunks_exact(n_kv * hd)) {
+            for h in 0..n_kv {
+                extend_f16(&mut self.keys[layer][h], &row_k[h * hd..(h + 1) * hd]);
+                extend_f16(&mut self.values[layer][h], &row_v[h * hd..(h + 1) * hd]);
+            }
+        }
         if layer + 1 == self.keys.len() {
-            self.len = self.keys[layer].len() / self.kv_dim;
+            self.len = self.keys[layer][0].len() / hd;
         }
     }
 
-    /// Keys of `layer`, shape [positions, kv_dim] (including positions
-    /// appended for the current step).
-    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
-        &self.keys[layer]
+    /// Keys of `layer`'s KV head `head`, shape [positions, head_dim]
+    /// (including positions appended for the current step).
+    pub(crate) fn keys(&self, layer: usize, head: usize) -> &[f16] {
+        &self.keys[layer][head]
     }
 
-    pub(crate) fn values(&self, layer: usize) -> &[f16] {
-        &self.values[layer]
+    /// Values of `layer`'s KV head `head`, shape [positions, head_dim].
+    pub(crate) fn values(&self, layer: usize, head: usize) -> &[f16] {
+        &self.values[layer][head]
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.capacity() * std::mem::size_of::<f16>()).sum()
+        self.keys.iter().chain(&self.values).flatten().map(|v| v.capacity() * std::mem::size_of::<f16>()).sum()
     }
 }
 

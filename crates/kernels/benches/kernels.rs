@@ -238,24 +238,46 @@ fn attention(c: &mut Criterion) {
     let mut rng = Rng(0x5EED_0004);
     let mut g = c.benchmark_group("attention");
     g.measurement_time(Duration::from_millis(1500));
-    let (n_head, n_kv, hd) = (12, 2, 128);
-    let group = n_head / n_kv;
-    for ctx in [160usize, 1024] {
-        let keys: Vec<half::f16> = rng.vec(ctx * n_kv * hd).iter().map(|&v| half::f16::from_f32(v)).collect();
-        let values: Vec<half::f16> = rng.vec(ctx * n_kv * hd).iter().map(|&v| half::f16::from_f32(v)).collect();
-        let q = rng.vec(n_head * hd);
-        let mut out = vec![0f32; n_head * hd];
-        let mut scratch = AttnScratch::default();
-        let layout = |kv: usize| KvLayout { kv_stride: n_kv * hd, kv_off: kv * hd, head_dim: hd };
-        let scale = 1.0 / (hd as f32).sqrt();
-        g.throughput(Throughput::Elements((ctx * n_head) as u64));
-        g.bench_function(format!("12x128/ctx{ctx}"), |b| {
-            b.iter(|| {
-                for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                    attend(black_box(qh), &keys, &values, layout(h / group), 0..=ctx - 1, scale, &mut scratch, oh);
-                }
-            })
-        });
+    // One layer's decode step, one thread, the cache laid out as the engine's
+    // (each KV head's rows contiguous): Qwen2.5 1.5B (12 heads of 128, 2 KV
+    // heads) and SmolLM2 (9 of 64, 3 KV heads). `cold` cycles through enough
+    // layers' caches (48 MiB) that each step reads its keys and values from
+    // memory, as a real decode does; the others stay in L2.
+    for (n_head, n_kv, hd, ctxs) in [(12, 2, 128, &[160usize, 1024][..]), (9, 3, 64, &[1024][..])] {
+        let group = n_head / n_kv;
+        for &ctx in ctxs {
+            let per_head = ctx * hd;
+            let layers = if hd == 64 { (48 << 20) / (2 * 2 * n_kv * per_head) } else { 1 };
+            let cache = |rng: &mut Rng| -> Vec<half::f16> {
+                rng.vec(n_kv * per_head).iter().map(|&v| half::f16::from_f32(v)).collect()
+            };
+            let caches: Vec<(Vec<half::f16>, Vec<half::f16>)> =
+                (0..layers).map(|_| (cache(&mut rng), cache(&mut rng))).collect();
+            let q = rng.vec(n_head * hd);
+            let mut out = vec![0f32; n_head * hd];
+            let mut scratch = AttnScratch::default();
+            let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
+            let scale = 1.0 / (hd as f32).sqrt();
+            g.throughput(Throughput::Elements((ctx * n_head) as u64));
+            let mut step = |b: &mut criterion::Bencher, cold: bool| {
+                let mut layer = 0;
+                b.iter(|| {
+                    let (keys, values) = &caches[layer];
+                    if cold {
+                        layer = (layer + 1) % caches.len();
+                    }
+                    for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+                        let kv = (h / group) * per_head..(h / group + 1) * per_head;
+                        let (k, v) = (&keys[kv.clone()], &values[kv]);
+                        attend(black_box(qh), k, v, layout, 0..=ctx - 1, scale, &mut scratch, oh);
+                    }
+                })
+            };
+            g.bench_function(format!("{n_head}x{hd}/ctx{ctx}"), |b| step(b, false));
+            if layers > 1 {
+                g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/cold"), |b| step(b, true));
+            }
+        }
     }
     g.finish();
 }

@@ -233,17 +233,16 @@ impl Attention {
             for task in range {
                 let (r, head) = (task / shape.n_head, task % shape.n_head);
                 let (s, pos) = layout.rows[r];
-                let keys = caches[s].keys(layer);
-                let values = caches[s].values(layer);
+                let keys = caches[s].keys(layer, head / group);
+                let values = caches[s].values(layer, head / group);
                 let first = match shape.window {
                     Some(w) => (pos + 1).saturating_sub(w),
                     None => 0,
                 };
                 let qh = &q[r * q_dim + head * hd..r * q_dim + (head + 1) * hd];
-                let kv_off = (head / group) * hd;
                 // SAFETY: task (r, head) alone writes this head_dim slice.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * q_dim + head * hd), hd) };
-                let kv = KvLayout { kv_stride: kv_dim, kv_off, head_dim: hd };
+                let kv = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
                 SCRATCH.with(|scratch| {
                     attend(qh, keys, values, kv, first..=pos, shape.scale, &mut scratch.borrow_mut(), dst);
                 });
