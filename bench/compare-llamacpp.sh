@@ -4,7 +4,7 @@
 #
 #   bench/compare-llamacpp.sh [-m MODEL|FILE.gguf,...] [-t THREADS] [-r ROUNDS]
 #                             [-p PROMPT_TOKENS] [-n GEN_TOKENS] [--build-only]
-#                             [--no-build]
+#                             [--no-build] [--depths D1,D2|none] [--depth-rounds N]
 #
 # 1. Builds llama.cpp's llama-bench (and the other $LLAMACPP_TARGETS) from the
 #    llama-cpp-python source distribution on PyPI, whose vendor/llama.cpp is a
@@ -25,6 +25,10 @@
 #    engine comes to it, from the median of the readings around that model's
 #    rounds; and, stricter, whether the decode target also holds against the
 #    best reading of the whole run.
+# 5. Generation with context: after each model's rounds, DEPTH_ROUNDS more
+#    (alternating) of tg GEN_TOKENS with D1 and with D2 tokens already in the
+#    KV cache (llama-bench -d, minnow bench -d), and a second table of how much
+#    each engine slows from D1 to D2 (issue 5: within 15% from 64 to 1,024).
 #
 # Environment:
 #   MINNOW_LLAMACPP_DIR  build cache (default ~/.cache/minnow/llama.cpp)
@@ -41,6 +45,8 @@ PP=128
 TG=64
 BUILD_ONLY=0
 NO_BUILD=0
+DEPTHS=64,1024
+DEPTH_ROUNDS=2
 LLAMACPP_DIR=${MINNOW_LLAMACPP_DIR:-$HOME/.cache/minnow/llama.cpp}
 LLAMACPP_VERSION=${LLAMACPP_VERSION:-0.3.36}
 # llama-speculative costs one more file; llama-server (add it when needed) its
@@ -49,7 +55,7 @@ LLAMACPP_TARGETS=${LLAMACPP_TARGETS:-llama-bench llama-speculative}
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    echo "Defaults: -m $MODELS -t $THREADS -r $ROUNDS -p $PP -n $TG"
+    echo "Defaults: -m $MODELS -t $THREADS -r $ROUNDS -p $PP -n $TG --depths $DEPTHS --depth-rounds $DEPTH_ROUNDS"
 }
 
 while [[ $# -gt 0 ]]; do
@@ -61,13 +67,23 @@ while [[ $# -gt 0 ]]; do
         -n) TG=$2; shift 2 ;;
         --build-only) BUILD_ONLY=1; shift ;;
         --no-build) NO_BUILD=1; shift ;;
+        --depths) DEPTHS=$2; shift 2 ;;
+        --depth-rounds) DEPTH_ROUNDS=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare-llamacpp: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
-for v in THREADS ROUNDS PP TG; do
+for v in THREADS ROUNDS PP TG DEPTH_ROUNDS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "compare-llamacpp: $v must be a positive integer" >&2; exit 2; }
 done
+if [[ $DEPTHS == none ]]; then
+    depth_list=()
+else
+    IFS=, read -r -a depth_list <<<"$DEPTHS"
+    for d in "${depth_list[@]}"; do
+        [[ $d =~ ^[0-9]+$ ]] || { echo "compare-llamacpp: --depths takes numbers, as 64,1024 (or none)" >&2; exit 2; }
+    done
+fi
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 log() { echo "[compare] $*" >&2; }
@@ -162,11 +178,17 @@ if [[ -x /usr/bin/time ]]; then PEAK_RSS="/usr/bin/time -f %M -o $OUT/rss.txt"; 
 # (A reused MINNOW_COMPARE_OUT starts empty too.)
 : >"$OUT/models.jsonl"
 : >"$OUT/membw-rounds.jsonl"
+: >"$OUT/depth.jsonl"
 record() { # engine model round others peak-rss-kib json-on-stdin
     python3 -c 'import json, sys
 print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.argv[3]),
                   "others_running": int(sys.argv[4]), "max_rss_kib": int(sys.argv[5] or 0),
                   "out": json.load(sys.stdin)}))' "$@" >>"$RESULTS"
+}
+record_depth() { # engine model depth json-on-stdin
+    python3 -c 'import json, sys
+print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "depth": int(sys.argv[3]),
+                  "out": json.load(sys.stdin)}))' "$@" >>"$OUT/depth.jsonl"
 }
 # Tasks of other programs runnable right now, into $others (this shell is the
 # one subtracted): the cores may be shared, and a busy machine makes the
@@ -218,6 +240,22 @@ for name in "${model_list[@]}"; do
         done
     done
     bandwidth "$name" "$ROUNDS" -
+    # Generation after D tokens of context, both engines, alternating.
+    for ((round = 1; round <= DEPTH_ROUNDS && ${#depth_list[@]} > 0; round++)); do
+        if ((round % 2)); then order="llama minnow"; else order="minnow llama"; fi
+        for engine in $order; do
+            for d in "${depth_list[@]}"; do
+                log "$name depth $d, round $round/$DEPTH_ROUNDS: $engine"
+                if [[ $engine == llama ]]; then
+                    "$LLAMACPP_BIN/llama-bench" -m "$path" -t "$THREADS" -p 0 -n "$TG" -d "$d" -r 1 -o json \
+                        >"$OUT/run.json" 2>>"$OUT/llama-bench.log"
+                else
+                    "$MINNOW" bench "$path" --threads "$THREADS" -p 1 -n "$TG" -d "$d" -r 1 --json >"$OUT/run.json"
+                fi
+                record_depth "$engine" "$name" "$d" <"$OUT/run.json"
+            done
+        done
+    done
 done
 # Bandwidth again at the end, for the run's best reading.
 "$MEMBW" --threads "$THREADS" --json >"$OUT/membw-end.json"

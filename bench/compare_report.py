@@ -3,7 +3,8 @@
 
     python3 bench/compare_report.py OUT_DIR
 
-OUT_DIR holds meta.json, membw-start.json and membw-end.json,
+OUT_DIR holds meta.json, depth.jsonl (generation after D tokens of context:
+one {"engine", "model", "depth", "out"} a line; missing in older folders), membw-start.json and membw-end.json,
 membw-rounds.jsonl (the readings around every engine run, each with its
 "model", "round" and "next" engine; missing in older folders), models.jsonl
 (one {"model", "path"} a line) and results.jsonl (one {"engine", "model",
@@ -221,6 +222,41 @@ def main():
         for name, l, n in rss:
             lm, nm = statistics.median(l), statistics.median(n)
             print(f"| {name} | {lm:.0f} | {nm:.0f} | {nm / lm:.2f}× |")
+
+    depth_table(out, models, tg)
+
+
+def depth_table(out, models, tg):
+    """Generation speed with context: each engine's median tg at each depth,
+    and the change from the shallowest to the deepest."""
+    path = out / "depth.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    if not rows:
+        return
+    speeds = {}
+    for r in rows:
+        tps = r["out"][0]["avg_ts"] if r["engine"] == "llama" else r["out"]["tg_tps"]
+        speeds.setdefault((r["engine"], r["model"], r["depth"]), []).append(tps)
+    depths = sorted({r["depth"] for r in rows})
+    lo, hi = depths[0], depths[-1]
+    print()
+    print(f"Generation with context (tg{tg} after d tokens already in the KV cache, median of "
+          f"{max(len(v) for v in speeds.values())} alternating rounds; issue 5: d{hi} within 15% of d{lo}):")
+    print()
+    cols = " | ".join(f"{e} d{d}" for e in ("llama.cpp", "minnow") for d in depths)
+    print(f"| model | {cols} | llama.cpp d{lo}→d{hi} | minnow d{lo}→d{hi} | minnow ÷ llama.cpp at d{hi} | within 15% |")
+    print("|---|" + "--:|" * (2 * len(depths) + 3) + ":-:|")
+    for m in models:
+        name = m["model"]
+        med = {(e, d): statistics.median(speeds[(e, name, d)]) for e in ("llama", "minnow") for d in depths
+               if (e, name, d) in speeds}
+        if len(med) < 2 * len(depths):
+            continue
+        change = lambda e: 100 * (med[(e, hi)] / med[(e, lo)] - 1)
+        cells = " | ".join(f"{med[(e, d)]:.1f}" for e in ("llama", "minnow") for d in depths)
+        ok = "✓" if med[("minnow", hi)] >= 0.85 * med[("minnow", lo)] else "✗"
+        print(f"| {name} | {cells} | {change('llama'):+.0f}% | {change('minnow'):+.0f}% "
+              f"| {med[('minnow', hi)] / med[('llama', hi)]:.2f}× | {ok} |")
 
 
 if __name__ == "__main__":
