@@ -21,7 +21,7 @@
 
 use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
-use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
+use minnow_kernels::attention::{attend, attend_group, AttnScratch, KvLayout, MAX_GROUP};
 use minnow_kernels::formats::float::BlockF16;
 use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
@@ -259,23 +259,39 @@ fn attention(c: &mut Criterion) {
             let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
             let scale = 1.0 / (hd as f32).sqrt();
             g.throughput(Throughput::Elements((ctx * n_head) as u64));
-            let mut step = |b: &mut criterion::Bencher, cold: bool| {
+            // The heads of a KV head in parts of at most MAX_GROUP (as the
+            // engine runs them), or `per_head` one call each.
+            let parts = group.div_ceil(MAX_GROUP);
+            let mut step = |b: &mut criterion::Bencher, cold: bool, per_head_calls: bool| {
                 let mut layer = 0;
                 b.iter(|| {
                     let (keys, values) = &caches[layer];
                     if cold {
                         layer = (layer + 1) % caches.len();
                     }
-                    for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                        let kv = (h / group) * per_head..(h / group + 1) * per_head;
-                        let (k, v) = (&keys[kv.clone()], &values[kv]);
-                        attend(black_box(qh), k, v, layout, 0..=ctx - 1, scale, &mut scratch, oh);
+                    for kv in 0..n_kv {
+                        let cache = kv * per_head..(kv + 1) * per_head;
+                        let (k, v) = (&keys[cache.clone()], &values[cache]);
+                        for part in 0..parts {
+                            let (h0, h1) = (kv * group + part * group / parts, kv * group + (part + 1) * group / parts);
+                            let heads = h0 * hd..h1 * hd;
+                            let (qs, os) = (&q[heads.clone()], &mut out[heads]);
+                            if per_head_calls {
+                                for (qh, oh) in qs.chunks_exact(hd).zip(os.chunks_exact_mut(hd)) {
+                                    attend(black_box(qh), k, v, layout, 0..=ctx - 1, scale, &mut scratch, oh);
+                                }
+                            } else {
+                                attend_group(black_box(qs), k, v, layout, 0..=ctx - 1, scale, &mut scratch, os);
+                            }
+                        }
                     }
                 })
             };
-            g.bench_function(format!("{n_head}x{hd}/ctx{ctx}"), |b| step(b, false));
+            g.bench_function(format!("{n_head}x{hd}/ctx{ctx}"), |b| step(b, false, false));
+            g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/per-head"), |b| step(b, false, true));
             if layers > 1 {
-                g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/cold"), |b| step(b, true));
+                g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/cold"), |b| step(b, true, false));
+                g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/cold/per-head"), |b| step(b, true, true));
             }
         }
     }

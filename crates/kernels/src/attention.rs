@@ -10,11 +10,16 @@
 //! attention this left the agreement with llama.cpp's golden log-probabilities
 //! unchanged within rounding noise on the four test models.)
 //!
-//! The KV cache stores every position's heads side by side (`kv_stride`
-//! values per position, this head's `head_dim` values at `kv_off`), so the
-//! kernel walks it with a stride and never copies it. The scalar reference
-//! is what any CPU runs; the AVX2 + FMA variant is picked at run time and
-//! agrees with it to float rounding (checked in the tests below).
+//! The kernel takes the cache as rows of `kv_stride` values with this head's
+//! `head_dim` at `kv_off`, and walks it without copying. The engine's cache
+//! is head-major (`kv_stride == head_dim`: one KV head's positions one
+//! contiguous stream, which the hardware prefetcher follows; side by side,
+//! a head's short piece of every row was read at half the speed). Heads that
+//! share a KV head (grouped-query attention) go through [`attend_group`]
+//! together, so each key and value is loaded and converted once for all of
+//! them. The scalar reference is what any CPU runs; the AVX2 + FMA variant
+//! is picked at run time and agrees with it to float rounding (checked in
+//! the tests below).
 //!
 //! A decode step runs this `rows × heads` times and a batched step with long
 //! contexts spends a real share of its time here (16 streams of a few
@@ -65,15 +70,52 @@ pub fn attend(
     scratch: &mut AttnScratch,
     out: &mut [f32],
 ) {
+    attend_group(q, keys, values, layout, span, scale, scratch, out)
+}
+
+/// Most query heads one [`attend_group`] call takes: the AVX2 kernel keeps
+/// four accumulators per head in registers while the keys stream past.
+pub const MAX_GROUP: usize = 3;
+
+/// [`attend`] for up to [`MAX_GROUP`] query heads sharing one KV head
+/// (grouped-query attention): `qs` and `outs` hold the heads one after the
+/// other, `n × head_dim` floats. Each key and value is loaded and converted
+/// once for all of them rather than once per head; each head's arithmetic is
+/// [`attend`]'s, in the same order, so the results are the same bits.
+pub fn attend_group(
+    qs: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    layout: KvLayout,
+    span: RangeInclusive<usize>,
+    scale: f32,
+    scratch: &mut AttnScratch,
+    outs: &mut [f32],
+) {
+    let hd = layout.head_dim;
+    assert!(hd > 0 && qs.len().is_multiple_of(hd), "attend: the queries must be whole heads of head_dim floats");
+    let n = qs.len() / hd;
+    assert!((1..=MAX_GROUP).contains(&n), "attend: 1 to {MAX_GROUP} query heads per call, not {n}");
+    assert_eq!(outs.len(), qs.len(), "attend: one output per query head");
     #[cfg(target_arch = "x86_64")]
     if crate::formats::has_avx2_fma() {
-        check(q, keys, values, layout, &span, out);
+        for (q, out) in qs.chunks_exact(hd).zip(outs.chunks_exact(hd)) {
+            check(q, keys, values, layout, &span, out);
+        }
         // SAFETY: the features were just detected; bounds checked above.
-        unsafe { avx2::attend(q, keys, values, layout, span, scale, scratch, out) };
+        unsafe {
+            match n {
+                1 => avx2::attend::<1>(qs, keys, values, layout, span, scale, scratch, outs),
+                2 => avx2::attend::<2>(qs, keys, values, layout, span, scale, scratch, outs),
+                _ => avx2::attend::<3>(qs, keys, values, layout, span, scale, scratch, outs),
+            }
+        }
         return;
     }
     // (The reference checks the bounds itself.)
-    attend_ref(q, keys, values, layout, span, scale, scratch, out)
+    for (q, out) in qs.chunks_exact(hd).zip(outs.chunks_exact_mut(hd)) {
+        attend_ref(q, keys, values, layout, span.clone(), scale, scratch, out)
+    }
 }
 
 /// The scalar reference of [`attend`].
@@ -147,72 +189,102 @@ fn dot_ref(a: &[f32], b: &[f16]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::needless_range_loop,
+    reason = "SIMD loops index several arrays (registers per head, per lane) by one counter"
+)]
 mod avx2 {
     use super::{AttnScratch, KvLayout};
     use half::f16;
     use std::arch::x86_64::*;
     use std::ops::RangeInclusive;
 
-    /// Output floats kept in registers while the values stream past: eight
-    /// ymm accumulators.
-    const OUT_CHUNK: usize = 64;
-
+    /// `G` heads' attention over one KV head's span (`super::attend_group`).
+    /// Per head the same operations in the same order as for one head alone.
+    ///
     /// # Safety
-    /// AVX2 and FMA must be available; `super::check` must hold.
+    /// AVX2 and FMA must be available; `super::check` must hold for every
+    /// head; `qs` and `outs` hold `G × head_dim` floats.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend(
-        q: &[f32],
+    pub(super) unsafe fn attend<const G: usize>(
+        qs: &[f32],
         keys: &[f16],
         values: &[f16],
         layout: KvLayout,
         span: RangeInclusive<usize>,
         scale: f32,
         scratch: &mut AttnScratch,
-        out: &mut [f32],
+        outs: &mut [f32],
     ) {
         let KvLayout { kv_stride, kv_off, head_dim: hd } = layout;
         let AttnScratch { q: q16, scores } = scratch;
         q16.clear();
-        q16.extend_from_slice(q);
+        q16.extend_from_slice(qs);
         round_f16_inplace(q16);
-        let q = q16.as_slice();
+        let q = q16.as_ptr();
+        let (first, end) = (*span.start(), *span.end() + 1);
+        let len = end - first;
+        // Head h's scores at scores[h * len ..][..len].
         scores.clear();
+        scores.resize(G * len, 0.0);
         // Four positions at a time: one horizontal reduction for the four
-        // scores instead of one each.
+        // scores of a head instead of one each.
         let key = |j: usize| keys.as_ptr().add(j * kv_stride + kv_off) as *const u16;
-        let (mut j, end) = (*span.start(), *span.end() + 1);
+        let mut j = first;
         while j + 4 <= end {
-            let s = dot4(q.as_ptr(), [key(j), key(j + 1), key(j + 2), key(j + 3)], hd);
-            scores.extend(s.iter().map(|&x| x * scale));
+            let s = dot4::<G>(q, hd, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+            for (h, s) in s.iter().enumerate() {
+                for (k, &x) in s.iter().enumerate() {
+                    scores[h * len + j - first + k] = x * scale;
+                }
+            }
             j += 4;
         }
         while j < end {
-            scores.push(dot(q.as_ptr(), key(j), hd) * scale);
+            for h in 0..G {
+                scores[h * len + j - first] = dot(q.add(h * hd), key(j), hd) * scale;
+            }
             j += 1;
         }
-        softmax(scores);
-        round_f16_inplace(scores);
-        let first = *span.start();
+        for s in scores.chunks_exact_mut(len) {
+            softmax(s);
+            round_f16_inplace(s);
+        }
+        // The weighted sum of the values, `width` output floats of every head
+        // at a time in ymm accumulators (eight for one head; four each for
+        // more, so they stay in the sixteen registers).
+        let chunk = if G == 1 { 64 } else { 32 };
         let mut c = 0;
         while c < hd {
-            let width = (hd - c).min(OUT_CHUNK);
-            let mut acc = [_mm256_setzero_ps(); OUT_CHUNK / 8];
+            let width = (hd - c).min(chunk);
             let lanes = width / 8;
-            let mut tail = [0f32; 8];
-            for (i, &p) in scores.iter().enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 8]; G];
+            let mut tail = [[0f32; 8]; G];
+            for i in 0..len {
                 let vj = values.as_ptr().add((first + i) * kv_stride + kv_off + c) as *const u16;
-                let pv = _mm256_set1_ps(p);
-                for (l, a) in acc.iter_mut().enumerate().take(lanes) {
-                    *a = _mm256_fmadd_ps(pv, load_f16x8(vj.add(8 * l)), *a);
+                for l in 0..lanes {
+                    let v = load_f16x8(vj.add(8 * l));
+                    for h in 0..G {
+                        let p = _mm256_set1_ps(*scores.get_unchecked(h * len + i));
+                        acc[h][l] = _mm256_fmadd_ps(p, v, acc[h][l]);
+                    }
                 }
-                for (t, x) in tail.iter_mut().enumerate().take(width - 8 * lanes) {
-                    *x += p * f16::from_bits(*vj.add(8 * lanes + t)).to_f32();
+                for t in 0..width - 8 * lanes {
+                    let x = f16::from_bits(*vj.add(8 * lanes + t)).to_f32();
+                    for h in 0..G {
+                        tail[h][t] += scores[h * len + i] * x;
+                    }
                 }
             }
-            for (l, a) in acc.iter().enumerate().take(lanes) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * l), *a);
+            for h in 0..G {
+                let out = outs.as_mut_ptr().add(h * hd + c);
+                for l in 0..lanes {
+                    _mm256_storeu_ps(out.add(8 * l), acc[h][l]);
+                }
+                for t in 0..width - 8 * lanes {
+                    *out.add(8 * lanes + t) = tail[h][t];
+                }
             }
-            out[c + 8 * lanes..c + width].copy_from_slice(&tail[..width - 8 * lanes]);
             c += width;
         }
     }
@@ -263,29 +335,39 @@ mod avx2 {
         }
     }
 
-    /// `a·b[k]` for four f16 vectors `b[k]` of length `n`.
+    /// `a_h·b[k]` for four f16 vectors `b[k]` of length `n` and `G` f32
+    /// vectors `a_h` (at `a + h·n`): each `b[k]` chunk loaded once for all.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot4(a: *const f32, b: [*const u16; 4], n: usize) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
+    unsafe fn dot4<const G: usize>(a: *const f32, n: usize, b: [*const u16; 4]) -> [[f32; 4]; G] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; G];
         let mut i = 0;
         while i + 8 <= n {
-            let x = _mm256_loadu_ps(a.add(i));
             for k in 0..4 {
-                acc[k] = _mm256_fmadd_ps(x, load_f16x8(b[k].add(i)), acc[k]);
+                let y = load_f16x8(b[k].add(i));
+                for h in 0..G {
+                    acc[h][k] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(h * n + i)), y, acc[h][k]);
+                }
             }
             i += 8;
         }
-        // [Σ0 Σ1 Σ2 Σ3] from the four 8-lane sums: pairwise adds within
-        // each 128-bit half, then the halves added.
-        let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-        let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-        let h = _mm256_hadd_ps(h01, h23);
-        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        let mut out: [f32; 4] = std::mem::transmute(s);
+        let mut out = [[0f32; 4]; G];
+        for h in 0..G {
+            // [Σ0 Σ1 Σ2 Σ3] from the four 8-lane sums: pairwise adds within
+            // each 128-bit half, then the halves added.
+            let h01 = _mm256_hadd_ps(acc[h][0], acc[h][1]);
+            let h23 = _mm256_hadd_ps(acc[h][2], acc[h][3]);
+            let s = _mm256_hadd_ps(h01, h23);
+            out[h] = std::mem::transmute::<__m128, [f32; 4]>(_mm_add_ps(
+                _mm256_castps256_ps128(s),
+                _mm256_extractf128_ps(s, 1),
+            ));
+        }
         while i < n {
-            for k in 0..4 {
-                out[k] += *a.add(i) * f16::from_bits(*b[k].add(i)).to_f32();
+            for h in 0..G {
+                for k in 0..4 {
+                    out[h][k] += *a.add(h * n + i) * f16::from_bits(*b[k].add(i)).to_f32();
+                }
             }
             i += 1;
         }
@@ -357,6 +439,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Heads sharing a KV head, in one call: the same bits as one call per
+    /// head (and, through `attend`, as the reference to rounding).
+    #[test]
+    fn group_is_per_head_bit_for_bit() {
+        for hd in [64, 128, 13, 8] {
+            for (first, last) in [(0, 0), (0, 2), (0, 5), (3, 40), (0, 300)] {
+                let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
+                let keys = to_f16(&fill((last + 1) * hd, 11 + hd as u64));
+                let values = to_f16(&fill((last + 1) * hd, 12 + last as u64));
+                let scale = 1.0 / (hd as f32).sqrt();
+                for g in 1..=MAX_GROUP {
+                    let qs = fill(g * hd, 13 + g as u64);
+                    let mut together = vec![9.0; g * hd];
+                    let mut scratch = AttnScratch::default();
+                    attend_group(&qs, &keys, &values, layout, first..=last, scale, &mut scratch, &mut together);
+                    for h in 0..g {
+                        let mut alone = vec![7.0; hd];
+                        let q = &qs[h * hd..(h + 1) * hd];
+                        attend(q, &keys, &values, layout, first..=last, scale, &mut scratch, &mut alone);
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&together[h * hd..(h + 1) * hd]), bits(&alone), "hd {hd} g {g} head {h}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "query heads per call")]
+    fn group_refuses_more_heads_than_it_holds() {
+        let layout = KvLayout { kv_stride: 8, kv_off: 0, head_dim: 8 };
+        let kv = to_f16(&fill(8, 1));
+        let n = MAX_GROUP + 1;
+        attend_group(
+            &vec![0.0; 8 * n],
+            &kv,
+            &kv,
+            layout,
+            0..=0,
+            1.0,
+            &mut AttnScratch::default(),
+            &mut vec![0.0; 8 * n],
+        );
     }
 
     #[test]

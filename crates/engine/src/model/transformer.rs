@@ -9,7 +9,7 @@
 use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
-use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
+use minnow_kernels::attention::{attend_group, AttnScratch, KvLayout, MAX_GROUP};
 use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, RopeAngles};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
@@ -223,28 +223,36 @@ impl Attention {
             seq.cache.append(layer, &k[a * kv_dim..b * kv_dim], &v[a * kv_dim..b * kv_dim]);
         }
 
-        // Attention proper: one task per (row, head), each writing its own
-        // slice of `out` [n, q_dim].
+        // Attention proper: one task per (row, KV head, part of the query
+        // heads sharing that KV head), each writing its heads' slices of
+        // `out` [n, q_dim]. A task reads its KV head's keys and values once
+        // for all its heads (`attend_group`); the parts are near-equal and at
+        // most MAX_GROUP heads.
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.cache).collect();
         let mut out = vec![0f32; n * q_dim];
         let out_ptr = SharedMut::new(out.as_mut_ptr());
         let group = shape.n_head / shape.n_head_kv;
-        pool.parallel_for(n * shape.n_head, 1, &|range| {
+        let parts = group.div_ceil(MAX_GROUP);
+        let tasks_per_row = shape.n_head_kv * parts;
+        pool.parallel_for(n * tasks_per_row, 1, &|range| {
             for task in range {
-                let (r, head) = (task / shape.n_head, task % shape.n_head);
+                let (r, kv_head, part) = (task / tasks_per_row, task % tasks_per_row / parts, task % parts);
+                // Query heads [h0, h1).
+                let (h0, h1) = (kv_head * group + part * group / parts, kv_head * group + (part + 1) * group / parts);
                 let (s, pos) = layout.rows[r];
-                let keys = caches[s].keys(layer, head / group);
-                let values = caches[s].values(layer, head / group);
+                let keys = caches[s].keys(layer, kv_head);
+                let values = caches[s].values(layer, kv_head);
                 let first = match shape.window {
                     Some(w) => (pos + 1).saturating_sub(w),
                     None => 0,
                 };
-                let qh = &q[r * q_dim + head * hd..r * q_dim + (head + 1) * hd];
-                // SAFETY: task (r, head) alone writes this head_dim slice.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * q_dim + head * hd), hd) };
+                let qs = &q[r * q_dim + h0 * hd..r * q_dim + h1 * hd];
+                // SAFETY: task (r, kv_head, part) alone writes these heads' slice.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * q_dim + h0 * hd), (h1 - h0) * hd) };
                 let kv = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
                 SCRATCH.with(|scratch| {
-                    attend(qh, keys, values, kv, first..=pos, shape.scale, &mut scratch.borrow_mut(), dst);
+                    attend_group(qs, keys, values, kv, first..=pos, shape.scale, &mut scratch.borrow_mut(), dst);
                 });
             }
         });
