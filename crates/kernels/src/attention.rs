@@ -223,7 +223,12 @@ mod avx2 {
         round_f16_inplace(q16);
         let q = q16.as_ptr();
         let (first, end) = (*span.start(), *span.end() + 1);
-        let len = end - first;
+        let len = end.saturating_sub(first);
+        if len == 0 {
+            // Nothing to attend to: zeros, as the reference gives.
+            outs.fill(0.0);
+            return;
+        }
         // Head h's scores at scores[h * len ..][..len].
         scores.clear();
         scores.resize(G * len, 0.0);
@@ -466,6 +471,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_empty_span_gives_zeros() {
+        let layout = KvLayout { kv_stride: 8, kv_off: 0, head_dim: 8 };
+        let kv = to_f16(&fill(16, 1));
+        for g in 1..=MAX_GROUP {
+            let mut out = vec![9.0; 8 * g];
+            #[allow(clippy::reversed_empty_ranges)]
+            attend_group(&fill(8 * g, 2), &kv, &kv, layout, 1..=0, 1.0, &mut AttnScratch::default(), &mut out);
+            assert_eq!(out, vec![0.0; 8 * g]);
+        }
+        let mut out = vec![9.0; 8];
+        #[allow(clippy::reversed_empty_ranges)]
+        attend_ref(&fill(8, 2), &kv, &kv, layout, 1..=0, 1.0, &mut AttnScratch::default(), &mut out);
+        assert_eq!(out, vec![0.0; 8]);
     }
 
     #[test]
