@@ -237,8 +237,9 @@ impl Attention {
         pool.parallel_for(n * tasks_per_row, 1, &|range| {
             for task in range {
                 let (r, kv_head, part) = (task / tasks_per_row, task % tasks_per_row / parts, task % parts);
-                // Query heads [h0, h1).
-                let (h0, h1) = (kv_head * group + part * group / parts, kv_head * group + (part + 1) * group / parts);
+                // Query heads [h0, h1) of the `group` sharing this KV head.
+                let first_head = kv_head * group;
+                let (h0, h1) = (first_head + part * group / parts, first_head + (part + 1) * group / parts);
                 let (s, pos) = layout.rows[r];
                 let keys = caches[s].keys(layer, kv_head);
                 let values = caches[s].values(layer, kv_head);
