@@ -437,7 +437,8 @@ fn moe_stats(m: &LoadedModel) -> serde_json::Value {
     })
 }
 
-fn summary(g: &Generation) -> String {
+/// The one-line speed summary after a generation (`run`, and with `--draft`).
+pub(crate) fn summary(g: &Generation) -> String {
     format!(
         "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | finish: {}",
         g.prompt_tokens,

@@ -188,21 +188,10 @@ pub fn run(
         );
     } else {
         println!();
-        eprintln!("{}", summary(&g));
+        eprintln!("{}", crate::cli::summary(&g));
         eprintln!("{}", s.summary(g.gen_tokens, g.gen_secs));
     }
     Ok(())
-}
-
-fn summary(g: &Generation) -> String {
-    format!(
-        "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | finish: {}",
-        g.prompt_tokens,
-        g.prompt_tps(),
-        g.gen_tokens,
-        g.gen_tps(),
-        g.finish.as_str()
-    )
 }
 
 fn run_n(

@@ -209,17 +209,8 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
         }
     }
 
-    let mut s = SamplingParams {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
-        repeat_last_n: 64,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: 0,
-    };
+    // OpenAI's defaults: temperature 1, no filter, no penalty.
+    let mut s = SamplingParams { temperature: 1.0, ..SamplingParams::greedy() };
     if let Some(t) = opt_num(obj, "temperature", 0.0, 2.0)? {
         s.temperature = t as f32;
     }
