@@ -99,9 +99,8 @@ pub fn attend_group(
     assert_eq!(outs.len(), qs.len(), "attend: one output per query head");
     #[cfg(target_arch = "x86_64")]
     if crate::formats::has_avx2_fma() {
-        for (q, out) in qs.chunks_exact(hd).zip(outs.chunks_exact(hd)) {
-            check(q, keys, values, layout, &span, out);
-        }
+        // Every head has the same length (asserted above) and the same span.
+        check(&qs[..hd], keys, values, layout, &span, &outs[..hd]);
         // SAFETY: the features were just detected; bounds checked above.
         unsafe {
             match n {
@@ -159,9 +158,8 @@ fn check(q: &[f32], keys: &[f16], values: &[f16], l: KvLayout, span: &RangeInclu
     }
 }
 
-/// Softmax of a head's scores in place (`span` is never empty, so there is a
-/// finite maximum unless the scores are NaN, which then spread to the
-/// output). `e^x` is [`crate::ops::exp_poly`], the bits of the SIMD
+/// Softmax of a head's scores in place (NaN scores spread to the output; an
+/// empty span leaves nothing to do). `e^x` is [`crate::ops::exp_poly`], the bits of the SIMD
 /// kernel's eight-lane exp.
 fn softmax_ref(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);

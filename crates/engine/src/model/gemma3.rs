@@ -83,8 +83,8 @@ impl Gemma3 {
         let e = cfg.n_embd;
         // x: the residual stream, [n, n_embd]
         let mut x = embed(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), (e as f32).sqrt())?;
-        let (angles_local, angles_global) =
-            (self.rope_local.angles(&layout.positions()), self.rope_global.angles(&layout.positions()));
+        let positions = layout.positions();
+        let (angles_local, angles_global) = (self.rope_local.angles(&positions), self.rope_global.angles(&positions));
         for (l, layer) in self.layers.iter().enumerate() {
             let local = cfg.is_sliding(l);
             let shape = AttentionShape {
