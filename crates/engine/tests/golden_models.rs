@@ -2,11 +2,19 @@
 //! (`../shared/golden/<model>/{logits,nll}.json`), with the tolerances of the
 //! golden README: top-1 agreement where the reference is decisive, logit
 //! values, teacher-forced and free-running greedy paths, per-token
-//! log-likelihoods.
+//! log-likelihoods. Each check runs with the default f16 KV cache, and again
+//! with a q8_0 cache (`--cache-type-k/-v q8_0`), which must stay within the
+//! same tolerances. For Qwen2.5-Coder-0.5B the q8_0 cache holds the values
+//! only: its keys have a few channels far larger than the rest (the key
+//! projection's bias), and 8-bit blocks of 32 lose the others next to them
+//! (q8_0 keys move its `gpl3` mean NLL by 0.06 nats against the 0.02
+//! allowed; with the query kept f32, 0.024), so q8_0 keys are not offered as
+//! within the tolerances there.
 
 mod common;
 
 use common::*;
+use minnow_engine::kv_cache::{CacheTypes, KvCache, KvType};
 use minnow_engine::model::{Logits, Model};
 use serde_json::Value;
 
@@ -38,8 +46,13 @@ fn compare_position(ours: &[f32], reference: &Value, what: &str) -> f32 {
     (0..n).map(|i| (ours[ref_ids[i] as usize] - ref_logits[i]).abs()).sum::<f32>() / n as f32
 }
 
-fn check_logits(golden: &str, file: &str) {
+const F16: CacheTypes = CacheTypes { k: KvType::F16, v: KvType::F16 };
+const Q8_0: CacheTypes = CacheTypes { k: KvType::Q8_0, v: KvType::Q8_0 };
+const Q8_0_VALUES: CacheTypes = CacheTypes { k: KvType::F16, v: KvType::Q8_0 };
+
+fn check_logits(golden: &str, file: &str, types: CacheTypes) {
     let m = model(file);
+    let new_cache = || KvCache::new(m.config(), 4096, types);
     let vocab = m.config().vocab_size;
     let data = golden_json(golden, "logits.json");
     for (c, case) in data["cases"].as_array().unwrap().iter().enumerate() {
@@ -48,7 +61,7 @@ fn check_logits(golden: &str, file: &str) {
         let mut diffs = Vec::new();
 
         // Every prompt position.
-        let mut cache = m.new_cache(4096);
+        let mut cache = new_cache();
         let logits = m.forward_one(pool(), &mut cache, &prompt, Logits::All).unwrap();
         for (i, reference) in case["prompt_topk"].as_array().unwrap().iter().enumerate() {
             let what = format!("{golden} case {c} prompt position {i}");
@@ -69,13 +82,13 @@ fn check_logits(golden: &str, file: &str) {
 
         let mean = diffs.iter().map(|d| d.1).sum::<f32>() / diffs.len() as f32;
         let worst = diffs.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
-        eprintln!("{golden} case {c}: mean |Δlogit| {mean:.4}, worst {:.4} at {}", worst.1, worst.0);
+        eprintln!("{golden} ({types:?}) case {c}: mean |Δlogit| {mean:.4}, worst {:.4} at {}", worst.1, worst.0);
         assert!(mean <= MAX_MEAN_LOGIT_DIFF, "{golden} case {c}: mean |Δlogit| {mean} > {MAX_MEAN_LOGIT_DIFF}");
         assert!(worst.1 <= MAX_POSITION_LOGIT_DIFF, "{}: |Δlogit| {} > {MAX_POSITION_LOGIT_DIFF}", worst.0, worst.1);
 
         // Free-running greedy: equal up to the first step where the
         // reference itself was close to a tie.
-        let mut cache = m.new_cache(4096);
+        let mut cache = new_cache();
         let mut next = argmax(&m.forward_one(pool(), &mut cache, &prompt, Logits::Last).unwrap());
         for (j, reference) in greedy_topk.iter().enumerate() {
             let ref_logits = json_floats(&reference["logits"]);
@@ -88,33 +101,37 @@ fn check_logits(golden: &str, file: &str) {
     }
 }
 
-fn check_nll(golden: &str, file: &str) {
-    for c in compare_nll(model(file), golden) {
+fn check_nll(golden: &str, file: &str, types: CacheTypes) {
+    for c in compare_nll_with(model(file), golden, types) {
         let (name, mean_nll, ref_nll, mean_diff) = (&c.case, c.mean_nll, c.ref_nll, c.mean_logprob_diff);
-        eprintln!("{golden} {name}: mean NLL {mean_nll:.4} (llama.cpp {ref_nll:.4}), mean |Δlogprob| {mean_diff:.4}");
+        eprintln!("{golden} ({types:?}) {name}: mean NLL {mean_nll:.4} (llama.cpp {ref_nll:.4}), mean |Δlogprob| {mean_diff:.4}");
         assert!((mean_nll - ref_nll).abs() <= MAX_MEAN_NLL_DIFF, "{golden} {name}: mean NLL {mean_nll} vs {ref_nll}");
         assert!(mean_diff <= MAX_MEAN_LOGPROB_DIFF, "{golden} {name}: mean |Δlogprob| {mean_diff}");
     }
 }
 
 macro_rules! model_tests {
-    ($($logits:ident, $nll:ident => $idx:expr;)*) => {$(
+    ($($logits:ident, $nll:ident, $types:expr => $idx:expr;)*) => {$(
         #[test]
         fn $logits() {
             let (golden, file) = MODELS[$idx];
-            check_logits(golden, file);
+            check_logits(golden, file, $types);
         }
         #[test]
         fn $nll() {
             let (golden, file) = MODELS[$idx];
-            check_nll(golden, file);
+            check_nll(golden, file, $types);
         }
     )*};
 }
 
 model_tests! {
-    smollm2_logits, smollm2_nll => 0;
-    gemma3_logits, gemma3_nll => 1;
-    qwen05_logits, qwen05_nll => 2;
-    qwen15_logits, qwen15_nll => 3;
+    smollm2_logits, smollm2_nll, F16 => 0;
+    gemma3_logits, gemma3_nll, F16 => 1;
+    qwen05_logits, qwen05_nll, F16 => 2;
+    qwen15_logits, qwen15_nll, F16 => 3;
+    smollm2_logits_q8_0_cache, smollm2_nll_q8_0_cache, Q8_0 => 0;
+    gemma3_logits_q8_0_cache, gemma3_nll_q8_0_cache, Q8_0 => 1;
+    qwen05_logits_q8_0_values, qwen05_nll_q8_0_values, Q8_0_VALUES => 2;
+    qwen15_logits_q8_0_cache, qwen15_nll_q8_0_cache, Q8_0 => 3;
 }

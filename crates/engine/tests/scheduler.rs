@@ -306,7 +306,7 @@ fn prefix_cache_hit_reuses_kv_with_identical_output() {
 fn prefix_cache_evicts_least_recently_used_under_its_bound() {
     let _g = serial();
     let m = model();
-    let per_token = minnow_engine::kv_cache::KvCache::bytes_per_position(m.model.config());
+    let per_token = minnow_engine::kv_cache::KvCache::bytes_per_position(m.model.config(), m.model.cache_types());
     let prompt = |topic: &str| {
         tokens(&format!("Here is a long and detailed essay about {topic}, written for students who want to learn everything about it in one afternoon:"))
     };

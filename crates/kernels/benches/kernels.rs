@@ -21,7 +21,7 @@
 
 use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
-use minnow_kernels::attention::{attend, attend_group, AttnScratch, KvLayout, MAX_GROUP};
+use minnow_kernels::attention::{attend, attend_group, extend_q8_0, AttnScratch, KvLayout, KvRows, MAX_GROUP};
 use minnow_kernels::formats::float::BlockF16;
 use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
@@ -234,6 +234,34 @@ fn ops(c: &mut Criterion) {
     g.finish();
 }
 
+/// One layer's cache in one of the attention kernel's formats.
+enum BenchRows {
+    F16(Vec<half::f16>),
+    Q8 { quants: Vec<i8>, scales: Vec<f32> },
+}
+
+impl BenchRows {
+    fn new(x: &[f32], q8: bool) -> BenchRows {
+        if q8 {
+            let (mut quants, mut scales) = (Vec::new(), Vec::new());
+            extend_q8_0(x, &mut quants, &mut scales);
+            BenchRows::Q8 { quants, scales }
+        } else {
+            BenchRows::F16(x.iter().map(|&v| half::f16::from_f32(v)).collect())
+        }
+    }
+
+    /// The elements `range` (whole q8_0 blocks).
+    fn head(&self, range: std::ops::Range<usize>) -> KvRows<'_> {
+        match self {
+            BenchRows::F16(x) => KvRows::F16(&x[range]),
+            BenchRows::Q8 { quants, scales } => {
+                KvRows::Q8_0 { quants: &quants[range.clone()], scales: &scales[range.start / 32..range.end / 32] }
+            }
+        }
+    }
+}
+
 fn attention(c: &mut Criterion) {
     let mut rng = Rng(0x5EED_0004);
     let mut g = c.benchmark_group("attention");
@@ -246,52 +274,65 @@ fn attention(c: &mut Criterion) {
     for (n_head, n_kv, hd, ctxs) in [(12, 2, 128, &[160usize, 1024][..]), (9, 3, 64, &[1024][..])] {
         let group = n_head / n_kv;
         for &ctx in ctxs {
-            let per_head = ctx * hd;
-            let layers = if hd == 64 { (48 << 20) / (2 * 2 * n_kv * per_head) } else { 1 };
-            let cache = |rng: &mut Rng| -> Vec<half::f16> {
-                rng.vec(n_kv * per_head).iter().map(|&v| half::f16::from_f32(v)).collect()
-            };
-            let caches: Vec<(Vec<half::f16>, Vec<half::f16>)> =
-                (0..layers).map(|_| (cache(&mut rng), cache(&mut rng))).collect();
-            let q = rng.vec(n_head * hd);
-            let mut out = vec![0f32; n_head * hd];
-            let mut scratch = AttnScratch::default();
-            let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
-            let scale = 1.0 / (hd as f32).sqrt();
-            g.throughput(Throughput::Elements((ctx * n_head) as u64));
-            // The heads of a KV head in parts of at most MAX_GROUP (as the
-            // engine runs them), or `per_head` one call each.
-            let parts = group.div_ceil(MAX_GROUP);
-            let mut step = |b: &mut criterion::Bencher, cold: bool, per_head_calls: bool| {
-                let mut layer = 0;
-                b.iter(|| {
-                    let (keys, values) = &caches[layer];
-                    if cold {
-                        layer = (layer + 1) % caches.len();
-                    }
-                    for kv in 0..n_kv {
-                        let cache = kv * per_head..(kv + 1) * per_head;
-                        let (k, v) = (&keys[cache.clone()], &values[cache]);
-                        for part in 0..parts {
-                            let (h0, h1) = (kv * group + part * group / parts, kv * group + (part + 1) * group / parts);
-                            let heads = h0 * hd..h1 * hd;
-                            let (qs, os) = (&q[heads.clone()], &mut out[heads]);
-                            if per_head_calls {
-                                for (qh, oh) in qs.chunks_exact(hd).zip(os.chunks_exact_mut(hd)) {
-                                    attend(black_box(qh), k, v, layout, 0..=ctx - 1, scale, &mut scratch, oh);
+            for q8 in [false, true] {
+                let per_head = ctx * hd;
+                let bytes_per_element = if q8 { 1.125 } else { 2.0 };
+                let layers = if hd == 64 {
+                    ((48 << 20) as f64 / (2.0 * bytes_per_element * (n_kv * per_head) as f64)) as usize
+                } else {
+                    1
+                };
+                let caches: Vec<(BenchRows, BenchRows)> = (0..layers)
+                    .map(|_| {
+                        (BenchRows::new(&rng.vec(n_kv * per_head), q8), BenchRows::new(&rng.vec(n_kv * per_head), q8))
+                    })
+                    .collect();
+                let q = rng.vec(n_head * hd);
+                let mut out = vec![0f32; n_head * hd];
+                let mut scratch = AttnScratch::default();
+                let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
+                let scale = 1.0 / (hd as f32).sqrt();
+                g.throughput(Throughput::Elements((ctx * n_head) as u64));
+                // The heads of a KV head in parts of at most MAX_GROUP (as the
+                // engine runs them), or `per_head` one call each.
+                let parts = group.div_ceil(MAX_GROUP);
+                let mut step = |b: &mut criterion::Bencher, cold: bool, per_head_calls: bool| {
+                    let mut layer = 0;
+                    b.iter(|| {
+                        let (keys, values) = &caches[layer];
+                        if cold {
+                            layer = (layer + 1) % caches.len();
+                        }
+                        for kv in 0..n_kv {
+                            let cache = kv * per_head..(kv + 1) * per_head;
+                            let (k, v) = (keys.head(cache.clone()), values.head(cache));
+                            for part in 0..parts {
+                                let (h0, h1) =
+                                    (kv * group + part * group / parts, kv * group + (part + 1) * group / parts);
+                                let heads = h0 * hd..h1 * hd;
+                                let (qs, os) = (&q[heads.clone()], &mut out[heads]);
+                                if per_head_calls {
+                                    for (qh, oh) in qs.chunks_exact(hd).zip(os.chunks_exact_mut(hd)) {
+                                        attend(black_box(qh), k, v, layout, 0..=ctx - 1, scale, &mut scratch, oh);
+                                    }
+                                } else {
+                                    attend_group(black_box(qs), k, v, layout, 0..=ctx - 1, scale, &mut scratch, os);
                                 }
-                            } else {
-                                attend_group(black_box(qs), k, v, layout, 0..=ctx - 1, scale, &mut scratch, os);
                             }
                         }
+                    })
+                };
+                let name = format!("{n_head}x{hd}/ctx{ctx}{}", if q8 { "/q8_0" } else { "" });
+                g.bench_function(&name, |b| step(b, false, false));
+                if !q8 {
+                    g.bench_function(format!("{name}/per-head"), |b| step(b, false, true));
+                }
+                if layers > 1 {
+                    g.bench_function(format!("{name}/cold"), |b| step(b, true, false));
+                    if !q8 {
+                        g.bench_function(format!("{name}/cold/per-head"), |b| step(b, true, true));
                     }
-                })
-            };
-            g.bench_function(format!("{n_head}x{hd}/ctx{ctx}"), |b| step(b, false, false));
-            g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/per-head"), |b| step(b, false, true));
-            if layers > 1 {
-                g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/cold"), |b| step(b, true, false));
-                g.bench_function(format!("{n_head}x{hd}/ctx{ctx}/cold/per-head"), |b| step(b, true, true));
+                }
             }
         }
     }

@@ -1,10 +1,11 @@
 //! Command-line parsing and the commands themselves.
 
 use crate::models;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::generate::{generate, prefill, GenerateParams, Generation};
+use minnow_engine::kv_cache::{CacheTypes, KvCache, KvType};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::model::Logits;
 use minnow_engine::sampler::SamplingParams;
@@ -58,12 +59,21 @@ struct ModelArgs {
     /// Threads to compute with (default: the number of physical cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
+    /// How the KV cache stores keys: f16, or q8_0 (half the memory and the
+    /// bytes read at long context; results move by the quantization error).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16")]
+    cache_type_k: KvType,
+    /// How the KV cache stores values: f16 or q8_0.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16")]
+    cache_type_v: KvType,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<(LoadedModel, ThreadPool)> {
         let path = models::resolve(&self.model)?;
-        let loaded = LoadedModel::load(&path)?;
+        let mut loaded = LoadedModel::load(&path)?;
+        let types = CacheTypes { k: self.cache_type_k, v: self.cache_type_v };
+        loaded.model.set_cache_types(types).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let threads = self.threads.unwrap_or_else(physical_cores);
         if threads == 0 {
             bail!("--threads must be at least 1");
@@ -514,7 +524,7 @@ fn info(a: InfoArgs) -> Result<()> {
         e.1 += t.n_elements();
     }
     let ctx = cfg.context_length.min(4096);
-    let kv_bytes = (minnow_engine::kv_cache::KvCache::bytes_per_position(cfg) * ctx) as u64;
+    let kv_bytes = (KvCache::bytes_per_position(cfg, m.model.cache_types()) * ctx) as u64;
     let name = m.file.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
     if a.json {
         let mix_json: serde_json::Map<String, serde_json::Value> =
@@ -672,6 +682,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         return crate::spec::bench(&m, &pool, &a.model.model, a.tg, a.repeats, &a.draft, a.json);
     }
     let vocab = m.model.config().vocab_size as u32;
+    let types = m.model.cache_types();
     // Arbitrary but fixed token ids, as llama-bench uses random ones: the
     // depth's tokens, then the prompt's.
     let ids: Vec<u32> = (0..(a.depth + a.pp) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
@@ -717,10 +728,16 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"model": a.model.model, "threads": pool.n_threads(), "simd": format!("{simd:?}"), "pp": a.pp, "tg": a.tg, "depth": a.depth, "pp_tps": pp, "tg_tps": tg})
+            json!({"model": a.model.model, "threads": pool.n_threads(), "simd": format!("{simd:?}"), "type_k": types.k.to_string(), "type_v": types.v.to_string(), "pp": a.pp, "tg": a.tg, "depth": a.depth, "pp_tps": pp, "tg_tps": tg})
         );
     } else {
-        println!("model: {}  threads: {}  kernels: {simd:?}", a.model.model, pool.n_threads());
+        println!(
+            "model: {}  threads: {}  kernels: {simd:?}  KV cache: {} / {}",
+            a.model.model,
+            pool.n_threads(),
+            types.k,
+            types.v
+        );
         let at = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
         println!("pp{:<5} {:8.2} tok/s{at}", a.pp, pp);
         println!("tg{:<5} {:8.2} tok/s{at}", a.tg, tg);

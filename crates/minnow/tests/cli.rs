@@ -121,6 +121,23 @@ fn bench_depth_runs_after_a_filled_context() {
     assert!(err.contains("more than the model's context"), "{err}");
 }
 
+/// `--cache-type-k/-v` (llama.cpp's `-ctk/-ctv`): a q8_0 cache runs and
+/// says so; an unknown type is refused with the ones there are.
+#[test]
+fn cache_types_are_chosen_and_a_bad_one_refused() {
+    let m = common::smollm2_arg();
+    let args = ["bench", &m, "-p", "8", "-n", "4", "-r", "1", "-d", "300", "--threads", "2", "--json"];
+    let v = json_of(&minnow(&[&args[..], &["--cache-type-k", "q8_0", "--ctv", "q8_0"]].concat(), None));
+    assert_eq!((v["type_k"].as_str(), v["type_v"].as_str()), (Some("q8_0"), Some("q8_0")));
+    assert!(v["tg_tps"].as_f64().unwrap() > 0.0);
+    let v = json_of(&minnow(&args, None));
+    assert_eq!((v["type_k"].as_str(), v["type_v"].as_str()), (Some("f16"), Some("f16")));
+    let out = minnow(&[&args[..], &["--ctk", "q4_0"]].concat(), None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use f16 or q8_0"), "{err}");
+}
+
 #[test]
 fn simd_cap_is_honoured_and_a_bad_one_refused() {
     let m = common::smollm2_arg();

@@ -26,7 +26,7 @@ pub use config::{Arch, ModelConfig, MoeConfig};
 pub use moe::{LayerRouting, RouterStats};
 pub use transformer::{Logits, SeqBatch};
 
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{CacheTypes, KvCache};
 use minnow_gguf::GgufFile;
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
@@ -52,6 +52,8 @@ enum Family {
 pub struct Model {
     file: Arc<GgufFile>,
     family: Family,
+    /// How [`Model::new_cache`]'s caches store keys and values.
+    cache_types: CacheTypes,
 }
 
 impl Model {
@@ -65,7 +67,7 @@ impl Model {
             }
             Arch::Gemma3 => Family::Gemma3(gemma3::Gemma3::load(cfg, &loader)?),
         };
-        Ok(Model { file, family })
+        Ok(Model { file, family, cache_types: CacheTypes::default() })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -106,9 +108,24 @@ impl Model {
     }
 
     /// An empty KV cache for one sequence of at most `max_len` positions
-    /// (capped at the model's training context).
+    /// (capped at the model's training context), stored as
+    /// [`Model::cache_types`] says.
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(self.config(), max_len)
+        KvCache::new(self.config(), max_len, self.cache_types)
+    }
+
+    /// How this model's caches store keys and values (f16 unless set).
+    pub fn cache_types(&self) -> CacheTypes {
+        self.cache_types
+    }
+
+    /// Stores the keys and values of caches made from now on as `types`
+    /// says (llama.cpp's `--cache-type-k/-v`); refused, with the reason,
+    /// where the model's heads do not suit them.
+    pub fn set_cache_types(&mut self, types: CacheTypes) -> Result<(), ModelError> {
+        types.check(self.config().head_dim).map_err(ModelError)?;
+        self.cache_types = types;
+        Ok(())
     }
 
     /// Runs the batch: appends every sequence's new tokens to its cache and

@@ -92,8 +92,17 @@ pub struct NllComparison {
 }
 
 /// Runs every case of `<golden>/nll.json` through `m` (one pass per case,
-/// logits of every position).
+/// logits of every position), with the model's own cache types.
 pub fn compare_nll(m: &minnow_engine::model::Model, golden: &str) -> Vec<NllComparison> {
+    compare_nll_with(m, golden, m.cache_types())
+}
+
+/// [`compare_nll`] with caches storing keys and values as `types` says.
+pub fn compare_nll_with(
+    m: &minnow_engine::model::Model,
+    golden: &str,
+    types: minnow_engine::kv_cache::CacheTypes,
+) -> Vec<NllComparison> {
     let vocab = m.config().vocab_size;
     let data = golden_json(golden, "nll.json");
     let mut out = Vec::new();
@@ -105,7 +114,7 @@ pub fn compare_nll(m: &minnow_engine::model::Model, golden: &str) -> Vec<NllComp
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        let mut cache = m.new_cache(ids.len());
+        let mut cache = minnow_engine::kv_cache::KvCache::new(m.config(), ids.len(), types);
         let logits = m.forward_one(pool(), &mut cache, &ids, minnow_engine::model::Logits::All).unwrap();
         let mut lp = vec![0f32; vocab];
         let ours: Vec<f64> = (0..ids.len() - 1)
