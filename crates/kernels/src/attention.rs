@@ -98,7 +98,28 @@ impl KvRows<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The first element's address and the bytes per element (a q8_0
+    /// element's scale aside): what a prefetch needs.
+    #[cfg(target_arch = "x86_64")]
+    fn bytes(&self) -> (*const u8, usize) {
+        match self {
+            KvRows::F16(x) => (x.as_ptr().cast(), 2),
+            KvRows::Q8_0 { quants, .. } => (quants.as_ptr().cast(), 1),
+        }
+    }
 }
+
+/// How far ahead of the keys being scored the SIMD kernels prefetch (in
+/// bytes of the KV head's stream). A decode step finds the cache in memory,
+/// not in cache; the hardware prefetcher alone left the kernel waiting on
+/// loads (SmolLM2 at depth 1024 with a q8_0 cache, decode steps alternating
+/// with depth 64 in one process: -23.2% / -25.6% slower than depth 64
+/// without, -20.3% to -21.9% with 1 to 10 KiB ahead and the values below).
+/// The values of the positions being scored are prefetched too, so the
+/// value pass finds them in L1/L2.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 4096;
 
 /// Scratch space for [`attend`], reused between calls so the decode loop
 /// does not allocate.
@@ -488,7 +509,7 @@ macro_rules! simd_kernels {
         mod $module {
             #[allow(unused_imports, reason = "each instance uses one of the two")]
             use super::{i8_dot_avx2, i8_dot_vnni};
-            use super::{AttnScratch, KvLayout, KvRows, PartStats, Q8_BLOCK};
+            use super::{AttnScratch, KvLayout, KvRows, PartStats, PREFETCH_AHEAD, Q8_BLOCK};
             use crate::formats::legacy::BlockQ8_0;
             use half::f16;
             use std::arch::x86_64::*;
@@ -531,7 +552,7 @@ macro_rules! simd_kernels {
                         q16.clear();
                         q16.extend_from_slice(qs);
                         round_f16_inplace(q16);
-                        scores_f16::<G>(q16, keys, layout, first, len, scale, scores);
+                        scores_f16::<G>(q16, keys, layout, first, len, scale, scores, values.bytes());
                     }
                     KvRows::Q8_0 { quants, scales } => {
                         let nb = hd / Q8_BLOCK;
@@ -541,10 +562,18 @@ macro_rules! simd_kernels {
                             BlockQ8_0::quantize(q, blocks);
                         }
                         match nb {
-                            1 => scores_q8::<G, 1>(q8, quants, scales, layout, first, len, scale, scores),
-                            2 => scores_q8::<G, 2>(q8, quants, scales, layout, first, len, scale, scores),
-                            4 => scores_q8::<G, 4>(q8, quants, scales, layout, first, len, scale, scores),
-                            _ => scores_q8::<G, 8>(q8, quants, scales, layout, first, len, scale, scores),
+                            1 => {
+                                scores_q8::<G, 1>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
+                            }
+                            2 => {
+                                scores_q8::<G, 2>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
+                            }
+                            4 => {
+                                scores_q8::<G, 4>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
+                            }
+                            _ => {
+                                scores_q8::<G, 8>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
+                            }
                         }
                     }
                 }
@@ -562,6 +591,7 @@ macro_rules! simd_kernels {
 
             /// Scores against f16 keys, `q16` the queries rounded to f16.
             #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments, reason = "the queries, the cache, the span, the scores")]
             unsafe fn scores_f16<const G: usize>(
                 q16: &[f32],
                 keys: &[f16],
@@ -570,15 +600,21 @@ macro_rules! simd_kernels {
                 len: usize,
                 scale: f32,
                 scores: &mut [f32],
+                values: (*const u8, usize),
             ) {
                 let KvLayout { kv_stride, kv_off, head_dim: hd } = layout;
                 let q = q16.as_ptr();
                 let end = first + len;
                 // Four positions at a time: one horizontal reduction for the four
                 // scores of a head instead of one each.
-                let key = |j: usize| keys.as_ptr().add(j * kv_stride + kv_off) as *const u16;
+                let key = |j: usize| keys.as_ptr().wrapping_add(j * kv_stride + kv_off) as *const u16;
                 let mut j = first;
+                let ahead = PREFETCH_AHEAD.div_ceil(2 * hd);
                 while j + 4 <= end {
+                    for k in 0..4 {
+                        prefetch(key(j + k + ahead).cast(), 2 * hd);
+                        prefetch(values.0.wrapping_add(((j + k) * kv_stride + kv_off) * values.1), hd * values.1);
+                    }
                     let s = dot4::<G>(q, hd, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
                     for (h, s) in s.iter().enumerate() {
                         for (k, &x) in s.iter().enumerate() {
@@ -601,6 +637,7 @@ macro_rules! simd_kernels {
             /// heads, and a head's eight exact integer sums come out of one
             /// horizontal reduction, then take their scales as one vector.
             #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments, reason = "the queries, the cache, the span, the scores")]
             pub(super) unsafe fn scores_q8<const G: usize, const NB: usize>(
                 q8: &[BlockQ8_0],
                 quants: &[i8],
@@ -610,6 +647,7 @@ macro_rules! simd_kernels {
                 len: usize,
                 scale: f32,
                 scores: &mut [f32],
+                values: (*const u8, usize),
             ) {
                 let KvLayout { kv_stride, kv_off, head_dim: hd } = layout;
                 debug_assert_eq!(hd, NB * Q8_BLOCK);
@@ -624,7 +662,13 @@ macro_rules! simd_kernels {
                 let kq =
                     |j: usize, b: usize| quants.as_ptr().add(j * kv_stride + kv_off + b * Q8_BLOCK) as *const __m256i;
                 let mut j = first;
+                let ahead = PREFETCH_AHEAD.div_ceil(hd);
                 while j + per <= end {
+                    for k in 0..per {
+                        let row = (j + k) * kv_stride + kv_off;
+                        prefetch(quants.as_ptr().wrapping_add(row + ahead * kv_stride).cast(), hd);
+                        prefetch(values.0.wrapping_add(row * values.1), hd * values.1);
+                    }
                     // Integer sums, reduced two pairs at a time to keep few live.
                     let mut quads = [[_mm256_setzero_si256(); 2]; G];
                     for half in 0..2 {
@@ -851,6 +895,17 @@ macro_rules! simd_kernels {
                 PartStats { max, sum }
             }
 
+            /// Asks for the cache lines of the `bytes` bytes at `p` (a
+            /// prefetch never faults, so `p` may point past the cache).
+            #[inline(always)]
+            unsafe fn prefetch(p: *const u8, bytes: usize) {
+                let mut at = 0;
+                while at < bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast());
+                    at += 64;
+                }
+            }
+
             /// Eight f16 (raw bits) as f32.
             #[target_feature(enable = $features)]
             #[inline]
@@ -1057,10 +1112,50 @@ mod tests {
             // SAFETY: features detected above; the cache holds the span.
             unsafe {
                 match nb {
-                    1 => avx2::scores_q8::<3, 1>(&q8, &quants, &scales, layout, first, len, 0.125, &mut simd),
-                    2 => avx2::scores_q8::<3, 2>(&q8, &quants, &scales, layout, first, len, 0.125, &mut simd),
-                    4 => avx2::scores_q8::<3, 4>(&q8, &quants, &scales, layout, first, len, 0.125, &mut simd),
-                    _ => avx2::scores_q8::<3, 8>(&q8, &quants, &scales, layout, first, len, 0.125, &mut simd),
+                    1 => avx2::scores_q8::<3, 1>(
+                        &q8,
+                        &quants,
+                        &scales,
+                        layout,
+                        first,
+                        len,
+                        0.125,
+                        &mut simd,
+                        (std::ptr::null(), 1),
+                    ),
+                    2 => avx2::scores_q8::<3, 2>(
+                        &q8,
+                        &quants,
+                        &scales,
+                        layout,
+                        first,
+                        len,
+                        0.125,
+                        &mut simd,
+                        (std::ptr::null(), 1),
+                    ),
+                    4 => avx2::scores_q8::<3, 4>(
+                        &q8,
+                        &quants,
+                        &scales,
+                        layout,
+                        first,
+                        len,
+                        0.125,
+                        &mut simd,
+                        (std::ptr::null(), 1),
+                    ),
+                    _ => avx2::scores_q8::<3, 8>(
+                        &q8,
+                        &quants,
+                        &scales,
+                        layout,
+                        first,
+                        len,
+                        0.125,
+                        &mut simd,
+                        (std::ptr::null(), 1),
+                    ),
                 }
             };
             for h in 0..3 {
