@@ -407,12 +407,12 @@ pub fn extend_q8_0(x: &[f32], quants: &mut Vec<i8>, scales: &mut Vec<f32>) {
 /// added in order. (The SIMD kernel computes the same operations in the same
 /// order, so the scores are the same bits.)
 fn dot_q8_ref(q: &[BlockQ8_0], k: &[i8], k_scales: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    for ((qb, kb), &dk) in q.iter().zip(k.chunks_exact(Q8_BLOCK)).zip(k_scales) {
+    let mut blocks = q.iter().zip(k.chunks_exact(Q8_BLOCK)).zip(k_scales).map(|((qb, kb), &dk)| {
         let isum: i32 = qb.qs.iter().zip(kb).map(|(&a, &b)| a as i32 * b as i32).sum();
-        sum += (isum as f32 * dk) * f16::from_bits(qb.d).to_f32();
-    }
-    sum
+        (isum as f32 * dk) * f16::from_bits(qb.d).to_f32()
+    });
+    let first = blocks.next().unwrap_or(0.0);
+    blocks.fold(first, |sum, x| sum + x)
 }
 
 fn check(q: &[f32], keys: KvRows, values: KvRows, l: KvLayout, span: &RangeInclusive<usize>, out: &[f32]) {
@@ -477,24 +477,41 @@ fn simd_handles(keys: KvRows, layout: KvLayout) -> bool {
     }
 }
 
-/// The exact integer dot products of 32 unsigned by 32 signed bytes, summed
-/// in groups of four into eight i32 lanes (no overflow: the bytes are at most
-/// 127 in magnitude). AVX2: pairs into i16, then pairs of those.
+/// The q8_0 key scoring's integer dot products, per instruction set: each
+/// key block is first turned into unsigned bytes once (`key_bytes_*`), then
+/// dotted with each head's signed query block (`key_dot_*`), 32 byte products
+/// summed in groups of four into eight i32 lanes, exactly (no overflow: the
+/// quants are at most 127 in magnitude). AVX2 multiplies |k| by q with k's
+/// sign (`maddubs` pairs into i16, `madd` pairs of those); VNNI takes
+/// k + 128 as the unsigned bytes (one `vpdpbusd`, no per-head sign step) and
+/// the kernel subtracts 128·Σq afterwards (`KEY_OFFSET`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn i8_dot_avx2(u: std::arch::x86_64::__m256i, s: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+mod key_dots {
     use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-}
 
-/// [`i8_dot_avx2`] in one AVX-512 VNNI instruction.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn i8_dot_vnni(u: std::arch::x86_64::__m256i, s: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn key_bytes_avx2(k: __m256i) -> __m256i {
+        _mm256_abs_epi8(k)
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn key_dot_avx2(abs_k: __m256i, k: __m256i, q: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(abs_k, _mm256_sign_epi8(q, k)), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn key_bytes_vnni(k: __m256i) -> __m256i {
+        _mm256_xor_si256(k, _mm256_set1_epi8(-128))
+    }
+
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    #[inline]
+    pub(super) unsafe fn key_dot_vnni(k_plus_128: __m256i, _k: __m256i, q: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), k_plus_128, q)
+    }
 }
 
 /// The SIMD kernels, written once and compiled twice: for AVX2 + FMA + F16C
@@ -504,7 +521,7 @@ unsafe fn i8_dot_vnni(u: std::arch::x86_64::__m256i, s: std::arch::x86_64::__m25
 /// dot products). The two give the same bits: the same operations in the
 /// same order, and exact integer sums.
 macro_rules! simd_kernels {
-    ($module:ident, $features:literal, $i8_dot:ident) => {
+    ($module:ident, $features:literal, $key_bytes:ident, $key_dot:ident, $key_offset:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[allow(
             clippy::needless_range_loop,
@@ -512,7 +529,9 @@ macro_rules! simd_kernels {
         )]
         mod $module {
             #[allow(unused_imports, reason = "each instance uses one of the two")]
-            use super::{i8_dot_avx2, i8_dot_vnni};
+            use super::key_dots::*;
+            /// What the key bytes `key_dot` takes add to the key quants.
+            const KEY_OFFSET: i32 = $key_offset;
             use super::{AttnScratch, KvLayout, KvRows, PartStats, PREFETCH_AHEAD, Q8_BLOCK};
             use crate::formats::legacy::BlockQ8_0;
             use half::f16;
@@ -659,6 +678,14 @@ macro_rules! simd_kernels {
                 let per = 8 / nb; // positions per eight pairs
                 let end = first + len;
                 // Pair i of a group of eight is block i % nb of position i / nb.
+                // KEY_OFFSET · Σq of each pair's query block, to take back
+                // from the integer sums.
+                let offset: [__m256i; G] = std::array::from_fn(|h| {
+                    let o: [i32; 8] = std::array::from_fn(|i| {
+                        KEY_OFFSET * q8[h * nb + i % nb].qs.iter().map(|&x| x as i32).sum::<i32>()
+                    });
+                    _mm256_loadu_si256(o.as_ptr().cast())
+                });
                 let dq: [__m256; G] = std::array::from_fn(|h| {
                     let d: [f32; 8] = std::array::from_fn(|i| f16::from_bits(q8[h * nb + i % nb].d).to_f32());
                     _mm256_loadu_ps(d.as_ptr())
@@ -682,10 +709,10 @@ macro_rules! simd_kernels {
                             for one in 0..2 {
                                 let i = half * 4 + two * 2 + one;
                                 let k = _mm256_loadu_si256(kq(j + i / nb, i % nb));
-                                let ak = _mm256_abs_epi8(k);
+                                let kb = $key_bytes(k);
                                 for h in 0..G {
                                     let qv = _mm256_loadu_si256(q8[h * nb + i % nb].qs.as_ptr() as *const __m256i);
-                                    sums[h][one] = $i8_dot(ak, _mm256_sign_epi8(qv, k));
+                                    sums[h][one] = $key_dot(kb, k, qv);
                                 }
                             }
                             for h in 0..G {
@@ -710,15 +737,26 @@ macro_rules! simd_kernels {
                         let (a, b) = (quads[h][0], quads[h][1]);
                         let lo = _mm256_permute2x128_si256(a, b, 0x20);
                         let hi = _mm256_permute2x128_si256(a, b, 0x31);
-                        let isum = _mm256_add_epi32(lo, hi);
+                        let isum = _mm256_sub_epi32(_mm256_add_epi32(lo, hi), offset[h]);
                         let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), ks), dq[h]);
-                        let v: [f32; 8] = std::mem::transmute(v);
-                        for p in 0..per {
-                            let mut s = 0f32;
-                            for b in 0..nb {
-                                s += v[p * nb + b];
+                        let out = scores.as_mut_ptr().add(h * len + j - first);
+                        if NB == 1 {
+                            _mm256_storeu_ps(out, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+                        } else if NB == 2 {
+                            // Adjacent pairs added: [v0+v1, v2+v3, ..] in each
+                            // 128-bit lane, the lanes' first halves joined.
+                            let t = _mm256_hadd_ps(v, v);
+                            let t = _mm_movelh_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+                            _mm_storeu_ps(out, _mm_mul_ps(t, _mm_set1_ps(scale)));
+                        } else {
+                            let v: [f32; 8] = std::mem::transmute(v);
+                            for p in 0..per {
+                                let mut s = v[p * nb];
+                                for b in 1..nb {
+                                    s += v[p * nb + b];
+                                }
+                                *out.add(p) = s * scale;
                             }
-                            scores[h * len + j - first + p] = s * scale;
                         }
                     }
                     j += per;
@@ -1002,8 +1040,8 @@ macro_rules! simd_kernels {
     };
 }
 
-simd_kernels!(avx2, "avx2,fma,f16c", i8_dot_avx2);
-simd_kernels!(avx512, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", i8_dot_vnni);
+simd_kernels!(avx2, "avx2,fma,f16c", key_bytes_avx2, key_dot_avx2, 0);
+simd_kernels!(avx512, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", key_bytes_vnni, key_dot_vnni, 128);
 
 #[cfg(test)]
 mod tests {
