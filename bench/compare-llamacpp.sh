@@ -5,6 +5,7 @@
 #   bench/compare-llamacpp.sh [-m MODEL|FILE.gguf,...] [-t THREADS] [-r ROUNDS]
 #                             [-p PROMPT_TOKENS] [-n GEN_TOKENS] [--build-only]
 #                             [--no-build] [--depths D1,D2|none] [--depth-rounds N]
+#                             [--depth-caches f16,q8_0]
 #
 # 1. Builds llama.cpp's llama-bench (and the other $LLAMACPP_TARGETS) from the
 #    llama-cpp-python source distribution on PyPI, whose vendor/llama.cpp is a
@@ -29,6 +30,9 @@
 #    (alternating) of tg GEN_TOKENS with D1 and with D2 tokens already in the
 #    KV cache (llama-bench -d, minnow bench -d), and a second table of how much
 #    each engine slows from D1 to D2 (issue 5: within 15% from 64 to 1,024).
+#    Once per KV cache type of --depth-caches: f16 (both engines' default)
+#    and q8_0 (llama-bench -fa 1 -ctk q8_0 -ctv q8_0, its quantized values
+#    needing flash attention; minnow --ctk q8_0 --ctv q8_0).
 #
 # Environment:
 #   MINNOW_LLAMACPP_DIR  build cache (default ~/.cache/minnow/llama.cpp)
@@ -47,6 +51,7 @@ BUILD_ONLY=0
 NO_BUILD=0
 DEPTHS=64,1024
 DEPTH_ROUNDS=2
+DEPTH_CACHES=f16,q8_0
 LLAMACPP_DIR=${MINNOW_LLAMACPP_DIR:-$HOME/.cache/minnow/llama.cpp}
 LLAMACPP_VERSION=${LLAMACPP_VERSION:-0.3.36}
 # llama-speculative costs one more file; llama-server (add it when needed) its
@@ -55,7 +60,7 @@ LLAMACPP_TARGETS=${LLAMACPP_TARGETS:-llama-bench llama-speculative}
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    echo "Defaults: -m $MODELS -t $THREADS -r $ROUNDS -p $PP -n $TG --depths $DEPTHS --depth-rounds $DEPTH_ROUNDS"
+    echo "Defaults: -m $MODELS -t $THREADS -r $ROUNDS -p $PP -n $TG --depths $DEPTHS --depth-rounds $DEPTH_ROUNDS --depth-caches $DEPTH_CACHES"
 }
 
 while [[ $# -gt 0 ]]; do
@@ -69,12 +74,17 @@ while [[ $# -gt 0 ]]; do
         --no-build) NO_BUILD=1; shift ;;
         --depths) DEPTHS=$2; shift 2 ;;
         --depth-rounds) DEPTH_ROUNDS=$2; shift 2 ;;
+        --depth-caches) DEPTH_CACHES=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare-llamacpp: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
 for v in THREADS ROUNDS PP TG DEPTH_ROUNDS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "compare-llamacpp: $v must be a positive integer" >&2; exit 2; }
+done
+IFS=, read -r -a cache_list <<<"$DEPTH_CACHES"
+for c in "${cache_list[@]}"; do
+    [[ $c == f16 || $c == q8_0 ]] || { echo "compare-llamacpp: --depth-caches takes f16 and/or q8_0" >&2; exit 2; }
 done
 if [[ $DEPTHS == none ]]; then
     depth_list=()
@@ -185,10 +195,10 @@ print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.
                   "others_running": int(sys.argv[4]), "max_rss_kib": int(sys.argv[5] or 0),
                   "out": json.load(sys.stdin)}))' "$@" >>"$RESULTS"
 }
-record_depth() { # engine model depth json-on-stdin
+record_depth() { # engine model depth cache-type json-on-stdin
     python3 -c 'import json, sys
 print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "depth": int(sys.argv[3]),
-                  "out": json.load(sys.stdin)}))' "$@" >>"$OUT/depth.jsonl"
+                  "cache": sys.argv[4], "out": json.load(sys.stdin)}))' "$@" >>"$OUT/depth.jsonl"
 }
 # Tasks of other programs runnable right now, into $others (this shell is the
 # one subtracted): the cores may be shared, and a busy machine makes the
@@ -244,15 +254,22 @@ for name in "${model_list[@]}"; do
     for ((round = 1; round <= DEPTH_ROUNDS && ${#depth_list[@]} > 0; round++)); do
         if ((round % 2)); then order="llama minnow"; else order="minnow llama"; fi
         for engine in $order; do
-            for d in "${depth_list[@]}"; do
-                log "$name depth $d, round $round/$DEPTH_ROUNDS: $engine"
-                if [[ $engine == llama ]]; then
-                    "$LLAMACPP_BIN/llama-bench" -m "$path" -t "$THREADS" -p 0 -n "$TG" -d "$d" -r 1 -o json \
-                        >"$OUT/run.json" 2>>"$OUT/llama-bench.log"
-                else
-                    "$MINNOW" bench "$path" --threads "$THREADS" -p 1 -n "$TG" -d "$d" -r 1 --json >"$OUT/run.json"
+            for cache in "${cache_list[@]}"; do
+                if [[ $cache == f16 ]]; then llama_cache=(); minnow_cache=(); else
+                    llama_cache=(-fa 1 -ctk "$cache" -ctv "$cache")
+                    minnow_cache=(--ctk "$cache" --ctv "$cache")
                 fi
-                record_depth "$engine" "$name" "$d" <"$OUT/run.json"
+                for d in "${depth_list[@]}"; do
+                    log "$name depth $d, $cache cache, round $round/$DEPTH_ROUNDS: $engine"
+                    if [[ $engine == llama ]]; then
+                        "$LLAMACPP_BIN/llama-bench" -m "$path" -t "$THREADS" -p 0 -n "$TG" -d "$d" -r 1 \
+                            "${llama_cache[@]}" -o json >"$OUT/run.json" 2>>"$OUT/llama-bench.log"
+                    else
+                        "$MINNOW" bench "$path" --threads "$THREADS" -p 1 -n "$TG" -d "$d" -r 1 \
+                            "${minnow_cache[@]}" --json >"$OUT/run.json"
+                    fi
+                    record_depth "$engine" "$name" "$d" "$cache" <"$OUT/run.json"
+                done
             done
         done
     done

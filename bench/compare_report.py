@@ -228,7 +228,7 @@ def main():
 
 def depth_table(out, models, tg):
     """Generation speed with context: each engine's median tg at each depth,
-    and the change from the shallowest to the deepest."""
+    and the change from the shallowest to the deepest, per KV cache type."""
     path = out / "depth.jsonl"
     rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
     if not rows:
@@ -236,27 +236,32 @@ def depth_table(out, models, tg):
     speeds = {}
     for r in rows:
         tps = r["out"][0]["avg_ts"] if r["engine"] == "llama" else r["out"]["tg_tps"]
-        speeds.setdefault((r["engine"], r["model"], r["depth"]), []).append(tps)
+        # (Runs before --depth-caches recorded no cache type: f16.)
+        speeds.setdefault((r["engine"], r["model"], r["depth"], r.get("cache", "f16")), []).append(tps)
     depths = sorted({r["depth"] for r in rows})
+    caches = sorted({r.get("cache", "f16") for r in rows})
     lo, hi = depths[0], depths[-1]
     print()
     print(f"Generation with context (tg{tg} after d tokens already in the KV cache, median of "
-          f"{max(len(v) for v in speeds.values())} alternating rounds; issue 5: d{hi} within 15% of d{lo}):")
+          f"{max(len(v) for v in speeds.values())} alternating rounds; issue 5: d{hi} within 15% of d{lo}; "
+          "q8_0: llama.cpp -fa 1 -ctk q8_0 -ctv q8_0, minnow --ctk q8_0 --ctv q8_0):")
     print()
     cols = " | ".join(f"{e} d{d}" for e in ("llama.cpp", "minnow") for d in depths)
-    print(f"| model | {cols} | llama.cpp d{lo}→d{hi} | minnow d{lo}→d{hi} | minnow ÷ llama.cpp at d{hi} | within 15% |")
-    print("|---|" + "--:|" * (2 * len(depths) + 3) + ":-:|")
+    print(f"| model | KV cache | {cols} | llama.cpp d{lo}→d{hi} | minnow d{lo}→d{hi} "
+          f"| minnow ÷ llama.cpp at d{hi} | within 15% |")
+    print("|---|:-:|" + "--:|" * (2 * len(depths) + 3) + ":-:|")
     for m in models:
         name = m["model"]
-        med = {(e, d): statistics.median(speeds[(e, name, d)]) for e in ("llama", "minnow") for d in depths
-               if (e, name, d) in speeds}
-        if len(med) < 2 * len(depths):
-            continue
-        change = lambda e: 100 * (med[(e, hi)] / med[(e, lo)] - 1)
-        cells = " | ".join(f"{med[(e, d)]:.1f}" for e in ("llama", "minnow") for d in depths)
-        ok = "✓" if med[("minnow", hi)] >= 0.85 * med[("minnow", lo)] else "✗"
-        print(f"| {name} | {cells} | {change('llama'):+.0f}% | {change('minnow'):+.0f}% "
-              f"| {med[('minnow', hi)] / med[('llama', hi)]:.2f}× | {ok} |")
+        for c in caches:
+            med = {(e, d): statistics.median(speeds[(e, name, d, c)]) for e in ("llama", "minnow") for d in depths
+                   if (e, name, d, c) in speeds}
+            if len(med) < 2 * len(depths):
+                continue
+            change = lambda e: 100 * (med[(e, hi)] / med[(e, lo)] - 1)
+            cells = " | ".join(f"{med[(e, d)]:.1f}" for e in ("llama", "minnow") for d in depths)
+            ok = "✓" if med[("minnow", hi)] >= 0.85 * med[("minnow", lo)] else "✗"
+            print(f"| {name} | {c} | {cells} | {change('llama'):+.0f}% | {change('minnow'):+.0f}% "
+                  f"| {med[('minnow', hi)] / med[('llama', hi)]:.2f}× | {ok} |")
 
 
 if __name__ == "__main__":
