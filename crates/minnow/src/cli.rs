@@ -255,6 +255,13 @@ struct BenchArgs {
     /// tokens already in the KV cache (filled once, not timed).
     #[arg(short = 'd', long = "depth", default_value_t = 0)]
     depth: usize,
+    /// Generation only, from two caches at once: one filled to -d, one to
+    /// this depth, decode steps alternating between them; reports both
+    /// speeds (median step times over -r × -n steps) and the change. On a
+    /// machine whose memory bandwidth swings from second to second this
+    /// measures the cost of context far more steadily than two runs.
+    #[arg(long = "alternate-depth", value_name = "D")]
+    alternate_depth: Option<usize>,
     #[arg(long)]
     json: bool,
     /// With --draft/--lookup: plain vs speculative greedy generation of -n
@@ -673,6 +680,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Greedy decoding from two caches (each truncated back to its depth before
+/// every repeat), one step on each in turn; returns each one's tok/s from
+/// its median step time.
+fn bench_alternating(
+    model: &minnow_engine::model::Model,
+    pool: &ThreadPool,
+    mut caches: [(&mut KvCache, usize); 2],
+    a: &BenchArgs,
+    first_token: u32,
+) -> Result<(f64, f64)> {
+    let mut steps = [Vec::new(), Vec::new()];
+    for _ in 0..a.repeats {
+        let mut tokens = [first_token; 2];
+        for (cache, depth) in caches.iter_mut() {
+            cache.truncate(*depth);
+        }
+        for _ in 0..a.tg {
+            for (k, (cache, _)) in caches.iter_mut().enumerate() {
+                let t = Instant::now();
+                let logits = model.forward_one(pool, cache, &[tokens[k]], Logits::Last)?;
+                steps[k].push(t.elapsed().as_secs_f64());
+                tokens[k] = argmax(&logits).unwrap_or(0);
+            }
+        }
+    }
+    let [s0, s1] = steps;
+    Ok((1.0 / median(s0), 1.0 / median(s1)))
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     let (m, pool) = a.model.load()?;
     if a.repeats == 0 || a.pp == 0 || a.tg == 0 {
@@ -685,14 +721,15 @@ fn bench(a: BenchArgs) -> Result<()> {
     let types = m.model.cache_types();
     // Arbitrary but fixed token ids, as llama-bench uses random ones: the
     // depth's tokens, then the prompt's.
-    let ids: Vec<u32> = (0..(a.depth + a.pp) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let token = |i: usize| (i as u32 * 7919 + 13) % vocab;
+    let ids: Vec<u32> = (0..a.depth + a.pp).map(token).collect();
     let (context, prompt) = ids.split_at(a.depth);
-    let ctx = a.depth + a.pp.max(a.tg) + 1;
+    let ctx = a.depth.max(a.alternate_depth.unwrap_or(0)) + a.pp.max(a.tg) + 1;
     let max_ctx = m.model.config().context_length;
     if ctx > max_ctx {
         bail!(
             "-d {} with -p {} / -n {} needs {ctx} positions, more than the model's context of {max_ctx}",
-            a.depth,
+            a.depth.max(a.alternate_depth.unwrap_or(0)),
             a.pp,
             a.tg
         );
@@ -703,6 +740,28 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut cache = m.model.new_cache(ctx);
     if !context.is_empty() {
         prefill(&m.model, &pool, &mut cache, context)?;
+    }
+    if let Some(alt) = a.alternate_depth {
+        let mut other = m.model.new_cache(ctx);
+        let alt_context: Vec<u32> = (0..alt).map(token).collect();
+        if alt > 0 {
+            prefill(&m.model, &pool, &mut other, &alt_context)?;
+        }
+        let (tg, tg_alt) =
+            bench_alternating(&m.model, &pool, [(&mut cache, a.depth), (&mut other, alt)], &a, prompt[0])?;
+        let change = 100.0 * (tg / tg_alt - 1.0);
+        if a.json {
+            println!(
+                "{}",
+                json!({"model": a.model.model, "threads": pool.n_threads(), "type_k": types.k.to_string(), "type_v": types.v.to_string(), "tg": a.tg, "depth": a.depth, "alternate_depth": alt, "tg_tps": tg, "tg_tps_alternate": tg_alt, "change_pct": change})
+            );
+        } else {
+            println!("model: {}  threads: {}  KV cache: {} / {}", a.model.model, pool.n_threads(), types.k, types.v);
+            println!("tg{:<5} {tg:8.2} tok/s @ d{}", a.tg, a.depth);
+            println!("tg{:<5} {tg_alt:8.2} tok/s @ d{alt}", a.tg);
+            println!("d{alt} → d{}: {change:+.1}% (decode steps alternating between the two caches)", a.depth);
+        }
+        return Ok(());
     }
     let mut pp_rates = Vec::new();
     let mut tg_rates = Vec::new();

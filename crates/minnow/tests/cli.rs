@@ -121,6 +121,24 @@ fn bench_depth_runs_after_a_filled_context() {
     assert!(err.contains("more than the model's context"), "{err}");
 }
 
+/// `--alternate-depth`: two caches, decode steps alternating, both speeds
+/// and the change; a depth beyond the context is refused.
+#[test]
+fn bench_alternates_two_depths() {
+    let m = common::smollm2_arg();
+    let args = ["bench", &m, "-n", "4", "-r", "1", "-d", "300", "--threads", "2"];
+    let v = json_of(&minnow(&[&args[..], &["--alternate-depth", "8", "--json"]].concat(), None));
+    assert_eq!((v["depth"].as_u64(), v["alternate_depth"].as_u64()), (Some(300), Some(8)));
+    let (deep, shallow) = (v["tg_tps"].as_f64().unwrap(), v["tg_tps_alternate"].as_f64().unwrap());
+    assert!(deep > 0.0 && shallow > 0.0);
+    let change = v["change_pct"].as_f64().unwrap();
+    assert!((change - 100.0 * (deep / shallow - 1.0)).abs() < 1e-6, "{change}");
+    let out = minnow(&[&args[..], &["--alternate-depth", "1000000"]].concat(), None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more than the model's context"), "{err}");
+}
+
 /// `--cache-type-k/-v` (llama.cpp's `-ctk/-ctv`): a q8_0 cache runs and
 /// says so; an unknown type is refused with the ones there are.
 #[test]
