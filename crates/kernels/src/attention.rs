@@ -584,20 +584,7 @@ macro_rules! simd_kernels {
                         for (q, blocks) in qs.chunks_exact(hd).zip(q8.chunks_exact_mut(nb)) {
                             BlockQ8_0::quantize(q, blocks);
                         }
-                        match nb {
-                            1 => {
-                                scores_q8::<G, 1>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
-                            }
-                            2 => {
-                                scores_q8::<G, 2>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
-                            }
-                            4 => {
-                                scores_q8::<G, 4>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
-                            }
-                            _ => {
-                                scores_q8::<G, 8>(q8, quants, scales, layout, first, len, scale, scores, values.bytes())
-                            }
-                        }
+                        scores_q8_any::<G>(q8, quants, scales, layout, first, len, scale, scores, values.bytes());
                     }
                 }
                 for (s, stats) in scores.chunks_exact_mut(len).zip(stats) {
@@ -660,8 +647,34 @@ macro_rules! simd_kernels {
             /// heads, and a head's eight exact integer sums come out of one
             /// horizontal reduction, then take their scales as one vector.
             #[target_feature(enable = $features)]
+            /// `scores_q8` for the head's block count (1, 2, 4 or 8: `handles`).
+            ///
+            /// # Safety
+            /// As `attend`'s.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments, reason = "scores_q8's arguments")]
+            pub(super) unsafe fn scores_q8_any<const G: usize>(
+                q8: &[BlockQ8_0],
+                quants: &[i8],
+                scales: &[f32],
+                layout: KvLayout,
+                first: usize,
+                len: usize,
+                scale: f32,
+                scores: &mut [f32],
+                values: (*const u8, usize),
+            ) {
+                let f = match layout.head_dim / Q8_BLOCK {
+                    1 => scores_q8::<G, 1>,
+                    2 => scores_q8::<G, 2>,
+                    4 => scores_q8::<G, 4>,
+                    _ => scores_q8::<G, 8>,
+                };
+                f(q8, quants, scales, layout, first, len, scale, scores, values)
+            }
+
             #[allow(clippy::too_many_arguments, reason = "the queries, the cache, the span, the scores")]
-            pub(super) unsafe fn scores_q8<const G: usize, const NB: usize>(
+            unsafe fn scores_q8<const G: usize, const NB: usize>(
                 q8: &[BlockQ8_0],
                 quants: &[i8],
                 scales: &[f32],
@@ -1150,61 +1163,26 @@ mod tests {
             let qs = fill(3 * hd, 5);
             let mut q8 = vec![BlockQ8_0 { d: 0, qs: [0; Q8_BLOCK] }; 3 * nb];
             BlockQ8_0::quantize(&qs, &mut q8);
-            let mut simd = vec![0f32; 3 * len];
-            // SAFETY: features detected above; the cache holds the span.
-            unsafe {
-                match nb {
-                    1 => avx2::scores_q8::<3, 1>(
-                        &q8,
-                        &quants,
-                        &scales,
-                        layout,
-                        first,
-                        len,
-                        0.125,
-                        &mut simd,
-                        (std::ptr::null(), 1),
-                    ),
-                    2 => avx2::scores_q8::<3, 2>(
-                        &q8,
-                        &quants,
-                        &scales,
-                        layout,
-                        first,
-                        len,
-                        0.125,
-                        &mut simd,
-                        (std::ptr::null(), 1),
-                    ),
-                    4 => avx2::scores_q8::<3, 4>(
-                        &q8,
-                        &quants,
-                        &scales,
-                        layout,
-                        first,
-                        len,
-                        0.125,
-                        &mut simd,
-                        (std::ptr::null(), 1),
-                    ),
-                    _ => avx2::scores_q8::<3, 8>(
-                        &q8,
-                        &quants,
-                        &scales,
-                        layout,
-                        first,
-                        len,
-                        0.125,
-                        &mut simd,
-                        (std::ptr::null(), 1),
-                    ),
-                }
-            };
-            for h in 0..3 {
-                for i in 0..len {
-                    let r = (first + i) * stride + stride - hd;
-                    let want = dot_q8_ref(&q8[h * nb..(h + 1) * nb], &quants[r..r + hd], &scales[r / 32..]) * 0.125;
-                    assert_eq!(simd[h * len + i].to_bits(), want.to_bits(), "hd {hd} head {h} position {i}");
+            type Scores =
+                unsafe fn(&[BlockQ8_0], &[i8], &[f32], KvLayout, usize, usize, f32, &mut [f32], (*const u8, usize));
+            let mut builds: Vec<(&str, Scores)> = vec![("avx2", avx2::scores_q8_any::<3>)];
+            if crate::formats::SimdLevel::detected() >= crate::formats::SimdLevel::Avx512Vnni {
+                builds.push(("avx512", avx512::scores_q8_any::<3>));
+            }
+            for (build, scores) in builds {
+                let mut simd = vec![0f32; 3 * len];
+                // SAFETY: the build's features were detected; the cache holds the span.
+                unsafe { scores(&q8, &quants, &scales, layout, first, len, 0.125, &mut simd, (std::ptr::null(), 1)) };
+                for h in 0..3 {
+                    for i in 0..len {
+                        let r = (first + i) * stride + stride - hd;
+                        let want = dot_q8_ref(&q8[h * nb..(h + 1) * nb], &quants[r..r + hd], &scales[r / 32..]) * 0.125;
+                        assert_eq!(
+                            simd[h * len + i].to_bits(),
+                            want.to_bits(),
+                            "{build} hd {hd} head {h} position {i}"
+                        );
+                    }
                 }
             }
         }
