@@ -32,7 +32,11 @@
 #    each engine slows from D1 to D2 (issue 5: within 15% from 64 to 1,024).
 #    Once per KV cache type of --depth-caches: f16 (both engines' default)
 #    and q8_0 (llama-bench -fa 1 -ctk q8_0 -ctv q8_0, its quantized values
-#    needing flash attention; minnow --ctk q8_0 --ctv q8_0).
+#    needing flash attention; minnow --ctk q8_0 --ctv q8_0). Then, minnow
+#    alone, the same change measured in one process (`minnow bench -d D2
+#    --alternate-depth D1`: decode steps alternating between the two caches,
+#    3 × GEN_TOKENS each), which the machine's bandwidth swings do not move
+#    as they move separate runs; a third table.
 #
 # Environment:
 #   MINNOW_LLAMACPP_DIR  build cache (default ~/.cache/minnow/llama.cpp)
@@ -189,6 +193,7 @@ if [[ -x /usr/bin/time ]]; then PEAK_RSS="/usr/bin/time -f %M -o $OUT/rss.txt"; 
 : >"$OUT/models.jsonl"
 : >"$OUT/membw-rounds.jsonl"
 : >"$OUT/depth.jsonl"
+: >"$OUT/alternating.jsonl"
 record() { # engine model round others peak-rss-kib json-on-stdin
     python3 -c 'import json, sys
 print(json.dumps({"engine": sys.argv[1], "model": sys.argv[2], "round": int(sys.argv[3]),
@@ -273,6 +278,16 @@ for name in "${model_list[@]}"; do
             done
         done
     done
+    # minnow's own change from the shallowest to the deepest depth, in one process.
+    if ((${#depth_list[@]} >= 2 && DEPTH_ROUNDS > 0)); then
+        lo=${depth_list[0]} hi=${depth_list[${#depth_list[@]} - 1]}
+        for cache in "${cache_list[@]}"; do
+            log "$name depth $lo vs $hi alternating, $cache cache: minnow"
+            "$MINNOW" bench "$path" --threads "$THREADS" -n "$TG" -r 3 -d "$hi" --alternate-depth "$lo" \
+                --ctk "$cache" --ctv "$cache" --json | python3 -c 'import json, sys
+r = json.load(sys.stdin); r.update(model=sys.argv[1]); print(json.dumps(r))' "$name" >>"$OUT/alternating.jsonl"
+        done
+    fi
 done
 # Bandwidth again at the end, for the run's best reading.
 "$MEMBW" --threads "$THREADS" --json >"$OUT/membw-end.json"

@@ -224,6 +224,7 @@ def main():
             print(f"| {name} | {lm:.0f} | {nm:.0f} | {nm / lm:.2f}× |")
 
     depth_table(out, models, tg)
+    alternating_table(out, models, tg)
 
 
 def depth_table(out, models, tg):
@@ -262,6 +263,27 @@ def depth_table(out, models, tg):
             ok = "✓" if med[("minnow", hi)] >= 0.85 * med[("minnow", lo)] else "✗"
             print(f"| {name} | {c} | {cells} | {change('llama'):+.0f}% | {change('minnow'):+.0f}% "
                   f"| {med[('minnow', hi)] / med[('llama', hi)]:.2f}× | {ok} |")
+
+
+def alternating_table(out, models, tg):
+    """minnow's change from the shallowest depth to the deepest, measured in
+    one process with decode steps alternating between the two caches."""
+    path = out / "alternating.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    if not rows:
+        return
+    lo, hi = rows[0]["alternate_depth"], rows[0]["depth"]
+    print()
+    print(f"minnow alone, the same change in one process (`minnow bench -n {tg} -r 3 -d {hi} --alternate-depth {lo}`: "
+          f"decode steps alternating between a cache at d{lo} and one at d{hi}, median step times):")
+    print()
+    print(f"| model | KV cache | minnow d{lo} | minnow d{hi} | d{lo}→d{hi} | within 15% |")
+    print("|---|:-:|--:|--:|--:|:-:|")
+    order = {m["model"]: i for i, m in enumerate(models)}
+    for r in sorted(rows, key=lambda r: (order.get(r["model"], 99), r["type_k"])):
+        ok = "✓" if r["change_pct"] >= -15 else "✗"
+        print(f"| {r['model']} | {r['type_k']} | {r['tg_tps_alternate']:.1f} | {r['tg_tps']:.1f} "
+              f"| {r['change_pct']:+.1f}% | {ok} |")
 
 
 if __name__ == "__main__":
