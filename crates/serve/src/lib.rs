@@ -430,11 +430,17 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
             .await
             .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
         let addr = listener.local_addr()?;
+        let cache_types = model.model.cache_types();
+        let kv_note = if cache_types == Default::default() {
+            String::new()
+        } else {
+            format!(", KV cache {} / {}", cache_types.k, cache_types.v)
+        };
         let scheduler = Scheduler::start(Arc::new(model), pool, sched_cfg);
         let opts = ServeOptions { model_id: model_id.clone(), api_key: api_key.clone(), price_per_hour: cfg.price_per_hour, ..Default::default() };
         let state = AppState::new(scheduler, opts);
         eprintln!(
-            "minnow serve: {model_id} on http://{addr}/ ({} parallel, context {}, queue {}, {threads} threads{}{spec_note})",
+            "minnow serve: {model_id} on http://{addr}/ ({} parallel, context {}, queue {}, {threads} threads{kv_note}{}{spec_note})",
             cfg.parallel,
             cfg.ctx,
             cfg.max_queue,
