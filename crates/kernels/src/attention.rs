@@ -36,10 +36,10 @@
 //! head's short piece of every row was read at half the speed). Heads that
 //! share a KV head (grouped-query attention) go through [`attend_group`]
 //! together, so each key and value is loaded and converted once for all of
-//! them. The scalar reference is what any CPU runs; the SIMD kernels (AVX2
-//! + FMA, and the same code built with AVX-512 VL and VNNI: `simd_kernels!`)
-//! are picked at run time and agree with it to float rounding, the q8_0 key
-//! scores bit for bit (checked in the tests below).
+//! them. The scalar reference is what any CPU runs; the SIMD kernels (for
+//! AVX2 and FMA, and the same code built with AVX-512 VL and VNNI:
+//! `simd_kernels!`) are picked at run time and agree with it to float
+//! rounding, the q8_0 key scores bit for bit (checked in the tests below).
 //!
 //! A decode step runs this `rows × heads` times and a batched step with long
 //! contexts spends a real share of its time here (16 streams of a few
