@@ -69,11 +69,18 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<(LoadedModel, ThreadPool)> {
+    /// The model, its caches as `--cache-type-k/-v` say.
+    fn load_model(&self) -> Result<LoadedModel> {
         let path = models::resolve(&self.model)?;
         let mut loaded = LoadedModel::load(&path)?;
         let types = CacheTypes { k: self.cache_type_k, v: self.cache_type_v };
         loaded.model.set_cache_types(types).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(loaded)
+    }
+
+    /// The model and a pool of `--threads` threads.
+    fn load(&self) -> Result<(LoadedModel, ThreadPool)> {
+        let loaded = self.load_model()?;
         let threads = self.threads.unwrap_or_else(physical_cores);
         if threads == 0 {
             bail!("--threads must be at least 1");
@@ -518,7 +525,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 
 fn info(a: InfoArgs) -> Result<()> {
     let path = models::resolve(&a.model.model)?;
-    let m = LoadedModel::load(&path)?;
+    let m = a.model.load_model()?;
     let cfg = m.model.config();
     let mut params: u64 = 0;
     let mut weight_bytes: u64 = 0;
@@ -569,7 +576,14 @@ fn info(a: InfoArgs) -> Result<()> {
     for (ty, (n, e)) in &mix {
         println!("  {ty:6} {n:4} tensors, {:6.1}% of parameters", 100.0 * *e as f64 / params as f64);
     }
-    println!("memory:        {:.1} MiB weights + {:.1} MiB KV cache at 4096 tokens", gib(weight_bytes), gib(kv_bytes));
+    let types = m.model.cache_types();
+    println!(
+        "memory:        {:.1} MiB weights + {:.1} MiB KV cache ({} keys, {} values) at 4096 tokens",
+        gib(weight_bytes),
+        gib(kv_bytes),
+        types.k,
+        types.v
+    );
     println!("chat template: {}", if m.chat.is_some() { "yes" } else { "no (ChatML is used)" });
     Ok(())
 }

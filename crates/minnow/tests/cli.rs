@@ -150,6 +150,13 @@ fn cache_types_are_chosen_and_a_bad_one_refused() {
     assert!(v["tg_tps"].as_f64().unwrap() > 0.0);
     let v = json_of(&minnow(&args, None));
     assert_eq!((v["type_k"].as_str(), v["type_v"].as_str()), (Some("f16"), Some("f16")));
+    // `info` sizes the cache it would use: q8_0 about half of f16.
+    let kv_bytes = |extra: &[&str]| {
+        let v = json_of(&minnow(&[&["info", &m, "--json"][..], extra].concat(), None));
+        v["kv_cache_bytes_at_4096"].as_f64().unwrap()
+    };
+    let (f16, q8) = (kv_bytes(&[]), kv_bytes(&["--ctk", "q8_0", "--ctv", "q8_0"]));
+    assert!((q8 / f16 - 1.125 / 2.0).abs() < 1e-3, "q8_0 {q8} vs f16 {f16} bytes");
     let out = minnow(&[&args[..], &["--ctk", "q4_0"]].concat(), None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
