@@ -16,5 +16,6 @@ pub mod matmul;
 pub mod ops;
 pub mod pool;
 pub mod quantize;
+pub mod weight_memory;
 
 pub use minnow_gguf::GgmlType;

@@ -23,6 +23,7 @@
 use crate::formats::interleaved::{self, ActMeta, Interleaved};
 use crate::formats::{cast_blocks, group_scales, ActBlock, BlockFormat, GroupScales, LayoutError};
 use crate::pool::{SharedMut, ThreadPool};
+use crate::weight_memory::WeightWords;
 use crate::GgmlType;
 use std::ops::Range;
 
@@ -145,8 +146,8 @@ impl QMatrix<'_> {
         {
             return Ok(None);
         }
-        let mut words = vec![0u64; self.data.len().div_ceil(8)];
-        let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..self.data.len()];
+        let mut words = WeightWords::zeroed(self.data.len().div_ceil(8));
+        let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(words.as_mut_slice())[..self.data.len()];
         let group_bytes = interleaved::ROWS * self.row_bytes();
         let stretch = ((4 << 20) / group_bytes).max(1) * group_bytes;
         for (src, dst) in self.data.chunks(stretch).zip(dst.chunks_mut(stretch)) {
@@ -158,19 +159,20 @@ impl QMatrix<'_> {
 }
 
 /// A matrix repacked into the 8-row interleaved layout, owning its bytes
-/// (`u64` words, so every block type is aligned).
+/// (`u64` words, so every block type is aligned; on huge pages where the OS
+/// has them, see `weight_memory`).
 pub struct InterleavedMatrix {
     ty: GgmlType,
     rows: usize,
     cols: usize,
     len: usize,
-    words: Vec<u64>,
+    words: WeightWords,
 }
 
 impl InterleavedMatrix {
     /// The matrix as the kernels see it.
     pub fn q(&self) -> QMatrix<'_> {
-        let data = &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len];
+        let data = &bytemuck::cast_slice::<u64, u8>(self.words.as_slice())[..self.len];
         QMatrix { ty: self.ty, rows: self.rows, cols: self.cols, data, layout: Layout::Interleaved8 }
     }
 }
