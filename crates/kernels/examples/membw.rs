@@ -8,8 +8,10 @@
 //! caches (1 GiB by default) as u64s, with several independent accumulators so
 //! the adds never limit the loads. The threads start together on a barrier and
 //! the run is timed from the first thread's start to the last one's end. Every page is
-//! written first by the thread that later reads it. The best of several runs is
-//! reported, in GB/s (10^9 bytes per second).
+//! written first by the thread that later reads it. The buffer is allocated as the
+//! engine's repacked weights are (`weight_memory`: on transparent huge pages where
+//! the OS has them), so the ceiling is the one the weights see. The best of
+//! several runs is reported, in GB/s (10^9 bytes per second).
 //!
 //!     cargo run --release -p minnow-kernels --example membw -- [--threads N]
 //!         [--size-mib M] [--runs R] [--json]
@@ -105,23 +107,18 @@ fn main() {
     };
     let words = o.size_mib << 17; // MiB / 8 bytes
     let per_thread = words.div_ceil(o.threads);
-    let mut buf: Vec<u64> = Vec::with_capacity(words);
+    let mut buf = minnow_kernels::weight_memory::WeightWords::zeroed(words);
     // First touch by the reading thread (NUMA placement), with non-zero data.
-    {
-        let spare = &mut buf.spare_capacity_mut()[..words];
-        std::thread::scope(|s| {
-            for (t, chunk) in spare.chunks_mut(per_thread).enumerate() {
-                s.spawn(move || {
-                    for (i, w) in chunk.iter_mut().enumerate() {
-                        w.write((t * per_thread + i) as u64);
-                    }
-                });
-            }
-        });
-    }
-    // SAFETY: all `words` elements were initialized above.
-    unsafe { buf.set_len(words) };
-    let slices: Vec<&[u64]> = buf.chunks(per_thread).collect();
+    std::thread::scope(|s| {
+        for (t, chunk) in buf.as_mut_slice().chunks_mut(per_thread).enumerate() {
+            s.spawn(move || {
+                for (i, w) in chunk.iter_mut().enumerate() {
+                    *w = (t * per_thread + i) as u64;
+                }
+            });
+        }
+    });
+    let slices: Vec<&[u64]> = buf.as_slice().chunks(per_thread).collect();
     let bytes = (words * 8) as f64;
 
     timed_pass(&slices); // warm-up
