@@ -195,13 +195,26 @@ pub fn attend_group(
     scratch: &mut AttnScratch,
     outs: &mut [f32],
 ) {
-    let hd = layout.head_dim;
-    let n_heads = outs.len() / hd.max(1);
-    let mut stats = [PartStats::default(); MAX_GROUP];
+    in_parts(span, layout.head_dim, scratch, outs, |part, scratch, out, stats| {
+        attend_group_part(qs, keys, values, layout, part, scale, scratch, out, stats)
+    })
+}
+
+/// Runs `attend_part` (span part, scratch, that part's outputs and
+/// statistics) over each part of `span` and merges them into `outs` (whole
+/// heads of `head_dim`); a span of one part goes straight into `outs`.
+fn in_parts(
+    span: RangeInclusive<usize>,
+    head_dim: usize,
+    scratch: &mut AttnScratch,
+    outs: &mut [f32],
+    mut attend_part: impl FnMut(RangeInclusive<usize>, &mut AttnScratch, &mut [f32], &mut [PartStats]),
+) {
+    let n_heads = outs.len() / head_dim.max(1);
     let n_parts = span_parts(span.clone()).count();
     if n_parts <= 1 {
-        let stats = &mut stats[..n_heads.min(MAX_GROUP)];
-        return attend_group_part(qs, keys, values, layout, span, scale, scratch, outs, stats);
+        let mut stats = [PartStats::default(); MAX_GROUP];
+        return attend_part(span, scratch, outs, &mut stats[..n_heads.min(MAX_GROUP)]);
     }
     let (mut partials, mut part_stats) =
         (std::mem::take(&mut scratch.partials), std::mem::take(&mut scratch.part_stats));
@@ -210,9 +223,9 @@ pub fn attend_group(
     for ((part, out), stats) in
         span_parts(span).zip(partials.chunks_exact_mut(outs.len())).zip(part_stats.chunks_exact_mut(n_heads))
     {
-        attend_group_part(qs, keys, values, layout, part, scale, scratch, out, stats);
+        attend_part(part, scratch, out, stats);
     }
-    merge_parts(&partials, &part_stats, hd, outs);
+    merge_parts(&partials, &part_stats, head_dim, outs);
     (scratch.partials, scratch.part_stats) = (partials, part_stats);
 }
 
@@ -312,18 +325,9 @@ pub fn attend_ref(
     scratch: &mut AttnScratch,
     out: &mut [f32],
 ) {
-    let parts: Vec<_> = span_parts(span.clone()).collect();
-    if parts.len() <= 1 {
-        attend_part_ref(q, keys, values, layout, span, scale, scratch, out);
-        return;
-    }
-    let mut partials = vec![0f32; parts.len() * out.len()];
-    let stats: Vec<PartStats> = parts
-        .into_iter()
-        .zip(partials.chunks_exact_mut(out.len()))
-        .map(|(part, o)| attend_part_ref(q, keys, values, layout, part, scale, scratch, o))
-        .collect();
-    merge_parts(&partials, &stats, layout.head_dim, out);
+    in_parts(span, layout.head_dim, scratch, out, |part, scratch, out, stats| {
+        stats[0] = attend_part_ref(q, keys, values, layout, part, scale, scratch, out)
+    })
 }
 
 /// The scalar reference of one head's [`attend_group_part`].
