@@ -10,6 +10,8 @@
 //!   may fit in the last-level cache here).
 //! - `matmul32`: the same with 32 activation rows (prompt processing);
 //!   throughput in multiply-adds.
+//! - `matvec_small`: SmolLM2's decode-step products (576 and 1536 wide,
+//!   Q4_1), where the fixed cost of each product shows.
 //! - `ops`: RMSNorm, RoPE over a layer's query heads, softmax.
 //! - `attention`: one decode step's attention in one layer of Qwen2.5 1.5B
 //!   (12 query heads of 128 sharing 2 KV heads, f16 cache) at 160 and 1024
@@ -165,6 +167,29 @@ fn matmul_one<B: Format>(c: &mut Criterion, pool: &ThreadPool) {
     }
 }
 
+/// SmolLM2's decode-step products (Q4_1, interleaved, one token, 2 threads):
+/// a few microseconds each, so the fixed cost of a product (quantizing the
+/// activations, handing the job to the pool) is a visible share of them.
+fn small_matvecs(c: &mut Criterion, pool: &ThreadPool) {
+    let mut rng = Rng(0x5EED_0003);
+    let mut g = c.benchmark_group("matvec_small");
+    g.sampling_mode(SamplingMode::Flat).measurement_time(Duration::from_millis(1500));
+    for (rows, cols) in [(576, 576), (1536, 576), (576, 1536)] {
+        let w = weights::<BlockQ4_1>(&mut rng, rows * cols);
+        let m = QMatrix { ty: BlockQ4_1::TYPE, rows, cols, data: bytemuck::cast_slice(&w), layout: Layout::RowMajor };
+        let owned = m.interleave().expect("whole blocks").expect("Q4_1 has an interleaved layout");
+        let m = owned.q();
+        let x = rng.vec(cols);
+        let mut out = vec![0f32; rows];
+        let mut scratch = ActBuffer::default();
+        g.throughput(Throughput::Bytes(m.data.len() as u64));
+        g.bench_function(format!("Q4_1/x8/{rows}x{cols}"), |b| {
+            b.iter(|| matmul(pool, &m, black_box(&x), 1, &mut out, &mut scratch).expect("matmul shapes"))
+        });
+    }
+    g.finish();
+}
+
 fn vec_dot(c: &mut Criterion) {
     vec_dot_one::<BlockF16>(c);
     vec_dot_one::<BlockQ4_0>(c);
@@ -190,6 +215,7 @@ fn matmuls(c: &mut Criterion) {
     matmul_one::<BlockQ6K>(c, &pool);
     matmul_one::<BlockQ2K>(c, &pool);
     matmul_one::<BlockQ3K>(c, &pool);
+    small_matvecs(c, &pool);
 }
 
 fn ops(c: &mut Criterion) {
