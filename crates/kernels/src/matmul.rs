@@ -217,6 +217,13 @@ fn blocks_mut<A: ActBlock>(words: &mut Vec<u64>, n_blocks: usize) -> &mut [A] {
     bytemuck::cast_slice_mut(&mut raw[..bytes])
 }
 
+/// The first `n_blocks` activation blocks of `words` (filled by `blocks_mut`).
+fn blocks<A: ActBlock>(words: &[u64], n_blocks: usize) -> &[A] {
+    let bytes = n_blocks * std::mem::size_of::<A>();
+    let raw: &[u8] = bytemuck::cast_slice(&words[..bytes.div_ceil(8)]);
+    bytemuck::cast_slice(&raw[..bytes])
+}
+
 /// Rows per task handed to a thread: enough to amortize the scheduling,
 /// small enough to balance across threads.
 const ROW_TILE: usize = 16;
@@ -272,9 +279,24 @@ pub fn matmul_many(
             scratch.len()
         )));
     }
+    // The activations are quantized once per weight format and layout:
+    // matrices that share both (a layer's q, k and v, or gate and up, are
+    // often all one format) read the same buffer.
+    let mut source = Vec::with_capacity(ws.len());
+    for (i, w) in ws.iter().enumerate() {
+        check_shapes(w, x, n, outs[i])?;
+        match (0..i).find(|&j| ws[j].ty == w.ty && ws[j].layout == w.layout) {
+            Some(j) => source.push(source[j]),
+            None => {
+                quantize_for(pool, w, x, n, &mut scratch[i])?;
+                source.push(i);
+            }
+        }
+    }
+    let scratch: &[ActBuffer] = scratch;
     let mut jobs = Vec::with_capacity(ws.len());
-    for ((w, out), scratch) in ws.iter().zip(outs.iter_mut()).zip(scratch.iter_mut()) {
-        jobs.push(prepare(pool, w, x, n, out, scratch)?);
+    for ((w, out), &s) in ws.iter().zip(outs.iter_mut()).zip(&source) {
+        jobs.push(job_for(w, n, out, &scratch[s])?);
     }
     // first[i]: the first tile of job i in the joint index space.
     let mut first = Vec::with_capacity(jobs.len() + 1);
@@ -316,6 +338,13 @@ fn prepare<'a>(
     out: &'a mut [f32],
     scratch: &'a mut ActBuffer,
 ) -> Result<Prepared<'a>, LayoutError> {
+    check_shapes(w, x, n, out)?;
+    quantize_for(pool, w, x, n, scratch)?;
+    job_for(w, n, out, scratch)
+}
+
+/// That `w` is whole and `x` [n, w.cols] and `out` [n, w.rows] fit it.
+fn check_shapes(w: &QMatrix, x: &[f32], n: usize, out: &[f32]) -> Result<(), LayoutError> {
     w.validate()?;
     if x.len() != n * w.cols || out.len() != n * w.rows {
         return Err(LayoutError(format!(
@@ -328,42 +357,82 @@ fn prepare<'a>(
             n * w.rows
         )));
     }
+    Ok(())
+}
+
+/// Quantizes the `n` rows of `x` into `scratch` as `w`'s kernels take them
+/// (the activation blocks of its format, and what the kernels precompute
+/// of them). `w` and the shapes were checked (`check_shapes`).
+fn quantize_for(
+    pool: &ThreadPool,
+    w: &QMatrix,
+    x: &[f32],
+    n: usize,
+    scratch: &mut ActBuffer,
+) -> Result<(), LayoutError> {
     match w.layout {
-        Layout::RowMajor => crate::dispatch_format!(
-            w.ty,
-            prepare_typed(pool, *w, x, n, out, scratch),
-            Err(LayoutError(format!("{} weights are not supported by matmul", w.ty)))
-        ),
+        Layout::RowMajor => {
+            crate::dispatch_format!(w.ty, quantize_typed(pool, w.cols, x, n, scratch), return Err(unsupported(w.ty)))
+        }
         Layout::Interleaved8 => crate::dispatch_interleaved!(
             w.ty,
-            prepare_interleaved(pool, *w, x, n, out, scratch),
+            quantize_interleaved(pool, w.cols, x, n, scratch),
+            unreachable!("validate checked the format has an interleaved layout")
+        ),
+    }
+    Ok(())
+}
+
+fn unsupported(ty: GgmlType) -> LayoutError {
+    LayoutError(format!("{ty} weights are not supported by matmul"))
+}
+
+/// The product's tiles over activations `acts` that `quantize_for` filled
+/// for a matrix of `w`'s format and layout.
+fn job_for<'a>(
+    w: &QMatrix<'a>,
+    n: usize,
+    out: &'a mut [f32],
+    acts: &'a ActBuffer,
+) -> Result<Prepared<'a>, LayoutError> {
+    match w.layout {
+        Layout::RowMajor => crate::dispatch_format!(w.ty, job_typed(*w, n, out, acts), Err(unsupported(w.ty))),
+        Layout::Interleaved8 => crate::dispatch_interleaved!(
+            w.ty,
+            job_interleaved(*w, n, out, acts),
             unreachable!("validate checked the format has an interleaved layout")
         ),
     }
 }
 
+/// `quantize_for` a matrix in the 8-row interleaved layout of `P`: the
+/// activation blocks and their `ActMeta`.
+fn quantize_interleaved<P: Interleaved>(pool: &ThreadPool, cols: usize, x: &[f32], n: usize, scratch: &mut ActBuffer) {
+    let per_row = cols / P::Row::BLOCK;
+    let ActBuffer { words, meta, .. } = scratch;
+    let acts: &mut [Dot<P>] = blocks_mut(words, n * per_row);
+    quantize_rows(pool, x, cols, acts, per_row);
+    meta.clear();
+    meta.extend(acts.iter().map(P::meta));
+}
+
+/// An interleaved format's activation block type.
+type Dot<P> = <<P as Interleaved>::Row as BlockFormat>::Dot;
+
 /// A matrix in the 8-row interleaved layout: a tile is `ROW_TILE / 8` row
 /// groups; each group meets the tokens four at a time
 /// (`Interleaved::dot`, whose per-token results do not depend on how many
 /// tokens share the call).
-fn prepare_interleaved<'a, P: Interleaved>(
-    pool: &ThreadPool,
+fn job_interleaved<'a, P: Interleaved>(
     w: QMatrix<'a>,
-    x: &[f32],
     n: usize,
     out: &'a mut [f32],
-    scratch: &'a mut ActBuffer,
+    scratch: &'a ActBuffer,
 ) -> Result<Prepared<'a>, LayoutError> {
-    type Dot<P> = <<P as Interleaved>::Row as BlockFormat>::Dot;
     let groups: &'a [P] = cast_blocks(w.data)?;
     let per_row = w.cols / P::Row::BLOCK;
-    let ActBuffer { words, meta, .. } = scratch;
-    let acts: &mut [Dot<P>] = blocks_mut(words, n * per_row);
-    quantize_rows(pool, x, w.cols, acts, per_row);
-    let acts: &'a [Dot<P>] = acts;
-    meta.clear();
-    meta.extend(acts.iter().map(P::meta));
-    let meta: &'a [ActMeta] = meta;
+    let acts: &'a [Dot<P>] = blocks(&scratch.words, n * per_row);
+    let meta: &'a [ActMeta] = &scratch.meta[..n * per_row];
 
     let rows = w.rows;
     let n_groups = rows / interleaved::ROWS;
@@ -417,33 +486,18 @@ fn dot_interleaved<'a, P: Interleaved, const N: usize>(
     v[..N].copy_from_slice(&out);
 }
 
-/// A row-major matrix: a tile is `ROW_TILE` rows; tokens meet them in groups
-/// of `TOKEN_GROUP` through `vec_dot_multi`.
-fn prepare_typed<'a, B: BlockFormat>(
-    pool: &ThreadPool,
-    w: QMatrix<'a>,
-    x: &[f32],
-    n: usize,
-    out: &'a mut [f32],
-    scratch: &'a mut ActBuffer,
-) -> Result<Prepared<'a>, LayoutError> {
-    let weights: &'a [B] = cast_blocks(w.data)?;
-    let w_blocks_per_row = w.cols / B::BLOCK;
-    let a_blocks_per_row = w.cols / <B::Dot as ActBlock>::BLOCK;
+/// `quantize_for` a row-major matrix of `B`: the activation blocks, and each
+/// token group's f32 scales.
+fn quantize_typed<B: BlockFormat>(pool: &ThreadPool, cols: usize, x: &[f32], n: usize, scratch: &mut ActBuffer) {
+    let a_blocks_per_row = cols / <B::Dot as ActBlock>::BLOCK;
     let ActBuffer { words, scales, group, .. } = scratch;
     let acts: &mut [B::Dot] = blocks_mut(words, n * a_blocks_per_row);
-    quantize_rows(pool, x, w.cols, acts, a_blocks_per_row);
-    let acts: &'a [B::Dot] = acts;
-    let act_row = move |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
-
-    // Tokens in groups of TOKEN_GROUP and one group of the 1-3 left over
-    // (one pass over the weights for them: a speculative verification of
-    // 3 tokens unpacks each weight block once, not twice), and each group's
-    // scales in f32 for the multi-row kernels.
-    let full = n / TOKEN_GROUP;
-    let tail = n - full * TOKEN_GROUP;
-    let group_at = move |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { (full * TOKEN_GROUP, tail) };
-    let n_groups = full + (tail > 0) as usize;
+    quantize_rows(pool, x, cols, acts, a_blocks_per_row);
+    let acts: &[B::Dot] = acts;
+    let act_row = |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
+    // Each token group's scales in f32 for the multi-row kernels (groups as
+    // `token_groups` cuts them).
+    let (n_groups, group_at) = token_groups(n);
     scales.clear();
     if n > 1 {
         for g in 0..n_groups {
@@ -460,7 +514,34 @@ fn prepare_typed<'a, B: BlockFormat>(
             scales.extend_from_slice(group);
         }
     }
-    let scales: &'a [GroupScales] = scales;
+}
+
+/// Tokens in groups of TOKEN_GROUP and one group of the 1-3 left over (one
+/// pass over the weights for them: a speculative verification of 3 tokens
+/// unpacks each weight block once, not twice): the number of groups, and
+/// group g's first token and size.
+fn token_groups(n: usize) -> (usize, impl Fn(usize) -> (usize, usize) + Copy) {
+    let full = n / TOKEN_GROUP;
+    let tail = n - full * TOKEN_GROUP;
+    let group_at = move |g: usize| if g < full { (g * TOKEN_GROUP, TOKEN_GROUP) } else { (full * TOKEN_GROUP, tail) };
+    (full + (tail > 0) as usize, group_at)
+}
+
+/// A row-major matrix: a tile is `ROW_TILE` rows; tokens meet them in groups
+/// of `TOKEN_GROUP` through `vec_dot_multi`.
+fn job_typed<'a, B: BlockFormat>(
+    w: QMatrix<'a>,
+    n: usize,
+    out: &'a mut [f32],
+    scratch: &'a ActBuffer,
+) -> Result<Prepared<'a>, LayoutError> {
+    let weights: &'a [B] = cast_blocks(w.data)?;
+    let w_blocks_per_row = w.cols / B::BLOCK;
+    let a_blocks_per_row = w.cols / <B::Dot as ActBlock>::BLOCK;
+    let acts: &'a [B::Dot] = blocks(&scratch.words, n * a_blocks_per_row);
+    let act_row = move |t: usize| &acts[t * a_blocks_per_row..(t + 1) * a_blocks_per_row];
+    let (n_groups, group_at) = token_groups(n);
+    let scales: &'a [GroupScales] = &scratch.scales;
     let group_scales_of = move |g: usize| &scales[g * a_blocks_per_row..(g + 1) * a_blocks_per_row];
 
     let rows = w.rows;

@@ -388,8 +388,10 @@ fn interleaved_matmul_matches_reference() {
 
 /// `matmul_many` gives each matrix exactly `matmul`'s bits, whatever mix of
 /// formats, layouts and row counts shares the call (rows not a multiple of
-/// the 16-row tile included), for several batch sizes and thread counts;
-/// and refuses mismatched arguments with an error.
+/// the 16-row tile included), for several batch sizes and thread counts —
+/// matrices of one format and layout share one quantization of the
+/// activations, here adjacent and not — and refuses mismatched arguments
+/// with an error.
 #[test]
 fn matmul_many_matches_separate_matmuls() {
     let mut rng = Rng(4242);
@@ -405,7 +407,15 @@ fn matmul_many_matches_separate_matmuls() {
         QMatrix { ty: BlockQ8_0::TYPE, rows: 8, cols, data: bytemuck::cast_slice(&q8), layout: Layout::RowMajor };
     let q4k_x8 = q4k_m.interleave().unwrap().expect("40 rows interleave");
     let q6k_x8 = q6k_m.interleave().unwrap().expect("24 rows interleave");
-    let ws = [q4k_x8.q(), q4k_m, q6k_x8.q(), q8_m, q6k_m];
+    // Second matrices of two (format, layout) pairs already present.
+    let q4k_b: Vec<BlockQ4K> = random_weights(&mut rng, 16 * 2);
+    let q4k_b_m =
+        QMatrix { ty: BlockQ4K::TYPE, rows: 16, cols, data: bytemuck::cast_slice(&q4k_b), layout: Layout::RowMajor };
+    let q4k_b_x8 = q4k_b_m.interleave().unwrap().expect("16 rows interleave");
+    let q8_b: Vec<BlockQ8_0> = random_weights(&mut rng, 24 * 16);
+    let q8_b_m =
+        QMatrix { ty: BlockQ8_0::TYPE, rows: 24, cols, data: bytemuck::cast_slice(&q8_b), layout: Layout::RowMajor };
+    let ws = [q4k_x8.q(), q4k_m, q6k_x8.q(), q8_m, q8_b_m, q6k_m, q4k_b_x8.q()];
     let ws: Vec<&QMatrix> = ws.iter().collect();
     let x: Vec<f32> = (0..6 * cols).map(|_| rng.f32(2.0)).collect();
     for threads in [1, 2, 3] {
