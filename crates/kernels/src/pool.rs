@@ -12,7 +12,7 @@
 //! borrowed closure sound.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -22,10 +22,9 @@ const SPIN_ITERS: usize = 1 << 12;
 type Job = dyn Fn(usize) + Sync;
 
 struct Shared {
-    /// Lifetime-erased pointer to the current job; valid while `pending > 0`.
-    job: Mutex<Option<JobPtr>>,
-    /// Bumped once per job; workers watch it to learn a new job exists.
-    generation: AtomicUsize,
+    /// The generation counter and the current job, on one cache line: a
+    /// worker that sees the bump has the job's address in the same transfer.
+    announce: Announce,
     /// Workers (not counting the caller) still running the current job.
     pending: AtomicUsize,
     /// Set when a worker's job panicked; the caller re-raises it.
@@ -38,10 +37,17 @@ struct Shared {
     wake_lock: Mutex<()>,
 }
 
-#[derive(Clone, Copy)]
-struct JobPtr(*const Job);
-// SAFETY: the pointee is `Sync` and outlives every use (see `broadcast`).
-unsafe impl Send for JobPtr {}
+/// What a new job's workers read first, alone on its cache line.
+#[repr(C, align(64))]
+struct Announce {
+    /// Bumped once per job; workers watch it to learn a new job exists.
+    generation: AtomicUsize,
+    /// The current job: the address of a lifetime-erased `&Job` on
+    /// `broadcast`'s stack, valid while `pending > 0`; null between jobs.
+    /// (An atomic rather than a mutex: the lock cost each worker a
+    /// read-modify-write of a line the caller had just written, per job.)
+    job: AtomicPtr<&'static Job>,
+}
 
 /// A fixed set of worker threads that run jobs together with the caller.
 pub struct ThreadPool {
@@ -58,8 +64,7 @@ impl ThreadPool {
         // (Capped far above any machine's cores: `RunCounter` relies on it.)
         let n_threads = n_threads.clamp(1, 1 << 16);
         let shared = Arc::new(Shared {
-            job: Mutex::new(None),
-            generation: AtomicUsize::new(0),
+            announce: Announce { generation: AtomicUsize::new(0), job: AtomicPtr::new(std::ptr::null_mut()) },
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
@@ -93,13 +98,14 @@ impl ThreadPool {
         let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: erase the borrow's lifetime. Workers dereference the pointer
         // only while `pending > 0`, and we do not return before it is 0.
-        let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
-        *self.shared.job.lock().unwrap() = Some(JobPtr(ptr));
+        let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
+        self.shared.announce.job.store(&job as *const &'static Job as *mut &'static Job, Ordering::Relaxed);
         self.shared.pending.store(self.n_threads - 1, Ordering::SeqCst);
         // A worker registers in `sleepers` before its last look at
         // `generation` (both SeqCst): either it sees this bump and runs, or we
-        // see it registered and wake it under the lock.
-        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        // see it registered and wake it under the lock. The bump also
+        // publishes the job stored just above.
+        self.shared.announce.generation.fetch_add(1, Ordering::SeqCst);
         if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _l = self.shared.wake_lock.lock().unwrap();
             self.shared.wake.notify_all();
@@ -117,7 +123,7 @@ impl ThreadPool {
                 std::hint::spin_loop();
             }
         }
-        *self.shared.job.lock().unwrap() = None;
+        self.shared.announce.job.store(std::ptr::null_mut(), Ordering::Relaxed);
         if let Err(p) = caller_result {
             std::panic::resume_unwind(p);
         }
@@ -221,7 +227,7 @@ impl Drop for ThreadPool {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         {
             let _l = self.shared.wake_lock.lock().unwrap();
-            self.shared.generation.fetch_add(1, Ordering::SeqCst);
+            self.shared.announce.generation.fetch_add(1, Ordering::SeqCst);
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {
@@ -235,29 +241,32 @@ fn worker_loop(shared: &Shared, index: usize) {
     loop {
         // Spin first: in a forward pass the next job is microseconds away.
         let mut spins = 0;
-        let mut generation = shared.generation.load(Ordering::Acquire);
+        let announce = &shared.announce;
+        let mut generation = announce.generation.load(Ordering::Acquire);
         while generation == seen && spins < SPIN_ITERS {
             std::hint::spin_loop();
             spins += 1;
-            generation = shared.generation.load(Ordering::Acquire);
+            generation = announce.generation.load(Ordering::Acquire);
         }
         if generation == seen {
             let mut lock = shared.wake_lock.lock().unwrap();
             shared.sleepers.fetch_add(1, Ordering::SeqCst);
-            while shared.generation.load(Ordering::SeqCst) == seen {
+            while announce.generation.load(Ordering::SeqCst) == seen {
                 lock = shared.wake.wait(lock).unwrap();
             }
             shared.sleepers.fetch_sub(1, Ordering::SeqCst);
-            generation = shared.generation.load(Ordering::Acquire);
+            generation = announce.generation.load(Ordering::Acquire);
         }
         seen = generation;
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
-        let job = *shared.job.lock().unwrap();
-        if let Some(JobPtr(ptr)) = job {
-            // SAFETY: see `broadcast`: the job outlives `pending > 0`.
-            let f = unsafe { &*ptr };
+        // Acquire: pairs with the generation bump that published it.
+        let job = announce.job.load(Ordering::Acquire);
+        if !job.is_null() {
+            // SAFETY: see `broadcast`: the `&Job` it points to, and the job,
+            // outlive `pending > 0`, and this worker is one of those pending.
+            let f: &Job = unsafe { *job };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(index))).is_err() {
                 shared.panicked.store(true, Ordering::SeqCst);
             }
