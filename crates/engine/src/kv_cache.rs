@@ -18,7 +18,7 @@
 
 use crate::model::ModelConfig;
 use half::f16;
-use minnow_kernels::attention::{extend_q8_0, extend_q8_0_tiled, KvRows, KEY_TILE, Q8_BLOCK};
+use minnow_kernels::attention::{extend_q8_0, KvRows, Q8_BLOCK};
 use std::fmt;
 use std::str::FromStr;
 
@@ -93,48 +93,25 @@ enum HeadRows {
         quants: Vec<i8>,
         scales: Vec<f32>,
     },
-    /// q8_0 keys in the kernels' tiled layout ([`KvRows::Q8_0Tiled`]):
-    /// `len` positions of `head_dim`, in whole tiles of [`KEY_TILE`].
-    Q8_0Tiled {
-        quants: Vec<i8>,
-        scales: Vec<f32>,
-        head_dim: usize,
-        len: usize,
-    },
 }
 
 impl HeadRows {
-    /// Empty values of type `ty`.
-    fn values(ty: KvType) -> HeadRows {
+    fn new(ty: KvType) -> HeadRows {
         match ty {
             KvType::F16 => HeadRows::F16(Vec::new()),
             KvType::Q8_0 => HeadRows::Q8_0 { quants: Vec::new(), scales: Vec::new() },
         }
     }
 
-    /// Empty keys of type `ty` and heads of `head_dim`: q8_0 keys tiled, whose
-    /// scores the attention computes in fewer instructions than from rows,
-    /// to the same bits (a prompt at depth 2,048: 10% faster).
-    fn keys(ty: KvType, head_dim: usize) -> HeadRows {
-        match ty {
-            KvType::F16 => HeadRows::F16(Vec::new()),
-            KvType::Q8_0 => HeadRows::Q8_0Tiled { quants: Vec::new(), scales: Vec::new(), head_dim, len: 0 },
-        }
-    }
-
-    /// Elements held (positions × head_dim).
+    /// Elements held.
     fn len(&self) -> usize {
-        match self {
-            HeadRows::Q8_0Tiled { head_dim, len, .. } => len * head_dim,
-            _ => self.rows().len(),
-        }
+        self.rows().len()
     }
 
     fn rows(&self) -> KvRows<'_> {
         match self {
             HeadRows::F16(x) => KvRows::F16(x),
             HeadRows::Q8_0 { quants, scales } => KvRows::Q8_0 { quants, scales },
-            HeadRows::Q8_0Tiled { quants, scales, .. } => KvRows::Q8_0Tiled { quants, scales },
         }
     }
 
@@ -143,10 +120,6 @@ impl HeadRows {
         match self {
             HeadRows::F16(dst) => extend_f16(dst, x),
             HeadRows::Q8_0 { quants, scales } => extend_q8_0(x, quants, scales),
-            HeadRows::Q8_0Tiled { quants, scales, head_dim, len } => {
-                extend_q8_0_tiled(x, *head_dim, *len, quants, scales);
-                *len += x.len() / *head_dim;
-            }
         }
     }
 
@@ -158,14 +131,6 @@ impl HeadRows {
                 quants.truncate(n);
                 scales.truncate(n / Q8_BLOCK);
             }
-            HeadRows::Q8_0Tiled { quants, scales, head_dim, len } => {
-                // Whole tiles: the dropped positions of the last one stay as
-                // stale slots, never read, overwritten as the cache grows.
-                *len = (*len).min(n / *head_dim);
-                let kept = len.div_ceil(KEY_TILE) * KEY_TILE * *head_dim;
-                quants.truncate(kept);
-                scales.truncate(kept / Q8_BLOCK);
-            }
         }
     }
 
@@ -176,16 +141,6 @@ impl HeadRows {
             HeadRows::Q8_0 { quants, scales } => {
                 HeadRows::Q8_0 { quants: quants[..n].to_vec(), scales: scales[..n / Q8_BLOCK].to_vec() }
             }
-            HeadRows::Q8_0Tiled { quants, scales, head_dim, len } => {
-                let len = (*len).min(n / *head_dim);
-                let kept = len.div_ceil(KEY_TILE) * KEY_TILE * *head_dim;
-                HeadRows::Q8_0Tiled {
-                    quants: quants[..kept].to_vec(),
-                    scales: scales[..kept / Q8_BLOCK].to_vec(),
-                    head_dim: *head_dim,
-                    len,
-                }
-            }
         }
     }
 
@@ -193,9 +148,7 @@ impl HeadRows {
     fn bytes(&self) -> usize {
         match self {
             HeadRows::F16(x) => x.capacity() * 2,
-            HeadRows::Q8_0 { quants, scales } | HeadRows::Q8_0Tiled { quants, scales, .. } => {
-                quants.capacity() + scales.capacity() * 4
-            }
+            HeadRows::Q8_0 { quants, scales } => quants.capacity() + scales.capacity() * 4,
         }
     }
 }
@@ -224,14 +177,8 @@ impl KvCache {
     /// [`CacheTypes::check`]).
     pub fn new(cfg: &ModelConfig, max_len: usize, types: CacheTypes) -> KvCache {
         assert!(types.check(cfg.head_dim).is_ok(), "KvCache::new: {types:?} unfit for head_dim {}", cfg.head_dim);
-        let heads = |h: HeadRows| vec![vec![h; cfg.n_head_kv]; cfg.n_layer];
-        KvCache {
-            keys: heads(HeadRows::keys(types.k, cfg.head_dim)),
-            values: heads(HeadRows::values(types.v)),
-            len: 0,
-            max_len,
-            head_dim: cfg.head_dim,
-        }
+        let empty = |ty| vec![vec![HeadRows::new(ty); cfg.n_head_kv]; cfg.n_layer];
+        KvCache { keys: empty(types.k), values: empty(types.v), len: 0, max_len, head_dim: cfg.head_dim }
     }
 
     /// Bytes one position takes in a cache for `cfg`: keys and values of
@@ -330,68 +277,4 @@ fn extend_f16(dst: &mut Vec<f16>, x: &[f32]) {
     let start = dst.len();
     dst.resize(start + x.len(), f16::ZERO);
     dst[start..].convert_from_f32_slice(x);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use minnow_kernels::attention::{attend, AttnScratch, KvLayout};
-
-    fn fill(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1 << 23) as f32 - 1.0)
-            .collect()
-    }
-
-    /// One head's attention over all of `keys`' positions (values: the keys
-    /// as f16 rows), bit patterns.
-    fn attention_of(keys: &HeadRows, hd: usize) -> Vec<u32> {
-        let n = keys.len() / hd;
-        let mut values = HeadRows::values(KvType::F16);
-        values.extend(&fill(n * hd, 9));
-        let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
-        let mut out = vec![0f32; hd];
-        let q = fill(hd, 5);
-        attend(&q, keys.rows(), values.rows(), layout, 0..=n - 1, 0.125, &mut AttnScratch::default(), &mut out);
-        out.iter().map(|x| x.to_bits()).collect()
-    }
-
-    /// Tiled q8_0 keys rolled back (`truncate`, as a rejected speculative
-    /// draft is) and grown again, or copied (`prefix`), attend exactly as
-    /// keys appended in one go: the stale slots of a tile are never read.
-    #[test]
-    fn tiled_keys_truncate_and_copy_like_rows() {
-        let hd = 64;
-        let x = fill(60 * hd, 1);
-        let direct = |n: usize| {
-            let mut k = HeadRows::keys(KvType::Q8_0, hd);
-            k.extend(&x[..n * hd]);
-            k
-        };
-        let mut keys = HeadRows::keys(KvType::Q8_0, hd);
-        keys.extend(&x[..37 * hd]);
-        keys.extend(&x[37 * hd..41 * hd]);
-        keys.truncate(20 * hd);
-        assert_eq!(keys.len(), 20 * hd);
-        assert_eq!(attention_of(&keys, hd), attention_of(&direct(20), hd));
-        // Regrown with other keys than the ones rolled back.
-        let y = fill(60 * hd, 2);
-        keys.extend(&y[20 * hd..33 * hd]);
-        let x: Vec<f32> = x[..20 * hd].iter().chain(&y[20 * hd..33 * hd]).copied().collect();
-        let direct = |n: usize| {
-            let mut k = HeadRows::keys(KvType::Q8_0, hd);
-            k.extend(&x[..n * hd]);
-            k
-        };
-        assert_eq!(attention_of(&keys, hd), attention_of(&direct(33), hd));
-        for n in [1, 16, 17, 32, 33] {
-            let copy = keys.prefix(n * hd);
-            assert_eq!(copy.len(), n * hd);
-            assert_eq!(attention_of(&copy, hd), attention_of(&direct(n), hd), "prefix of {n}");
-        }
-        // Rows for comparison: the same attention as the row-major layout.
-        let mut rows = HeadRows::values(KvType::Q8_0);
-        rows.extend(&x[..33 * hd]);
-        assert_eq!(attention_of(&keys, hd), attention_of(&rows, hd));
-    }
 }

@@ -23,9 +23,7 @@
 
 use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
-use minnow_kernels::attention::{
-    attend, attend_group, extend_q8_0, extend_q8_0_tiled, AttnScratch, KvLayout, KvRows, KEY_TILE, MAX_GROUP,
-};
+use minnow_kernels::attention::{attend, attend_group, extend_q8_0, AttnScratch, KvLayout, KvRows, MAX_GROUP};
 use minnow_kernels::formats::float::BlockF16;
 use minnow_kernels::formats::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use minnow_kernels::formats::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0};
@@ -265,17 +263,7 @@ fn ops(c: &mut Criterion) {
 /// One layer's cache in one of the attention kernel's formats.
 enum BenchRows {
     F16(Vec<half::f16>),
-    Q8 {
-        quants: Vec<i8>,
-        scales: Vec<f32>,
-    },
-    /// Keys in the tiled q8_0 layout, `heads` KV heads of `head_dim` one after
-    /// the other (each a whole number of tiles).
-    Q8Tiled {
-        quants: Vec<i8>,
-        scales: Vec<f32>,
-        head_dim: usize,
-    },
+    Q8 { quants: Vec<i8>, scales: Vec<f32> },
 }
 
 impl BenchRows {
@@ -289,35 +277,12 @@ impl BenchRows {
         }
     }
 
-    /// `x` ([heads, positions, head_dim]) as tiled q8_0 keys.
-    fn tiled(x: &[f32], heads: usize, head_dim: usize) -> BenchRows {
-        let (mut quants, mut scales) = (Vec::new(), Vec::new());
-        for head in x.chunks_exact(x.len() / heads) {
-            let (mut q, mut s) = (Vec::new(), Vec::new());
-            extend_q8_0_tiled(head, head_dim, 0, &mut q, &mut s);
-            quants.extend(q);
-            scales.extend(s);
-        }
-        BenchRows::Q8Tiled { quants, scales, head_dim }
-    }
-
-    /// The elements `range` (whole q8_0 blocks; for tiled keys, one KV head's
-    /// positions, whole tiles).
+    /// The elements `range` (whole q8_0 blocks).
     fn head(&self, range: std::ops::Range<usize>) -> KvRows<'_> {
         match self {
             BenchRows::F16(x) => KvRows::F16(&x[range]),
             BenchRows::Q8 { quants, scales } => {
                 KvRows::Q8_0 { quants: &quants[range.clone()], scales: &scales[range.start / 32..range.end / 32] }
-            }
-            BenchRows::Q8Tiled { quants, scales, head_dim } => {
-                // Head h's positions start at element h·positions·hd, rounded up to tiles.
-                let tile = KEY_TILE * head_dim;
-                let (start, len) =
-                    (range.start / range.len() * range.len().div_ceil(tile) * tile, range.len().div_ceil(tile) * tile);
-                KvRows::Q8_0Tiled {
-                    quants: &quants[start..start + len],
-                    scales: &scales[start / 32..(start + len) / 32],
-                }
             }
         }
     }
@@ -335,7 +300,7 @@ fn attention(c: &mut Criterion) {
     for (n_head, n_kv, hd, ctxs) in [(12, 2, 128, &[160usize, 1024][..]), (9, 3, 64, &[1024][..])] {
         let group = n_head / n_kv;
         for &ctx in ctxs {
-            for (q8, tiled_keys) in [(false, false), (true, false), (true, true)] {
+            for q8 in [false, true] {
                 let per_head = ctx * hd;
                 let bytes_per_element = if q8 { 1.125 } else { 2.0 };
                 let layers = if hd == 64 {
@@ -345,10 +310,7 @@ fn attention(c: &mut Criterion) {
                 };
                 let caches: Vec<(BenchRows, BenchRows)> = (0..layers)
                     .map(|_| {
-                        let keys = rng.vec(n_kv * per_head);
-                        let keys =
-                            if tiled_keys { BenchRows::tiled(&keys, n_kv, hd) } else { BenchRows::new(&keys, q8) };
-                        (keys, BenchRows::new(&rng.vec(n_kv * per_head), q8))
+                        (BenchRows::new(&rng.vec(n_kv * per_head), q8), BenchRows::new(&rng.vec(n_kv * per_head), q8))
                     })
                     .collect();
                 let q = rng.vec(n_head * hd);
@@ -386,14 +348,7 @@ fn attention(c: &mut Criterion) {
                         }
                     })
                 };
-                let name = format!(
-                    "{n_head}x{hd}/ctx{ctx}{}",
-                    match (q8, tiled_keys) {
-                        (true, true) => "/q8_0-tiled",
-                        (true, false) => "/q8_0",
-                        _ => "",
-                    }
-                );
+                let name = format!("{n_head}x{hd}/ctx{ctx}{}", if q8 { "/q8_0" } else { "" });
                 g.bench_function(&name, |b| step(b, false, false));
                 if !q8 {
                     g.bench_function(format!("{name}/per-head"), |b| step(b, false, true));

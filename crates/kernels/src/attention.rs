@@ -18,15 +18,7 @@
 //!   what a decode step at long context waits for. Keys are scored as
 //!   llama.cpp scores a Q8_0 cache: the query is quantized to Q8_0 as well and
 //!   each block's integer dot product is exact; values are widened to f32 and
-//!   weighted by the f32 softmax weights. Keys may also be held in tiles of
-//!   [`KEY_TILE`] positions, position-major within a tile
-//!   ([`KvRows::Q8_0Tiled`], what the engine stores): the same quants and
-//!   scales, the same score bits, but the SIMD key pass then sums each
-//!   position's products in its own lane instead of across lanes. With the
-//!   cache in L2, SmolLM2's layer at 1,024 positions takes 31.9 µs instead of
-//!   37.5 (criterion `attention/9x64/ctx1024/q8_0-tiled`), and a prompt at
-//!   depth 2,048 runs 10% faster; a decode step, which reads the cache from
-//!   memory, waits on memory either way (`…/cold`: 47 µs both).
+//!   weighted by the f32 softmax weights.
 //!
 //! A long span is attended in parts of at most [`SPAN_PART`] positions,
 //! split at multiples of it ([`span_parts`]): each part's softmax on its own
@@ -60,9 +52,6 @@ use std::ops::RangeInclusive;
 
 /// Elements per scale of the q8_0 cache format (a Q8_0 block).
 pub const Q8_BLOCK: usize = 32;
-
-/// Positions per tile of a [`KvRows::Q8_0Tiled`] key cache.
-pub const KEY_TILE: usize = 16;
 
 /// Most positions one part of a span holds ([`span_parts`]). Against 256,
 /// SmolLM2 decode at depth 1024 vs 64, steps alternating in one process:
@@ -100,18 +89,6 @@ pub enum KvRows<'a> {
     /// f32, so SIMD code loads eight at once); quants are in [-127, 127], as
     /// Q8_0 quantization gives.
     Q8_0 { quants: &'a [i8], scales: &'a [f32] },
-    /// q8_0 keys (only keys) of one KV head in tiles of [`KEY_TILE`]
-    /// positions: tile `t` holds positions `16t .. 16t + 16`, `16 × head_dim`
-    /// quants with element `e` of position `p` at
-    /// `t·16·head_dim + (e / 4)·64 + (p % 16)·4 + e % 4` (each position's
-    /// four consecutive elements in one 32-bit lane, sixteen positions side
-    /// by side), and `16 × head_dim / 32` scales, block `b` of position `p`
-    /// at `(t·head_dim/32 + b)·16 + p % 16`. A key pass then sums each
-    /// position's products in its own lane. Rows are whole heads
-    /// (`kv_stride == head_dim`, `kv_off == 0`); the slots of a last tile
-    /// past the cache's length are never read into a result.
-    /// [`extend_q8_0_tiled`] appends to it.
-    Q8_0Tiled { quants: &'a [i8], scales: &'a [f32] },
 }
 
 impl KvRows<'_> {
@@ -119,7 +96,7 @@ impl KvRows<'_> {
     pub fn len(&self) -> usize {
         match self {
             KvRows::F16(x) => x.len(),
-            KvRows::Q8_0 { quants, .. } | KvRows::Q8_0Tiled { quants, .. } => quants.len(),
+            KvRows::Q8_0 { quants, .. } => quants.len(),
         }
     }
 
@@ -133,7 +110,7 @@ impl KvRows<'_> {
     fn bytes(&self) -> (*const u8, usize) {
         match self {
             KvRows::F16(x) => (x.as_ptr().cast(), 2),
-            KvRows::Q8_0 { quants, .. } | KvRows::Q8_0Tiled { quants, .. } => (quants.as_ptr().cast(), 1),
+            KvRows::Q8_0 { quants, .. } => (quants.as_ptr().cast(), 1),
         }
     }
 }
@@ -383,14 +360,6 @@ fn attend_part_ref(
                 dot_q8_ref(q8, &quants[r], &scales[blocks]) * scale
             }));
         }
-        KvRows::Q8_0Tiled { quants, scales } => {
-            quantize_query(q, q8);
-            let (mut k, mut dk) = (vec![0i8; hd], vec![0f32; hd / Q8_BLOCK]);
-            scores.extend(span.clone().map(|j| {
-                tiled_key(quants, scales, hd, j, &mut k, &mut dk);
-                dot_q8_ref(q8, &k, &dk) * scale
-            }));
-        }
     }
     let stats = softmax_ref(scores);
     out.iter_mut().for_each(|d| *d = 0.0);
@@ -402,7 +371,6 @@ fn attend_part_ref(
                     *d += p * x.to_f32();
                 }
             }
-            KvRows::Q8_0Tiled { .. } => unreachable!("check refuses tiled values"),
             KvRows::Q8_0 { quants, scales } => {
                 let r = row(j);
                 for ((d, x), c) in
@@ -439,52 +407,6 @@ pub fn extend_q8_0(x: &[f32], quants: &mut Vec<i8>, scales: &mut Vec<f32>) {
     }
 }
 
-/// Appends `x` (whole positions of `head_dim`, a multiple of 32) to a
-/// [`KvRows::Q8_0Tiled`] key cache that holds `len` positions: each block
-/// quantized as [`extend_q8_0`] does, its quants and scale put in their
-/// tile's slots (a new tile, zeroed, every [`KEY_TILE`] positions).
-pub fn extend_q8_0_tiled(x: &[f32], head_dim: usize, len: usize, quants: &mut Vec<i8>, scales: &mut Vec<f32>) {
-    assert!(head_dim.is_multiple_of(Q8_BLOCK), "q8_0 cache rows hold whole blocks of {Q8_BLOCK}");
-    assert!(x.len().is_multiple_of(head_dim), "extend_q8_0_tiled: whole positions");
-    let nb = head_dim / Q8_BLOCK;
-    assert!(
-        quants.len() == len.div_ceil(KEY_TILE) * KEY_TILE * head_dim && scales.len() * Q8_BLOCK == quants.len(),
-        "extend_q8_0_tiled: the cache does not hold {len} positions"
-    );
-    let mut block = BlockQ8_0 { d: 0, qs: [0; Q8_BLOCK] };
-    for (i, x) in x.chunks_exact(head_dim).enumerate() {
-        let p = len + i;
-        let (t, lane) = (p / KEY_TILE, p % KEY_TILE);
-        if lane == 0 {
-            quants.resize(quants.len() + KEY_TILE * head_dim, 0);
-            scales.resize(scales.len() + KEY_TILE * nb, 0.0);
-        }
-        let tile = &mut quants[t * KEY_TILE * head_dim..(t + 1) * KEY_TILE * head_dim];
-        for (b, x) in x.chunks_exact(Q8_BLOCK).enumerate() {
-            BlockQ8_0::quantize(x, std::slice::from_mut(&mut block));
-            for (k, &q) in block.qs.iter().enumerate() {
-                let e = b * Q8_BLOCK + k;
-                tile[(e / 4) * 64 + lane * 4 + e % 4] = q;
-            }
-            scales[(t * nb + b) * KEY_TILE + lane] = f16::from_bits(block.d).to_f32();
-        }
-    }
-}
-
-/// Position `j`'s key from a [`KvRows::Q8_0Tiled`] cache: its quants into
-/// `k` (`head_dim`) and its blocks' scales into `dk`.
-fn tiled_key(quants: &[i8], scales: &[f32], hd: usize, j: usize, k: &mut [i8], dk: &mut [f32]) {
-    let (t, lane) = (j / KEY_TILE, j % KEY_TILE);
-    let tile = &quants[t * KEY_TILE * hd..(t + 1) * KEY_TILE * hd];
-    for (e, k) in k.iter_mut().enumerate() {
-        *k = tile[(e / 4) * 64 + lane * 4 + e % 4];
-    }
-    let nb = hd / Q8_BLOCK;
-    for (b, d) in dk.iter_mut().enumerate() {
-        *d = scales[(t * nb + b) * KEY_TILE + lane];
-    }
-}
-
 /// `q·k` for a Q8_0 query and one position's q8_0 key: per block the exact
 /// integer dot product, times the key's scale, times the query's; the blocks
 /// added in order. (The SIMD kernel computes the same operations in the same
@@ -502,7 +424,7 @@ fn check(q: &[f32], keys: KvRows, values: KvRows, l: KvLayout, span: &RangeInclu
     assert!(q.len() == l.head_dim && out.len() == l.head_dim, "attend: q/out must hold head_dim floats");
     assert!(l.kv_off + l.head_dim <= l.kv_stride, "attend: head outside the cache row");
     for rows in [keys, values] {
-        if let KvRows::Q8_0 { quants, scales } | KvRows::Q8_0Tiled { quants, scales } = rows {
+        if let KvRows::Q8_0 { quants, scales } = rows {
             assert!(
                 [l.kv_stride, l.kv_off, l.head_dim].iter().all(|x| x.is_multiple_of(Q8_BLOCK)),
                 "attend: a q8_0 cache needs rows and heads of whole 32-element blocks"
@@ -510,11 +432,6 @@ fn check(q: &[f32], keys: KvRows, values: KvRows, l: KvLayout, span: &RangeInclu
             assert_eq!(quants.len(), scales.len() * Q8_BLOCK, "attend: one q8_0 scale per 32 quants");
         }
     }
-    if let KvRows::Q8_0Tiled { quants, .. } = keys {
-        assert!(l.kv_stride == l.head_dim && l.kv_off == 0, "attend: tiled keys are whole heads, one per row");
-        assert!(quants.len().is_multiple_of(KEY_TILE * l.head_dim), "attend: tiled keys hold whole tiles");
-    }
-    assert!(!matches!(values, KvRows::Q8_0Tiled { .. }), "attend: the tiled q8_0 layout is for keys");
     if !span.is_empty() {
         let end = (span.end() + 1) * l.kv_stride;
         assert!(keys.len() >= end && values.len() >= end, "attend: span beyond the cache");
@@ -558,10 +475,7 @@ fn dot_ref(a: &[f32], b: &[f16]) -> f32 {
 fn simd_handles(keys: KvRows, layout: KvLayout) -> bool {
     match keys {
         KvRows::F16(_) => true,
-        // (The tiled kernel takes any number of blocks, but a head size one
-        // layout sends to the reference goes there in both, so the two
-        // layouts give the same bits everywhere.)
-        KvRows::Q8_0 { .. } | KvRows::Q8_0Tiled { .. } => {
+        KvRows::Q8_0 { .. } => {
             let hd = layout.head_dim;
             hd.is_multiple_of(Q8_BLOCK) && [1, 2, 4, 8].contains(&(hd / Q8_BLOCK))
         }
@@ -603,20 +517,6 @@ mod key_dots {
     pub(super) unsafe fn key_dot_vnni(k_plus_128: __m256i, _k: __m256i, q: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), k_plus_128, q)
     }
-
-    /// `acc + key_dot_avx2(..)`.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    pub(super) unsafe fn key_acc_avx2(acc: __m256i, abs_k: __m256i, k: __m256i, q: __m256i) -> __m256i {
-        _mm256_add_epi32(acc, key_dot_avx2(abs_k, k, q))
-    }
-
-    /// `acc + key_dot_vnni(..)`, in one instruction.
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    #[inline]
-    pub(super) unsafe fn key_acc_vnni(acc: __m256i, k_plus_128: __m256i, _k: __m256i, q: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, k_plus_128, q)
-    }
 }
 
 /// The SIMD kernels, written once and compiled twice: for AVX2 + FMA + F16C
@@ -626,7 +526,7 @@ mod key_dots {
 /// dot products). The two give the same bits: the same operations in the
 /// same order, and exact integer sums.
 macro_rules! simd_kernels {
-    ($module:ident, $features:literal, $key_bytes:ident, $key_dot:ident, $key_acc:ident, $key_offset:literal) => {
+    ($module:ident, $features:literal, $key_bytes:ident, $key_dot:ident, $key_offset:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[allow(
             clippy::needless_range_loop,
@@ -637,7 +537,7 @@ macro_rules! simd_kernels {
             use super::key_dots::*;
             /// What the key bytes `key_dot` takes add to the key quants.
             const KEY_OFFSET: i32 = $key_offset;
-            use super::{AttnScratch, KvLayout, KvRows, PartStats, KEY_TILE, PREFETCH_AHEAD, Q8_BLOCK};
+            use super::{AttnScratch, KvLayout, KvRows, PartStats, PREFETCH_AHEAD, Q8_BLOCK};
             use crate::formats::legacy::BlockQ8_0;
             use half::f16;
             use std::arch::x86_64::*;
@@ -691,15 +591,6 @@ macro_rules! simd_kernels {
                         }
                         scores_q8_any::<G>(q8, quants, scales, layout, first, len, scale, scores, values.bytes());
                     }
-                    KvRows::Q8_0Tiled { quants, scales } => {
-                        let nb = hd / Q8_BLOCK;
-                        q8.clear();
-                        q8.resize(G * nb, BlockQ8_0 { d: 0, qs: [0; Q8_BLOCK] });
-                        for (q, blocks) in qs.chunks_exact(hd).zip(q8.chunks_exact_mut(nb)) {
-                            BlockQ8_0::quantize(q, blocks);
-                        }
-                        scores_q8_tiled::<G>(q8, quants, scales, hd, first, len, scale, scores, values.bytes());
-                    }
                 }
                 for (s, stats) in scores.chunks_exact_mut(len).zip(stats) {
                     *stats = softmax(s);
@@ -710,90 +601,6 @@ macro_rules! simd_kernels {
                 match values {
                     KvRows::F16(values) => values_f16::<G>(values, layout, first, scores, outs),
                     KvRows::Q8_0 { quants, scales } => values_q8::<G>(quants, scales, layout, first, scores, outs),
-                    KvRows::Q8_0Tiled { .. } => unreachable!("check refuses tiled values"),
-                }
-            }
-
-            /// Scores against tiled q8_0 keys ([`KvRows::Q8_0Tiled`]), the same
-            /// operations as `super::dot_q8_ref` in the same order: per tile of
-            /// sixteen positions and per block, each head's exact integer sums
-            /// accumulated in lanes (one position per lane, two registers of
-            /// eight), then `(Σ · key scale) · query scale` added block after
-            /// block. Positions of the first and last tile outside the span are
-            /// computed and dropped.
-            #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments, reason = "the queries, the cache, the span, the scores")]
-            pub(super) unsafe fn scores_q8_tiled<const G: usize>(
-                q8: &[BlockQ8_0],
-                quants: &[i8],
-                scales: &[f32],
-                hd: usize,
-                first: usize,
-                len: usize,
-                scale: f32,
-                scores: &mut [f32],
-                values: (*const u8, usize),
-            ) {
-                let nb = hd / Q8_BLOCK;
-                let end = first + len;
-                let tile_bytes = KEY_TILE * hd;
-                // KEY_OFFSET · Σq and the scale of each head's query blocks,
-                // [head · nb + block].
-                let (mut offsets, mut q_scales) = ([0i32; 8 * 3], [0f32; 8 * 3]);
-                for (i, b) in q8.iter().enumerate() {
-                    offsets[i] = KEY_OFFSET * b.qs.iter().map(|&x| x as i32).sum::<i32>();
-                    q_scales[i] = f16::from_bits(b.d).to_f32();
-                }
-                let offset = |h: usize, b: usize| _mm256_set1_epi32(offsets[h * nb + b]);
-                let dq = |h: usize, b: usize| _mm256_set1_ps(q_scales[h * nb + b]);
-                let sc = _mm256_set1_ps(scale);
-                for t in first / KEY_TILE..end.div_ceil(KEY_TILE) {
-                    let kt = quants.as_ptr().add(t * tile_bytes);
-                    let vt = values.0.wrapping_add(t * tile_bytes * values.1);
-                    let mut s = [[_mm256_setzero_ps(); 2]; G];
-                    for b in 0..nb {
-                        let mut acc = [[_mm256_setzero_si256(); 2]; G];
-                        for g in 0..Q8_BLOCK / 4 {
-                            // A tile is head_dim / 4 lines of keys, one per
-                            // step here: one line of keys ahead and this
-                            // tile's values, a line at a time.
-                            let at = (b * Q8_BLOCK / 4 + g) * 4 * KEY_TILE;
-                            prefetch(kt.wrapping_add(PREFETCH_AHEAD + at).cast(), 64);
-                            prefetch(vt.wrapping_add(at * values.1), 64 * values.1);
-                            let q: [__m256i; G] = std::array::from_fn(|h| {
-                                _mm256_set1_epi32(std::ptr::read_unaligned(
-                                    q8[h * nb + b].qs.as_ptr().add(4 * g) as *const i32
-                                ))
-                            });
-                            for half in 0..2 {
-                                let k = _mm256_loadu_si256(kt.add(at + 32 * half) as *const __m256i);
-                                let kb = $key_bytes(k);
-                                for h in 0..G {
-                                    acc[h][half] = $key_acc(acc[h][half], kb, k, q[h]);
-                                }
-                            }
-                        }
-                        let ks = scales.as_ptr().add((t * nb + b) * KEY_TILE);
-                        for h in 0..G {
-                            let (o, d) = (offset(h, b), dq(h, b));
-                            for half in 0..2 {
-                                let isum = _mm256_sub_epi32(acc[h][half], o);
-                                let k_scale = _mm256_loadu_ps(ks.add(8 * half));
-                                let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), k_scale), d);
-                                s[h][half] = if b == 0 { v } else { _mm256_add_ps(s[h][half], v) };
-                            }
-                        }
-                    }
-                    // This tile's positions inside the span, into the scores.
-                    let (p0, p1) = ((t * KEY_TILE).max(first), (t * KEY_TILE + KEY_TILE).min(end));
-                    for h in 0..G {
-                        let mut tile = [0f32; KEY_TILE];
-                        for half in 0..2 {
-                            _mm256_storeu_ps(tile.as_mut_ptr().add(8 * half), _mm256_mul_ps(s[h][half], sc));
-                        }
-                        let row = &mut scores[h * len..(h + 1) * len];
-                        row[p0 - first..p1 - first].copy_from_slice(&tile[p0 - t * KEY_TILE..p1 - t * KEY_TILE]);
-                    }
                 }
             }
 
@@ -1252,15 +1059,8 @@ macro_rules! simd_kernels {
     };
 }
 
-simd_kernels!(avx2, "avx2,fma,f16c", key_bytes_avx2, key_dot_avx2, key_acc_avx2, 0);
-simd_kernels!(
-    avx512,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    key_bytes_vnni,
-    key_dot_vnni,
-    key_acc_vnni,
-    128
-);
+simd_kernels!(avx2, "avx2,fma,f16c", key_bytes_avx2, key_dot_avx2, 0);
+simd_kernels!(avx512, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", key_bytes_vnni, key_dot_vnni, 128);
 
 #[cfg(test)]
 mod tests {
@@ -1383,144 +1183,6 @@ mod tests {
                     for i in 0..len {
                         let r = (first + i) * stride + stride - hd;
                         let want = dot_q8_ref(&q8[h * nb..(h + 1) * nb], &quants[r..r + hd], &scales[r / 32..]) * 0.125;
-                        assert_eq!(
-                            simd[h * len + i].to_bits(),
-                            want.to_bits(),
-                            "{build} hd {hd} head {h} position {i}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// `x` (whole positions) as a tiled q8_0 key cache.
-    fn tiled(x: &[f32], hd: usize) -> (Vec<i8>, Vec<f32>) {
-        let (mut quants, mut scales) = (Vec::new(), Vec::new());
-        // In uneven pieces, as a cache grows: a prompt, then single steps.
-        let positions = x.len() / hd;
-        let mut at = 0;
-        for piece in [positions.min(21), 1, 1, 5].into_iter().chain(std::iter::repeat(7)) {
-            let piece = piece.min(positions - at);
-            if piece == 0 {
-                break;
-            }
-            extend_q8_0_tiled(&x[at * hd..(at + piece) * hd], hd, at, &mut quants, &mut scales);
-            at += piece;
-        }
-        (quants, scales)
-    }
-
-    /// The tiled layout holds exactly the row-major q8_0 quants and scales,
-    /// position by position.
-    #[test]
-    fn tiled_keys_hold_the_row_major_quants() {
-        for hd in [32, 64, 96, 128, 256] {
-            let x = fill(37 * hd, hd as u64);
-            let (rq, rs) = {
-                let (mut q, mut s) = (Vec::new(), Vec::new());
-                extend_q8_0(&x, &mut q, &mut s);
-                (q, s)
-            };
-            let (tq, ts) = tiled(&x, hd);
-            assert_eq!(tq.len(), 48 * hd, "three tiles for 37 positions");
-            let (mut k, mut dk) = (vec![0i8; hd], vec![0f32; hd / 32]);
-            for j in 0..37 {
-                tiled_key(&tq, &ts, hd, j, &mut k, &mut dk);
-                assert_eq!(k, &rq[j * hd..(j + 1) * hd], "hd {hd} position {j}");
-                assert_eq!(dk, &rs[j * hd / 32..(j + 1) * hd / 32], "hd {hd} position {j}");
-            }
-        }
-    }
-
-    /// Tiled keys give the same attention, bit for bit, as the same keys row
-    /// by row: reference and SIMD, one to three heads, spans that start and
-    /// end inside a tile, spans split in parts, head sizes the row-major
-    /// kernel leaves to the reference (96).
-    #[test]
-    fn tiled_keys_attend_as_row_major_keys() {
-        for hd in [32, 64, 96, 128, 256] {
-            let n = 1100;
-            let (k, v) = (fill(n * hd, 31 + hd as u64), fill(n * hd, 32));
-            let row_major = Rows::new(&k, true);
-            let (tq, ts) = tiled(&k, hd);
-            let keys_tiled = KvRows::Q8_0Tiled { quants: &tq, scales: &ts };
-            let layout = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
-            for values in [Rows::new(&v, false), Rows::new(&v, true)] {
-                for g in 1..=MAX_GROUP {
-                    let qs: Vec<f32> = fill(g * hd, 33 + g as u64).iter().map(|x| 3.0 * x).collect();
-                    for span in [0..=0, 0..=15, 3..=40, 17..=17, 5..=1099, 600..=1023] {
-                        let mut want = vec![0f32; g * hd];
-                        let mut got = vec![0f32; g * hd];
-                        let mut scratch = AttnScratch::default();
-                        attend_group(
-                            &qs,
-                            row_major.kv(),
-                            values.kv(),
-                            layout,
-                            span.clone(),
-                            0.125,
-                            &mut scratch,
-                            &mut want,
-                        );
-                        attend_group(&qs, keys_tiled, values.kv(), layout, span.clone(), 0.125, &mut scratch, &mut got);
-                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&got), bits(&want), "hd {hd}, {g} heads, span {span:?}");
-                        // And the scalar reference, head by head.
-                        for h in 0..g {
-                            let mut one = vec![0f32; hd];
-                            let q = &qs[h * hd..(h + 1) * hd];
-                            attend_ref(q, keys_tiled, values.kv(), layout, span.clone(), 0.125, &mut scratch, &mut one);
-                            let mut want_ref = vec![0f32; hd];
-                            attend_ref(
-                                q,
-                                row_major.kv(),
-                                values.kv(),
-                                layout,
-                                span.clone(),
-                                0.125,
-                                &mut scratch,
-                                &mut want_ref,
-                            );
-                            assert_eq!(bits(&one), bits(&want_ref), "reference, hd {hd}, head {h}, span {span:?}");
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The SIMD key scores of a tiled cache are the reference's bits, in both
-    /// builds.
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn tiled_q8_scores_are_the_reference_bits() {
-        if !crate::formats::has_avx2_fma() {
-            return;
-        }
-        for hd in [32, 64, 96, 128, 256] {
-            let nb = hd / Q8_BLOCK;
-            let (first, len) = (5, 70);
-            let x = fill((first + len) * hd, hd as u64 + 7);
-            let (quants, scales) = tiled(&x, hd);
-            let qs = fill(3 * hd, 9);
-            let mut q8 = vec![BlockQ8_0 { d: 0, qs: [0; Q8_BLOCK] }; 3 * nb];
-            BlockQ8_0::quantize(&qs, &mut q8);
-            type Scores =
-                unsafe fn(&[BlockQ8_0], &[i8], &[f32], usize, usize, usize, f32, &mut [f32], (*const u8, usize));
-            let mut builds: Vec<(&str, Scores)> = vec![("avx2", avx2::scores_q8_tiled::<3>)];
-            if crate::formats::SimdLevel::detected() >= crate::formats::SimdLevel::Avx512Vnni {
-                builds.push(("avx512", avx512::scores_q8_tiled::<3>));
-            }
-            let (mut k, mut dk) = (vec![0i8; hd], vec![0f32; nb]);
-            for (build, scores) in builds {
-                let mut simd = vec![0f32; 3 * len];
-                // SAFETY: the build's features were detected; the cache holds the span.
-                unsafe { scores(&q8, &quants, &scales, hd, first, len, 0.125, &mut simd, (std::ptr::null(), 1)) };
-                for h in 0..3 {
-                    for i in 0..len {
-                        tiled_key(&quants, &scales, hd, first + i, &mut k, &mut dk);
-                        let want = dot_q8_ref(&q8[h * nb..(h + 1) * nb], &k, &dk) * 0.125;
                         assert_eq!(
                             simd[h * len + i].to_bits(),
                             want.to_bits(),
