@@ -7,11 +7,30 @@ use minnow_engine::chat::ChatMessage;
 use std::io::Write;
 use std::path::PathBuf;
 
-fn tmp(name: &str) -> PathBuf {
+/// A fresh scratch directory, removed when the guard drops (kept when the
+/// test fails).
+fn tmp(name: &str) -> Tmp {
     let dir = std::env::temp_dir().join(format!("minnow-record-log-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Tmp(dir)
+}
+
+struct Tmp(PathBuf);
+
+impl std::ops::Deref for Tmp {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 fn rec(id: &str, answer: &str) -> DatasetRecord {
@@ -28,7 +47,8 @@ fn rec(id: &str, answer: &str) -> DatasetRecord {
 
 #[test]
 fn appends_whole_lines_and_recovers_them() {
-    let path = tmp("append").join("sub/dir/data.jsonl");
+    let dir = tmp("append");
+    let path = dir.join("sub/dir/data.jsonl");
     {
         let (mut log, rec0) = RecordLog::<DatasetRecord>::open(&path).unwrap();
         assert!(rec0.records.is_empty());
@@ -48,7 +68,8 @@ fn appends_whole_lines_and_recovers_them() {
 
 #[test]
 fn a_torn_last_line_is_truncated_and_writing_continues() {
-    let path = tmp("torn").join("data.jsonl");
+    let dir = tmp("torn");
+    let path = dir.join("data.jsonl");
     {
         let (mut log, _) = RecordLog::<DatasetRecord>::open(&path).unwrap();
         log.append(&rec("a", "1")).unwrap();
@@ -72,7 +93,8 @@ fn a_torn_last_line_is_truncated_and_writing_continues() {
 
 #[test]
 fn a_malformed_complete_line_is_an_error_naming_it() {
-    let path = tmp("bad").join("data.jsonl");
+    let dir = tmp("bad");
+    let path = dir.join("data.jsonl");
     let good = serde_json::to_string(&rec("a", "1")).unwrap();
     std::fs::write(&path, format!("{good}\n{{\"id\": \"b\", \"messages\": 3}}\n")).unwrap();
     let err = RecordLog::<DatasetRecord>::open(&path).err().unwrap().to_string();
@@ -112,7 +134,8 @@ fn inputs_get_line_number_ids_and_clear_errors() {
 
 #[test]
 fn eval_cases_keep_the_answer_as_written() {
-    let p = tmp("cases").join("dev.jsonl");
+    let dir = tmp("cases");
+    let p = dir.join("dev.jsonl");
     std::fs::write(&p, "{\"prompt\": \"p\", \"answer\": {\"zeta\": 1, \"alpha\": \"A\"}}\n{\"prompt\": \"q\", \"answer\": \"plain\"}\n").unwrap();
     let c = read_eval_cases(&p).unwrap();
     // Key order as in the file (not sorted), so a worked example reads naturally.

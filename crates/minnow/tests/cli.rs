@@ -80,8 +80,7 @@ fn run_json_is_deterministic_for_a_seed() {
 #[test]
 fn perplexity_json_shape() {
     let m = common::smollm2_arg();
-    let dir = std::env::temp_dir().join(format!("minnow-ppl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("cli", "ppl");
     let f = dir.join("t.txt");
     std::fs::write(&f, "The quick brown fox jumps over the lazy dog.").unwrap();
     let v = json_of(&minnow(&["perplexity", &m, f.to_str().unwrap(), "--json"], None));
@@ -202,8 +201,7 @@ fn user_mistakes_are_one_line_errors_not_panics() {
 
 #[test]
 fn a_non_gguf_file_is_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("minnow-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("cli", "bad");
     let f = dir.join("bad.gguf");
     std::fs::write(&f, b"this is not a model").unwrap();
     let out = minnow(&["info", f.to_str().unwrap()], None);
