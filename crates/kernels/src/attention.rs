@@ -646,12 +646,6 @@ macro_rules! simd_kernels {
                 }
             }
 
-            /// Scores against q8_0 keys (`q8`: each head's query as Q8_0 blocks),
-            /// the same operations as `super::dot_q8_ref`. Eight (position, block)
-            /// pairs at a time: each pair's 32 key bytes are loaded once for all
-            /// heads, and a head's eight exact integer sums come out of one
-            /// horizontal reduction, then take their scales as one vector.
-            #[target_feature(enable = $features)]
             /// `scores_q8` for the head's block count (1, 2, 4 or 8: `handles`).
             ///
             /// # Safety
@@ -679,6 +673,12 @@ macro_rules! simd_kernels {
                 }
             }
 
+            /// Scores against q8_0 keys (`q8`: each head's query as Q8_0 blocks),
+            /// the same operations as `super::dot_q8_ref`. Eight (position, block)
+            /// pairs at a time: each pair's 32 key bytes are loaded once for all
+            /// heads, and a head's eight exact integer sums come out of one
+            /// horizontal reduction, then take their scales as one vector.
+            /// (Inlined into `scores_q8_any`, whose features it runs with.)
             #[allow(clippy::too_many_arguments, reason = "the queries, the cache, the span, the scores")]
             unsafe fn scores_q8<const G: usize, const NB: usize>(
                 q8: &[BlockQ8_0],
