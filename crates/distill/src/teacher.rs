@@ -296,7 +296,7 @@ impl Teacher for LocalModel {
                         secs: total_secs,
                     }))
                 }
-                GenEvent::Error(e) => {
+                GenEvent::Error(e) | GenEvent::Cancelled(e) => {
                     partial.remove(&index);
                     ids.remove(&index);
                     Some(Err(e))
@@ -458,14 +458,19 @@ impl RemoteTeacher {
     }
 
     fn body(&self, messages: &[ChatMessage], s: &GenSettings) -> Value {
+        // Without --teacher-model the field is left out: the server's default
+        // model answers (minnow serve and vLLM take an absent `model` so; a
+        // made-up name would be a 404 `model_not_found` there).
         let mut b = json!({
-            "model": self.cfg.model.clone().unwrap_or_else(|| "default".into()),
             "messages": messages,
             "max_tokens": s.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
             "seed": s.seed,
         });
+        if let Some(m) = &self.cfg.model {
+            b["model"] = json!(m);
+        }
         if let Some(k) = s.logprobs {
             b["logprobs"] = json!(true);
             b["top_logprobs"] = json!(k);

@@ -137,7 +137,8 @@ pub struct Usage {
 
 /// What a request's sink receives, in order: per sample, `Token`s then one
 /// `Done`; then one `Finished` after every sample is done. `Error` instead
-/// ends a request that failed; nothing follows it.
+/// ends a request that failed, `Cancelled` one that a shutdown cut short;
+/// nothing follows either.
 #[derive(Clone, Debug)]
 pub enum GenEvent {
     /// A generated token of sample `index`. `text` is the text released by
@@ -163,7 +164,14 @@ pub enum GenEvent {
         total_secs: f64,
     },
     Error(String),
+    /// [`Scheduler::shutdown`] with cancellation ended the request before it
+    /// finished (running or still queued): whatever was sent is incomplete,
+    /// and a server must say so rather than present it as an answer.
+    Cancelled(String),
 }
+
+/// Why a shutdown cut a request short, as [`GenEvent::Cancelled`] says it.
+pub const SHUTDOWN_CANCEL_MESSAGE: &str = "the server is shutting down: the request was cut short before it finished";
 
 /// Receives events on the scheduler thread; must not block. Returning false
 /// means the client is gone: the request is cancelled and its slot freed at
@@ -402,11 +410,10 @@ impl Scheduler {
     /// Stops accepting requests (`submit` answers `ShuttingDown`), then:
     /// - `cancel_running == false`: serves everything already accepted,
     ///   queued requests included, to the end;
-    /// - `cancel_running == true`: ends every running sample at the next step
-    ///   with `Done { finish: Length }` (releasing its held-back text) and the
-    ///   request with `Finished`, so clients see a well-formed, cut-short
-    ///   answer; queued requests that never started get
-    ///   `Error("scheduler is shutting down")`.
+    /// - `cancel_running == true`: ends every running and queued request at
+    ///   the next step with [`GenEvent::Cancelled`], so a client can tell its
+    ///   answer was cut short (a `Done { finish: Length }` would pass it off
+    ///   as complete).
     ///
     /// Then joins the thread. Called from a sink (on the scheduler thread) it
     /// only asks; later calls after the first just wait for the thread.
@@ -576,7 +583,7 @@ impl Drop for StopGuard {
             st.queue.drain(..).collect()
         };
         for mut q in queued {
-            let _ = catch_unwind(AssertUnwindSafe(|| (q.sink)(GenEvent::Error("scheduler is shutting down".into()))));
+            let _ = catch_unwind(AssertUnwindSafe(|| (q.sink)(GenEvent::Cancelled(SHUTDOWN_CANCEL_MESSAGE.into()))));
         }
     }
 }
@@ -654,38 +661,17 @@ impl Worker {
         Some(admitted)
     }
 
-    /// Shutdown with cancellation: ends running samples as cut short
-    /// (`Length`), fails queued requests.
+    /// Shutdown with cancellation: every running and queued request ends
+    /// with [`GenEvent::Cancelled`].
     fn cancel_all(&mut self, queued: Vec<Queued>) {
         for mut r in std::mem::take(&mut self.running) {
             if r.gone || r.failed {
                 continue;
             }
-            let n = r.n;
-            let mut events = Vec::new();
-            match &mut r.phase {
-                Phase::Prefill { .. } => {
-                    events.extend((0..n).map(|index| GenEvent::Done {
-                        index,
-                        finish: FinishReason::Length,
-                        text_tail: String::new(),
-                    }));
-                }
-                Phase::Decode { samples } => {
-                    for (index, s) in samples.iter_mut().enumerate().filter(|(_, s)| !s.done) {
-                        s.done = true;
-                        let text_tail = s.text.finish();
-                        events.push(GenEvent::Done { index, finish: FinishReason::Length, text_tail });
-                    }
-                }
-            }
-            for ev in events {
-                r.emit(ev);
-            }
-            r.send_finished();
+            r.emit(GenEvent::Cancelled(SHUTDOWN_CANCEL_MESSAGE.into()));
         }
         for mut q in queued {
-            let _ = catch_unwind(AssertUnwindSafe(|| (q.sink)(GenEvent::Error("scheduler is shutting down".into()))));
+            let _ = catch_unwind(AssertUnwindSafe(|| (q.sink)(GenEvent::Cancelled(SHUTDOWN_CANCEL_MESSAGE.into()))));
         }
     }
 

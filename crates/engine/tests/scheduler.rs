@@ -15,6 +15,7 @@ use minnow_engine::model::Logits;
 use minnow_engine::sampler::SamplingParams;
 use minnow_engine::scheduler::{
     EventSink, Fault, GenEvent, GenRequest, Scheduler, SchedulerConfig, SubmitError, TokenLogprob, Usage,
+    SHUTDOWN_CANCEL_MESSAGE,
 };
 use minnow_kernels::pool::ThreadPool;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -71,7 +72,8 @@ fn channel_sink() -> (EventSink, Receiver<GenEvent>) {
     (Box::new(move |ev| tx.send(ev).is_ok()), rx)
 }
 
-/// Reads events until `Finished` (Ok) or `Error` (Err), checking their order.
+/// Reads events until `Finished` (Ok) or `Error`/`Cancelled` (Err, the
+/// message prefixed with `cancelled: ` for the latter), checking their order.
 fn collect(rx: &Receiver<GenEvent>, n: usize) -> Result<Outcome, String> {
     let mut samples = vec![SampleOut::default(); n];
     loop {
@@ -96,6 +98,7 @@ fn collect(rx: &Receiver<GenEvent>, n: usize) -> Result<Outcome, String> {
                 return Ok(Outcome { samples, usage, ttft_secs, total_secs });
             }
             GenEvent::Error(e) => return Err(e),
+            GenEvent::Cancelled(e) => return Err(format!("cancelled: {e}")),
         }
     }
 }
@@ -357,6 +360,7 @@ fn long_prompt_is_chunked_while_another_stream_decodes() {
                 GenEvent::Done { .. } => "done",
                 GenEvent::Finished { .. } => "finished",
                 GenEvent::Error(_) => "error",
+                GenEvent::Cancelled(_) => "cancelled",
             };
             log.lock().unwrap().push((name, kind));
             tx.send(ev).is_ok()
@@ -460,16 +464,15 @@ fn full_queue_is_refused_and_shutdown_cancels_cleanly() {
     assert_eq!(s.stats().queue_depth, 2);
     assert!(matches!(rx_a.recv_timeout(TIMEOUT).unwrap(), GenEvent::Token { .. }));
 
-    // Cancel everything: shutdown must return promptly, A ends cut short
-    // but well-formed, the queued ones get an error.
+    // Cancel everything: shutdown must return promptly, and every request,
+    // the running one (already streaming) and the queued ones, ends with
+    // `Cancelled`, never with a `Done` that would pass a cut answer off as whole.
     let t = Instant::now();
     s.shutdown(true);
     assert!(t.elapsed() < Duration::from_secs(30));
-    let a = collect(&rx_a, 1).unwrap();
-    assert_eq!(a.samples[0].finish, Some(FinishReason::Length));
-    assert!(a.samples[0].ids.len() < 2000);
-    for rx in [&rx_b, &rx_c] {
-        assert_eq!(collect(rx, 1).unwrap_err(), "scheduler is shutting down");
+    let cancelled = format!("cancelled: {SHUTDOWN_CANCEL_MESSAGE}");
+    for rx in [&rx_a, &rx_b, &rx_c] {
+        assert_eq!(collect(rx, 1).unwrap_err(), cancelled);
     }
     let (sink_e, _rx_e) = channel_sink();
     assert!(matches!(s.submit(GenRequest::new(prompt, greedy(8, false)), sink_e), Err(SubmitError::ShuttingDown)));

@@ -301,6 +301,24 @@ struct ServeArgs {
     /// Machine price in USD per hour, for the cost estimate in /metrics.
     #[arg(long, default_value_t = 0.0)]
     price_per_hour: f64,
+    /// Another name requests may give as `model` (repeatable); the id in
+    /// /v1/models always works, any other name gets 404 model_not_found.
+    #[arg(long = "alias", value_name = "NAME")]
+    aliases: Vec<String>,
+    /// Seconds in-flight requests may run on after SIGTERM/SIGINT; then they
+    /// end with an error (a second signal ends them at once).
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    shutdown_grace: f64,
+    /// Open connections beyond which new ones are closed at once.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    max_connections: usize,
+    /// Seconds a request head may take to arrive (and a body may stall).
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    header_timeout: f64,
+    /// Seconds a keep-alive connection may sit idle (or a client leave a
+    /// response unread) before it is closed.
+    #[arg(long, default_value_t = 60.0, value_name = "S")]
+    idle_timeout: f64,
     /// Speculative decoding while a single sequence decodes (batched
     /// decoding already amortises weight reads over several).
     #[command(flatten)]
@@ -315,6 +333,19 @@ struct PullArgs {
 
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Commands that print for a pipe die quietly when it closes (`minnow
+    // tokenize < f | head`), as Unix tools do, instead of panicking in
+    // println! (Rust ignores SIGPIPE). Long-running commands that talk to
+    // sockets (the server, a remote teacher) keep it ignored: a peer that
+    // resets must be an error on that one socket, never the process's end.
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Serve(_) | Command::Distill(_)) {
+        // SAFETY: restoring the default disposition of a signal before any
+        // thread is started has no memory-safety preconditions.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
@@ -348,10 +379,23 @@ pub fn main() -> Result<()> {
                     price_per_hour: a.price_per_hour,
                     model: a.model.model,
                     speculation,
+                    aliases: a.aliases,
+                    shutdown_grace: seconds("--shutdown-grace", a.shutdown_grace)?,
+                    limits: minnow_serve::Limits {
+                        max_connections: a.max_connections,
+                        header_timeout: seconds("--header-timeout", a.header_timeout)?,
+                        idle_timeout: seconds("--idle-timeout", a.idle_timeout)?,
+                    },
                 },
             )
         }
     }
+}
+
+/// A duration flag given in seconds (fractions allowed).
+fn seconds(flag: &str, s: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .map_err(|_| anyhow::anyhow!("{flag} must be a non-negative number of seconds, got {s}"))
 }
 
 /// Physical cores (hyperthreads share a core's arithmetic units, so more

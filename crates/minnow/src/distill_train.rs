@@ -6,6 +6,7 @@ use crate::models;
 use anyhow::Result;
 use clap::Args;
 use minnow_distill::train::{train, TrainConfig};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -105,6 +106,8 @@ pub fn main(a: TrainArgs) -> Result<()> {
         out_type: a.out_type,
         threads: a.threads,
         max_steps: a.max_steps,
+        // The bar on a terminal; a line a minute in a log file.
+        progress: std::io::stderr().is_terminal(),
         ..TrainConfig::default()
     };
     let r = train(&cfg)?;

@@ -8,14 +8,7 @@ mod models;
 mod spec;
 
 fn main() {
-    // Die quietly on a closed pipe (`minnow tokenize < f | head`), as Unix
-    // tools do, instead of panicking in println!: Rust ignores SIGPIPE.
-    #[cfg(unix)]
-    // SAFETY: restoring the default disposition of a signal before any
-    // thread is started has no memory-safety preconditions.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE's disposition is chosen per command in `cli::main`.
     // The forward pass allocates its per-layer activations (megabytes each
     // in prompt processing) and frees them a moment later. By default glibc
     // serves such blocks with fresh mmaps, or trims the heap after them, so

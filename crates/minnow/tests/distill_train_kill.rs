@@ -79,8 +79,13 @@ fn killed_training_resumes_to_the_same_model() {
     let reference = dir.join("reference.gguf");
     let t0 = Instant::now();
     let out = train_cmd(&data, &reference, &dir.join("ckpt-ref")).output().unwrap();
-    assert!(out.status.success(), "uninterrupted run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "uninterrupted run failed: {log}");
     let full_run = t0.elapsed();
+    // stderr is a pipe here, as in `… > log 2>&1`: no bar, but a line at the
+    // start and one after the first step, so a log shows the run is alive.
+    assert!(log.contains("minnow distill train: ") && log.contains("steps planned"), "no start line:\n{log}");
+    assert!(log.contains("minnow distill train: step 1/"), "no progress line:\n{log}");
     eprintln!("uninterrupted run: {:.1} s", full_run.as_secs_f64());
 
     let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;

@@ -20,7 +20,8 @@ use std::sync::Arc;
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// The body, up to the limit: refused before reading when `Content-Length`
-/// already says it is too large, else counted as it arrives (chunked bodies).
+/// already says it is too large, else counted as it arrives (chunked
+/// bodies). A body that stalls for the header timeout gets a 408.
 async fn read_body(state: &AppState, headers: &HeaderMap, mut body: Body) -> Result<Vec<u8>> {
     let limit = state.opts.max_body_bytes;
     if let Some(len) =
@@ -31,8 +32,15 @@ async fn read_body(state: &AppState, headers: &HeaderMap, mut body: Body) -> Res
         }
     }
     let mut buf = Vec::new();
+    let stall = state.opts.limits.header_timeout;
     loop {
-        let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx)).await;
+        let next = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx));
+        let Ok(frame) = tokio::time::timeout(stall, next).await else {
+            return Err(ApiError::timeout(format!(
+                "the request body stalled: nothing arrived for {:.0} s",
+                stall.as_secs_f64()
+            )));
+        };
         match frame {
             None => return Ok(buf),
             Some(Err(e)) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
@@ -66,6 +74,24 @@ fn refuse_if_shutting_down(state: &AppState) -> Result<()> {
     Ok(())
 }
 
+/// `model` must name what this server serves (its id or an alias); absent
+/// or null means the default model. OpenAI's 404 otherwise.
+fn check_model(state: &AppState, obj: &Map<String, Value>) -> Result<()> {
+    match params::opt_str(obj, "model")? {
+        Some(name) if !state.serves(name) => {
+            let mut names = vec![format!("`{}`", state.opts.model_id)];
+            names.extend(state.opts.aliases.iter().map(|a| format!("`{a}`")));
+            Err(ApiError::not_found(format!(
+                "The model `{name}` does not exist on this server; it serves {}",
+                names.join(", ")
+            ))
+            .with_param("model")
+            .with_code("model_not_found"))
+        }
+        _ => Ok(()),
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(log): Extension<Arc<RequestLog>>,
@@ -76,6 +102,7 @@ pub async fn chat_completions(
         refuse_if_shutting_down(&state)?;
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_chat(&obj)?;
+        check_model(&state, &obj)?;
         let model = state.model().clone();
         let messages = req.messages;
         let prompt = blocking(move || crate::chat_prompt(&model, &messages))
@@ -97,6 +124,7 @@ pub async fn completions(
         refuse_if_shutting_down(&state)?;
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_completion(&obj)?;
+        check_model(&state, &obj)?;
         let prompt = match req.prompt {
             PromptInput::Tokens(ids) => {
                 check_ids(&state, &ids, "prompt")?;
@@ -264,11 +292,15 @@ async fn collect(
                 guard.finished = true;
                 return Err(ApiError::internal(format!("generation failed: {msg}")));
             }
+            GenEvent::Cancelled(msg) => {
+                guard.finished = true;
+                return Err(ApiError::unavailable(msg));
+            }
         }
     }
     let Some(usage) = usage else {
         guard.finished = true;
-        return Err(ApiError::unavailable("the request was cancelled: the server is shutting down"));
+        return Err(ApiError::unavailable(minnow_engine::scheduler::SHUTDOWN_CANCEL_MESSAGE));
     };
     let tok = &state.model().tokenizer;
     Ok(json_response(&shape.full(tok, &choices, &usage)))
@@ -287,6 +319,7 @@ fn model_object(state: &AppState) -> Value {
             "n_ctx": state.scheduler.config().ctx,
             "n_vocab": cfg.vocab_size,
             "parallel": state.scheduler.config().max_parallel,
+            "aliases": state.opts.aliases,
         },
     })
 }
@@ -296,7 +329,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn model_by_id(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    if id == state.opts.model_id {
+    if state.serves(&id) {
         json_response(&model_object(&state))
     } else {
         ApiError::not_found(format!("the model `{id}` does not exist; this server has `{}`", state.opts.model_id))

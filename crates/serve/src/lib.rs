@@ -19,20 +19,27 @@
 //!
 //! # Failure
 //! Every error is an OpenAI-style body (see [`error`]): 400 for bad JSON,
-//! wrong types and out-of-range values (naming the parameter) and for a
-//! prompt plus `max_tokens` beyond the context (giving both numbers); 401
-//! without the right `Authorization: Bearer` key when one is set (everything
-//! but `/` and `/health`); 413 past the body limit; 429 with `Retry-After`
-//! when the scheduler's queue is full; 503 while shutting down. A client that
-//! goes away (mid-stream or while waiting) drops its event receiver, so the
+//! wrong types and out-of-range values (naming the parameter), for a prompt
+//! plus `max_tokens` beyond the context (giving both numbers) and for HTTP
+//! that does not parse (see [`conn`]); 401 without the right
+//! `Authorization: Bearer` key when one is set (everything but `/` and
+//! `/health`); 404 `model_not_found` for a `model` this server does not
+//! serve; 413 past the body limit; 429 with `Retry-After` when the
+//! scheduler's queue is full; 503 while shutting down. A client that goes
+//! away (mid-stream or while waiting) drops its event receiver, so the
 //! scheduler's sink returns `false` and the slot is freed; the request is
-//! also cancelled explicitly when its response is dropped.
+//! also cancelled explicitly when its response is dropped. Connections are
+//! bounded in number and in how long they may idle or dawdle ([`conn`]).
 //!
 //! # Shutdown
-//! [`serve`] stops accepting connections when its `shutdown` future resolves,
-//! refuses new generations on open connections (503), lets in-flight ones
-//! finish for [`ServeOptions::shutdown_grace`], then cancels what is left.
+//! When the [`Stop`] watched by [`serve`] turns [`Stop::Graceful`] the
+//! listener closes, open connections get 503 for new generations and close
+//! after their response, and in-flight requests run on for
+//! [`ServeOptions::shutdown_grace`]. Whatever is still running then (or at
+//! once, on [`Stop::Now`]) ends with an error the client sees: a stream gets
+//! an OpenAI-style error event and no `[DONE]`, a plain request a 503.
 
+pub mod conn;
 pub mod error;
 mod handlers;
 pub mod metrics;
@@ -41,6 +48,7 @@ pub mod prompt;
 mod render;
 mod sse;
 
+pub use conn::{Limits, Stop};
 pub use prompt::chat_prompt;
 
 use axum::body::Body;
@@ -53,7 +61,6 @@ use error::ApiError;
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::scheduler::{Scheduler, SchedulerConfig, Speculation};
 use minnow_kernels::pool::ThreadPool;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -68,6 +75,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 pub struct ServeOptions {
     /// The id `/v1/models` lists and responses echo in `model`.
     pub model_id: String,
+    /// Other names a request's `model` may give for the same model
+    /// (`--alias`); any name that is neither is a 404.
+    pub aliases: Vec<String>,
     /// When set, every endpoint except `/` and `/health` needs
     /// `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
@@ -76,6 +86,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Connection count and timeouts.
+    pub limits: Limits,
     /// Print one line per request to stderr.
     pub log_requests: bool,
 }
@@ -84,10 +96,12 @@ impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             model_id: "minnow".to_string(),
+            aliases: Vec::new(),
             api_key: None,
             price_per_hour: 0.0,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            shutdown_grace: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
             log_requests: true,
         }
     }
@@ -100,7 +114,6 @@ pub struct AppState {
     pub(crate) metrics: metrics::Metrics,
     next_request: AtomicU64,
     shutting_down: AtomicBool,
-    shutdown_begun: tokio::sync::Notify,
     /// Unix time the server started (`created` of the model object).
     pub(crate) started_unix: u64,
     /// Distinguishes response ids across restarts (ids count from 1).
@@ -119,7 +132,6 @@ impl AppState {
             metrics: metrics::Metrics::new(),
             next_request: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
-            shutdown_begun: tokio::sync::Notify::new(),
             started_unix,
             id_prefix,
         })
@@ -141,12 +153,15 @@ impl AppState {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Refuse new generations from now on; wakes the grace-period timer.
+    /// Refuse new generations from now on.
     pub fn begin_shutdown(&self) {
-        if !self.shutting_down.swap(true, Ordering::SeqCst) {
-            self.shutdown_begun.notify_waiters();
-            self.shutdown_begun.notify_one();
-        }
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a request's `model` names this server's model: its id or an
+    /// alias.
+    pub fn serves(&self, name: &str) -> bool {
+        name == self.opts.model_id || self.opts.aliases.iter().any(|a| a == name)
     }
 }
 
@@ -329,48 +344,17 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then shuts down
-/// gracefully: no new connections or generations, in-flight requests get
-/// [`ServeOptions::shutdown_grace`] to finish, then are cancelled. Returns
-/// once every connection is closed (or a few seconds after the cancel, if
-/// a client will not let go).
+/// Serves `state` on `listener` until `stop` leaves [`Stop::Run`], then
+/// shuts down as the module doc says. Returns once every connection has
+/// closed, or shortly after the requests left were cut short.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop: tokio::sync::watch::Receiver<Stop>,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
-    let st = state.clone();
-    let signal = async move {
-        shutdown.await;
-        st.begin_shutdown();
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-    let st = state.clone();
-    let deadline = async move {
-        // Armed before the server runs, so a shutdown that begins first is not missed.
-        let begun = st.shutdown_begun.notified();
-        if !st.is_shutting_down() {
-            begun.await;
-        }
-        tokio::time::sleep(st.opts.shutdown_grace).await;
-        if st.opts.log_requests {
-            eprintln!("minnow serve: grace period over, cancelling in-flight requests");
-        }
-        // Running answers end cut short but well-formed (finish_reason
-        // "length"), queued ones with an error; `shutdown` joins the
-        // scheduler thread, so it runs off the async threads.
-        let sched = st.scheduler.clone();
-        let _ = tokio::task::spawn_blocking(move || sched.shutdown(true)).await;
-        // Streams end once their requests are cancelled; a connection that
-        // still does not close is not worth waiting for.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    };
-    let result = tokio::select! {
-        r = server => r,
-        _ = deadline => Ok(()),
-    };
-    // Everything accepted has finished (or was cancelled): stop the thread.
+    let result = conn::serve_connections(listener, app, state.clone(), stop).await;
+    // Everything accepted has finished or was cut short: stop the thread.
     let sched = state.scheduler.clone();
     let _ = tokio::task::spawn_blocking(move || sched.shutdown(false)).await;
     result
@@ -394,6 +378,12 @@ pub struct RunConfig {
     pub model: String,
     /// `--draft`/`--lookup`: speculative decoding while one sequence decodes.
     pub speculation: Option<Speculation>,
+    /// `--alias`: more names requests may use for the model.
+    pub aliases: Vec<String>,
+    /// `--shutdown-grace`.
+    pub shutdown_grace: Duration,
+    /// `--max-connections`, `--header-timeout`, `--idle-timeout`.
+    pub limits: Limits,
 }
 
 /// `minnow serve`: starts the scheduler on `model`, binds, serves until
@@ -406,6 +396,13 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
     if !(cfg.price_per_hour.is_finite() && cfg.price_per_hour >= 0.0) {
         bail!("--price-per-hour must be a non-negative number");
     }
+    if cfg.limits.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    if cfg.limits.header_timeout.is_zero() || cfg.limits.idle_timeout.is_zero() {
+        bail!("--header-timeout and --idle-timeout must be more than 0 seconds");
+    }
+    raise_open_files_limit(cfg.limits.max_connections);
     let api_key = cfg.api_key.clone().or_else(|| std::env::var("MINNOW_API_KEY").ok()).filter(|k| !k.is_empty());
     let model_id = model_id_of(&cfg.model);
     let threads = pool.n_threads();
@@ -437,7 +434,15 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
             format!(", KV cache {} / {}", cache_types.k, cache_types.v)
         };
         let scheduler = Scheduler::start(Arc::new(model), pool, sched_cfg);
-        let opts = ServeOptions { model_id: model_id.clone(), api_key: api_key.clone(), price_per_hour: cfg.price_per_hour, ..Default::default() };
+        let opts = ServeOptions {
+            model_id: model_id.clone(),
+            aliases: cfg.aliases.clone(),
+            api_key: api_key.clone(),
+            price_per_hour: cfg.price_per_hour,
+            shutdown_grace: cfg.shutdown_grace,
+            limits: cfg.limits,
+            ..Default::default()
+        };
         let state = AppState::new(scheduler, opts);
         eprintln!(
             "minnow serve: {model_id} on http://{addr}/ ({} parallel, context {}, queue {}, {threads} threads{kv_note}{}{spec_note})",
@@ -449,7 +454,9 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
         if !addr.ip().is_loopback() && api_key.is_none() {
             eprintln!("minnow serve: warning: listening beyond loopback without an API key");
         }
-        serve(listener, state, shutdown_signal()).await.context("serving")?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(Stop::Run);
+        tokio::spawn(watch_signals(stop_tx, cfg.shutdown_grace));
+        serve(listener, state, stop_rx).await.context("serving")?;
         eprintln!("minnow serve: stopped");
         Ok(())
     })
@@ -466,25 +473,80 @@ fn model_id_of(model: &str) -> String {
     model.to_string()
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT or SIGTERM: the first begins a graceful shutdown, the second
+/// cuts it short.
+async fn watch_signals(stop: tokio::sync::watch::Sender<Stop>, grace: Duration) {
+    let mut signals = Signals::new();
+    signals.next().await;
+    eprintln!(
+        "minnow serve: shutting down: no new requests; those in flight get {:.0} s (a second signal ends them now)",
+        grace.as_secs_f64()
+    );
+    let _ = stop.send(Stop::Graceful);
+    signals.next().await;
+    eprintln!("minnow serve: second signal: ending now");
+    let _ = stop.send(Stop::Now);
+}
+
+/// SIGINT (Ctrl-C) and, on Unix, SIGTERM.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
-    eprintln!("minnow serve: shutting down: no new requests, finishing those in flight");
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        let term = async {
+            match &mut self.term {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term => {},
+        }
+    }
+}
+
+/// Each connection is a file descriptor: lifts the soft limit towards the
+/// hard one when `--max-connections` (plus room for model files and
+/// pipes) would not fit under it, and says so when it cannot.
+// `rlim_t` is u64 on Linux but not on every Unix: the casts stay.
+#[allow(clippy::unnecessary_cast)]
+fn raise_open_files_limit(max_connections: usize) {
+    #[cfg(unix)]
+    {
+        let want = max_connections as u64 + 64;
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes one rlimit struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur as u64 >= want {
+            return;
+        }
+        let target = (want as libc::rlim_t).min(lim.rlim_max);
+        let raised = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads one rlimit struct; raising the soft limit up to the hard one is always allowed.
+        let ok = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0;
+        if !ok || (target as u64) < want {
+            eprintln!(
+                "minnow serve: warning: the open-files limit ({}) is below --max-connections {max_connections} + 64; \
+                 raise it (ulimit -n) or lower --max-connections",
+                if ok { target as u64 } else { lim.rlim_cur as u64 }
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = max_connections;
 }

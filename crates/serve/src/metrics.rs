@@ -23,7 +23,7 @@
 use minnow_engine::scheduler::{SchedulerStats, SpecTotals, Usage};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Time to first token, seconds: from tens of milliseconds (short prompt,
@@ -100,6 +100,12 @@ pub struct Metrics {
     hists: Mutex<Hists>,
     /// HTTP requests being handled (including streams being sent).
     pub in_flight: AtomicI64,
+    /// Open HTTP connections.
+    pub connections_open: AtomicI64,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed by the header, idle or stalled-reader timeouts.
+    pub connections_timed_out: AtomicU64,
 }
 
 /// The label for a path: the known routes, or "other" so that clients
@@ -135,6 +141,9 @@ impl Metrics {
                 request: Histogram::new(REQUEST_BUCKETS),
             }),
             in_flight: AtomicI64::new(0),
+            connections_open: AtomicI64::new(0),
+            connections_refused: AtomicU64::new(0),
+            connections_timed_out: AtomicU64::new(0),
         }
     }
 
@@ -163,7 +172,7 @@ impl Metrics {
         let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
         // (name, type, help, value); one line each, as the exposition reads.
         #[rustfmt::skip]
-        let scheduler: [(&str, &str, &str, f64); 14] = [
+        let scheduler: [(&str, &str, &str, f64); 17] = [
             ("minnow_prompt_tokens_total", "counter", "Prompt tokens of finished and running requests (cached ones included).", s.prompt_tokens_total as f64),
             ("minnow_cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.", s.cached_prompt_tokens_total as f64),
             ("minnow_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total as f64),
@@ -177,6 +186,9 @@ impl Metrics {
             ("minnow_prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", s.prefix_cache_bytes as f64),
             ("minnow_prefix_cache_entries", "gauge", "Sequences held by the prefix cache.", s.prefix_cache_entries as f64),
             ("minnow_http_in_flight", "gauge", "HTTP requests being handled, streams included.", in_flight),
+            ("minnow_http_connections_open", "gauge", "Open HTTP connections.", self.connections_open.load(Ordering::Relaxed) as f64),
+            ("minnow_http_connections_refused_total", "counter", "Connections closed on arrival because --max-connections were open.", self.connections_refused.load(Ordering::Relaxed) as f64),
+            ("minnow_http_connections_timed_out_total", "counter", "Connections closed by the header, idle or stalled-reader timeout.", self.connections_timed_out.load(Ordering::Relaxed) as f64),
             ("minnow_price_per_hour_usd", "gauge", "The machine price given with --price-per-hour.", price_per_hour),
         ];
         write_metrics(&mut out, &scheduler);

@@ -162,7 +162,7 @@ fn opt_num(obj: &Map<String, Value>, name: &str, min: f64, max: f64) -> Result<O
     Ok(Some(x))
 }
 
-fn opt_str<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub fn opt_str<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
     match field(obj, name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),

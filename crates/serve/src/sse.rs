@@ -170,14 +170,20 @@ impl SseBody {
                 self.guard.finished = true;
                 self.fail(ApiError::internal(format!("generation failed: {msg}")));
             }
+            // An error event and no `[DONE]`: the official clients raise on
+            // it, so nobody takes a cut answer for a whole one.
+            GenEvent::Cancelled(msg) => {
+                self.guard.finished = true;
+                self.fail(ApiError::unavailable(msg));
+            }
         }
     }
 
-    /// The scheduler let go of the sink without finishing: cancelled by a
-    /// shutdown.
+    /// The scheduler let go of the sink without a last event (its thread
+    /// stopped): the answer is incomplete.
     fn closed(&mut self) {
         self.guard.finished = true;
-        self.fail(ApiError::unavailable("the request was cancelled: the server is shutting down"));
+        self.fail(ApiError::unavailable(minnow_engine::scheduler::SHUTDOWN_CANCEL_MESSAGE));
     }
 }
 

@@ -284,6 +284,120 @@ fn bad_requests_are_400s_naming_the_parameter() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// Splits the responses in `raw` (what a connection received) into
+/// (status, body) pairs; bodies are length-delimited here.
+fn responses(raw: &str) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some((head, after)) = rest.split_once("\r\n\r\n") {
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let len = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(after.len());
+        out.push((status, after[..len.min(after.len())].to_string()));
+        rest = &after[len.min(after.len())..];
+    }
+    out
+}
+
+#[test]
+fn malformed_http_gets_a_400_with_an_openai_style_body() {
+    let c = shared();
+    let cases: [(&str, &[u8], u16); 8] = [
+        ("garbage", b"GARBAGE\r\n\r\n", 400),
+        ("binary", b"\x00\x01\x02\xff\xfe\r\n\r\n", 400),
+        ("unknown version", b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        (
+            "conflicting Content-Length",
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+            400,
+        ),
+        ("negative Content-Length", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -4\r\n\r\n{}", 400),
+        (
+            "non-numeric Content-Length",
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n{}",
+            400,
+        ),
+        ("header without a colon", b"GET /health HTTP/1.1\r\nHost x\r\n\r\n", 400),
+        ("space in the path", b"GET /v1 /models HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ];
+    for (what, req, status) in cases {
+        let raw = c.raw(req);
+        let r = responses(&raw);
+        assert_eq!(r.len(), 1, "{what}: {raw:?}");
+        assert_eq!(r[0].0, status, "{what}: {raw:?}");
+        let v: Value = serde_json::from_str(&r[0].1).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {raw:?}"));
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{what}: {v}");
+        assert_eq!(v["error"]["code"], "malformed_request", "{what}: {v}");
+        assert!(raw.to_ascii_lowercase().contains("content-type: application/json"), "{what}: {raw:?}");
+    }
+    // Headers past hyper's limit: 431, also in JSON.
+    let mut big = b"GET /health HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..4000 {
+        big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "y".repeat(100)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    let raw = c.raw(&big);
+    let r = responses(&raw);
+    assert_eq!(r.first().map(|x| x.0), Some(431), "{}", &raw[..raw.len().min(300)]);
+    let v: Value = serde_json::from_str(&r[0].1).unwrap();
+    assert_eq!(v["error"]["code"], "headers_too_large");
+    // A malformed request after a good one on a keep-alive connection.
+    let raw = c.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/9.9\r\n\r\n");
+    let r = responses(&raw);
+    assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![200, 400], "{raw:?}");
+    assert_eq!(serde_json::from_str::<Value>(&r[1].1).unwrap()["error"]["code"], "malformed_request");
+    // The routes' own 400s are untouched: bad JSON still names its problem.
+    let e = c.post_raw("/v1/completions", b"{\"prompt\": ").assert_error(400, None);
+    assert_ne!(e["error"]["code"], "malformed_request", "{e}");
+}
+
+#[test]
+fn model_must_be_the_id_or_an_alias() {
+    let s = TestServer::start(
+        SchedulerConfig { max_parallel: 2, ctx: 512, ..Default::default() },
+        ServeOptions {
+            model_id: "smollm2".into(),
+            aliases: vec!["orders-v1".into(), "support".into()],
+            log_requests: false,
+            ..Default::default()
+        },
+    );
+    let c = s.client();
+    let ask = |model: Option<Value>| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
+        if let Some(m) = model {
+            body["model"] = m;
+        }
+        c.post("/v1/chat/completions", &body)
+    };
+    for name in ["smollm2", "orders-v1", "support"] {
+        let r = ask(Some(json!(name)));
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        // Responses name the model itself, whichever name asked for it.
+        assert_eq!(r.json()["model"], "smollm2");
+        assert_eq!(c.get(&format!("/v1/models/{name}")).json()["id"], "smollm2");
+    }
+    for r in [ask(None), ask(Some(Value::Null))] {
+        assert_eq!(r.status, 200, "no model means the default: {}", r.text());
+    }
+    for name in ["gpt-4o", "../../etc/passwd", "SMOLLM2", "smollm2 ", ""] {
+        let e = ask(Some(json!(name))).assert_error(404, Some("model"));
+        assert_eq!(e["error"]["code"], "model_not_found", "{name}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(&format!("`{name}`")), "{e}");
+        let e = c
+            .post("/v1/completions", &json!({"model": name, "prompt": "Hi", "max_tokens": 2}))
+            .assert_error(404, Some("model"));
+        assert_eq!(e["error"]["code"], "model_not_found");
+    }
+    ask(Some(json!(5))).assert_error(400, Some("model"));
+    let listed = c.get("/v1/models").json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["data"][0]["meta"]["aliases"], json!(["orders-v1", "support"]));
+}
+
 #[test]
 fn context_overflow_is_a_400_with_both_numbers() {
     let c = shared();
@@ -493,15 +607,19 @@ fn graceful_shutdown_finishes_then_cancels_in_flight_streams() {
     assert!(long.next_data().is_some());
     let t = Instant::now();
     let stopper = std::thread::spawn(move || s.stop());
-    // The stream is cut short after the grace period, but well-formed.
+    // The stream runs on through the grace period, then is cut short with
+    // an error event and no `[DONE]`: the client can tell.
     let mut events = Vec::new();
     while let Some(d) = long.next_data() {
         events.push(d);
     }
     let waited = t.elapsed();
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
-    let (_, finish, _) = stream_texts(&events, 1);
-    assert_eq!(finish[0].as_deref(), Some("length"));
+    assert!(events.len() > 5, "the stream went on during the grace period: {events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"), "a cut stream must not end with [DONE]: {events:?}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+    let (_, finish, _) = stream_texts(&events[..events.len() - 1], 1);
+    assert_eq!(finish[0], None, "a cut stream has no finish_reason");
     assert!(waited >= Duration::from_millis(1000) && waited < Duration::from_secs(20), "{waited:?}");
     stopper.join().unwrap();
     // Nothing listens any more.

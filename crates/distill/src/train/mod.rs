@@ -555,6 +555,19 @@ impl Trainer {
             }
         }
         let pb = progress_bar(total, at, c.progress && end > at);
+        if end > at {
+            // One line up front, terminal or not: what is being trained, on
+            // what, and for how long.
+            let mode = c.lora_rank.map_or("full fine-tuning".to_string(), |r| format!("LoRA rank {r}"));
+            let resumed = if at > 0 { format!(", resuming at step {at}") } else { String::new() };
+            eprintln!(
+                "minnow distill train: {} ({mode}) on {}: {} train / {} val examples, {total} steps planned{resumed}",
+                c.student.display(),
+                c.data.display(),
+                s.train_idx.len(),
+                s.val_idx.len(),
+            );
+        }
         let t0 = Instant::now();
         // Without a terminal (a log file, CI) the bar is hidden: a line a
         // minute instead, so a long run still shows it is moving.
@@ -575,7 +588,8 @@ impl Trainer {
             let val = self.header.val_history.last().map(|v| format!("  val {:.4}", v.1)).unwrap_or_default();
             pb.set_message(format!("loss {loss:.4}{val}  {rate:.0} tok/s"));
             pb.set_position((step + 1) as u64);
-            if !c.progress && last_line.elapsed().as_secs() >= 60 {
+            // The first step's line gives the speed early; then one a minute.
+            if !c.progress && (step == at || last_line.elapsed().as_secs() >= 60) {
                 last_line = Instant::now();
                 let done = step + 1 - at;
                 let eta = t0.elapsed().as_secs_f64() / done as f64 * (end - step - 1) as f64;

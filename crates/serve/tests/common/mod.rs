@@ -12,7 +12,7 @@
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::scheduler::{Scheduler, SchedulerConfig};
 use minnow_kernels::pool::ThreadPool;
-use minnow_serve::{AppState, ServeOptions};
+use minnow_serve::{AppState, ServeOptions, Stop};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -48,7 +48,7 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: tokio::sync::watch::Sender<Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub key: Option<String>,
 }
@@ -67,20 +67,16 @@ impl TestServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::watch::channel(Stop::Run);
         let st = state.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                minnow_serve::serve(listener, st, async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
+                minnow_serve::serve(listener, st, rx).await.unwrap();
             });
         });
-        TestServer { addr, state, stop: Some(tx), thread: Some(thread), key }
+        TestServer { addr, state, stop: tx, thread: Some(thread), key }
     }
 
     /// Default test settings: 4 slots, a 1024-token context.
@@ -100,9 +96,14 @@ impl TestServer {
         self.shutdown();
     }
 
+    /// A second signal's worth: cut what is left short now.
+    pub fn stop_now(&self) {
+        let _ = self.stop.send(Stop::Now);
+    }
+
     fn shutdown(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+        if *self.stop.borrow() == Stop::Run {
+            let _ = self.stop.send(Stop::Graceful);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -339,6 +340,16 @@ impl Client {
         }
         let _ = writer.join();
         (status, headers, BodyReader { r, chunked, remaining, done: false })
+    }
+
+    /// Writes `bytes` as they are (no head added) and returns everything the
+    /// server sends until it closes the connection.
+    pub fn raw(&self, bytes: &[u8]) -> String {
+        let mut s = self.connect();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
