@@ -6,7 +6,9 @@
 //! - [`model`]: architecture families and their batched forward pass.
 //! - [`kv_cache`]: per-sequence key/value cache.
 //! - [`sampler`]: seeded token sampling (temperature, top-k/p, min-p, penalties).
-//! - [`generate`]: prompt processing and decoding for one sequence, stop strings, timing.
+//! - [`sequence`]: one sequence's generation state (sampler, stop strings, limits,
+//!   logprobs) and the one rule for when it stops; every decoding path holds one.
+//! - [`generate`]: prompt processing and decoding for one sequence (`minnow run`), timing.
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
 //! - [`scheduler`]: continuous batching of many requests (the server's engine):
 //!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
@@ -22,6 +24,7 @@ pub mod lookup_memory;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;
+pub mod sequence;
 pub mod speculative;
 pub mod tokenizer;
 pub mod upcycle;

@@ -33,15 +33,16 @@
 mod prefix_cache;
 mod speculate;
 
+pub use crate::sequence::{token_logprob, TokenLogprob};
 pub use prefix_cache::MIN_PREFIX;
 pub use speculate::{SpecTotals, Speculation};
 
-use crate::generate::{FinishReason, GenerateParams, TextStream};
+use crate::generate::{FinishReason, GenerateParams};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::lookup_memory::LookupMemory;
 use crate::model::{Logits, SeqBatch};
-use crate::sampler::Sampler;
+use crate::sequence::{Pushed, Sequence};
 use minnow_kernels::pool::ThreadPool;
 use prefix_cache::PrefixCache;
 use std::collections::VecDeque;
@@ -112,16 +113,6 @@ impl GenRequest {
     pub fn new(prompt: Vec<u32>, params: GenerateParams) -> GenRequest {
         GenRequest { prompt, params, n: 1, top_logprobs: None }
     }
-}
-
-/// Log-probabilities of one generated token: the log-softmax of the model's
-/// raw logits, before penalties, temperature or filters (what OpenAI reports).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenLogprob {
-    pub id: u32,
-    pub logprob: f32,
-    /// The most likely tokens, most likely first (ties: lower id first).
-    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -493,11 +484,9 @@ enum Phase {
 
 struct Sample {
     cache: KvCache,
-    sampler: Sampler,
-    text: TextStream,
-    /// Generated ids; the last one is the next step's input.
-    ids: Vec<u32>,
-    done: bool,
+    /// Sampling, stop rule and generated ids (the last one is the next
+    /// step's input).
+    seq: Sequence,
     /// Speculation state while this sample decodes alone.
     spec: Option<Box<crate::speculative::SpecSeq>>,
 }
@@ -535,7 +524,7 @@ impl Running {
     fn finished(&self) -> bool {
         match &self.phase {
             Phase::Prefill { .. } => false,
-            Phase::Decode { samples } => samples.iter().all(|s| s.done),
+            Phase::Decode { samples } => samples.iter().all(|s| s.seq.is_done()),
         }
     }
 
@@ -730,12 +719,12 @@ impl Worker {
                 }
                 Phase::Decode { samples } => {
                     for (si, s) in samples.iter_mut().enumerate() {
-                        if s.done {
+                        if s.seq.is_done() {
                             continue;
                         }
                         slots.push((ri, Slot::Sample(si)));
                         owners.push(*id);
-                        let last = s.ids.last().expect("a decoding sample has sampled a token");
+                        let last = s.seq.ids().last().expect("a decoding sample has sampled a token");
                         seqs.push(SeqBatch {
                             tokens: std::slice::from_ref(last),
                             cache: &mut s.cache,
@@ -840,7 +829,7 @@ impl Worker {
         let (Some(mem), Phase::Decode { samples }) = (self.answers.as_mut(), &r.phase) else { return };
         let tok = &self.model.tokenizer;
         for s in samples {
-            let ids: Vec<u32> = s.ids.iter().copied().filter(|&id| !tok.is_special(id)).collect();
+            let ids: Vec<u32> = s.seq.ids().iter().copied().filter(|&id| !tok.is_special(id)).collect();
             mem.record(&r.prompt, &tok.decode(&ids));
         }
     }
@@ -856,7 +845,8 @@ impl Worker {
         // The cache holds every generated token but the last (never fed back).
         let fed = s.cache.len().saturating_sub(r.prompt.len());
         let mut tokens = r.prompt.clone();
-        tokens.extend_from_slice(&s.ids[..fed.min(s.ids.len())]);
+        let ids = s.seq.ids();
+        tokens.extend_from_slice(&ids[..fed.min(ids.len())]);
         self.prefix.insert(&tokens, &s.cache);
     }
 }
@@ -925,25 +915,14 @@ fn start_decoding(model: &LoadedModel, r: &mut Running, logits: &[f32]) -> u64 {
     };
     let mut samples = Vec::with_capacity(r.n);
     let mut cache = Some(cache);
+    let ctx = cache.as_ref().map_or(0, |c| c.max_len());
     for i in 0..r.n {
-        let mut params = r.params.sampling.clone();
-        params.seed = params.seed.wrapping_add(i as u64);
-        let mut sampler = Sampler::new(params);
-        // As in `generate`: prompt tokens count for the repetition penalties.
-        for &t in &r.prompt {
-            sampler.accept(t);
-        }
+        // Sample i samples with the request's seed plus i.
+        let seed = r.params.sampling.seed.wrapping_add(i as u64);
+        let seq = Sequence::new(&r.prompt, &r.params, seed, ctx, r.top_logprobs);
         // The last sample takes the original cache; the others copy it.
         let c = if i + 1 == r.n { cache.take().unwrap() } else { cache.as_ref().unwrap().clone() };
-        let done = r.params.max_tokens == 0;
-        samples.push(Sample {
-            cache: c,
-            sampler,
-            text: TextStream::new(&r.params.stop),
-            ids: Vec::new(),
-            done,
-            spec: None,
-        });
+        samples.push(Sample { cache: c, seq, spec: None });
     }
     r.phase = Phase::Decode { samples };
     if r.params.max_tokens == 0 {
@@ -956,89 +935,33 @@ fn start_decoding(model: &LoadedModel, r: &mut Running, logits: &[f32]) -> u64 {
     (0..r.n).map(|si| sample_token(model, r, si, logits) as u64).sum()
 }
 
-/// Samples sample `si`'s next token from `logits`, sends its events, and
-/// decides whether the sample ends. Returns whether a token was sampled.
+/// Samples sample `si`'s next token from `logits` and sends its events.
+/// Returns whether a token was sampled.
 fn sample_token(model: &LoadedModel, r: &mut Running, si: usize, logits: &[f32]) -> bool {
     let Phase::Decode { samples } = &mut r.phase else { return false };
     let s = &mut samples[si];
-    if s.done || logits.is_empty() {
+    if s.seq.is_done() || logits.is_empty() {
         return false;
     }
-    let next = s.sampler.sample(logits);
-    take_token(model, r, si, next, Some(logits));
+    let next = s.seq.sample(logits);
+    let pushed = s.seq.push(&model.tokenizer, next, true, Some(logits));
+    emit_token(r, si, next, pushed);
     true
 }
 
-/// Records sample `si`'s next token (sampled from `logits`, or committed by a
-/// speculative round), sends its events, and decides whether the sample
-/// ends; true if it did.
-fn take_token(model: &LoadedModel, r: &mut Running, si: usize, next: u32, logits: Option<&[f32]>) -> bool {
-    let Phase::Decode { samples } = &mut r.phase else { return true };
-    let s = &mut samples[si];
-    s.ids.push(next);
+/// Sends the events of a token sample `si`'s [`Sequence`] took (sampled
+/// here or committed by a speculative round); true if the sample ended.
+fn emit_token(r: &mut Running, si: usize, id: u32, p: Pushed) -> bool {
     r.completion_tokens += 1;
     r.first_token.get_or_insert_with(Instant::now);
-    let mut events = Vec::with_capacity(2);
-    if r.params.stop_at_eog && model.tokenizer.is_end_of_generation(next) {
-        s.done = true;
-        events.push(GenEvent::Done { index: si, finish: FinishReason::Stop, text_tail: s.text.finish() });
-    } else {
-        let (text, hit) = s.text.push(&model.tokenizer, next);
-        let logprob = logits.zip(r.top_logprobs).map(|(l, k)| token_logprob(l, next, k));
-        events.push(GenEvent::Token { index: si, id: next, text, logprob });
-        if hit {
-            s.done = true;
-            events.push(GenEvent::Done { index: si, finish: FinishReason::Stop, text_tail: String::new() });
-        } else if s.ids.len() >= r.params.max_tokens || r.prompt.len() + s.ids.len() > s.cache.max_len() {
-            // (The cache holds the prompt and all generated tokens but the
-            // last: full when one more would not fit.)
-            s.done = true;
-            events.push(GenEvent::Done { index: si, finish: FinishReason::Length, text_tail: s.text.finish() });
-        }
+    if p.is_text {
+        r.emit(GenEvent::Token { index: si, id, text: p.text, logprob: p.logprob });
     }
-    let done = s.done;
-    for ev in events {
-        r.emit(ev);
-    }
-    done
-}
-
-/// Log-softmax of the raw logits at `id`, and the `k` most likely tokens.
-/// NaN logits count as impossible.
-pub fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
-    let clean = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
-    let max = logits.iter().map(|&l| clean(l)).fold(f32::NEG_INFINITY, f32::max);
-    // log Σ exp(l) in f64, shifted by the max so nothing overflows.
-    let lse = if max.is_finite() {
-        max as f64 + logits.iter().map(|&l| ((clean(l) - max) as f64).exp()).sum::<f64>().ln()
-    } else {
-        max as f64
-    };
-    let lp = |l: f32| {
-        let v = clean(l) as f64 - lse;
-        if v.is_nan() {
-            f32::NEG_INFINITY
-        } else {
-            v as f32
+    match p.finish {
+        Some(finish) => {
+            r.emit(GenEvent::Done { index: si, finish, text_tail: p.tail });
+            true
         }
-    };
-    // Top k by a bounded insertion sort: k ≤ 20 against a vocabulary of
-    // tens of thousands, so nearly every logit fails the first comparison.
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    if k > 0 {
-        for (i, &l) in logits.iter().enumerate() {
-            let l = clean(l);
-            if top.len() == k && l <= top[k - 1].1 {
-                continue;
-            }
-            let at = top.partition_point(|&(_, t)| t >= l);
-            top.insert(at, (i as u32, l));
-            top.truncate(k);
-        }
-    }
-    TokenLogprob {
-        id,
-        logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
-        top: top.into_iter().map(|(t, l)| (t, lp(l))).collect(),
+        None => false,
     }
 }

@@ -54,17 +54,21 @@
 //!
 //! [`SpecSeq`] is one sequence's speculation state (drafter and its KV
 //! cache, controller, history, statistics). [`Speculator`] owns one next to
-//! the sequence's target KV cache and sampler (`minnow run --draft`); the
-//! scheduler keeps one per sequence decoding alone and runs rounds with
-//! [`SpecSeq::step`] on its own cache and sampler (`minnow serve --draft`).
-//! Neither holds the models: a round borrows them.
+//! the sequence's target KV cache and its [`Sequence`] (sampling and the
+//! stop rule; `minnow run --draft`); the scheduler keeps one per sequence
+//! decoding alone and runs rounds with [`SpecSeq::step`] on its own cache
+//! and `Sequence` (`minnow serve --draft`). Neither holds the models: a
+//! round borrows them. Every token a round commits goes through
+//! [`Sequence::push`], and every draw and verification through the
+//! sequence, as in plain decoding.
 
-use crate::generate::{prefill, prefill_for, FinishReason, GenerateParams, Generation, TextStream};
+use crate::generate::{prefill, prefill_for, FinishReason, GenerateParams, Generation};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::lookup_memory::{consensus_draft, shared_prefix, Consensus, Reference};
 use crate::model::{Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
+use crate::sequence::{Pushed, Sequence};
 use crate::tokenizer::Tokenizer;
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
@@ -987,41 +991,6 @@ impl Controller {
     }
 }
 
-/// Generated text and ids, with the stop rules of [`crate::generate::generate`].
-struct Output {
-    text: String,
-    ids: Vec<u32>,
-    finish: FinishReason,
-    hit_stop_string: bool,
-}
-
-impl Output {
-    /// Records a generated token; true when generation must end here.
-    fn push(
-        &mut self,
-        id: u32,
-        tokenizer: &Tokenizer,
-        params: &GenerateParams,
-        stream: &mut TextStream,
-        on_text: &mut impl FnMut(&str),
-    ) -> bool {
-        self.ids.push(id);
-        if params.stop_at_eog && tokenizer.is_end_of_generation(id) {
-            self.finish = FinishReason::Stop;
-            return true;
-        }
-        let (piece, hit) = stream.push(tokenizer, id);
-        self.text.push_str(&piece);
-        on_text(&piece);
-        if hit {
-            self.finish = FinishReason::Stop;
-            self.hit_stop_string = true;
-            return true;
-        }
-        self.ids.len() >= params.max_tokens
-    }
-}
-
 /// The speculation state of one sequence: drafter, controller, history and
 /// statistics — everything but the models and the sequence's own target KV
 /// cache and sampler. [`Speculator`] owns one next to those; the scheduler
@@ -1152,12 +1121,10 @@ impl SpecSeq {
 
     /// One speculative round (or one plain step) for a sequence decoded by
     /// someone else — the scheduler — whose state is `prompt` then
-    /// `generated`, with `cache` holding all of it but the last token and
-    /// `sampler` having seen all of it. Returns the tokens committed (at
-    /// least one, at most up to `params.max_tokens` in all, the last one an
-    /// end-of-generation token if one was committed); `cache` and `sampler`
-    /// are left in the same state for the longer sequence. Stop strings are
-    /// the caller's to apply: tokens after one are simply not used.
+    /// `sequence`'s tokens, with `cache` holding all of it but the last
+    /// token. Returns the tokens committed, each with what
+    /// [`Sequence::push`] said of it (at least one; the last one ends the
+    /// sequence if any does); `cache` is left holding all but the last.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -1166,11 +1133,9 @@ impl SpecSeq {
         draft: Option<&Model>,
         pool: &ThreadPool,
         cache: &mut KvCache,
-        sampler: &mut Sampler,
-        params: &GenerateParams,
+        sequence: &mut Sequence,
         prompt: &[u32],
-        generated: &[u32],
-    ) -> Result<Vec<u32>, ModelError> {
+    ) -> Result<Vec<(u32, Pushed)>, ModelError> {
         if self.hist.is_empty() {
             self.prompt_len = prompt.len();
             for &t in prompt {
@@ -1180,24 +1145,21 @@ impl SpecSeq {
         }
         // Tokens decoded without speculation since the last round.
         let known = self.generated();
+        let generated = sequence.ids();
         if known > generated.len() || self.prompt_len != prompt.len() {
             return Err(ModelError::new("speculation state out of step with its sequence"));
         }
-        for &t in &generated[known..] {
+        let new: Vec<u32> = generated[known..].to_vec();
+        for t in new {
             self.push(tokenizer, t);
         }
-        let max_new = params.max_tokens.saturating_sub(generated.len());
-        if max_new == 0 || cache.len() + 1 != self.hist.len() {
+        if sequence.is_done() || cache.len() + 1 != self.hist.len() {
             return Err(ModelError::new("speculation step on a sequence that cannot take one"));
         }
-        // Stop strings are left to the caller, whose text stream spans rounds.
-        let round_params = GenerateParams { max_tokens: max_new, stop: Vec::new(), ..params.clone() };
-        let mut out =
-            Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
-        let mut stream = TextStream::new(&[]);
-        let mut round = Round { target, tokenizer, draft, params: &round_params, cache, sampler, seq: self };
-        round.run(pool, &mut out, &mut stream, &mut |_: &str| {})?;
-        Ok(out.ids)
+        let mut committed = Vec::new();
+        let mut round = Round { target, tokenizer, draft, cache, sequence, seq: self };
+        round.run(pool, &mut |id, p| committed.push((id, p)))?;
+        Ok(committed)
     }
 }
 
@@ -1213,7 +1175,8 @@ pub struct Speculator<'a> {
     params: GenerateParams,
     /// Holds every committed token but the last.
     cache: KvCache,
-    sampler: Sampler,
+    /// Sampling and the stop rule; made by `prefill`.
+    sequence: Option<Sequence>,
     prompt_secs: f64,
     seq: SpecSeq,
 }
@@ -1238,7 +1201,7 @@ impl<'a> Speculator<'a> {
                 Draft::NGram => None,
             },
             cache: target.new_cache(ctx),
-            sampler: Sampler::new(params.sampling.clone()),
+            sequence: None,
             prompt_secs: 0.0,
             seq,
             params,
@@ -1266,8 +1229,9 @@ impl<'a> Speculator<'a> {
         self.seq.prompt_len = prompt.len();
         for &t in prompt {
             self.seq.push(self.tokenizer, t);
-            self.sampler.accept(t);
         }
+        let ctx = self.cache.max_len();
+        self.sequence = Some(Sequence::new(prompt, &self.params, self.params.sampling.seed, ctx, None));
         self.seq.out_start = self.seq.text.len();
         if let (Drafter::Model(d), Some(model)) = (&mut self.seq.drafter, self.draft) {
             let t = Instant::now();
@@ -1282,11 +1246,9 @@ impl<'a> Speculator<'a> {
     /// New seeds for the target sampler and the speculator's draws (same
     /// history): forks after a shared prefill draw independent samples.
     pub fn reseed(&mut self, seed: u64) {
-        let mut s = Sampler::new(SamplingParams { seed, ..self.params.sampling.clone() });
-        for &t in &self.seq.hist {
-            s.accept(t);
+        if let Some(sequence) = &mut self.sequence {
+            sequence.reseed(seed, &self.seq.hist);
         }
-        self.sampler = s;
         self.seq.rng = SplitMix::new(seed);
         self.params.sampling.seed = seed;
     }
@@ -1303,74 +1265,69 @@ impl<'a> Speculator<'a> {
     /// Generates after the prefilled prompt, calling `on_text` with released
     /// text as it is produced, like [`crate::generate::generate`].
     pub fn generate(&mut self, pool: &ThreadPool, mut on_text: impl FnMut(&str)) -> Result<Generation, ModelError> {
-        if self.seq.hist.is_empty() {
+        let Some(sequence) = self.sequence.as_mut() else {
             return Err(ModelError::new("prefill a prompt before generating"));
-        }
-        let mut stream = TextStream::new(&self.params.stop);
-        let mut out =
-            Output { text: String::new(), ids: Vec::new(), finish: FinishReason::Length, hit_stop_string: false };
+        };
+        let mut text = String::new();
         let gen_start = Instant::now();
-        while out.ids.len() < self.params.max_tokens && self.cache.len() < self.cache.max_len() {
+        while !sequence.is_done() {
             let mut round = Round {
                 target: self.target,
                 tokenizer: self.tokenizer,
                 draft: self.draft,
-                params: &self.params,
                 cache: &mut self.cache,
-                sampler: &mut self.sampler,
+                sequence,
                 seq: &mut self.seq,
             };
-            if round.run(pool, &mut out, &mut stream, &mut on_text)? {
+            let mut emit = |_: u32, p: Pushed| {
+                for piece in [&p.text, &p.tail] {
+                    text.push_str(piece);
+                    on_text(piece);
+                }
+            };
+            if round.run(pool, &mut emit)? {
                 break;
             }
         }
         // The cache holds every committed token but the last, as between rounds.
         self.cache.truncate(self.seq.hist.len() - 1);
-        if !out.hit_stop_string {
-            let rest = stream.finish();
-            out.text.push_str(&rest);
-            on_text(&rest);
-        }
         let gen_secs = gen_start.elapsed().as_secs_f64();
         self.seq.stats.plain_step_secs = self.seq.ctl.t_plain.0;
+        let ids = sequence.ids().to_vec();
         Ok(Generation {
-            text: out.text,
-            gen_tokens: out.ids.len(),
-            ids: out.ids,
+            text,
+            gen_tokens: ids.len(),
+            ids,
             prompt_tokens: self.seq.prompt_len,
             prompt_secs: self.prompt_secs,
             gen_secs,
-            finish: out.finish,
+            finish: sequence.finish().unwrap_or(FinishReason::Length),
         })
     }
 }
 
 /// One round's view of a sequence: the models, the sequence's target cache
-/// and sampler, its speculation state. Built by [`Speculator::generate`]
+/// and [`Sequence`], its speculation state. Built by [`Speculator::generate`]
 /// and [`SpecSeq::step`] from what each owns.
 struct Round<'r> {
     target: &'r Model,
     tokenizer: &'r Tokenizer,
     draft: Option<&'r Model>,
-    params: &'r GenerateParams,
     /// Holds every committed token but the last between rounds.
     cache: &'r mut KvCache,
-    sampler: &'r mut Sampler,
+    sequence: &'r mut Sequence,
     seq: &'r mut SpecSeq,
 }
 
+/// Receives each committed token and what [`Sequence::push`] said of it.
+type OnToken<'a> = dyn FnMut(u32, Pushed) + 'a;
+
 impl Round<'_> {
-    /// Drafts (or not), verifies and commits: one target pass. `out.ids`
-    /// counts against `params.max_tokens`. True when generation ends.
-    fn run(
-        &mut self,
-        pool: &ThreadPool,
-        out: &mut Output,
-        stream: &mut TextStream,
-        on_text: &mut impl FnMut(&str),
-    ) -> Result<bool, ModelError> {
+    /// Drafts (or not), verifies and commits: one target pass. True when
+    /// the sequence ends.
+    fn run(&mut self, pool: &ThreadPool, on_token: &mut OnToken) -> Result<bool, ModelError> {
         let max_len = self.cache.max_len();
-        let remaining = self.params.max_tokens - out.ids.len();
+        let remaining = self.sequence.tokens_left();
         let room = max_len - self.cache.len() - 1;
         // Drafting the last allowed token gains nothing over a plain
         // step (one target pass either way); fixed-length runs do it anyway
@@ -1403,41 +1360,28 @@ impl Round<'_> {
         }
         if drafts.is_empty() {
             let off = self.seq.ctl.all_off(generated);
-            return self.plain_step(pool, off, out, stream, on_text);
+            return self.plain_step(pool, off, on_token);
         }
         let timing = match (&self.seq.drafter, src) {
             (Drafter::Model(d), Src::Model) => d.timing,
             _ => (0.0, 0),
         };
         let cost = (timing, self.seq.stats.draft_secs - draft_secs0);
-        self.verify(pool, src, &drafts, cost, out, stream, on_text)
+        self.verify(pool, src, &drafts, cost, on_token)
     }
 
-    /// Commits a token: history, sampler history (unless `sample` did), output.
-    fn commit(
-        &mut self,
-        id: u32,
-        sampled: bool,
-        out: &mut Output,
-        stream: &mut TextStream,
-        on_text: &mut impl FnMut(&str),
-    ) -> bool {
+    /// Commits a token to the speculation history and the sequence (whose
+    /// sampler has seen it already if it drew it); true when it ends there.
+    fn commit(&mut self, id: u32, sampled: bool, on_token: &mut OnToken) -> bool {
         self.seq.push(self.tokenizer, id);
-        if !sampled {
-            self.sampler.accept(id);
-        }
-        out.push(id, self.tokenizer, self.params, stream, on_text)
+        let p = self.sequence.push(self.tokenizer, id, sampled, None);
+        let done = p.finish.is_some();
+        on_token(id, p);
+        done
     }
 
     /// One token without drafts; true when generation ends.
-    fn plain_step(
-        &mut self,
-        pool: &ThreadPool,
-        while_off: bool,
-        out: &mut Output,
-        stream: &mut TextStream,
-        on_text: &mut impl FnMut(&str),
-    ) -> Result<bool, ModelError> {
+    fn plain_step(&mut self, pool: &ThreadPool, while_off: bool, on_token: &mut OnToken) -> Result<bool, ModelError> {
         let last = *self.seq.hist.last().expect("prefilled");
         let t = Instant::now();
         let logits = self.target.forward_one(pool, self.cache, &[last], Logits::Last)?;
@@ -1452,8 +1396,8 @@ impl Round<'_> {
         if self.seq.debug {
             eprintln!("[spec] plain step {:.1} ms{}", secs * 1e3, if while_off { " (speculation off)" } else { "" });
         }
-        let next = self.sampler.sample(&logits);
-        Ok(self.commit(next, true, out, stream, on_text))
+        let next = self.sequence.sample(&logits);
+        Ok(self.commit(next, true, on_token))
     }
 
     /// Verifies `drafts` in one target pass and commits what is accepted plus
@@ -1464,12 +1408,10 @@ impl Round<'_> {
         src: Src,
         drafts: &[Drafted],
         ((draft_secs, draft_passes), draft_total): ((f64, usize), f64),
-        out: &mut Output,
-        stream: &mut TextStream,
-        on_text: &mut impl FnMut(&str),
+        on_token: &mut OnToken,
     ) -> Result<bool, ModelError> {
         let base = self.cache.len();
-        let committed0 = out.ids.len();
+        let committed0 = self.sequence.ids().len();
         let mut toks = Vec::with_capacity(drafts.len() + 1);
         toks.push(*self.seq.hist.last().expect("prefilled"));
         toks.extend(drafts.iter().map(|d| d.id));
@@ -1486,19 +1428,19 @@ impl Round<'_> {
         let mut rejected = false;
         for (j, d) in drafts.iter().enumerate() {
             let row = &rows[j * vocab..(j + 1) * vocab];
-            let p = self.sampler.distribution(row);
+            let p = self.sequence.distribution(row);
             let (px, qx) = (lookup(&p, d.id), d.q_of(d.id));
             let accept = px > 0.0 && (px >= qx || self.seq.rng.next_f64() * (qx as f64) < px as f64);
             if accept {
                 accepted += 1;
-                if self.commit(d.id, false, out, stream, on_text) {
+                if self.commit(d.id, false, on_token) {
                     done = true;
                     break;
                 }
             } else {
                 let y = self.residual(&p, d);
                 rejected = true;
-                done = self.commit(y, false, out, stream, on_text);
+                done = self.commit(y, false, on_token);
                 break;
             }
         }
@@ -1513,12 +1455,12 @@ impl Round<'_> {
         }
         if !done && !rejected {
             let row = &rows[drafts.len() * vocab..];
-            let y = self.sampler.sample(row);
-            done = self.commit(y, true, out, stream, on_text);
+            let y = self.sequence.sample(row);
+            done = self.commit(y, true, on_token);
         }
         // Keep `last` and the accepted drafts; drop the rest.
         self.cache.truncate(base + 1 + accepted);
-        let committed = out.ids.len() - committed0;
+        let committed = self.sequence.ids().len() - committed0;
         self.seq.ctl.record_round(
             src,
             drafts.len(),

@@ -10,9 +10,9 @@
 //! (the last line, a regular expression, a JSON field — or any type
 //! implementing the trait) and returns the majority answer with the counts.
 
-use crate::generate::{prefill, FinishReason, GenerateParams, TextStream};
+use crate::generate::{prefill, FinishReason, GenerateParams};
 use crate::model::{Logits, Model, ModelError, SeqBatch};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
 use minnow_kernels::pool::ThreadPool;
 use std::time::Instant;
@@ -57,42 +57,21 @@ impl MultiGeneration {
 
 struct Running {
     cache: crate::kv_cache::KvCache,
-    sampler: Sampler,
-    stream: TextStream,
-    sample: Sample,
+    seq: Sequence,
+    text: String,
+    /// The last token, the next step's input.
     last: u32,
-    done: bool,
-    hit_stop_string: bool,
 }
 
 impl Running {
-    /// Records a sampled token; marks the sample done when it must end.
-    fn push(
-        &mut self,
-        id: u32,
-        tokenizer: &Tokenizer,
-        params: &GenerateParams,
-        on_text: &mut impl FnMut(usize, &str),
-        i: usize,
-    ) {
-        self.sample.ids.push(id);
+    /// Samples the next token from `logits` and records it.
+    fn step(&mut self, logits: &[f32], tokenizer: &Tokenizer, on_text: &mut impl FnMut(usize, &str), i: usize) {
+        let id = self.seq.sample(logits);
         self.last = id;
-        if params.stop_at_eog && tokenizer.is_end_of_generation(id) {
-            self.sample.finish = FinishReason::Stop;
-            self.done = true;
-            return;
-        }
-        let (piece, hit) = self.stream.push(tokenizer, id);
-        self.sample.text.push_str(&piece);
-        on_text(i, &piece);
-        if hit {
-            self.sample.finish = FinishReason::Stop;
-            self.hit_stop_string = true;
-            self.done = true;
-            return;
-        }
-        if self.sample.ids.len() >= params.max_tokens || self.cache.len() + 1 > self.cache.max_len() {
-            self.done = true;
+        let p = self.seq.push(tokenizer, id, true, None);
+        for piece in [&p.text, &p.tail] {
+            self.text.push_str(piece);
+            on_text(i, piece);
         }
     }
 }
@@ -123,34 +102,22 @@ pub fn generate_n(
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let gen_start = Instant::now();
+    let ctx = cache.max_len();
     let mut seqs: Vec<Running> = (0..n)
-        .map(|i| {
-            let mut sampler = Sampler::new(SamplingParams {
-                seed: params.sampling.seed.wrapping_add(i as u64),
-                ..params.sampling.clone()
-            });
-            for &t in prompt {
-                sampler.accept(t);
-            }
-            Running {
-                cache: if i + 1 == n {
-                    std::mem::replace(&mut cache, model.new_cache(0))
-                } else {
-                    cache.clone_prefix(prompt.len())
-                },
-                sampler,
-                stream: TextStream::new(&params.stop),
-                sample: Sample { text: String::new(), ids: Vec::new(), finish: FinishReason::Length },
-                last: 0,
-                done: params.max_tokens == 0,
-                hit_stop_string: false,
-            }
+        .map(|i| Running {
+            cache: if i + 1 == n {
+                std::mem::replace(&mut cache, model.new_cache(0))
+            } else {
+                cache.clone_prefix(prompt.len())
+            },
+            seq: Sequence::new(prompt, params, params.sampling.seed.wrapping_add(i as u64), ctx, None),
+            text: String::new(),
+            last: 0,
         })
         .collect();
     for (i, s) in seqs.iter_mut().enumerate() {
-        if !s.done {
-            let id = s.sampler.sample(&logits);
-            s.push(id, tokenizer, params, &mut on_text, i);
+        if !s.seq.is_done() {
+            s.step(&logits, tokenizer, &mut on_text, i);
         }
     }
     let mut decode_forwards = 0;
@@ -158,7 +125,7 @@ pub fn generate_n(
         let mut active = Vec::new();
         let mut batch = Vec::new();
         for (i, s) in seqs.iter_mut().enumerate() {
-            if !s.done {
+            if !s.seq.is_done() {
                 active.push(i);
                 batch.push(SeqBatch {
                     tokens: std::slice::from_ref(&s.last),
@@ -174,20 +141,17 @@ pub fn generate_n(
         drop(batch);
         decode_forwards += 1;
         for (&i, row) in active.iter().zip(&rows) {
-            let s = &mut seqs[i];
-            let id = s.sampler.sample(row);
-            s.push(id, tokenizer, params, &mut on_text, i);
+            seqs[i].step(row, tokenizer, &mut on_text, i);
         }
     }
-    let mut samples = Vec::with_capacity(n);
-    for (i, mut s) in seqs.into_iter().enumerate() {
-        if !s.hit_stop_string {
-            let rest = s.stream.finish();
-            s.sample.text.push_str(&rest);
-            on_text(i, &rest);
-        }
-        samples.push(s.sample);
-    }
+    let samples: Vec<Sample> = seqs
+        .into_iter()
+        .map(|s| Sample {
+            text: s.text,
+            ids: s.seq.ids().to_vec(),
+            finish: s.seq.finish().unwrap_or(FinishReason::Length),
+        })
+        .collect();
     let gen_tokens = samples.iter().map(|s| s.ids.len()).sum();
     Ok(MultiGeneration {
         samples,

@@ -30,9 +30,10 @@
 //! acceptance tests from its own random stream, so a seeded request's exact
 //! tokens depend on whether it decoded alone — its distribution does not.
 
-use super::{take_token, Phase, Running, Worker};
+use super::{emit_token, Phase, Running, Worker};
 use crate::loader::LoadedModel;
 use crate::lookup_memory::LookupMemory;
+use crate::sequence::Pushed;
 use crate::speculative::{Draft, SpecConfig, SpecSeq, SpecStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -154,7 +155,7 @@ impl Worker {
             return None;
         }
         let Phase::Decode { samples } = &r.phase else { return None };
-        let mut decoding = samples.iter().enumerate().filter(|(_, s)| !s.done);
+        let mut decoding = samples.iter().enumerate().filter(|(_, s)| !s.seq.is_done());
         let (si, _) = decoding.next()?;
         decoding.next().is_none().then_some((ri, si))
     }
@@ -180,23 +181,21 @@ impl Worker {
         let answers = self.answers.as_ref();
         let res = catch_unwind(AssertUnwindSafe(|| round(&model, &spec, self.cfg.ctx, &self.pool, answers, r, si)));
         let secs = t0.elapsed().as_secs_f64();
-        let (ids, before, after, t_plain) = match res {
+        let (committed, before, after, t_plain) = match res {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return r.fail(format!("speculative decoding failed: {e}")),
             Err(p) => return r.fail(format!("speculative decoding panicked: {}", super::panic_message(&*p))),
         };
-        let mut used = 0;
-        for &id in &ids {
-            used += 1;
-            if take_token(&model, r, si, id, None) {
-                break;
-            }
+        let used = committed.len();
+        for (id, p) in committed {
+            emit_token(r, si, id, p);
         }
         if let Phase::Decode { samples } = &mut r.phase {
             let s = &mut samples[si];
-            // Tokens after a stop were never emitted: the cache (and the
-            // prefix cache after it) holds only what the answer holds.
-            s.cache.truncate(r.prompt.len() + s.ids.len() - 1);
+            // A round that ends the sequence on an accepted draft leaves
+            // that token in the cache: keep all but the last, as always (the
+            // prefix cache takes it as it is).
+            s.cache.truncate(r.prompt.len() + s.seq.ids().len() - 1);
         }
         let mut st = super::lock(&self.shared);
         st.stats.steps_total += 1;
@@ -207,6 +206,10 @@ impl Worker {
         st.stats.speculation.get_or_insert_with(Default::default).add(&before, &after, used, secs, t_plain);
     }
 }
+
+/// A round's committed tokens (with what the sequence said of each), the
+/// speculation statistics before and after it, and the plain step time.
+type RoundOut = (Vec<(u32, Pushed)>, SpecStats, SpecStats, Option<f64>);
 
 /// Runs [`SpecSeq::step`] on the sample, creating its state on first use.
 /// Returns the committed tokens, the statistics before and after, and the
@@ -219,15 +222,15 @@ fn round(
     answers: Option<&LookupMemory>,
     r: &mut Running,
     si: usize,
-) -> Result<(Vec<u32>, SpecStats, SpecStats, Option<f64>), crate::model::ModelError> {
-    let Running { phase, prompt, params, .. } = r;
+) -> Result<RoundOut, crate::model::ModelError> {
+    let Running { phase, prompt, .. } = r;
     let Phase::Decode { samples } = phase else { unreachable!("lone_decoder chose a decoding sample") };
     let s = &mut samples[si];
     let draft_model = spec.draft.as_ref().map(|d| &d.model);
     if s.spec.is_none() {
         let draft = draft_model.map_or(Draft::NGram, Draft::Model);
         // The sample's own sampling (its seed is the request's plus its index).
-        let mut seq = SpecSeq::new(&model.model, draft, ctx, s.sampler.params(), &spec.config)?;
+        let mut seq = SpecSeq::new(&model.model, draft, ctx, s.seq.sampling(), &spec.config)?;
         if let Some(mem) = answers {
             seq.set_references(mem.references_for(prompt));
         }
@@ -235,16 +238,6 @@ fn round(
     }
     let seq = s.spec.as_mut().expect("just created");
     let before = seq.stats().clone();
-    let ids = seq.step(
-        &model.model,
-        &model.tokenizer,
-        draft_model,
-        pool,
-        &mut s.cache,
-        &mut s.sampler,
-        params,
-        prompt,
-        &s.ids,
-    )?;
-    Ok((ids, before, seq.stats().clone(), seq.plain_step_secs()))
+    let committed = seq.step(&model.model, &model.tokenizer, draft_model, pool, &mut s.cache, &mut s.seq, prompt)?;
+    Ok((committed, before, seq.stats().clone(), seq.plain_step_secs()))
 }

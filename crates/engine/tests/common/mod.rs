@@ -204,3 +204,11 @@ pub fn sha256_hex(path: &std::path::Path) -> String {
     }
     h.iter().map(|x| format!("{x:08x}")).collect()
 }
+
+/// Model-heavy tests of one binary take turns (a 2-core machine gains
+/// nothing from two forward passes at once).
+#[allow(dead_code)]
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
