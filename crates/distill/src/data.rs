@@ -15,6 +15,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::tokenizer::Tokenizer;
+use minnow_kernels::mix::{fnv1a_extend, FNV1A_START};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -90,20 +91,12 @@ pub struct DatasetRecord {
 /// bytes, in id order): two models with the same fingerprint share ids.
 /// FNV-1a 64 over length-prefixed token bytes, printed as `vocab-<n>-<hex>`.
 pub fn vocab_fingerprint(tokenizer: &Tokenizer) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
+    let mut h = FNV1A_START;
     let n = tokenizer.vocab_size();
     for id in 0..n as u32 {
         let bytes = tokenizer.token_bytes(id);
-        for b in (bytes.len() as u32).to_le_bytes() {
-            eat(b);
-        }
-        for b in bytes {
-            eat(b);
-        }
+        h = fnv1a_extend(h, &(bytes.len() as u32).to_le_bytes());
+        h = fnv1a_extend(h, &bytes);
     }
     format!("vocab-{n}-{h:016x}")
 }

@@ -18,7 +18,7 @@ use crate::data::{last_user_text, read_eval_cases, DatasetRecord, EvalCase};
 use crate::label::teacher_messages;
 use crate::report::{self, ModelResult, Report};
 use crate::score::{CaseScore, Scorer};
-use crate::teacher::{chat_tokens, GenSettings, Job, LocalModel, Teacher};
+use crate::teacher::{GenSettings, Job, LocalModel, Teacher};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use minnow_engine::generate::{generate, GenerateParams};
@@ -269,7 +269,7 @@ fn context_for(
     let train = model.model.config().context_length;
     let mut longest = 0;
     for c in convos {
-        longest = longest.max(chat_tokens(model, c)?.len());
+        longest = longest.max(model.chat_prompt(c)?.len());
     }
     let need = longest + max_tokens;
     if need > train {
@@ -285,7 +285,7 @@ fn measure_speed(
     convo: &[minnow_engine::chat::ChatMessage],
     ctx: usize,
 ) -> Result<(f64, f64)> {
-    let prompt = chat_tokens(model, convo)?;
+    let prompt = model.chat_prompt(convo)?;
     let params = GenerateParams {
         max_tokens: SPEED_TOKENS,
         sampling: SamplingParams::greedy(),

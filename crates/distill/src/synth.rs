@@ -26,6 +26,7 @@ use crate::teacher::{GenSettings, Job, Teacher};
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use minnow_engine::chat::ChatMessage;
+use minnow_kernels::mix::{fnv1a, SplitMix64};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -160,11 +161,11 @@ pub fn describe(s: &SynthSummary, output: &std::path::Path) -> String {
 
 /// The request for one new input.
 fn request(task: &str, bodies: &[&str], k: usize, key: u64) -> Vec<ChatMessage> {
-    let mut rng = SplitMix(key ^ 0x9e37_79b9_7f4a_7c15);
+    let mut rng = SplitMix64::new(key ^ 0x9e37_79b9_7f4a_7c15);
     let mut picked: Vec<usize> = Vec::new();
     let k = k.min(bodies.len());
     while picked.len() < k {
-        let i = (rng.next() % bodies.len() as u64) as usize;
+        let i = (rng.next_u64() % bodies.len() as u64) as usize;
         if !picked.contains(&i) {
             picked.push(i);
         }
@@ -326,7 +327,7 @@ pub fn minhash(t: &str) -> [u64; MINHASH_HASHES] {
     for sh in shingles(t) {
         let base = fnv1a(sh.as_bytes());
         for (i, slot) in sig.iter_mut().enumerate() {
-            let h = SplitMix(base ^ (i as u64).wrapping_mul(0xa076_1d64_78bd_642f)).next();
+            let h = SplitMix64::new(base ^ (i as u64).wrapping_mul(0xa076_1d64_78bd_642f)).next_u64();
             *slot = (*slot).min(h);
         }
     }
@@ -337,23 +338,6 @@ pub fn minhash(t: &str) -> [u64; MINHASH_HASHES] {
 /// the Jaccard similarity of the two shingle sets.
 pub fn estimated_jaccard(a: &[u64; MINHASH_HASHES], b: &[u64; MINHASH_HASHES]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / MINHASH_HASHES as f64
-}
-
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-/// SplitMix64: a tiny, well-mixed generator (seeds picking, hash mixing).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 fn bar(progress: bool, count: usize, done: usize) -> ProgressBar {

@@ -14,7 +14,7 @@
 
 use crate::data::{vocab_fingerprint, TeacherLogprobs};
 use anyhow::{anyhow, bail, Result};
-use minnow_engine::chat::{render_plain, ChatMessage};
+use minnow_engine::chat::ChatMessage;
 use minnow_engine::generate::GenerateParams;
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::SamplingParams;
@@ -120,20 +120,6 @@ pub trait Teacher {
 // ---------------------------------------------------------------------------
 // Local: minnow's engine.
 
-/// Renders `messages` with the model's chat template (ChatML when it has
-/// none), ending with the assistant's turn header, and tokenizes it. BOS is
-/// added only when the template did not write it (as `minnow serve` does:
-/// a doubled BOS changes some models' outputs).
-pub fn chat_tokens(m: &LoadedModel, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-    let text = match &m.chat {
-        Some(t) => t.render(messages, true)?,
-        None => render_plain(messages, true),
-    };
-    let bos_text = m.tokenizer.bos_id().map(|b| m.tokenizer.token_text(b).to_string());
-    let template_wrote_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
-    Ok(m.tokenizer.encode(&text, !template_wrote_bos, true)?)
-}
-
 /// A GGUF model served by the continuous-batching scheduler.
 pub struct LocalModel {
     name: String,
@@ -222,7 +208,7 @@ impl Teacher for LocalModel {
         while !pending.is_empty() || !partial.is_empty() {
             while partial.len() < window && first.is_none() {
                 let Some(job) = pending.pop_front() else { break };
-                let prompt = match chat_tokens(self.model(), &job.messages) {
+                let prompt = match self.model().chat_prompt(&job.messages) {
                     Ok(p) => p,
                     Err(e) => {
                         on_answer(job.index, Err(format!("cannot build the prompt: {e}")))?;

@@ -1,8 +1,9 @@
 //! Loading everything a GGUF file describes: the network, its tokenizer and
-//! its chat template, with errors that name the file; and where models are
-//! cached on this machine.
+//! its chat template, with errors that name the file; how a conversation
+//! becomes the model's prompt ([`LoadedModel::chat_prompt`], the one place
+//! that rule lives); and where models are cached on this machine.
 
-use crate::chat::ChatTemplate;
+use crate::chat::{render_plain, ChatMessage, ChatTemplate};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use minnow_gguf::GgufFile;
@@ -19,6 +20,24 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Renders `messages` with the model's chat template (ChatML when it
+    /// has none), ending with the assistant's turn header, and tokenizes the
+    /// result with special tokens parsed. A BOS is added only when the
+    /// tokenizer asks for one and the template did not already write it: a
+    /// doubled BOS shifts every logit of some models. `serve`, `run --chat`,
+    /// `chat` and the distill teachers and evaluations all build prompts
+    /// here, so a conversation tokenizes the same way everywhere (the prefix
+    /// cache depends on it).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+        let text = match &self.chat {
+            Some(t) => t.render(messages, true)?,
+            None => render_plain(messages, true),
+        };
+        let bos_text = self.tokenizer.bos_id().map(|b| self.tokenizer.token_text(b).to_string());
+        let template_wrote_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+        Ok(self.tokenizer.encode(&text, !template_wrote_bos, true)?)
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<LoadedModel> {
         let file = Arc::new(GgufFile::open(path)?);
         let name = path.display();

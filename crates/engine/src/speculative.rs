@@ -70,6 +70,7 @@ use crate::model::{Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::sequence::{Pushed, Sequence};
 use crate::tokenizer::Tokenizer;
+use minnow_kernels::mix::SplitMix64;
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -722,22 +723,17 @@ fn draw(dist: &[(u32, f32)], u: f64) -> u32 {
     dist.last().map_or(0, |x| x.0)
 }
 
-/// splitmix64: the speculator's own uniform draws (acceptance tests, draft
-/// and residual draws), separate from the target sampler's stream.
+/// The speculator's own uniform draws (acceptance tests, draft and residual
+/// draws), separate from the target sampler's stream.
 #[derive(Clone, Debug)]
-struct SplitMix(u64);
+struct SplitMix(SplitMix64);
 
 impl SplitMix {
     fn new(seed: u64) -> SplitMix {
-        SplitMix(seed ^ 0x5bd1_e995_9e37_79b9)
+        SplitMix(SplitMix64::new(seed ^ 0x5bd1_e995_9e37_79b9))
     }
     fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.0.next_f64()
     }
 }
 

@@ -7,12 +7,14 @@
 //! - [`attention`]: one head's attention over a span of the KV cache.
 //! - [`ops`]: the f32 element-wise pieces of a transformer (RMSNorm, RoPE,
 //!   softmax, activations).
+//! - [`mix`]: the one SplitMix64 generator and FNV-1a hash every crate uses.
 //! - [`pool`]: a persistent thread pool, because per-op thread spawning costs
 //!   more than a decode step's small matvecs.
 
 pub mod attention;
 pub mod formats;
 pub mod matmul;
+pub mod mix;
 pub mod ops;
 pub mod pool;
 pub mod quantize;

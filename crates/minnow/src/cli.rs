@@ -11,8 +11,6 @@ use minnow_engine::model::Logits;
 use minnow_engine::sampler::SamplingParams;
 use minnow_kernels::ops::{argmax, log_softmax};
 use minnow_kernels::pool::ThreadPool;
-// Shared with the server so a conversation tokenizes the same way in both.
-use minnow_serve::chat_prompt;
 use serde_json::json;
 use std::io::{BufRead, Read, Write};
 use std::time::Instant;
@@ -451,7 +449,7 @@ fn run(a: RunArgs) -> Result<()> {
             msgs.push(ChatMessage::new("system", s.clone()));
         }
         msgs.push(ChatMessage::new("user", a.prompt.clone()));
-        chat_prompt(&m, &msgs)?
+        m.chat_prompt(&msgs)?
     } else {
         m.tokenizer.encode(&a.prompt, true, false)?
     };
@@ -543,7 +541,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             continue;
         }
         messages.push(ChatMessage::new("user", line.to_string()));
-        let prompt = chat_prompt(&m, &messages)?;
+        let prompt = m.chat_prompt(&messages)?;
         if prompt.len() >= ctx {
             eprintln!(
                 "the conversation ({} tokens) no longer fits the context of {ctx}; /reset to start over",

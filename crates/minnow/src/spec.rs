@@ -320,7 +320,7 @@ pub fn bench(
     };
     let text = a.draft_prompt.as_deref().unwrap_or(BENCH_PROMPT);
     let prompt = if a.draft_chat {
-        minnow_serve::chat_prompt(m, &[ChatMessage::new("user", text.to_string())])?
+        m.chat_prompt(&[ChatMessage::new("user", text.to_string())])?
     } else {
         m.tokenizer.encode(text, true, true)?
     };

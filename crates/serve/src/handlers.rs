@@ -105,7 +105,7 @@ pub async fn chat_completions(
         check_model(&state, &obj)?;
         let model = state.model().clone();
         let messages = req.messages;
-        let prompt = blocking(move || crate::chat_prompt(&model, &messages))
+        let prompt = blocking(move || model.chat_prompt(&messages))
             .await?
             .map_err(|e| ApiError::invalid("messages", format!("the chat template failed on these messages: {e:#}")))?;
         generate(&state, &log, Endpoint::Chat, prompt, req.opts).await

@@ -44,12 +44,10 @@ pub mod error;
 mod handlers;
 pub mod metrics;
 pub mod params;
-pub mod prompt;
 mod render;
 mod sse;
 
 pub use conn::{Limits, Stop};
-pub use prompt::chat_prompt;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request};

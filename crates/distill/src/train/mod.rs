@@ -245,24 +245,15 @@ pub fn check_kl_vocab(records: &[DatasetRecord], student_vocab: &str) -> Result<
     Ok(k)
 }
 
-/// FNV-1a 64 of some bytes, continuing from `h`.
-fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 /// What makes two runs the same run: the student file, the data, and every
 /// setting that changes the weights (not threads, paths or checkpointing).
 fn run_fingerprint(c: &TrainConfig, student: &GgufFile) -> Result<String> {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    h = fnv(h, &std::fs::read(&c.data)?);
-    h = fnv(h, &student.file_size().to_le_bytes());
+    let mut h = minnow_kernels::mix::FNV1A_START;
+    h = minnow_kernels::mix::fnv1a_extend(h, &std::fs::read(&c.data)?);
+    h = minnow_kernels::mix::fnv1a_extend(h, &student.file_size().to_le_bytes());
     for t in student.tensors() {
-        h = fnv(h, t.name.as_bytes());
-        h = fnv(h, &t.offset.to_le_bytes());
+        h = minnow_kernels::mix::fnv1a_extend(h, t.name.as_bytes());
+        h = minnow_kernels::mix::fnv1a_extend(h, &t.offset.to_le_bytes());
     }
     let s = TrainConfig {
         student: PathBuf::new(),
@@ -275,7 +266,7 @@ fn run_fingerprint(c: &TrainConfig, student: &GgufFile) -> Result<String> {
         out_type: String::new(),
         ..c.clone()
     };
-    h = fnv(h, serde_json::to_string(&s)?.as_bytes());
+    h = minnow_kernels::mix::fnv1a_extend(h, serde_json::to_string(&s)?.as_bytes());
     Ok(format!("{h:016x}"))
 }
 

@@ -43,7 +43,7 @@ impl BlockF16 {
     /// The element as f32 (exact).
     #[inline]
     pub fn to_f32(self) -> f32 {
-        half::f16::from_bits(self.0).to_f32()
+        super::f16_to_f32(self.0)
     }
 
     /// Rounds `x` to f16 (round to nearest even, as ggml's `GGML_FP32_TO_FP16`).

@@ -54,27 +54,7 @@ use super::ActBlock;
 /// Elements per k-quant super-block.
 pub const QK_K: usize = 256;
 
-/// Converts raw f16 bits (how the blocks store their scales) to f32, exactly.
-///
-/// Written out rather than calling `half`, whose conversion is an
-/// out-of-line call behind a run-time CPU check: twice per super-block that
-/// was a measurable share of the SIMD kernels' time. Normal values only
-/// need the exponent re-biased (15 → 127); subnormals (< 2^-14) are
-/// `mantissa * 2^-24`, done via an exact int→float conversion so no f32
-/// denormal ever reaches a multiply; inf/NaN keep their payload.
-#[inline(always)]
-pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let em = (h & 0x7fff) as u32;
-    let mag = if em < 0x0400 {
-        (em as f32 * (1.0 / 16_777_216.0)).to_bits()
-    } else if em < 0x7c00 {
-        (em << 13) + ((127 - 15) << 23)
-    } else {
-        (em << 13) | 0x7f80_0000
-    };
-    f32::from_bits(sign | mag)
-}
+pub(crate) use super::f16_to_f32;
 
 pub(crate) use super::has_avx2_fma;
 

@@ -35,7 +35,7 @@
 
 #![allow(non_camel_case_types)]
 
-use super::{ActBlock, BlockFormat, GroupScales};
+use super::{f16_to_f32, ActBlock, BlockFormat, GroupScales};
 use crate::GgmlType;
 use bytemuck::{Pod, Zeroable};
 
@@ -117,11 +117,6 @@ const _: () = assert!(std::mem::align_of::<BlockQ5_0>() == 2);
 const _: () = assert!(std::mem::align_of::<BlockQ5_1>() == 2);
 const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 2);
 const _: () = assert!(std::mem::align_of::<BlockQ8_1>() == 2);
-
-#[inline]
-fn f16(bits: u16) -> f32 {
-    half::f16::from_bits(bits).to_f32()
-}
 
 /// f32 → f16 bits, round to nearest even (ggml's `GGML_FP32_TO_FP16`).
 #[inline]
@@ -375,7 +370,7 @@ impl ActBlock for BlockQ8_0 {
         BlockQ8_0::quantize(x, out)
     }
     fn scales_f32(&self) -> (f32, f32) {
-        (f16(self.d), 0.0)
+        (f16_to_f32(self.d), 0.0)
     }
 }
 
@@ -395,7 +390,7 @@ impl BlockQ8_1 {
     pub fn dequantize(blocks: &[Self], out: &mut [f32]) {
         check_len("Q8_1 dequantize", out.len(), blocks.len());
         for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let d = f16(b.d);
+            let d = f16_to_f32(b.d);
             for (o, &q) in out.iter_mut().zip(&b.qs) {
                 *o = d * q as f32;
             }
@@ -409,7 +404,7 @@ impl ActBlock for BlockQ8_1 {
         BlockQ8_1::quantize(x, out)
     }
     fn scales_f32(&self) -> (f32, f32) {
-        (f16(self.d), f16(self.s))
+        (f16_to_f32(self.d), f16_to_f32(self.s))
     }
 }
 
@@ -465,7 +460,7 @@ fn dequantize_0<B>(what: &str, blocks: &[B], out: &mut [f32], parts: impl Fn(&B)
     check_len(what, out.len(), blocks.len());
     for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
         let (d, quants) = parts(b);
-        let d = f16(d);
+        let d = f16_to_f32(d);
         for (o, q) in out.iter_mut().zip(quants) {
             *o = d * q as f32;
         }
@@ -476,7 +471,7 @@ fn dequantize_1<B>(what: &str, blocks: &[B], out: &mut [f32], parts: impl Fn(&B)
     check_len(what, out.len(), blocks.len());
     for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
         let (d, m, quants) = parts(b);
-        let (d, m) = (f16(d), f16(m));
+        let (d, m) = (f16_to_f32(d), f16_to_f32(m));
         for (o, q) in out.iter_mut().zip(quants) {
             *o = d * q as f32 + m;
         }
@@ -489,7 +484,7 @@ fn dot_ref_0<B>(what: &str, w: &[B], a: &[BlockQ8_0], parts: impl Fn(&B) -> (u16
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
         let (d, quants) = parts(x);
-        sum += idot(&quants, &y.qs) as f32 * f16(d) * f16(y.d);
+        sum += idot(&quants, &y.qs) as f32 * f16_to_f32(d) * f16_to_f32(y.d);
     }
     sum
 }
@@ -501,7 +496,7 @@ fn dot_ref_1<B>(what: &str, w: &[B], a: &[BlockQ8_1], parts: impl Fn(&B) -> (u16
     for (x, y) in w.iter().zip(a) {
         let (d, m, quants) = parts(x);
         let sumi = idot(&quants, &y.qs);
-        sum += f16(d) * f16(y.d) * sumi as f32 + f16(m) * f16(y.s);
+        sum += f16_to_f32(d) * f16_to_f32(y.d) * sumi as f32 + f16_to_f32(m) * f16_to_f32(y.s);
     }
     sum
 }
@@ -706,7 +701,7 @@ mod avx2 {
         dot_unsigned(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
     }
 
-    /// `f16(xd) · f16(yd)` in all 8 lanes.
+    /// `f16_to_f32(xd) · f16_to_f32(yd)` in all 8 lanes.
     #[inline(always)]
     unsafe fn scale(xd: u16, yd: u16) -> __m256 {
         let h = _mm_cvtph_ps(_mm_cvtsi32_si128((xd as u32 | (yd as u32) << 16) as i32));

@@ -37,7 +37,7 @@
 )]
 
 use super::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
-use super::{simd_level, BlockFormat, SimdLevel};
+use super::{f16_to_f32, simd_level, BlockFormat, SimdLevel};
 use bytemuck::{Pod, Zeroable};
 
 /// The SIMD kernels `$name::<N>` of a format as [`Kernels`] (made by
@@ -64,10 +64,6 @@ pub struct ActMeta {
     pub d: f32,
     pub s: f32,
     pub sum: i32,
-}
-
-fn f16(bits: u16) -> f32 {
-    half::f16::from_bits(bits).to_f32()
 }
 
 /// A group of 8 rows' block column in a row-interleaved layout.
@@ -123,7 +119,7 @@ trait ExactSums: Interleaved {
     /// The float step for one block and row: `acc` updated with the block's
     /// integer sum.
     fn accumulate_ref(&self, s: usize, isum: i32, m: &ActMeta, acc: f32) -> f32 {
-        let dw = f16(self.scales()[s]);
+        let dw = f16_to_f32(self.scales()[s]);
         (isum as f32).mul_add(dw * m.d, acc)
     }
 }
@@ -244,7 +240,7 @@ impl Interleaved for BlockQ8_0x8 {
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
         // Σy: the VNNI kernel's offset (it multiplies q + 128).
-        ActMeta { d: f16(a.d), s: 0.0, sum: q8_sum(a) }
+        ActMeta { d: f16_to_f32(a.d), s: 0.0, sum: q8_sum(a) }
     }
 
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
@@ -284,7 +280,7 @@ impl Interleaved for BlockQ4_0x8 {
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta { d: f16(a.d), s: 0.0, sum: q8_sum(a) }
+        ActMeta { d: f16_to_f32(a.d), s: 0.0, sum: q8_sum(a) }
     }
 
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
@@ -325,7 +321,7 @@ impl Interleaved for BlockQ4_1x8 {
     }
 
     fn meta(a: &BlockQ8_1) -> ActMeta {
-        ActMeta { d: f16(a.d), s: f16(a.s), sum: 0 }
+        ActMeta { d: f16_to_f32(a.d), s: f16_to_f32(a.s), sum: 0 }
     }
 
     /// Σ (dw q + m)(dy y) = dw dy Σ q y + m s. The min terms go to their own
@@ -339,7 +335,7 @@ impl Interleaved for BlockQ4_1x8 {
         for ((x, y), m) in w.iter().zip(a).zip(meta) {
             for s in 0..ROWS {
                 acc[s] = x.accumulate_ref(s, x.isum_ref(s, y), m, acc[s]);
-                mins[s] += f16(x.m[s]) * m.s;
+                mins[s] += f16_to_f32(x.m[s]) * m.s;
             }
         }
         std::array::from_fn(|s| acc[s] + mins[s])
@@ -391,7 +387,7 @@ impl Interleaved for BlockQ5_0x8 {
     }
 
     fn meta(a: &BlockQ8_0) -> ActMeta {
-        ActMeta { d: f16(a.d), s: 0.0, sum: q8_sum(a) }
+        ActMeta { d: f16_to_f32(a.d), s: 0.0, sum: q8_sum(a) }
     }
 
     fn dot_ref(w: &[Self], a: &[BlockQ8_0], meta: &[ActMeta]) -> [f32; ROWS] {
