@@ -13,6 +13,7 @@
 //! - [`scheduler`]: continuous batching of many requests (the server's engine):
 //!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
 //! - [`speculative`]: speculative decoding (draft model or prompt lookup), output exactly the target's.
+//! - [`lookup_memory`]: earlier answers to similar prompts, for prompt lookup to draft from.
 //! - [`vote`]: many samples sharing one prefill, and self-consistency voting.
 //! - [`upcycle`]: a dense model file → a mixture-of-experts one computing the same function.
 

@@ -11,7 +11,7 @@
 //! (`serve`, the local teacher) differ only in how they get logits, so the
 //! text they release and where they stop are the same by construction.
 //!
-//! **Where per-token constraints plug in**: [`Sequence::next_token_logits`]
+//! **Where per-token constraints plug in**: `Sequence::next_token_logits`
 //! is the single place a sequence's logits are turned into what the sampler
 //! sees; a token mask (structured outputs, logit bias) is applied there,
 //! and both sampling and speculative verification go through it.

@@ -10,6 +10,8 @@
 //! - [`mix`]: the one SplitMix64 generator and FNV-1a hash every crate uses.
 //! - [`pool`]: a persistent thread pool, because per-op thread spawning costs
 //!   more than a decode step's small matvecs.
+//! - [`quantize`]: f32 → any supported format (requantizing, upcycling).
+//! - [`weight_memory`]: repacked weights on transparent huge pages.
 
 pub mod attention;
 pub mod formats;

@@ -1,5 +1,7 @@
 //! `minnow`: small, fast, cheap language models. Thin commands over the
-//! engine crates: run, chat, info, tokenize, logits, perplexity, bench, pull.
+//! crates below it: run, chat, info, tokenize, logits, perplexity, bench,
+//! pull, upcycle (`cli`), serve (`minnow_serve`), distill (`distill_cmd`,
+//! `distill_train`); speculative flags in `spec`, test models in `models`.
 
 mod cli;
 mod distill_cmd;

@@ -6,9 +6,9 @@
 //! process that has not ignored the signal) and answers malformed HTTP with
 //! an empty 400. This module drives hyper's HTTP/1.1 connections itself:
 //!
-//! - [`Socket`] is a TCP stream whose writes never raise a signal (`send` /
+//! - `Socket` is a TCP stream whose writes never raise a signal (`send` /
 //!   `sendmsg` with `MSG_NOSIGNAL`, so the server does not depend on the
-//!   process's signal disposition), that records its [`Activity`], and that
+//!   process's signal disposition), that records its `Activity`, and that
 //!   turns hyper's empty parse-error responses into OpenAI-style JSON ones.
 //! - A watchdog per connection closes it when a request head takes longer
 //!   than [`Limits::header_timeout`] to arrive, when it sits idle between

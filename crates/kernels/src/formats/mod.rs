@@ -10,6 +10,10 @@
 //! - `float`: F32, F16, BF16
 //! - `legacy`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the activation blocks Q8_0, Q8_1
 //! - `kquants`: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, and the activation block Q8_K
+//! - `interleaved`: Q4_0, Q4_1, Q5_0, Q4_K, Q6_K and Q8_0 repacked at load
+//!   into 8-row interleaved tiles, with their own AVX2 and AVX-512 VNNI
+//!   kernels beside scalar references
+//! - [`f16_to_f32`]: the one f16 → f32 conversion the block scales use
 
 pub mod float;
 pub mod interleaved;
