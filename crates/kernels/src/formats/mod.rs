@@ -176,11 +176,19 @@ pub fn is_supported_weight(ty: GgmlType) -> bool {
     dispatch_format!(ty, yes(), false)
 }
 
-/// Whether the AVX2 + FMA + F16C kernels can run on this CPU (every SIMD
-/// kernel of this crate needs these three). The std macro caches the CPUID
-/// result, so calling this once per row costs an atomic load.
+/// Whether the AVX2 + FMA + F16C kernels may run: the CPU has all three
+/// (every SIMD kernel of this crate needs them) and `MINNOW_SIMD` does not
+/// cap the level below AVX2. **The one dispatch question** every kernel
+/// asks (through this, or [`simd_level`] where AVX-512 variants exist), so
+/// `MINNOW_SIMD=scalar` runs everything on the scalar references. Costs an
+/// atomic load once the level is known.
 #[inline(always)]
 pub(crate) fn has_avx2_fma() -> bool {
+    simd_level() >= SimdLevel::Avx2
+}
+
+/// What the CPU itself offers, ignoring `MINNOW_SIMD` (for [`SimdLevel::detected`]).
+fn cpu_has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
@@ -221,7 +229,7 @@ impl SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if !has_avx2_fma() {
+            if !cpu_has_avx2_fma() {
                 return SimdLevel::Scalar;
             }
             if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
