@@ -7,7 +7,6 @@ use crate::chat::{render_plain, ChatMessage, ChatTemplate};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use minnow_gguf::GgufFile;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,45 +47,9 @@ impl LoadedModel {
     }
 }
 
-/// Where models are cached (`minnow pull` puts them there; tests look there):
-/// `$MINNOW_MODELS`, else `$XDG_CACHE_HOME/minnow/models`, else
-/// `~/.cache/minnow/models`.
+/// Where models are cached: `$MINNOW_MODELS`, else
+/// `$XDG_CACHE_HOME/minnow/models`, else `~/.cache/minnow/models` (see
+/// [`minnow_models::cache_dir`], where the rule lives).
 pub fn model_cache_dir() -> PathBuf {
-    model_cache_dir_from(|key| std::env::var_os(key))
-}
-
-/// [`model_cache_dir`] with the environment passed in, so tests need not mutate it.
-fn model_cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
-    let set = |key| env(key).filter(|v| !v.is_empty());
-    if let Some(dir) = set("MINNOW_MODELS") {
-        return PathBuf::from(dir);
-    }
-    // The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
-    if let Some(xdg) = set("XDG_CACHE_HOME").map(PathBuf::from).filter(|p| p.is_absolute()) {
-        return xdg.join("minnow/models");
-    }
-    let home = set("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache/minnow/models")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
-        move |key| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| OsString::from(v))
-    }
-
-    #[test]
-    fn model_cache_dir_precedence() {
-        let all = [("MINNOW_MODELS", "/m"), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")];
-        assert_eq!(model_cache_dir_from(env_of(&all)), PathBuf::from("/m"));
-        assert_eq!(model_cache_dir_from(env_of(&all[1..])), PathBuf::from("/x/minnow/models"));
-        assert_eq!(model_cache_dir_from(env_of(&all[2..])), PathBuf::from("/h/.cache/minnow/models"));
-        // Empty values count as unset; a relative XDG_CACHE_HOME is ignored, as the spec says.
-        let empty = [("MINNOW_MODELS", ""), ("XDG_CACHE_HOME", ""), ("HOME", "/h")];
-        assert_eq!(model_cache_dir_from(env_of(&empty)), PathBuf::from("/h/.cache/minnow/models"));
-        let relative = [("XDG_CACHE_HOME", "rel"), ("HOME", "/h")];
-        assert_eq!(model_cache_dir_from(env_of(&relative)), PathBuf::from("/h/.cache/minnow/models"));
-    }
+    minnow_models::cache_dir()
 }

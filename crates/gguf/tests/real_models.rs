@@ -9,22 +9,14 @@
 use minnow_gguf::{GgmlType, GgufFile, Value};
 use std::path::PathBuf;
 
-/// The model cache: `$MINNOW_MODELS` (as CI sets it), else `~/.cache/minnow/models`.
+/// The model cache (`$MINNOW_MODELS`, else the user's cache directory).
 fn models_dir() -> Option<PathBuf> {
-    match std::env::var_os("MINNOW_MODELS") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/minnow/models")),
-    }
+    Some(minnow_models::cache_dir())
 }
 
+/// A test model, fetched and verified on first use.
 fn model_path(file_name: &str) -> Option<PathBuf> {
-    let path = models_dir()?.join(file_name);
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipping: model {} not found", path.display());
-        None
-    }
+    Some(minnow_models::test_model(file_name))
 }
 
 /// Checks that hold for any well-formed model: every tensor's bytes are where

@@ -1,6 +1,5 @@
 //! Command-line parsing and the commands themselves.
 
-use crate::models;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use minnow_engine::chat::ChatMessage;
@@ -11,6 +10,7 @@ use minnow_engine::model::Logits;
 use minnow_engine::sampler::SamplingParams;
 use minnow_kernels::ops::{argmax, log_softmax};
 use minnow_kernels::pool::ThreadPool;
+use minnow_models as models;
 use serde_json::json;
 use std::io::{BufRead, Read, Write};
 use std::time::Instant;

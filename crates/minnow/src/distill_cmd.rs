@@ -2,11 +2,11 @@
 //! `minnow_distill` (argument parsing, model names resolved to files, the
 //! one-line summaries printed at the end).
 
-use crate::models;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use minnow_distill::data::read_eval_cases;
 use minnow_distill::teacher::{GenSettings, LocalModel, RemoteConfig, RemoteTeacher, Teacher, VocabMap};
+use minnow_models as models;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

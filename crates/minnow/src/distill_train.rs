@@ -2,10 +2,10 @@
 //! `minnow_distill::train` — flags to a `TrainConfig`, the student name
 //! resolved to a file, a one-line summary (and `--json` report) at the end.
 
-use crate::models;
 use anyhow::Result;
 use clap::Args;
 use minnow_distill::train::{train, TrainConfig};
+use minnow_models as models;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 

@@ -1,12 +1,12 @@
 //! `minnow`: small, fast, cheap language models. Thin commands over the
 //! crates below it: run, chat, info, tokenize, logits, perplexity, bench,
 //! pull, upcycle (`cli`), serve (`minnow_serve`), distill (`distill_cmd`,
-//! `distill_train`); speculative flags in `spec`, test models in `models`.
+//! `distill_train`); speculative flags in `spec`; MODEL arguments resolve
+//! through `minnow_models`.
 
 mod cli;
 mod distill_cmd;
 mod distill_train;
-mod models;
 mod spec;
 
 fn main() {

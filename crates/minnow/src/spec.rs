@@ -2,7 +2,6 @@
 //! `run --draft MODEL | --lookup`, `run --n N [--vote ...]`,
 //! `serve --draft MODEL | --lookup` and `bench --draft`.
 
-use crate::models;
 use anyhow::{bail, Result};
 use clap::Args;
 use minnow_engine::chat::ChatMessage;
@@ -14,6 +13,7 @@ use minnow_engine::scheduler::Speculation;
 use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats};
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField, LastLine, RegexAnswer};
 use minnow_kernels::pool::ThreadPool;
+use minnow_models as models;
 use serde_json::json;
 use std::io::Write;
 

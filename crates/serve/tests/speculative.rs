@@ -15,8 +15,7 @@ use serde_json::json;
 use std::sync::{Arc, Barrier};
 
 fn load(file: &str) -> Arc<LoadedModel> {
-    let p = common::models_dir().join(file);
-    assert!(p.exists(), "{} is missing: run `minnow pull all` (or .ci/run) first", p.display());
+    let p = minnow_models::test_model(file);
     Arc::new(LoadedModel::load(&p).unwrap_or_else(|e| panic!("{e}")))
 }
 

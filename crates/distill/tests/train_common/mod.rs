@@ -17,15 +17,9 @@ pub fn models_dir() -> PathBuf {
 pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
 pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
-/// Path of a test model; fails the test with instructions when absent.
+/// Path of a test model, fetched and verified on first use.
 pub fn model_path(file: &str) -> PathBuf {
-    let p = models_dir().join(file);
-    assert!(
-        p.exists(),
-        "test model {} is missing: run `cargo run --release -p minnow -- pull all` (or set MINNOW_MODELS)",
-        p.display()
-    );
-    p
+    minnow_models::test_model(file)
 }
 
 /// The fixtures directory (`../shared/fixtures`, or `$MINNOW_GOLDEN/../fixtures`).

@@ -28,13 +28,9 @@ pub fn fixtures_dir() -> PathBuf {
 
 /// Path of a test model file; fails the test with instructions when absent.
 pub fn model_path(file: &str) -> PathBuf {
-    let p = models_dir().join(file);
-    assert!(
-        p.exists(),
-        "test model {} is missing: run `cargo run --release -p minnow -- pull all` (or set MINNOW_MODELS)",
-        p.display()
-    );
-    p
+    // Fetched and verified on first use (one download even when several
+    // test binaries ask at once).
+    minnow_models::test_model(file)
 }
 
 pub fn open_model_file(file: &str) -> Arc<GgufFile> {

@@ -17,9 +17,7 @@ pub fn models_dir() -> PathBuf {
 /// SmolLM2-135M-Instruct (Q4_1), the small real model the tests run on;
 /// panics with a hint when it has not been pulled.
 pub fn smollm2() -> PathBuf {
-    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `minnow pull all` first", p.display());
-    p
+    minnow_models::test_model("smollm2-135m-instruct-q4_1.gguf")
 }
 
 /// [`smollm2`] as a `String`, for argument lists built from `&str`.

@@ -26,9 +26,8 @@ pub fn models_dir() -> PathBuf {
 }
 
 pub fn smollm2_path() -> PathBuf {
-    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `minnow pull all` (or .ci/run) first", p.display());
-    p
+    // Fetched and verified on first use.
+    minnow_models::test_model("smollm2-135m-instruct-q4_1.gguf")
 }
 
 /// Loaded once per test binary: servers in one binary share the weights.

