@@ -10,8 +10,9 @@
 //! (the last line, a regular expression, a JSON field — or any type
 //! implementing the trait) and returns the majority answer with the counts.
 
-use crate::generate::{prefill, FinishReason, GenerateParams};
-use crate::model::{Logits, Model, ModelError, SeqBatch};
+use crate::generate::{decode, prefill, FinishReason, GenerateParams, Row};
+use crate::kv_cache::KvCache;
+use crate::model::{Model, ModelError};
 use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
 use minnow_kernels::pool::ThreadPool;
@@ -55,27 +56,6 @@ impl MultiGeneration {
     }
 }
 
-struct Running {
-    cache: crate::kv_cache::KvCache,
-    seq: Sequence,
-    text: String,
-    /// The last token, the next step's input.
-    last: u32,
-}
-
-impl Running {
-    /// Samples the next token from `logits` and records it.
-    fn step(&mut self, logits: &[f32], tokenizer: &Tokenizer, on_text: &mut impl FnMut(usize, &str), i: usize) {
-        let id = self.seq.sample(logits);
-        self.last = id;
-        let p = self.seq.push(tokenizer, id, true, None);
-        for piece in [&p.text, &p.tail] {
-            self.text.push_str(piece);
-            on_text(i, piece);
-        }
-    }
-}
-
 /// `n` samples of `prompt` sharing one prefill, decoded as one batch;
 /// `on_text(i, piece)` receives sample `i`'s released text as it comes.
 #[allow(clippy::too_many_arguments)]
@@ -103,53 +83,23 @@ pub fn generate_n(
 
     let gen_start = Instant::now();
     let ctx = cache.max_len();
-    let mut seqs: Vec<Running> = (0..n)
-        .map(|i| Running {
-            cache: if i + 1 == n {
-                std::mem::replace(&mut cache, model.new_cache(0))
-            } else {
-                cache.clone_prefix(prompt.len())
-            },
-            seq: Sequence::new(prompt, params, params.sampling.seed.wrapping_add(i as u64), ctx, None),
-            text: String::new(),
-            last: 0,
+    // The last sample takes the original cache; the others copy it.
+    let mut caches: Vec<KvCache> = (0..n - 1).map(|_| cache.clone_prefix(prompt.len())).collect();
+    caches.push(cache);
+    let mut rows: Vec<Row> = caches
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| {
+            Row::new(c, Sequence::new(prompt, params, params.sampling.seed.wrapping_add(i as u64), ctx, None))
         })
         .collect();
-    for (i, s) in seqs.iter_mut().enumerate() {
-        if !s.seq.is_done() {
-            s.step(&logits, tokenizer, &mut on_text, i);
-        }
-    }
-    let mut decode_forwards = 0;
-    loop {
-        let mut active = Vec::new();
-        let mut batch = Vec::new();
-        for (i, s) in seqs.iter_mut().enumerate() {
-            if !s.seq.is_done() {
-                active.push(i);
-                batch.push(SeqBatch {
-                    tokens: std::slice::from_ref(&s.last),
-                    cache: &mut s.cache,
-                    logits: Logits::Last,
-                });
-            }
-        }
-        if batch.is_empty() {
-            break;
-        }
-        let rows = model.forward(pool, &mut batch)?;
-        drop(batch);
-        decode_forwards += 1;
-        for (&i, row) in active.iter().zip(&rows) {
-            seqs[i].step(row, tokenizer, &mut on_text, i);
-        }
-    }
-    let samples: Vec<Sample> = seqs
+    let decode_forwards = decode(model, tokenizer, pool, &mut rows, &logits, &mut on_text)?;
+    let samples: Vec<Sample> = rows
         .into_iter()
-        .map(|s| Sample {
-            text: s.text,
-            ids: s.seq.ids().to_vec(),
-            finish: s.seq.finish().unwrap_or(FinishReason::Length),
+        .map(|r| Sample {
+            ids: r.seq.ids().to_vec(),
+            finish: r.seq.finish().unwrap_or(FinishReason::Length),
+            text: r.text,
         })
         .collect();
     let gen_tokens = samples.iter().map(|s| s.ids.len()).sum();
