@@ -12,8 +12,8 @@
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
 //! - [`scheduler`]: continuous batching of many requests (the server's engine):
 //!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
-//! - [`speculative`]: speculative decoding (draft model or prompt lookup), output exactly the target's.
-//! - [`lookup_memory`]: earlier answers to similar prompts, for prompt lookup to draft from.
+//! - [`speculative`]: speculative decoding (draft model or prompt lookup), output exactly the
+//!   target's: drafters, the answer memory, the controller and verification, one directory.
 //! - [`vote`]: many samples sharing one prefill, and self-consistency voting.
 //! - [`upcycle`]: a dense model file → a mixture-of-experts one computing the same function.
 
@@ -21,7 +21,6 @@ pub mod chat;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
-pub mod lookup_memory;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;

@@ -394,7 +394,7 @@ fn vote_over_samples() {
 /// this test (not the task's).
 #[test]
 fn earlier_answers_draft_the_skeleton_and_output_is_unchanged() {
-    use minnow_engine::lookup_memory::LookupMemory;
+    use minnow_engine::speculative::memory::LookupMemory;
     let _g = serial();
     let m = model(QWEN05);
     let ask = |msg: &str| -> Vec<u32> {

@@ -32,15 +32,15 @@
 
 use super::{emit_token, Phase, Running, Worker};
 use crate::loader::LoadedModel;
-use crate::lookup_memory::LookupMemory;
 use crate::sequence::Pushed;
+use crate::speculative::memory::LookupMemory;
 use crate::speculative::{Draft, SpecConfig, SpecSeq, SpecStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Answers the server keeps for prompt lookup (`--lookup`) to draft from
-/// ([`crate::lookup_memory`]).
+/// ([`crate::speculative::memory`]).
 pub const ANSWERS_KEPT: usize = 32;
 
 /// What the scheduler speculates with.
