@@ -1,5 +1,5 @@
 //! Text generation outside the server (`minnow run`, `run --n`): prompt
-//! processing in chunks, then the one decode loop ([`decode`]) over
+//! processing in chunks, then the one decode loop (`decode`) over
 //! [`Sequence`]s, which sample and decide where to stop, streaming text as
 //! it is released and timing both phases.
 

@@ -179,8 +179,16 @@ fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
 
 const KEY: &str = "chaos-key";
 
+/// The tests here measure timeouts and exit times in seconds: they take
+/// turns, so one test's server does not slow another's on a 2-core machine.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    L.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn chaos_costs_the_server_nothing_but_the_requests_involved() {
+    let _turn = one_at_a_time();
     let mut server = Server::start(&["--api-key", KEY, "--header-timeout", "2", "--idle-timeout", "20"]);
     let before = greedy_text(&server, Some(KEY));
     // Warm-up: a few streams so the allocator and the prefix cache settle.
@@ -323,6 +331,7 @@ fn chaos_costs_the_server_nothing_but_the_requests_involved() {
 
 #[test]
 fn sigterm_cuts_long_streams_with_an_error_the_openai_client_raises() {
+    let _turn = one_at_a_time();
     let probe = Command::new("python3").args(["-c", "import openai"]).output();
     assert!(
         probe.map(|o| o.status.success()).unwrap_or(false),
@@ -369,6 +378,7 @@ fn sigterm_cuts_long_streams_with_an_error_the_openai_client_raises() {
 
 #[test]
 fn a_second_signal_ends_the_server_at_once() {
+    let _turn = one_at_a_time();
     let mut server = Server::start(&["--shutdown-grace", "60"]);
     let mut s = server.connect();
     s.write_all(
@@ -404,6 +414,7 @@ fn a_second_signal_ends_the_server_at_once() {
 
 #[test]
 fn timeouts_and_the_connection_limit() {
+    let _turn = one_at_a_time();
     let mut server = Server::start(&["--header-timeout", "1", "--idle-timeout", "3", "--max-connections", "6"]);
     let health = |s: &mut TcpStream| {
         s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
