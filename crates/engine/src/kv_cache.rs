@@ -73,15 +73,20 @@ pub struct CacheTypes {
 impl CacheTypes {
     /// Whether a model with heads of `head_dim` can use these types (q8_0
     /// needs whole 32-element blocks); the error says why not.
-    pub fn check(self, head_dim: usize) -> Result<(), String> {
+    pub fn check(self, head_dim: usize) -> Result<(), UnfitCacheType> {
         let q8 = self.k == KvType::Q8_0 || self.v == KvType::Q8_0;
         if q8 && !head_dim.is_multiple_of(Q8_BLOCK) {
-            return Err(format!(
-                "a q8_0 KV cache needs a head dimension that is a multiple of {Q8_BLOCK}; this model's is {head_dim}: use f16"
-            ));
+            return Err(UnfitCacheType { head_dim });
         }
         Ok(())
     }
+}
+
+/// A q8_0 cache for heads that are not whole 32-element blocks.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("a q8_0 KV cache needs a head dimension that is a multiple of {Q8_BLOCK}; this model's is {head_dim}: use f16")]
+pub struct UnfitCacheType {
+    pub head_dim: usize,
 }
 
 /// One KV head's keys or values of one layer, [len, head_dim].

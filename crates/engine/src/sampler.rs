@@ -68,6 +68,15 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
+/// A sampling parameter outside its range: which one, the rule, the value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param} must be {rule}, got {value}")]
+pub struct InvalidSampling {
+    pub param: &'static str,
+    pub rule: &'static str,
+    pub value: f32,
+}
+
 /// Sampling knobs, named and defaulted like llama.cpp's.
 ///
 /// The defaults ([`Default`]) are llama.cpp's CLI defaults: temperature 0.8,
@@ -137,28 +146,29 @@ impl SamplingParams {
     }
 
     /// Checks every parameter's range; the error names the first bad one.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSampling> {
+        let bad = |param, rule, value| Err(InvalidSampling { param, rule, value });
         let t = self.temperature;
         if !(t.is_finite() && t >= 0.0) {
-            return Err(format!("temperature must be finite and >= 0, got {t}"));
+            return bad("temperature", "finite and >= 0", t);
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {p}"));
+            return bad("top_p", "in (0, 1]", p);
         }
         let m = self.min_p;
         if !(0.0..=1.0).contains(&m) {
-            return Err(format!("min_p must be in [0, 1], got {m}"));
+            return bad("min_p", "in [0, 1]", m);
         }
         let r = self.repeat_penalty;
         if !(r.is_finite() && r > 0.0) {
-            return Err(format!("repeat_penalty must be finite and > 0, got {r}"));
+            return bad("repeat_penalty", "finite and > 0", r);
         }
         if !self.presence_penalty.is_finite() {
-            return Err(format!("presence_penalty must be finite, got {}", self.presence_penalty));
+            return bad("presence_penalty", "finite", self.presence_penalty);
         }
         if !self.frequency_penalty.is_finite() {
-            return Err(format!("frequency_penalty must be finite, got {}", self.frequency_penalty));
+            return bad("frequency_penalty", "finite", self.frequency_penalty);
         }
         Ok(())
     }

@@ -361,7 +361,7 @@ impl Scheduler {
                 return invalid(format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"));
             }
         }
-        req.params.sampling.validate().map_err(SubmitError::Invalid)?;
+        req.params.sampling.validate().map_err(|e| SubmitError::Invalid(e.to_string()))?;
         // Ids the network can embed and the tokenizer can print.
         let vocab = self.model.model.config().vocab_size.min(self.model.tokenizer.vocab_size());
         if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {

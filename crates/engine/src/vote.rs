@@ -75,7 +75,7 @@ pub fn generate_n(
     if prompt.is_empty() {
         return Err(ModelError::new("the prompt is empty: nothing to continue from"));
     }
-    params.sampling.validate().map_err(ModelError::new)?;
+    params.sampling.validate().map_err(|e| ModelError::new(e.to_string()))?;
     let start = Instant::now();
     let mut cache = model.new_cache(ctx);
     let logits = prefill(model, pool, &mut cache, prompt)?;
@@ -130,13 +130,22 @@ impl AnswerExtractor for LastLine {
     }
 }
 
+/// A `--vote-regex` that does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("bad --vote-regex {pattern:?}")]
+pub struct BadRegex {
+    pub pattern: String,
+    #[source]
+    pub source: regex::Error,
+}
+
 /// The last match of a regular expression: its first capture group if it
 /// has one, else the whole match; trimmed.
 pub struct RegexAnswer(pub regex::Regex);
 
 impl RegexAnswer {
-    pub fn new(pattern: &str) -> Result<RegexAnswer, String> {
-        regex::Regex::new(pattern).map(RegexAnswer).map_err(|e| format!("bad --vote-regex {pattern:?}: {e}"))
+    pub fn new(pattern: &str) -> Result<RegexAnswer, BadRegex> {
+        regex::Regex::new(pattern).map(RegexAnswer).map_err(|source| BadRegex { pattern: pattern.to_string(), source })
     }
 }
 

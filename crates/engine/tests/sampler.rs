@@ -504,7 +504,7 @@ fn validate_names_each_bad_parameter() {
     ];
     for (p, name) in cases {
         let err = p.validate().expect_err(name);
-        assert!(err.contains(name), "{err:?} should name {name}");
+        assert!(err.to_string().contains(name) && err.param == name, "{err:?} should name {name}");
     }
     // Boundaries that are valid.
     for p in [

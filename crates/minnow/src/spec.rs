@@ -59,7 +59,7 @@ impl DraftArgs {
     fn memory(&self) -> Result<Option<LookupMemory>> {
         match &self.lookup_memory {
             None => Ok(None),
-            Some(p) => Ok(Some(LookupMemory::load(p, LOOKUP_MEMORY_CAP).map_err(anyhow::Error::msg)?)),
+            Some(p) => Ok(Some(LookupMemory::load(p, LOOKUP_MEMORY_CAP)?)),
         }
     }
 
@@ -132,7 +132,7 @@ impl SampleArgs {
 
     fn extractor(&self) -> Result<Box<dyn AnswerExtractor>> {
         Ok(match (&self.vote_regex, &self.vote_json_field) {
-            (Some(r), _) => Box::new(RegexAnswer::new(r).map_err(anyhow::Error::msg)?),
+            (Some(r), _) => Box::new(RegexAnswer::new(r)?),
             (_, Some(f)) => Box::new(JsonField(f.clone())),
             _ => Box::new(LastLine),
         })
@@ -175,7 +175,7 @@ pub fn run(
         })?;
     if let (Some(mem), Some(path)) = (memory.as_mut(), &draft.lookup_memory) {
         mem.record(prompt, &g.text);
-        mem.save(path).map_err(anyhow::Error::msg)?;
+        mem.save(path)?;
     }
     if json_out {
         println!(

@@ -250,10 +250,7 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
             None => return Err(wrong_type("seed", "an integer", v)),
         },
     };
-    s.validate().map_err(|e| {
-        let param = e.split_whitespace().next().unwrap_or("").to_string();
-        out_of_range(&param, e)
-    })?;
+    s.validate().map_err(|e| out_of_range(e.param, e.to_string()))?;
 
     let stop = match field(obj, "stop") {
         None => Vec::new(),

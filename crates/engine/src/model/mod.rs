@@ -123,7 +123,7 @@ impl Model {
     /// says (llama.cpp's `--cache-type-k/-v`); refused, with the reason,
     /// where the model's heads do not suit them.
     pub fn set_cache_types(&mut self, types: CacheTypes) -> Result<(), ModelError> {
-        types.check(self.config().head_dim).map_err(ModelError)?;
+        types.check(self.config().head_dim).map_err(|e| ModelError::new(e.to_string()))?;
         self.cache_types = types;
         Ok(())
     }

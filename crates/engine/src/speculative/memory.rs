@@ -50,6 +50,16 @@ struct Entry {
     answer: String,
 }
 
+/// A lookup memory file that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} the lookup memory {}", path.display())]
+pub struct MemoryFileError {
+    pub action: &'static str,
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Recent answers, oldest first.
 #[derive(Clone)]
 pub struct LookupMemory {
@@ -110,12 +120,12 @@ impl LookupMemory {
 
     /// Reads a memory file (JSON lines, oldest first; missing file: empty).
     /// Lines that do not parse — a line cut short by a crash — are skipped.
-    pub fn load(path: &Path, cap: usize) -> Result<LookupMemory, String> {
+    pub fn load(path: &Path, cap: usize) -> Result<LookupMemory, MemoryFileError> {
         let mut m = LookupMemory::new(cap);
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(m),
-            Err(e) => return Err(format!("cannot read the lookup memory {}: {e}", path.display())),
+            Err(source) => return Err(MemoryFileError { action: "read", path: path.to_path_buf(), source }),
         };
         for line in text.lines() {
             if let Ok(e) = serde_json::from_str::<Entry>(line) {
@@ -127,12 +137,12 @@ impl LookupMemory {
 
     /// Writes the memory to `path` atomically (a temporary file renamed over
     /// it), so a crash leaves the old file or the new one.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
-        let err = |e: std::io::Error| format!("cannot write the lookup memory {}: {e}", path.display());
+    pub fn save(&self, path: &Path) -> Result<(), MemoryFileError> {
+        let err = |source: std::io::Error| MemoryFileError { action: "write", path: path.to_path_buf(), source };
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
         for e in &self.entries {
-            let line = serde_json::to_string(e).map_err(|e| e.to_string())?;
+            let line = serde_json::to_string(e).map_err(|e| err(e.into()))?;
             writeln!(f, "{line}").map_err(err)?;
         }
         f.sync_all().map_err(err)?;

@@ -290,31 +290,36 @@ pub struct VocabMatch {
     pub draft_extra: usize,
 }
 
+/// Why a draft model cannot draft for a target (their vocabularies differ).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct VocabMismatch(pub String);
+
 /// Checks that `draft` can draft for `target`: the same tokenizer kind and
 /// the same token strings under the same ids. One vocabulary may extend the
 /// other with padding or unused entries (token type "unused", or names such
 /// as `[PAD151643]`, `<|pad|>`, `<unused12>`); anything else is refused,
 /// since ids would mean different text.
-pub fn check_draft_vocab(target: &LoadedModel, draft: &LoadedModel) -> Result<VocabMatch, String> {
+pub fn check_draft_vocab(target: &LoadedModel, draft: &LoadedModel) -> Result<VocabMatch, VocabMismatch> {
     let kind = |m: &LoadedModel| m.file.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?").to_string();
     let (kt, kd) = (kind(target), kind(draft));
     if kt != kd {
-        return Err(format!(
+        return Err(VocabMismatch(format!(
             "the draft model's vocabulary differs from the target's: its tokenizer is `{kd}`, the target's `{kt}`; \
              speculative decoding needs a draft with the target's vocabulary (e.g. a smaller model of the same family)"
-        ));
+        )));
     }
     let (tt, td) = (&target.tokenizer, &draft.tokenizer);
     let shared = tt.vocab_size().min(td.vocab_size());
     if let Some(i) = (0..shared as u32).find(|&i| tt.token_text(i) != td.token_text(i)) {
-        return Err(format!(
+        return Err(VocabMismatch(format!(
             "the draft model's vocabulary differs from the target's: token {i} is {:?} in the draft but {:?} in the target \
              ({} vs {} tokens); speculative decoding needs a draft with the target's vocabulary",
             td.token_text(i),
             tt.token_text(i),
             td.vocab_size(),
             tt.vocab_size()
-        ));
+        )));
     }
     let extra_ok = |m: &LoadedModel, who: &str| -> Result<usize, String> {
         let n = m.tokenizer.vocab_size();
@@ -333,7 +338,11 @@ pub fn check_draft_vocab(target: &LoadedModel, draft: &LoadedModel) -> Result<Vo
         }
         Ok(n - shared)
     };
-    Ok(VocabMatch { shared, target_extra: extra_ok(target, "target")?, draft_extra: extra_ok(draft, "draft")? })
+    Ok(VocabMatch {
+        shared,
+        target_extra: extra_ok(target, "target").map_err(VocabMismatch)?,
+        draft_extra: extra_ok(draft, "draft").map_err(VocabMismatch)?,
+    })
 }
 
 /// A vocabulary entry that no text produces: type "unused" (5), or a
@@ -389,7 +398,7 @@ impl SpecSeq {
         sampling: &SamplingParams,
         cfg: &SpecConfig,
     ) -> Result<SpecSeq, ModelError> {
-        sampling.validate().map_err(ModelError::new)?;
+        sampling.validate().map_err(|e| ModelError::new(e.to_string()))?;
         if let Some(d) = &cfg.draft_sampling {
             d.validate().map_err(|e| ModelError::new(format!("draft sampling: {e}")))?;
         }
