@@ -129,13 +129,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
 }
 
 fn golden_prompts() -> Vec<Vec<u32>> {
-    let data = common::golden_json("smollm2-135m-instruct-q4_1", "logits.json");
-    data["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
-        .collect()
+    common::golden_prompts("smollm2-135m-instruct-q4_1")
 }
 
 #[test]

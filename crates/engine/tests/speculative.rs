@@ -37,15 +37,7 @@ fn model(name: &str) -> &'static LoadedModel {
     })
 }
 
-fn golden_prompts(name: &str) -> Vec<Vec<u32>> {
-    let data = common::golden_json(name, "logits.json");
-    data["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
-        .collect()
-}
+use common::golden_prompts;
 
 fn greedy(max_tokens: usize) -> GenerateParams {
     GenerateParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: true }

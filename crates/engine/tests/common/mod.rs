@@ -208,3 +208,14 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The prompts (token ids) of a model's golden logits cases.
+#[allow(dead_code)]
+pub fn golden_prompts(model_dir: &str) -> Vec<Vec<u32>> {
+    golden_json(model_dir, "logits.json")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| json_ids(&c["prompt_ids"]))
+        .collect()
+}
