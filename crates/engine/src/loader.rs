@@ -1,13 +1,14 @@
 //! Loading everything a GGUF file describes: the network, its tokenizer and
 //! its chat template, with errors that name the file; how a conversation
 //! becomes the model's prompt ([`LoadedModel::chat_prompt`], the one place
-//! that rule lives); and where models are cached on this machine.
+//! that rule lives). Where model files are cached and how they are
+//! fetched is `minnow_models`' business.
 
 use crate::chat::{render_plain, ChatMessage, ChatTemplate};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use minnow_gguf::GgufFile;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A model ready to run: weights, tokenizer and (optional) chat template.
@@ -45,11 +46,4 @@ impl LoadedModel {
         let model = Model::from_gguf(file.clone()).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         Ok(LoadedModel { file, model, tokenizer, chat })
     }
-}
-
-/// Where models are cached: `$MINNOW_MODELS`, else
-/// `$XDG_CACHE_HOME/minnow/models`, else `~/.cache/minnow/models` (see
-/// [`minnow_models::cache_dir`], where the rule lives).
-pub fn model_cache_dir() -> PathBuf {
-    minnow_models::cache_dir()
 }

@@ -1,23 +1,10 @@
 //! Smoke tests against the real models in `$MINNOW_MODELS` (default
-//! `~/.cache/minnow/models/`).
-//!
-//! These files are not in the repository (they are hundreds of megabytes), so
-//! each test skips with a printed note when its model is absent: CI machines
-//! without the cache still pass, and developer machines check the parser
-//! against what real converters write.
+//! `~/.cache/minnow/models/`): the parser against what real converters write.
+//! These files are not in the repository (they are hundreds of megabytes);
+//! the one a test needs is fetched on first use (`minnow_models`), and
+//! `every_cached_model_parses` reads whatever else the cache holds.
 
 use minnow_gguf::{GgmlType, GgufFile, Value};
-use std::path::PathBuf;
-
-/// The model cache (`$MINNOW_MODELS`, else the user's cache directory).
-fn models_dir() -> Option<PathBuf> {
-    Some(minnow_models::cache_dir())
-}
-
-/// A test model, fetched and verified on first use.
-fn model_path(file_name: &str) -> Option<PathBuf> {
-    Some(minnow_models::test_model(file_name))
-}
 
 /// Checks that hold for any well-formed model: every tensor's bytes are where
 /// the table says, and the vocabulary arrays agree in length.
@@ -42,9 +29,7 @@ fn check_consistency(file: &GgufFile) {
 
 #[test]
 fn smollm2_135m() {
-    let Some(path) = model_path("smollm2-135m-instruct-q4_1.gguf") else {
-        return;
-    };
+    let path = minnow_models::test_model("smollm2-135m-instruct-q4_1.gguf");
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.version(), 3);
     assert_eq!(file.tensors().len(), 272);
@@ -60,7 +45,7 @@ fn smollm2_135m() {
 
 #[test]
 fn every_cached_model_parses() {
-    let Some(dir) = models_dir() else { return };
+    let dir = minnow_models::cache_dir();
     let Ok(entries) = std::fs::read_dir(&dir) else {
         eprintln!("skipping: {} not found", dir.display());
         return;
@@ -93,9 +78,7 @@ fn every_cached_model_parses() {
 #[test]
 fn smollm2_write_round_trip() {
     use minnow_gguf::GgufWriter;
-    let Some(path) = model_path("smollm2-135m-instruct-q4_1.gguf") else {
-        return;
-    };
+    let path = minnow_models::test_model("smollm2-135m-instruct-q4_1.gguf");
     let original = GgufFile::open(&path).unwrap();
     let dir = std::env::temp_dir().join(format!("minnow-gguf-round-trip-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

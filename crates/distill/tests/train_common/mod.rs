@@ -9,11 +9,6 @@ use minnow_kernels::pool::ThreadPool;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// Where `minnow pull` puts the test models (the engine's model cache).
-pub fn models_dir() -> PathBuf {
-    minnow_engine::loader::model_cache_dir()
-}
-
 pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
 pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 

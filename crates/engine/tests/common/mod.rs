@@ -8,11 +8,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Where `minnow pull` puts the test models (the engine's model cache).
-pub fn models_dir() -> PathBuf {
-    minnow_engine::loader::model_cache_dir()
-}
-
 /// `$MINNOW_GOLDEN`, else `../shared/golden` next to the repository.
 pub fn golden_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("MINNOW_GOLDEN") {

@@ -9,11 +9,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Where `minnow pull` puts the test models (the engine's model cache).
-pub fn models_dir() -> PathBuf {
-    minnow_engine::loader::model_cache_dir()
-}
-
 /// SmolLM2-135M-Instruct (Q4_1), the small real model the tests run on;
 /// panics with a hint when it has not been pulled.
 pub fn smollm2() -> PathBuf {

@@ -20,11 +20,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Where `minnow pull` puts the test models (the engine's model cache).
-pub fn models_dir() -> PathBuf {
-    minnow_engine::loader::model_cache_dir()
-}
-
 pub fn smollm2_path() -> PathBuf {
     // Fetched and verified on first use.
     minnow_models::test_model("smollm2-135m-instruct-q4_1.gguf")
