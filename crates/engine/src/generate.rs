@@ -83,7 +83,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(ModelError::new("the prompt is empty: nothing to continue from"));
     }
-    params.sampling.validate().map_err(|e| ModelError::new(e.to_string()))?;
+    params.sampling.validate()?;
     let start = Instant::now();
     let logits = prefill(model, pool, cache, prompt)?;
     let prompt_secs = start.elapsed().as_secs_f64();

@@ -950,18 +950,14 @@ fn sample_token(model: &LoadedModel, r: &mut Running, si: usize, logits: &[f32])
 }
 
 /// Sends the events of a token sample `si`'s [`Sequence`] took (sampled
-/// here or committed by a speculative round); true if the sample ended.
-fn emit_token(r: &mut Running, si: usize, id: u32, p: Pushed) -> bool {
+/// here or committed by a speculative round).
+fn emit_token(r: &mut Running, si: usize, id: u32, p: Pushed) {
     r.completion_tokens += 1;
     r.first_token.get_or_insert_with(Instant::now);
     if p.is_text {
         r.emit(GenEvent::Token { index: si, id, text: p.text, logprob: p.logprob });
     }
-    match p.finish {
-        Some(finish) => {
-            r.emit(GenEvent::Done { index: si, finish, text_tail: p.tail });
-            true
-        }
-        None => false,
+    if let Some(finish) = p.finish {
+        r.emit(GenEvent::Done { index: si, finish, text_tail: p.tail });
     }
 }

@@ -185,16 +185,6 @@ impl Sequence {
         Pushed { text, is_text: true, logprob, finish: self.finish, tail }
     }
 
-    /// Ends the sequence from outside (a caller that cannot go on), releasing
-    /// held-back text; `None` if it had already finished.
-    pub fn cut(&mut self, reason: FinishReason) -> Option<String> {
-        if self.finish.is_some() {
-            return None;
-        }
-        self.finish = Some(reason);
-        Some(self.text.finish())
-    }
-
     pub fn finish(&self) -> Option<FinishReason> {
         self.finish
     }
@@ -206,10 +196,6 @@ impl Sequence {
     /// Generated ids, an end-of-generation token that ended it included.
     pub fn ids(&self) -> &[u32] {
         &self.ids
-    }
-
-    pub fn prompt_len(&self) -> usize {
-        self.prompt_len
     }
 
     /// Tokens `max_tokens` still allows.

@@ -75,7 +75,7 @@ pub fn generate_n(
     if prompt.is_empty() {
         return Err(ModelError::new("the prompt is empty: nothing to continue from"));
     }
-    params.sampling.validate().map_err(|e| ModelError::new(e.to_string()))?;
+    params.sampling.validate()?;
     let start = Instant::now();
     let mut cache = model.new_cache(ctx);
     let logits = prefill(model, pool, &mut cache, prompt)?;

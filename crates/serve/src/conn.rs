@@ -180,34 +180,45 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-/// The open connections: a count, and a wake-up when it reaches zero.
+/// The open connections: their count (the `/metrics` gauge is the count
+/// itself) and a wake-up when it reaches zero.
 struct Open {
-    count: AtomicUsize,
+    state: Arc<AppState>,
     all_closed: Notify,
 }
 
-struct OpenGuard(Arc<Open>, Arc<AppState>);
+/// One open connection, counted from accept until its task ends.
+struct OpenGuard(Arc<Open>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.1.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.state.metrics.connections_open.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.all_closed.notify_waiters();
         }
     }
 }
 
 impl Open {
+    fn count(&self) -> usize {
+        self.state.metrics.connections_open.load(Ordering::SeqCst).max(0) as usize
+    }
+
+    /// Counts a new connection.
+    fn guard(self: &Arc<Open>) -> OpenGuard {
+        self.state.metrics.connections_open.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(self.clone())
+    }
+
     /// Waits until no connection is open, or `limit` has passed; true if none is.
     async fn wait_closed(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let closed = self.all_closed.notified();
-            if self.count.load(Ordering::SeqCst) == 0 {
+            if self.count() == 0 {
                 return true;
             }
             if tokio::time::timeout_at(deadline, closed).await.is_err() {
-                return self.count.load(Ordering::SeqCst) == 0;
+                return self.count() == 0;
             }
         }
     }
@@ -259,7 +270,7 @@ pub(crate) async fn serve_connections(
 ) -> io::Result<()> {
     let limits = state.opts.limits;
     let log = state.opts.log_requests;
-    let open = Arc::new(Open { count: AtomicUsize::new(0), all_closed: Notify::new() });
+    let open = Arc::new(Open { state: state.clone(), all_closed: Notify::new() });
     let mut refused_log = RateLimitedLog::new(Duration::from_secs(10));
     let mut accept_log = RateLimitedLog::new(Duration::from_secs(10));
     loop {
@@ -269,7 +280,7 @@ pub(crate) async fn serve_connections(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, _peer)) => {
-                    if open.count.load(Ordering::SeqCst) >= limits.max_connections {
+                    if open.count() >= limits.max_connections {
                         state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
                         refused_log.log(log, || format!(
                             "{} connections open (--max-connections): closing new ones until some end",
@@ -278,9 +289,7 @@ pub(crate) async fn serve_connections(
                         drop(tcp);
                         continue;
                     }
-                    open.count.fetch_add(1, Ordering::SeqCst);
-                    state.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-                    let guard = OpenGuard(open.clone(), state.clone());
+                    let guard = open.guard();
                     tokio::spawn(connection(tcp, router.clone(), state.clone(), stop.clone(), guard));
                 }
                 Err(e) => {
@@ -304,7 +313,7 @@ pub(crate) async fn serve_connections(
             _ = stop2.wait_for(|s| *s == Stop::Now) => {}
         }
     }
-    if open.count.load(Ordering::SeqCst) > 0 {
+    if open.count() > 0 {
         if log {
             let why = if now(&stop) { "second signal" } else { "grace period over" };
             eprintln!("minnow serve: {why}: ending the requests still in flight with an error");

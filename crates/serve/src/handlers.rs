@@ -74,20 +74,20 @@ fn refuse_if_shutting_down(state: &AppState) -> Result<()> {
     Ok(())
 }
 
+/// OpenAI's 404 for a model name this server does not serve, listing the
+/// names it does.
+fn model_not_found(state: &AppState, name: &str) -> ApiError {
+    let mut names = vec![format!("`{}`", state.opts.model_id)];
+    names.extend(state.opts.aliases.iter().map(|a| format!("`{a}`")));
+    ApiError::not_found(format!("The model `{name}` does not exist on this server; it serves {}", names.join(", ")))
+        .with_code("model_not_found")
+}
+
 /// `model` must name what this server serves (its id or an alias); absent
-/// or null means the default model. OpenAI's 404 otherwise.
+/// or null means the default model.
 fn check_model(state: &AppState, obj: &Map<String, Value>) -> Result<()> {
     match params::opt_str(obj, "model")? {
-        Some(name) if !state.serves(name) => {
-            let mut names = vec![format!("`{}`", state.opts.model_id)];
-            names.extend(state.opts.aliases.iter().map(|a| format!("`{a}`")));
-            Err(ApiError::not_found(format!(
-                "The model `{name}` does not exist on this server; it serves {}",
-                names.join(", ")
-            ))
-            .with_param("model")
-            .with_code("model_not_found"))
-        }
+        Some(name) if !state.serves(name) => Err(model_not_found(state, name).with_param("model")),
         _ => Ok(()),
     }
 }
@@ -332,9 +332,7 @@ pub async fn model_by_id(State(state): State<Arc<AppState>>, Path(id): Path<Stri
     if state.serves(&id) {
         json_response(&model_object(&state))
     } else {
-        ApiError::not_found(format!("the model `{id}` does not exist; this server has `{}`", state.opts.model_id))
-            .with_code("model_not_found")
-            .into_response()
+        model_not_found(&state, &id).into_response()
     }
 }
 

@@ -43,6 +43,19 @@ impl ModelError {
     }
 }
 
+// Request checks a model run makes; ModelError carries messages only.
+impl From<crate::sampler::InvalidSampling> for ModelError {
+    fn from(e: crate::sampler::InvalidSampling) -> ModelError {
+        ModelError(e.to_string())
+    }
+}
+
+impl From<crate::kv_cache::UnfitCacheType> for ModelError {
+    fn from(e: crate::kv_cache::UnfitCacheType) -> ModelError {
+        ModelError(e.to_string())
+    }
+}
+
 enum Family {
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
@@ -123,7 +136,7 @@ impl Model {
     /// says (llama.cpp's `--cache-type-k/-v`); refused, with the reason,
     /// where the model's heads do not suit them.
     pub fn set_cache_types(&mut self, types: CacheTypes) -> Result<(), ModelError> {
-        types.check(self.config().head_dim).map_err(|e| ModelError::new(e.to_string()))?;
+        types.check(self.config().head_dim)?;
         self.cache_types = types;
         Ok(())
     }

@@ -398,7 +398,7 @@ impl SpecSeq {
         sampling: &SamplingParams,
         cfg: &SpecConfig,
     ) -> Result<SpecSeq, ModelError> {
-        sampling.validate().map_err(|e| ModelError::new(e.to_string()))?;
+        sampling.validate()?;
         if let Some(d) = &cfg.draft_sampling {
             d.validate().map_err(|e| ModelError::new(format!("draft sampling: {e}")))?;
         }
