@@ -1,16 +1,16 @@
-//! Text generation outside the server (`minnow run`, `run --n`): prompt
-//! processing in chunks, then the one decode loop (`decode`) over
-//! [`Sequence`]s, which sample and decide where to stop, streaming text as
-//! it is released and timing both phases.
+//! Text generation outside the server (`minnow run`): [`generate`] runs one
+//! request in-process on the scheduler's decode loop
+//! ([`crate::scheduler`]), streaming text as it is released and timing both
+//! phases; [`prefill`] reads a prompt in chunks for callers that want the
+//! logits themselves.
 
 pub use crate::sequence::{FinishReason, GenerateParams};
 
 use crate::kv_cache::KvCache;
-use crate::model::{Logits, Model, ModelError, SeqBatch};
-use crate::sequence::Sequence;
+use crate::model::{Logits, Model, ModelError};
+use crate::scheduler::{run_one, GenRequest, StepCtx};
 use crate::tokenizer::Tokenizer;
 use minnow_kernels::pool::ThreadPool;
-use std::time::Instant;
 
 /// Prompt tokens per forward pass: large enough that weights are read once
 /// for many tokens, small enough to bound the activation buffers.
@@ -70,7 +70,10 @@ pub fn prefill_for(
 }
 
 /// Generates a continuation of `prompt`, calling `on_text` with each piece of
-/// released text as it is produced.
+/// released text as it is produced. `cache` may already hold a prefix (of
+/// tokens not in `prompt`); afterwards it holds that, the prompt and every
+/// generated token but the last. The request runs on the scheduler's
+/// decode loop ([`crate::scheduler`]), in-process.
 pub fn generate(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -80,103 +83,43 @@ pub fn generate(
     params: &GenerateParams,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, ModelError> {
-    if prompt.is_empty() {
-        return Err(ModelError::new("the prompt is empty: nothing to continue from"));
-    }
-    params.sampling.validate()?;
-    let start = Instant::now();
-    let logits = prefill(model, pool, cache, prompt)?;
-    let prompt_secs = start.elapsed().as_secs_f64();
-
-    // The cache may have held a prefix before the prompt: it takes room too.
-    let prefix = cache.len() - prompt.len();
-    let seq = Sequence::new(prompt, params, params.sampling.seed, cache.max_len() - prefix, None);
-    let gen_start = Instant::now();
-    let mut rows = [Row::new(cache, seq)];
-    decode(model, tokenizer, pool, &mut rows, &logits, &mut |_, piece| on_text(piece))?;
-    let gen_secs = gen_start.elapsed().as_secs_f64();
-    let [row] = rows;
-    let ids = row.seq.ids().to_vec();
-    let finish = row.seq.finish().unwrap_or(FinishReason::Length);
+    check_request(prompt, params, cache.len(), cache.max_len())?;
+    let ctx = StepCtx { model, tokenizer, pool, draft: None };
+    let req = GenRequest::new(prompt.to_vec(), params.clone());
+    let taken = std::mem::replace(cache, model.new_cache(0));
+    let out = run_one(&ctx, req, taken, None, Vec::new(), &mut |_, piece| on_text(piece))?;
+    *cache = out.cache;
+    let Some((ids, finish, text)) = out.samples.into_iter().next() else { unreachable!("one sample was asked for") };
     Ok(Generation {
-        text: row.text,
+        text,
         gen_tokens: ids.len(),
         ids,
         prompt_tokens: prompt.len(),
-        prompt_secs,
-        gen_secs,
+        prompt_secs: out.prompt_secs,
+        gen_secs: out.gen_secs,
         finish,
     })
 }
 
-/// A sequence being decoded by [`decode`]: its cache (holding everything
-/// but the last sampled token), its [`Sequence`] and the text released so far.
-pub(crate) struct Row<'c> {
-    pub cache: &'c mut KvCache,
-    pub seq: Sequence,
-    pub text: String,
-    /// The last sampled token: the next step's input.
-    last: u32,
-}
-
-impl<'c> Row<'c> {
-    pub fn new(cache: &'c mut KvCache, seq: Sequence) -> Row<'c> {
-        Row { cache, seq, text: String::new(), last: 0 }
+/// What every in-process entry point checks before running a request: a
+/// prompt to continue, valid sampling, and room for the prompt after the
+/// `base` positions a cache of `max_len` already holds.
+pub(crate) fn check_request(
+    prompt: &[u32],
+    params: &GenerateParams,
+    base: usize,
+    max_len: usize,
+) -> Result<(), ModelError> {
+    if prompt.is_empty() {
+        return Err(ModelError::new("the prompt is empty: nothing to continue from"));
     }
-
-    /// Samples the next token from `logits` and records it.
-    fn step(&mut self, i: usize, logits: &[f32], tokenizer: &Tokenizer, on_text: &mut impl FnMut(usize, &str)) {
-        let id = self.seq.sample(logits);
-        self.last = id;
-        let p = self.seq.push(tokenizer, id, true, None);
-        for piece in [&p.text, &p.tail] {
-            self.text.push_str(piece);
-            on_text(i, piece);
-        }
+    params.sampling.validate()?;
+    if base + prompt.len() > max_len {
+        return Err(ModelError::new(format!(
+            "the prompt ({} tokens) exceeds the context size of {}",
+            prompt.len(),
+            max_len - base.min(max_len)
+        )));
     }
-}
-
-/// The decode loop of `minnow run` and `run --n` (the server's scheduler
-/// runs the same `Sequence`s in its own batched step): samples every row's
-/// first token from the prompt's `first_logits`, then advances all
-/// unfinished rows with one batched forward pass per step until each
-/// [`Sequence`] has finished. `on_text(i, piece)` gets row `i`'s released
-/// text. Returns the number of forward passes.
-pub(crate) fn decode(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    pool: &ThreadPool,
-    rows: &mut [Row],
-    first_logits: &[f32],
-    on_text: &mut impl FnMut(usize, &str),
-) -> Result<usize, ModelError> {
-    for (i, r) in rows.iter_mut().enumerate() {
-        if !r.seq.is_done() {
-            r.step(i, first_logits, tokenizer, on_text);
-        }
-    }
-    let mut forwards = 0;
-    loop {
-        let mut active = Vec::new();
-        let mut batch = Vec::new();
-        for (i, r) in rows.iter_mut().enumerate() {
-            if !r.seq.is_done() {
-                active.push(i);
-                batch.push(SeqBatch {
-                    tokens: std::slice::from_ref(&r.last),
-                    cache: &mut *r.cache,
-                    logits: Logits::Last,
-                });
-            }
-        }
-        if batch.is_empty() {
-            return Ok(forwards);
-        }
-        let out = model.forward(pool, &mut batch)?;
-        drop(batch);
-        forwards += 1;
-        for (&i, logits) in active.iter().zip(&out) {
-            rows[i].step(i, logits, tokenizer, on_text);
-        }
-    }
+    Ok(())
 }

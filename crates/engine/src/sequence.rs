@@ -6,10 +6,11 @@
 //! things with it: asks it for the next token ([`Sequence::sample`], or
 //! [`Sequence::distribution`] when speculation verifies a draft), tells it
 //! what was chosen ([`Sequence::push`]), and stops when the returned
-//! [`Pushed::finish`] says so. `generate` (`minnow run`), `generate_n`
-//! (`--n`), the speculator (`--draft`, `--lookup`) and the scheduler
-//! (`serve`, the local teacher) differ only in how they get logits, so the
-//! text they release and where they stop are the same by construction.
+//! [`Pushed::finish`] says so. There is one loop that does this, the
+//! scheduler's [`Core::step`](crate::scheduler) — under `serve`, the local
+//! teacher, and in-process under `minnow run`, `--n`, `--draft` and
+//! `--lookup` — and the sequence alone decides what text is released and
+//! where generation stops.
 //!
 //! **Where per-token constraints plug in**: `Sequence::next_token_logits`
 //! is the single place a sequence's logits are turned into what the sampler
@@ -205,16 +206,6 @@ impl Sequence {
 
     pub fn sampling(&self) -> &SamplingParams {
         self.sampler.params()
-    }
-
-    /// Draws with a new seed from here on, the penalty history kept
-    /// (`history`: every token so far, prompt included).
-    pub fn reseed(&mut self, seed: u64, history: &[u32]) {
-        let mut s = Sampler::new(SamplingParams { seed, ..self.sampler.params().clone() });
-        for &t in history {
-            s.accept(t);
-        }
-        self.sampler = s;
     }
 }
 

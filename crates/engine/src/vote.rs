@@ -2,7 +2,8 @@
 //!
 //! [`generate_n`] reads the prompt once, copies the KV cache per sample and
 //! decodes every unfinished sample in one batched forward pass per step
-//! (weights read once for all of them). Sample `i` samples with seed
+//! (weights read once for all of them): one request with `n` samples on the
+//! scheduler's decode loop, as the server runs `n`. Sample `i` samples with seed
 //! `seed + i`, as the server's `n` does, so sample 0 is exactly what
 //! [`crate::generate::generate`] gives with the same seed.
 //!
@@ -10,13 +11,11 @@
 //! (the last line, a regular expression, a JSON field — or any type
 //! implementing the trait) and returns the majority answer with the counts.
 
-use crate::generate::{decode, prefill, FinishReason, GenerateParams, Row};
-use crate::kv_cache::KvCache;
+use crate::generate::{check_request, FinishReason, GenerateParams};
 use crate::model::{Model, ModelError};
-use crate::sequence::Sequence;
+use crate::scheduler::{run_one, GenRequest, StepCtx};
 use crate::tokenizer::Tokenizer;
 use minnow_kernels::pool::ThreadPool;
-use std::time::Instant;
 
 /// One of several samples.
 #[derive(Debug, Clone)]
@@ -56,8 +55,9 @@ impl MultiGeneration {
     }
 }
 
-/// `n` samples of `prompt` sharing one prefill, decoded as one batch;
-/// `on_text(i, piece)` receives sample `i`'s released text as it comes.
+/// `n` samples of `prompt` sharing one prefill, decoded as one batch on the
+/// scheduler's decode loop, in-process; `on_text(i, piece)` receives sample
+/// `i`'s released text as it comes.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_n(
     model: &Model,
@@ -72,46 +72,22 @@ pub fn generate_n(
     if n == 0 {
         return Err(ModelError::new("n must be at least 1"));
     }
-    if prompt.is_empty() {
-        return Err(ModelError::new("the prompt is empty: nothing to continue from"));
-    }
-    params.sampling.validate()?;
-    let start = Instant::now();
-    let mut cache = model.new_cache(ctx);
-    let logits = prefill(model, pool, &mut cache, prompt)?;
-    let prompt_secs = start.elapsed().as_secs_f64();
-
-    let gen_start = Instant::now();
-    let ctx = cache.max_len();
-    // The last sample takes the original cache; the others copy it.
-    let mut caches: Vec<KvCache> = (0..n - 1).map(|_| cache.clone_prefix(prompt.len())).collect();
-    caches.push(cache);
-    let mut rows: Vec<Row> = caches
-        .iter_mut()
-        .enumerate()
-        .map(|(i, c)| {
-            Row::new(c, Sequence::new(prompt, params, params.sampling.seed.wrapping_add(i as u64), ctx, None))
-        })
-        .collect();
-    let decode_forwards = decode(model, tokenizer, pool, &mut rows, &logits, &mut on_text)?;
-    let samples: Vec<Sample> = rows
-        .into_iter()
-        .map(|r| Sample {
-            ids: r.seq.ids().to_vec(),
-            finish: r.seq.finish().unwrap_or(FinishReason::Length),
-            text: r.text,
-        })
-        .collect();
+    check_request(prompt, params, 0, ctx)?;
+    let step = StepCtx { model, tokenizer, pool, draft: None };
+    let req = GenRequest { n, ..GenRequest::new(prompt.to_vec(), params.clone()) };
+    let out = run_one(&step, req, model.new_cache(ctx), None, Vec::new(), &mut on_text)?;
+    let samples: Vec<Sample> =
+        out.samples.into_iter().map(|(ids, finish, text)| Sample { text, ids, finish }).collect();
     let gen_tokens = samples.iter().map(|s| s.ids.len()).sum();
     Ok(MultiGeneration {
         samples,
         prompt_tokens: prompt.len(),
         prompt_tokens_processed: prompt.len(),
         prefills: 1,
-        prompt_secs,
-        decode_forwards,
+        prompt_secs: out.prompt_secs,
+        decode_forwards: out.decode_steps,
         gen_tokens,
-        gen_secs: gen_start.elapsed().as_secs_f64(),
+        gen_secs: out.gen_secs,
     })
 }
 

@@ -11,7 +11,7 @@ mod common;
 use minnow_engine::generate::{generate, prefill, GenerateParams, Generation};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::{Sampler, SamplingParams};
-use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats, Speculator};
+use minnow_engine::speculative::{check_draft_vocab, generate_speculative, Draft, SpecConfig, SpecStats};
 use minnow_engine::vote::{generate_n, vote, AnswerExtractor, JsonField};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -248,17 +248,16 @@ fn first_token_test(m: &LoadedModel, prompt: &[u32], draft: Draft, cfg: &SpecCon
     let logits = prefill(&m.model, pool, &mut cache, prompt).unwrap();
     let p = Sampler::new(sampling_t1()).distribution(&logits);
 
-    let params = GenerateParams { max_tokens: 1, sampling: sampling_t1(), stop: Vec::new(), stop_at_eog: false };
-    let mut base = Speculator::new(&m.model, &m.tokenizer, draft, 64, params, cfg).unwrap();
-    base.prefill(pool, prompt).unwrap();
     let mut counts: HashMap<u32, usize> = HashMap::new();
     let mut rejected = 0;
     for seed in 0..n as u64 {
-        let mut s = base.clone();
-        s.reseed(seed);
-        let g = s.generate(pool, |_| {}).unwrap();
-        assert_eq!(s.stats().rounds, 1, "the token went through verification");
-        rejected += s.stats().drafted.saturating_sub(s.stats().accepted).min(1);
+        let sampling = SamplingParams { seed, ..sampling_t1() };
+        let params = GenerateParams { max_tokens: 1, sampling, stop: Vec::new(), stop_at_eog: false };
+        let (g, st) =
+            generate_speculative(&m.model, &m.tokenizer, pool, draft, 64, prompt, &params, cfg, Vec::new(), |_| {})
+                .unwrap();
+        assert_eq!(st.rounds, 1, "the token went through verification");
+        rejected += st.drafted.saturating_sub(st.accepted).min(1);
         *counts.entry(g.ids[0]).or_default() += 1;
     }
     let (stat, df) = chi_square(&counts, &p, n);
@@ -411,12 +410,20 @@ fn earlier_answers_draft_the_skeleton_and_output_is_unchanged() {
     assert_eq!(refs.len(), 2, "both earlier answers share the instruction");
     let want = plain_greedy(QWEN05, &prompt, 64);
     for cfg in [fixed_k(6), SpecConfig::default()] {
-        let mut s = Speculator::new(&m.model, &m.tokenizer, Draft::NGram, 1024, greedy(64), &cfg).unwrap();
-        s.set_references(refs.clone());
-        s.prefill(common::pool(), &prompt).unwrap();
-        let got = s.generate(common::pool(), |_| {}).unwrap();
+        let (got, st) = generate_speculative(
+            &m.model,
+            &m.tokenizer,
+            common::pool(),
+            Draft::NGram,
+            1024,
+            &prompt,
+            &greedy(64),
+            &cfg,
+            refs.clone(),
+            |_| {},
+        )
+        .unwrap();
         assert_same(&want, &got, "greedy with earlier answers as drafts");
-        let st = s.stats();
         assert!(
             st.memory_accepted >= 8 && st.memory_accepted * 10 >= st.memory_drafted * 7,
             "the shared skeleton is drafted and accepted: {}/{} ({:?} after {:?})",

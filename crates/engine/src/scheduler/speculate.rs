@@ -30,7 +30,8 @@
 //! acceptance tests from its own random stream, so a seeded request's exact
 //! tokens depend on whether it decoded alone — its distribution does not.
 
-use super::{emit_token, Phase, Running, Worker};
+use super::core::{emit_token, panic_message, Core, Phase, Running, StepCtx};
+use super::GenEvent;
 use crate::loader::LoadedModel;
 use crate::sequence::Pushed;
 use crate::speculative::memory::LookupMemory;
@@ -144,14 +145,15 @@ impl SpecTotals {
     }
 }
 
-impl Worker {
+impl<S: FnMut(GenEvent) -> bool> Core<S> {
     /// The request and sample to speculate for now: speculation is on, one
-    /// live request, decoding exactly one sample, without logprobs.
+    /// live request, decoding exactly one sample, without logprobs, on a
+    /// cache of its own tokens.
     pub(super) fn lone_decoder(&self) -> Option<(usize, usize)> {
-        self.cfg.speculation.as_ref()?;
+        self.speculation.as_ref()?;
         let mut live = self.running.iter().enumerate().filter(|(_, r)| !r.gone && !r.failed);
         let (ri, r) = live.next()?;
-        if live.next().is_some() || r.top_logprobs.is_some() {
+        if live.next().is_some() || r.top_logprobs.is_some() || r.base != 0 {
             return None;
         }
         let Phase::Decode { samples } = &r.phase else { return None };
@@ -173,18 +175,17 @@ impl Worker {
 
     /// One speculative round for sample `si` of request `ri`; its tokens go
     /// out through the same path as sampled ones.
-    pub(super) fn speculate(&mut self, ri: usize, si: usize) {
-        let Some(spec) = self.cfg.speculation.clone() else { return };
-        let model = self.model.clone();
+    pub(super) fn speculate(&mut self, ctx: &StepCtx, ri: usize, si: usize) {
+        let Some(cfg) = self.speculation.as_ref() else { return };
         let r = &mut self.running[ri];
         let t0 = Instant::now();
-        let answers = self.answers.as_ref();
-        let res = catch_unwind(AssertUnwindSafe(|| round(&model, &spec, self.cfg.ctx, &self.pool, answers, r, si)));
+        let refs = (self.answers.as_ref(), &self.references[..]);
+        let res = catch_unwind(AssertUnwindSafe(|| round(ctx, cfg, self.ctx, refs, r, si)));
         let secs = t0.elapsed().as_secs_f64();
         let (committed, before, after, t_plain) = match res {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return r.fail(format!("speculative decoding failed: {e}")),
-            Err(p) => return r.fail(format!("speculative decoding panicked: {}", super::panic_message(&*p))),
+            Err(p) => return r.fail(format!("speculative decoding panicked: {}", panic_message(&*p))),
         };
         let used = committed.len();
         for (id, p) in committed {
@@ -197,13 +198,13 @@ impl Worker {
             // prefix cache takes it as it is).
             s.cache.truncate(r.prompt.len() + s.seq.ids().len() - 1);
         }
-        let mut st = super::lock(&self.shared);
-        st.stats.steps_total += 1;
-        st.stats.last_batch_size = 1;
-        st.stats.batch_size_sum += 1;
-        st.stats.busy_secs += secs;
-        st.stats.completion_tokens_total += used as u64;
-        st.stats.speculation.get_or_insert_with(Default::default).add(&before, &after, used, secs, t_plain);
+        let st = &mut self.stats;
+        st.steps_total += 1;
+        st.last_batch_size = 1;
+        st.batch_size_sum += 1;
+        st.busy_secs += secs;
+        st.completion_tokens_total += used as u64;
+        st.speculation.get_or_insert_with(Default::default).add(&before, &after, used, secs, t_plain);
     }
 }
 
@@ -211,33 +212,31 @@ impl Worker {
 /// speculation statistics before and after it, and the plain step time.
 type RoundOut = (Vec<(u32, Pushed)>, SpecStats, SpecStats, Option<f64>);
 
-/// Runs [`SpecSeq::step`] on the sample, creating its state on first use.
+/// Runs [`SpecSeq::step`] on the sample, creating its state on first use
+/// (drafting from earlier answers: the answer memory's or the given ones).
 /// Returns the committed tokens, the statistics before and after, and the
 /// measured plain step time.
-fn round(
-    model: &LoadedModel,
-    spec: &Speculation,
-    ctx: usize,
-    pool: &minnow_kernels::pool::ThreadPool,
-    answers: Option<&LookupMemory>,
-    r: &mut Running,
+fn round<S>(
+    ctx: &StepCtx,
+    cfg: &SpecConfig,
+    n_ctx: usize,
+    (answers, refs): (Option<&LookupMemory>, &[Arc<[u8]>]),
+    r: &mut Running<S>,
     si: usize,
 ) -> Result<RoundOut, crate::model::ModelError> {
     let Running { phase, prompt, .. } = r;
     let Phase::Decode { samples } = phase else { unreachable!("lone_decoder chose a decoding sample") };
     let s = &mut samples[si];
-    let draft_model = spec.draft.as_ref().map(|d| &d.model);
     if s.spec.is_none() {
-        let draft = draft_model.map_or(Draft::NGram, Draft::Model);
+        let draft = ctx.draft.map_or(Draft::NGram, Draft::Model);
         // The sample's own sampling (its seed is the request's plus its index).
-        let mut seq = SpecSeq::new(&model.model, draft, ctx, s.seq.sampling(), &spec.config)?;
-        if let Some(mem) = answers {
-            seq.set_references(mem.references_for(prompt));
-        }
+        let mut seq = SpecSeq::new(ctx.model, draft, n_ctx, s.seq.sampling(), cfg)?;
+        // Earlier answers to draft from: the server's memory, or the caller's.
+        seq.set_references(answers.map_or_else(|| refs.to_vec(), |mem| mem.references_for(prompt)));
         s.spec = Some(Box::new(seq));
     }
     let seq = s.spec.as_mut().expect("just created");
     let before = seq.stats().clone();
-    let committed = seq.step(&model.model, &model.tokenizer, draft_model, pool, &mut s.cache, &mut s.seq, prompt)?;
+    let committed = seq.step(ctx.model, ctx.tokenizer, ctx.draft, ctx.pool, &mut s.cache, &mut s.seq, prompt)?;
     Ok((committed, before, seq.stats().clone(), seq.plain_step_secs()))
 }

@@ -53,20 +53,21 @@
 //! # Who owns what
 //!
 //! [`SpecSeq`] is one sequence's speculation state (drafter and its KV
-//! cache, controller, history, statistics). [`Speculator`] owns one next to
-//! the sequence's target KV cache and its [`Sequence`] (sampling and the
-//! stop rule; `minnow run --draft`); the scheduler keeps one per sequence
-//! decoding alone and runs rounds with [`SpecSeq::step`] on its own cache
-//! and `Sequence` (`minnow serve --draft`). Neither holds the models: a
-//! round borrows them. Every token a round commits goes through
-//! [`Sequence::push`], and every draw and verification through the
-//! sequence, as in plain decoding.
+//! cache, controller, history, statistics). The scheduler's decode loop
+//! keeps one per sequence decoding alone and runs rounds with
+//! [`SpecSeq::step`] on the sequence's own target cache and [`Sequence`]
+//! (sampling and the stop rule) — for `minnow serve --draft` and, through
+//! [`generate_speculative`], `minnow run --draft`. It calls into this
+//! module; nothing here calls back. A round borrows the models. Every token
+//! a round commits goes through [`Sequence::push`], and every draw and
+//! verification through the sequence, as in plain decoding.
 
-use crate::generate::{prefill, prefill_for, FinishReason, GenerateParams, Generation};
+use crate::generate::{check_request, prefill, prefill_for, GenerateParams, Generation};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::model::{Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{run_one, GenRequest, StepCtx};
 use crate::sequence::{Pushed, Sequence};
 use crate::speculative::memory::{consensus_draft, shared_prefix, Consensus, Reference};
 use crate::tokenizer::Tokenizer;
@@ -359,8 +360,8 @@ fn is_padding(text: &str, ty: Option<i64>) -> bool {
 
 /// The speculation state of one sequence: drafter, controller, history and
 /// statistics — everything but the models and the sequence's own target KV
-/// cache and sampler. [`Speculator`] owns one next to those; the scheduler
-/// keeps one per decoding sequence and runs rounds with [`SpecSeq::step`].
+/// cache and sampler. The scheduler's decode loop keeps one per sequence
+/// decoding alone and runs rounds with [`SpecSeq::step`].
 #[derive(Clone)]
 pub struct SpecSeq {
     drafter: Drafter,
@@ -529,152 +530,14 @@ impl SpecSeq {
     }
 }
 
-/// One sequence decoded speculatively. Build it, [`prefill`](Self::prefill)
-/// the prompt, then [`generate`](Self::generate). Cloning after the prefill
-/// forks the sequence (both caches and every state), e.g. to draw many
-/// samples from one prompt with [`reseed`](Self::reseed).
-#[derive(Clone)]
-pub struct Speculator<'a> {
-    target: &'a Model,
-    tokenizer: &'a Tokenizer,
-    draft: Option<&'a Model>,
-    params: GenerateParams,
-    /// Holds every committed token but the last.
-    cache: KvCache,
-    /// Sampling and the stop rule; made by `prefill`.
-    sequence: Option<Sequence>,
-    prompt_secs: f64,
-    seq: SpecSeq,
-}
-
-impl<'a> Speculator<'a> {
-    /// A speculator for `target` with contexts of `ctx` positions. A draft
-    /// model must already have passed [`check_draft_vocab`].
-    pub fn new(
-        target: &'a Model,
-        tokenizer: &'a Tokenizer,
-        draft: Draft<'a>,
-        ctx: usize,
-        params: GenerateParams,
-        cfg: &SpecConfig,
-    ) -> Result<Speculator<'a>, ModelError> {
-        let seq = SpecSeq::new(target, draft, ctx, &params.sampling, cfg)?;
-        Ok(Speculator {
-            target,
-            tokenizer,
-            draft: match draft {
-                Draft::Model(m) => Some(m),
-                Draft::NGram => None,
-            },
-            cache: target.new_cache(ctx),
-            sequence: None,
-            prompt_secs: 0.0,
-            seq,
-            params,
-        })
-    }
-
-    /// Reads the prompt: the target caches all of it but the last token (fed
-    /// with the first round's drafts), a draft model all of it.
-    pub fn prefill(&mut self, pool: &ThreadPool, prompt: &[u32]) -> Result<(), ModelError> {
-        if prompt.is_empty() {
-            return Err(ModelError::new("the prompt is empty: nothing to continue from"));
-        }
-        if !self.seq.hist.is_empty() {
-            return Err(ModelError::new("the speculator already holds a prompt"));
-        }
-        if prompt.len() > self.cache.max_len() {
-            return Err(ModelError::new(format!(
-                "the prompt ({} tokens) exceeds the context size of {}",
-                prompt.len(),
-                self.cache.max_len()
-            )));
-        }
-        let start = Instant::now();
-        prefill(self.target, pool, &mut self.cache, &prompt[..prompt.len() - 1])?;
-        self.seq.prompt_len = prompt.len();
-        for &t in prompt {
-            self.seq.push(self.tokenizer, t);
-        }
-        let ctx = self.cache.max_len();
-        self.sequence = Some(Sequence::new(prompt, &self.params, self.params.sampling.seed, ctx, None));
-        self.seq.out_start = self.seq.text.len();
-        if let (Drafter::Model(d), Some(model)) = (&mut self.seq.drafter, self.draft) {
-            let t = Instant::now();
-            let mut scratch = SpecStats::default();
-            d.catch_up(model, pool, &self.seq.hist, &mut scratch)?;
-            self.seq.stats.draft_prompt_secs += t.elapsed().as_secs_f64();
-        }
-        self.prompt_secs = start.elapsed().as_secs_f64();
-        Ok(())
-    }
-
-    /// New seeds for the target sampler and the speculator's draws (same
-    /// history): forks after a shared prefill draw independent samples.
-    pub fn reseed(&mut self, seed: u64) {
-        if let Some(sequence) = &mut self.sequence {
-            sequence.reseed(seed, &self.seq.hist);
-        }
-        self.seq.rng = SplitMix::new(seed);
-        self.params.sampling.seed = seed;
-    }
-
-    pub fn stats(&self) -> &SpecStats {
-        &self.seq.stats
-    }
-
-    /// See [`SpecSeq::set_references`].
-    pub fn set_references(&mut self, refs: Vec<Arc<[u8]>>) {
-        self.seq.set_references(refs);
-    }
-
-    /// Generates after the prefilled prompt, calling `on_text` with released
-    /// text as it is produced, like [`crate::generate::generate`].
-    pub fn generate(&mut self, pool: &ThreadPool, mut on_text: impl FnMut(&str)) -> Result<Generation, ModelError> {
-        let Some(sequence) = self.sequence.as_mut() else {
-            return Err(ModelError::new("prefill a prompt before generating"));
-        };
-        let mut text = String::new();
-        let gen_start = Instant::now();
-        while !sequence.is_done() {
-            let mut round = Round {
-                target: self.target,
-                tokenizer: self.tokenizer,
-                draft: self.draft,
-                cache: &mut self.cache,
-                sequence,
-                seq: &mut self.seq,
-            };
-            let mut emit = |_: u32, p: Pushed| {
-                for piece in [&p.text, &p.tail] {
-                    text.push_str(piece);
-                    on_text(piece);
-                }
-            };
-            if round.run(pool, &mut emit)? {
-                break;
-            }
-        }
-        // The cache holds every committed token but the last, as between rounds.
-        self.cache.truncate(self.seq.hist.len() - 1);
-        let gen_secs = gen_start.elapsed().as_secs_f64();
-        self.seq.stats.plain_step_secs = self.seq.ctl.t_plain.0;
-        let ids = sequence.ids().to_vec();
-        Ok(Generation {
-            text,
-            gen_tokens: ids.len(),
-            ids,
-            prompt_tokens: self.seq.prompt_len,
-            prompt_secs: self.prompt_secs,
-            gen_secs,
-            finish: sequence.finish().unwrap_or(FinishReason::Length),
-        })
-    }
-}
-
-/// Prefill and generate in one call; returns the generation and what
-/// speculation did. `refs`: earlier answers to similar prompts for prompt
-/// lookup to draft from ([`SpecSeq::set_references`]; empty for none).
+/// Generates a continuation of `prompt` speculatively, in-process on the
+/// scheduler's decode loop ([`crate::scheduler`]), where speculation is the
+/// way a lone sequence advances: each step is one [`SpecSeq`] round. Returns
+/// the generation and what speculation did. `ctx`: the context of the
+/// target's (and a draft model's) cache. `refs`: earlier answers to similar
+/// prompts for prompt lookup to draft from ([`SpecSeq::set_references`];
+/// empty for none). A draft model must already have passed
+/// [`check_draft_vocab`].
 #[allow(clippy::too_many_arguments)]
 pub fn generate_speculative(
     target: &Model,
@@ -686,13 +549,31 @@ pub fn generate_speculative(
     params: &GenerateParams,
     cfg: &SpecConfig,
     refs: Vec<Arc<[u8]>>,
-    on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str),
 ) -> Result<(Generation, SpecStats), ModelError> {
-    let mut s = Speculator::new(target, tokenizer, draft, ctx, params.clone(), cfg)?;
-    s.set_references(refs);
-    s.prefill(pool, prompt)?;
-    let g = s.generate(pool, on_text)?;
-    Ok((g, s.seq.stats.clone()))
+    check_request(prompt, params, 0, ctx)?;
+    // What `SpecSeq::new` would refuse, refused before any work.
+    SpecSeq::new(target, Draft::NGram, 0, &params.sampling, cfg)?;
+    let draft = match draft {
+        Draft::Model(m) => Some(m),
+        Draft::NGram => None,
+    };
+    let step = StepCtx { model: target, tokenizer, pool, draft };
+    let req = GenRequest::new(prompt.to_vec(), params.clone());
+    let out = run_one(&step, req, target.new_cache(ctx), Some(cfg.clone()), refs, &mut |_, piece| on_text(piece))?;
+    let method = if draft.is_some() { "draft-model" } else { "ngram" };
+    let stats = out.spec.unwrap_or_else(|| SpecStats { method, ..SpecStats::default() });
+    let Some((ids, finish, text)) = out.samples.into_iter().next() else { unreachable!("one sample was asked for") };
+    let g = Generation {
+        text,
+        gen_tokens: ids.len(),
+        ids,
+        prompt_tokens: prompt.len(),
+        prompt_secs: out.prompt_secs,
+        gen_secs: out.gen_secs,
+        finish,
+    };
+    Ok((g, stats))
 }
 
 #[cfg(test)]

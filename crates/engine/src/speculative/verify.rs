@@ -5,8 +5,7 @@
 use super::*;
 
 /// One round's view of a sequence: the models, the sequence's target cache
-/// and [`Sequence`], its speculation state. Built by [`Speculator::generate`]
-/// and [`SpecSeq::step`] from what each owns.
+/// and [`Sequence`], its speculation state. Built by [`SpecSeq::step`].
 pub(super) struct Round<'r> {
     pub(super) target: &'r Model,
     pub(super) tokenizer: &'r Tokenizer,

@@ -1,6 +1,12 @@
 //! Continuous batching: many generation requests served together by one
 //! thread that owns the model's thread pool.
 //!
+//! The loop that advances sequences lives in `core` (`Core::step`); this
+//! module is the thread around it (queue, admission, cancellation,
+//! shutdown, statistics). `minnow run` and the other in-process callers
+//! drive a `Core` of their own with one request (`run_one`), so every way
+//! minnow generates goes through the same step.
+//!
 //! Every step is one [`Model::forward`](crate::model::Model::forward) call
 //! over all running sequences: a decoding sequence contributes its last
 //! token, a sequence still reading its prompt contributes the next chunk of
@@ -30,6 +36,7 @@
 //! a panic anywhere else in a step fails the requests of that step, and the
 //! thread keeps serving.
 
+mod core;
 mod prefix_cache;
 mod speculate;
 
@@ -37,14 +44,11 @@ pub use crate::sequence::{token_logprob, TokenLogprob};
 pub use prefix_cache::MIN_PREFIX;
 pub use speculate::{SpecTotals, Speculation};
 
+use self::core::panic_message;
+pub(crate) use self::core::{run_one, Core, StepCtx};
 use crate::generate::{FinishReason, GenerateParams};
-use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
-use crate::model::{Logits, SeqBatch};
-use crate::sequence::{Pushed, Sequence};
-use crate::speculative::memory::LookupMemory;
 use minnow_kernels::pool::ThreadPool;
-use prefix_cache::PrefixCache;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -298,20 +302,8 @@ impl Scheduler {
             }),
             wake: Condvar::new(),
         });
-        let worker = Worker {
-            shared: shared.clone(),
-            model: model.clone(),
-            pool,
-            prefix: PrefixCache::new(cfg.prefix_cache_bytes),
-            answers: cfg
-                .speculation
-                .as_ref()
-                .filter(|s| s.draft.is_none())
-                .map(|_| LookupMemory::new(speculate::ANSWERS_KEPT)),
-            cfg: cfg.clone(),
-            running: Vec::new(),
-            faults: Vec::new(),
-        };
+        let worker =
+            Worker { shared: shared.clone(), model: model.clone(), pool, core: Core::new(&cfg), cfg: cfg.clone() };
         let handle = std::thread::Builder::new()
             .name("minnow-scheduler".into())
             .spawn(move || worker.run())
@@ -439,121 +431,14 @@ impl Drop for Scheduler {
 }
 
 // ---------------------------------------------------------------------------
-// The scheduler thread.
+// The scheduler thread: a `Core` fed from the queue.
 
 struct Worker {
     shared: Arc<Shared>,
     model: Arc<LoadedModel>,
     pool: ThreadPool,
     cfg: SchedulerConfig,
-    running: Vec<Running>,
-    prefix: PrefixCache,
-    /// Recent answers for prompt lookup to draft from (`--lookup` only).
-    answers: Option<LookupMemory>,
-    faults: Vec<(u64, Fault)>,
-}
-
-/// A request that holds slots.
-struct Running {
-    id: u64,
-    sink: EventSink,
-    submitted: Instant,
-    first_token: Option<Instant>,
-    prompt: Vec<u32>,
-    params: GenerateParams,
-    n: usize,
-    top_logprobs: Option<usize>,
-    cached: usize,
-    completion_tokens: usize,
-    phase: Phase,
-    /// The client is gone (sink said so, or `cancel`): drop silently.
-    gone: bool,
-    /// Failed: an Error event was sent; drop.
-    failed: bool,
-}
-
-enum Phase {
-    /// Reading the prompt; `cache` holds its first `cache.len()` tokens.
-    Prefill {
-        cache: KvCache,
-    },
-    Decode {
-        samples: Vec<Sample>,
-    },
-}
-
-struct Sample {
-    cache: KvCache,
-    /// Sampling, stop rule and generated ids (the last one is the next
-    /// step's input).
-    seq: Sequence,
-    /// Speculation state while this sample decodes alone.
-    spec: Option<Box<crate::speculative::SpecSeq>>,
-}
-
-/// Which sequence of a running request a batch row belongs to.
-#[derive(Clone, Copy)]
-enum Slot {
-    /// A prompt chunk.
-    Prefill,
-    /// A decode step of sample `i`.
-    Sample(usize),
-}
-
-impl Running {
-    /// Sends an event unless the client is gone; a sink that refuses or
-    /// panics marks the request gone.
-    fn emit(&mut self, ev: GenEvent) {
-        if self.gone {
-            return;
-        }
-        let sink = &mut self.sink;
-        match catch_unwind(AssertUnwindSafe(|| sink(ev))) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => self.gone = true,
-        }
-    }
-
-    fn fail(&mut self, msg: String) {
-        if !self.failed {
-            self.emit(GenEvent::Error(msg));
-            self.failed = true;
-        }
-    }
-
-    fn finished(&self) -> bool {
-        match &self.phase {
-            Phase::Prefill { .. } => false,
-            Phase::Decode { samples } => samples.iter().all(|s| s.seq.is_done()),
-        }
-    }
-
-    fn usage(&self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt.len(),
-            cached_prompt_tokens: self.cached,
-            completion_tokens: self.completion_tokens,
-        }
-    }
-
-    /// Sends `Finished` (all samples must be done).
-    fn send_finished(&mut self) {
-        let now = Instant::now();
-        let total_secs = now.duration_since(self.submitted).as_secs_f64();
-        let ttft_secs = self.first_token.map_or(total_secs, |t| t.duration_since(self.submitted).as_secs_f64());
-        let usage = self.usage();
-        self.emit(GenEvent::Finished { usage, ttft_secs, total_secs });
-    }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".into()
-    }
+    core: Core<EventSink>,
 }
 
 /// Marks the state stopped even if the thread unwinds, so `submit` refuses
@@ -588,17 +473,20 @@ impl Worker {
             // Anything unexpected in a step (a bug here, not in the model,
             // whose panics `forward` already contains) fails that step's
             // requests rather than the thread.
+            let draft = self.cfg.speculation.as_ref().and_then(|s| s.draft.as_ref()).map(|d| &d.model);
+            let ctx = StepCtx { model: &self.model.model, tokenizer: &self.model.tokenizer, pool: &self.pool, draft };
+            let core = &mut self.core;
             let res = catch_unwind(AssertUnwindSafe(|| {
                 for q in admitted {
-                    self.admit(q);
+                    core.admit(ctx.model, q.id, q.req, q.sink, q.submitted, None);
                 }
-                if !self.running.is_empty() {
-                    self.step();
+                if !core.running.is_empty() {
+                    core.step(&ctx);
                 }
             }));
             if let Err(p) = res {
                 let msg = format!("internal error in the scheduler: {}", panic_message(&*p));
-                for r in &mut self.running {
+                for r in &mut self.core.running {
                     r.fail(msg.clone());
                 }
             }
@@ -614,18 +502,16 @@ impl Worker {
             for id in std::mem::take(&mut st.cancels) {
                 // The sink of a cancelled queued request is just dropped.
                 st.queue.retain(|q| q.id != id);
-                for r in self.running.iter_mut().filter(|r| r.id == id) {
-                    r.gone = true;
-                }
+                self.core.cancel(id);
             }
-            self.faults.append(&mut st.faults);
+            self.core.faults.append(&mut st.faults);
             if st.shutdown == Some(true) {
                 let queued: Vec<Queued> = st.queue.drain(..).collect();
                 drop(st);
                 self.cancel_all(queued);
                 return None;
             }
-            if !self.running.is_empty() || !st.queue.is_empty() {
+            if !self.core.running.is_empty() || !st.queue.is_empty() {
                 break;
             }
             if st.shutdown == Some(false) {
@@ -636,7 +522,7 @@ impl Worker {
         // Free slots go to waiting requests in arrival order; one that needs
         // more slots than are free waits (and holds back those behind it, so
         // a request with large n is not starved by a stream of small ones).
-        let mut used: usize = self.running.iter().filter(|r| !r.gone).map(|r| r.n).sum();
+        let mut used = self.core.slots();
         let mut admitted = Vec::new();
         while let Some(q) = st.queue.front() {
             if used + q.req.n > self.cfg.max_parallel {
@@ -653,7 +539,7 @@ impl Worker {
     /// Shutdown with cancellation: every running and queued request ends
     /// with [`GenEvent::Cancelled`].
     fn cancel_all(&mut self, queued: Vec<Queued>) {
-        for mut r in std::mem::take(&mut self.running) {
+        for mut r in std::mem::take(&mut self.core.running) {
             if r.gone || r.failed {
                 continue;
             }
@@ -664,147 +550,12 @@ impl Worker {
         }
     }
 
-    /// Starts a request: resumes from the longest cached prefix of its prompt.
-    fn admit(&mut self, q: Queued) {
-        let Queued { id, req, sink, submitted } = q;
-        let (cache, cached) =
-            self.prefix.lookup(&req.prompt).unwrap_or_else(|| (self.model.model.new_cache(self.cfg.ctx), 0));
-        {
-            let mut st = lock(&self.shared);
-            st.stats.prompt_tokens_total += req.prompt.len() as u64;
-            st.stats.cached_prompt_tokens_total += cached as u64;
-        }
-        self.running.push(Running {
-            id,
-            sink,
-            submitted,
-            first_token: None,
-            prompt: req.prompt,
-            params: req.params,
-            n: req.n,
-            top_logprobs: req.top_logprobs,
-            cached,
-            completion_tokens: 0,
-            phase: Phase::Prefill { cache },
-            gone: false,
-            failed: false,
-        });
-    }
-
-    /// One forward pass over every running sequence, then sampling.
-    fn step(&mut self) {
-        if let Some((ri, si)) = self.lone_decoder() {
-            return self.speculate(ri, si);
-        }
-        self.drop_spec_states();
-        let chunk = self.cfg.prefill_chunk;
-        // Build the batch: rows in request order (which rows sit where has no
-        // effect on any row's result).
-        let mut slots: Vec<(usize, Slot)> = Vec::new();
-        let mut owners: Vec<u64> = Vec::new();
-        let mut seqs: Vec<SeqBatch> = Vec::new();
-        for (ri, r) in self.running.iter_mut().enumerate() {
-            if r.gone || r.failed {
-                continue;
-            }
-            let Running { prompt, phase, id, .. } = r;
-            match phase {
-                Phase::Prefill { cache } => {
-                    let start = cache.len();
-                    let end = (start + chunk).min(prompt.len());
-                    let logits = if end == prompt.len() { Logits::Last } else { Logits::None };
-                    slots.push((ri, Slot::Prefill));
-                    owners.push(*id);
-                    seqs.push(SeqBatch { tokens: &prompt[start..end], cache, logits });
-                }
-                Phase::Decode { samples } => {
-                    for (si, s) in samples.iter_mut().enumerate() {
-                        if s.seq.is_done() {
-                            continue;
-                        }
-                        slots.push((ri, Slot::Sample(si)));
-                        owners.push(*id);
-                        let last = s.seq.ids().last().expect("a decoding sample has sampled a token");
-                        seqs.push(SeqBatch {
-                            tokens: std::slice::from_ref(last),
-                            cache: &mut s.cache,
-                            logits: Logits::Last,
-                        });
-                    }
-                }
-            }
-        }
-        if seqs.is_empty() {
-            return;
-        }
-        let t0 = Instant::now();
-        let fwd = Forward { model: &self.model.model, pool: &self.pool, faults: &self.faults };
-        let results = fwd.contained(&mut seqs, &owners);
-        let busy = t0.elapsed().as_secs_f64();
-        let batch = seqs.len();
-        drop(seqs);
-        {
-            let mut st = lock(&self.shared);
-            st.stats.steps_total += 1;
-            st.stats.last_batch_size = batch;
-            st.stats.batch_size_sum += batch as u64;
-            st.stats.busy_secs += busy;
-        }
-
-        let mut sampled = 0u64;
-        for ((ri, slot), res) in slots.into_iter().zip(results) {
-            let logits = match res {
-                Ok(l) => l,
-                Err(e) => {
-                    self.running[ri].fail(e);
-                    continue;
-                }
-            };
-            let r = &mut self.running[ri];
-            if r.failed {
-                continue;
-            }
-            match slot {
-                Slot::Prefill => {
-                    let Phase::Prefill { cache } = &r.phase else { unreachable!() };
-                    if cache.len() == r.prompt.len() {
-                        self.prefix.insert(&r.prompt, cache);
-                        sampled += start_decoding(&self.model, r, &logits);
-                    }
-                }
-                Slot::Sample(si) => {
-                    sampled += sample_token(&self.model, r, si, &logits) as u64;
-                }
-            }
-        }
-        if sampled > 0 {
-            lock(&self.shared).stats.completion_tokens_total += sampled;
-        }
-    }
-
-    /// Drops requests that are finished, failed or gone, publishes the slot
-    /// count, then sends `Finished` to the finished ones: a client that sees
-    /// `Finished` also sees its slot released in [`Scheduler::stats`].
+    /// Drops requests that are finished, failed or gone, publishes the
+    /// counters and the slot count, then sends `Finished` to the finished
+    /// ones: a client that sees `Finished` also sees its slot released in
+    /// [`Scheduler::stats`].
     fn retire(&mut self) {
-        let mut finished = Vec::new();
-        let mut i = 0;
-        while i < self.running.len() {
-            let r = &self.running[i];
-            let done = !r.gone && !r.failed && r.finished();
-            if done || r.gone || r.failed {
-                let r = self.running.remove(i);
-                self.faults.retain(|(id, _)| *id != r.id);
-                if done {
-                    finished.push(r);
-                }
-            } else {
-                i += 1;
-            }
-        }
-        for r in &finished {
-            self.remember_answer(r);
-            self.remember_for_lookup(r);
-        }
+        let finished = self.core.retire(&self.model.tokenizer);
         {
             let mut st = lock(&self.shared);
             for r in &finished {
@@ -812,152 +563,24 @@ impl Worker {
                 st.avg_request_secs =
                     if st.avg_request_secs == 0.0 { secs } else { 0.9 * st.avg_request_secs + 0.1 * secs };
             }
-            st.active_slots = self.running.iter().map(|r| r.n).sum();
+            let c = &self.core.stats;
+            let s = &mut st.stats;
+            s.prompt_tokens_total = c.prompt_tokens_total;
+            s.cached_prompt_tokens_total = c.cached_prompt_tokens_total;
+            s.completion_tokens_total = c.completion_tokens_total;
+            s.steps_total = c.steps_total;
+            s.last_batch_size = c.last_batch_size;
+            s.batch_size_sum = c.batch_size_sum;
+            s.busy_secs = c.busy_secs;
+            s.speculation.clone_from(&c.speculation);
+            s.prefix_cache_bytes = self.core.prefix.bytes();
+            s.prefix_cache_entries = self.core.prefix.len();
+            st.active_slots = self.core.running.iter().map(|r| r.n).sum();
             st.stats.active = st.active_slots;
-            st.stats.active_requests = self.running.len();
-            st.stats.prefix_cache_bytes = self.prefix.bytes();
-            st.stats.prefix_cache_entries = self.prefix.len();
+            st.stats.active_requests = self.core.running.len();
         }
         for mut r in finished {
             r.send_finished();
         }
-    }
-
-    /// With `--lookup`, a finished request's answers (each sample's) are kept
-    /// for later requests with similar prompts to draft from.
-    fn remember_for_lookup(&mut self, r: &Running) {
-        let (Some(mem), Phase::Decode { samples }) = (self.answers.as_mut(), &r.phase) else { return };
-        let tok = &self.model.tokenizer;
-        for s in samples {
-            let ids: Vec<u32> = s.seq.ids().iter().copied().filter(|&id| !tok.is_special(id)).collect();
-            mem.record(&r.prompt, &tok.decode(&ids));
-        }
-    }
-
-    /// A finished single-sample request's prompt + answer goes into the
-    /// prefix cache: the next turn of a chat starts with exactly that.
-    fn remember_answer(&mut self, r: &Running) {
-        if r.n != 1 {
-            return;
-        }
-        let Phase::Decode { samples } = &r.phase else { return };
-        let s = &samples[0];
-        // The cache holds every generated token but the last (never fed back).
-        let fed = s.cache.len().saturating_sub(r.prompt.len());
-        let mut tokens = r.prompt.clone();
-        let ids = s.seq.ids();
-        tokens.extend_from_slice(&ids[..fed.min(ids.len())]);
-        self.prefix.insert(&tokens, &s.cache);
-    }
-}
-
-/// What a forward pass needs, borrowed apart from the running requests
-/// whose caches the batch borrows.
-struct Forward<'a> {
-    model: &'a crate::model::Model,
-    pool: &'a ThreadPool,
-    faults: &'a [(u64, Fault)],
-}
-
-impl Forward<'_> {
-    /// Runs the batch; on failure, restores the caches and runs each
-    /// sequence alone, so only the failing ones get an error (the retries
-    /// produce exactly what the batch would have: rows do not interact).
-    fn contained(&self, seqs: &mut [SeqBatch], owners: &[u64]) -> Vec<Result<Vec<f32>, String>> {
-        let lens: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
-        match self.try_run(seqs, owners) {
-            Ok(out) => out.into_iter().map(Ok).collect(),
-            Err(e) => {
-                for (s, &len) in seqs.iter_mut().zip(&lens) {
-                    s.cache.truncate(len);
-                }
-                if seqs.len() == 1 {
-                    return vec![Err(e)];
-                }
-                (0..seqs.len())
-                    .map(|i| {
-                        let one = &mut seqs[i..i + 1];
-                        self.try_run(one, &owners[i..i + 1]).map(|mut o| o.pop().unwrap_or_default()).inspect_err(
-                            |_| {
-                                one[0].cache.truncate(lens[i]);
-                            },
-                        )
-                    })
-                    .collect()
-            }
-        }
-    }
-
-    fn try_run(&self, seqs: &mut [SeqBatch], owners: &[u64]) -> Result<Vec<Vec<f32>>, String> {
-        let fault = self.faults.iter().find(|(id, _)| owners.contains(id)).map(|&(_, f)| f);
-        let (model, pool) = (self.model, self.pool);
-        let out = catch_unwind(AssertUnwindSafe(|| {
-            match fault {
-                Some(Fault::Error) => return Err(crate::model::ModelError::new("injected fault")),
-                Some(Fault::Panic) => panic!("injected panic"),
-                None => {}
-            }
-            model.forward(pool, seqs)
-        }));
-        match out {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(format!("forward pass failed: {e}")),
-            Err(p) => Err(format!("forward pass panicked: {}", panic_message(&*p))),
-        }
-    }
-}
-
-/// The prompt is read: forks the cache per sample and samples each one's
-/// first token from the prompt's last logits. Returns tokens sampled.
-fn start_decoding(model: &LoadedModel, r: &mut Running, logits: &[f32]) -> u64 {
-    let Phase::Prefill { cache } = std::mem::replace(&mut r.phase, Phase::Decode { samples: Vec::new() }) else {
-        unreachable!()
-    };
-    let mut samples = Vec::with_capacity(r.n);
-    let mut cache = Some(cache);
-    let ctx = cache.as_ref().map_or(0, |c| c.max_len());
-    for i in 0..r.n {
-        // Sample i samples with the request's seed plus i.
-        let seed = r.params.sampling.seed.wrapping_add(i as u64);
-        let seq = Sequence::new(&r.prompt, &r.params, seed, ctx, r.top_logprobs);
-        // The last sample takes the original cache; the others copy it.
-        let c = if i + 1 == r.n { cache.take().unwrap() } else { cache.as_ref().unwrap().clone() };
-        samples.push(Sample { cache: c, seq, spec: None });
-    }
-    r.phase = Phase::Decode { samples };
-    if r.params.max_tokens == 0 {
-        // Nothing to generate (the prompt still went into the prefix cache).
-        for index in 0..r.n {
-            r.emit(GenEvent::Done { index, finish: FinishReason::Length, text_tail: String::new() });
-        }
-        return 0;
-    }
-    (0..r.n).map(|si| sample_token(model, r, si, logits) as u64).sum()
-}
-
-/// Samples sample `si`'s next token from `logits` and sends its events.
-/// Returns whether a token was sampled.
-fn sample_token(model: &LoadedModel, r: &mut Running, si: usize, logits: &[f32]) -> bool {
-    let Phase::Decode { samples } = &mut r.phase else { return false };
-    let s = &mut samples[si];
-    if s.seq.is_done() || logits.is_empty() {
-        return false;
-    }
-    let next = s.seq.sample(logits);
-    let pushed = s.seq.push(&model.tokenizer, next, true, Some(logits));
-    emit_token(r, si, next, pushed);
-    true
-}
-
-/// Sends the events of a token sample `si`'s [`Sequence`] took (sampled
-/// here or committed by a speculative round).
-fn emit_token(r: &mut Running, si: usize, id: u32, p: Pushed) {
-    r.completion_tokens += 1;
-    r.first_token.get_or_insert_with(Instant::now);
-    if p.is_text {
-        r.emit(GenEvent::Token { index: si, id, text: p.text, logprob: p.logprob });
-    }
-    if let Some(finish) = p.finish {
-        r.emit(GenEvent::Done { index: si, finish, text_tail: p.tail });
     }
 }
