@@ -23,8 +23,8 @@
 //! A long span is attended in parts of at most [`SPAN_PART`] positions,
 //! split at multiples of it ([`span_parts`]): each part's softmax on its own
 //! maximum, the parts merged exactly afterwards ([`merge_parts`]; the
-//! "flash-decoding" split). The engine runs the parts of one row as separate
-//! tasks, so a decode step's attention spreads evenly over the threads even
+//! "flash-decoding" split). [`crate::attention_batch`] runs the parts of one
+//! row as separate tasks, so a decode step's attention spreads evenly over the threads even
 //! when there are fewer KV heads than threads can balance (SmolLM2: three).
 //! The split depends on the span alone, never on the thread count, so the
 //! results do not either; a span inside one part is attended as a whole.

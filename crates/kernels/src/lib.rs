@@ -5,6 +5,8 @@
 //!   chosen at run time; a uniform byte-level dispatch over [`GgmlType`].
 //! - [`matmul`]: quantized weight matrix × f32 activations, multithreaded.
 //! - [`attention`]: one head's attention over a span of the KV cache.
+//! - [`attention_batch`]: a batch's attention on the thread pool, split in
+//!   even tasks (rows × KV heads × span parts) and merged exactly.
 //! - [`ops`]: the f32 element-wise pieces of a transformer (RMSNorm, RoPE,
 //!   softmax, activations).
 //! - [`mix`]: the one SplitMix64 generator and FNV-1a hash every crate uses.
@@ -14,6 +16,7 @@
 //! - [`weight_memory`]: repacked weights on transparent huge pages.
 
 pub mod attention;
+pub mod attention_batch;
 pub mod formats;
 pub mod matmul;
 pub mod mix;

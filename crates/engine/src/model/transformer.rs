@@ -9,12 +9,10 @@
 use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
-use minnow_kernels::attention::{
-    attend_group_part, merge_parts, span_parts, AttnScratch, KvLayout, PartStats, MAX_GROUP,
-};
+use minnow_kernels::attention_batch::{attend_batch, Heads};
 use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, RopeAngles};
-use minnow_kernels::pool::{SharedMut, ThreadPool};
+use minnow_kernels::pool::ThreadPool;
 use std::cell::RefCell;
 use std::ops::RangeInclusive;
 
@@ -77,8 +75,6 @@ thread_local! {
     static ACTS: RefCell<ActBuffer> = RefCell::new(ActBuffer::default());
     /// The same for `mm_many`, one buffer per matrix.
     static ACTS_MANY: RefCell<Vec<ActBuffer>> = const { RefCell::new(Vec::new()) };
-    /// Attention scratch (rounded query, scores) of each pool thread.
-    static SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
 }
 
 /// `out = x · Wᵀ` for `n` rows: x [n, w.cols] → out [n, w.rows].
@@ -189,18 +185,6 @@ pub(crate) struct AttentionShape<'a> {
     pub window: Option<usize>,
 }
 
-/// One attention task of a forward pass: query heads
-/// `[head_part]` of the heads sharing KV head `kv_head`, of row `row`, over
-/// `span`; `partial` is where its output and statistics go when the row's
-/// span has several parts (offsets into the partial buffers), else `None`.
-struct AttnTask {
-    row: usize,
-    kv_head: usize,
-    head_part: usize,
-    span: RangeInclusive<usize>,
-    partial: Option<(usize, usize)>,
-}
-
 impl Attention {
     /// Runs self-attention of layer `layer` on the normed input `h` [n_rows,
     /// n_embd], appending the new keys and values to each sequence's cache;
@@ -238,92 +222,24 @@ impl Attention {
             seq.cache.append(layer, &k[a * kv_dim..b * kv_dim], &v[a * kv_dim..b * kv_dim]);
         }
 
-        // Attention proper, as tasks: one per row, KV head, part of the
-        // query heads sharing that KV head (near-equal, at most MAX_GROUP:
-        // `attend_group` reads the KV head's keys and values once for all of
-        // them) and part of the row's span (`span_parts`: at most SPAN_PART
-        // positions, so that a decode step's few KV heads still spread
-        // evenly over the threads). A row whose span is one part writes its
-        // heads' slices of `out` [n, q_dim] directly; the parts of a longer
-        // one go to `partials` and are merged after.
+        // Attention proper: each row over its span of its sequence's cache
+        // (the window's last positions on a sliding-window layer).
+        let spans: Vec<RangeInclusive<usize>> = layout
+            .rows
+            .iter()
+            .map(|&(_, pos)| {
+                let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                first..=pos
+            })
+            .collect();
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.cache).collect();
-        let group = shape.n_head / shape.n_head_kv;
-        let head_parts = group.div_ceil(MAX_GROUP);
-        let mut tasks = Vec::new();
-        // Per row split into several span parts: (row, parts, first partial float, first statistic).
-        let mut split_rows = Vec::new();
-        let (mut n_partials, mut n_stats) = (0, 0);
-        for (r, &(_, pos)) in layout.rows.iter().enumerate() {
-            let first = match shape.window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let parts: Vec<RangeInclusive<usize>> = span_parts(first..=pos).collect();
-            let split = parts.len() > 1;
-            if split {
-                split_rows.push((r, parts.len(), n_partials, n_stats));
-            }
-            for kv_head in 0..shape.n_head_kv {
-                for head_part in 0..head_parts {
-                    for (k, span) in parts.iter().enumerate() {
-                        let partial = split.then_some((n_partials + k * q_dim, n_stats + k * shape.n_head));
-                        tasks.push(AttnTask { row: r, kv_head, head_part, span: span.clone(), partial });
-                    }
-                }
-            }
-            if split {
-                n_partials += parts.len() * q_dim;
-                n_stats += parts.len() * shape.n_head;
-            }
-        }
+        let kv = |r: usize, kv_head: usize| {
+            let c = caches[layout.rows[r].0];
+            (c.keys(layer, kv_head), c.values(layer, kv_head))
+        };
+        let heads = Heads { n_head: shape.n_head, n_head_kv: shape.n_head_kv, head_dim: hd, scale: shape.scale };
         let mut out = vec![0f32; n * q_dim];
-        let mut partials = vec![0f32; n_partials];
-        let mut stats = vec![PartStats::default(); n_stats];
-        let (out_ptr, partials_ptr, stats_ptr) = (
-            SharedMut::new(out.as_mut_ptr()),
-            SharedMut::new(partials.as_mut_ptr()),
-            SharedMut::new(stats.as_mut_ptr()),
-        );
-        pool.parallel_for(tasks.len(), 1, &|range| {
-            for task in &tasks[range] {
-                let AttnTask { row: r, kv_head, head_part, ref span, partial } = *task;
-                // Query heads [h0, h1) of the `group` sharing this KV head.
-                let first_head = kv_head * group;
-                let h0 = first_head + head_part * group / head_parts;
-                let h1 = first_head + (head_part + 1) * group / head_parts;
-                let (s, _) = layout.rows[r];
-                let keys = caches[s].keys(layer, kv_head);
-                let values = caches[s].values(layer, kv_head);
-                let qs = &q[r * q_dim + h0 * hd..r * q_dim + h1 * hd];
-                let kv = KvLayout { kv_stride: hd, kv_off: 0, head_dim: hd };
-                // SAFETY: this task alone writes these heads' slice of its
-                // row's output (or of its part's partial output) and their
-                // statistics; the buffers outlive the parallel loop.
-                let dst = unsafe {
-                    let at = match partial {
-                        None => out_ptr.get().add(r * q_dim + h0 * hd),
-                        Some((p, _)) => partials_ptr.get().add(p + h0 * hd),
-                    };
-                    std::slice::from_raw_parts_mut(at, (h1 - h0) * hd)
-                };
-                let mut own_stats = [PartStats::default(); MAX_GROUP];
-                let own_stats = &mut own_stats[..h1 - h0];
-                SCRATCH.with(|scratch| {
-                    let scratch = &mut scratch.borrow_mut();
-                    attend_group_part(qs, keys, values, kv, span.clone(), shape.scale, scratch, dst, own_stats);
-                });
-                if let Some((_, st)) = partial {
-                    // SAFETY: as above, these heads' statistics of this part.
-                    let st = unsafe { std::slice::from_raw_parts_mut(stats_ptr.get().add(st + h0), h1 - h0) };
-                    st.copy_from_slice(own_stats);
-                }
-            }
-        });
-        for &(r, parts, p, st) in &split_rows {
-            let partials = &partials[p..p + parts * q_dim];
-            let stats = &stats[st..st + parts * shape.n_head];
-            merge_parts(partials, stats, hd, &mut out[r * q_dim..(r + 1) * q_dim]);
-        }
+        attend_batch(pool, heads, &q, &spans, &kv, &mut out);
         mm(pool, &self.wo, &out, n)
     }
 }
