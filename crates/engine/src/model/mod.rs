@@ -32,27 +32,25 @@ use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
 use weights::TensorLoader;
 
-/// A model that cannot be loaded or run, with the reason.
+/// A model that cannot be loaded or run, with the reason; errors from the
+/// crates below keep their type (and source) in their own variant.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ModelError(pub String);
+pub enum ModelError {
+    /// The file, the request or the run is wrong in a way a message says.
+    #[error("{0}")]
+    Invalid(String),
+    /// A weight matrix whose bytes do not fit its shape or format.
+    #[error(transparent)]
+    Layout(#[from] minnow_kernels::formats::LayoutError),
+    #[error(transparent)]
+    Sampling(#[from] crate::sampler::InvalidSampling),
+    #[error(transparent)]
+    CacheType(#[from] crate::kv_cache::UnfitCacheType),
+}
 
 impl ModelError {
     pub fn new(msg: impl Into<String>) -> ModelError {
-        ModelError(msg.into())
-    }
-}
-
-// Request checks a model run makes; ModelError carries messages only.
-impl From<crate::sampler::InvalidSampling> for ModelError {
-    fn from(e: crate::sampler::InvalidSampling) -> ModelError {
-        ModelError(e.to_string())
-    }
-}
-
-impl From<crate::kv_cache::UnfitCacheType> for ModelError {
-    fn from(e: crate::kv_cache::UnfitCacheType) -> ModelError {
-        ModelError(e.to_string())
+        ModelError::Invalid(msg.into())
     }
 }
 

@@ -87,7 +87,7 @@ pub(crate) fn mm(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize) -> Result<V
 pub(crate) fn mm_q(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
     let mut out = vec![0f32; n * w.rows];
     ACTS.with(|acts| matmul(pool, w, x, n, &mut out, &mut acts.borrow_mut()))
-        .map_err(|e| ModelError::new(e.to_string()))?;
+        .map_err(ModelError::from)?;
     Ok(out)
 }
 
@@ -121,7 +121,7 @@ pub(crate) fn mm_many_q<const K: usize>(
             }
             matmul_many(pool, x, n, &refs, &mut slices, &mut acts)
         })
-        .map_err(|e| ModelError::new(e.to_string()))?;
+        .map_err(ModelError::from)?;
     Ok(outs)
 }
 

@@ -42,7 +42,7 @@ impl Matrix {
 
     /// Dequantizes row `r` into `out` (`out.len() == cols`).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
-        self.q().row_f32(r, out).map_err(|e| ModelError::new(e.to_string()))
+        self.q().row_f32(r, out).map_err(ModelError::from)
     }
 }
 

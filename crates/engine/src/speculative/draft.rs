@@ -220,7 +220,7 @@ impl DraftHead {
         use minnow_kernels::matmul::{matmul, ActBuffer, Layout, QMatrix};
         let head = model.output_head();
         let row = head.row_bytes();
-        let err = |e: minnow_kernels::formats::LayoutError| ModelError::new(e.to_string());
+        let err = ModelError::from;
         let mut out = vec![f32::NEG_INFINITY; head.rows];
         let mut scratch = ActBuffer::default();
         let top = QMatrix { rows: self.first, data: &head.data[..self.first * row], ..head };
