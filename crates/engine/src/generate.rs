@@ -8,7 +8,7 @@ pub use crate::sequence::{FinishReason, GenerateParams};
 
 use crate::kv_cache::KvCache;
 use crate::model::{Logits, Model, ModelError};
-use crate::scheduler::{run_one, GenRequest, StepCtx};
+use crate::scheduler::{run_one, GenRequest, Outcome, StepCtx};
 use crate::tokenizer::Tokenizer;
 use minnow_kernels::pool::ThreadPool;
 
@@ -87,18 +87,25 @@ pub fn generate(
     let ctx = StepCtx { model, tokenizer, pool, draft: None };
     let req = GenRequest::new(prompt.to_vec(), params.clone());
     let taken = std::mem::replace(cache, model.new_cache(0));
-    let out = run_one(&ctx, req, taken, None, Vec::new(), &mut |_, piece| on_text(piece))?;
-    *cache = out.cache;
-    let Some((ids, finish, text)) = out.samples.into_iter().next() else { unreachable!("one sample was asked for") };
-    Ok(Generation {
-        text,
-        gen_tokens: ids.len(),
-        ids,
-        prompt_tokens: prompt.len(),
-        prompt_secs: out.prompt_secs,
-        gen_secs: out.gen_secs,
-        finish,
-    })
+    let mut out = run_one(&ctx, req, taken, None, Vec::new(), &mut |_, piece| on_text(piece))?;
+    *cache = std::mem::replace(&mut out.cache, model.new_cache(0));
+    Ok(Generation::first_of(out, prompt.len()))
+}
+
+impl Generation {
+    /// Sample 0 of an in-process request's outcome.
+    pub(crate) fn first_of(out: Outcome, prompt_tokens: usize) -> Generation {
+        let Some((ids, finish, text)) = out.samples.into_iter().next() else { unreachable!("a request has a sample") };
+        Generation {
+            text,
+            gen_tokens: ids.len(),
+            ids,
+            prompt_tokens,
+            prompt_secs: out.prompt_secs,
+            gen_secs: out.gen_secs,
+            finish,
+        }
+    }
 }
 
 /// What every in-process entry point checks before running a request: a

@@ -8,10 +8,11 @@
 //! - [`sampler`]: seeded token sampling (temperature, top-k/p, min-p, penalties).
 //! - [`sequence`]: one sequence's generation state (sampler, stop strings, limits,
 //!   logprobs) and the one rule for when it stops; every decoding path holds one.
-//! - [`generate`]: prompt processing and decoding for one sequence (`minnow run`), timing.
+//! - [`generate`]: one request in-process on the scheduler's decode loop (`minnow run`), timing.
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
-//! - [`scheduler`]: continuous batching of many requests (the server's engine):
-//!   chunked prefill interleaved with decoding, `n` samples per prompt, prefix cache.
+//! - [`scheduler`]: the one decode loop (`Core::step`) and continuous batching of many
+//!   requests around it (the server's engine): chunked prefill interleaved with decoding,
+//!   `n` samples per prompt, prefix cache.
 //! - [`speculative`]: speculative decoding (draft model or prompt lookup), output exactly the
 //!   target's: drafters, the answer memory, the controller and verification, one directory.
 //! - [`vote`]: many samples sharing one prefill, and self-consistency voting.

@@ -7,7 +7,8 @@
 
 use super::config::ModelConfig;
 use super::transformer::{
-    embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
+    embed_into, norm_rows_into, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, RunState,
+    SeqBatch,
 };
 use super::weights::{embedding_and_head, Matrix, TensorLoader};
 use super::ModelError;
@@ -76,13 +77,21 @@ impl Gemma3 {
         &self.output
     }
 
-    pub fn forward(&self, pool: &ThreadPool, seqs: &mut [SeqBatch]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// The forward pass of the batch `seqs` laid out as `layout`, on the
+    /// activation buffers `st`.
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        seqs: &mut [SeqBatch],
+        layout: &RowLayout,
+        st: &mut RunState,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.cfg;
-        let layout = RowLayout::new(seqs);
         let n = layout.n_rows();
         let e = cfg.n_embd;
-        // x: the residual stream, [n, n_embd]
-        let mut x = embed(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), (e as f32).sqrt())?;
+        // st.x: the residual stream, [n, n_embd]
+        let scale = (e as f32).sqrt();
+        embed_into(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), scale, &mut st.x)?;
         let positions = layout.positions();
         let (angles_local, angles_global) = (self.rope_local.angles(&positions), self.rope_global.angles(&positions));
         for (l, layer) in self.layers.iter().enumerate() {
@@ -96,15 +105,16 @@ impl Gemma3 {
                 scale: 1.0 / (cfg.head_dim as f32).sqrt(),
                 window: if local { cfg.sliding_window } else { None },
             };
-            let h = norm_rows(&x, &layer.attn_norm, cfg.norm_eps);
-            let mut a = layer.attn.forward(pool, l, &shape, &h, &layout, seqs)?;
-            a.chunks_exact_mut(e).for_each(|r| rms_norm_inplace(r, &layer.post_attn_norm, cfg.norm_eps));
-            add_inplace(&mut x, &a);
-            let h = norm_rows(&x, &layer.ffn_norm, cfg.norm_eps);
-            let mut f = layer.ffn.forward(pool, Activation::GeluTanh, &h, n)?;
-            f.chunks_exact_mut(e).for_each(|r| rms_norm_inplace(r, &layer.post_ffn_norm, cfg.norm_eps));
-            add_inplace(&mut x, &f);
+            norm_rows_into(&st.x, &layer.attn_norm, cfg.norm_eps, &mut st.h);
+            layer.attn.forward(pool, l, &shape, st, layout, seqs)?;
+            st.out.chunks_exact_mut(e).for_each(|r| rms_norm_inplace(r, &layer.post_attn_norm, cfg.norm_eps));
+            add_inplace(&mut st.x, &st.out);
+            norm_rows_into(&st.x, &layer.ffn_norm, cfg.norm_eps, &mut st.h);
+            let gate_up = [&mut st.gate, &mut st.up];
+            layer.ffn.forward_into(pool, Activation::GeluTanh, &st.h, n, gate_up, &mut st.out)?;
+            st.out.chunks_exact_mut(e).for_each(|r| rms_norm_inplace(r, &layer.post_ffn_norm, cfg.norm_eps));
+            add_inplace(&mut st.x, &st.out);
         }
-        output_logits(pool, &x, e, &self.output_norm, cfg.norm_eps, &self.output, &layout, seqs)
+        output_logits(pool, &st.x, e, &self.output_norm, cfg.norm_eps, &self.output, layout, seqs)
     }
 }

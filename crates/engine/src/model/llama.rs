@@ -17,7 +17,8 @@
 use super::config::{Arch, ModelConfig};
 use super::moe::{MoeFfn, RouterStats};
 use super::transformer::{
-    embed, norm_rows, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, SeqBatch,
+    embed_into, norm_rows_into, output_logits, Activation, Attention, AttentionShape, Ffn, RowLayout, RunState,
+    SeqBatch,
 };
 use super::weights::{embedding_and_head, Matrix, TensorLoader};
 use super::ModelError;
@@ -130,12 +131,19 @@ impl Llama {
         }
     }
 
-    pub fn forward(&self, pool: &ThreadPool, seqs: &mut [SeqBatch]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// The forward pass of the batch `seqs` laid out as `layout`, on the
+    /// activation buffers `st`.
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        seqs: &mut [SeqBatch],
+        layout: &RowLayout,
+        st: &mut RunState,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.cfg;
-        let layout = RowLayout::new(seqs);
         let n = layout.n_rows();
-        // x: the residual stream, [n, n_embd]
-        let mut x = embed(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), 1.0)?;
+        // st.x: the residual stream, [n, n_embd]
+        embed_into(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), 1.0, &mut st.x)?;
         let angles = self.rope.angles(&layout.positions());
         let shape = AttentionShape {
             n_head: cfg.n_head,
@@ -147,16 +155,18 @@ impl Llama {
             window: None,
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = norm_rows(&x, &layer.attn_norm, cfg.norm_eps);
-            let a = layer.attn.forward(pool, l, &shape, &h, &layout, seqs)?;
-            add_inplace(&mut x, &a);
-            let h = norm_rows(&x, &layer.ffn_norm, cfg.norm_eps);
-            let f = match &layer.ffn {
-                FfnKind::Dense(ffn) => ffn.forward(pool, Activation::Silu, &h, n)?,
-                FfnKind::Moe(moe) => moe.forward(pool, &h, n)?,
-            };
-            add_inplace(&mut x, &f);
+            norm_rows_into(&st.x, &layer.attn_norm, cfg.norm_eps, &mut st.h);
+            layer.attn.forward(pool, l, &shape, st, layout, seqs)?;
+            add_inplace(&mut st.x, &st.out);
+            norm_rows_into(&st.x, &layer.ffn_norm, cfg.norm_eps, &mut st.h);
+            match &layer.ffn {
+                FfnKind::Dense(ffn) => {
+                    ffn.forward_into(pool, Activation::Silu, &st.h, n, [&mut st.gate, &mut st.up], &mut st.out)?
+                }
+                FfnKind::Moe(moe) => st.out = moe.forward(pool, &st.h, n)?,
+            }
+            add_inplace(&mut st.x, &st.out);
         }
-        output_logits(pool, &x, cfg.n_embd, &self.output_norm, cfg.norm_eps, &self.output, &layout, seqs)
+        output_logits(pool, &st.x, cfg.n_embd, &self.output_norm, cfg.norm_eps, &self.output, layout, seqs)
     }
 }

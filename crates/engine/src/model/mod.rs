@@ -156,10 +156,11 @@ impl Model {
         if seqs.iter().all(|s| s.tokens.is_empty()) {
             return Ok(seqs.iter().map(|_| Vec::new()).collect());
         }
-        match &self.family {
-            Family::Llama(m) => m.forward(pool, seqs),
-            Family::Gemma3(m) => m.forward(pool, seqs),
-        }
+        let layout = transformer::RowLayout::new(seqs);
+        transformer::with_run_state(|st| match &self.family {
+            Family::Llama(m) => m.forward(pool, seqs, &layout, st),
+            Family::Gemma3(m) => m.forward(pool, seqs, &layout, st),
+        })
     }
 
     /// Convenience: one sequence.

@@ -77,32 +77,119 @@ thread_local! {
     static ACTS_MANY: RefCell<Vec<ActBuffer>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The activations of a forward pass (llama2.c's `RunState`), shapes for a
+/// batch of `n` rows. A thread's first forward pass allocates them and every
+/// layer of every later one reuses them (growing them for a larger batch),
+/// so a decode step allocates no activations per layer and prompt chunks do
+/// not fault fresh pages in for every layer. Each thread that runs forward
+/// passes has its own ([`with_run_state`]).
+#[derive(Default)]
+pub(crate) struct RunState {
+    /// The residual stream, [n, n_embd].
+    pub x: Vec<f32>,
+    /// A block's normed input, [n, n_embd].
+    pub h: Vec<f32>,
+    /// Queries, [n, n_head × head_dim].
+    pub q: Vec<f32>,
+    /// New keys and values, [n, n_head_kv × head_dim] each.
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Attention output before its projection, [n, n_head × head_dim].
+    pub att: Vec<f32>,
+    /// FFN gate (then the gated activation) and up, [n, n_ff] each.
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    /// A block's output (attention projection, FFN or MoE), [n, n_embd].
+    pub out: Vec<f32>,
+}
+
+thread_local! {
+    static RUN_STATE: RefCell<RunState> = RefCell::new(RunState::default());
+}
+
+/// Runs `f` with this thread's [`RunState`].
+pub(crate) fn with_run_state<R>(f: impl FnOnce(&mut RunState) -> R) -> R {
+    RUN_STATE.with(|st| match st.try_borrow_mut() {
+        Ok(mut st) => f(&mut st),
+        // A forward pass inside another on the same thread (none does
+        // this today) gets buffers of its own rather than a panic.
+        Err(_) => f(&mut RunState::default()),
+    })
+}
+
+/// `buf` resized to `len` floats (its capacity kept), for a kernel that
+/// writes every element.
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len, 0.0);
+    buf
+}
+
 /// `out = x · Wᵀ` for `n` rows: x [n, w.cols] → out [n, w.rows].
 pub(crate) fn mm(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
     mm_q(pool, &w.q(), x, n)
+}
+
+/// [`mm`] into `out` (resized to [n, w.rows]).
+pub(crate) fn mm_into(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    n: usize,
+    out: &mut Vec<f32>,
+) -> Result<(), ModelError> {
+    let w = w.q();
+    let out = sized(out, n * w.rows);
+    ACTS.with(|acts| matmul(pool, &w, x, n, out, &mut acts.borrow_mut())).map_err(ModelError::from)
 }
 
 /// `mm` for a matrix given as the kernels see it (e.g. one expert's slice of
 /// a 3-D expert tensor).
 pub(crate) fn mm_q(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
     let mut out = vec![0f32; n * w.rows];
-    ACTS.with(|acts| matmul(pool, w, x, n, &mut out, &mut acts.borrow_mut()))
-        .map_err(ModelError::from)?;
+    ACTS.with(|acts| matmul(pool, w, x, n, &mut out, &mut acts.borrow_mut())).map_err(ModelError::from)?;
     Ok(out)
 }
 
-/// `mm` of several matrices with the same input `x` [n, cols], in one job of
-/// the pool (`matmul_many`): → one output per matrix, [n, w.rows].
-pub(crate) fn mm_many<const K: usize>(
+/// `mm` of several matrices with the same input `x` [n, cols], in one job
+/// of the pool (`matmul_many`), into `outs` (each resized to [n, w.rows]).
+pub(crate) fn mm_many_into<const K: usize>(
     pool: &ThreadPool,
     ws: [&Matrix; K],
     x: &[f32],
     n: usize,
-) -> Result<[Vec<f32>; K], ModelError> {
-    mm_many_q(pool, ws.map(|w| w.q()), x, n)
+    outs: [&mut Vec<f32>; K],
+) -> Result<(), ModelError> {
+    let qs = ws.map(|w| w.q());
+    let refs: [&QMatrix; K] = std::array::from_fn(|i| &qs[i]);
+    let mut i = 0;
+    let mut slices: [&mut [f32]; K] = outs.map(|o| {
+        let s = sized(o, n * qs[i].rows);
+        i += 1;
+        s
+    });
+    matmul_many_acts(pool, x, n, &refs, &mut slices)
 }
 
-/// `mm_many` for matrices given as the kernels see them (e.g. one expert's
+/// `matmul_many` with this thread's activation buffers.
+fn matmul_many_acts<const K: usize>(
+    pool: &ThreadPool,
+    x: &[f32],
+    n: usize,
+    refs: &[&QMatrix; K],
+    slices: &mut [&mut [f32]; K],
+) -> Result<(), ModelError> {
+    ACTS_MANY
+        .with(|acts| {
+            let mut acts = acts.borrow_mut();
+            if acts.len() < K {
+                acts.resize_with(K, ActBuffer::default);
+            }
+            matmul_many(pool, x, n, refs, slices, &mut acts)
+        })
+        .map_err(ModelError::from)
+}
+
+/// [`mm_many_into`] for matrices given as the kernels see them (e.g. one expert's
 /// gate and up).
 pub(crate) fn mm_many_q<const K: usize>(
     pool: &ThreadPool,
@@ -113,15 +200,7 @@ pub(crate) fn mm_many_q<const K: usize>(
     let mut outs: [Vec<f32>; K] = std::array::from_fn(|i| vec![0f32; n * qs[i].rows]);
     let refs: [&QMatrix; K] = std::array::from_fn(|i| &qs[i]);
     let mut slices: [&mut [f32]; K] = outs.each_mut().map(|o| o.as_mut_slice());
-    ACTS_MANY
-        .with(|acts| {
-            let mut acts = acts.borrow_mut();
-            if acts.len() < K {
-                acts.resize_with(K, ActBuffer::default);
-            }
-            matmul_many(pool, x, n, &refs, &mut slices, &mut acts)
-        })
-        .map_err(ModelError::from)?;
+    matmul_many_acts(pool, x, n, &refs, &mut slices)?;
     Ok(outs)
 }
 
@@ -134,16 +213,26 @@ pub(crate) fn add_bias(x: &mut [f32], bias: &[f32]) {
 
 /// RMSNorm of every row of `x` with weight `w` → new buffer.
 pub(crate) fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for (o, r) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
-        ops::rms_norm(r, w, eps, o);
-    }
+    let mut out = Vec::new();
+    norm_rows_into(x, w, eps, &mut out);
     out
 }
 
-/// Looks up the embedding rows of `tokens` → [n, n_embd].
-pub(crate) fn embed(table: &Matrix, tokens: impl Iterator<Item = u32>, scale: f32) -> Result<Vec<f32>, ModelError> {
-    let mut out = Vec::new();
+/// [`norm_rows`] into `out` (resized to `x`'s length).
+pub(crate) fn norm_rows_into(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    for (o, r) in sized(out, x.len()).chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
+        ops::rms_norm(r, w, eps, o);
+    }
+}
+
+/// Looks up the embedding rows of `tokens` into `out`, [n, n_embd].
+pub(crate) fn embed_into(
+    table: &Matrix,
+    tokens: impl Iterator<Item = u32>,
+    scale: f32,
+    out: &mut Vec<f32>,
+) -> Result<(), ModelError> {
+    out.clear();
     let mut row = vec![0f32; table.cols];
     for t in tokens {
         if t as usize >= table.rows {
@@ -155,7 +244,7 @@ pub(crate) fn embed(table: &Matrix, tokens: impl Iterator<Item = u32>, scale: f3
         }
         out.extend_from_slice(&row);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Weights of one attention block.
@@ -186,28 +275,29 @@ pub(crate) struct AttentionShape<'a> {
 }
 
 impl Attention {
-    /// Runs self-attention of layer `layer` on the normed input `h` [n_rows,
-    /// n_embd], appending the new keys and values to each sequence's cache;
-    /// returns the output projection [n_rows, n_embd].
+    /// Runs self-attention of layer `layer` on the normed input `st.h`
+    /// [n_rows, n_embd], appending the new keys and values to each
+    /// sequence's cache; leaves the output projection in `st.out` [n_rows,
+    /// n_embd].
     pub fn forward(
         &self,
         pool: &ThreadPool,
         layer: usize,
         shape: &AttentionShape,
-        h: &[f32],
+        st: &mut RunState,
         layout: &RowLayout,
         seqs: &mut [SeqBatch],
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<(), ModelError> {
         let n = layout.n_rows();
         let hd = shape.head_dim;
         let q_dim = shape.n_head * hd;
         let kv_dim = shape.n_head_kv * hd;
-        // q [n, q_dim], k and v [n, kv_dim]
-        let [mut q, mut k, mut v] = mm_many(pool, [&self.wq, &self.wk, &self.wv], h, n)?;
+        let RunState { h, q, k, v, att, out, .. } = st;
+        mm_many_into(pool, [&self.wq, &self.wk, &self.wv], h, n, [&mut *q, &mut *k, &mut *v])?;
         if let Some((bq, bk, bv)) = &self.bias {
-            add_bias(&mut q, bq);
-            add_bias(&mut k, bk);
-            add_bias(&mut v, bv);
+            add_bias(q, bq);
+            add_bias(k, bk);
+            add_bias(v, bv);
         }
         if let Some((qn, kn)) = &self.qk_norm {
             q.chunks_exact_mut(hd).for_each(|head| ops::rms_norm_inplace(head, qn, shape.eps));
@@ -238,9 +328,9 @@ impl Attention {
             (c.keys(layer, kv_head), c.values(layer, kv_head))
         };
         let heads = Heads { n_head: shape.n_head, n_head_kv: shape.n_head_kv, head_dim: hd, scale: shape.scale };
-        let mut out = vec![0f32; n * q_dim];
-        attend_batch(pool, heads, &q, &spans, &kv, &mut out);
-        mm(pool, &self.wo, &out, n)
+        let att = sized(att, n * q_dim);
+        attend_batch(pool, heads, q, &spans, &kv, att);
+        mm_into(pool, &self.wo, att, n, out)
     }
 }
 
@@ -261,12 +351,28 @@ pub(crate) struct Ffn {
 impl Ffn {
     /// x [n, n_embd] → [n, n_embd].
     pub fn forward(&self, pool: &ThreadPool, act: Activation, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
-        let [mut g, u] = mm_many(pool, [&self.gate, &self.up], x, n)?;
+        let (mut gate, mut up, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        self.forward_into(pool, act, x, n, [&mut gate, &mut up], &mut out)?;
+        Ok(out)
+    }
+
+    /// [`forward`](Self::forward) with the gate and up activations in
+    /// `gate_up` and the output in `out`.
+    pub fn forward_into(
+        &self,
+        pool: &ThreadPool,
+        act: Activation,
+        x: &[f32],
+        n: usize,
+        [gate, up]: [&mut Vec<f32>; 2],
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        mm_many_into(pool, [&self.gate, &self.up], x, n, [&mut *gate, &mut *up])?;
         match act {
-            Activation::Silu => ops::gated_silu(&mut g, &u),
-            Activation::GeluTanh => ops::gated_gelu(&mut g, &u),
+            Activation::Silu => ops::gated_silu(gate, up),
+            Activation::GeluTanh => ops::gated_gelu(gate, up),
         }
-        mm(pool, &self.down, &g, n)
+        mm_into(pool, &self.down, gate, n, out)
     }
 }
 

@@ -45,7 +45,7 @@ pub use prefix_cache::MIN_PREFIX;
 pub use speculate::{SpecTotals, Speculation};
 
 use self::core::panic_message;
-pub(crate) use self::core::{run_one, Core, StepCtx};
+pub(crate) use self::core::{run_one, Core, Outcome, StepCtx};
 use crate::generate::{FinishReason, GenerateParams};
 use crate::loader::LoadedModel;
 use minnow_kernels::pool::ThreadPool;

@@ -560,9 +560,9 @@ pub fn generate_speculative(
     };
     let step = StepCtx { model: target, tokenizer, pool, draft };
     let req = GenRequest::new(prompt.to_vec(), params.clone());
-    let out = run_one(&step, req, target.new_cache(ctx), Some(cfg.clone()), refs, &mut |_, piece| on_text(piece))?;
+    let mut out = run_one(&step, req, target.new_cache(ctx), Some(cfg.clone()), refs, &mut |_, piece| on_text(piece))?;
     let method = if draft.is_some() { "draft-model" } else { "ngram" };
-    let stats = out.spec.unwrap_or_else(|| SpecStats { method, ..SpecStats::default() });
+    let stats = out.spec.take().unwrap_or_else(|| SpecStats { method, ..SpecStats::default() });
     let Some((ids, finish, text)) = out.samples.into_iter().next() else { unreachable!("one sample was asked for") };
     let g = Generation {
         text,
