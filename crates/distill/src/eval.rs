@@ -292,6 +292,8 @@ fn measure_speed(
         stop: Vec::new(),
         // A fixed number of decoded tokens, whatever the model would say.
         stop_at_eog: false,
+        constraint: None,
+        logit_bias: Vec::new(),
     };
     let (mut prefill, mut decode) = (0.0f64, 0.0f64);
     for _ in 0..2 {

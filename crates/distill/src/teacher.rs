@@ -186,6 +186,8 @@ impl Teacher for LocalModel {
             sampling: settings.sampling(),
             stop: Vec::new(),
             stop_at_eog: true,
+            constraint: None,
+            logit_bias: Vec::new(),
         };
         let (tx, rx) = mpsc::channel::<(usize, GenEvent)>();
         // Keep the scheduler's slots full plus one wave waiting, not the whole

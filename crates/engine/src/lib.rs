@@ -7,7 +7,9 @@
 //! - [`kv_cache`]: per-sequence key/value cache.
 //! - [`sampler`]: seeded token sampling (temperature, top-k/p, min-p, penalties).
 //! - [`sequence`]: one sequence's generation state (sampler, stop strings, limits,
-//!   logprobs) and the one rule for when it stops; every decoding path holds one.
+//!   logprobs, constraint) and the one rule for when it stops; every decoding path holds one.
+//! - [`constraint`]: structured outputs (JSON Schema, regex, choice, grammar) as token
+//!   masks, through llguidance over the model's own vocabulary.
 //! - [`generate`]: one request in-process on the scheduler's decode loop (`minnow run`), timing.
 //! - [`loader`]: a model file's network, tokenizer and chat template together.
 //! - [`scheduler`]: the one decode loop (`Core::step`) and continuous batching of many
@@ -19,6 +21,7 @@
 //! - [`upcycle`]: a dense model file → a mixture-of-experts one computing the same function.
 
 pub mod chat;
+pub mod constraint;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;

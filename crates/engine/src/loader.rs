@@ -5,11 +5,12 @@
 //! fetched is `minnow_models`' business.
 
 use crate::chat::{render_plain, ChatMessage, ChatTemplate};
+use crate::constraint::{Constraint, ConstraintEngine, ConstraintError, ConstraintSpec};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use minnow_gguf::GgufFile;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A model ready to run: weights, tokenizer and (optional) chat template.
 pub struct LoadedModel {
@@ -17,9 +18,27 @@ pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub chat: Option<ChatTemplate>,
+    /// Compiles structured-output constraints for this vocabulary; built
+    /// on first use ([`LoadedModel::constraints`]).
+    constraints: OnceLock<Result<ConstraintEngine, String>>,
 }
 
 impl LoadedModel {
+    /// The constraint compiler for this model's vocabulary, built on first
+    /// use (a token trie of the vocabulary and llguidance's parser factory).
+    pub fn constraints(&self) -> Result<&ConstraintEngine, ConstraintError> {
+        let engine = self.constraints.get_or_init(|| {
+            let own = Tokenizer::from_gguf(&self.file).map_err(|e| e.to_string())?;
+            ConstraintEngine::new(&self.tokenizer, own).map_err(|e| e.to_string())
+        });
+        engine.as_ref().map_err(|e| ConstraintError(e.clone()))
+    }
+
+    /// Compiles `spec` against this model's vocabulary.
+    pub fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<Constraint, ConstraintError> {
+        self.constraints()?.compile(spec)
+    }
+
     /// Renders `messages` with the model's chat template (ChatML when it
     /// has none), ending with the assistant's turn header, and tokenizes the
     /// result with special tokens parsed. A BOS is added only when the
@@ -44,6 +63,6 @@ impl LoadedModel {
         let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| anyhow::anyhow!("{name}: tokenizer: {e}"))?;
         let chat = ChatTemplate::from_gguf(&file).map_err(|e| anyhow::anyhow!("{name}: chat template: {e}"))?;
         let model = Model::from_gguf(file.clone()).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        Ok(LoadedModel { file, model, tokenizer, chat })
+        Ok(LoadedModel { file, model, tokenizer, chat, constraints: OnceLock::new() })
     }
 }

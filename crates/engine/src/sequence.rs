@@ -17,6 +17,7 @@
 //! sees; a token mask (structured outputs, logit bias) is applied there,
 //! and both sampling and speculative verification go through it.
 
+use crate::constraint::{Constraint, TokenMask};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::borrow::Cow;
@@ -31,11 +32,24 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Stop at end-of-generation tokens (EOS, EOT, `<|im_end|>`...).
     pub stop_at_eog: bool,
+    /// What the answer must be (a JSON Schema, a regex...; see
+    /// [`crate::constraint`]): tokens it does not allow are masked.
+    pub constraint: Option<Constraint>,
+    /// Added to the logits of these tokens before sampling (OpenAI's
+    /// `logit_bias`, −100 to 100; −100 bans the token outright).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), stop_at_eog: true }
+        GenerateParams {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_at_eog: true,
+            constraint: None,
+            logit_bias: Vec::new(),
+        }
     }
 }
 
@@ -100,6 +114,9 @@ pub struct Sequence {
     top_logprobs: Option<usize>,
     ids: Vec<u32>,
     finish: Option<FinishReason>,
+    /// Where the answer stands in its constraint, if it has one.
+    mask: Option<TokenMask>,
+    logit_bias: Vec<(u32, f32)>,
 }
 
 impl Sequence {
@@ -122,14 +139,35 @@ impl Sequence {
             ids: Vec::new(),
             // Nothing to generate: done before the first token.
             finish: (params.max_tokens == 0).then_some(FinishReason::Length),
+            mask: params.constraint.as_ref().map(Constraint::start),
+            logit_bias: params.logit_bias.clone(),
         }
     }
 
-    /// The logits the sampler sees for the next token: the model's, for now.
-    /// **The hook for per-token constraints** (a token mask, logit bias):
-    /// sampling and speculative verification both read logits through here.
+    /// Whether a constraint or a logit bias shapes this sequence's tokens.
+    pub fn is_constrained(&self) -> bool {
+        self.mask.is_some() || !self.logit_bias.is_empty()
+    }
+
+    /// The logits the sampler sees for the next token: the model's, biased
+    /// by `logit_bias` and masked by the constraint. **The one place
+    /// per-token constraints act**: sampling and speculative verification
+    /// both read logits through here.
     fn next_token_logits<'l>(&mut self, logits: &'l [f32]) -> Cow<'l, [f32]> {
-        Cow::Borrowed(logits)
+        if !self.is_constrained() {
+            return Cow::Borrowed(logits);
+        }
+        let mut l = logits.to_vec();
+        for &(id, bias) in &self.logit_bias {
+            if let Some(x) = l.get_mut(id as usize) {
+                // OpenAI's −100 bans the token whatever its logit.
+                *x = if bias <= -100.0 { f32::NEG_INFINITY } else { *x + bias };
+            }
+        }
+        if let Some(mask) = &mut self.mask {
+            mask.apply(&mut l);
+        }
+        Cow::Owned(l)
     }
 
     /// Draws the next token from the model's `logits` (the sampler records
@@ -173,8 +211,16 @@ impl Sequence {
         let (text, hit) = self.text.push(tokenizer, id);
         let logprob = logits.zip(self.top_logprobs).map(|(l, k)| token_logprob(l, id, k));
         let mut tail = String::new();
+        let complete = self.mask.as_mut().is_some_and(|m| {
+            m.consume(id);
+            m.is_finished()
+        });
         if hit {
             self.finish = Some(FinishReason::Stop);
+        } else if complete {
+            // The constraint allows nothing more: the answer is whole.
+            self.finish = Some(FinishReason::Stop);
+            tail = self.text.finish();
         } else if self.ids.len() >= self.max_tokens || self.prompt_len + self.ids.len() >= self.ctx {
             // Every generated token takes a context position, as OpenAI
             // counts (prompt + completion ≤ context): a server that admits

@@ -47,7 +47,14 @@ fn tokens(text: &str) -> Vec<u32> {
 }
 
 fn greedy(max_tokens: usize, stop_at_eog: bool) -> GenerateParams {
-    GenerateParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog }
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stop_at_eog,
+        constraint: None,
+        logit_bias: Vec::new(),
+    }
 }
 
 /// What one sample produced, as its events describe it.
@@ -237,6 +244,8 @@ fn n_samples_share_one_prefill() {
         },
         stop: Vec::new(),
         stop_at_eog: false,
+        constraint: None,
+        logit_bias: Vec::new(),
     };
     let s = start(SchedulerConfig { prefix_cache_bytes: 0, ..SchedulerConfig::default() });
     let out = run(&s, GenRequest { prompt: prompt.clone(), params: params.clone(), n: 3, top_logprobs: None });
@@ -600,6 +609,8 @@ fn logprobs_are_the_raw_log_softmax() {
         },
         stop: vec![],
         stop_at_eog: false,
+        constraint: None,
+        logit_bias: Vec::new(),
     };
     let out2 = run(&s, GenRequest { top_logprobs: Some(5), ..GenRequest::new(prompt.clone(), sampled) });
     assert_eq!(out2.samples[0].logprobs[0].top, first.top);

@@ -40,7 +40,14 @@ fn model(name: &str) -> &'static LoadedModel {
 use common::golden_prompts;
 
 fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: true }
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stop_at_eog: true,
+        constraint: None,
+        logit_bias: Vec::new(),
+    }
 }
 
 fn plain(m: &LoadedModel, prompt: &[u32], params: &GenerateParams) -> Generation {
@@ -252,7 +259,14 @@ fn first_token_test(m: &LoadedModel, prompt: &[u32], draft: Draft, cfg: &SpecCon
     let mut rejected = 0;
     for seed in 0..n as u64 {
         let sampling = SamplingParams { seed, ..sampling_t1() };
-        let params = GenerateParams { max_tokens: 1, sampling, stop: Vec::new(), stop_at_eog: false };
+        let params = GenerateParams {
+            max_tokens: 1,
+            sampling,
+            stop: Vec::new(),
+            stop_at_eog: false,
+            constraint: None,
+            logit_bias: Vec::new(),
+        };
         let (g, st) =
             generate_speculative(&m.model, &m.tokenizer, pool, draft, 64, prompt, &params, cfg, Vec::new(), |_| {})
                 .unwrap();
@@ -327,6 +341,8 @@ fn n_samples_share_one_prefill() {
         sampling: SamplingParams { seed: 7, ..SamplingParams::default() },
         stop: Vec::new(),
         stop_at_eog: true,
+        constraint: None,
+        logit_bias: Vec::new(),
     };
     let mut streamed = vec![String::new(); 8];
     let g = generate_n(&m.model, &m.tokenizer, common::pool(), 1024, &prompt, &params, 8, |i, piece| {
@@ -368,6 +384,8 @@ fn vote_over_samples() {
         sampling: SamplingParams { temperature: 0.7, seed: 1, ..SamplingParams::default() },
         stop: Vec::new(),
         stop_at_eog: true,
+        constraint: None,
+        logit_bias: Vec::new(),
     };
     let g = generate_n(&m.model, &m.tokenizer, common::pool(), 512, &prompt, &params, 5, |_, _| {}).unwrap();
     let texts: Vec<&str> = g.samples.iter().map(|s| s.text.as_str()).collect();

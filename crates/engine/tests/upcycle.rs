@@ -150,8 +150,14 @@ fn distance(dense: &Model, other: &Model, prompts: &[Vec<u32>]) -> Distance {
 fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, Vec<u32>, String) {
     let m = LoadedModel::load(path).unwrap();
     let ids = m.tokenizer.encode(prompt, true, false).unwrap();
-    let params =
-        GenerateParams { max_tokens: 12, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: false };
+    let params = GenerateParams {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stop_at_eog: false,
+        constraint: None,
+        logit_bias: Vec::new(),
+    };
     let g = generate(&m.model, &m.tokenizer, pool(), &mut m.model.new_cache(64), &ids, &params, |_| {}).unwrap();
     (ids, g.ids, g.text)
 }

@@ -137,7 +137,14 @@ impl SamplingArgs {
             seed: self.seed,
         };
         sampling.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(GenerateParams { max_tokens, sampling, stop: self.stop.clone(), stop_at_eog: !self.ignore_eos })
+        Ok(GenerateParams {
+            max_tokens,
+            sampling,
+            stop: self.stop.clone(),
+            stop_at_eog: !self.ignore_eos,
+            constraint: None,
+            logit_bias: Vec::new(),
+        })
     }
 }
 

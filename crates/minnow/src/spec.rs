@@ -325,8 +325,14 @@ pub fn bench(
         m.tokenizer.encode(text, true, true)?
     };
     let ctx = prompt.len() + tg + 1;
-    let params =
-        GenerateParams { max_tokens: tg, sampling: SamplingParams::greedy(), stop: Vec::new(), stop_at_eog: true };
+    let params = GenerateParams {
+        max_tokens: tg,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stop_at_eog: true,
+        constraint: None,
+        logit_bias: Vec::new(),
+    };
     // Warm-up: pages the weights of both models in.
     let warm = GenerateParams { max_tokens: 2, ..params.clone() };
     let refs = a.draft.memory()?.map(|mem| mem.references_for(&prompt)).unwrap_or_default();

@@ -211,6 +211,8 @@ async fn generate(
             sampling: opts.sampling.clone(),
             stop: opts.stop.clone(),
             stop_at_eog: !opts.ignore_eos,
+            constraint: None,
+            logit_bias: Vec::new(),
         },
         n: opts.n,
         top_logprobs: opts.logprobs,
