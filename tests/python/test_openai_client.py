@@ -6,11 +6,14 @@ pytest or as a plain script (`python3 test_openai_client.py`), which runs
 every test_* function and ends with an "N passed, N failed" line.
 """
 
+import json
 import os
 import sys
 import traceback
+import urllib.request
 
 import openai
+import pydantic
 
 BASE_URL = os.environ.get("MINNOW_BASE_URL", "http://127.0.0.1:8080/v1")
 API_KEY = os.environ.get("MINNOW_API_KEY", "none")
@@ -146,6 +149,144 @@ def test_errors_are_openai_exceptions():
         assert e.status_code == 401
     else:
         raise AssertionError("a wrong key was accepted")
+
+
+ORDER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "quantity": {"type": "integer"},
+        "city": {"type": "string"},
+        "delivery_date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+    },
+    "required": ["customer", "quantity", "city", "delivery_date"],
+    "additionalProperties": False,
+}
+ORDER_MESSAGE = (
+    "Extract the order as JSON (customer, quantity, city, delivery_date as YYYY-MM-DD).\n\n"
+    "Message: Hi, this is Ruth Adebayo from Lisbon. Please send 7 desk fans by 2026-03-14."
+)
+
+
+def check_order(o):
+    assert set(o) == {"customer", "quantity", "city", "delivery_date"}, o
+    assert isinstance(o["customer"], str) and isinstance(o["city"], str), o
+    assert isinstance(o["quantity"], int) and not isinstance(o["quantity"], bool), o
+    d = o["delivery_date"]
+    assert len(d) == 10 and d[4] == "-" and d[7] == "-" and (d[:4] + d[5:7] + d[8:]).isdigit(), o
+
+
+def test_response_format_json_schema():
+    r = client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": ORDER_MESSAGE}],
+        response_format={"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA, "strict": True}},
+        temperature=0,
+        max_tokens=120,
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    check_order(json.loads(r.choices[0].message.content))
+
+
+class Order(pydantic.BaseModel):
+    customer: str
+    quantity: int
+    city: str
+
+
+def test_parse_with_a_pydantic_model():
+    r = client().chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": ORDER_MESSAGE}],
+        response_format=Order,
+        temperature=0,
+        max_tokens=120,
+    )
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, Order), r
+    assert parsed.customer and parsed.city, parsed
+
+
+def test_response_format_json_object():
+    r = client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "A cat named Tom is 3 years old. Give his name and age as JSON."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=60,
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    assert isinstance(json.loads(r.choices[0].message.content), dict), r
+
+
+def test_structured_outputs_choice_and_regex():
+    options = ["positive", "negative", "neutral"]
+    for seed in range(3):
+        r = client().chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Is 'I love this phone' positive or negative?"}],
+            extra_body={"structured_outputs": {"choice": options}},
+            temperature=1.0,
+            seed=seed,
+            max_tokens=10,
+        )
+        assert r.choices[0].message.content in options, r
+    r = client().completions.create(
+        model=MODEL,
+        prompt="The year the first moon landing happened was",
+        extra_body={"structured_outputs": {"regex": " [0-9]{4}"}},
+        temperature=0,
+        max_tokens=10,
+    )
+    t = r.choices[0].text
+    assert len(t) == 5 and t[0] == " " and t[1:].isdigit(), r
+
+
+def token_id(text):
+    base = BASE_URL.rsplit("/v1", 1)[0]
+    req = urllib.request.Request(
+        base + "/tokenize",
+        data=json.dumps({"content": text}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        ids = json.loads(resp.read())["tokens"]
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def test_logit_bias_bans_and_forces_a_token():
+    prompt = "The capital of France is"
+    plain = client().completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=1, logprobs=0)
+    first = plain.choices[0].logprobs.tokens[0]
+    banned = client().completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=1, logprobs=0, logit_bias={str(token_id(first)): -100}
+    )
+    assert banned.choices[0].logprobs.tokens[0] != first, banned
+    forced_id = token_id(" banana")
+    forced = client().completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=3, logit_bias={str(forced_id): 100}
+    )
+    assert forced.choices[0].text == " banana" * 3, forced
+
+
+def test_bad_constraints_are_400s_naming_the_parameter():
+    bad = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+         "response_format"),
+        ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "structured_outputs"),
+        ({"extra_body": {"structured_outputs": {"grammar": "start: undefined_rule"}}}, "structured_outputs"),
+        ({"logit_bias": {"99999999": 5}}, "logit_bias.99999999"),
+    ]
+    for kwargs, param in bad:
+        try:
+            client().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, **kwargs
+            )
+        except openai.BadRequestError as e:
+            assert e.status_code == 400 and e.body["param"] == param, (kwargs, e.body)
+        else:
+            raise AssertionError(f"{kwargs} was accepted")
 
 
 def main():

@@ -204,6 +204,27 @@ async fn generate(
         d.prompt_tokens = Some(prompt.len());
         d.streaming = opts.stream;
     });
+    let vocab = state.model().tokenizer.vocab_size();
+    if let Some(&(id, _)) = opts.logit_bias.iter().find(|&&(id, _)| id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            format!("logit_bias.{id}"),
+            format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+        )
+        .with_code("invalid_value"));
+    }
+    let constraint =
+        match opts.constraint.clone() {
+            None => None,
+            Some((spec, param)) => {
+                let model = state.model().clone();
+                // Compiling a schema or grammar is CPU work (bounded by
+                // llguidance's limits): off the async threads.
+                let compiled = blocking(move || model.compile_constraint(&spec)).await?;
+                Some(compiled.map_err(|e| {
+                    ApiError::invalid(param, format!("invalid {param}: {e}")).with_code("invalid_value")
+                })?)
+            }
+        };
     let req = GenRequest {
         prompt,
         params: GenerateParams {
@@ -211,8 +232,8 @@ async fn generate(
             sampling: opts.sampling.clone(),
             stop: opts.stop.clone(),
             stop_at_eog: !opts.ignore_eos,
-            constraint: None,
-            logit_bias: Vec::new(),
+            constraint,
+            logit_bias: opts.logit_bias.clone(),
         },
         n: opts.n,
         top_logprobs: opts.logprobs,

@@ -33,13 +33,19 @@
 //! temperature-1 sampling), not llama.cpp's CLI defaults: a client written
 //! for OpenAI gets the distribution it asked for.
 //!
+//! Structured outputs: `response_format` (`text`, `json_object`,
+//! `json_schema` with `json_schema.schema`) as OpenAI shapes it, and vLLM's
+//! `structured_outputs` (`{"json" | "regex" | "choice" | "grammar": …}`),
+//! one of the two per request; `logit_bias` as OpenAI's (token id strings →
+//! −100..=100). The handlers compile the constraint against the model.
+//!
 //! Unsupported features that would change the output if silently ignored
-//! (`logit_bias` with entries, `tools`, `response_format` other than text,
-//! `echo`, `suffix`, `best_of` > 1, image or audio content) are a 400 naming
-//! the parameter, rather than a quietly different answer.
+//! (`tools`, `echo`, `suffix`, `best_of` > 1, image or audio content) are a
+//! 400 naming the parameter, rather than a quietly different answer.
 
 use crate::error::ApiError;
 use minnow_engine::chat::ChatMessage;
+use minnow_engine::constraint::ConstraintSpec;
 use minnow_engine::sampler::SamplingParams;
 use serde_json::{Map, Value};
 
@@ -63,6 +69,12 @@ pub struct GenOptions {
     /// `Some(k)`: return each token's logprob and the `k` most likely alternatives.
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
+    /// `response_format` (json_object / json_schema) or `structured_outputs`
+    /// (vLLM's json / regex / choice / grammar), with the parameter that
+    /// asked for it (for errors when it does not compile).
+    pub constraint: Option<(ConstraintSpec, &'static str)>,
+    /// `logit_bias`: token id → bias in −100..=100.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// A chat request's own part.
@@ -301,12 +313,7 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
             return Err(unsupported("best_of", "`best_of` other than 1"));
         }
     }
-    match field(obj, "logit_bias") {
-        None => {}
-        Some(Value::Object(m)) if m.is_empty() => {}
-        Some(Value::Object(_)) => return Err(unsupported("logit_bias", "`logit_bias`")),
-        Some(v) => return Err(wrong_type("logit_bias", "an object", v)),
-    }
+    let logit_bias = parse_logit_bias(obj)?;
     match field(obj, "tools") {
         None => {}
         Some(Value::Array(a)) if a.is_empty() => {}
@@ -315,15 +322,7 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
     if field(obj, "functions").is_some() {
         return Err(unsupported("functions", "function calling"));
     }
-    match field(obj, "response_format") {
-        None => {}
-        Some(Value::Object(rf)) => match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(other) => return Err(unsupported("response_format", &format!("response_format `{other}`"))),
-            None => return Err(wrong_type("response_format.type", "a string", rf.get("type").unwrap_or(&Value::Null))),
-        },
-        Some(v) => return Err(wrong_type("response_format", "an object", v)),
-    }
+    let constraint = parse_constraint(obj)?;
 
     Ok(GenOptions {
         stream,
@@ -334,6 +333,8 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
         stop,
         logprobs,
         ignore_eos,
+        constraint,
+        logit_bias,
     })
 }
 
@@ -469,6 +470,139 @@ pub(crate) fn token_ids(items: &[Value], param: &str) -> Result<Vec<u32>, ApiErr
         .collect()
 }
 
+/// `logit_bias`: an object of token ids (as strings, OpenAI's form) to
+/// numbers in −100..=100. Ids are checked against the vocabulary by the
+/// handler.
+fn parse_logit_bias(obj: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let m = match field(obj, "logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => return Err(wrong_type("logit_bias", "an object of token ids to numbers", v)),
+    };
+    if m.len() > 1024 {
+        return Err(ApiError::invalid("logit_bias", format!("at most 1024 entries, got {}", m.len()))
+            .with_code("invalid_value"));
+    }
+    let mut out = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        let p = format!("logit_bias.{k}");
+        let id: u32 = k.trim().parse().map_err(|_| {
+            ApiError::invalid(&p, format!("`{k}` is not a token id (a non-negative integer as a string)"))
+                .with_code("invalid_value")
+        })?;
+        let bias = v.as_f64().ok_or_else(|| wrong_type(&p, "a number", v))?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::invalid(&p, format!("a bias must be between -100 and 100, got {bias}"))
+                .with_code("invalid_value"));
+        }
+        out.push((id, bias as f32));
+    }
+    Ok(out)
+}
+
+/// `response_format` or `structured_outputs` → the constraint asked for and
+/// the parameter that asked (one of them per request).
+fn parse_constraint(obj: &Map<String, Value>) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
+    let from_format = match field(obj, "response_format") {
+        None => None,
+        Some(Value::Object(rf)) => match rf.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some((ConstraintSpec::JsonObject, "response_format")),
+            Some("json_schema") => {
+                let js = match rf.get("json_schema") {
+                    Some(Value::Object(js)) => js,
+                    Some(v) => return Err(wrong_type("response_format.json_schema", "an object", v)),
+                    None => {
+                        return Err(ApiError::invalid(
+                            "response_format.json_schema",
+                            "`json_schema` is required with type `json_schema`",
+                        )
+                        .with_code("missing_parameter"))
+                    }
+                };
+                let schema = match js.get("schema") {
+                    Some(s @ (Value::Object(_) | Value::Bool(_))) => s.clone(),
+                    Some(v) => return Err(wrong_type("response_format.json_schema.schema", "an object", v)),
+                    // OpenAI allows a schema-less json_schema: any JSON object.
+                    None => serde_json::json!({"type": "object"}),
+                };
+                Some((ConstraintSpec::JsonSchema(schema), "response_format"))
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("`{other}` is not a response format: use text, json_object or json_schema"),
+                )
+                .with_code("invalid_value"))
+            }
+            None => return Err(wrong_type("response_format.type", "a string", rf.get("type").unwrap_or(&Value::Null))),
+        },
+        Some(v) => return Err(wrong_type("response_format", "an object", v)),
+    };
+    let from_extension = match field(obj, "structured_outputs") {
+        None => None,
+        Some(Value::Object(so)) => {
+            let present: Vec<&String> = so.keys().filter(|k| !matches!(k.as_str(), "disable_any_whitespace")).collect();
+            if present.len() != 1 {
+                return Err(ApiError::invalid(
+                    "structured_outputs",
+                    "give exactly one of `json`, `regex`, `choice` or `grammar`",
+                )
+                .with_code("invalid_value"));
+            }
+            let key = present[0].as_str();
+            let v = &so[key];
+            let spec = match key {
+                "json" => match v {
+                    Value::String(s) => ConstraintSpec::JsonSchema(serde_json::from_str(s).map_err(|e| {
+                        ApiError::invalid("structured_outputs.json", format!("not JSON: {e}"))
+                            .with_code("invalid_value")
+                    })?),
+                    Value::Object(_) | Value::Bool(_) => ConstraintSpec::JsonSchema(v.clone()),
+                    v => return Err(wrong_type("structured_outputs.json", "a JSON Schema", v)),
+                },
+                "regex" => match v {
+                    Value::String(s) => ConstraintSpec::Regex(s.clone()),
+                    v => return Err(wrong_type("structured_outputs.regex", "a string", v)),
+                },
+                "grammar" => match v {
+                    Value::String(s) => ConstraintSpec::Grammar(s.clone()),
+                    v => return Err(wrong_type("structured_outputs.grammar", "a string", v)),
+                },
+                "choice" => match v {
+                    Value::Array(a) if !a.is_empty() => ConstraintSpec::Choice(
+                        a.iter()
+                            .enumerate()
+                            .map(|(i, x)| {
+                                x.as_str().map(str::to_string).ok_or_else(|| {
+                                    wrong_type(&format!("structured_outputs.choice[{i}]"), "a string", x)
+                                })
+                            })
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    v => return Err(wrong_type("structured_outputs.choice", "a non-empty array of strings", v)),
+                },
+                other => {
+                    return Err(ApiError::invalid(
+                        "structured_outputs",
+                        format!("`{other}` is not a structured output: use json, regex, choice or grammar"),
+                    )
+                    .with_code("invalid_value"))
+                }
+            };
+            Some((spec, "structured_outputs"))
+        }
+        Some(v) => return Err(wrong_type("structured_outputs", "an object", v)),
+    };
+    match (from_format, from_extension) {
+        (Some(_), Some(_)) => {
+            Err(ApiError::invalid("structured_outputs", "give `response_format` or `structured_outputs`, not both")
+                .with_code("invalid_value"))
+        }
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,7 +653,8 @@ mod tests {
             ("stream", json!("yes")),
             ("logprobs", json!(1)),
             ("top_logprobs", json!(2)),
-            ("logit_bias", json!({"1": 5})),
+            ("logit_bias", json!([1, 5])),
+            ("structured_outputs", json!({"regex": "a", "choice": ["b"]})),
         ] {
             let e = chat_err(base(k, v.clone()));
             assert_eq!(e.status, 400);
@@ -533,6 +668,53 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
         let e = chat_err(json!({"messages": "hi"}));
         assert_eq!(e.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn structured_outputs_and_logit_bias_parse() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let with = |k: &str, v: Value| {
+            let mut o = obj(json!({"messages": msgs.clone()}));
+            o.insert(k.into(), v);
+            o
+        };
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let rf = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema.clone(), "strict": true}});
+        let r = parse_chat(&with("response_format", rf)).unwrap();
+        assert_eq!(r.opts.constraint, Some((ConstraintSpec::JsonSchema(schema.clone()), "response_format")));
+        let r = parse_chat(&with("response_format", json!({"type": "json_object"}))).unwrap();
+        assert_eq!(r.opts.constraint, Some((ConstraintSpec::JsonObject, "response_format")));
+        let r = parse_chat(&with("response_format", json!({"type": "text"}))).unwrap();
+        assert_eq!(r.opts.constraint, None);
+        let r = parse_chat(&with("structured_outputs", json!({"choice": ["a", "b"]}))).unwrap();
+        assert_eq!(
+            r.opts.constraint,
+            Some((ConstraintSpec::Choice(vec!["a".into(), "b".into()]), "structured_outputs"))
+        );
+        let r = parse_chat(&with("structured_outputs", json!({"json": schema.to_string()}))).unwrap();
+        assert_eq!(r.opts.constraint, Some((ConstraintSpec::JsonSchema(schema), "structured_outputs")));
+        let r = parse_chat(&with("logit_bias", json!({"15": -100, "7": 2.5}))).unwrap();
+        let mut bias = r.opts.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, 2.5), (15, -100.0)]);
+
+        let err = |k: &str, v: Value| parse_chat(&with(k, v)).expect_err("refused");
+        assert_eq!(err("response_format", json!({"type": "xml"})).param.as_deref(), Some("response_format.type"));
+        let e = err("response_format", json!({"type": "json_schema"}));
+        assert_eq!(e.param.as_deref(), Some("response_format.json_schema"));
+        let e = err("response_format", json!({"type": "json_schema", "json_schema": {"schema": 3}}));
+        assert_eq!(e.param.as_deref(), Some("response_format.json_schema.schema"));
+        assert_eq!(err("structured_outputs", json!({"tree": "x"})).param.as_deref(), Some("structured_outputs"));
+        assert_eq!(
+            err("structured_outputs", json!({"choice": []})).param.as_deref(),
+            Some("structured_outputs.choice")
+        );
+        let mut both = with("structured_outputs", json!({"regex": "a"}));
+        both.insert("response_format".into(), json!({"type": "json_object"}));
+        assert_eq!(parse_chat(&both).err().unwrap().param.as_deref(), Some("structured_outputs"));
+        assert_eq!(err("logit_bias", json!({"x": 1})).param.as_deref(), Some("logit_bias.x"));
+        assert_eq!(err("logit_bias", json!({"3": 101})).param.as_deref(), Some("logit_bias.3"));
+        assert_eq!(err("logit_bias", json!({"3": "up"})).param.as_deref(), Some("logit_bias.3"));
     }
 
     #[test]

@@ -36,6 +36,7 @@ const PARAMS: &[&str] = &[
     "tools",
     "tool_choice",
     "response_format",
+    "structured_outputs",
     "echo",
     "suffix",
     "best_of",
