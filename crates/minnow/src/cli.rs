@@ -13,6 +13,7 @@ use minnow_kernels::pool::ThreadPool;
 use minnow_models as models;
 use serde_json::json;
 use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -177,9 +178,56 @@ struct RunArgs {
     #[arg(long)]
     moe_stats: bool,
     #[command(flatten)]
+    constraint: ConstraintArgs,
+    #[command(flatten)]
     draft: crate::spec::DraftArgs,
     #[command(flatten)]
     samples: crate::spec::SampleArgs,
+}
+
+/// What the answer must be (structured outputs); at most one.
+#[derive(Args)]
+#[group(multiple = false)]
+struct ConstraintArgs {
+    /// The answer is JSON valid against the JSON Schema in this file.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
+    /// The answer matches this regular expression, whole.
+    #[arg(long, value_name = "REGEX")]
+    regex: Option<String>,
+    /// The answer is exactly one of these comma-separated strings.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    choice: Option<Vec<String>>,
+    /// The answer derives from the Lark-style grammar in this file
+    /// (llguidance's syntax: a `start` rule; `%json {schema}` embeds a schema).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<PathBuf>,
+}
+
+impl ConstraintArgs {
+    /// The constraint asked for, compiled for `m`.
+    fn compile(&self, m: &LoadedModel) -> Result<Option<minnow_engine::constraint::Constraint>> {
+        use minnow_engine::constraint::ConstraintSpec;
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read the {what} file {}", p.display()))
+        };
+        let spec = if let Some(p) = &self.json_schema {
+            let schema = serde_json::from_str(&read(p, "JSON Schema")?)
+                .with_context(|| format!("{} is not JSON", p.display()))?;
+            ConstraintSpec::JsonSchema(schema)
+        } else if let Some(r) = &self.regex {
+            ConstraintSpec::Regex(r.clone())
+        } else if let Some(c) = &self.choice {
+            ConstraintSpec::Choice(c.clone())
+        } else if let Some(p) = &self.grammar {
+            ConstraintSpec::Grammar(read(p, "grammar")?)
+        } else {
+            return Ok(None);
+        };
+        let flag = format!("--{}", spec.kind().replace('_', "-"));
+        let c = m.compile_constraint(&spec).with_context(|| format!("{flag}: the constraint does not compile"))?;
+        Ok(Some(c))
+    }
 }
 
 #[derive(Args)]
@@ -449,7 +497,8 @@ fn check_fits(prompt: usize, max_tokens: usize, ctx: usize) -> Result<()> {
 fn run(a: RunArgs) -> Result<()> {
     let (m, pool) = a.model.load()?;
     let ctx = context_size(&m, a.ctx)?;
-    let params = a.sampling.params(a.max_tokens)?;
+    let mut params = a.sampling.params(a.max_tokens)?;
+    params.constraint = a.constraint.compile(&m)?;
     let prompt = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {

@@ -209,3 +209,50 @@ fn a_non_gguf_file_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("GGUF") || err.contains("magic"), "{err}");
 }
+
+/// `run --choice`, `--regex` and `--json-schema` constrain the answer
+/// (sampled, several seeds); a constraint that does not compile is a
+/// one-line error naming the flag.
+#[test]
+fn run_constraints_shape_the_answer_and_bad_ones_are_refused() {
+    let m = common::smollm2_arg();
+    for seed in ["1", "2", "3"] {
+        let v = json_of(&minnow(
+            &["run", &m, "--chat", "-p", "Is the sea wet?", "--choice", "yes,no,maybe", "--seed", seed, "--json"],
+            None,
+        ));
+        let text = v["text"].as_str().unwrap();
+        assert!(["yes", "no", "maybe"].contains(&text), "{text:?}");
+        let v = json_of(&minnow(
+            &["run", &m, "-p", "Her phone number is", "--regex", " [0-9]{3}-[0-9]{4}", "--seed", seed, "--json"],
+            None,
+        ));
+        let text = v["text"].as_str().unwrap();
+        let b = text.as_bytes();
+        assert!(b.len() == 9 && b[0] == b' ' && b[4] == b'-', "{text:?}");
+    }
+    let dir = std::env::temp_dir().join(format!("minnow-cli-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = dir.join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let args = ["run", &m, "--chat", "-p", "Tom the cat is 3. Give his name and age.", "--temp", "0", "--json"];
+    let mut with_schema = args.to_vec();
+    with_schema.extend(["--json-schema", schema.to_str().unwrap(), "-n", "60"]);
+    let v = json_of(&minnow(&with_schema, None));
+    let answer: Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap();
+    assert!(answer["name"].is_string() && answer["age"].is_i64(), "{answer}");
+    assert_eq!(answer.as_object().unwrap().len(), 2, "{answer}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = minnow(&["run", &m, "-p", "x", "--regex", "(unclosed"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--regex: the constraint does not compile"), "{err}");
+    let out = minnow(&["run", &m, "-p", "x", "--regex", "a", "--choice", "b"], None);
+    assert!(!out.status.success(), "two constraints at once are refused");
+}
