@@ -144,6 +144,17 @@ impl Sequence {
         }
     }
 
+    /// The tokens the constraint allows as the only continuation here (its
+    /// canonical tokenization of the forced text), to be taken with
+    /// [`push`](Self::push) (`sampled = false`) without sampling; empty
+    /// without a constraint.
+    pub fn forced_tokens(&mut self) -> Vec<u32> {
+        match &mut self.mask {
+            Some(m) if self.finish.is_none() => m.forced_tokens(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether a constraint or a logit bias shapes this sequence's tokens.
     pub fn is_constrained(&self) -> bool {
         self.mask.is_some() || !self.logit_bias.is_empty()

@@ -117,8 +117,10 @@ pub(crate) struct Sample {
     pub seq: Sequence,
     /// Speculation state while this sample decodes alone.
     pub spec: Option<Box<SpecSeq>>,
-    /// The token fed by the current step (borrowed by the batch).
-    input: u32,
+    /// The tokens the current step feeds (borrowed by the batch): every
+    /// token of prompt + answer not yet in the cache — the last sampled one,
+    /// and after it any the constraint forced.
+    input: Vec<u32>,
 }
 
 /// Which sequence of a running request a batch row belongs to.
@@ -331,7 +333,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                 continue;
             }
             let target = r.prefill_target();
-            let Running { prompt, phase, id, .. } = r;
+            let Running { prompt, phase, id, base, .. } = r;
             match phase {
                 Phase::Prefill { cache, fed } => {
                     let end = (*fed + chunk).min(target);
@@ -349,8 +351,13 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                         slots.push((ri, Slot::Sample(si)));
                         owners.push(*id);
                         let Sample { cache, seq, input, .. } = s;
-                        *input = *seq.ids().last().or(prompt.last()).expect("a request has a non-empty prompt");
-                        seqs.push(SeqBatch { tokens: std::slice::from_ref(input), cache, logits: Logits::Last });
+                        // Prompt + answer past what the cache holds: one
+                        // token, or several when a constraint forced some
+                        // (all computed in this one pass; jump-forward).
+                        let fed = cache.len() - *base;
+                        input.clear();
+                        input.extend(prompt.iter().chain(seq.ids()).skip(fed));
+                        seqs.push(SeqBatch { tokens: input, cache, logits: Logits::Last });
                     }
                 }
             }
@@ -392,7 +399,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                     }
                     start_decoding(ctx.tokenizer, r, &logits)
                 }
-                Slot::Sample(si) => sample_token(ctx.tokenizer, r, si, &logits) as u64,
+                Slot::Sample(si) => sample_token(ctx.tokenizer, r, si, &logits),
             };
             self.stats.completion_tokens_total += sampled;
         }
@@ -520,7 +527,7 @@ fn start_decoding<S: FnMut(GenEvent) -> bool>(tokenizer: &Tokenizer, r: &mut Run
         let seq = Sequence::new(&r.prompt, &r.params, seed, ctx, r.top_logprobs);
         // The last sample takes the original cache; the others copy it.
         let c = if i + 1 == r.n { cache.take().unwrap() } else { cache.as_ref().unwrap().clone() };
-        samples.push(Sample { cache: c, seq, spec: None, input: 0 });
+        samples.push(Sample { cache: c, seq, spec: None, input: Vec::new() });
     }
     r.phase = Phase::Decode { samples };
     if r.params.max_tokens == 0 {
@@ -530,26 +537,44 @@ fn start_decoding<S: FnMut(GenEvent) -> bool>(tokenizer: &Tokenizer, r: &mut Run
         }
         return 0;
     }
-    (0..r.n).map(|si| sample_token(tokenizer, r, si, logits) as u64).sum()
+    (0..r.n).map(|si| sample_token(tokenizer, r, si, logits)).sum()
 }
 
 /// Samples sample `si`'s next token from `logits` and sends its events.
-/// Returns whether a token was sampled.
+/// Takes what its constraint then forces too. Returns the tokens taken.
 fn sample_token<S: FnMut(GenEvent) -> bool>(
     tokenizer: &Tokenizer,
     r: &mut Running<S>,
     si: usize,
     logits: &[f32],
-) -> bool {
-    let Phase::Decode { samples } = &mut r.phase else { return false };
+) -> u64 {
+    let Phase::Decode { samples } = &mut r.phase else { return 0 };
     let s = &mut samples[si];
     if s.seq.is_done() || logits.is_empty() {
-        return false;
+        return 0;
     }
-    let next = s.seq.sample(logits);
-    let pushed = s.seq.push(tokenizer, next, true, Some(logits));
-    emit_token(r, si, next, pushed);
-    true
+    // Where the constraint allows one continuation only (at the start of
+    // an answer, say) it is taken without sampling; otherwise a token is
+    // sampled, and what the constraint forces after it is taken at once.
+    // The next step computes all of them in one pass (jump-forward).
+    let mut taken = Vec::new();
+    let mut forced = s.seq.forced_tokens();
+    if forced.is_empty() {
+        let next = s.seq.sample(logits);
+        taken.push((next, s.seq.push(tokenizer, next, true, Some(logits))));
+        forced = s.seq.forced_tokens();
+    }
+    for f in forced {
+        if s.seq.is_done() {
+            break;
+        }
+        taken.push((f, s.seq.push(tokenizer, f, false, None)));
+    }
+    let n = taken.len() as u64;
+    for (id, p) in taken {
+        emit_token(r, si, id, p);
+    }
+    n
 }
 
 /// Sends the events of a token sample `si`'s [`Sequence`] took (sampled
