@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Structured outputs: the order-extraction task's dev cases, zero-shot, greedy,
+answered by `minnow serve` with the task's JSON Schema (`response_format`
+json_schema) and without, side by side in one run.
+
+Per mode and client count: completion tokens per second of wall time, forward
+passes per answer (from /metrics: `minnow_steps_total`), field accuracy and
+exact answers (the task README's scoring), and the share of answers that parse.
+
+    python3 bench/structured_outputs.py                        # qwen2.5-coder-0.5b, 1 and 16 clients
+    python3 bench/structured_outputs.py --model smollm2-135m --clients 1 --cases 40
+"""
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = os.path.join(REPO, "..", "shared", "tasks", "order-extraction")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def steps(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("minnow_steps_total "):
+                return float(line.split()[1])
+    raise RuntimeError("no minnow_steps_total in /metrics")
+
+
+def first_object(text):
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        return None
+    try:
+        v = json.loads(m.group(0))
+    except ValueError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def same(a, b):
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return isinstance(a, str) and a.strip().lower() == str(b).strip().lower()
+
+
+def score(reply, gold):
+    v = first_object(reply)
+    if v is None:
+        return 0, False, False
+    right = sum(1 for k, g in gold.items() if k in v and same(v[k], g))
+    return right, right == len(gold), True
+
+
+def run(port, cases, clients, schema):
+    results = [None] * len(cases)
+    nxt = [0]
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= len(cases):
+                return
+            body = {"messages": [{"role": "user", "content": cases[i]["prompt"]}], "temperature": 0,
+                    "max_tokens": 200}
+            if schema is not None:
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": "order", "schema": schema, "strict": True}}
+            r = post(port, "/v1/chat/completions", body)
+            results[i] = (r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"])
+
+    s0 = steps(port)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    passes = steps(port) - s0
+    tokens = sum(r[1] for r in results)
+    right = exact = parsed = 0
+    for (reply, _), c in zip(results, cases):
+        r, e, p = score(reply, c["answer"])
+        right += r
+        exact += e
+        parsed += p
+    n = len(cases)
+    return {"tok_s": tokens / wall, "tokens_per_answer": tokens / n, "passes_per_answer": passes / n,
+            "field_accuracy": right / (6 * n), "exact": exact / n, "parsed": parsed / n, "wall_s": wall}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--clients", default="1,16")
+    ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--minnow-bin", default=os.path.join(REPO, "target/release/minnow"))
+    args = ap.parse_args()
+    cases = [json.loads(l) for l in open(os.path.join(TASK, "dev.jsonl")) if l.strip()][: args.cases]
+    schema = json.load(open(os.path.join(TASK, "schema.json")))
+    port = free_port()
+    proc = subprocess.Popen([args.minnow_bin, "serve", args.model, "--port", str(port), "--parallel", "16",
+                             "--threads", str(args.threads), "--ctx", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    sys.exit("minnow serve exited")
+                time.sleep(0.5)
+        run(port, cases[:2], 1, schema)  # warm up (and compile the vocabulary's trie)
+        print(f"\n{args.model}, {len(cases)} dev cases, zero-shot, greedy, {args.threads} threads\n")
+        print("| clients | mode | completion tok/s | tokens / answer | forward passes / answer | parsed | field acc | exact |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for c in [int(x) for x in args.clients.split(",")]:
+            rows = {}
+            for mode, sch in [("free", None), ("schema", schema)]:
+                r = rows[mode] = run(port, cases, c, sch)
+                print(f"| {c} | {mode} | {r['tok_s']:.1f} | {r['tokens_per_answer']:.1f} | "
+                      f"{r['passes_per_answer']:.1f} | {r['parsed']:.2f} | {r['field_accuracy']:.3f} | "
+                      f"{r['exact']:.2f} |", flush=True)
+            print(f"| {c} | schema ÷ free | {rows['schema']['tok_s'] / rows['free']['tok_s']:.2f}× | | | | | |")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
