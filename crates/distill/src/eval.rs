@@ -40,23 +40,31 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Prompted with the worked examples.
     pub few_shot: bool,
+    /// Answers constrained to this JSON Schema (structured output).
+    pub json_schema: Option<serde_json::Value>,
 }
 
 impl ModelSpec {
     pub fn new(label: Option<String>, path: PathBuf, few_shot: bool) -> ModelSpec {
-        ModelSpec { label, path, few_shot }
+        ModelSpec { label, path, few_shot, json_schema: None }
     }
 
     fn label(&self, n_shot: usize) -> String {
-        if let Some(l) = &self.label {
-            return l.clone();
-        }
-        let stem =
-            self.path.file_stem().map_or_else(|| self.path.display().to_string(), |s| s.to_string_lossy().into());
-        if self.few_shot {
-            format!("{stem}, {n_shot}-shot")
+        let base = if let Some(l) = &self.label {
+            l.clone()
         } else {
-            format!("{stem}, zero-shot")
+            let stem =
+                self.path.file_stem().map_or_else(|| self.path.display().to_string(), |s| s.to_string_lossy().into());
+            if self.few_shot {
+                format!("{stem}, {n_shot}-shot")
+            } else {
+                format!("{stem}, zero-shot")
+            }
+        };
+        if self.json_schema.is_some() {
+            format!("{base}, schema")
+        } else {
+            base
         }
     }
 }
@@ -79,6 +87,9 @@ pub struct EvalConfig {
     pub threads: usize,
     pub output: PathBuf,
     pub progress: bool,
+    /// When set, every row runs twice: as given, and with its answers
+    /// constrained to this JSON Schema (a row pair per model).
+    pub json_schema: Option<serde_json::Value>,
 }
 
 /// Tokens decoded per speed run.
@@ -104,7 +115,15 @@ pub fn run(cfg: &EvalConfig) -> Result<Report> {
     }
     let mut rows = Vec::new();
     let mut replies = Vec::new();
-    for spec in &cfg.models {
+    let specs: Vec<ModelSpec> = cfg
+        .models
+        .iter()
+        .flat_map(|m| {
+            let constrained = cfg.json_schema.clone().map(|s| ModelSpec { json_schema: Some(s), ..m.clone() });
+            std::iter::once(m.clone()).chain(constrained)
+        })
+        .collect();
+    for spec in &specs {
         let shots = if spec.few_shot { &examples[..] } else { &[] };
         let (row, texts) = eval_model(cfg, spec, &cases, shots, teacher.as_ref())
             .with_context(|| format!("evaluating {}", spec.path.display()))?;
@@ -196,7 +215,8 @@ fn eval_model(
     let ctx = context_for(&model, &convos, cfg.max_tokens)?;
     let (prefill_tok_s, decode_tok_s) = measure_speed(&model, &pool, &convos[0], ctx)?;
     let local = LocalModel::start(spec.path.display().to_string(), model, pool, cfg.parallel, ctx);
-    let settings = GenSettings { max_tokens: cfg.max_tokens, ..GenSettings::default() };
+    let settings =
+        GenSettings { max_tokens: cfg.max_tokens, json_schema: spec.json_schema.clone(), ..GenSettings::default() };
     let jobs: Vec<Job> = convos.iter().enumerate().map(|(index, m)| Job { index, messages: m.clone() }).collect();
     let mut answers: Vec<Option<crate::teacher::Answer>> = vec![None; cases.len()];
     let bar = bar(cfg.progress, cases.len(), &label);

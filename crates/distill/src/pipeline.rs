@@ -88,6 +88,8 @@ struct LabelSection {
     seed: u64,
     logprobs: Option<usize>,
     price_per_hour: Option<f64>,
+    /// A JSON Schema file the teacher's answers must be valid against.
+    json_schema: Option<PathBuf>,
     #[serde(flatten)]
     teacher: TeacherSection,
 }
@@ -135,6 +137,9 @@ struct EvalSection {
     #[serde(default = "eight")]
     parallel: usize,
     threads: Option<usize>,
+    /// A JSON Schema file: every row runs a second time with its answers
+    /// constrained to it.
+    json_schema: Option<PathBuf>,
     /// Compare every row with the teacher's labels (the dataset), for the
     /// cases whose prompt the dataset has.
     #[serde(default = "yes")]
@@ -295,6 +300,7 @@ fn run_synth(s: &SynthSection, t: &TeacherSection, paths: &Paths, resolve: Resol
             top_p: 0.95,
             seed: s.seed,
             logprobs: None,
+            json_schema: None,
         },
         filters: Filters { min_chars: 20, max_chars: 2000, max_similarity: s.max_similarity },
         progress: std::io::stderr().is_terminal(),
@@ -340,6 +346,7 @@ fn run_label(l: &LabelSection, inputs: &Path, paths: &Paths, resolve: Resolver) 
             top_p: 1.0,
             seed: l.seed,
             logprobs: l.logprobs,
+            json_schema: l.json_schema.as_ref().map(|p| read_schema(&paths.input(p))).transpose()?,
         },
         limit: l.limit,
         price_per_hour: l.price_per_hour,
@@ -428,9 +435,17 @@ fn run_eval(e: &EvalSection, student: Option<&Path>, dataset: &Path, paths: &Pat
         threads: e.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         output: output.clone(),
         progress: std::io::stderr().is_terminal(),
+        json_schema: e.json_schema.as_ref().map(|p| read_schema(&paths.input(p))).transpose()?,
     };
     let report = crate::eval::run(&cfg)?;
     eprint!("{}", crate::report::summary_table(&report));
     eprintln!("minnow distill run: eval: report in {}", output.join("report.md").display());
     Ok(())
+}
+
+/// A JSON Schema file, parsed.
+pub fn read_schema(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the JSON Schema {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
 }

@@ -15,6 +15,7 @@
 use crate::data::{vocab_fingerprint, TeacherLogprobs};
 use anyhow::{anyhow, bail, Result};
 use minnow_engine::chat::ChatMessage;
+use minnow_engine::constraint::ConstraintSpec;
 use minnow_engine::generate::GenerateParams;
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::SamplingParams;
@@ -45,11 +46,15 @@ pub struct GenSettings {
     pub seed: u64,
     /// `Some(k)`: keep the top-k log-probabilities of every answer token.
     pub logprobs: Option<usize>,
+    /// Answers must be JSON valid against this schema (structured output:
+    /// a local model masks its tokens; a remote one gets it as
+    /// `response_format`).
+    pub json_schema: Option<Value>,
 }
 
 impl Default for GenSettings {
     fn default() -> Self {
-        GenSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, logprobs: None }
+        GenSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, logprobs: None, json_schema: None }
     }
 }
 
@@ -62,6 +67,7 @@ impl GenSettings {
             "top_p": self.top_p,
             "seed": self.seed,
             "logprobs": self.logprobs,
+            "json_schema": self.json_schema,
         })
     }
 
@@ -181,12 +187,21 @@ impl Teacher for LocalModel {
         settings: &GenSettings,
         on_answer: &mut dyn FnMut(usize, Result<Answer, String>) -> Result<()>,
     ) -> Result<()> {
+        let constraint = match &settings.json_schema {
+            Some(schema) => Some(
+                self.scheduler
+                    .model()
+                    .compile_constraint(&ConstraintSpec::JsonSchema(schema.clone()))
+                    .map_err(|e| anyhow::anyhow!("the JSON Schema does not compile: {e}"))?,
+            ),
+            None => None,
+        };
         let params = GenerateParams {
             max_tokens: settings.max_tokens,
             sampling: settings.sampling(),
             stop: Vec::new(),
             stop_at_eog: true,
-            constraint: None,
+            constraint,
             logit_bias: Vec::new(),
         };
         let (tx, rx) = mpsc::channel::<(usize, GenEvent)>();
@@ -462,6 +477,10 @@ impl RemoteTeacher {
         if let Some(k) = s.logprobs {
             b["logprobs"] = json!(true);
             b["top_logprobs"] = json!(k);
+        }
+        if let Some(schema) = &s.json_schema {
+            b["response_format"] =
+                json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": true}});
         }
         b
     }

@@ -146,6 +146,10 @@ pub struct GenArgs {
     /// Keep the teacher's top-K log-probabilities per answer token (K ≤ 20).
     #[arg(long)]
     logprobs: Option<usize>,
+    /// Answers must be JSON valid against the JSON Schema in this file
+    /// (structured output; a remote teacher gets it as `response_format`).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
 }
 
 impl GenArgs {
@@ -170,6 +174,7 @@ impl GenArgs {
             top_p: self.top_p,
             seed: self.seed,
             logprobs: self.logprobs,
+            json_schema: self.json_schema.as_deref().map(minnow_distill::pipeline::read_schema).transpose()?,
         })
     }
 }
@@ -298,6 +303,7 @@ fn synth(a: SynthArgs) -> Result<()> {
             top_p: a.gen.top_p,
             seed: a.gen.seed,
             logprobs: None,
+            json_schema: None,
         },
         filters: minnow_distill::synth::Filters {
             min_chars: a.min_chars,
@@ -355,6 +361,10 @@ struct EvalArgs {
     /// Report directory (report.md, report.json, chart.svg, outputs).
     #[arg(long, short = 'o')]
     output: PathBuf,
+    /// A JSON Schema file: every row runs a second time with its answers
+    /// constrained to it (a row pair per model).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
     /// Instead of evaluating: merge these report.json files (same cases,
     /// rows evaluated separately) into one report in --output.
     #[arg(long, conflicts_with_all = ["models", "few_shot_models"])]
@@ -408,6 +418,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         threads: threads(a.threads)?,
         output: a.output,
         progress: std::io::stderr().is_terminal(),
+        json_schema: a.json_schema.as_deref().map(minnow_distill::pipeline::read_schema).transpose()?,
     };
     let report = minnow_distill::eval::run(&cfg)?;
     print!("{}", minnow_distill::report::summary_table(&report));
