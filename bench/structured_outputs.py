@@ -39,12 +39,9 @@ def post(port, path, body):
         return json.loads(r.read())
 
 
-def steps(port):
+def metrics(port):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("minnow_steps_total "):
-                return float(line.split()[1])
-    raise RuntimeError("no minnow_steps_total in /metrics")
+        return {l.split()[0]: float(l.split()[1]) for l in r.read().decode().splitlines() if l and l[0] != "#"}
 
 
 def first_object(text):
@@ -95,7 +92,7 @@ def run(port, cases, clients, schema):
             r = post(port, "/v1/chat/completions", body)
             results[i] = (r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"])
 
-    s0 = steps(port)
+    m0 = metrics(port)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
@@ -103,7 +100,10 @@ def run(port, cases, clients, schema):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    passes = steps(port) - s0
+    m1 = metrics(port)
+    passes = m1["minnow_steps_total"] - m0["minnow_steps_total"]
+    busy = m1["minnow_busy_seconds_total"] - m0["minnow_busy_seconds_total"]
+    mask = m1["minnow_mask_seconds_total"] - m0["minnow_mask_seconds_total"]
     tokens = sum(r[1] for r in results)
     right = exact = parsed = 0
     for (reply, _), c in zip(results, cases):
@@ -113,7 +113,8 @@ def run(port, cases, clients, schema):
         parsed += p
     n = len(cases)
     return {"tok_s": tokens / wall, "tokens_per_answer": tokens / n, "passes_per_answer": passes / n,
-            "field_accuracy": right / (6 * n), "exact": exact / n, "parsed": parsed / n, "wall_s": wall}
+            "field_accuracy": right / (6 * n), "exact": exact / n, "parsed": parsed / n, "wall_s": wall,
+            "mask_share": mask / wall, "mask_ms_per_pass": 1000 * mask / max(passes, 1), "busy_s": busy}
 
 
 def main():
@@ -141,16 +142,17 @@ def main():
                 time.sleep(0.5)
         run(port, cases[:2], 1, schema)  # warm up (and compile the vocabulary's trie)
         print(f"\n{args.model}, {len(cases)} dev cases, zero-shot, greedy, {args.threads} threads\n")
-        print("| clients | mode | completion tok/s | tokens / answer | forward passes / answer | parsed | field acc | exact |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        print("| clients | mode | completion tok/s | tokens / answer | forward passes / answer | parsed | field acc | exact"
+              " | mask time (share of wall, ms per pass) |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for c in [int(x) for x in args.clients.split(",")]:
             rows = {}
             for mode, sch in [("free", None), ("schema", schema)]:
                 r = rows[mode] = run(port, cases, c, sch)
                 print(f"| {c} | {mode} | {r['tok_s']:.1f} | {r['tokens_per_answer']:.1f} | "
                       f"{r['passes_per_answer']:.1f} | {r['parsed']:.2f} | {r['field_accuracy']:.3f} | "
-                      f"{r['exact']:.2f} |", flush=True)
-            print(f"| {c} | schema ÷ free | {rows['schema']['tok_s'] / rows['free']['tok_s']:.2f}× | | | | | |")
+                      f"{r['exact']:.2f} | {100 * r['mask_share']:.1f}%, {r['mask_ms_per_pass']:.2f} |", flush=True)
+            print(f"| {c} | schema ÷ free | {rows['schema']['tok_s'] / rows['free']['tok_s']:.2f}× | | | | | | |")
     finally:
         proc.terminate()
         proc.wait()

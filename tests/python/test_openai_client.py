@@ -186,6 +186,16 @@ def test_response_format_json_schema():
     )
     assert r.choices[0].finish_reason == "stop", r
     check_order(json.loads(r.choices[0].message.content))
+    # /metrics counts the constrained request and the keys it forced.
+    base = BASE_URL.rsplit("/v1", 1)[0]
+    req = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        metrics = dict(
+            line.split()[:2] for line in resp.read().decode().splitlines() if line and not line.startswith("#")
+        )
+    assert float(metrics["minnow_constrained_requests_total"]) >= 1, metrics
+    assert float(metrics["minnow_forced_tokens_total"]) >= 4, metrics
+    assert float(metrics["minnow_mask_seconds_total"]) > 0, metrics
 
 
 class Order(pydantic.BaseModel):

@@ -116,6 +116,8 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     /// Where the answer stands in its constraint, if it has one.
     mask: Option<TokenMask>,
+    /// Seconds spent on the constraint's masks and forced tokens so far.
+    mask_secs: f64,
     logit_bias: Vec<(u32, f32)>,
 }
 
@@ -140,6 +142,7 @@ impl Sequence {
             // Nothing to generate: done before the first token.
             finish: (params.max_tokens == 0).then_some(FinishReason::Length),
             mask: params.constraint.as_ref().map(Constraint::start),
+            mask_secs: 0.0,
             logit_bias: params.logit_bias.clone(),
         }
     }
@@ -150,9 +153,19 @@ impl Sequence {
     /// without a constraint.
     pub fn forced_tokens(&mut self) -> Vec<u32> {
         match &mut self.mask {
-            Some(m) if self.finish.is_none() => m.forced_tokens(),
+            Some(m) if self.finish.is_none() => {
+                let t = std::time::Instant::now();
+                let f = m.forced_tokens();
+                self.mask_secs += t.elapsed().as_secs_f64();
+                f
+            }
             _ => Vec::new(),
         }
+    }
+
+    /// Seconds this sequence's constraint has cost (masks and forced tokens).
+    pub fn mask_secs(&self) -> f64 {
+        self.mask_secs
     }
 
     /// Whether a constraint or a logit bias shapes this sequence's tokens.
@@ -176,7 +189,9 @@ impl Sequence {
             }
         }
         if let Some(mask) = &mut self.mask {
+            let t = std::time::Instant::now();
             mask.apply(&mut l);
+            self.mask_secs += t.elapsed().as_secs_f64();
         }
         Cow::Owned(l)
     }

@@ -172,7 +172,7 @@ impl Metrics {
         let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
         // (name, type, help, value); one line each, as the exposition reads.
         #[rustfmt::skip]
-        let scheduler: [(&str, &str, &str, f64); 17] = [
+        let scheduler: [(&str, &str, &str, f64); 20] = [
             ("minnow_prompt_tokens_total", "counter", "Prompt tokens of finished and running requests (cached ones included).", s.prompt_tokens_total as f64),
             ("minnow_cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.", s.cached_prompt_tokens_total as f64),
             ("minnow_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total as f64),
@@ -190,6 +190,9 @@ impl Metrics {
             ("minnow_http_connections_refused_total", "counter", "Connections closed on arrival because --max-connections were open.", self.connections_refused.load(Ordering::Relaxed) as f64),
             ("minnow_http_connections_timed_out_total", "counter", "Connections closed by the header, idle or stalled-reader timeout.", self.connections_timed_out.load(Ordering::Relaxed) as f64),
             ("minnow_price_per_hour_usd", "gauge", "The machine price given with --price-per-hour.", price_per_hour),
+            ("minnow_constrained_requests_total", "counter", "Requests with structured output (response_format, structured_outputs).", s.constrained_requests_total as f64),
+            ("minnow_forced_tokens_total", "counter", "Tokens a constraint forced, taken without sampling (jump-forward).", s.forced_tokens_total as f64),
+            ("minnow_mask_seconds_total", "counter", "Seconds spent computing constraint token masks and forced tokens.", s.mask_secs),
         ];
         write_metrics(&mut out, &scheduler);
         write_metrics(

@@ -288,6 +288,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
         };
         self.stats.prompt_tokens_total += req.prompt.len() as u64;
         self.stats.cached_prompt_tokens_total += cached as u64;
+        self.stats.constrained_requests_total += u64::from(req.params.constraint.is_some());
         self.running.push(Running {
             id,
             sink,
@@ -388,7 +389,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
             if r.failed {
                 continue;
             }
-            let sampled = match slot {
+            let taken = match slot {
                 Slot::Prefill => {
                     let Phase::Prefill { cache, fed } = &r.phase else { unreachable!() };
                     if *fed < r.prefill_target() {
@@ -401,7 +402,9 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                 }
                 Slot::Sample(si) => sample_token(ctx.tokenizer, r, si, &logits),
             };
-            self.stats.completion_tokens_total += sampled;
+            self.stats.completion_tokens_total += taken.tokens;
+            self.stats.forced_tokens_total += taken.forced;
+            self.stats.mask_secs += taken.mask_secs;
         }
     }
 
@@ -509,10 +512,30 @@ impl Forward<'_> {
     }
 }
 
+/// What one sample took in a step: tokens (forced ones included), forced
+/// tokens, and the seconds its constraint's masks and forced tokens cost.
+#[derive(Default)]
+struct Taken {
+    tokens: u64,
+    forced: u64,
+    mask_secs: f64,
+}
+
+impl std::ops::Add for Taken {
+    type Output = Taken;
+    fn add(self, o: Taken) -> Taken {
+        Taken {
+            tokens: self.tokens + o.tokens,
+            forced: self.forced + o.forced,
+            mask_secs: self.mask_secs + o.mask_secs,
+        }
+    }
+}
+
 /// The prompt is read: forks the cache per sample and samples each one's
 /// first token from the prompt's last `logits` (none when the last prompt
-/// token was held back: the next step feeds it). Returns tokens sampled.
-fn start_decoding<S: FnMut(GenEvent) -> bool>(tokenizer: &Tokenizer, r: &mut Running<S>, logits: &[f32]) -> u64 {
+/// token was held back: the next step feeds it). Returns what was taken.
+fn start_decoding<S: FnMut(GenEvent) -> bool>(tokenizer: &Tokenizer, r: &mut Running<S>, logits: &[f32]) -> Taken {
     let Phase::Prefill { cache, .. } = std::mem::replace(&mut r.phase, Phase::Decode { samples: Vec::new() }) else {
         unreachable!()
     };
@@ -535,24 +558,25 @@ fn start_decoding<S: FnMut(GenEvent) -> bool>(tokenizer: &Tokenizer, r: &mut Run
         for index in 0..r.n {
             r.emit(GenEvent::Done { index, finish: FinishReason::Length, text_tail: String::new() });
         }
-        return 0;
+        return Taken::default();
     }
-    (0..r.n).map(|si| sample_token(tokenizer, r, si, logits)).sum()
+    (0..r.n).map(|si| sample_token(tokenizer, r, si, logits)).fold(Taken::default(), |a, b| a + b)
 }
 
 /// Samples sample `si`'s next token from `logits` and sends its events.
-/// Takes what its constraint then forces too. Returns the tokens taken.
+/// Takes what its constraint then forces too.
 fn sample_token<S: FnMut(GenEvent) -> bool>(
     tokenizer: &Tokenizer,
     r: &mut Running<S>,
     si: usize,
     logits: &[f32],
-) -> u64 {
-    let Phase::Decode { samples } = &mut r.phase else { return 0 };
+) -> Taken {
+    let Phase::Decode { samples } = &mut r.phase else { return Taken::default() };
     let s = &mut samples[si];
     if s.seq.is_done() || logits.is_empty() {
-        return 0;
+        return Taken::default();
     }
+    let mask_before = s.seq.mask_secs();
     // Where the constraint allows one continuation only (at the start of
     // an answer, say) it is taken without sampling; otherwise a token is
     // sampled, and what the constraint forces after it is taken at once.
@@ -564,17 +588,19 @@ fn sample_token<S: FnMut(GenEvent) -> bool>(
         taken.push((next, s.seq.push(tokenizer, next, true, Some(logits))));
         forced = s.seq.forced_tokens();
     }
+    let mut n_forced = 0;
     for f in forced {
         if s.seq.is_done() {
             break;
         }
         taken.push((f, s.seq.push(tokenizer, f, false, None)));
+        n_forced += 1;
     }
-    let n = taken.len() as u64;
+    let out = Taken { tokens: taken.len() as u64, forced: n_forced as u64, mask_secs: s.seq.mask_secs() - mask_before };
     for (id, p) in taken {
         emit_token(r, si, id, p);
     }
-    n
+    out
 }
 
 /// Sends the events of a token sample `si`'s [`Sequence`] took (sampled

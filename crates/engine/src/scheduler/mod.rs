@@ -214,6 +214,12 @@ pub struct SchedulerStats {
     pub prefix_cache_entries: usize,
     /// With speculation configured: what it did.
     pub speculation: Option<SpecTotals>,
+    /// Requests with a constraint (structured output).
+    pub constrained_requests_total: u64,
+    /// Tokens constraints forced (taken without sampling).
+    pub forced_tokens_total: u64,
+    /// Seconds spent computing token masks and forced tokens.
+    pub mask_secs: f64,
 }
 
 /// A fault the scheduler's own tests inject into a request's forward pass,
@@ -573,6 +579,9 @@ impl Worker {
             s.batch_size_sum = c.batch_size_sum;
             s.busy_secs = c.busy_secs;
             s.speculation.clone_from(&c.speculation);
+            s.constrained_requests_total = c.constrained_requests_total;
+            s.forced_tokens_total = c.forced_tokens_total;
+            s.mask_secs = c.mask_secs;
             s.prefix_cache_bytes = self.core.prefix.bytes();
             s.prefix_cache_entries = self.core.prefix.len();
             st.active_slots = self.core.running.iter().map(|r| r.n).sum();
