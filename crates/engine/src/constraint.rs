@@ -238,6 +238,24 @@ impl TokenMask {
         }
     }
 
+    /// How many of `tokens`, in order from here, the constraint allows
+    /// (end-of-generation tokens count where the answer may end); the
+    /// matcher does not move.
+    pub fn allowed_prefix(&mut self, tokens: &[u32]) -> usize {
+        if self.failed.is_some() {
+            return 0;
+        }
+        let upto = tokens.iter().position(|t| self.eog.contains(t)).unwrap_or(tokens.len());
+        let ok = self.matcher.validate_tokens(&tokens[..upto]).unwrap_or(0);
+        if ok == upto && upto < tokens.len() {
+            // An end token right after: allowed where the answer is complete.
+            let mut probe = self.matcher.deep_clone();
+            let complete = probe.consume_tokens(&tokens[..upto]).is_ok() && probe.is_accepting().unwrap_or(false);
+            return ok + usize::from(complete);
+        }
+        ok
+    }
+
     /// Whether nothing more can follow: the answer is complete and no
     /// longer form of it is allowed (or the matcher failed).
     pub fn is_finished(&self) -> bool {

@@ -163,6 +163,15 @@ impl Sequence {
         }
     }
 
+    /// How many of `tokens`, in order from here, the constraint allows (all
+    /// of them without a constraint); the sequence does not move.
+    pub fn allowed_prefix(&mut self, tokens: &[u32]) -> usize {
+        match &mut self.mask {
+            Some(m) => m.allowed_prefix(tokens),
+            None => tokens.len(),
+        }
+    }
+
     /// Seconds this sequence's constraint has cost (masks and forced tokens).
     pub fn mask_secs(&self) -> f64 {
         self.mask_secs

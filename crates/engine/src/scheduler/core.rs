@@ -255,13 +255,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
     /// speculated (one sample, no logprobs) lets the first speculative round
     /// verify drafts for its first token too.
     fn holds_back(&self, req: &GenRequest, base: usize) -> bool {
-        let constrained = req.params.constraint.is_some() || !req.params.logit_bias.is_empty();
-        self.speculation.is_some()
-            && req.n == 1
-            && req.top_logprobs.is_none()
-            && req.prompt.len() > 1
-            && base == 0
-            && !constrained
+        self.speculation.is_some() && req.n == 1 && req.top_logprobs.is_none() && req.prompt.len() > 1 && base == 0
     }
 
     /// Starts request `id` (submitted at `submitted`) on `model`. `cache`: the caller's cache, possibly

@@ -159,9 +159,10 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
         let Phase::Decode { samples } = &r.phase else { return None };
         let mut decoding = samples.iter().enumerate().filter(|(_, s)| !s.seq.is_done());
         let (si, s) = decoding.next()?;
-        // Constrained sequences decode plainly (drafts are not yet checked
-        // against the constraint before verification).
-        (decoding.next().is_none() && !s.seq.is_constrained()).then_some((ri, si))
+        // A round feeds one token: tokens a constraint forced in a plain
+        // step are fed by another plain step first.
+        let pending = r.prompt.len() + s.seq.ids().len() - s.cache.len();
+        (decoding.next().is_none() && pending == 1).then_some((ri, si))
     }
 
     /// Frees the speculation state of every sequence (a batched step follows).

@@ -55,6 +55,11 @@ impl Round<'_> {
                 drafts = d.propose(model, pool, &s.hist, km, &mut s.rng, &mut s.stats)?;
             }
         }
+        // A draft the sequence's constraint rejects is cut before it costs
+        // a verification row (verification would reject it anyway: its
+        // probability under the masked distribution is 0).
+        let allowed = self.sequence.allowed_prefix(&drafts.iter().map(|d| d.id).collect::<Vec<_>>());
+        drafts.truncate(allowed);
         if drafts.is_empty() {
             let off = self.seq.ctl.all_off(generated);
             return self.plain_step(pool, off, on_token);
