@@ -125,14 +125,7 @@ fn all_paths(prompt: &[u32], params: &GenerateParams, ctx: usize) -> Out {
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        stop_at_eog: true,
-        constraint: None,
-        logit_bias: Vec::new(),
-    }
+    GenerateParams { max_tokens, sampling: SamplingParams::greedy(), ..GenerateParams::default() }
 }
 
 fn golden_prompts() -> Vec<Vec<u32>> {

@@ -40,14 +40,7 @@ fn model(name: &str) -> &'static LoadedModel {
 use common::golden_prompts;
 
 fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        stop_at_eog: true,
-        constraint: None,
-        logit_bias: Vec::new(),
-    }
+    GenerateParams { max_tokens, sampling: SamplingParams::greedy(), ..GenerateParams::default() }
 }
 
 fn plain(m: &LoadedModel, prompt: &[u32], params: &GenerateParams) -> Generation {

@@ -12,12 +12,13 @@
 //! from `serve`.
 //!
 //! A step: every request still reading its prompt contributes its next chunk
-//! (at most `prefill_chunk` tokens), every decoding sample its next input
-//! (the last token it sampled, or the prompt's last token when the prompt was
-//! read without it); one [`Model::forward`] computes them all; each sample
-//! then takes a token. When speculation is configured and a single sample is
-//! decoding with nothing else running, the step is a speculative round for
-//! it instead (see `speculate`).
+//! (at most `prefill_chunk` tokens), every decoding sample the tokens its
+//! cache lacks (the last token it sampled — or the prompt's last token when
+//! the prompt was read without it — and any its constraint forced after it);
+//! one [`Model::forward`] computes them all; each sample then takes a token,
+//! and whatever its constraint forces next (jump-forward). When speculation
+//! is configured and a single sample is decoding with nothing else running,
+//! the step is a speculative round for it instead (see `speculate`).
 //!
 //! The core holds no threads and no locks: the caller passes the model,
 //! tokenizer and thread pool to each step ([`StepCtx`]), and each request's
@@ -109,9 +110,9 @@ pub(crate) enum Phase {
 }
 
 pub(crate) struct Sample {
-    /// Holds the prompt and every sampled token but the last, which is the
-    /// next step's input (the prompt's own last token too is left out while
-    /// nothing is sampled when the prompt was read without it).
+    /// Holds prompt + answer up to the next step's input: all but the last
+    /// sampled token and the forced tokens after it (and, while nothing is
+    /// sampled, without the prompt's last token when it was held back).
     pub cache: KvCache,
     /// Sampling, stop rule and generated ids.
     pub seq: Sequence,
