@@ -54,11 +54,19 @@ pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, as chat templates read them
+    /// (`[{"type": "function", "function": {"name", "arguments": {…}}}]`,
+    /// the arguments an object); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -183,6 +191,18 @@ impl ChatTemplate {
     /// the header of the assistant's next turn. The result is exactly what
     /// transformers' `apply_chat_template(..., tokenize=False)` returns.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) with `tools` (OpenAI's list of
+    /// `{"type": "function", "function": {…}}`) given to the template as
+    /// transformers gives them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         let tmpl = self.env.get_template(&self.name).map_err(|e| self.render_error(e))?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
@@ -191,7 +211,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             // transformers passes these as None (not undefined) when the
             // caller has none: `{% if tools is not none %}` must be false.
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
             documents => Value::from(()),
         };
         tmpl.render(ctx).map_err(|e| self.render_error(e))

@@ -17,6 +17,8 @@
 //!   `n` samples per prompt, prefix cache.
 //! - [`speculative`]: speculative decoding (draft model or prompt lookup), output exactly the
 //!   target's: drafters, the answer memory, the controller and verification, one directory.
+//! - [`tools`]: tool calls in the `<tool_call>` format: the fallback for templates without
+//!   tools, the grammar that makes a call valid, the parser that splits a reply.
 //! - [`vote`]: many samples sharing one prefill, and self-consistency voting.
 //! - [`upcycle`]: a dense model file → a mixture-of-experts one computing the same function.
 
@@ -31,5 +33,6 @@ pub mod scheduler;
 pub mod sequence;
 pub mod speculative;
 pub mod tokenizer;
+pub mod tools;
 pub mod upcycle;
 pub mod vote;

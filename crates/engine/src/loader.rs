@@ -48,9 +48,26 @@ impl LoadedModel {
     /// here, so a conversation tokenizes the same way everywhere (the prefix
     /// cache depends on it).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-        let text = match &self.chat {
-            Some(t) => t.render(messages, true)?,
-            None => render_plain(messages, true),
+        self.chat_prompt_with_tools(messages, None)
+    }
+
+    /// [`chat_prompt`](Self::chat_prompt) offering the model `tools` through
+    /// its template's tools section (see [`crate::tools`] for a template
+    /// without one).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+    ) -> anyhow::Result<Vec<u32>> {
+        let text = match (&self.chat, tools) {
+            // A template without a tools section would drop them silently:
+            // they go into the system message instead (the generic fallback).
+            (Some(t), Some(tools)) if !t.source().contains("tools") => {
+                t.render(&crate::tools::with_tools_system_message(messages, tools), true)?
+            }
+            (Some(t), _) => t.render_with_tools(messages, tools, true)?,
+            (None, None) => render_plain(messages, true),
+            (None, Some(tools)) => render_plain(&crate::tools::with_tools_system_message(messages, tools), true),
         };
         let bos_text = self.tokenizer.bos_id().map(|b| self.tokenizer.token_text(b).to_string());
         let template_wrote_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
