@@ -219,11 +219,19 @@ impl TokenMask {
             }
         };
         let end_allowed = self.eog.iter().any(|&t| (t as usize) < mask.len() && mask.is_allowed(t));
+        // The end tokens' logits, restored after masking where the answer may end.
+        let ends: Vec<(usize, f32)> = if end_allowed {
+            self.eog.iter().filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l))).collect()
+        } else {
+            Vec::new()
+        };
         for (t, l) in logits.iter_mut().enumerate() {
-            let ok = t < mask.len() && mask.is_allowed(t as u32) || end_allowed && self.eog.contains(&(t as u32));
-            if !ok {
+            if t >= mask.len() || !mask.is_allowed(t as u32) {
                 *l = f32::NEG_INFINITY;
             }
+        }
+        for (t, l) in ends {
+            logits[t] = l;
         }
     }
 

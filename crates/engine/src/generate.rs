@@ -71,8 +71,9 @@ pub fn prefill_for(
 
 /// Generates a continuation of `prompt`, calling `on_text` with each piece of
 /// released text as it is produced. `cache` may already hold a prefix (of
-/// tokens not in `prompt`); afterwards it holds that, the prompt and every
-/// generated token but the last. The request runs on the scheduler's
+/// tokens not in `prompt`); afterwards it holds that, the prompt and the
+/// generated tokens up to the last step's output (the last token, and any a
+/// constraint forced after it, are not fed back). The request runs on the scheduler's
 /// decode loop ([`crate::scheduler`]), in-process.
 pub fn generate(
     model: &Model,

@@ -351,8 +351,10 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                         // token, or several when a constraint forced some
                         // (all computed in this one pass; jump-forward).
                         let fed = cache.len() - *base;
+                        let (from_prompt, ids) = (prompt.get(fed..).unwrap_or(&[]), seq.ids());
                         input.clear();
-                        input.extend(prompt.iter().chain(seq.ids()).skip(fed));
+                        input.extend_from_slice(from_prompt);
+                        input.extend_from_slice(&ids[fed.saturating_sub(prompt.len())..]);
                         seqs.push(SeqBatch { tokens: input, cache, logits: Logits::Last });
                     }
                 }
@@ -615,7 +617,8 @@ pub(crate) fn emit_token<S: FnMut(GenEvent) -> bool>(r: &mut Running<S>, si: usi
 pub(crate) struct Outcome {
     /// Per sample: generated ids, why it finished, its released text.
     pub samples: Vec<(Vec<u32>, FinishReason, String)>,
-    /// Sample 0's cache: prompt and generated tokens but the last.
+    /// Sample 0's cache: prompt and generated tokens up to the last step's
+    /// output (never fed back).
     pub cache: KvCache,
     /// Sample 0's speculation statistics, if it speculated.
     pub spec: Option<SpecStats>,
