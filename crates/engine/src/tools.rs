@@ -1,12 +1,12 @@
-//! Tool calls in the format Qwen2.5's chat template (and the Hermes format
-//! many others share) teaches the model: each call is a JSON object
-//! `{"name": …, "arguments": {…}}` between `<tool_call>` and `</tool_call>`
-//! lines. This module holds the three rules around it: how tools reach a
-//! model whose template has no tools section ([`with_tools_system_message`]),
-//! the grammar that makes a call valid by construction ([`call_grammar`]: a
-//! named function's or any offered function's arguments against its JSON
-//! Schema), and how a reply splits into text and calls
-//! ([`parse_tool_calls`]).
+//! Tool calls. The chat template teaches the model Qwen2.5's (and the
+//! Hermes) format: each call a JSON object `{"name": …, "arguments": {…}}`
+//! between `<tool_call>` and `</tool_call>` lines. This module holds every
+//! rule around calls: how tools reach a model whose template has no tools
+//! section ([`with_tools_system_message`]); the constraint each
+//! `tool_choice` puts on the reply ([`choice_constraint`]: `auto` lets text
+//! through and constrains a call once its tag opens, a forced choice is
+//! JSON from the first token); and how a reply, whole or streamed, is read
+//! back into text and calls ([`parse_reply`], [`CallSplitter`]).
 
 use crate::chat::ChatMessage;
 use crate::constraint::ConstraintSpec;
@@ -77,18 +77,85 @@ pub fn with_tools_system_message(messages: &[ChatMessage], tools: &[Value]) -> V
     out
 }
 
-/// The grammar of a reply that calls `only` (or, `None`, any of `tools`):
-/// one call, or with `parallel` one or more, each `<tool_call>` line, the
-/// JSON object with the function's name and arguments valid against its
-/// `parameters` schema, and the `</tool_call>` line.
-pub fn call_grammar(tools: &[Value], only: Option<&str>, parallel: bool) -> Result<ConstraintSpec, String> {
-    let fns = functions(tools)?;
-    let chosen: Vec<_> = match only {
-        Some(name) => {
-            let f = fns.iter().find(|f| f["name"] == name).ok_or(format!("no tool is named {name:?}"))?;
-            vec![*f]
+/// How the model may use the offered tools (OpenAI's `tool_choice`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    /// Answer in text; the tools are not offered.
+    None,
+    /// Text, or calls: free text until the model opens a call, then the
+    /// call constrained (llama.cpp's "lazy grammar").
+    Auto,
+    /// At least one call, constrained from the first token.
+    Required,
+    /// A call of this function, constrained from the first token.
+    Function(String),
+}
+
+/// The form a reply with calls takes, which decides how it is read back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyFormat {
+    /// Text with `<tool_call>` blocks, as the chat template teaches
+    /// (`auto`).
+    Tagged,
+    /// A JSON array of `{"name", "arguments"}` objects (`required`).
+    CallArray,
+    /// The arguments object of this function, alone (a named choice).
+    ArgumentsOf(String),
+}
+
+impl ToolChoice {
+    /// How a reply under this choice is read back; `None` for
+    /// [`ToolChoice::None`] (plain text).
+    pub fn reply_format(&self) -> Option<ReplyFormat> {
+        match self {
+            ToolChoice::None => None,
+            ToolChoice::Auto => Some(ReplyFormat::Tagged),
+            ToolChoice::Required => Some(ReplyFormat::CallArray),
+            ToolChoice::Function(name) => Some(ReplyFormat::ArgumentsOf(name.clone())),
         }
-        None => fns,
+    }
+}
+
+/// The constraint for `choice` over `tools`; `None` for [`ToolChoice::None`].
+///
+/// A forced choice (`required`, a named function) is a JSON constraint from
+/// the first token, as vLLM has it: an array of calls, or the named
+/// function's arguments alone. It does not go through the `<tool_call>`
+/// tags, which some models carry as untrained tokens (Qwen2.5-Coder:
+/// after the tag it only wants to stop). `auto` keeps the template's tags.
+pub fn choice_constraint(
+    tools: &[Value],
+    choice: &ToolChoice,
+    parallel: bool,
+) -> Result<Option<ConstraintSpec>, String> {
+    Ok(match choice {
+        ToolChoice::None => None,
+        ToolChoice::Auto => Some(auto_grammar(tools, parallel)?),
+        ToolChoice::Required => {
+            let mut schema = json!({"type": "array", "minItems": 1, "items": call_schema(tools, None)?});
+            if !parallel {
+                schema["maxItems"] = json!(1);
+            }
+            Some(ConstraintSpec::JsonSchema(schema))
+        }
+        ToolChoice::Function(name) => {
+            let f = function(tools, name)?;
+            Some(ConstraintSpec::JsonSchema(f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"}))))
+        }
+    })
+}
+
+/// The function named `name` among `tools`.
+fn function<'t>(tools: &'t [Value], name: &str) -> Result<&'t serde_json::Map<String, Value>, String> {
+    functions(tools)?.into_iter().find(|f| f["name"] == name).ok_or(format!("no tool is named {name:?}"))
+}
+
+/// The schema of one call's JSON object: `{"name": <one of the functions>,
+/// "arguments": <valid against that function's parameters>}`.
+fn call_schema(tools: &[Value], only: Option<&str>) -> Result<Value, String> {
+    let chosen = match only {
+        Some(name) => vec![function(tools, name)?],
+        None => functions(tools)?,
     };
     if chosen.is_empty() {
         return Err("tools is empty: nothing to call".into());
@@ -105,9 +172,177 @@ pub fn call_grammar(tools: &[Value], only: Option<&str>, parallel: bool) -> Resu
             })
         })
         .collect();
-    let schema = if alternatives.len() == 1 { alternatives[0].clone() } else { json!({"anyOf": alternatives}) };
-    let start = if parallel { "start: (call \"\\n\")* call" } else { "start: call" };
-    Ok(ConstraintSpec::Grammar(format!("{start}\ncall: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {schema}\n")))
+    Ok(if alternatives.len() == 1 { alternatives[0].clone() } else { json!({"anyOf": alternatives}) })
+}
+
+/// The grammar of a reply under `tool_choice: "auto"`: any text — and the
+/// moment the text reaches `<tool_call>`, the rest is calls in the
+/// template's form (a JSON `{"name", "arguments"}` object valid against
+/// the function's schema, then the `</tool_call>` line; more calls with
+/// `parallel`), the first call's opening tag ending the free text. A reply
+/// without the tag is unconstrained.
+pub fn auto_grammar(tools: &[Value], parallel: bool) -> Result<ConstraintSpec, String> {
+    let schema = call_schema(tools, None)?;
+    let more = if parallel { format!(" (\"\\n{OPEN}\\n\" body \"\\n{CLOSE}\")*") } else { String::new() };
+    Ok(ConstraintSpec::Grammar(format!(
+        "start: text | lead calls\ntext: /(?s:.*)/\nlead[suffix=\"{OPEN}\"]: /(?s:.*)/\n\
+         calls: \"\\n\" body \"\\n{CLOSE}\"{more} \"\\n\"?\nbody: %json {schema}\n"
+    )))
+}
+
+/// The call between one `<tool_call>` and its `</tool_call>`: a JSON
+/// object with a string `name` (its `arguments` re-serialized compactly;
+/// absent arguments are `{}`), or `None`.
+fn parse_call(inside: &str) -> Option<ToolCall> {
+    let v = serde_json::from_str::<Value>(inside.trim()).ok()?;
+    let name = v.get("name")?.as_str()?.to_string();
+    let arguments = match v.get("arguments").cloned().unwrap_or_else(|| json!({})) {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    Some(ToolCall { name, arguments })
+}
+
+/// What a streamed reply turns into, piece by piece.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    Call(ToolCall),
+}
+
+/// [`parse_tool_calls`] for a reply that arrives in pieces: text is passed
+/// on as it comes, except what may be the start of a `<tool_call>` tag and
+/// runs of whitespace (held until text follows them, and dropped at the end
+/// of a reply that made calls: the lines between calls are not content); a
+/// call is passed on when its `</tool_call>` arrives. The concatenated
+/// pieces are the non-streamed split, up to that whitespace.
+/// A reply in a JSON form ([`ReplyFormat::CallArray`],
+/// [`ReplyFormat::ArgumentsOf`]) is held whole and read at its end.
+#[derive(Debug)]
+pub struct CallSplitter {
+    format: ReplyFormat,
+    /// Text that may still turn out to be a `<tool_call>` tag, or the inside
+    /// of an open call.
+    pending: String,
+    /// Whitespace nothing has followed yet.
+    ws: String,
+    in_call: bool,
+    calls: usize,
+}
+
+impl CallSplitter {
+    pub fn new(format: ReplyFormat) -> CallSplitter {
+        CallSplitter { format, pending: String::new(), ws: String::new(), in_call: false, calls: 0 }
+    }
+
+    /// `text` as a piece, after the whitespace held before it.
+    fn text(&mut self, text: &str) -> Piece {
+        let mut t = std::mem::take(&mut self.ws);
+        t.push_str(text);
+        Piece::Text(t)
+    }
+
+    /// The pieces `text` completes.
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        self.pending.push_str(text);
+        let mut out = Vec::new();
+        if self.format != ReplyFormat::Tagged {
+            return out;
+        }
+        loop {
+            if self.in_call {
+                let Some(end) = self.pending.find(CLOSE) else { break };
+                let inside: String = self.pending.drain(..end + CLOSE.len()).collect();
+                let inside = &inside[..end];
+                self.in_call = false;
+                match parse_call(inside) {
+                    Some(c) => {
+                        self.calls += 1;
+                        out.push(Piece::Call(c));
+                    }
+                    None => out.push(self.text(&format!("{OPEN}{inside}{CLOSE}"))),
+                }
+                continue;
+            }
+            // Text up to the next tag, or all of it but a tail that may
+            // still become the tag.
+            let (upto, opens) = match self.pending.find(OPEN) {
+                Some(start) => (start, true),
+                None => {
+                    let n = self.pending.len();
+                    let keep = (1..OPEN.len().min(n + 1))
+                        .rev()
+                        .find(|&k| self.pending.is_char_boundary(n - k) && OPEN.starts_with(&self.pending[n - k..]))
+                        .unwrap_or(0);
+                    (n - keep, false)
+                }
+            };
+            let head: String = self.pending.drain(..upto).collect();
+            let body = head.trim_end();
+            if !body.is_empty() {
+                let piece = self.text(body);
+                out.push(piece);
+            }
+            self.ws.push_str(&head[body.len()..]);
+            if !opens {
+                break;
+            }
+            self.pending.drain(..OPEN.len());
+            self.in_call = true;
+        }
+        out
+    }
+
+    /// The reply ended: what was held back (an unfinished call is text).
+    pub fn finish(&mut self) -> Vec<Piece> {
+        let mut rest = std::mem::take(&mut self.pending);
+        if self.format != ReplyFormat::Tagged {
+            let r = parse_reply(&self.format, &rest);
+            self.calls = r.calls.len();
+            return r.content.map(Piece::Text).into_iter().chain(r.calls.into_iter().map(Piece::Call)).collect();
+        }
+        if std::mem::take(&mut self.in_call) {
+            rest.insert_str(0, OPEN);
+        }
+        if !rest.trim().is_empty() || (self.calls == 0 && !(self.ws.is_empty() && rest.is_empty())) {
+            return vec![self.text(&rest)];
+        }
+        self.ws.clear();
+        Vec::new()
+    }
+
+    /// Calls passed on so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+}
+
+/// Reads a reply in `format` back into text and calls. A JSON reply that
+/// does not parse (cut short by `max_tokens`) is text.
+pub fn parse_reply(format: &ReplyFormat, reply: &str) -> ParsedReply {
+    let as_text = || {
+        let t = reply.trim();
+        ParsedReply { content: (!t.is_empty()).then(|| t.to_string()), calls: Vec::new() }
+    };
+    match format {
+        ReplyFormat::Tagged => parse_tool_calls(reply),
+        ReplyFormat::CallArray => match serde_json::from_str::<Vec<Value>>(reply.trim()) {
+            Ok(items) => {
+                let calls: Option<Vec<ToolCall>> = items.iter().map(|v| parse_call(&v.to_string())).collect();
+                match calls {
+                    Some(calls) if !calls.is_empty() => ParsedReply { content: None, calls },
+                    _ => as_text(),
+                }
+            }
+            Err(_) => as_text(),
+        },
+        ReplyFormat::ArgumentsOf(name) => match serde_json::from_str::<Value>(reply.trim()) {
+            Ok(args @ Value::Object(_)) => {
+                ParsedReply { content: None, calls: vec![ToolCall { name: name.clone(), arguments: args.to_string() }] }
+            }
+            _ => as_text(),
+        },
+    }
 }
 
 /// Splits a reply into text and calls: every `<tool_call>…</tool_call>`
@@ -121,17 +356,7 @@ pub fn parse_tool_calls(reply: &str) -> ParsedReply {
     while let Some(start) = rest.find(OPEN) {
         let after = &rest[start + OPEN.len()..];
         let Some(end) = after.find(CLOSE) else { break };
-        let inside = after[..end].trim();
-        let call = serde_json::from_str::<Value>(inside).ok().and_then(|v| {
-            let name = v.get("name")?.as_str()?.to_string();
-            let args = v.get("arguments").cloned().unwrap_or_else(|| json!({}));
-            let arguments = match args {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            Some(ToolCall { name, arguments })
-        });
-        match call {
+        match parse_call(&after[..end]) {
             Some(c) => {
                 content.push_str(&rest[..start]);
                 calls.push(c);
@@ -180,18 +405,102 @@ mod tests {
     }
 
     #[test]
+    fn streamed_replies_split_as_whole_ones_do() {
+        let replies = [
+            "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n\
+             <tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"CET\"}}\n</tool_call>",
+            "<tool_call>\n{\"name\": \"f\"}\n</tool_call>",
+            "Plain text with a < sign, <b>tags</b> and <tool_ looking bits.\n",
+            "<tool_call>\nnot json\n</tool_call> and after",
+            "Cut short: <tool_call>\n{\"name\": \"f\", \"argu",
+            "héllo <tool_ca",
+        ];
+        for reply in replies {
+            let whole = parse_tool_calls(reply);
+            // Every way of cutting the reply into two or three pieces.
+            let cuts: Vec<usize> = (0..=reply.len()).filter(|&i| reply.is_char_boundary(i)).collect();
+            for &a in &cuts {
+                for &b in cuts.iter().filter(|&&b| b >= a).step_by(7) {
+                    let mut s = CallSplitter::new(ReplyFormat::Tagged);
+                    let mut pieces = s.push(&reply[..a]);
+                    pieces.extend(s.push(&reply[a..b]));
+                    pieces.extend(s.push(&reply[b..]));
+                    pieces.extend(s.finish());
+                    let mut text = String::new();
+                    let mut calls = Vec::new();
+                    for p in pieces {
+                        match p {
+                            Piece::Text(t) => text.push_str(&t),
+                            Piece::Call(c) => calls.push(c),
+                        }
+                    }
+                    assert_eq!(calls, whole.calls, "{reply:?} cut at {a}, {b}");
+                    let text = text.trim();
+                    assert_eq!(
+                        (!text.is_empty()).then_some(text),
+                        whole.content.as_deref(),
+                        "{reply:?} cut at {a}, {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forced_choices_read_back_as_calls() {
+        let arr = ReplyFormat::CallArray;
+        let r = parse_reply(&arr, r#"[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]"#);
+        assert_eq!(r.content, None);
+        assert_eq!(r.calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["f", "g"]);
+        assert_eq!(r.calls[0].arguments, r#"{"a":1}"#);
+        let named = ReplyFormat::ArgumentsOf("get_time".into());
+        let r = parse_reply(&named, " {\"tz\": \"CET\"}\n");
+        assert_eq!(r.calls, vec![ToolCall { name: "get_time".into(), arguments: r#"{"tz":"CET"}"#.into() }]);
+        // Cut short: text, no calls.
+        for (f, t) in [(&arr, r#"[{"name": "f", "argu"#), (&named, r#"{"tz": "CE"#)] {
+            let r = parse_reply(f, t);
+            assert!(r.calls.is_empty() && r.content.as_deref() == Some(t), "{t}");
+        }
+        // Streamed: held whole, the same at the end.
+        let mut s = CallSplitter::new(named.clone());
+        assert!(s.push("{\"tz\"").is_empty() && s.push(": \"UTC\"}").is_empty());
+        assert_eq!(
+            s.finish(),
+            vec![Piece::Call(ToolCall { name: "get_time".into(), arguments: r#"{"tz":"UTC"}"#.into() })]
+        );
+        assert_eq!(s.calls(), 1);
+    }
+
+    #[test]
     fn grammars_name_the_functions_and_bad_tools_are_errors() {
         let tools = vec![
             json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}),
             json!({"type": "function", "function": {"name": "get_time"}}),
         ];
-        let ConstraintSpec::Grammar(g) = call_grammar(&tools, Some("get_time"), false).unwrap() else { panic!() };
-        assert!(g.contains("\"get_time\"") && !g.contains("get_weather") && g.starts_with("start: call\n"), "{g}");
-        let ConstraintSpec::Grammar(g) = call_grammar(&tools, None, true).unwrap() else { panic!() };
-        assert!(g.contains("anyOf") && g.contains("get_weather") && g.contains("(call \"\\n\")* call"), "{g}");
-        assert!(call_grammar(&tools, Some("nope"), false).unwrap_err().contains("nope"));
-        assert!(call_grammar(&[json!({"type": "function"})], None, false).unwrap_err().contains("tools[0].function"));
-        assert!(call_grammar(&[], None, false).is_err());
+        let c = |choice: &ToolChoice, parallel| choice_constraint(&tools, choice, parallel);
+        // A named function: its parameters alone.
+        let Some(ConstraintSpec::JsonSchema(s)) = c(&ToolChoice::Function("get_weather".into()), true).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s, tools[0]["function"]["parameters"]);
+        let Some(ConstraintSpec::JsonSchema(s)) = c(&ToolChoice::Function("get_time".into()), true).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s, json!({"type": "object"}), "no parameters: any object");
+        // Required: an array of calls of any function, one without parallel calls.
+        let Some(ConstraintSpec::JsonSchema(s)) = c(&ToolChoice::Required, false).unwrap() else { panic!() };
+        assert_eq!((s["minItems"].clone(), s["maxItems"].clone()), (json!(1), json!(1)));
+        assert_eq!(s["items"]["anyOf"][1]["properties"]["name"], json!({"const": "get_time"}));
+        let Some(ConstraintSpec::JsonSchema(s)) = c(&ToolChoice::Required, true).unwrap() else { panic!() };
+        assert!(s.get("maxItems").is_none());
+        let Some(ConstraintSpec::Grammar(g)) = c(&ToolChoice::Auto, true).unwrap() else { panic!() };
+        assert!(g.contains("anyOf") && g.contains("get_weather") && g.contains("lead[suffix="), "{g}");
+        assert_eq!(c(&ToolChoice::None, true).unwrap(), None);
+        assert!(c(&ToolChoice::Function("nope".into()), false).unwrap_err().contains("nope"));
+        assert!(choice_constraint(&[json!({"type": "function"})], &ToolChoice::Required, false)
+            .unwrap_err()
+            .contains("tools[0].function"));
+        assert!(choice_constraint(&[], &ToolChoice::Auto, false).is_err());
     }
 
     #[test]

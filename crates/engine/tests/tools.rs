@@ -1,8 +1,9 @@
 //! Tool calls on the real models: Qwen2.5's chat template renders the tools,
 //! an assistant turn's calls and the tools' answers; a model whose template
-//! has no tools section gets them in its system message; a call constrained
-//! by `tools::call_grammar` parses into the named function with arguments
-//! valid against its schema (Qwen2.5-Coder-0.5B, held-out requests).
+//! has no tools section gets them in its system message; a forced call
+//! (`required`, a named function) parses into the right function with
+//! arguments valid against its schema (Qwen2.5-Coder-0.5B, held-out
+//! requests); `auto` lets text through and constrains a call once it opens.
 
 mod common;
 
@@ -10,7 +11,7 @@ use minnow_engine::chat::ChatMessage;
 use minnow_engine::generate::{generate, GenerateParams};
 use minnow_engine::loader::LoadedModel;
 use minnow_engine::sampler::SamplingParams;
-use minnow_engine::tools::{call_grammar, parse_tool_calls};
+use minnow_engine::tools::{choice_constraint, parse_reply, ToolChoice};
 use minnow_kernels::pool::ThreadPool;
 use serde_json::{json, Value};
 
@@ -70,7 +71,11 @@ fn constrained_calls_parse_and_fit_the_schema() {
     ];
     for (question, only, want) in cases {
         let ids = m.chat_prompt_with_tools(&[ChatMessage::new("user", question)], Some(&tools())).unwrap();
-        let spec = call_grammar(&tools(), only, false).unwrap();
+        let choice = match only {
+            Some(f) => ToolChoice::Function(f.into()),
+            None => ToolChoice::Required,
+        };
+        let spec = choice_constraint(&tools(), &choice, false).unwrap().unwrap();
         let params = GenerateParams {
             max_tokens: 120,
             sampling: SamplingParams::greedy(),
@@ -78,7 +83,7 @@ fn constrained_calls_parse_and_fit_the_schema() {
             ..GenerateParams::default()
         };
         let g = generate(&m.model, &m.tokenizer, &pool, &mut m.model.new_cache(2048), &ids, &params, |_| {}).unwrap();
-        let reply = parse_tool_calls(&g.text);
+        let reply = parse_reply(&choice.reply_format().unwrap(), &g.text);
         assert_eq!(reply.calls.len(), 1, "{question}: {:?}", g.text);
         assert_eq!(reply.content, None, "{question}: {:?}", g.text);
         let call = &reply.calls[0];
@@ -99,5 +104,51 @@ fn constrained_calls_parse_and_fit_the_schema() {
                 assert!(options.contains(&args[k]), "{question}: {k} = {} is not one of {options:?}", args[k]);
             }
         }
+    }
+}
+
+/// `tool_choice: "auto"`: text is free and may end, but once the reply
+/// reaches `<tool_call>` the rest must be a valid call — for a vocabulary
+/// where the tag is one token (Qwen2.5) and one where it is several
+/// (SmolLM2).
+#[test]
+fn auto_lets_text_through_and_constrains_calls_once_they_open() {
+    for name in ["qwen2.5-coder-0.5b-instruct-q4_k_m", "smollm2-135m-instruct-q4_1"] {
+        let m = load(name);
+        let tok = &m.tokenizer;
+        let eos = tok.eos_id().unwrap();
+        let spec = minnow_engine::tools::auto_grammar(&tools(), true).unwrap();
+        let c = m.compile_constraint(&spec).unwrap();
+        let encode = |s: &str| tok.encode(s, false, true).unwrap();
+
+        // Plain text (held-out wording, angle brackets and braces included) may end.
+        let mut text = encode("It is 3 < 4 and {x} is <b>bold</b>; call_tool isn't needed.");
+        text.push(eos);
+        assert_eq!(c.start().allowed_prefix(&text), text.len(), "{name}: free text is allowed and may end");
+
+        // Text, then the tag: the call's opening is forced, a bad body refused.
+        let lead = encode("Let me look that up.\n<tool_call>");
+        let mut mask = c.start();
+        assert_eq!(mask.allowed_prefix(&lead), lead.len(), "{name}");
+        for &t in &lead {
+            mask.consume(t);
+        }
+        // The newline after the tag is the only way on.
+        let forced = tok.decode(&mask.forced_tokens());
+        assert!(forced.starts_with('\n'), "{name}: forced {forced:?}");
+        assert!(mask.clone().allowed_prefix(&encode("\nhello")) < encode("\nhello").len(), "{name}");
+        assert_eq!(mask.clone().allowed_prefix(&[eos]), 0, "{name}: an open call cannot end");
+
+        // A whole valid call, then a second one, then the end.
+        let rest = encode(
+            "\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lyon\", \"unit\": \"celsius\"}}\n</tool_call>\n\
+             <tool_call>\n{\"name\": \"convert_currency\", \"arguments\": {\"amount\": 3, \"from\": \"EUR\", \"to\": \"JPY\"}}\n</tool_call>",
+        );
+        let mut all = rest.clone();
+        all.push(eos);
+        assert_eq!(mask.clone().allowed_prefix(&all), all.len(), "{name}: {:?}", tok.decode(&rest));
+        // Arguments against the schema: an unknown unit is refused.
+        let bad = encode("\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lyon\", \"unit\": \"kelvin\"}}");
+        assert!(mask.clone().allowed_prefix(&bad) < bad.len(), "{name}");
     }
 }

@@ -103,12 +103,22 @@ pub async fn chat_completions(
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_chat(&obj)?;
         check_model(&state, &obj)?;
+        let mut opts = req.opts;
+        // `tool_choice: "none"`: the tools are not offered at all.
+        let offered = req.tools.filter(|t| t.choice != params::ToolChoice::None);
+        if let Some(t) = &offered {
+            let spec = minnow_engine::tools::choice_constraint(&t.tools, &t.choice, t.parallel)
+                .map_err(|e| ApiError::invalid("tools", e).with_code("invalid_value"))?;
+            opts.constraint = spec.map(|s| (s, "tools"));
+        }
+        let format = offered.as_ref().and_then(|t| t.choice.reply_format());
+        let tools = offered.map(|t| t.tools);
         let model = state.model().clone();
         let messages = req.messages;
-        let prompt = blocking(move || model.chat_prompt(&messages))
+        let prompt = blocking(move || model.chat_prompt_with_tools(&messages, tools.as_deref()))
             .await?
             .map_err(|e| ApiError::invalid("messages", format!("the chat template failed on these messages: {e:#}")))?;
-        generate(&state, &log, Endpoint::Chat, prompt, req.opts).await
+        generate(&state, &log, Endpoint::Chat, prompt, opts, format).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -140,7 +150,7 @@ pub async fn completions(
                     .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?
             }
         };
-        generate(&state, &log, Endpoint::Completion, prompt, req.opts).await
+        generate(&state, &log, Endpoint::Completion, prompt, req.opts, None).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -174,13 +184,15 @@ fn context_overflow(endpoint: Endpoint, prompt: usize, max_tokens: usize, ctx: u
     .with_code("context_length_exceeded")
 }
 
-/// Submits and answers: an SSE stream or one JSON object.
+/// Submits and answers: an SSE stream or one JSON object. `tools`: the
+/// form calls take in the reply, when tools were offered.
 async fn generate(
     state: &Arc<AppState>,
     log: &Arc<RequestLog>,
     endpoint: Endpoint,
     prompt: Vec<u32>,
     opts: GenOptions,
+    tools: Option<minnow_engine::tools::ReplyFormat>,
 ) -> Result<Response> {
     let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
     if prompt.is_empty() {
@@ -259,6 +271,7 @@ async fn generate(
         model: state.opts.model_id.clone(),
         logprobs: opts.logprobs.is_some(),
         include_usage: opts.include_usage,
+        tools,
     };
     if opts.stream {
         let body = SseBody::new(rx, shape, state.clone(), guard, log.clone(), opts.n);

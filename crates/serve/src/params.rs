@@ -39,14 +39,24 @@
 //! one of the two per request; `logit_bias` as OpenAI's (token id strings →
 //! −100..=100). The handlers compile the constraint against the model.
 //!
+//! Tool calling (chat only): `tools` (function tools, at most 128, names as
+//! OpenAI allows them), `tool_choice` (`none` | `auto` (the default) |
+//! `required` | `{"type": "function", "function": {"name"}}`),
+//! `parallel_tool_calls` (default true); assistant turns with `tool_calls`
+//! (their `arguments` JSON strings, parsed for the template) and `tool`
+//! turns with `tool_call_id`. A response format together with tools is
+//! refused unless `tool_choice` is `none`.
+//!
 //! Unsupported features that would change the output if silently ignored
-//! (`tools`, `echo`, `suffix`, `best_of` > 1, image or audio content) are a
-//! 400 naming the parameter, rather than a quietly different answer.
+//! (the legacy `functions`, `echo`, `suffix`, `best_of` > 1, image or audio
+//! content) are a 400 naming the parameter, rather than a quietly
+//! different answer.
 
 use crate::error::ApiError;
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::constraint::ConstraintSpec;
 use minnow_engine::sampler::SamplingParams;
+pub use minnow_engine::tools::ToolChoice;
 use serde_json::{Map, Value};
 
 /// Upper bound of `n`: each choice is a sequence in the batch.
@@ -82,7 +92,22 @@ pub struct GenOptions {
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub opts: GenOptions,
+    /// `tools` with `tool_choice` and `parallel_tool_calls`; `None` without tools.
+    pub tools: Option<ToolRequest>,
 }
+
+/// The tools a chat request offers and how the model may use them.
+#[derive(Debug, Clone)]
+pub struct ToolRequest {
+    /// OpenAI's function tools, checked (`{"type": "function", "function": {…}}`).
+    pub tools: Vec<Value>,
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls` (default true): more than one call per reply.
+    pub parallel: bool,
+}
+
+/// At most this many tools per request (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
 
 /// A completion's prompt: text to tokenize, or token ids as given.
 #[derive(Debug, Clone)]
@@ -314,13 +339,8 @@ fn parse_common(obj: &Map<String, Value>, chat: bool) -> Result<GenOptions, ApiE
         }
     }
     let logit_bias = parse_logit_bias(obj)?;
-    match field(obj, "tools") {
-        None => {}
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(_) => return Err(unsupported("tools", "tool calling")),
-    }
-    if field(obj, "functions").is_some() {
-        return Err(unsupported("functions", "function calling"));
+    if field(obj, "functions").is_some() || field(obj, "function_call").is_some() {
+        return Err(unsupported("functions", "the legacy `functions` API (use `tools`)"));
     }
     let constraint = parse_constraint(obj)?;
 
@@ -368,11 +388,12 @@ pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            "tool" | "function" => return Err(unsupported(&format!("{p}.role"), "tool messages")),
+            "tool" => "tool",
+            "function" => return Err(unsupported(&format!("{p}.role"), "the legacy `function` role (use `tool`)")),
             other => {
                 return Err(out_of_range(
                     &format!("{p}.role"),
-                    format!("`{p}.role` must be system, developer, user or assistant, not {other:?}"),
+                    format!("`{p}.role` must be system, developer, user, assistant or tool, not {other:?}"),
                 ))
             }
         };
@@ -410,9 +431,190 @@ pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
             }
             Some(v) => return Err(wrong_type(&format!("{p}.content"), "a string or an array of content parts", v)),
         };
-        messages.push(ChatMessage::new(role, content));
+        let mut msg = ChatMessage::new(role, content);
+        if role == "tool" {
+            msg.tool_call_id = match m.get("tool_call_id") {
+                Some(Value::String(id)) => Some(id.clone()),
+                None | Some(Value::Null) => {
+                    return Err(ApiError::invalid(
+                        format!("{p}.tool_call_id"),
+                        format!("`{p}.tool_call_id` is required: the id of the call this message answers"),
+                    )
+                    .with_code("missing_parameter"))
+                }
+                Some(v) => return Err(wrong_type(&format!("{p}.tool_call_id"), "a string", v)),
+            };
+        }
+        if role == "assistant" {
+            msg.tool_calls = parse_assistant_calls(m, &p)?;
+        }
+        messages.push(msg);
     }
-    Ok(ChatRequest { messages, opts: parse_common(obj, true)? })
+    let opts = parse_common(obj, true)?;
+    let tools = parse_tools(obj)?;
+    if let (Some(t), Some((_, param))) = (&tools, &opts.constraint) {
+        if t.choice != ToolChoice::None {
+            return Err(unsupported(
+                param,
+                "a response format together with tools (set `tool_choice` to \"none\" or drop one)",
+            ));
+        }
+    }
+    Ok(ChatRequest { messages, opts, tools })
+}
+
+/// An assistant turn's `tool_calls` (OpenAI's shape, the arguments a JSON
+/// string) → the shape chat templates read (the arguments an object).
+fn parse_assistant_calls(m: &Map<String, Value>, p: &str) -> Result<Option<Value>, ApiError> {
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(wrong_type(&format!("{p}.tool_calls"), "an array", v)),
+    };
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, c) in calls.iter().enumerate() {
+        let cp = format!("{p}.tool_calls[{j}]");
+        let Value::Object(c) = c else { return Err(wrong_type(&cp, "an object", c)) };
+        match c.get("type").and_then(Value::as_str) {
+            None | Some("function") => {}
+            Some(other) => return Err(unsupported(&format!("{cp}.type"), &format!("tool calls of type `{other}`"))),
+        }
+        let f = match c.get("function") {
+            Some(Value::Object(f)) => f,
+            v => return Err(wrong_type(&format!("{cp}.function"), "an object", v.unwrap_or(&Value::Null))),
+        };
+        let name = match f.get("name") {
+            Some(Value::String(n)) => n.clone(),
+            v => return Err(wrong_type(&format!("{cp}.function.name"), "a string", v.unwrap_or(&Value::Null))),
+        };
+        let arguments = match f.get("arguments") {
+            None | Some(Value::Null) => Value::Object(Map::new()),
+            Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
+                ApiError::invalid(
+                    format!("{cp}.function.arguments"),
+                    format!("`{cp}.function.arguments` is not a JSON text: {e}"),
+                )
+                .with_code("invalid_value")
+            })?,
+            // Some clients send the object itself.
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(v) => return Err(wrong_type(&format!("{cp}.function.arguments"), "a JSON string", v)),
+        };
+        let mut call = serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}});
+        if let Some(Value::String(id)) = c.get("id") {
+            call["id"] = Value::String(id.clone());
+        }
+        out.push(call);
+    }
+    Ok((!out.is_empty()).then_some(Value::Array(out)))
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`, checked; `None` when
+/// no tools are offered.
+fn parse_tools(obj: &Map<String, Value>) -> Result<Option<ToolRequest>, ApiError> {
+    let list = match field(obj, "tools") {
+        None => None,
+        Some(Value::Array(a)) if a.is_empty() => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(v) => return Err(wrong_type("tools", "an array of tools", v)),
+    };
+    let parallel = opt_bool(obj, "parallel_tool_calls")?.unwrap_or(true);
+    let Some(list) = list else {
+        // "none" and "auto" mean the same as no choice when nothing is offered.
+        return match field(obj, "tool_choice") {
+            None => Ok(None),
+            Some(Value::String(s)) if s == "none" || s == "auto" => Ok(None),
+            Some(_) => Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`: there is nothing to call")
+                .with_code("invalid_value")),
+        };
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(out_of_range("tools", format!("at most {MAX_TOOLS} tools, got {}", list.len())));
+    }
+    let mut tools = Vec::with_capacity(list.len());
+    let mut names: Vec<&str> = Vec::new();
+    for (i, t) in list.iter().enumerate() {
+        let p = format!("tools[{i}]");
+        let Value::Object(t) = t else { return Err(wrong_type(&p, "an object", t)) };
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") => {}
+            Some(other) => return Err(unsupported(&format!("{p}.type"), &format!("tools of type `{other}`"))),
+            None => {
+                return Err(wrong_type(
+                    &format!("{p}.type"),
+                    "the string \"function\"",
+                    t.get("type").unwrap_or(&Value::Null),
+                ))
+            }
+        }
+        let f = match t.get("function") {
+            Some(Value::Object(f)) => f,
+            v => return Err(wrong_type(&format!("{p}.function"), "an object", v.unwrap_or(&Value::Null))),
+        };
+        let name = match f.get("name") {
+            Some(Value::String(n)) => n.as_str(),
+            v => return Err(wrong_type(&format!("{p}.function.name"), "a string", v.unwrap_or(&Value::Null))),
+        };
+        // OpenAI's rule: letters, digits, underscores and dashes, at most 64.
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(out_of_range(
+                &format!("{p}.function.name"),
+                format!("a function name is 1 to 64 letters, digits, underscores or dashes, not {name:?}"),
+            ));
+        }
+        if names.contains(&name) {
+            return Err(out_of_range(&format!("{p}.function.name"), format!("two tools are named {name:?}")));
+        }
+        names.push(name);
+        if let Some(d) = f.get("description").filter(|d| !d.is_null() && !d.is_string()) {
+            return Err(wrong_type(&format!("{p}.function.description"), "a string", d));
+        }
+        match f.get("parameters") {
+            None | Some(Value::Null) | Some(Value::Object(_)) => {}
+            Some(v) => return Err(wrong_type(&format!("{p}.function.parameters"), "a JSON Schema object", v)),
+        }
+        let mut clean = Map::new();
+        clean.insert("type".into(), Value::String("function".into()));
+        let mut fc = f.clone();
+        fc.retain(|k, v| matches!(k.as_str(), "name" | "description" | "parameters") && !v.is_null());
+        clean.insert("function".into(), Value::Object(fc));
+        tools.push(Value::Object(clean));
+    }
+    let choice = match field(obj, "tool_choice") {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(out_of_range(
+                    "tool_choice",
+                    format!("`tool_choice` must be none, auto, required or a function, not {other:?}"),
+                ))
+            }
+        },
+        Some(Value::Object(c)) => {
+            let name = c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| {
+                ApiError::invalid(
+                    "tool_choice.function.name",
+                    "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": …}}",
+                )
+                .with_code("missing_parameter")
+            })?;
+            if !names.contains(&name) {
+                return Err(out_of_range(
+                    "tool_choice.function.name",
+                    format!("no tool is named {name:?}; the tools are {}", names.join(", ")),
+                ));
+            }
+            ToolChoice::Function(name.to_string())
+        }
+        Some(v) => return Err(wrong_type("tool_choice", "a string or an object", v)),
+    };
+    Ok(Some(ToolRequest { tools, choice, parallel }))
 }
 
 /// `POST /v1/completions`.
@@ -428,6 +630,9 @@ pub fn parse_completion(obj: &Map<String, Value>) -> Result<CompletionRequest, A
     }
     if opt_str(obj, "suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(unsupported("suffix", "`suffix` (fill-in-the-middle)"));
+    }
+    if field(obj, "tools").is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(unsupported("tools", "tool calling on /v1/completions (use /v1/chat/completions)"));
     }
     Ok(CompletionRequest { prompt, opts: parse_common(obj, false)? })
 }
@@ -668,6 +873,99 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
         let e = chat_err(json!({"messages": "hi"}));
         assert_eq!(e.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn tools_choices_and_tool_turns_parse() {
+        let weather = json!({"type": "function", "function": {"name": "get_weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": true}});
+        let history = json!([
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_9", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_9", "content": "-3 C"},
+        ]);
+        let r = parse_chat(&obj(json!({"messages": history, "tools": [weather.clone()]}))).unwrap();
+        let t = r.tools.unwrap();
+        assert_eq!((t.choice, t.parallel, t.tools.len()), (ToolChoice::Auto, true, 1));
+        assert!(t.tools[0]["function"].get("strict").is_none(), "only name, description, parameters are kept");
+        // The call's arguments reach the template as an object.
+        assert_eq!(r.messages[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"], json!({"city": "Oslo"}));
+        assert_eq!(r.messages[2].role, "tool");
+        assert_eq!(r.messages[2].tool_call_id.as_deref(), Some("call_9"));
+        for (choice, want) in [
+            (json!("none"), ToolChoice::None),
+            (json!("required"), ToolChoice::Required),
+            (
+                json!({"type": "function", "function": {"name": "get_weather"}}),
+                ToolChoice::Function("get_weather".into()),
+            ),
+        ] {
+            let r =
+                parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "tools": [weather.clone()],
+                "tool_choice": choice, "parallel_tool_calls": false})))
+                .unwrap();
+            let t = r.tools.unwrap();
+            assert_eq!((t.choice, t.parallel), (want, false));
+        }
+        // No tools: none and auto are fine, anything else names tool_choice.
+        let r =
+            parse_chat(&obj(json!({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}))).unwrap();
+        assert!(r.tools.is_none());
+
+        let user = json!([{"role": "user", "content": "hi"}]);
+        for (body, param) in [
+            (json!({"messages": user, "tool_choice": "required"}), "tool_choice"),
+            (json!({"messages": user, "tools": [weather], "tool_choice": "sometimes"}), "tool_choice"),
+            (
+                json!({"messages": user, "tools": [weather], "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+                "tool_choice.function.name",
+            ),
+            (
+                json!({"messages": user, "tools": [weather], "tool_choice": {"type": "function"}}),
+                "tool_choice.function.name",
+            ),
+            (json!({"messages": user, "tools": {"a": 1}}), "tools"),
+            (json!({"messages": user, "tools": [{"type": "code_interpreter"}]}), "tools[0].type"),
+            (json!({"messages": user, "tools": [{"type": "function"}]}), "tools[0].function"),
+            (
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "has space"}}]}),
+                "tools[0].function.name",
+            ),
+            (json!({"messages": user, "tools": [weather, weather]}), "tools[1].function.name"),
+            (
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}),
+                "tools[0].function.parameters",
+            ),
+            (json!({"messages": user, "tools": [weather], "parallel_tool_calls": "yes"}), "parallel_tool_calls"),
+            (
+                json!({"messages": user, "tools": [weather], "response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (json!({"messages": user, "functions": [{"name": "f"}]}), "functions"),
+            (json!({"messages": [{"role": "tool", "content": "42"}]}), "messages[0].tool_call_id"),
+            (json!({"messages": [{"role": "function", "content": "42"}]}), "messages[0].role"),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (json!({"messages": [{"role": "assistant", "tool_calls": "f"}]}), "messages[0].tool_calls"),
+        ] {
+            let e = chat_err(body.clone());
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+        let many: Vec<Value> =
+            (0..=MAX_TOOLS).map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}})).collect();
+        assert_eq!(chat_err(json!({"messages": user, "tools": many})).param.as_deref(), Some("tools"));
+        // Completions have no tools.
+        let e = parse_completion(&obj(json!({"prompt": "hi", "tools": [weather]}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools"));
+        // With tool_choice none a response format is fine.
+        let r = parse_chat(&obj(json!({"messages": user, "tools": [weather], "tool_choice": "none",
+            "response_format": {"type": "json_object"}})))
+        .unwrap();
+        assert!(r.opts.constraint.is_some());
     }
 
     #[test]

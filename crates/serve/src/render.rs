@@ -5,10 +5,17 @@
 //! layout (chat: `logprobs.content[{token, logprob, bytes, top_logprobs}]`;
 //! completions: parallel arrays `tokens`, `token_logprobs`, `top_logprobs`,
 //! `text_offset`). Everything else is shared here.
+//!
+//! With tools offered, a chat reply is split into its text and its calls
+//! (`minnow_engine::tools`): `message.tool_calls` (`content` null when the
+//! reply is only calls) and `finish_reason: "tool_calls"`; a stream sends
+//! each call as OpenAI does, a `delta.tool_calls` chunk with its id, type and
+//! name, then one with its arguments.
 
 use minnow_engine::generate::FinishReason;
 use minnow_engine::scheduler::{TokenLogprob, Usage};
 use minnow_engine::tokenizer::Tokenizer;
+use minnow_engine::tools::{parse_reply, ReplyFormat, ToolCall};
 use serde_json::{json, Map, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +35,9 @@ pub struct Shape {
     /// Every streamed chunk carries `"usage": null` when usage was asked for,
     /// as OpenAI's do.
     pub include_usage: bool,
+    /// Tools were offered: replies are read back into content and
+    /// `tool_calls`, in the form their `tool_choice` gives them.
+    pub tools: Option<ReplyFormat>,
 }
 
 pub const FINGERPRINT: &str = concat!("minnow-", env!("CARGO_PKG_VERSION"));
@@ -38,6 +48,15 @@ pub struct Choice {
     pub text: String,
     pub finish: Option<FinishReason>,
     pub logprobs: Vec<TokenLogprob>,
+}
+
+/// OpenAI's finish reason: a reply that ended on its own after calling
+/// tools finished with `tool_calls`.
+pub fn finish_reason(finish: FinishReason, made_calls: bool) -> &'static str {
+    match finish {
+        FinishReason::Stop if made_calls => "tool_calls",
+        f => f.as_str(),
+    }
 }
 
 pub fn usage_json(u: &Usage) -> Value {
@@ -145,15 +164,42 @@ impl Shape {
         self.envelope(true, vec![choice])
     }
 
-    /// The last chunk of choice `index`, carrying its finish reason.
-    pub fn finish_chunk(&self, index: usize, finish: FinishReason) -> Value {
+    /// The last chunk of choice `index`, carrying its finish reason
+    /// (`finish_reason(…)`).
+    pub fn finish_chunk(&self, index: usize, finish: &str) -> Value {
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish.as_str()}),
-            Endpoint::Completion => {
-                json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish.as_str()})
-            }
+            Endpoint::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}),
+            Endpoint::Completion => json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish}),
         };
         self.envelope(true, vec![choice])
+    }
+
+    /// The id of call `k` of choice `index`: unique per response (the
+    /// response id is), `call_` and 24 hex digits as OpenAI's look.
+    pub fn call_id(&self, index: usize, k: usize) -> String {
+        let hash = |salt: u64| {
+            // FNV-1a over the response id, the choice, the call and a salt.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
+            for b in self.id.bytes().chain(index.to_le_bytes()).chain(k.to_le_bytes()) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        };
+        format!("call_{:016x}{:08x}", hash(1), hash(2) as u32)
+    }
+
+    /// The two chunks of streamed call `k` of choice `index`: its id, type
+    /// and name (arguments empty), then its arguments.
+    pub fn tool_call_chunks(&self, index: usize, k: usize, call: &ToolCall) -> [Value; 2] {
+        let head = json!({"index": k, "id": self.call_id(index, k), "type": "function",
+            "function": {"name": call.name, "arguments": ""}});
+        let args = json!({"index": k, "function": {"arguments": call.arguments}});
+        [head, args].map(|c| {
+            self.envelope(
+                true,
+                vec![json!({"index": index, "delta": {"tool_calls": [c]}, "logprobs": null, "finish_reason": null})],
+            )
+        })
     }
 
     /// The extra chunk `stream_options.include_usage` asks for: no choices.
@@ -176,6 +222,33 @@ impl Shape {
                     (true, Endpoint::Completion) => completion_logprobs(tok, &c.logprobs, 0),
                 };
                 match self.endpoint {
+                    Endpoint::Chat if self.tools.is_some() => {
+                        let reply = parse_reply(self.tools.as_ref().expect("tools"), &c.text);
+                        if reply.calls.is_empty() {
+                            json!({
+                                "index": i,
+                                "message": {"role": "assistant", "content": c.text, "refusal": null},
+                                "logprobs": logprobs,
+                                "finish_reason": finish,
+                            })
+                        } else {
+                            let calls: Vec<Value> = reply
+                                .calls
+                                .iter()
+                                .enumerate()
+                                .map(|(k, call)| {
+                                    json!({"id": self.call_id(i, k), "type": "function",
+                                        "function": {"name": call.name, "arguments": call.arguments}})
+                                })
+                                .collect();
+                            json!({
+                                "index": i,
+                                "message": {"role": "assistant", "content": reply.content, "refusal": null, "tool_calls": calls},
+                                "logprobs": logprobs,
+                                "finish_reason": finish_reason(c.finish.unwrap_or(FinishReason::Length), true),
+                            })
+                        }
+                    }
                     Endpoint::Chat => json!({
                         "index": i,
                         "message": {"role": "assistant", "content": c.text, "refusal": null},

@@ -15,6 +15,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use minnow_engine::scheduler::{GenEvent, Scheduler, TokenLogprob};
+use minnow_engine::tools::{CallSplitter, Piece};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -92,6 +93,10 @@ pub struct SseBody {
     pub offsets: Vec<usize>,
     pub queued: VecDeque<Bytes>,
     pub finished: bool,
+    /// With tools offered, each choice's text split into content and calls.
+    pub splitters: Vec<CallSplitter>,
+    /// Calls streamed so far per choice (the next call's `index`).
+    pub calls_sent: Vec<usize>,
 }
 
 fn data_line(v: &Value) -> Bytes {
@@ -115,7 +120,57 @@ impl SseBody {
                 queued.push_back(data_line(&c));
             }
         }
-        SseBody { rx, shape, state, guard, log, n, offsets: vec![0; n], queued, finished: false }
+        let splitters = match &shape.tools {
+            Some(f) => (0..n).map(|_| CallSplitter::new(f.clone())).collect(),
+            None => Vec::new(),
+        };
+        SseBody {
+            rx,
+            shape,
+            state,
+            guard,
+            log,
+            n,
+            offsets: vec![0; n],
+            queued,
+            finished: false,
+            splitters,
+            calls_sent: vec![0; n],
+        }
+    }
+
+    /// New text of choice `index`; with tools, what of it is content goes
+    /// out as text and each completed call as its chunks. `end`: the
+    /// choice's last text.
+    fn reply_text(&mut self, index: usize, text: &str, lps: &[TokenLogprob], end: bool) {
+        if index >= self.n {
+            return;
+        }
+        let Some(split) = self.splitters.get_mut(index) else {
+            return self.text(index, text, lps);
+        };
+        let mut pieces = split.push(text);
+        if end {
+            pieces.extend(split.finish());
+        }
+        let mut lps = lps;
+        for p in pieces {
+            match p {
+                Piece::Text(t) => {
+                    self.text(index, &t, lps);
+                    lps = &[];
+                }
+                Piece::Call(c) => {
+                    let k = self.calls_sent[index];
+                    self.calls_sent[index] += 1;
+                    for chunk in self.shape.tool_call_chunks(index, k, &c) {
+                        self.queued.push_back(data_line(&chunk));
+                    }
+                }
+            }
+        }
+        // Logprobs of tokens whose text is held back (or is a call) still go out.
+        self.text(index, "", lps);
     }
 
     fn text(&mut self, index: usize, text: &str, lps: &[TokenLogprob]) {
@@ -141,12 +196,13 @@ impl SseBody {
                 self.log.update(|d| d.completion_tokens += 1);
                 let lps: Vec<TokenLogprob> =
                     if self.shape.logprobs { logprob.into_iter().collect() } else { Vec::new() };
-                self.text(index, &text, &lps);
+                self.reply_text(index, &text, &lps, false);
             }
             GenEvent::Done { index, finish, text_tail } => {
-                self.text(index, &text_tail, &[]);
+                self.reply_text(index, &text_tail, &[], true);
                 if index < self.n {
-                    let c = self.shape.finish_chunk(index, finish);
+                    let calls = self.calls_sent[index] > 0;
+                    let c = self.shape.finish_chunk(index, crate::render::finish_reason(finish, calls));
                     self.queued.push_back(data_line(&c));
                 }
             }

@@ -35,6 +35,8 @@ const PARAMS: &[&str] = &[
     "logit_bias",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
+    "function_call",
     "response_format",
     "structured_outputs",
     "echo",
@@ -71,8 +73,19 @@ fn json_leaf() -> impl Strategy<Value = Value> {
         any::<f64>().prop_filter("JSON has no NaN or infinity", |f| f.is_finite()).prop_map(Value::from),
         (-3.0f64..3.0).prop_map(Value::from),
         ".{0,12}".prop_map(Value::String),
-        prop::sample::select(vec!["user", "assistant", "system", "tool", "developer", "text", "json_object", "auto"])
-            .prop_map(|s| Value::String(s.to_string())),
+        prop::sample::select(vec![
+            "user",
+            "assistant",
+            "system",
+            "tool",
+            "developer",
+            "text",
+            "json_object",
+            "auto",
+            "required",
+            "function",
+        ])
+        .prop_map(|s| Value::String(s.to_string())),
     ]
 }
 
@@ -81,7 +94,23 @@ fn json_value() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::vec(
-                (prop::sample::select(vec!["role", "content", "type", "text", "include_usage", "name", "x"]), inner),
+                (
+                    prop::sample::select(vec![
+                        "role",
+                        "content",
+                        "type",
+                        "text",
+                        "include_usage",
+                        "name",
+                        "function",
+                        "parameters",
+                        "arguments",
+                        "tool_calls",
+                        "tool_call_id",
+                        "x",
+                    ]),
+                    inner
+                ),
                 0..5
             )
             .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
