@@ -72,7 +72,17 @@ def score(reply, gold):
     return right, right == len(gold), True
 
 
-def run(port, cases, clients, schema):
+def constrain(body, mode, schema):
+    """The request body for `mode`: free, schema (response_format json_schema),
+    or compact (vLLM's structured_outputs json with disable_any_whitespace)."""
+    if mode == "schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema, "strict": True}}
+    elif mode == "compact":
+        body["structured_outputs"] = {"json": schema, "disable_any_whitespace": True}
+    return body
+
+
+def run(port, cases, clients, schema, mode):
     results = [None] * len(cases)
     nxt = [0]
     lock = threading.Lock()
@@ -86,10 +96,7 @@ def run(port, cases, clients, schema):
                 return
             body = {"messages": [{"role": "user", "content": cases[i]["prompt"]}], "temperature": 0,
                     "max_tokens": 200}
-            if schema is not None:
-                body["response_format"] = {"type": "json_schema",
-                                           "json_schema": {"name": "order", "schema": schema, "strict": True}}
-            r = post(port, "/v1/chat/completions", body)
+            r = post(port, "/v1/chat/completions", constrain(body, mode, schema))
             results[i] = (r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"])
 
     m0 = metrics(port)
@@ -124,12 +131,16 @@ def main():
     ap.add_argument("--cases", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minnow-bin", default=os.path.join(REPO, "target/release/minnow"))
+    ap.add_argument("--modes", default="free,schema,compact")
+    ap.add_argument("--serve-arg", action="append", default=[], help="more `minnow serve` arguments (repeatable)")
     args = ap.parse_args()
     cases = [json.loads(l) for l in open(os.path.join(TASK, "dev.jsonl")) if l.strip()][: args.cases]
     schema = json.load(open(os.path.join(TASK, "schema.json")))
     port = free_port()
+    # No prefix cache: each mode's prompts are prefilled, not reused from the
+    # mode run before it.
     proc = subprocess.Popen([args.minnow_bin, "serve", args.model, "--port", str(port), "--parallel", "16",
-                             "--threads", str(args.threads), "--ctx", "1024"],
+                             "--threads", str(args.threads), "--ctx", "1024", "--prefix-cache-mb", "0"] + args.serve_arg,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
@@ -140,19 +151,21 @@ def main():
                 if proc.poll() is not None:
                     sys.exit("minnow serve exited")
                 time.sleep(0.5)
-        run(port, cases[:2], 1, schema)  # warm up (and compile the vocabulary's trie)
+        run(port, cases[:2], 1, schema, "schema")  # warm up (and compile the vocabulary's trie)
         print(f"\n{args.model}, {len(cases)} dev cases, zero-shot, greedy, {args.threads} threads\n")
         print("| clients | mode | completion tok/s | tokens / answer | forward passes / answer | parsed | field acc | exact"
               " | mask time (share of wall, ms per pass) |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for c in [int(x) for x in args.clients.split(",")]:
             rows = {}
-            for mode, sch in [("free", None), ("schema", schema)]:
-                r = rows[mode] = run(port, cases, c, sch)
+            modes = args.modes.split(",")
+            for mode in modes:
+                r = rows[mode] = run(port, cases, c, schema, mode)
                 print(f"| {c} | {mode} | {r['tok_s']:.1f} | {r['tokens_per_answer']:.1f} | "
                       f"{r['passes_per_answer']:.1f} | {r['parsed']:.2f} | {r['field_accuracy']:.3f} | "
                       f"{r['exact']:.2f} | {100 * r['mask_share']:.1f}%, {r['mask_ms_per_pass']:.2f} |", flush=True)
-            print(f"| {c} | schema ÷ free | {rows['schema']['tok_s'] / rows['free']['tok_s']:.2f}× | | | | | | |")
+            for mode in modes[1:]:
+                print(f"| {c} | {mode} ÷ {modes[0]} | {rows[mode]['tok_s'] / rows[modes[0]]['tok_s']:.2f}× | | | | | | |")
     finally:
         proc.terminate()
         proc.wait()

@@ -59,6 +59,25 @@ impl ConstraintSpec {
         }
     }
 
+    /// The same constraint with JSON written compactly — no whitespace
+    /// but one space after `,` and `:` (`{"a": 1, "b": [2, 3]}`) — so the
+    /// whole skeleton of a JSON answer is forced (vLLM's
+    /// `disable_any_whitespace`). Other kinds are unchanged, and so is a
+    /// schema that sets llguidance's `x-guidance` options itself.
+    pub fn compact(self) -> ConstraintSpec {
+        let options = serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+        match self {
+            ConstraintSpec::JsonObject => {
+                ConstraintSpec::JsonSchema(serde_json::json!({"type": "object", "x-guidance": options}))
+            }
+            ConstraintSpec::JsonSchema(serde_json::Value::Object(mut m)) => {
+                m.entry("x-guidance").or_insert(options);
+                ConstraintSpec::JsonSchema(serde_json::Value::Object(m))
+            }
+            other => other,
+        }
+    }
+
     fn grammar(&self) -> Result<TopLevelGrammar, ConstraintError> {
         Ok(match self {
             ConstraintSpec::JsonSchema(schema) => {
@@ -186,7 +205,7 @@ impl Constraint {
     /// A fresh matcher at the start of the answer.
     pub fn start(&self) -> TokenMask {
         let m = self.template.lock().unwrap_or_else(|e| e.into_inner()).deep_clone();
-        TokenMask { matcher: m, eog: self.eog.clone(), failed: None }
+        TokenMask { matcher: m, eog: self.eog.clone(), failed: None, ready: None }
     }
 }
 
@@ -196,11 +215,19 @@ pub struct TokenMask {
     eog: Arc<[u32]>,
     /// Set when the matcher refused a token or failed: the sequence stops.
     failed: Option<String>,
+    /// What [`prepare`](TokenMask::prepare) computed for the current
+    /// position: the forced tokens, and the mask when nothing is forced.
+    ready: Option<(Vec<u32>, Option<SimpleVob>)>,
 }
 
 impl Clone for TokenMask {
     fn clone(&self) -> Self {
-        TokenMask { matcher: self.matcher.deep_clone(), eog: self.eog.clone(), failed: self.failed.clone() }
+        TokenMask {
+            matcher: self.matcher.deep_clone(),
+            eog: self.eog.clone(),
+            failed: self.failed.clone(),
+            ready: self.ready.clone(),
+        }
     }
 }
 
@@ -208,7 +235,8 @@ impl TokenMask {
     /// Sets every logit the constraint does not allow next to −∞ (the
     /// end-of-generation tokens count as allowed where the answer may end).
     pub fn apply(&mut self, logits: &mut [f32]) {
-        let mask: SimpleVob = match self.matcher.compute_mask() {
+        let ready = self.ready.as_mut().and_then(|(_, m)| m.take());
+        let mask: SimpleVob = match ready.map_or_else(|| self.matcher.compute_mask(), Ok) {
             Ok(m) => m,
             Err(e) => {
                 // No token can be justified: allow only the end.
@@ -225,9 +253,20 @@ impl TokenMask {
         } else {
             Vec::new()
         };
-        for (t, l) in logits.iter_mut().enumerate() {
-            if t >= mask.len() || !mask.is_allowed(t as u32) {
-                *l = f32::NEG_INFINITY;
+        // A word of the mask at a time: most words allow all or none of
+        // their 32 tokens.
+        let words = mask.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX if chunk.len() == 32 && (w + 1) * 32 <= mask.len() => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                bits => {
+                    for (b, l) in chunk.iter_mut().enumerate() {
+                        if bits >> b & 1 == 0 || w * 32 + b >= mask.len() {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
         for (t, l) in ends {
@@ -238,6 +277,7 @@ impl TokenMask {
     /// Advances past token `id` (an end-of-generation token ends the answer
     /// and is not fed).
     pub fn consume(&mut self, id: u32) {
+        self.ready = None;
         if self.eog.contains(&id) || self.failed.is_some() {
             return;
         }
@@ -276,6 +316,22 @@ impl TokenMask {
         if self.failed.is_some() {
             return Vec::new();
         }
-        self.matcher.compute_ff_tokens()
+        match &mut self.ready {
+            Some((ff, _)) => std::mem::take(ff),
+            None => self.matcher.compute_ff_tokens(),
+        }
+    }
+
+    /// Computes, ahead of need, what the next token will ask for here: the
+    /// forced tokens and, when there are none, the mask — so they can be
+    /// computed on another thread while the forward pass runs. Taking a
+    /// token drops them.
+    pub fn prepare(&mut self) {
+        if self.failed.is_some() || self.ready.is_some() {
+            return;
+        }
+        let ff = self.matcher.compute_ff_tokens();
+        let mask = if ff.is_empty() { self.matcher.compute_mask().ok() } else { None };
+        self.ready = Some((ff, mask));
     }
 }

@@ -172,6 +172,21 @@ impl Sequence {
         }
     }
 
+    /// Computes the constraint's forced tokens and mask for the next token
+    /// ahead of need (see [`TokenMask::prepare`]); not counted in
+    /// [`mask_secs`](Self::mask_secs), which is the time spent waiting on
+    /// them. Nothing without a constraint.
+    pub fn prepare_constraint(&mut self) {
+        if let (Some(m), None) = (&mut self.mask, self.finish) {
+            m.prepare();
+        }
+    }
+
+    /// Whether this sequence carries a constraint (masks to compute).
+    pub fn has_constraint(&self) -> bool {
+        self.mask.is_some()
+    }
+
     /// Seconds this sequence's constraint has cost (masks and forced tokens).
     pub fn mask_secs(&self) -> f64 {
         self.mask_secs

@@ -133,6 +133,22 @@ fn auto_lets_text_through_and_constrains_calls_once_they_open() {
         for &t in &lead {
             mask.consume(t);
         }
+        // A mask prepared ahead (during a forward pass) is the mask computed
+        // on demand, at every position of a call.
+        let mut fresh = c.start();
+        for &t in lead.iter().chain(&encode("\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"X")) {
+            let mut ahead = fresh.clone();
+            ahead.prepare();
+            let (mut a, mut b) = (vec![0.5f32; tok.vocab_size()], vec![0.5f32; tok.vocab_size()]);
+            ahead.apply(&mut a);
+            fresh.clone().apply(&mut b);
+            assert!(a == b, "{name}: prepared and fresh masks differ");
+            let mut ahead = fresh.clone();
+            ahead.prepare();
+            assert_eq!(ahead.forced_tokens(), fresh.clone().forced_tokens(), "{name}");
+            fresh.consume(t);
+        }
+
         // The newline after the tag is the only way on.
         let forced = tok.decode(&mask.forced_tokens());
         assert!(forced.starts_with('\n'), "{name}: forced {forced:?}");

@@ -351,6 +351,11 @@ struct ServeArgs {
     /// Requests that may wait for a free slot before new ones get 429.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Memory for the prefix cache in MiB: the KV of recent prompts and
+    /// answers, reused by requests that start the same way (shared system
+    /// prompts, later chat turns); 0 turns it off.
+    #[arg(long, default_value_t = 512)]
+    prefix_cache_mb: usize,
     /// Machine price in USD per hour, for the cost estimate in /metrics.
     #[arg(long, default_value_t = 0.0)]
     price_per_hour: f64,
@@ -429,6 +434,7 @@ pub fn main() -> Result<()> {
                     parallel: a.parallel,
                     ctx,
                     max_queue: a.queue,
+                    prefix_cache_bytes: a.prefix_cache_mb.saturating_mul(1 << 20),
                     price_per_hour: a.price_per_hour,
                     model: a.model.model,
                     speculation,

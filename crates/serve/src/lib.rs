@@ -371,6 +371,8 @@ pub struct RunConfig {
     pub ctx: usize,
     /// Requests that may wait for a slot before new ones get 429.
     pub max_queue: usize,
+    /// `--prefix-cache-mb`, in bytes; 0 turns the prefix cache off.
+    pub prefix_cache_bytes: usize,
     pub price_per_hour: f64,
     /// The model as named on the command line (a path or a short name).
     pub model: String,
@@ -408,6 +410,7 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
         max_parallel: cfg.parallel,
         ctx: cfg.ctx,
         max_queue: cfg.max_queue,
+        prefix_cache_bytes: cfg.prefix_cache_bytes,
         speculation: cfg.speculation.clone(),
         ..Default::default()
     };

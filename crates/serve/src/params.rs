@@ -795,7 +795,12 @@ fn parse_constraint(obj: &Map<String, Value>) -> Result<Option<(ConstraintSpec, 
                     .with_code("invalid_value"))
                 }
             };
-            Some((spec, "structured_outputs"))
+            let compact = match so.get("disable_any_whitespace") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => return Err(wrong_type("structured_outputs.disable_any_whitespace", "a boolean", v)),
+            };
+            Some((if compact { spec.compact() } else { spec }, "structured_outputs"))
         }
         Some(v) => return Err(wrong_type("structured_outputs", "an object", v)),
     };
@@ -966,6 +971,30 @@ mod tests {
             "response_format": {"type": "json_object"}})))
         .unwrap();
         assert!(r.opts.constraint.is_some());
+    }
+
+    #[test]
+    fn disable_any_whitespace_makes_json_compact() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let schema = json!({"type": "object"});
+        let r = parse_chat(&obj(
+            json!({"messages": msgs, "structured_outputs": {"json": schema, "disable_any_whitespace": true}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            r.opts.constraint,
+            Some((ConstraintSpec::JsonSchema(schema.clone()).compact(), "structured_outputs"))
+        );
+        let Some((ConstraintSpec::JsonSchema(s), _)) = r.opts.constraint else { panic!() };
+        assert_eq!(s["x-guidance"]["whitespace_flexible"], json!(false));
+        let r = parse_chat(&obj(
+            json!({"messages": msgs, "structured_outputs": {"json": schema, "disable_any_whitespace": false}}),
+        ))
+        .unwrap();
+        assert_eq!(r.opts.constraint, Some((ConstraintSpec::JsonSchema(schema.clone()), "structured_outputs")));
+        let e =
+            chat_err(json!({"messages": msgs, "structured_outputs": {"json": schema, "disable_any_whitespace": 1}}));
+        assert_eq!(e.param.as_deref(), Some("structured_outputs.disable_any_whitespace"));
     }
 
     #[test]

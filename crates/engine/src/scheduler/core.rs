@@ -324,6 +324,8 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
         let mut slots: Vec<(usize, Slot)> = Vec::new();
         let mut owners: Vec<u64> = Vec::new();
         let mut seqs: Vec<SeqBatch> = Vec::new();
+        // Constrained samples: their masks are computed while the pass runs.
+        let mut constrained: Vec<&mut Sequence> = Vec::new();
         for (ri, r) in self.running.iter_mut().enumerate() {
             if r.gone || r.failed {
                 continue;
@@ -356,6 +358,9 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                         input.extend_from_slice(from_prompt);
                         input.extend_from_slice(&ids[fed.saturating_sub(prompt.len())..]);
                         seqs.push(SeqBatch { tokens: input, cache, logits: Logits::Last });
+                        if seq.has_constraint() {
+                            constrained.push(seq);
+                        }
                     }
                 }
             }
@@ -365,8 +370,25 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
         }
         let t0 = Instant::now();
         let fwd = Forward { model: ctx.model, pool: ctx.pool, faults: &self.faults };
-        let results = fwd.contained(&mut seqs, &owners);
-        let busy = t0.elapsed().as_secs_f64();
+        let mut mask_wait = 0.0;
+        let results = if constrained.is_empty() || !overlap_masks() {
+            fwd.contained(&mut seqs, &owners)
+        } else {
+            // The masks need only the tokens already taken: a helper thread
+            // computes them during the pass; the step waits for it after.
+            std::thread::scope(|sc| {
+                let helper = sc.spawn(move || constrained.into_iter().for_each(|s| s.prepare_constraint()));
+                let results = fwd.contained(&mut seqs, &owners);
+                let t = Instant::now();
+                if let Err(p) = helper.join() {
+                    std::panic::resume_unwind(p);
+                }
+                mask_wait = t.elapsed().as_secs_f64();
+                results
+            })
+        };
+        let busy = t0.elapsed().as_secs_f64() - mask_wait;
+        self.stats.mask_secs += mask_wait;
         let batch = seqs.len();
         drop(seqs);
         self.stats.steps_total += 1;
@@ -507,6 +529,14 @@ impl Forward<'_> {
             Err(p) => Err(format!("forward pass panicked: {}", panic_message(&*p))),
         }
     }
+}
+
+/// Whether a step computes its masks during the forward pass (on a helper
+/// thread) rather than after it: `MINNOW_MASK_OVERLAP=0` turns it off, for
+/// measuring one against the other.
+fn overlap_masks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MINNOW_MASK_OVERLAP").map_or(true, |v| v != "0"))
 }
 
 /// What one sample took in a step: tokens (forced ones included), forced
