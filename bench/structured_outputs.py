@@ -9,6 +9,13 @@ exact answers (the task README's scoring), and the share of answers that parse.
 
     python3 bench/structured_outputs.py                        # qwen2.5-coder-0.5b, 1 and 16 clients
     python3 bench/structured_outputs.py --model smollm2-135m --clients 1 --cases 40
+    python3 bench/structured_outputs.py --llama-server ~/.cache/minnow/llama.cpp/*/build/bin/llama-server
+
+With --llama-server, llama.cpp's server answers the same cases with the same schema
+(`response_format` json_schema, which it turns into a GBNF grammar), on the same GGUF
+file, threads, slots and context per slot, and the table gains its rows and the
+minnow ÷ llama-server ratios (build it with
+`LLAMACPP_TARGETS=llama-server bench/compare-llamacpp.sh --build-only`).
 """
 
 import argparse
@@ -82,7 +89,7 @@ def constrain(body, mode, schema):
     return body
 
 
-def run(port, cases, clients, schema, mode):
+def run(port, cases, clients, schema, mode, minnow=True):
     results = [None] * len(cases)
     nxt = [0]
     lock = threading.Lock()
@@ -99,7 +106,7 @@ def run(port, cases, clients, schema, mode):
             r = post(port, "/v1/chat/completions", constrain(body, mode, schema))
             results[i] = (r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"])
 
-    m0 = metrics(port)
+    m0 = metrics(port) if minnow else None
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
@@ -107,10 +114,13 @@ def run(port, cases, clients, schema, mode):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    m1 = metrics(port)
-    passes = m1["minnow_steps_total"] - m0["minnow_steps_total"]
-    busy = m1["minnow_busy_seconds_total"] - m0["minnow_busy_seconds_total"]
-    mask = m1["minnow_mask_seconds_total"] - m0["minnow_mask_seconds_total"]
+    if minnow:
+        m1 = metrics(port)
+        passes = m1["minnow_steps_total"] - m0["minnow_steps_total"]
+        busy = m1["minnow_busy_seconds_total"] - m0["minnow_busy_seconds_total"]
+        mask = m1["minnow_mask_seconds_total"] - m0["minnow_mask_seconds_total"]
+    else:
+        passes = busy = mask = float("nan")
     tokens = sum(r[1] for r in results)
     right = exact = parsed = 0
     for (reply, _), c in zip(results, cases):
@@ -119,7 +129,7 @@ def run(port, cases, clients, schema, mode):
         exact += e
         parsed += p
     n = len(cases)
-    return {"tok_s": tokens / wall, "tokens_per_answer": tokens / n, "passes_per_answer": passes / n,
+    return {"tok_s": tokens / wall, "answers_s": n / wall, "tokens_per_answer": tokens / n, "passes_per_answer": passes / n,
             "field_accuracy": right / (6 * n), "exact": exact / n, "parsed": parsed / n, "wall_s": wall,
             "mask_share": mask / wall, "mask_ms_per_pass": 1000 * mask / max(passes, 1), "busy_s": busy}
 
@@ -133,42 +143,83 @@ def main():
     ap.add_argument("--minnow-bin", default=os.path.join(REPO, "target/release/minnow"))
     ap.add_argument("--modes", default="free,schema,compact")
     ap.add_argument("--serve-arg", action="append", default=[], help="more `minnow serve` arguments (repeatable)")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: answer with it too")
     args = ap.parse_args()
     cases = [json.loads(l) for l in open(os.path.join(TASK, "dev.jsonl")) if l.strip()][: args.cases]
     schema = json.load(open(os.path.join(TASK, "schema.json")))
+    ms = [(args.model, start_minnow(args), True)]
+    if args.llama_server:
+        ms.append(("llama-server", start_llama_server(args), False))
+    try:
+        for _, (port, _), minnow in ms:
+            run(port, cases[:2], 1, schema, "schema", minnow)  # warm up (and compile the vocabulary's trie)
+        print(f"\n{args.model}, {len(cases)} dev cases, zero-shot, greedy, {args.threads} threads, 16 slots, "
+              "no prefix cache in minnow\n")
+        print("| clients | server | mode | completion tok/s | answers/s | tokens / answer | forward passes / answer "
+              "| parsed | field acc | exact | mask time (share of wall, ms per pass) |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        modes = args.modes.split(",")
+        for c in [int(x) for x in args.clients.split(",")]:
+            rows = {}
+            for name, (port, _), minnow in ms:
+                for mode in (modes if minnow else [m for m in modes if m == "schema"]):
+                    r = rows[(name, mode)] = run(port, cases, c, schema, mode, minnow)
+                    print(f"| {c} | {name} | {mode} | {r['tok_s']:.1f} | {r['answers_s']:.2f} | "
+                          f"{r['tokens_per_answer']:.1f} | {r['passes_per_answer']:.1f} | {r['parsed']:.2f} | "
+                          f"{r['field_accuracy']:.3f} | {r['exact']:.2f} | {100 * r['mask_share']:.1f}%, "
+                          f"{r['mask_ms_per_pass']:.2f} |", flush=True)
+            base = rows[(args.model, modes[0])]
+            for mode in modes[1:]:
+                r = rows[(args.model, mode)]
+                print(f"| {c} | {args.model} | {mode} ÷ {modes[0]} | {r['tok_s'] / base['tok_s']:.2f}× | "
+                      f"{r['answers_s'] / base['answers_s']:.2f}× | | | | | | |")
+            if args.llama_server:
+                ref = rows[("llama-server", "schema")]
+                for mode in modes:
+                    if mode == "free":
+                        continue
+                    r = rows[(args.model, mode)]
+                    print(f"| {c} | minnow {mode} ÷ llama-server schema | | {r['tok_s'] / ref['tok_s']:.2f}× | "
+                          f"{r['answers_s'] / ref['answers_s']:.2f}× | | | | | | |", flush=True)
+    finally:
+        for _, (_, proc), _ in ms:
+            proc.terminate()
+            proc.wait()
+
+
+def wait_ready(port, proc):
+    for _ in range(1200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit("the server exited")
+            time.sleep(0.5)
+    sys.exit("the server did not start")
+
+
+def start_minnow(args):
     port = free_port()
     # No prefix cache: each mode's prompts are prefilled, not reused from the
     # mode run before it.
     proc = subprocess.Popen([args.minnow_bin, "serve", args.model, "--port", str(port), "--parallel", "16",
-                             "--threads", str(args.threads), "--ctx", "1024", "--prefix-cache-mb", "0"] + args.serve_arg,
+                             "--threads", str(args.threads), "--ctx", "1024", "--prefix-cache-mb", "0"]
+                            + args.serve_arg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(port, proc)
+    return port, proc
+
+
+def start_llama_server(args):
+    path = subprocess.run([args.minnow_bin, "pull", args.model], capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()[-1]
+    port = free_port()
+    # 16 slots of 1,024 tokens each (-c is the total), the same threads.
+    proc = subprocess.Popen([args.llama_server, "-m", path, "--port", str(port), "-np", "16", "-c", "16384",
+                             "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    sys.exit("minnow serve exited")
-                time.sleep(0.5)
-        run(port, cases[:2], 1, schema, "schema")  # warm up (and compile the vocabulary's trie)
-        print(f"\n{args.model}, {len(cases)} dev cases, zero-shot, greedy, {args.threads} threads\n")
-        print("| clients | mode | completion tok/s | tokens / answer | forward passes / answer | parsed | field acc | exact"
-              " | mask time (share of wall, ms per pass) |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-        for c in [int(x) for x in args.clients.split(",")]:
-            rows = {}
-            modes = args.modes.split(",")
-            for mode in modes:
-                r = rows[mode] = run(port, cases, c, schema, mode)
-                print(f"| {c} | {mode} | {r['tok_s']:.1f} | {r['tokens_per_answer']:.1f} | "
-                      f"{r['passes_per_answer']:.1f} | {r['parsed']:.2f} | {r['field_accuracy']:.3f} | "
-                      f"{r['exact']:.2f} | {100 * r['mask_share']:.1f}%, {r['mask_ms_per_pass']:.2f} |", flush=True)
-            for mode in modes[1:]:
-                print(f"| {c} | {mode} ÷ {modes[0]} | {rows[mode]['tok_s'] / rows[modes[0]]['tok_s']:.2f}× | | | | | | |")
-    finally:
-        proc.terminate()
-        proc.wait()
+    wait_ready(port, proc)
+    return port, proc
 
 
 if __name__ == "__main__":

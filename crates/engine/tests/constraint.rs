@@ -75,10 +75,18 @@ struct Answer {
 /// Runs every prompt as a chat request through the scheduler (up to 16 at
 /// once) and returns the answers in order.
 fn answer_all(name: &str, prompts: &[String], params: &GenerateParams) -> Vec<Answer> {
-    let (m, sched) = server(name);
+    let m = &server(name).0;
+    let prompts: Vec<Vec<u32>> =
+        prompts.iter().map(|p| m.chat_prompt(&[ChatMessage::new("user", p.clone())]).unwrap()).collect();
+    answer_tokens(name, &prompts, params)
+}
+
+/// Submits every prompt (token ids) to the model's scheduler at once and
+/// collects the answers.
+fn answer_tokens(name: &str, prompts: &[Vec<u32>], params: &GenerateParams) -> Vec<Answer> {
+    let sched = &server(name).1;
     let (tx, rx) = channel();
-    for (i, p) in prompts.iter().enumerate() {
-        let prompt = m.chat_prompt(&[ChatMessage::new("user", p.clone())]).unwrap();
+    for (i, prompt) in prompts.iter().cloned().enumerate() {
         let tx = tx.clone();
         let sink = Box::new(move |ev: GenEvent| tx.send((i, ev)).is_ok());
         sched.submit(GenRequest::new(prompt, params.clone()), sink).unwrap();
@@ -261,6 +269,81 @@ fn constrained_greedy_is_unconstrained_greedy_when_that_is_valid() {
     eprintln!("jump-forward: {tokens} tokens in {steps} forward passes (prefill included)");
     assert_eq!(one[0], constrained[0]);
     assert!((steps as f64) <= 0.9 * tokens as f64, "{tokens} tokens took {steps} passes: nothing was forced");
+}
+
+/// On the golden prompts (the llama.cpp reference cases: raw text, code,
+/// a chat turn, Chinese), a constraint the unconstrained greedy answer
+/// satisfies — a regex banning characters it does not use, so the mask
+/// removes real tokens at every step — leaves that answer token for token:
+/// alone, in a batch of 16, and under prompt-lookup and draft-model
+/// speculation.
+#[test]
+fn golden_prompts_keep_their_greedy_answer_under_a_constraint_they_satisfy() {
+    use minnow_engine::generate::generate;
+    use minnow_engine::speculative::{generate_speculative, Draft, SpecConfig};
+    let _g = serial();
+    let pool = ThreadPool::new(2);
+    for name in [SMOLLM, QWEN05] {
+        let m = &server(name).0;
+        let prompts = common::golden_prompts(name);
+        let greedy = GenerateParams { max_tokens: 32, sampling: SamplingParams::greedy(), ..GenerateParams::default() };
+        let mut plain = Vec::new();
+        let mut constrained = Vec::new();
+        for ids in &prompts {
+            let p =
+                generate(&m.model, &m.tokenizer, &pool, &mut m.model.new_cache(1024), ids, &greedy, |_| {}).unwrap();
+            let banned: String = "@#%~$|".chars().filter(|c| !p.text.contains(*c)).collect();
+            assert!(banned.len() >= 3, "{name}: the answer uses most of the banned set: {:?}", p.text);
+            let spec = ConstraintSpec::Regex(format!("(?s:[^{banned}]*)"));
+            let c = GenerateParams { constraint: Some(m.compile_constraint(&spec).unwrap()), ..greedy.clone() };
+            let alone = generate(&m.model, &m.tokenizer, &pool, &mut m.model.new_cache(1024), ids, &c, |_| {}).unwrap();
+            assert_eq!((&alone.ids, alone.finish), (&p.ids, p.finish), "{name}: alone, {:?}", p.text);
+            for (what, draft) in [("lookup", Draft::NGram), ("draft model", Draft::Model(&m.model))] {
+                let (g, _) = generate_speculative(
+                    &m.model,
+                    &m.tokenizer,
+                    &pool,
+                    draft,
+                    1024,
+                    ids,
+                    &c,
+                    &SpecConfig::default(),
+                    Vec::new(),
+                    |_| {},
+                )
+                .unwrap();
+                assert_eq!(g.ids, p.ids, "{name}: {what}, {:?}", p.text);
+            }
+            plain.push(p);
+            constrained.push(c);
+        }
+        // A batch of 16: every prompt four times, each with its constraint.
+        let (sched, (tx, rx)) = (&server(name).1, channel());
+        for k in 0..16 {
+            let i = k % prompts.len();
+            let tx = tx.clone();
+            let sink = Box::new(move |ev: GenEvent| tx.send((k, ev)).is_ok());
+            sched.submit(GenRequest::new(prompts[i].clone(), constrained[i].clone()), sink).unwrap();
+        }
+        drop(tx);
+        let mut ids: Vec<Vec<u32>> = vec![Vec::new(); 16];
+        let mut eog = [false; 16];
+        let mut done = 0;
+        while done < 16 {
+            match rx.recv_timeout(std::time::Duration::from_secs(600)).expect("the scheduler answers") {
+                (k, GenEvent::Token { id, .. }) => ids[k].push(id),
+                (k, GenEvent::Done { finish, .. }) => eog[k] = finish == FinishReason::Stop,
+                (_, GenEvent::Finished { .. }) => done += 1,
+                (k, GenEvent::Error(e) | GenEvent::Cancelled(e)) => panic!("request {k}: {e}"),
+            }
+        }
+        for k in 0..16 {
+            let want = &plain[k % prompts.len()];
+            // An end-of-generation token ends the answer without a Token event.
+            let want_ids = &want.ids[..want.ids.len() - usize::from(eog[k])];
+            assert_eq!(&ids[k][..], want_ids, "{name}: in a batch of 16, request {k}");
+        }
+    }
 }
 
 /// Regular expressions and choices hold on held-out prompts; the choice's
