@@ -314,6 +314,7 @@ fn measure_speed(
         stop_at_eog: false,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     let (mut prefill, mut decode) = (0.0f64, 0.0f64);
     for _ in 0..2 {

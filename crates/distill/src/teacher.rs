@@ -203,6 +203,7 @@ impl Teacher for LocalModel {
             stop_at_eog: true,
             constraint,
             logit_bias: Vec::new(),
+            adapter: None,
         };
         let (tx, rx) = mpsc::channel::<(usize, GenEvent)>();
         // Keep the scheduler's slots full plus one wave waiting, not the whole

@@ -27,6 +27,7 @@ pub mod constraint;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;

@@ -38,6 +38,8 @@ pub struct GenerateParams {
     /// Added to the logits of these tokens before sampling (OpenAI's
     /// `logit_bias`, −100 to 100; −100 bans the token outright).
     pub logit_bias: Vec<(u32, f32)>,
+    /// The LoRA adapter to run with (`None`: the base model).
+    pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 impl Default for GenerateParams {
@@ -49,6 +51,7 @@ impl Default for GenerateParams {
             stop_at_eog: true,
             constraint: None,
             logit_bias: Vec::new(),
+            adapter: None,
         }
     }
 }

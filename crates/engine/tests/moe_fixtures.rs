@@ -247,9 +247,9 @@ fn grouped_sequences_equal_separate_runs() {
             .forward(
                 pool(),
                 &mut [
-                    SeqBatch { tokens: a, cache: &mut ca, logits: Logits::All },
-                    SeqBatch { tokens: b, cache: &mut cb, logits: Logits::All },
-                    SeqBatch { tokens: c, cache: &mut cc, logits: Logits::All },
+                    SeqBatch { tokens: a, cache: &mut ca, logits: Logits::All, adapter: None },
+                    SeqBatch { tokens: b, cache: &mut cb, logits: Logits::All, adapter: None },
+                    SeqBatch { tokens: c, cache: &mut cc, logits: Logits::All, adapter: None },
                 ],
             )
             .unwrap();

@@ -54,6 +54,7 @@ fn greedy(max_tokens: usize, stop_at_eog: bool) -> GenerateParams {
         stop_at_eog,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     }
 }
 
@@ -246,6 +247,7 @@ fn n_samples_share_one_prefill() {
         stop_at_eog: false,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     let s = start(SchedulerConfig { prefix_cache_bytes: 0, ..SchedulerConfig::default() });
     let out = run(&s, GenRequest { prompt: prompt.clone(), params: params.clone(), n: 3, top_logprobs: None });
@@ -611,6 +613,7 @@ fn logprobs_are_the_raw_log_softmax() {
         stop_at_eog: false,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     let out2 = run(&s, GenRequest { top_logprobs: Some(5), ..GenRequest::new(prompt.clone(), sampled) });
     assert_eq!(out2.samples[0].logprobs[0].top, first.top);

@@ -259,6 +259,7 @@ fn first_token_test(m: &LoadedModel, prompt: &[u32], draft: Draft, cfg: &SpecCon
             stop_at_eog: false,
             constraint: None,
             logit_bias: Vec::new(),
+            adapter: None,
         };
         let (g, st) =
             generate_speculative(&m.model, &m.tokenizer, pool, draft, 64, prompt, &params, cfg, Vec::new(), |_| {})
@@ -336,6 +337,7 @@ fn n_samples_share_one_prefill() {
         stop_at_eog: true,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     let mut streamed = vec![String::new(); 8];
     let g = generate_n(&m.model, &m.tokenizer, common::pool(), 1024, &prompt, &params, 8, |i, piece| {
@@ -379,6 +381,7 @@ fn vote_over_samples() {
         stop_at_eog: true,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     let g = generate_n(&m.model, &m.tokenizer, common::pool(), 512, &prompt, &params, 5, |_, _| {}).unwrap();
     let texts: Vec<&str> = g.samples.iter().map(|s| s.text.as_str()).collect();

@@ -157,6 +157,7 @@ fn greedy_text(path: &Path, prompt: &str) -> (Vec<u32>, Vec<u32>, String) {
         stop_at_eog: false,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     let g = generate(&m.model, &m.tokenizer, pool(), &mut m.model.new_cache(64), &ids, &params, |_| {}).unwrap();
     (ids, g.ids, g.text)

@@ -145,7 +145,50 @@ impl SamplingArgs {
             stop_at_eog: !self.ignore_eos,
             constraint: None,
             logit_bias: Vec::new(),
+            adapter: None,
         })
+    }
+}
+
+/// `--lora NAME=PATH[:SCALE]` (repeatable): LoRA adapters in llama.cpp's
+/// GGUF format, kept apart from the base weights.
+#[derive(Args)]
+struct LoraArgs {
+    /// A LoRA adapter (llama.cpp's LoRA GGUF): `NAME=PATH[:SCALE]`, or `PATH`
+    /// (named after the file). Scale 1 by default. `serve` takes several,
+    /// each picked by a request's `model`; `run` takes one.
+    #[arg(long = "lora", value_name = "NAME=PATH[:SCALE]")]
+    lora: Vec<String>,
+}
+
+impl LoraArgs {
+    /// Loads every adapter for `m`; a bad spec or an adapter for another
+    /// model is a one-line error.
+    fn load(&self, m: &LoadedModel) -> Result<Vec<std::sync::Arc<minnow_engine::lora::LoraAdapter>>> {
+        let mut out: Vec<std::sync::Arc<minnow_engine::lora::LoraAdapter>> = Vec::new();
+        for spec in &self.lora {
+            let (name, rest) = match spec.split_once('=') {
+                Some((n, r)) if !n.is_empty() => (Some(n.to_string()), r),
+                _ => (None, spec.as_str()),
+            };
+            let (path, scale) = match rest.rsplit_once(':') {
+                Some((p, s)) if s.parse::<f32>().is_ok() => (p, s.parse::<f32>().unwrap_or(1.0)),
+                _ => (rest, 1.0),
+            };
+            if !scale.is_finite() {
+                bail!("--lora {spec}: the scale must be a finite number");
+            }
+            let path = PathBuf::from(path);
+            let name = name.unwrap_or_else(|| {
+                path.file_stem().map_or_else(|| "lora".into(), |s| s.to_string_lossy().into_owned())
+            });
+            if out.iter().any(|a| a.name == name) {
+                bail!("--lora: two adapters are named {name:?}");
+            }
+            let a = minnow_engine::lora::LoraAdapter::load(&path, &name, scale, m.model.config())?;
+            out.push(std::sync::Arc::new(a));
+        }
+        Ok(out)
     }
 }
 
@@ -179,6 +222,8 @@ struct RunArgs {
     moe_stats: bool,
     #[command(flatten)]
     constraint: ConstraintArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     draft: crate::spec::DraftArgs,
     #[command(flatten)]
@@ -363,6 +408,8 @@ struct ServeArgs {
     /// /v1/models always works, any other name gets 404 model_not_found.
     #[arg(long = "alias", value_name = "NAME")]
     aliases: Vec<String>,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT; then they
     /// end with an error (a second signal ends them at once).
     #[arg(long, default_value_t = 10.0, value_name = "S")]
@@ -424,6 +471,10 @@ pub fn main() -> Result<()> {
             let (m, pool) = a.model.load()?;
             let ctx = context_size(&m, a.ctx)?;
             let speculation = crate::spec::serve_speculation(&a.draft, &m)?;
+            let adapters = a.lora.load(&m)?;
+            if let Some(clash) = adapters.iter().find(|ad| a.aliases.contains(&ad.name)) {
+                bail!("--lora {}: the name is also an --alias", clash.name);
+            }
             minnow_serve::run(
                 m,
                 pool,
@@ -439,6 +490,7 @@ pub fn main() -> Result<()> {
                     model: a.model.model,
                     speculation,
                     aliases: a.aliases,
+                    adapters,
                     shutdown_grace: seconds("--shutdown-grace", a.shutdown_grace)?,
                     limits: minnow_serve::Limits {
                         max_connections: a.max_connections,
@@ -505,6 +557,11 @@ fn run(a: RunArgs) -> Result<()> {
     let ctx = context_size(&m, a.ctx)?;
     let mut params = a.sampling.params(a.max_tokens)?;
     params.constraint = a.constraint.compile(&m)?;
+    let mut adapters = a.lora.load(&m)?;
+    if adapters.len() > 1 {
+        bail!("run takes one --lora (serve takes several, one per request)");
+    }
+    params.adapter = adapters.pop();
     let prompt = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {

@@ -55,6 +55,11 @@ pub struct TrainArgs {
     /// Modules that get adapters: a comma-separated subset of q,k,v,o,gate,up,down.
     #[arg(long, default_value = "q,k,v,o,gate,up,down")]
     lora_targets: String,
+    /// With --lora-rank: also write the adapters alone to this file, in
+    /// llama.cpp's LoRA GGUF format (for `minnow run|serve --lora` and
+    /// `llama-server --lora`); the merged model still goes to --output.
+    #[arg(long, value_name = "ADAPTER.gguf", requires = "lora_rank")]
+    adapter_out: Option<PathBuf>,
     /// β in (1−β)·CE + β·KL against the teacher's stored top-k (needs `label --logprobs`).
     #[arg(long, default_value_t = 0.0)]
     kl_weight: f64,
@@ -99,6 +104,7 @@ pub fn main(a: TrainArgs) -> Result<()> {
         lora_rank: a.lora_rank,
         lora_alpha: a.lora_alpha,
         lora_targets: a.lora_targets,
+        adapter_out: a.adapter_out,
         kl_weight: a.kl_weight,
         kl_temperature: a.kl_temperature,
         checkpoint_dir: a.checkpoint_dir,

@@ -332,6 +332,7 @@ pub fn bench(
         stop_at_eog: true,
         constraint: None,
         logit_bias: Vec::new(),
+        adapter: None,
     };
     // Warm-up: pages the weights of both models in.
     let warm = GenerateParams { max_tokens: 2, ..params.clone() };

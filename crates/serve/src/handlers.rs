@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use minnow_engine::generate::GenerateParams;
+use minnow_engine::lora::LoraAdapter;
 use minnow_engine::scheduler::{GenEvent, GenRequest, SubmitError, Usage};
 use serde_json::{json, Map, Value};
 use std::pin::Pin;
@@ -79,16 +80,18 @@ fn refuse_if_shutting_down(state: &AppState) -> Result<()> {
 fn model_not_found(state: &AppState, name: &str) -> ApiError {
     let mut names = vec![format!("`{}`", state.opts.model_id)];
     names.extend(state.opts.aliases.iter().map(|a| format!("`{a}`")));
+    names.extend(state.opts.adapters.iter().map(|a| format!("`{}` (an adapter)", a.name)));
     ApiError::not_found(format!("The model `{name}` does not exist on this server; it serves {}", names.join(", ")))
         .with_code("model_not_found")
 }
 
-/// `model` must name what this server serves (its id or an alias); absent
-/// or null means the default model.
-fn check_model(state: &AppState, obj: &Map<String, Value>) -> Result<()> {
+/// `model` must name what this server serves (its id, an alias or an
+/// adapter); absent or null means the base model. Returns the adapter it
+/// picks, if any.
+fn check_model(state: &AppState, obj: &Map<String, Value>) -> Result<Option<Arc<LoraAdapter>>> {
     match params::opt_str(obj, "model")? {
-        Some(name) if !state.serves(name) => Err(model_not_found(state, name).with_param("model")),
-        _ => Ok(()),
+        None => Ok(None),
+        Some(name) => state.resolve(name).ok_or_else(|| model_not_found(state, name).with_param("model")),
     }
 }
 
@@ -102,7 +105,7 @@ pub async fn chat_completions(
         refuse_if_shutting_down(&state)?;
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_chat(&obj)?;
-        check_model(&state, &obj)?;
+        let adapter = check_model(&state, &obj)?;
         let mut opts = req.opts;
         // `tool_choice: "none"`: the tools are not offered at all.
         let offered = req.tools.filter(|t| t.choice != params::ToolChoice::None);
@@ -118,7 +121,7 @@ pub async fn chat_completions(
         let prompt = blocking(move || model.chat_prompt_with_tools(&messages, tools.as_deref()))
             .await?
             .map_err(|e| ApiError::invalid("messages", format!("the chat template failed on these messages: {e:#}")))?;
-        generate(&state, &log, Endpoint::Chat, prompt, opts, format).await
+        generate(&state, &log, Endpoint::Chat, prompt, opts, format, adapter).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -134,7 +137,7 @@ pub async fn completions(
         refuse_if_shutting_down(&state)?;
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_completion(&obj)?;
-        check_model(&state, &obj)?;
+        let adapter = check_model(&state, &obj)?;
         let prompt = match req.prompt {
             PromptInput::Tokens(ids) => {
                 check_ids(&state, &ids, "prompt")?;
@@ -150,7 +153,7 @@ pub async fn completions(
                     .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?
             }
         };
-        generate(&state, &log, Endpoint::Completion, prompt, req.opts, None).await
+        generate(&state, &log, Endpoint::Completion, prompt, req.opts, None, adapter).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -185,7 +188,8 @@ fn context_overflow(endpoint: Endpoint, prompt: usize, max_tokens: usize, ctx: u
 }
 
 /// Submits and answers: an SSE stream or one JSON object. `tools`: the
-/// form calls take in the reply, when tools were offered.
+/// form calls take in the reply, when tools were offered; `adapter`: the
+/// LoRA adapter the request runs with.
 async fn generate(
     state: &Arc<AppState>,
     log: &Arc<RequestLog>,
@@ -193,6 +197,7 @@ async fn generate(
     prompt: Vec<u32>,
     opts: GenOptions,
     tools: Option<minnow_engine::tools::ReplyFormat>,
+    adapter: Option<Arc<LoraAdapter>>,
 ) -> Result<Response> {
     let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
     if prompt.is_empty() {
@@ -246,6 +251,7 @@ async fn generate(
             stop_at_eog: !opts.ignore_eos,
             constraint,
             logit_bias: opts.logit_bias.clone(),
+            adapter: adapter.clone(),
         },
         n: opts.n,
         top_logprobs: opts.logprobs,
@@ -268,7 +274,8 @@ async fn generate(
         endpoint,
         id: format!("{kind}-{}-{}", state.id_prefix, log.id),
         created: unix_now(),
-        model: state.opts.model_id.clone(),
+        // The name the request used for an adapter, as vLLM answers.
+        model: adapter.as_ref().map_or_else(|| state.opts.model_id.clone(), |a| a.name.clone()),
         logprobs: opts.logprobs.is_some(),
         include_usage: opts.include_usage,
         tools,
@@ -314,7 +321,7 @@ async fn collect(
             }
             GenEvent::Finished { usage: u, ttft_secs, total_secs } => {
                 guard.finished = true;
-                state.metrics.observe_generation(&u, ttft_secs, total_secs, n);
+                state.metrics.observe_generation(&shape.model, &u, ttft_secs, total_secs, n);
                 log.update(|d| {
                     d.prompt_tokens = Some(u.prompt_tokens);
                     d.cached_tokens = u.cached_prompt_tokens;
@@ -360,15 +367,30 @@ fn model_object(state: &AppState) -> Value {
     })
 }
 
+/// An adapter's `/v1/models` entry: its name, and the base it runs on
+/// (`parent`, vLLM's field).
+fn adapter_object(state: &AppState, a: &LoraAdapter) -> Value {
+    json!({
+        "id": a.name,
+        "object": "model",
+        "created": state.started_unix,
+        "owned_by": "minnow",
+        "parent": state.opts.model_id,
+        "meta": {"adapter": "lora", "rank": a.rank, "alpha": a.alpha, "scale": a.scale},
+    })
+}
+
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
-    json_response(&json!({"object": "list", "data": [model_object(&state)]}))
+    let mut data = vec![model_object(&state)];
+    data.extend(state.opts.adapters.iter().map(|a| adapter_object(&state, a)));
+    json_response(&json!({"object": "list", "data": data}))
 }
 
 pub async fn model_by_id(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    if state.serves(&id) {
-        json_response(&model_object(&state))
-    } else {
-        model_not_found(&state, &id).into_response()
+    match state.resolve(&id) {
+        Some(None) => json_response(&model_object(&state)),
+        Some(Some(a)) => json_response(&adapter_object(&state, &a)),
+        None => model_not_found(&state, &id).into_response(),
     }
 }
 

@@ -88,6 +88,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Print one line per request to stderr.
     pub log_requests: bool,
+    /// LoRA adapters (`--lora NAME=PATH`): a request whose `model` is an
+    /// adapter's name runs with it; the base id or an alias runs without.
+    pub adapters: Vec<Arc<minnow_engine::lora::LoraAdapter>>,
 }
 
 impl Default for ServeOptions {
@@ -101,6 +104,7 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             log_requests: true,
+            adapters: Vec::new(),
         }
     }
 }
@@ -159,7 +163,17 @@ impl AppState {
     /// Whether a request's `model` names this server's model: its id or an
     /// alias.
     pub fn serves(&self, name: &str) -> bool {
-        name == self.opts.model_id || self.opts.aliases.iter().any(|a| a == name)
+        self.resolve(name).is_some()
+    }
+
+    /// What a request's `model` names: `Some(None)` the base model (its id
+    /// or an alias), `Some(Some(adapter))` one of the adapters, `None`
+    /// nothing served here.
+    pub fn resolve(&self, name: &str) -> Option<Option<Arc<minnow_engine::lora::LoraAdapter>>> {
+        if name == self.opts.model_id || self.opts.aliases.iter().any(|a| a == name) {
+            return Some(None);
+        }
+        self.opts.adapters.iter().find(|a| a.name == name).map(|a| Some(a.clone()))
     }
 }
 
@@ -380,6 +394,8 @@ pub struct RunConfig {
     pub speculation: Option<Speculation>,
     /// `--alias`: more names requests may use for the model.
     pub aliases: Vec<String>,
+    /// `--lora`: adapters a request's `model` may pick.
+    pub adapters: Vec<Arc<minnow_engine::lora::LoraAdapter>>,
     /// `--shutdown-grace`.
     pub shutdown_grace: Duration,
     /// `--max-connections`, `--header-timeout`, `--idle-timeout`.
@@ -438,6 +454,7 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
         let opts = ServeOptions {
             model_id: model_id.clone(),
             aliases: cfg.aliases.clone(),
+            adapters: cfg.adapters.clone(),
             api_key: api_key.clone(),
             price_per_hour: cfg.price_per_hour,
             shutdown_grace: cfg.shutdown_grace,

@@ -97,6 +97,10 @@ struct Hists {
 pub struct Metrics {
     /// (endpoint, status) → count.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Per model the requests answered: the base id or an adapter's name →
+    /// (generations, completion tokens). Names come only from the server's
+    /// own list, so the label set is bounded.
+    per_model: Mutex<BTreeMap<String, (u64, u64)>>,
     hists: Mutex<Hists>,
     /// HTTP requests being handled (including streams being sent).
     pub in_flight: AtomicI64,
@@ -135,6 +139,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         Metrics {
             requests: Mutex::new(BTreeMap::new()),
+            per_model: Mutex::new(BTreeMap::new()),
             hists: Mutex::new(Hists {
                 ttft: Histogram::new(TTFT_BUCKETS),
                 per_token: Histogram::new(TOKEN_BUCKETS),
@@ -151,8 +156,15 @@ impl Metrics {
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((endpoint, status)).or_default() += 1;
     }
 
-    /// A generation finished: its timings go into the histograms.
-    pub fn observe_generation(&self, usage: &Usage, ttft_secs: f64, total_secs: f64, n: usize) {
+    /// A generation of `model` (the base id or an adapter) finished: its
+    /// timings go into the histograms, it and its tokens into the model's counts.
+    pub fn observe_generation(&self, model: &str, usage: &Usage, ttft_secs: f64, total_secs: f64, n: usize) {
+        {
+            let mut m = self.per_model.lock().unwrap_or_else(|e| e.into_inner());
+            let e = m.entry(model.to_string()).or_default();
+            e.0 += 1;
+            e.1 += usage.completion_tokens as u64;
+        }
         let mut h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
         h.ttft.observe_n(ttft_secs, 1);
         h.request.observe_n(total_secs, 1);
@@ -223,6 +235,26 @@ impl Metrics {
         for ((ep, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "minnow_requests_total{{endpoint=\"{ep}\",status=\"{status}\"}} {n}");
         }
+        let per_model = self.per_model.lock().unwrap_or_else(|e| e.into_inner());
+        write_header(
+            &mut out,
+            "minnow_model_requests_total",
+            "counter",
+            "Generations answered, by model (the base id or a LoRA adapter's name).",
+        );
+        for (m, (n, _)) in per_model.iter() {
+            let _ = writeln!(out, "minnow_model_requests_total{{model=\"{m}\"}} {n}");
+        }
+        write_header(
+            &mut out,
+            "minnow_model_completion_tokens_total",
+            "counter",
+            "Tokens generated, by model (the base id or a LoRA adapter's name).",
+        );
+        for (m, (_, t)) in per_model.iter() {
+            let _ = writeln!(out, "minnow_model_completion_tokens_total{{model=\"{m}\"}} {t}");
+        }
+        drop(per_model);
         let h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
         h.ttft.write(&mut out, "minnow_time_to_first_token_seconds", "Time from arrival to the first generated token.");
         h.per_token.write(

@@ -208,7 +208,7 @@ impl SseBody {
             }
             GenEvent::Finished { usage, ttft_secs, total_secs } => {
                 self.guard.finished = true;
-                self.state.metrics.observe_generation(&usage, ttft_secs, total_secs, self.n);
+                self.state.metrics.observe_generation(&self.shape.model, &usage, ttft_secs, total_secs, self.n);
                 self.log.update(|d| {
                     d.prompt_tokens = Some(usage.prompt_tokens);
                     d.cached_tokens = usage.cached_prompt_tokens;

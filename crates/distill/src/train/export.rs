@@ -35,6 +35,44 @@ fn type_for(dims: &[u64], want: GgmlType) -> GgmlType {
     want
 }
 
+/// Writes the LoRA adapters of `lora` (trained on `base`) to `out` as
+/// llama.cpp's LoRA GGUF: `general.type = adapter`, `adapter.type = lora`,
+/// `adapter.lora.alpha`, the base's architecture, and for each adapted
+/// tensor `<name>.lora_a` (ggml dims [in, r]) and `<name>.lora_b` ([r,
+/// out]) in F32. The adapters apply to the weights as the GGUF stores them
+/// (llama-family Q/K rows already permuted), as llama.cpp's own adapters
+/// do. Returns the file size.
+pub fn export_adapter(base: &GgufFile, lora: &super::lora::LoraSet, out: &Path) -> Result<u64> {
+    use minnow_gguf::Value;
+    let arch = base
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .context("the base model has no general.architecture")?
+        .to_string();
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", Value::String(arch))?;
+    w.add_metadata("general.type", Value::String("adapter".into()))?;
+    w.add_metadata("adapter.type", Value::String("lora".into()))?;
+    w.add_metadata("adapter.lora.alpha", Value::F32(lora.alpha as f32))?;
+    if let Some(name) = base.get("general.name").and_then(|v| v.as_str()) {
+        w.add_metadata("general.name", Value::String(format!("{name} LoRA adapter")))?;
+    }
+    for (name, a, b) in lora.pairs() {
+        let (r, inp) = a.dims2()?;
+        let (outd, _) = b.dims2()?;
+        for (suffix, t, dims) in [("lora_a", a, [inp as u64, r as u64]), ("lora_b", b, [r as u64, outd as u64])] {
+            let values = to_f32_vec(t)?;
+            if values.iter().any(|v| !v.is_finite()) {
+                bail!("adapter '{name}' has non-finite values after training: lower the learning rate");
+            }
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.add_tensor(format!("{name}.{suffix}"), &dims, GgmlType::F32, bytes)?;
+        }
+    }
+    w.write_file(out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(std::fs::metadata(out)?.len())
+}
+
 /// Writes `student` (based on `base`) to `out`; returns the file size.
 pub fn export(base: &GgufFile, student: &Student, out: &Path, out_type: GgmlType) -> Result<u64> {
     let changed = student.changed_tensors();

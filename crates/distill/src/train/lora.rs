@@ -115,6 +115,11 @@ impl LoraSet {
         }
     }
 
+    /// Each adapter as (adapted tensor's GGUF name, A [r, in], B [out, r]).
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
+        self.adapters.iter().map(|(n, ad)| (n.as_str(), ad.a.as_tensor(), ad.b.as_tensor()))
+    }
+
     /// `scale·B·A` [out, in] for `name`, `None` when it has no adapter.
     pub fn delta(&self, name: &str) -> Result<Option<Tensor>> {
         match self.adapters.get(name) {

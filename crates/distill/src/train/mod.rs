@@ -81,6 +81,9 @@ pub struct TrainConfig {
     pub lora_alpha: f64,
     /// Comma-separated subset of q,k,v,o,gate,up,down.
     pub lora_targets: String,
+    /// With `lora_rank`: also write the adapters alone here, as llama.cpp's
+    /// LoRA GGUF (`minnow run|serve --lora`, `llama-server --lora`).
+    pub adapter_out: Option<PathBuf>,
     /// β of `(1−β)·CE + β·KL` (0 = cross-entropy only).
     pub kl_weight: f64,
     /// τ of the KL term.
@@ -120,6 +123,7 @@ impl Default for TrainConfig {
             lora_rank: None,
             lora_alpha: 16.0,
             lora_targets: "q,k,v,o,gate,up,down".into(),
+            adapter_out: None,
             kl_weight: 0.0,
             kl_temperature: 1.0,
             checkpoint_dir: None,
@@ -607,6 +611,10 @@ impl Trainer {
         let (c, s, h) = (&self.cfg, &self.s, &self.header);
         let out_type = export::parse_out_type(&c.out_type)?;
         let output_bytes = export::export(&s.base, &s.student, &c.output, out_type)?;
+        if let Some(path) = &c.adapter_out {
+            let lora = s.student.lora.as_ref().context("--adapter-out needs --lora-rank")?;
+            export::export_adapter(&s.base, lora, path)?;
+        }
         Ok(TrainReport {
             steps: h.step,
             resumed_from: self.start,

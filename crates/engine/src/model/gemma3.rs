@@ -12,6 +12,7 @@ use super::transformer::{
 };
 use super::weights::{embedding_and_head, Matrix, TensorLoader};
 use super::ModelError;
+use crate::lora::LoraRows;
 use minnow_kernels::ops::{add_inplace, rms_norm_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
@@ -94,6 +95,7 @@ impl Gemma3 {
         embed_into(&self.tok_embd, seqs.iter().flat_map(|s| s.tokens.iter().copied()), scale, &mut st.x)?;
         let positions = layout.positions();
         let (angles_local, angles_global) = (self.rope_local.angles(&positions), self.rope_global.angles(&positions));
+        let lora = LoraRows::new(seqs);
         for (l, layer) in self.layers.iter().enumerate() {
             let local = cfg.is_sliding(l);
             let shape = AttentionShape {
@@ -106,12 +108,12 @@ impl Gemma3 {
                 window: if local { cfg.sliding_window } else { None },
             };
             norm_rows_into(&st.x, &layer.attn_norm, cfg.norm_eps, &mut st.h);
-            layer.attn.forward(pool, l, &shape, st, layout, seqs)?;
+            layer.attn.forward(pool, l, &shape, st, layout, seqs, &lora)?;
             st.out.chunks_exact_mut(e).for_each(|r| rms_norm_inplace(r, &layer.post_attn_norm, cfg.norm_eps));
             add_inplace(&mut st.x, &st.out);
             norm_rows_into(&st.x, &layer.ffn_norm, cfg.norm_eps, &mut st.h);
             let gate_up = [&mut st.gate, &mut st.up];
-            layer.ffn.forward_into(pool, Activation::GeluTanh, &st.h, n, gate_up, &mut st.out)?;
+            layer.ffn.forward_into(pool, Activation::GeluTanh, &st.h, n, gate_up, &mut st.out, Some((&lora, l)))?;
             st.out.chunks_exact_mut(e).for_each(|r| rms_norm_inplace(r, &layer.post_ffn_norm, cfg.norm_eps));
             add_inplace(&mut st.x, &st.out);
         }

@@ -22,6 +22,7 @@ use super::transformer::{
 };
 use super::weights::{embedding_and_head, Matrix, TensorLoader};
 use super::ModelError;
+use crate::lora::LoraRows;
 use minnow_kernels::ops::{add_inplace, Rope};
 use minnow_kernels::pool::ThreadPool;
 use std::sync::Arc;
@@ -154,14 +155,16 @@ impl Llama {
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             window: None,
         };
+        let lora = LoraRows::new(seqs);
         for (l, layer) in self.layers.iter().enumerate() {
             norm_rows_into(&st.x, &layer.attn_norm, cfg.norm_eps, &mut st.h);
-            layer.attn.forward(pool, l, &shape, st, layout, seqs)?;
+            layer.attn.forward(pool, l, &shape, st, layout, seqs, &lora)?;
             add_inplace(&mut st.x, &st.out);
             norm_rows_into(&st.x, &layer.ffn_norm, cfg.norm_eps, &mut st.h);
             match &layer.ffn {
                 FfnKind::Dense(ffn) => {
-                    ffn.forward_into(pool, Activation::Silu, &st.h, n, [&mut st.gate, &mut st.up], &mut st.out)?
+                    let gate_up = [&mut st.gate, &mut st.up];
+                    ffn.forward_into(pool, Activation::Silu, &st.h, n, gate_up, &mut st.out, Some((&lora, l)))?
                 }
                 FfnKind::Moe(moe) => st.out = moe.forward(pool, &st.h, n)?,
             }

@@ -171,7 +171,7 @@ impl Model {
         tokens: &[u32],
         logits: Logits,
     ) -> Result<Vec<f32>, ModelError> {
-        let mut out = self.forward(pool, &mut [SeqBatch { tokens, cache, logits }])?;
+        let mut out = self.forward(pool, &mut [SeqBatch { tokens, cache, logits, adapter: None }])?;
         Ok(out.pop().unwrap_or_default())
     }
 }

@@ -9,6 +9,7 @@
 use super::weights::Matrix;
 use super::ModelError;
 use crate::kv_cache::KvCache;
+use crate::lora::{LoraAdapter, LoraRows, Proj};
 use minnow_kernels::attention_batch::{attend_batch, Heads};
 use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, QMatrix};
 use minnow_kernels::ops::{self, RopeAngles};
@@ -38,6 +39,8 @@ pub struct SeqBatch<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
     pub logits: Logits,
+    /// The LoRA adapter this sequence runs with (`None`: the base model).
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 /// Where each row of the batch belongs.
@@ -287,6 +290,7 @@ impl Attention {
         st: &mut RunState,
         layout: &RowLayout,
         seqs: &mut [SeqBatch],
+        lora: &LoraRows,
     ) -> Result<(), ModelError> {
         let n = layout.n_rows();
         let hd = shape.head_dim;
@@ -294,6 +298,9 @@ impl Attention {
         let kv_dim = shape.n_head_kv * hd;
         let RunState { h, q, k, v, att, out, .. } = st;
         mm_many_into(pool, [&self.wq, &self.wk, &self.wv], h, n, [&mut *q, &mut *k, &mut *v])?;
+        lora.apply(pool, layer, Proj::Q, h, q);
+        lora.apply(pool, layer, Proj::K, h, k);
+        lora.apply(pool, layer, Proj::V, h, v);
         if let Some((bq, bk, bv)) = &self.bias {
             add_bias(q, bq);
             add_bias(k, bk);
@@ -330,7 +337,9 @@ impl Attention {
         let heads = Heads { n_head: shape.n_head, n_head_kv: shape.n_head_kv, head_dim: hd, scale: shape.scale };
         let att = sized(att, n * q_dim);
         attend_batch(pool, heads, q, &spans, &kv, att);
-        mm_into(pool, &self.wo, att, n, out)
+        mm_into(pool, &self.wo, att, n, out)?;
+        lora.apply(pool, layer, Proj::O, att, out);
+        Ok(())
     }
 }
 
@@ -352,12 +361,13 @@ impl Ffn {
     /// x [n, n_embd] → [n, n_embd].
     pub fn forward(&self, pool: &ThreadPool, act: Activation, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
         let (mut gate, mut up, mut out) = (Vec::new(), Vec::new(), Vec::new());
-        self.forward_into(pool, act, x, n, [&mut gate, &mut up], &mut out)?;
+        self.forward_into(pool, act, x, n, [&mut gate, &mut up], &mut out, None)?;
         Ok(out)
     }
 
     /// [`forward`](Self::forward) with the gate and up activations in
-    /// `gate_up` and the output in `out`.
+    /// `gate_up` and the output in `out`; `lora`: the batch's adapters and
+    /// this FFN's layer.
     pub fn forward_into(
         &self,
         pool: &ThreadPool,
@@ -366,13 +376,22 @@ impl Ffn {
         n: usize,
         [gate, up]: [&mut Vec<f32>; 2],
         out: &mut Vec<f32>,
+        lora: Option<(&LoraRows, usize)>,
     ) -> Result<(), ModelError> {
         mm_many_into(pool, [&self.gate, &self.up], x, n, [&mut *gate, &mut *up])?;
+        if let Some((lora, layer)) = lora {
+            lora.apply(pool, layer, Proj::Gate, x, gate);
+            lora.apply(pool, layer, Proj::Up, x, up);
+        }
         match act {
             Activation::Silu => ops::gated_silu(gate, up),
             Activation::GeluTanh => ops::gated_gelu(gate, up),
         }
-        mm_into(pool, &self.down, gate, n, out)
+        mm_into(pool, &self.down, gate, n, out)?;
+        if let Some((lora, layer)) = lora {
+            lora.apply(pool, layer, Proj::Down, gate, out);
+        }
+        Ok(())
     }
 }
 

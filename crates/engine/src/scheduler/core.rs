@@ -87,7 +87,7 @@ pub(crate) struct Running<S> {
     /// [`Core::holds_back`]), else 0.
     held: usize,
     pub n: usize,
-    params: GenerateParams,
+    pub(super) params: GenerateParams,
     pub top_logprobs: Option<usize>,
     cached: usize,
     completion_tokens: usize,
@@ -256,7 +256,13 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
     /// speculated (one sample, no logprobs) lets the first speculative round
     /// verify drafts for its first token too.
     fn holds_back(&self, req: &GenRequest, base: usize) -> bool {
-        self.speculation.is_some() && req.n == 1 && req.top_logprobs.is_none() && req.prompt.len() > 1 && base == 0
+        // Speculation verifies with the base model alone: not for adapters.
+        self.speculation.is_some()
+            && req.n == 1
+            && req.top_logprobs.is_none()
+            && req.params.adapter.is_none()
+            && req.prompt.len() > 1
+            && base == 0
     }
 
     /// Starts request `id` (submitted at `submitted`) on `model`. `cache`: the caller's cache, possibly
@@ -278,7 +284,8 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
             Some(c) => (c, 0),
             None => {
                 let readable = &req.prompt[..req.prompt.len() - held];
-                self.prefix.lookup(readable).unwrap_or_else(|| (model.new_cache(self.ctx), 0))
+                let tag = req.params.adapter.as_ref().map_or("", |a| a.name.as_str());
+                self.prefix.lookup(readable, tag).unwrap_or_else(|| (model.new_cache(self.ctx), 0))
             }
         };
         self.stats.prompt_tokens_total += req.prompt.len() as u64;
@@ -331,14 +338,15 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                 continue;
             }
             let target = r.prefill_target();
-            let Running { prompt, phase, id, base, .. } = r;
+            let Running { prompt, phase, id, base, params, .. } = r;
+            let adapter = params.adapter.as_deref();
             match phase {
                 Phase::Prefill { cache, fed } => {
                     let end = (*fed + chunk).min(target);
                     let logits = if end == prompt.len() { Logits::Last } else { Logits::None };
                     slots.push((ri, Slot::Prefill));
                     owners.push(*id);
-                    seqs.push(SeqBatch { tokens: &prompt[*fed..end], cache, logits });
+                    seqs.push(SeqBatch { tokens: &prompt[*fed..end], cache, logits, adapter });
                     *fed = end;
                 }
                 Phase::Decode { samples } => {
@@ -357,7 +365,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                         input.clear();
                         input.extend_from_slice(from_prompt);
                         input.extend_from_slice(&ids[fed.saturating_sub(prompt.len())..]);
-                        seqs.push(SeqBatch { tokens: input, cache, logits: Logits::Last });
+                        seqs.push(SeqBatch { tokens: input, cache, logits: Logits::Last, adapter });
                         if seq.has_constraint() {
                             constrained.push(seq);
                         }
@@ -415,7 +423,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
                         continue;
                     }
                     if r.base == 0 {
-                        self.prefix.insert(&r.prompt[..*fed], cache);
+                        self.prefix.insert(&r.prompt[..*fed], cache, r.params.adapter.as_ref().map_or("", |a| &a.name));
                     }
                     start_decoding(ctx.tokenizer, r, &logits)
                 }
@@ -471,7 +479,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
         let mut tokens = r.prompt.clone();
         tokens.extend_from_slice(s.seq.ids());
         let len = s.cache.len().min(tokens.len());
-        self.prefix.insert(&tokens[..len], &s.cache);
+        self.prefix.insert(&tokens[..len], &s.cache, r.params.adapter.as_ref().map_or("", |a| &a.name));
     }
 }
 

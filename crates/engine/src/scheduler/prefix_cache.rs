@@ -17,6 +17,9 @@
 //! cheaper than the forward pass a hit saves. Entries that are a prefix of a
 //! newer one are dropped, since the newer one serves every lookup they could.
 //! Least recently used entries go first when the byte bound is exceeded.
+//! Each entry is tagged with the LoRA adapter it was computed with (`""`
+//! for the base model): keys and values differ between adapters, so a
+//! lookup only matches entries of its own.
 
 use crate::kv_cache::KvCache;
 
@@ -26,6 +29,8 @@ use crate::kv_cache::KvCache;
 pub const MIN_PREFIX: usize = 16;
 
 struct Entry {
+    /// The adapter the cache was computed with; `""` for none.
+    tag: String,
     tokens: Vec<u32>,
     cache: KvCache,
     bytes: usize,
@@ -65,12 +70,13 @@ impl PrefixCache {
     /// must still go through the model to give the logits of the first
     /// generated token. `None` when no entry shares at least [`MIN_PREFIX`]
     /// tokens.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(KvCache, usize)> {
+    pub fn lookup(&mut self, prompt: &[u32], tag: &str) -> Option<(KvCache, usize)> {
         let limit = prompt.len().saturating_sub(1);
         let (best, len) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.tag == tag)
             .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit).min(e.cache.len())))
             .max_by_key(|&(i, len)| (len, self.entries[i].last_used))?;
         if len < MIN_PREFIX {
@@ -84,7 +90,7 @@ impl PrefixCache {
 
     /// Stores the KV cache of `tokens` (`cache` holds at least that many
     /// positions; only those are copied).
-    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache) {
+    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, tag: &str) {
         let n = tokens.len().min(cache.len());
         let tokens = &tokens[..n];
         if n < MIN_PREFIX || self.max_bytes == 0 {
@@ -93,7 +99,9 @@ impl PrefixCache {
         self.clock += 1;
         // Already covered by an entry that starts with these tokens: that
         // entry serves every lookup this one would; just mark it used.
-        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens.len() >= n && e.tokens[..n] == *tokens) {
+        if let Some(e) =
+            self.entries.iter_mut().find(|e| e.tag == tag && e.tokens.len() >= n && e.tokens[..n] == *tokens)
+        {
             e.last_used = self.clock;
             return;
         }
@@ -104,7 +112,7 @@ impl PrefixCache {
         }
         // Entries this one extends are now redundant.
         let before = self.entries.len();
-        self.entries.retain(|e| !(e.tokens.len() <= n && tokens[..e.tokens.len()] == *e.tokens));
+        self.entries.retain(|e| !(e.tag == tag && e.tokens.len() <= n && tokens[..e.tokens.len()] == *e.tokens));
         if self.entries.len() != before {
             self.recount();
         }
@@ -115,7 +123,7 @@ impl PrefixCache {
             let gone = self.entries.swap_remove(lru);
             self.bytes -= gone.bytes;
         }
-        self.entries.push(Entry { tokens: tokens.to_vec(), cache, bytes, last_used: self.clock });
+        self.entries.push(Entry { tag: tag.to_string(), tokens: tokens.to_vec(), cache, bytes, last_used: self.clock });
         self.bytes += bytes;
     }
 

@@ -153,7 +153,7 @@ impl<S: FnMut(GenEvent) -> bool> Core<S> {
         self.speculation.as_ref()?;
         let mut live = self.running.iter().enumerate().filter(|(_, r)| !r.gone && !r.failed);
         let (ri, r) = live.next()?;
-        if live.next().is_some() || r.top_logprobs.is_some() || r.base != 0 {
+        if live.next().is_some() || r.top_logprobs.is_some() || r.base != 0 || r.params.adapter.is_some() {
             return None;
         }
         let Phase::Decode { samples } = &r.phase else { return None };
