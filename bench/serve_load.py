@@ -22,6 +22,15 @@ llama-server: --llama-server PATH, else $LLAMA_SERVER, else the build that
 bench/compare-llamacpp.sh makes (`LLAMACPP_TARGETS=llama-server
 bench/compare-llamacpp.sh --build-only`) under ~/.cache/minnow/llama.cpp.
 
+Adapters mode (`--adapters A.gguf,B.gguf,...`, llama.cpp's LoRA GGUF, e.g. from
+`minnow distill train --lora-rank 16 --adapter-out`): both servers load every
+adapter (`minnow serve --lora a0=A.gguf ...`; `llama-server
+--lora-init-without-apply --lora A.gguf ...`) and each client count runs twice:
+every client on the base model, then client i on adapter i mod the number of
+adapters (minnow: `"model": "a<i>"`; llama-server: `"lora": [{"id": i,
+"scale": 1}]`, which it batches only with requests of the same adapters). The
+table gains the mode and the ratio of the two.
+
 Only loopback addresses are contacted; every loop is bounded.
 """
 
@@ -87,8 +96,8 @@ def wait_healthy(port, proc, timeout=300):
     raise RuntimeError("the server did not become healthy")
 
 
-def one_request(port, topic, max_tokens, results, lock):
-    body = json.dumps({
+def one_request(port, topic, max_tokens, results, lock, extra=None):
+    body = json.dumps({**(extra or {}),
         "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
         "temperature": 0,
         "max_tokens": max_tokens,
@@ -130,7 +139,7 @@ def one_request(port, topic, max_tokens, results, lock):
         results.append((ttft if ttft is not None else total, tokens, total))
 
 
-def run_level(port, clients, requests, max_tokens):
+def run_level(port, clients, requests, max_tokens, extra_for=lambda i: None):
     results, lock, errors = [], threading.Lock(), []
     barrier = threading.Barrier(clients)
 
@@ -139,7 +148,7 @@ def run_level(port, clients, requests, max_tokens):
             barrier.wait()
             for r in range(requests):
                 topic = TOPICS[(i * requests + r) % len(TOPICS)]
-                one_request(port, topic, max_tokens, results, lock)
+                one_request(port, topic, max_tokens, results, lock, extra_for(i))
         except Exception as e:  # reported after the run
             errors.append(repr(e))
 
@@ -165,6 +174,8 @@ def start_minnow(args, model, port):
         sys.exit(f"{binary} not found: cargo build --release -p minnow")
     cmd = [binary, "serve", model, "--port", str(port), "--parallel", "16", "--threads", str(args.threads),
            "--ctx", str(args.ctx)]
+    for i, a in enumerate(args.adapter_list):
+        cmd += ["--lora", f"a{i}={a}"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -176,6 +187,10 @@ def start_llama(args, model, port):
     # -c is the total context, split evenly over the -np slots.
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", "16", "-t", str(args.threads),
            "-c", str(16 * args.ctx), "--cont-batching", "--no-webui"]
+    if args.adapter_list:
+        cmd.append("--lora-init-without-apply")
+        for a in args.adapter_list:
+            cmd += ["--lora", a]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -190,12 +205,19 @@ def bench_engine(name, start, args, model, levels, url=None):
         wait_healthy(port, proc)
         one_request(port, "warming up", 8, [], threading.Lock())
         rows = []
+        k = len(args.adapter_list)
+        if name == "minnow":
+            spread = lambda i: {"model": f"a{i % k}"}
+        else:
+            spread = lambda i: {"lora": [{"id": i % k, "scale": 1.0}]}
+        modes = [("base", lambda i: None)] + ([(f"{k} adapters", spread)] if k else [])
         for c in levels:
-            r = run_level(port, c, args.requests, args.max_tokens)
-            r["engine"] = name
-            print(f"  {name:6} {c:3} clients: {r['tok_s']:7.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f} s, "
-                  f"p95 {r['ttft_p95']:.3f} s ({r['requests']} requests, {r['wall_s']:.1f} s)", file=sys.stderr)
-            rows.append(r)
+            for mode, extra in modes:
+                r = run_level(port, c, args.requests, args.max_tokens, extra)
+                r["engine"], r["mode"] = name, mode
+                print(f"  {name:6} {c:3} clients, {mode}: {r['tok_s']:7.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f} s, "
+                      f"p95 {r['ttft_p95']:.3f} s ({r['requests']} requests, {r['wall_s']:.1f} s)", file=sys.stderr)
+                rows.append(r)
         return rows
     finally:
         if proc is not None:
@@ -220,7 +242,9 @@ def main():
     ap.add_argument("--minnow-url", help="use this running minnow server (loopback) instead of starting one")
     ap.add_argument("--llama-url", help="use this running llama-server (loopback) instead of starting one")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--adapters", default="", help="comma-separated LoRA GGUF files: the adapters mode")
     args = ap.parse_args()
+    args.adapter_list = [os.path.abspath(a) for a in args.adapters.split(",") if a]
     if not os.path.exists(args.model):
         sys.exit(f"{args.model} is missing: run `minnow pull all`")
     for u in (args.minnow_url, args.llama_url):
@@ -237,18 +261,29 @@ def main():
 
     print(f"\nModel {os.path.basename(args.model)}, {args.threads} threads, 16 slots, greedy, "
           f"{args.max_tokens} tokens per request, {args.requests} requests per client\n")
-    print("| engine | clients | generated tok/s | TTFT p50 (s) | TTFT p95 (s) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| engine | mode | clients | generated tok/s | TTFT p50 (s) | TTFT p95 (s) |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['engine']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} |")
-    by = {(r["engine"], r["clients"]): r for r in rows}
-    if any(e == "llama" for e, _ in by) and any(e == "minnow" for e, _ in by):
-        print("\n| clients | throughput minnow ÷ llama | TTFT p95 minnow ÷ llama |")
-        print("|---:|---:|---:|")
-        for c in levels:
-            m, l = by.get(("minnow", c)), by.get(("llama", c))
-            if m and l:
-                print(f"| {c} | {m['tok_s'] / l['tok_s']:.2f}× | {m['ttft_p95'] / l['ttft_p95']:.2f}× |")
+        print(f"| {r['engine']} | {r['mode']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | "
+              f"{r['ttft_p95']:.3f} |")
+    by = {(r["engine"], r["mode"], r["clients"]): r for r in rows}
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: m != "base")
+    if any(e == "llama" for e, _, _ in by) and any(e == "minnow" for e, _, _ in by):
+        print("\n| mode | clients | throughput minnow ÷ llama | TTFT p95 minnow ÷ llama |")
+        print("|---|---:|---:|---:|")
+        for mode in modes:
+            for c in levels:
+                m, l = by.get(("minnow", mode, c)), by.get(("llama", mode, c))
+                if m and l:
+                    print(f"| {mode} | {c} | {m['tok_s'] / l['tok_s']:.2f}× | {m['ttft_p95'] / l['ttft_p95']:.2f}× |")
+    if len(modes) > 1:
+        print("\n| engine | clients | adapters ÷ base throughput |")
+        print("|---|---:|---:|")
+        for e in sorted({r["engine"] for r in rows}):
+            for c in levels:
+                b, a = by.get((e, "base", c)), by.get((e, modes[1], c))
+                if a and b:
+                    print(f"| {e} | {c} | {a['tok_s'] / b['tok_s']:.2f}× |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -8,10 +8,17 @@
 //! (`matmul_many`); then `LoraRows::apply` adds each row's correction for
 //! the adapter of the sequence the row belongs to (or none).
 //!
-//! The file format is llama.cpp's LoRA GGUF (`general.type = adapter`,
+//! Two formats are read: llama.cpp's LoRA GGUF (`general.type = adapter`,
 //! `adapter.type = lora`, `adapter.lora.alpha`, tensors named after the
 //! base tensor with `.lora_a` / `.lora_b`), which `llama-cli --lora` and
-//! `llama-server --lora` read and `distill train --adapter-out` writes.
+//! `llama-server --lora` read and `distill train --adapter-out` writes; and
+//! Hugging Face PEFT's directory (`adapter_config.json` +
+//! `adapter_model.safetensors`, Hugging Face tensor names), which
+//! `distill train --peft-out` writes. The two differ in one more way than
+//! names: llama.cpp stores a llama-family model's q and k rows permuted
+//! (each head's two rotary halves interleaved), so a PEFT adapter's B rows
+//! for q and k are permuted the same way on reading ([`hf_to_gguf_rows`])
+//! and back on writing ([`gguf_to_hf_rows`]).
 
 use crate::model::{ModelConfig, SeqBatch};
 use minnow_gguf::{GgmlType, GgufFile};
@@ -185,11 +192,175 @@ impl LoraAdapter {
         LoraAdapter::new(name, alpha, user_scale, cfg.n_layer, pairs).map_err(|e| anyhow::anyhow!("{d}: {e}"))
     }
 
+    /// Reads an adapter from `path`: a PEFT directory or a LoRA GGUF file.
+    pub fn open(path: &Path, name: &str, user_scale: f32, cfg: &ModelConfig) -> anyhow::Result<LoraAdapter> {
+        if path.is_dir() {
+            LoraAdapter::load_peft(path, name, user_scale, cfg)
+        } else {
+            LoraAdapter::load(path, name, user_scale, cfg)
+        }
+    }
+
+    /// Reads a Hugging Face PEFT LoRA directory made for a model of `cfg`
+    /// (`adapter_config.json`: `r`, `lora_alpha`, `use_rslora`;
+    /// `adapter_model.safetensors`: `…layers.N.self_attn.q_proj.lora_A.weight`
+    /// [r, in] and `lora_B` [out, r] in F32, F16 or BF16).
+    pub fn load_peft(dir: &Path, name: &str, user_scale: f32, cfg: &ModelConfig) -> anyhow::Result<LoraAdapter> {
+        use anyhow::{bail, Context};
+        let d = dir.display();
+        let conf: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("adapter_config.json")).with_context(|| format!("{d}: adapter_config.json"))?,
+        )
+        .with_context(|| format!("{d}: adapter_config.json is not JSON"))?;
+        if conf.get("peft_type").and_then(|v| v.as_str()).is_some_and(|t| t != "LORA") {
+            bail!("{d} is a {} adapter; only LoRA is supported", conf["peft_type"]);
+        }
+        if conf.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            bail!("{d} is a DoRA adapter; only plain LoRA is supported");
+        }
+        let r = conf.get("r").and_then(|v| v.as_u64()).context(format!("{d}: adapter_config.json has no `r`"))?;
+        let alpha = conf.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(r as f64) as f32;
+        let rslora = conf.get("use_rslora").and_then(|v| v.as_bool()) == Some(true);
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors"))
+            .with_context(|| format!("{d}: adapter_model.safetensors"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{d}: adapter_model.safetensors: {e}"))?;
+        let mut pairs = Vec::new();
+        let mut used = 0;
+        for l in 0..cfg.n_layer {
+            for p in Proj::ALL {
+                let stem = peft_stem(l, p);
+                let find = |ab: &str| {
+                    st.names()
+                        .into_iter()
+                        .find(|n| n.ends_with(&format!("{stem}.lora_{ab}.weight")))
+                        .map(str::to_string)
+                };
+                let (na, nb) = match (find("A"), find("B")) {
+                    (None, None) => continue,
+                    (Some(a), Some(b)) => (a, b),
+                    _ => bail!("{d}: {stem} has only one of lora_A and lora_B"),
+                };
+                used += 2;
+                let (rows, cols) = p.shape(cfg);
+                let read = |n: &str| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+                    let t = st.tensor(n).map_err(|e| anyhow::anyhow!("{d}: {n}: {e}"))?;
+                    let v = match t.dtype() {
+                        safetensors::Dtype::F32 => {
+                            t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+                        }
+                        safetensors::Dtype::F16 => {
+                            t.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+                        }
+                        safetensors::Dtype::BF16 => {
+                            t.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+                        }
+                        other => bail!("{d}: {n} is {other:?}; adapters are read in F32, F16 or BF16"),
+                    };
+                    Ok((t.shape().to_vec(), v))
+                };
+                let ((sa, a), (sb, mut b)) = (read(&na)?, read(&nb)?);
+                let rank = r as usize;
+                if sa != [rank, cols] || sb != [rows, rank] {
+                    bail!("{d}: {stem} adapter shapes {sa:?} and {sb:?} do not fit this model's {rows}×{cols} weight");
+                }
+                if let Some(heads) = permuted_heads(cfg, p) {
+                    b = hf_to_gguf_rows(&b, heads, rank);
+                }
+                pairs.push((l, p, LowRank { rank, cols, rows, a, b }));
+            }
+        }
+        if pairs.is_empty() {
+            bail!("{d} adapts none of this model's projections (…layers.N.self_attn.q_proj.lora_A.weight …)");
+        }
+        if used != st.names().len() {
+            bail!("{d} holds tensors this {} model has no place for (more layers, or other modules)", cfg.arch.name());
+        }
+        // rsLoRA scales by alpha/sqrt(r) where plain LoRA takes alpha/r.
+        let alpha = if rslora { alpha * (r as f32).sqrt() } else { alpha };
+        LoraAdapter::new(name, alpha, user_scale, cfg.n_layer, pairs).map_err(|e| anyhow::anyhow!("{d}: {e}"))
+    }
+
     /// The pair adapting projection `p` of layer `layer`, if any.
     pub fn get(&self, layer: usize, p: Proj) -> Option<&LowRank> {
         self.layers.get(layer)?[p as usize].as_ref()
     }
 }
+
+/// Hugging Face's module path of projection `p` in layer `layer`
+/// (`model.layers.3.self_attn.q_proj`), as PEFT names its tensors (after
+/// its `base_model.model.` prefix).
+pub fn peft_stem(layer: usize, p: Proj) -> String {
+    let m = match p {
+        Proj::Q => "self_attn.q_proj",
+        Proj::K => "self_attn.k_proj",
+        Proj::V => "self_attn.v_proj",
+        Proj::O => "self_attn.o_proj",
+        Proj::Gate => "mlp.gate_proj",
+        Proj::Up => "mlp.up_proj",
+        Proj::Down => "mlp.down_proj",
+    };
+    format!("model.layers.{layer}.{m}")
+}
+
+/// The PEFT module name of projection `p` (`q_proj`), for `target_modules`.
+pub fn peft_module(p: Proj) -> &'static str {
+    match p {
+        Proj::Q => "q_proj",
+        Proj::K => "k_proj",
+        Proj::V => "v_proj",
+        Proj::O => "o_proj",
+        Proj::Gate => "gate_proj",
+        Proj::Up => "up_proj",
+        Proj::Down => "down_proj",
+    }
+}
+
+/// For a projection whose output rows llama.cpp stores permuted (q and k of
+/// the llama architecture, whose rotary pairs are interleaved in GGUF), the
+/// number of heads it has; `None` for the others.
+pub fn permuted_heads(cfg: &ModelConfig, p: Proj) -> Option<usize> {
+    if cfg.arch != crate::model::Arch::Llama {
+        return None;
+    }
+    match p {
+        Proj::Q => Some(cfg.n_head),
+        Proj::K => Some(cfg.n_head_kv),
+        _ => None,
+    }
+}
+
+/// Rows [heads × head_dim, width] from Hugging Face's order (per head, the
+/// first rotary half, then the second) to llama.cpp's (the halves
+/// interleaved): GGUF row `h·hd + 2i + j` is HF row `h·hd + j·hd/2 + i`.
+pub fn hf_to_gguf_rows(m: &[f32], heads: usize, width: usize) -> Vec<f32> {
+    permute_rows(m, heads, width, true)
+}
+
+/// The inverse of [`hf_to_gguf_rows`].
+pub fn gguf_to_hf_rows(m: &[f32], heads: usize, width: usize) -> Vec<f32> {
+    permute_rows(m, heads, width, false)
+}
+
+fn permute_rows(m: &[f32], heads: usize, width: usize, to_gguf: bool) -> Vec<f32> {
+    let rows = m.len() / width;
+    let hd = rows / heads;
+    let mut out = vec![0f32; m.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let (g, f) = (h * hd + 2 * i + j, h * hd + j * (hd / 2) + i);
+                let (dst, src) = if to_gguf { (g, f) } else { (f, g) };
+                out[dst * width..(dst + 1) * width].copy_from_slice(&m[src * width..(src + 1) * width]);
+            }
+        }
+    }
+    out
+}
+
+/// Multiply-adds below which a projection's corrections run on the calling
+/// thread: about 30 µs of work, a few pool hand-offs' worth.
+const SERIAL_WORK: usize = 1 << 17;
 
 /// The adapter of each row of a batch (from its sequence's).
 pub(crate) struct LoraRows<'a> {
@@ -214,7 +385,7 @@ impl<'a> LoraRows<'a> {
         let n = self.rows.len();
         let (cols, rows) = (x.len() / n, out.len() / n);
         let out_ptr = SharedMut::new(out.as_mut_ptr());
-        pool.parallel_for(n, 1, &|range| {
+        let run = |range: std::ops::Range<usize>| {
             let mut t = Vec::new();
             for r in range {
                 let Some((a, lr)) = self.rows[r].and_then(|a| Some((a, a.get(layer, p)?))) else { continue };
@@ -223,13 +394,31 @@ impl<'a> LoraRows<'a> {
                 let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * rows), rows) };
                 lr.add(a.scale, &x[r * cols..(r + 1) * cols], o, &mut t);
             }
-        });
+        };
+        // A few rows' corrections cost less than handing them to the pool.
+        let work: usize = self.rows.iter().flatten().map(|a| a.rank * (cols + rows)).sum();
+        if work < SERIAL_WORK {
+            run(0..n);
+        } else {
+            pool.parallel_for(n, 1, &run);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_row_permutation_round_trips_and_interleaves_halves() {
+        // 2 heads of head_dim 4, width 1: HF rows [h0: a0 a1 | b0 b1, h1: ...].
+        let hf: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        let g = hf_to_gguf_rows(&hf, 2, 1);
+        assert_eq!(g, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(gguf_to_hf_rows(&g, 2, 1), hf);
+        let wide: Vec<f32> = (0..48).map(|x| x as f32 * 0.5).collect();
+        assert_eq!(gguf_to_hf_rows(&hf_to_gguf_rows(&wide, 3, 2), 3, 2), wide);
+    }
 
     #[test]
     fn a_row_gets_scale_b_a_x() {

@@ -154,7 +154,8 @@ impl SamplingArgs {
 /// GGUF format, kept apart from the base weights.
 #[derive(Args)]
 struct LoraArgs {
-    /// A LoRA adapter (llama.cpp's LoRA GGUF): `NAME=PATH[:SCALE]`, or `PATH`
+    /// A LoRA adapter (llama.cpp's LoRA GGUF, or a Hugging Face PEFT
+    /// directory): `NAME=PATH[:SCALE]`, or `PATH`
     /// (named after the file). Scale 1 by default. `serve` takes several,
     /// each picked by a request's `model`; `run` takes one.
     #[arg(long = "lora", value_name = "NAME=PATH[:SCALE]")]
@@ -185,7 +186,7 @@ impl LoraArgs {
             if out.iter().any(|a| a.name == name) {
                 bail!("--lora: two adapters are named {name:?}");
             }
-            let a = minnow_engine::lora::LoraAdapter::load(&path, &name, scale, m.model.config())?;
+            let a = minnow_engine::lora::LoraAdapter::open(&path, &name, scale, m.model.config())?;
             out.push(std::sync::Arc::new(a));
         }
         Ok(out)

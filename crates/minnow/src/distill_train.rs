@@ -60,6 +60,11 @@ pub struct TrainArgs {
     /// `llama-server --lora`); the merged model still goes to --output.
     #[arg(long, value_name = "ADAPTER.gguf", requires = "lora_rank")]
     adapter_out: Option<PathBuf>,
+    /// With --lora-rank: also write the adapters to this directory in
+    /// Hugging Face PEFT's layout (adapter_config.json +
+    /// adapter_model.safetensors), for `peft.PeftModel.from_pretrained`.
+    #[arg(long, value_name = "DIR", requires = "lora_rank")]
+    peft_out: Option<PathBuf>,
     /// β in (1−β)·CE + β·KL against the teacher's stored top-k (needs `label --logprobs`).
     #[arg(long, default_value_t = 0.0)]
     kl_weight: f64,
@@ -105,6 +110,7 @@ pub fn main(a: TrainArgs) -> Result<()> {
         lora_alpha: a.lora_alpha,
         lora_targets: a.lora_targets,
         adapter_out: a.adapter_out,
+        peft_out: a.peft_out,
         kl_weight: a.kl_weight,
         kl_temperature: a.kl_temperature,
         checkpoint_dir: a.checkpoint_dir,

@@ -172,15 +172,15 @@ fn bad_input_gets_one_line_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `--adapter-out`: the adapters alone, loaded with `minnow run --lora`,
-/// give the greedy answers the merged model gives (its adapted tensors in
+/// `--adapter-out` and `--peft-out`: the adapters alone, loaded with
+/// `minnow run --lora` from either, give the greedy answers the merged model gives (its adapted tensors in
 /// f32, so only the kernels' rounding differs); the adapter refuses a model
 /// of another architecture in one line.
 #[test]
 fn the_exported_adapter_runs_like_the_merged_model() {
     let dir = common::scratch_dir("train-cli", "adapter");
     let data = write_dataset(&dir);
-    let (merged, adapter) = (dir.join("merged.gguf"), dir.join("adapter.gguf"));
+    let (merged, adapter, peft) = (dir.join("merged.gguf"), dir.join("adapter.gguf"), dir.join("peft"));
     let out = common::minnow_cmd()
         .args(["distill", "train", &common::smollm2_arg(), "--data"])
         .arg(&data)
@@ -188,6 +188,8 @@ fn the_exported_adapter_runs_like_the_merged_model() {
         .arg(&merged)
         .arg("--adapter-out")
         .arg(&adapter)
+        .arg("--peft-out")
+        .arg(&peft)
         .args(["--lora-rank", "8", "--lr", "5e-3", "--max-steps", "2", "--max-seq", "110", "--batch-tokens", "160"])
         .args(["--val-frac", "0.2", "--warmup", "1", "--out-type", "f32", "--threads", "2"])
         .output()
@@ -210,6 +212,9 @@ fn the_exported_adapter_runs_like_the_merged_model() {
     for q in QA.iter().map(|(q, _)| *q).chain(held_out) {
         let with_adapter = run(&common::smollm2(), Some(&adapter), q);
         assert_eq!(run(&merged, None, q), with_adapter, "{q}");
+        // The PEFT export (Hugging Face names, q/k rows in Hugging Face's
+        // order) reads back as the same adapter.
+        assert_eq!(run(&common::smollm2(), Some(&peft), q), with_adapter, "{q}: PEFT");
         moved += usize::from(with_adapter != run(&common::smollm2(), None, q));
     }
     // Two steps at this rate do move the answers ("Paris." rather than the base's ramble).

@@ -73,6 +73,60 @@ pub fn export_adapter(base: &GgufFile, lora: &super::lora::LoraSet, out: &Path) 
     Ok(std::fs::metadata(out)?.len())
 }
 
+/// Writes the LoRA adapters of `lora` (trained on `base`, whose model
+/// config is `cfg`) to the directory `dir` in Hugging Face PEFT's layout:
+/// `adapter_config.json` and `adapter_model.safetensors` with Hugging Face
+/// tensor names (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`),
+/// F32, and the llama-family q/k row permutation of GGUF undone in B, so
+/// `peft.PeftModel.from_pretrained` applies it to the Hugging Face model.
+pub fn export_peft(
+    base: &GgufFile,
+    cfg: &minnow_engine::model::ModelConfig,
+    lora: &super::lora::LoraSet,
+    dir: &Path,
+) -> Result<()> {
+    use minnow_engine::lora::{gguf_to_hf_rows, peft_module, peft_stem, permuted_heads, Proj};
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors = std::collections::HashMap::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (name, a, b) in lora.pairs() {
+        // "blk.N.attn_q.weight" → layer N, projection q.
+        let parsed = name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".weight")).and_then(|r| {
+            let (l, stem) = r.split_once('.')?;
+            Some((l.parse::<usize>().ok()?, Proj::ALL.into_iter().find(|p| p.stem() == stem)?))
+        });
+        let (layer, p) = parsed.with_context(|| format!("adapter on '{name}': not a projection PEFT knows"))?;
+        let (outd, r) = b.dims2()?;
+        let mut bv = to_f32_vec(b)?;
+        if let Some(heads) = permuted_heads(cfg, p) {
+            bv = gguf_to_hf_rows(&bv, heads, r);
+        }
+        let stem = format!("base_model.model.{}", peft_stem(layer, p));
+        tensors.insert(format!("{stem}.lora_A.weight"), a.to_dtype(candle_core::DType::F32)?);
+        tensors.insert(format!("{stem}.lora_B.weight"), candle_core::Tensor::from_vec(bv, (outd, r), a.device())?);
+        modules.insert(peft_module(p));
+    }
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": modules.into_iter().collect::<Vec<_>>(),
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "base_model_name_or_path": base.get("general.name").and_then(|v| v.as_str()).unwrap_or(""),
+    });
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&config)?)
+        .with_context(|| format!("cannot write {}", dir.display()))?;
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))
+        .with_context(|| format!("cannot write {}", dir.display()))?;
+    Ok(())
+}
+
 /// Writes `student` (based on `base`) to `out`; returns the file size.
 pub fn export(base: &GgufFile, student: &Student, out: &Path, out_type: GgmlType) -> Result<u64> {
     let changed = student.changed_tensors();

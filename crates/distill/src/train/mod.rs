@@ -84,6 +84,9 @@ pub struct TrainConfig {
     /// With `lora_rank`: also write the adapters alone here, as llama.cpp's
     /// LoRA GGUF (`minnow run|serve --lora`, `llama-server --lora`).
     pub adapter_out: Option<PathBuf>,
+    /// With `lora_rank`: also write the adapters in Hugging Face PEFT's
+    /// layout to this directory.
+    pub peft_out: Option<PathBuf>,
     /// β of `(1−β)·CE + β·KL` (0 = cross-entropy only).
     pub kl_weight: f64,
     /// τ of the KL term.
@@ -124,6 +127,7 @@ impl Default for TrainConfig {
             lora_alpha: 16.0,
             lora_targets: "q,k,v,o,gate,up,down".into(),
             adapter_out: None,
+            peft_out: None,
             kl_weight: 0.0,
             kl_temperature: 1.0,
             checkpoint_dir: None,
@@ -614,6 +618,12 @@ impl Trainer {
         if let Some(path) = &c.adapter_out {
             let lora = s.student.lora.as_ref().context("--adapter-out needs --lora-rank")?;
             export::export_adapter(&s.base, lora, path)?;
+        }
+        if let Some(dir) = &c.peft_out {
+            let lora = s.student.lora.as_ref().context("--peft-out needs --lora-rank")?;
+            let cfg = minnow_engine::model::ModelConfig::from_gguf(&s.base)
+                .map_err(|e| anyhow::anyhow!("the base model: {e}"))?;
+            export::export_peft(&s.base, &cfg, lora, dir)?;
         }
         Ok(TrainReport {
             steps: h.step,
