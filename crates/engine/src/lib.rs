@@ -29,6 +29,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod lora;
 pub mod model;
+pub mod quantize;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

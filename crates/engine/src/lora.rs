@@ -4,7 +4,8 @@
 //! An adapter holds, for some of a layer's seven projections (q, k, v, o,
 //! gate, up, down), a low-rank pair A [r, in] and B [out, r]; the adapted
 //! projection is `W·x + scale·B·(A·x)` with `scale = alpha / r × the user's
-//! scale`. The base product runs once for every row of a batch
+//! scale`, the pairs applied in f16 (half the bytes a step reads; see
+//! `minnow_kernels::lowrank`). The base product runs once for every row of a batch
 //! (`matmul_many`); then `LoraRows::apply` adds each row's correction for
 //! the adapter of the sequence the row belongs to (or none).
 //!
@@ -66,7 +67,8 @@ impl Proj {
     }
 }
 
-/// One projection's adapter: A [rank, cols] and B [rows, rank], f32.
+/// One projection's adapter: A [rank, cols] and B [rows, rank] as read
+/// (f32), and the f16 copies the kernel reads (A, and B transposed).
 #[derive(Debug, Clone)]
 pub struct LowRank {
     pub rank: usize,
@@ -76,30 +78,31 @@ pub struct LowRank {
     pub rows: usize,
     pub a: Vec<f32>,
     pub b: Vec<f32>,
+    /// A as f16 bits, [rank, cols].
+    a16: Vec<u16>,
+    /// Bᵀ as f16 bits, [rank, rows].
+    bt16: Vec<u16>,
 }
 
 impl LowRank {
-    /// `out += scale · B·(A·x)` for one row.
-    fn add(&self, scale: f32, x: &[f32], out: &mut [f32], t: &mut Vec<f32>) {
-        t.clear();
-        t.extend(self.a.chunks_exact(self.cols).map(|a| scale * dot(a, x)));
-        for (o, b) in out.iter_mut().zip(self.b.chunks_exact(self.rank)) {
-            *o += dot(b, t);
+    /// A [rank, cols] and B [rows, rank], row-major.
+    pub fn new(rank: usize, cols: usize, rows: usize, a: Vec<f32>, b: Vec<f32>) -> LowRank {
+        assert!(a.len() == rank * cols && b.len() == rows * rank, "LowRank: A or B does not have its shape");
+        let h = |v: f32| half::f16::from_f32(v).to_bits();
+        let mut bt16 = vec![0u16; rows * rank];
+        for o in 0..rows {
+            for k in 0..rank {
+                bt16[k * rows + o] = h(b[o * rank + k]);
+            }
         }
+        let a16 = a.iter().map(|&v| h(v)).collect();
+        LowRank { rank, cols, rows, a, b, a16, bt16 }
     }
-}
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Four partial sums: the compiler vectorizes this form.
-    let mut s = [0f32; 4];
-    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for k in 0..4 {
-            s[k] += x[k] * y[k];
-        }
+    /// `out += scale · B·(A·x)` for one row (A and B rounded to f16).
+    fn add(&self, scale: f32, x: &[f32], out: &mut [f32], t: &mut Vec<f32>) {
+        minnow_kernels::lowrank::lowrank_add(&self.a16, &self.bt16, self.rank, scale, x, out, t);
     }
-    s[0] + s[1] + s[2] + s[3] + tail
 }
 
 /// A loaded adapter: its name (what requests' `model` picks it by), scale,
@@ -180,7 +183,7 @@ impl LoraAdapter {
                         .map_err(|e| anyhow::anyhow!("{d}: {}: {e}", t.name))?;
                     Ok(out)
                 };
-                pairs.push((l, p, LowRank { rank, cols, rows, a: read(ta)?, b: read(tb)? }));
+                pairs.push((l, p, LowRank::new(rank, cols, rows, read(ta)?, read(tb)?)));
             }
         }
         if pairs.is_empty() {
@@ -267,7 +270,7 @@ impl LoraAdapter {
                 if let Some(heads) = permuted_heads(cfg, p) {
                     b = hf_to_gguf_rows(&b, heads, rank);
                 }
-                pairs.push((l, p, LowRank { rank, cols, rows, a, b }));
+                pairs.push((l, p, LowRank::new(rank, cols, rows, a, b)));
             }
         }
         if pairs.is_empty() {
@@ -379,28 +382,48 @@ impl<'a> LoraRows<'a> {
     /// of `layer` from input `x` [n, p's in]; rows without an adapter (or
     /// whose adapter leaves `p` alone) are untouched.
     pub fn apply(&self, pool: &ThreadPool, layer: usize, p: Proj, x: &[f32], out: &mut [f32]) {
-        if self.rows.iter().all(|a| a.and_then(|a| a.get(layer, p)).is_none()) {
+        self.apply_many(pool, layer, x, [(p, out)]);
+    }
+
+    /// [`apply`](Self::apply) for several projections of the same input
+    /// (q, k, v; gate, up), in one hand-off to the pool.
+    pub fn apply_many<const K: usize>(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        x: &[f32],
+        outs: [(Proj, &mut [f32]); K],
+    ) {
+        let outs: Vec<(Proj, SharedMut<f32>, usize)> = outs
+            .into_iter()
+            .filter(|(p, _)| self.rows.iter().any(|a| a.and_then(|a| a.get(layer, *p)).is_some()))
+            .map(|(p, o)| (p, SharedMut::new(o.as_mut_ptr()), o.len() / self.rows.len()))
+            .collect();
+        if outs.is_empty() {
             return;
         }
         let n = self.rows.len();
-        let (cols, rows) = (x.len() / n, out.len() / n);
-        let out_ptr = SharedMut::new(out.as_mut_ptr());
+        let cols = x.len() / n;
+        // Task i: row i % n of projection i / n.
         let run = |range: std::ops::Range<usize>| {
             let mut t = Vec::new();
-            for r in range {
+            for i in range {
+                let (r, (p, ptr, rows)) = (i % n, outs[i / n]);
                 let Some((a, lr)) = self.rows[r].and_then(|a| Some((a, a.get(layer, p)?))) else { continue };
-                // SAFETY: each row r is written by the one task that holds
-                // it; rows r·rows .. (r+1)·rows lie inside `out`.
-                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * rows), rows) };
+                // SAFETY: each (projection, row) is written by the one task
+                // that holds it; rows r·rows .. (r+1)·rows lie inside that
+                // projection's output.
+                let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * rows), rows) };
                 lr.add(a.scale, &x[r * cols..(r + 1) * cols], o, &mut t);
             }
         };
         // A few rows' corrections cost less than handing them to the pool.
-        let work: usize = self.rows.iter().flatten().map(|a| a.rank * (cols + rows)).sum();
+        let per_row: usize = outs.iter().map(|&(_, _, rows)| cols + rows).sum();
+        let work: usize = self.rows.iter().flatten().map(|a| a.rank * per_row).sum();
         if work < SERIAL_WORK {
-            run(0..n);
+            run(0..n * outs.len());
         } else {
-            pool.parallel_for(n, 1, &run);
+            pool.parallel_for(n * outs.len(), 1, &run);
         }
     }
 }
@@ -423,7 +446,7 @@ mod tests {
     #[test]
     fn a_row_gets_scale_b_a_x() {
         // A [2, 3], B [2, 2]: B·(A·x) by hand.
-        let lr = LowRank { rank: 2, cols: 3, rows: 2, a: vec![1., 0., 2., 0., 1., -1.], b: vec![1., 1., 0., 3.] };
+        let lr = LowRank::new(2, 3, 2, vec![1., 0., 2., 0., 1., -1.], vec![1., 1., 0., 3.]);
         let x = [1.0, 2.0, 3.0];
         // A·x = [7, -1]; scaled by 0.5: [3.5, -0.5]; B·t = [3.0, -1.5].
         let mut out = vec![10.0, 20.0];

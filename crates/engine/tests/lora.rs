@@ -62,7 +62,7 @@ fn random_pairs(m: &LoadedModel, rank: usize, projs: &[Proj], seed: u64) -> Vec<
             };
             let a: Vec<f32> = (0..rank * cols).map(|_| next() * 0.08).collect();
             let b: Vec<f32> = (0..rows * rank).map(|_| next() * 0.08).collect();
-            out.push((l, p, LowRank { rank, cols, rows, a, b }));
+            out.push((l, p, LowRank::new(rank, cols, rows, a, b)));
         }
     }
     out
@@ -145,7 +145,7 @@ fn equal_products_give_equal_logits_and_the_base_is_untouched() {
             let mut a = lr.a.clone();
             a.extend(std::iter::repeat_n(0.0, 2 * lr.cols));
             let b: Vec<f32> = lr.b.chunks(2).flat_map(|r| [r[0], r[1], 0.5, -0.5]).collect();
-            (*l, *p, LowRank { rank: 4, cols: lr.cols, rows: lr.rows, a, b })
+            (*l, *p, LowRank::new(4, lr.cols, lr.rows, a, b))
         })
         .collect();
     let same = Arc::new(LoraAdapter::new("b", 4.0, 1.0, cfg.n_layer, padded).unwrap());

@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod attention_batch;
 pub mod formats;
+pub mod lowrank;
 pub mod matmul;
 pub mod mix;
 pub mod ops;

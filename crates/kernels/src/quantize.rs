@@ -3,9 +3,9 @@
 //! rescaling of already-quantized tensors.
 //!
 //! - [`quantize`] / [`quantize_to_vec`]: f32 → F32, F16, BF16, Q4_0, Q4_1,
-//!   Q5_0, Q5_1, Q8_0 or Q4_K bytes, with the formats' own quantizers (the
-//!   ones the kernels' tests pin against ggml). Other k-quants have no
-//!   quantizer here yet; [`can_quantize`] says which types work.
+//!   Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K bytes, with the formats' own
+//!   quantizers. Q2_K and Q3_K have no quantizer here yet; [`can_quantize`]
+//!   says which types work.
 //! - [`QuantizeOnWrite`]: the same as a method on [`GgufWriter`], which
 //!   cannot do it itself: the gguf crate knows block *geometry* but not
 //!   block *contents*, and depends on nothing, while this crate depends on it.
@@ -39,7 +39,7 @@ macro_rules! encode_with {
 encode_with!(
     BlockF16 => 1, BlockBF16 => 1,
     BlockQ4_0 => QK, BlockQ4_1 => QK, BlockQ5_0 => QK, BlockQ5_1 => QK, BlockQ8_0 => QK,
-    BlockQ4K => QK_K,
+    BlockQ4K => QK_K, BlockQ5K => QK_K, BlockQ6K => QK_K,
 );
 
 impl Encode for BlockF32 {
@@ -64,6 +64,8 @@ macro_rules! dispatch_encode {
             T::Q5_1 => $f::<BlockQ5_1>($($args),*),
             T::Q8_0 => $f::<BlockQ8_0>($($args),*),
             T::Q4_K => $f::<BlockQ4K>($($args),*),
+            T::Q5_K => $f::<BlockQ5K>($($args),*),
+            T::Q6_K => $f::<BlockQ6K>($($args),*),
             _ => $other,
         }
     }};

@@ -465,4 +465,44 @@ proptest! {
             prop_assert!(rms <= 0.35 * step, "block {k}: rms {rms} vs step {step}");
         }
     }
+
+    /// (d) Q5_K and Q6_K quantize: the same kind of data; each element is
+    /// within one step of the coarsest sub-block, the RMS error a fraction
+    /// of it, and the more bits the smaller the error (Q6_K < Q5_K < Q4_K).
+    #[test]
+    fn q5k_q6k_quantize_roundtrip(
+        spreads in proptest::collection::vec((0.01f32..1.0, -1.0f32..1.0), 8),
+        u in proptest::collection::vec(-1.0f32..1.0, 256),
+    ) {
+        let x: Vec<f32> = u.iter().enumerate().map(|(i, &v)| {
+            let (s, o) = spreads[i / 32];
+            o * s + v * s
+        }).collect();
+        let rms = |y: &[f32]| (x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / 256.0).sqrt();
+        let mut b4 = vec![zeroed::<BlockQ4K>(); 1];
+        BlockQ4K::quantize(&x, &mut b4);
+        let mut b5 = vec![zeroed::<BlockQ5K>(); 1];
+        BlockQ5K::quantize(&x, &mut b5);
+        let mut b6 = vec![zeroed::<BlockQ6K>(); 1];
+        BlockQ6K::quantize(&x, &mut b6);
+        let (y4, y5, y6) =
+            (deq_via_bytes(GgmlType::Q4_K, &b4), deq_via_bytes(GgmlType::Q5_K, &b5), deq_via_bytes(GgmlType::Q6_K, &b6));
+        // Q5_K: a 31-level step of the widest sub-block.
+        let step5 = (0..8).map(|j| {
+            let s = &x[32 * j..32 * j + 32];
+            let lo = s.iter().copied().fold(0.0f32, f32::min);
+            let hi = s.iter().copied().fold(f32::MIN, f32::max);
+            (hi - lo) / 31.0
+        }).fold(0.0f32, f32::max);
+        // Q6_K: symmetric, 32 levels each side of the largest magnitude.
+        let step6 = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 31.0;
+        for i in 0..256 {
+            prop_assert!((x[i] - y5[i]).abs() <= step5, "Q5_K element {i}: {} vs {} (step {step5})", x[i], y5[i]);
+            prop_assert!((x[i] - y6[i]).abs() <= step6, "Q6_K element {i}: {} vs {} (step {step6})", x[i], y6[i]);
+        }
+        prop_assert!(rms(&y5) <= 0.35 * step5, "Q5_K rms {} vs step {step5}", rms(&y5));
+        prop_assert!(rms(&y6) <= 0.35 * step6, "Q6_K rms {} vs step {step6}", rms(&y6));
+        prop_assert!(rms(&y6) <= rms(&y5) * 1.05 && rms(&y5) <= rms(&y4) * 1.05,
+            "more bits, less error: Q4_K {} Q5_K {} Q6_K {}", rms(&y4), rms(&y5), rms(&y6));
+    }
 }

@@ -42,6 +42,9 @@ enum Command {
     /// Make a mixture-of-experts model from a dense one (sparse upcycling):
     /// every expert a copy of the dense FFN, computing the dense function.
     Upcycle(UpcycleArgs),
+    /// Re-encode a model in another block format (llama.cpp's `_M` mixes):
+    /// F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_0.
+    Quantize(QuantizeArgs),
     /// Download, assemble and verify a test model ("all" for every one).
     Pull(PullArgs),
     /// OpenAI-compatible HTTP server with continuous batching (and a chat page at /).
@@ -461,6 +464,7 @@ pub fn main() -> Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench(a),
         Command::Upcycle(a) => upcycle(a),
+        Command::Quantize(a) => quantize(a),
         Command::Distill(a) => crate::distill_cmd::main(a),
         Command::Pull(a) => {
             for p in models::pull(&a.name)? {
@@ -977,6 +981,49 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("pp{:<5} {:8.2} tok/s{at}", a.pp, pp);
         println!("tg{:<5} {:8.2} tok/s{at}", a.tg, tg);
     }
+    Ok(())
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The model to re-encode: a GGUF file or a test model's short name.
+    input: String,
+    /// Where to write it (atomically).
+    output: PathBuf,
+    /// The type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_0.
+    #[arg(value_name = "TYPE")]
+    ty: String,
+    /// Threads to quantize with (default: the number of physical cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    use minnow_engine::quantize::{quantize_file, QuantType};
+    let ty = QuantType::parse(&a.ty).map_err(|e| anyhow!("{e}"))?;
+    let input = models::resolve(&a.input)?;
+    let file = minnow_gguf::GgufFile::open(&input).with_context(|| format!("{}", input.display()))?;
+    let t = Instant::now();
+    let r = quantize_file(&file, &a.output, ty, a.threads.unwrap_or_else(physical_cores).max(1), |_| {})?;
+    if r.requantized > 0 {
+        eprintln!(
+            "warning: {} of {} tensors were already quantized in {}: they were dequantized and quantized again \
+             (two roundings); quantize from an F32, F16 or BF16 file for the best result",
+            r.requantized,
+            r.tensors,
+            input.display()
+        );
+    }
+    let mix: Vec<String> = r.mix.iter().map(|(t, (n, _))| format!("{n} {t}")).collect();
+    println!(
+        "wrote {} ({}) in {:.1} s: {:.1} MB from {:.1} MB; tensors: {}",
+        a.output.display(),
+        ty.name(),
+        t.elapsed().as_secs_f64(),
+        r.out_bytes as f64 / 1e6,
+        r.in_bytes as f64 / 1e6,
+        mix.join(", ")
+    );
     Ok(())
 }
 

@@ -31,7 +31,7 @@ fn adapter(name: &str, rank: usize, projs: &[Proj], phase: f32) -> Arc<LoraAdapt
             let wave = |i: usize, k: f32| 0.15 * ((i as f32) * k + phase + l as f32).sin();
             let a = (0..rank * cols).map(|i| wave(i, 0.37)).collect();
             let b = (0..rows * rank).map(|i| wave(i, 0.91)).collect();
-            pairs.push((l, p, LowRank { rank, cols, rows, a, b }));
+            pairs.push((l, p, LowRank::new(rank, cols, rows, a, b)));
         }
     }
     Arc::new(LoraAdapter::new(name, 2.0 * rank as f32, 1.0, cfg.n_layer, pairs).unwrap())

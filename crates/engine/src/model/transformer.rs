@@ -298,9 +298,7 @@ impl Attention {
         let kv_dim = shape.n_head_kv * hd;
         let RunState { h, q, k, v, att, out, .. } = st;
         mm_many_into(pool, [&self.wq, &self.wk, &self.wv], h, n, [&mut *q, &mut *k, &mut *v])?;
-        lora.apply(pool, layer, Proj::Q, h, q);
-        lora.apply(pool, layer, Proj::K, h, k);
-        lora.apply(pool, layer, Proj::V, h, v);
+        lora.apply_many(pool, layer, h, [(Proj::Q, &mut q[..]), (Proj::K, &mut k[..]), (Proj::V, &mut v[..])]);
         if let Some((bq, bk, bv)) = &self.bias {
             add_bias(q, bq);
             add_bias(k, bk);
@@ -380,8 +378,7 @@ impl Ffn {
     ) -> Result<(), ModelError> {
         mm_many_into(pool, [&self.gate, &self.up], x, n, [&mut *gate, &mut *up])?;
         if let Some((lora, layer)) = lora {
-            lora.apply(pool, layer, Proj::Gate, x, gate);
-            lora.apply(pool, layer, Proj::Up, x, up);
+            lora.apply_many(pool, layer, x, [(Proj::Gate, &mut gate[..]), (Proj::Up, &mut up[..])]);
         }
         match act {
             Activation::Silu => ops::gated_silu(gate, up),

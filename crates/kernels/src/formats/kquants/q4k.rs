@@ -304,63 +304,91 @@ fn fit_scale_min(x: &[f32], nmax: u8) -> (f32, f32) {
 }
 
 impl BlockQ4K {
-    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q4_K.
-    ///
-    /// Each 32-element sub-block gets a least-squares scale/min fit
-    /// (`fit_scale_min`); the eight scales and eight mins are then quantized
-    /// to 6 bits against the super-block's `d`/`dmin` (stored as f16), and
-    /// the quants re-derived from the scales actually stored, so rounding of
-    /// the scales does not compound.
+    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q4_K: scales and
+    /// mins as `ScaleMinCodes::fit` finds them for 4-bit quants.
     pub fn quantize(x: &[f32], out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q4_K quantize: length mismatch");
         for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-            let mut scales = [0.0f32; 8];
-            let mut mins = [0.0f32; 8];
-            for j in 0..8 {
-                (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], 15);
-            }
-            // d and dmin must leave every sub-block's covering codes (see
-            // `choose_codes`) within 6 bits, so they bound the covering
-            // scale/min as well as the fitted ones, rounded up in f16.
-            let mut max_scale = 0.0f32;
-            let mut max_min = 0.0f32;
-            for j in 0..8 {
-                let sub = &xb[32 * j..32 * j + 32];
-                let lo = sub.iter().copied().fold(0.0f32, f32::min);
-                let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                max_scale = max_scale.max(scales[j]).max((hi - lo) / 15.0);
-                max_min = max_min.max(mins[j]).max(-lo);
-            }
-            let d = f16_at_least(max_scale / 63.0);
-            let dmin = f16_at_least(max_min / 63.0);
-            let (df, dminf) = (d.to_f32(), dmin.to_f32());
-            let q6 = |v: f32, step: f32| -> u8 {
-                if step > 0.0 {
-                    (v / step).round().clamp(0.0, 63.0) as u8
-                } else {
-                    0
-                }
-            };
-            let mut ls = [0u8; 8];
-            let mut lm = [0u8; 8];
-            for j in 0..8 {
-                let sub = &xb[32 * j..32 * j + 32];
-                let fitted = (q6(scales[j], df), q6(mins[j], dminf));
-                (ls[j], lm[j]) = choose_codes(sub, fitted, df, dminf);
-            }
-            b.d = d.to_bits();
-            b.dmin = dmin.to_bits();
-            b.scales = pack_scale_min_k4(&ls, &lm);
+            let c = ScaleMinCodes::fit(xb, 15);
+            b.d = c.d.to_bits();
+            b.dmin = c.dmin.to_bits();
+            b.scales = pack_scale_min_k4(&c.ls, &c.lm);
             b.qs = [0; QK_K / 2];
             for j in 0..8 {
-                let step = df * ls[j] as f32;
-                let off = dminf * lm[j] as f32;
-                let (c, shift) = (j / 2, 4 * (j % 2));
+                let (c_, shift) = (j / 2, 4 * (j % 2));
                 for l in 0..32 {
-                    let q = if step > 0.0 { ((xb[32 * j + l] + off) / step).round().clamp(0.0, 15.0) as u8 } else { 0 };
-                    b.qs[32 * c + l] |= q << shift;
+                    b.qs[32 * c_ + l] |= c.quant(xb, 32 * j + l) << shift;
                 }
             }
+        }
+    }
+}
+
+/// The super-block of a scale/min k-quant (Q4_K, Q5_K) fitted: `d`, `dmin`
+/// and each 32-element sub-block's 6-bit scale and min codes, for quants
+/// in `0..=nmax`.
+pub(crate) struct ScaleMinCodes {
+    pub d: half::f16,
+    pub dmin: half::f16,
+    pub ls: [u8; 8],
+    pub lm: [u8; 8],
+    nmax: f32,
+}
+
+impl ScaleMinCodes {
+    /// Each 32-element sub-block gets a least-squares scale/min fit
+    /// (`fit_scale_min`); the eight scales and eight mins are then quantized
+    /// to 6 bits against the super-block's `d`/`dmin` (stored as f16), and
+    /// the quants are re-derived from the scales actually stored
+    /// ([`quant`](Self::quant)), so rounding of the scales does not compound.
+    pub fn fit(xb: &[f32], nmax: u8) -> ScaleMinCodes {
+        let nmaxf = nmax as f32;
+        let mut scales = [0.0f32; 8];
+        let mut mins = [0.0f32; 8];
+        for j in 0..8 {
+            (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], nmax);
+        }
+        // d and dmin must leave every sub-block's covering codes (see
+        // `choose_codes`) within 6 bits, so they bound the covering
+        // scale/min as well as the fitted ones, rounded up in f16.
+        let mut max_scale = 0.0f32;
+        let mut max_min = 0.0f32;
+        for j in 0..8 {
+            let sub = &xb[32 * j..32 * j + 32];
+            let lo = sub.iter().copied().fold(0.0f32, f32::min);
+            let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            max_scale = max_scale.max(scales[j]).max((hi - lo) / nmaxf);
+            max_min = max_min.max(mins[j]).max(-lo);
+        }
+        let d = f16_at_least(max_scale / 63.0);
+        let dmin = f16_at_least(max_min / 63.0);
+        let (df, dminf) = (d.to_f32(), dmin.to_f32());
+        let q6 = |v: f32, step: f32| -> u8 {
+            if step > 0.0 {
+                (v / step).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            }
+        };
+        let mut ls = [0u8; 8];
+        let mut lm = [0u8; 8];
+        for j in 0..8 {
+            let sub = &xb[32 * j..32 * j + 32];
+            let fitted = (q6(scales[j], df), q6(mins[j], dminf));
+            (ls[j], lm[j]) = choose_codes(sub, fitted, df, dminf, nmaxf);
+        }
+        ScaleMinCodes { d, dmin, ls, lm, nmax: nmaxf }
+    }
+
+    /// The quant of element `i` of the super-block `xb` under the stored codes.
+    pub fn quant(&self, xb: &[f32], i: usize) -> u8 {
+        let j = i / 32;
+        let step = self.d.to_f32() * self.ls[j] as f32;
+        let off = self.dmin.to_f32() * self.lm[j] as f32;
+        if step > 0.0 {
+            ((xb[i] + off) / step).round().clamp(0.0, self.nmax) as u8
+        } else {
+            0
         }
     }
 }
@@ -378,12 +406,12 @@ fn f16_at_least(v: f32) -> half::f16 {
 /// Reconstruction of `x` with 6-bit scale code `ls` and min code `lm`:
 /// returns (largest absolute error, sum of squared errors) with each element
 /// at its nearest 4-bit level.
-fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32) -> (f32, f32) {
+fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32, nmax: f32) -> (f32, f32) {
     let step = df * ls as f32;
     let off = dminf * lm as f32;
     let (mut max_err, mut sq) = (0.0f32, 0.0f32);
     for &v in x {
-        let q = if step > 0.0 { ((v + off) / step).round().clamp(0.0, 15.0) } else { 0.0 };
+        let q = if step > 0.0 { ((v + off) / step).round().clamp(0.0, nmax) } else { 0.0 };
         let e = (step * q - off - v).abs();
         max_err = max_err.max(e);
         sq += e * e;
@@ -399,17 +427,17 @@ fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32) -> (f32, f32) {
 /// too. Among candidates whose worst element is within one level of the
 /// sub-block's own step (the covering codes always are), the one with the
 /// least squared error wins.
-fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32) -> (u8, u8) {
+fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32, nmax: f32) -> (u8, u8) {
     let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
     let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // Covering codes: the min code rounded up (so -off <= lo), then the
     // smallest scale code whose top level reaches hi.
     let lm_cover = if dminf > 0.0 { (-lo / dminf).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
     let off_cover = dminf * lm_cover as f32;
-    let ls_cover = if df > 0.0 { ((hi + off_cover) / (15.0 * df)).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
-    let bound = ((hi - lo) / 15.0).max(df).max(dminf);
+    let ls_cover = if df > 0.0 { ((hi + off_cover) / (nmax * df)).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
+    let bound = ((hi - lo) / nmax).max(df).max(dminf);
     let mut best = (ls_cover, lm_cover);
-    let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf).1;
+    let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf, nmax).1;
     let (fs, fm) = (fitted.0 as i32, fitted.1 as i32);
     for ls in [fs - 1, fs, fs + 1, ls_cover as i32] {
         for lm in [fm - 1, fm, fm + 1, lm_cover as i32] {
@@ -417,7 +445,7 @@ fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32) -> (u8, u8) {
                 continue;
             }
             let (ls, lm) = (ls as u8, lm as u8);
-            let (max_err, sq) = code_error(x, ls, lm, df, dminf);
+            let (max_err, sq) = code_error(x, ls, lm, df, dminf, nmax);
             if max_err <= bound && sq < best_sq {
                 best = (ls, lm);
                 best_sq = sq;

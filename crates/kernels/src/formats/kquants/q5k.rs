@@ -5,7 +5,8 @@
 //! The low nibbles are laid out as Q4_K's `qs`; the fifth bit of element
 //! `32j + l` is bit `j` of `qh[l]`.
 
-use super::{f16_to_f32, has_avx2_fma, unpack_scale_min_k4, BlockQ8K, QK_K};
+use super::q4k::ScaleMinCodes;
+use super::{f16_to_f32, has_avx2_fma, pack_scale_min_k4, unpack_scale_min_k4, BlockQ8K, QK_K};
 use crate::formats::BlockFormat;
 use crate::GgmlType;
 
@@ -34,6 +35,28 @@ fn q5(b: &BlockQ5K, i: usize) -> u8 {
     let lo = (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF;
     let hi = (b.qh[l] >> j) & 1;
     lo | (hi << 4)
+}
+
+impl BlockQ5K {
+    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q5_K: scales and
+    /// mins as Q4_K's quantizer fits them, for 5-bit quants.
+    pub fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK_K, "Q5_K quantize: length mismatch");
+        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+            let c = ScaleMinCodes::fit(xb, 31);
+            b.d = c.d.to_bits();
+            b.dmin = c.dmin.to_bits();
+            b.scales = pack_scale_min_k4(&c.ls, &c.lm);
+            b.qs = [0; QK_K / 2];
+            b.qh = [0; QK_K / 8];
+            for i in 0..QK_K {
+                let q = c.quant(xb, i);
+                let (j, l) = (i / 32, i % 32);
+                b.qs[32 * (j / 2) + l] |= (q & 0xF) << (4 * (j % 2));
+                b.qh[l] |= (q >> 4) << j;
+            }
+        }
+    }
 }
 
 impl BlockFormat for BlockQ5K {

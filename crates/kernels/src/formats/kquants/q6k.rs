@@ -47,6 +47,79 @@ fn q6(b: &BlockQ6K, i: usize) -> u8 {
     ((b.ql[lo_at] >> lo_shift) & 0xF) | (((b.qh[hi_at] >> hi_shift) & 3) << 4)
 }
 
+impl BlockQ6K {
+    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q6_K: per
+    /// 16-element sub-block, the scale (among steps that put its largest
+    /// magnitude at −32 down to −24, each re-fit by least squares to the
+    /// quants it gives) with the least squared error; the sixteen scales
+    /// then go to 8 bits against the super-block's `d` (f16), and the quants
+    /// are re-derived from the scales actually stored.
+    pub fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK_K, "Q6_K quantize: length mismatch");
+        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+            let mut scales = [0.0f32; 16];
+            for (j, s) in scales.iter_mut().enumerate() {
+                *s = fit_symmetric(&xb[16 * j..16 * j + 16]);
+            }
+            let max = scales.iter().fold(0.0f32, |m, s| m.max(s.abs()));
+            let d = half::f16::from_f32(max / 127.0);
+            let df = d.to_f32();
+            b.d = d.to_bits();
+            b.ql = [0; QK_K / 2];
+            b.qh = [0; QK_K / 4];
+            for (j, &s) in scales.iter().enumerate() {
+                let sc = if df > 0.0 { (s / df).round().clamp(-128.0, 127.0) } else { 0.0 };
+                b.scales[j] = sc as i8;
+                let step = df * sc;
+                for (i, &v) in xb.iter().enumerate().skip(16 * j).take(16) {
+                    let q = if step != 0.0 { (v / step).round().clamp(-32.0, 31.0) as i32 + 32 } else { 32 } as u8;
+                    let (lo_at, lo_shift, hi_at, hi_shift) = q6_place(i);
+                    b.ql[lo_at] |= (q & 0xF) << lo_shift;
+                    b.qh[hi_at] |= (q >> 4) << hi_shift;
+                }
+            }
+        }
+    }
+}
+
+/// The scale `s` of `x ≈ s·q`, q ∈ −32..=31, with the least squared error
+/// among a few candidates (negative when the largest magnitude is positive,
+/// so it lands on the −32 side of the asymmetric range).
+fn fit_symmetric(x: &[f32]) -> f32 {
+    let m = x.iter().copied().fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    if m == 0.0 {
+        return 0.0;
+    }
+    let err = |s: f32| -> f32 {
+        x.iter()
+            .map(|&v| {
+                let e = s * (v / s).round().clamp(-32.0, 31.0) - v;
+                e * e
+            })
+            .sum()
+    };
+    let mut best = -m / 32.0;
+    let mut best_err = err(best);
+    for k in 0..=16 {
+        let s = -m / (32.0 - 0.5 * k as f32);
+        // Least-squares re-fit of the scale to the quants it gives.
+        let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
+        for &v in x {
+            let q = (v / s).round().clamp(-32.0, 31.0);
+            sxq += v * q;
+            sqq += q * q;
+        }
+        for cand in [s, if sqq > 0.0 { sxq / sqq } else { s }] {
+            let e = err(cand);
+            if cand != 0.0 && e < best_err {
+                best = cand;
+                best_err = e;
+            }
+        }
+    }
+    best
+}
+
 impl BlockFormat for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6_K;
     const BLOCK: usize = QK_K;
