@@ -25,6 +25,7 @@
 pub mod chat;
 pub mod constraint;
 pub mod generate;
+pub mod imatrix;
 pub mod kv_cache;
 pub mod loader;
 pub mod lora;

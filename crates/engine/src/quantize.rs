@@ -15,13 +15,19 @@
 //!   every third layer between (llama.cpp's "more bits" layers);
 //! - the plain types put every other matrix in that type.
 //!
+//! With an importance matrix (`minnow imatrix`, or `llama-imatrix`'s), the
+//! k-quant fits (Q4_K, Q5_K, Q6_K) weigh each weight's error by its input
+//! column's mean squared activation on the user's data
+//! (`quantize_weighted_to_vec`); the legacy types ignore it.
+//!
 //! Input tensors in F32, F16 or BF16 are quantized from their values; an
 //! input that is already quantized is dequantized first (a second rounding:
 //! the report counts those tensors, and the command warns).
 
+use crate::imatrix::Imatrix;
 use minnow_gguf::{GgmlType, GgufFile, GgufWriter, TensorInfo, Value};
 use minnow_kernels::formats::dequantize;
-use minnow_kernels::quantize::quantize_to_vec;
+use minnow_kernels::quantize::{quantize_to_vec, quantize_weighted_to_vec};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -164,6 +170,8 @@ pub struct QuantReport {
     pub tensors: usize,
     /// Tensors whose input was already quantized (dequantized, then re-encoded).
     pub requantized: usize,
+    /// Tensors quantized with importance weights.
+    pub weighted: usize,
     /// Output type → tensors and elements.
     pub mix: BTreeMap<String, (usize, u64)>,
     pub in_bytes: u64,
@@ -171,11 +179,13 @@ pub struct QuantReport {
 }
 
 /// Re-encodes `input` as `ty` into `out` (written atomically), quantizing
-/// with `threads` threads; `progress` hears each tensor's name.
+/// with `threads` threads, weighted by `imatrix` where it has the tensor;
+/// `progress` hears each tensor's name.
 pub fn quantize_file(
     input: &GgufFile,
     out: &Path,
     ty: QuantType,
+    imatrix: Option<&Imatrix>,
     threads: usize,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<QuantReport> {
@@ -200,7 +210,17 @@ pub fn quantize_file(
             if !matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
                 report.requantized += 1;
             }
-            encode(input, info, want, threads).with_context(|| format!("tensor '{}'", info.name))?
+            // A tied head's statistics are recorded as the head's.
+            let imp = imatrix.and_then(|m| {
+                m.importance(&info.name)
+                    .or_else(|| {
+                        (tied && info.name == "token_embd.weight").then(|| m.importance("output.weight")).flatten()
+                    })
+                    .filter(|v| v.len() as u64 == info.dims[0])
+            });
+            let weighted = imp.is_some() && matches!(want, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+            report.weighted += usize::from(weighted);
+            encode(input, info, want, imp.as_deref(), threads).with_context(|| format!("tensor '{}'", info.name))?
         };
         w.add_tensor(info.name.clone(), &info.dims, want, bytes)?;
         report.tensors += 1;
@@ -214,7 +234,13 @@ pub fn quantize_file(
 }
 
 /// One tensor's values in `want`, its rows split over `threads` threads.
-fn encode(input: &GgufFile, info: &TensorInfo, want: GgmlType, threads: usize) -> anyhow::Result<Vec<u8>> {
+fn encode(
+    input: &GgufFile,
+    info: &TensorInfo,
+    want: GgmlType,
+    imp: Option<&[f32]>,
+    threads: usize,
+) -> anyhow::Result<Vec<u8>> {
     let n = info.n_elements() as usize;
     let mut values = vec![0f32; n];
     dequantize(info.ty, input.tensor_data(info), &mut values).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -227,7 +253,15 @@ fn encode(input: &GgufFile, info: &TensorInfo, want: GgmlType, threads: usize) -
     let parts: Vec<anyhow::Result<Vec<u8>>> = std::thread::scope(|sc| {
         let hs: Vec<_> = values
             .chunks(per * row)
-            .map(|chunk| sc.spawn(move || quantize_to_vec(want, chunk).map_err(|e| anyhow::anyhow!("{e}"))))
+            .map(|chunk| {
+                sc.spawn(move || {
+                    match imp {
+                        Some(imp) => quantize_weighted_to_vec(want, chunk, imp),
+                        None => quantize_to_vec(want, chunk),
+                    }
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                })
+            })
             .collect();
         hs.into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a quantizer thread panicked"))))

@@ -142,6 +142,37 @@ pub fn quantize_to_vec(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, LayoutError
     Ok(out)
 }
 
+/// [`quantize_to_vec`] with an importance per column (`importance.len()`
+/// is the row length; `src` is whole rows): the k-quants (Q4_K, Q5_K,
+/// Q6_K) weigh each element's error by its column's importance when they
+/// fit scales; the other types have no weighted quantizer here and ignore it.
+pub fn quantize_weighted_to_vec(ty: GgmlType, src: &[f32], importance: &[f32]) -> Result<Vec<u8>, LayoutError> {
+    let row = importance.len();
+    if row == 0 || !src.len().is_multiple_of(row) {
+        return Err(LayoutError(format!("{} values are not whole rows of {row}", src.len())));
+    }
+    if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+        return quantize_to_vec(ty, src);
+    }
+    if !src.len().is_multiple_of(QK_K) {
+        return Err(LayoutError(format!("{} values are not a whole number of {ty} blocks of {QK_K}", src.len())));
+    }
+    // A floor keeps columns that were never active from being ignored.
+    let mean = importance.iter().sum::<f32>() / row as f32;
+    let per_elem: Vec<f32> = (0..src.len()).map(|i| importance[i % row].max(1e-3 * mean)).collect();
+    fn run<B: Pod>(n: usize, f: impl FnOnce(&mut [B])) -> Vec<u8> {
+        let mut out = vec![B::zeroed(); n];
+        f(&mut out);
+        bytemuck::cast_slice(&out).to_vec()
+    }
+    let n = src.len() / QK_K;
+    Ok(match ty {
+        GgmlType::Q4_K => run::<BlockQ4K>(n, |o| BlockQ4K::quantize_weighted(src, Some(&per_elem), o)),
+        GgmlType::Q5_K => run::<BlockQ5K>(n, |o| BlockQ5K::quantize_weighted(src, Some(&per_elem), o)),
+        _ => run::<BlockQ6K>(n, |o| BlockQ6K::quantize_weighted(src, Some(&per_elem), o)),
+    })
+}
+
 /// Byte offsets, within one block of `ty`, of the f16 fields that every
 /// value of the block is proportional to (scale, and min where there is
 /// one). `None` for types without such fields (the float types are scaled

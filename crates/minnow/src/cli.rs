@@ -45,6 +45,9 @@ enum Command {
     /// Re-encode a model in another block format (llama.cpp's `_M` mixes):
     /// F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_0.
     Quantize(QuantizeArgs),
+    /// Importance matrix of a model on your own data (llama.cpp's GGUF
+    /// imatrix format), for `quantize --imatrix` or `llama-quantize --imatrix`.
+    Imatrix(ImatrixArgs),
     /// Download, assemble and verify a test model ("all" for every one).
     Pull(PullArgs),
     /// OpenAI-compatible HTTP server with continuous batching (and a chat page at /).
@@ -465,6 +468,7 @@ pub fn main() -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Upcycle(a) => upcycle(a),
         Command::Quantize(a) => quantize(a),
+        Command::Imatrix(a) => imatrix(a),
         Command::Distill(a) => crate::distill_cmd::main(a),
         Command::Pull(a) => {
             for p in models::pull(&a.name)? {
@@ -985,6 +989,89 @@ fn bench(a: BenchArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+struct ImatrixArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL of texts: each record's `text`, `prompt` (+ `completion` or
+    /// `answer`), or `messages` (rendered with the chat template).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write the importance matrix (GGUF, atomically).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// Tokens per forward pass (a record longer than this goes in pieces).
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Stop after this many tokens in all.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+}
+
+/// One record of `imatrix --data` as text.
+fn record_text(m: &LoadedModel, v: &serde_json::Value, line: usize) -> Result<String> {
+    if let Some(t) = v.get("text").and_then(|t| t.as_str()) {
+        return Ok(t.to_string());
+    }
+    if let Some(p) = v.get("prompt").and_then(|t| t.as_str()) {
+        let answer = v.get("completion").or_else(|| v.get("answer")).and_then(|t| t.as_str()).unwrap_or("");
+        return Ok(format!("{p}{answer}"));
+    }
+    if let Some(msgs) = v.get("messages") {
+        let msgs: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
+            .with_context(|| format!("line {line}: `messages` is not a list of {{role, content}}"))?;
+        return Ok(match &m.chat {
+            Some(t) => t.render(&msgs, false).map_err(|e| anyhow!("line {line}: {e}"))?,
+            None => msgs.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
+        });
+    }
+    bail!("line {line}: a record needs `text`, `prompt` or `messages`")
+}
+
+fn imatrix(a: ImatrixArgs) -> Result<()> {
+    use minnow_engine::imatrix::{Collector, Imatrix};
+    use minnow_engine::model::{Logits, SeqBatch};
+    let (m, pool) = a.model.load()?;
+    if a.chunk == 0 {
+        bail!("--chunk must be at least 1");
+    }
+    let text = std::fs::read_to_string(&a.data).with_context(|| format!("{}", a.data.display()))?;
+    let mut total =
+        Imatrix { datasets: vec![a.data.display().to_string()], chunk_size: a.chunk as u32, ..Default::default() };
+    let (mut tokens, t0) = (0usize, Instant::now());
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}: not JSON", i + 1))?;
+        let ids = m.tokenizer.encode(&record_text(&m, &v, i + 1)?, true, true)?;
+        let mut cache = m.model.new_cache(ids.len().max(1));
+        let (r, stats) = Collector::run(|| -> Result<()> {
+            for piece in ids.chunks(a.chunk) {
+                let mut seqs = [SeqBatch { tokens: piece, cache: &mut cache, logits: Logits::All, adapter: None }];
+                m.model.forward(&pool, &mut seqs)?;
+                total.chunks += 1;
+            }
+            Ok(())
+        });
+        r?;
+        total.merge(stats);
+        tokens += ids.len();
+        if a.max_tokens.is_some_and(|max| tokens >= max) {
+            break;
+        }
+    }
+    if tokens == 0 {
+        bail!("{} has no records", a.data.display());
+    }
+    total.write(&a.output)?;
+    println!(
+        "wrote {} in {:.1} s: {} matrices, {tokens} tokens in {} chunks",
+        a.output.display(),
+        t0.elapsed().as_secs_f64(),
+        total.sums.len(),
+        total.chunks
+    );
+    Ok(())
+}
+
+#[derive(Args)]
 struct QuantizeArgs {
     /// The model to re-encode: a GGUF file or a test model's short name.
     input: String,
@@ -996,6 +1083,10 @@ struct QuantizeArgs {
     /// Threads to quantize with (default: the number of physical cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
+    /// An importance matrix (`minnow imatrix` or `llama-imatrix`, GGUF):
+    /// the k-quant fits weigh each weight by its column's activations.
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
@@ -1004,7 +1095,12 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     let input = models::resolve(&a.input)?;
     let file = minnow_gguf::GgufFile::open(&input).with_context(|| format!("{}", input.display()))?;
     let t = Instant::now();
-    let r = quantize_file(&file, &a.output, ty, a.threads.unwrap_or_else(physical_cores).max(1), |_| {})?;
+    let imatrix = a.imatrix.as_deref().map(minnow_engine::imatrix::Imatrix::read).transpose()?;
+    let threads = a.threads.unwrap_or_else(physical_cores).max(1);
+    let r = quantize_file(&file, &a.output, ty, imatrix.as_ref(), threads, |_| {})?;
+    if imatrix.is_some() && r.weighted == 0 {
+        eprintln!("warning: the importance matrix matched none of the k-quant tensors (another model's?)");
+    }
     if r.requantized > 0 {
         eprintln!(
             "warning: {} of {} tensors were already quantized in {}: they were dequantized and quantized again \
@@ -1016,13 +1112,14 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     }
     let mix: Vec<String> = r.mix.iter().map(|(t, (n, _))| format!("{n} {t}")).collect();
     println!(
-        "wrote {} ({}) in {:.1} s: {:.1} MB from {:.1} MB; tensors: {}",
+        "wrote {} ({}) in {:.1} s: {:.1} MB from {:.1} MB; tensors: {}; {} weighted by the importance matrix",
         a.output.display(),
         ty.name(),
         t.elapsed().as_secs_f64(),
         r.out_bytes as f64 / 1e6,
         r.in_bytes as f64 / 1e6,
-        mix.join(", ")
+        mix.join(", "),
+        r.weighted
     );
     Ok(())
 }

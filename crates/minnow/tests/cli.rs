@@ -261,7 +261,8 @@ fn run_constraints_shape_the_answer_and_bad_ones_are_refused() {
 /// already quantized; that F16 file to each type gives a model that loads
 /// and scores a held-out text (the golden GPL-3 excerpt, which nothing was
 /// tuned on) close to the F16 source — the more bits, the closer (the
-/// per-tensor mix is checked by the engine's unit test); an unknown type is
+/// per-tensor mix is checked by the engine's unit test); `minnow imatrix`
+/// on the order task's inputs weighs the k-quant fits; an unknown type is
 /// a one-line error naming the types.
 #[test]
 fn quantize_makes_each_type_and_keeps_the_perplexity_close() {
@@ -295,6 +296,25 @@ fn quantize_makes_each_type_and_keeps_the_perplexity_close() {
         assert!(nll.is_finite() && nll - base <= max_up, "{ty}: mean NLL {nll:.4} vs F16 {base:.4}");
         eprintln!("{ty}: {nll:.4} (F16 {base:.4})");
     }
+    // An importance matrix of the order task's dev inputs weighs the
+    // k-quant tensors (Q4_K_M: the Q4_K and Q6_K ones).
+    let im = dir.join("imatrix.gguf");
+    let data =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tasks/order-extraction/dev.jsonl");
+    let out =
+        minnow(&["imatrix", f16.to_str().unwrap(), "--data", data.to_str().unwrap(), "-o", im.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("211 matrices"), "{}", String::from_utf8_lossy(&out.stdout));
+    let weighted = dir.join("weighted.gguf");
+    let out = minnow(
+        &["quantize", f16.to_str().unwrap(), weighted.to_str().unwrap(), "Q4_K_M", "--imatrix", im.to_str().unwrap()],
+        None,
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("30 weighted"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    let nll = score(&weighted);
+    assert!(nll.is_finite() && nll - base <= 0.15, "Q4_K_M with the imatrix: {nll:.4} vs F16 {base:.4}");
+
     let bad = minnow(&["quantize", f16.to_str().unwrap(), dir.join("x.gguf").to_str().unwrap(), "Q3_K_M"], None);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("Q4_K_M") && err.trim().lines().count() == 1, "{err}");

@@ -297,6 +297,9 @@ impl Attention {
         let q_dim = shape.n_head * hd;
         let kv_dim = shape.n_head_kv * hd;
         let RunState { h, q, k, v, att, out, .. } = st;
+        for p in [Proj::Q, Proj::K, Proj::V] {
+            crate::imatrix::record(layer, p, h, n);
+        }
         mm_many_into(pool, [&self.wq, &self.wk, &self.wv], h, n, [&mut *q, &mut *k, &mut *v])?;
         lora.apply_many(pool, layer, h, [(Proj::Q, &mut q[..]), (Proj::K, &mut k[..]), (Proj::V, &mut v[..])]);
         if let Some((bq, bk, bv)) = &self.bias {
@@ -335,6 +338,7 @@ impl Attention {
         let heads = Heads { n_head: shape.n_head, n_head_kv: shape.n_head_kv, head_dim: hd, scale: shape.scale };
         let att = sized(att, n * q_dim);
         attend_batch(pool, heads, q, &spans, &kv, att);
+        crate::imatrix::record(layer, Proj::O, att, n);
         mm_into(pool, &self.wo, att, n, out)?;
         lora.apply(pool, layer, Proj::O, att, out);
         Ok(())
@@ -376,6 +380,10 @@ impl Ffn {
         out: &mut Vec<f32>,
         lora: Option<(&LoraRows, usize)>,
     ) -> Result<(), ModelError> {
+        if let Some((_, layer)) = lora {
+            crate::imatrix::record(layer, Proj::Gate, x, n);
+            crate::imatrix::record(layer, Proj::Up, x, n);
+        }
         mm_many_into(pool, [&self.gate, &self.up], x, n, [&mut *gate, &mut *up])?;
         if let Some((lora, layer)) = lora {
             lora.apply_many(pool, layer, x, [(Proj::Gate, &mut gate[..]), (Proj::Up, &mut up[..])]);
@@ -383,6 +391,9 @@ impl Ffn {
         match act {
             Activation::Silu => ops::gated_silu(gate, up),
             Activation::GeluTanh => ops::gated_gelu(gate, up),
+        }
+        if let Some((_, layer)) = lora {
+            crate::imatrix::record(layer, Proj::Down, gate, n);
         }
         mm_into(pool, &self.down, gate, n, out)?;
         if let Some((lora, layer)) = lora {
@@ -428,6 +439,7 @@ pub(crate) fn output_logits(
         hx.extend_from_slice(&x[r * n_embd..(r + 1) * n_embd]);
     }
     let hx = norm_rows(&hx, norm, eps);
+    crate::imatrix::record_named(|| "output.weight".to_string(), &hx, picked.len());
     let mut logits = if picked.is_empty() { Vec::new() } else { mm(pool, head, &hx, picked.len())? };
     let vocab = head.rows;
     let mut out = Vec::with_capacity(seqs.len());

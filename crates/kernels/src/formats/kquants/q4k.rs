@@ -246,7 +246,10 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]
 /// scale and offset re-fit by weighted least squares (weights favour large
 /// magnitudes, which matter most to a dot product). Keeps the best.
 /// Returns `(scale, min)`, both ≥ 0.
-fn fit_scale_min(x: &[f32], nmax: u8) -> (f32, f32) {
+///
+/// `imp`: each element's importance (an importance matrix's mean squared
+/// input of its column), multiplying its weight; `None` weighs all alike.
+fn fit_scale_min(x: &[f32], nmax: u8, imp: Option<&[f32]>) -> (f32, f32) {
     let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
     let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if hi <= lo {
@@ -254,14 +257,15 @@ fn fit_scale_min(x: &[f32], nmax: u8) -> (f32, f32) {
     }
     let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let av = mean_sq.sqrt();
-    let weight = |v: f32| av + v.abs();
+    let weight = |i: usize, v: f32| imp.map_or(1.0, |w| w[i]) * (av + v.abs());
     let nmaxf = nmax as f32;
     let err = |scale: f32, min: f32| -> f32 {
         x.iter()
-            .map(|&v| {
+            .enumerate()
+            .map(|(i, &v)| {
                 let q = if scale > 0.0 { ((v + min) / scale).round().clamp(0.0, nmaxf) } else { 0.0 };
                 let e = scale * q - min - v;
-                weight(v) * e * e
+                weight(i, v) * e * e
             })
             .sum()
     };
@@ -270,9 +274,9 @@ fn fit_scale_min(x: &[f32], nmax: u8) -> (f32, f32) {
     for step in -10..=10 {
         let iscale = (nmaxf + 0.1 * step as f32) / (hi - lo);
         let (mut sw, mut sl, mut sl2, mut sx, mut sxl) = (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let l = (iscale * (v - lo)).round().clamp(0.0, nmaxf);
-            let w = weight(v);
+            let w = weight(i, v);
             sw += w;
             sl += w * l;
             sl2 += w * l * l;
@@ -307,9 +311,15 @@ impl BlockQ4K {
     /// Quantizes `x` (`x.len() == out.len() * 256`) to Q4_K: scales and
     /// mins as `ScaleMinCodes::fit` finds them for 4-bit quants.
     pub fn quantize(x: &[f32], out: &mut [Self]) {
+        Self::quantize_weighted(x, None, out)
+    }
+
+    /// [`quantize`](Self::quantize) with each element's importance
+    /// (`imp.len() == x.len()`) weighing its error in the fits.
+    pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q4_K quantize: length mismatch");
-        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-            let c = ScaleMinCodes::fit(xb, 15);
+        for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+            let c = ScaleMinCodes::fit(xb, 15, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
             b.d = c.d.to_bits();
             b.dmin = c.dmin.to_bits();
             b.scales = pack_scale_min_k4(&c.ls, &c.lm);
@@ -341,12 +351,12 @@ impl ScaleMinCodes {
     /// to 6 bits against the super-block's `d`/`dmin` (stored as f16), and
     /// the quants are re-derived from the scales actually stored
     /// ([`quant`](Self::quant)), so rounding of the scales does not compound.
-    pub fn fit(xb: &[f32], nmax: u8) -> ScaleMinCodes {
+    pub fn fit(xb: &[f32], nmax: u8, imp: Option<&[f32]>) -> ScaleMinCodes {
         let nmaxf = nmax as f32;
         let mut scales = [0.0f32; 8];
         let mut mins = [0.0f32; 8];
         for j in 0..8 {
-            (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], nmax);
+            (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], nmax, imp.map(|w| &w[32 * j..32 * j + 32]));
         }
         // d and dmin must leave every sub-block's covering codes (see
         // `choose_codes`) within 6 bits, so they bound the covering
@@ -375,7 +385,7 @@ impl ScaleMinCodes {
         for j in 0..8 {
             let sub = &xb[32 * j..32 * j + 32];
             let fitted = (q6(scales[j], df), q6(mins[j], dminf));
-            (ls[j], lm[j]) = choose_codes(sub, fitted, df, dminf, nmaxf);
+            (ls[j], lm[j]) = choose_codes(sub, fitted, df, dminf, nmaxf, imp.map(|w| &w[32 * j..32 * j + 32]));
         }
         ScaleMinCodes { d, dmin, ls, lm, nmax: nmaxf }
     }
@@ -406,15 +416,15 @@ fn f16_at_least(v: f32) -> half::f16 {
 /// Reconstruction of `x` with 6-bit scale code `ls` and min code `lm`:
 /// returns (largest absolute error, sum of squared errors) with each element
 /// at its nearest 4-bit level.
-fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32, nmax: f32) -> (f32, f32) {
+fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32, nmax: f32, imp: Option<&[f32]>) -> (f32, f32) {
     let step = df * ls as f32;
     let off = dminf * lm as f32;
     let (mut max_err, mut sq) = (0.0f32, 0.0f32);
-    for &v in x {
+    for (i, &v) in x.iter().enumerate() {
         let q = if step > 0.0 { ((v + off) / step).round().clamp(0.0, nmax) } else { 0.0 };
         let e = (step * q - off - v).abs();
         max_err = max_err.max(e);
-        sq += e * e;
+        sq += imp.map_or(1.0, |w| w[i]) * e * e;
     }
     (max_err, sq)
 }
@@ -427,7 +437,7 @@ fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32, nmax: f32) -> (f32
 /// too. Among candidates whose worst element is within one level of the
 /// sub-block's own step (the covering codes always are), the one with the
 /// least squared error wins.
-fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32, nmax: f32) -> (u8, u8) {
+fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32, nmax: f32, imp: Option<&[f32]>) -> (u8, u8) {
     let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
     let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // Covering codes: the min code rounded up (so -off <= lo), then the
@@ -437,7 +447,7 @@ fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32, nmax: f32) -> 
     let ls_cover = if df > 0.0 { ((hi + off_cover) / (nmax * df)).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
     let bound = ((hi - lo) / nmax).max(df).max(dminf);
     let mut best = (ls_cover, lm_cover);
-    let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf, nmax).1;
+    let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf, nmax, imp).1;
     let (fs, fm) = (fitted.0 as i32, fitted.1 as i32);
     for ls in [fs - 1, fs, fs + 1, ls_cover as i32] {
         for lm in [fm - 1, fm, fm + 1, lm_cover as i32] {
@@ -445,7 +455,7 @@ fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32, nmax: f32) -> 
                 continue;
             }
             let (ls, lm) = (ls as u8, lm as u8);
-            let (max_err, sq) = code_error(x, ls, lm, df, dminf, nmax);
+            let (max_err, sq) = code_error(x, ls, lm, df, dminf, nmax, imp);
             if max_err <= bound && sq < best_sq {
                 best = (ls, lm);
                 best_sq = sq;

@@ -41,9 +41,15 @@ impl BlockQ5K {
     /// Quantizes `x` (`x.len() == out.len() * 256`) to Q5_K: scales and
     /// mins as Q4_K's quantizer fits them, for 5-bit quants.
     pub fn quantize(x: &[f32], out: &mut [Self]) {
+        Self::quantize_weighted(x, None, out)
+    }
+
+    /// [`quantize`](Self::quantize) with each element's importance
+    /// (`imp.len() == x.len()`) weighing its error in the fits.
+    pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q5_K quantize: length mismatch");
-        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-            let c = ScaleMinCodes::fit(xb, 31);
+        for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+            let c = ScaleMinCodes::fit(xb, 31, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
             b.d = c.d.to_bits();
             b.dmin = c.dmin.to_bits();
             b.scales = pack_scale_min_k4(&c.ls, &c.lm);

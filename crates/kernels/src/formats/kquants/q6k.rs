@@ -55,11 +55,18 @@ impl BlockQ6K {
     /// then go to 8 bits against the super-block's `d` (f16), and the quants
     /// are re-derived from the scales actually stored.
     pub fn quantize(x: &[f32], out: &mut [Self]) {
+        Self::quantize_weighted(x, None, out)
+    }
+
+    /// [`quantize`](Self::quantize) with each element's importance
+    /// (`imp.len() == x.len()`) weighing its error in the scale fits.
+    pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q6_K quantize: length mismatch");
-        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
             let mut scales = [0.0f32; 16];
             for (j, s) in scales.iter_mut().enumerate() {
-                *s = fit_symmetric(&xb[16 * j..16 * j + 16]);
+                let at = k * QK_K + 16 * j;
+                *s = fit_symmetric(&xb[16 * j..16 * j + 16], imp.map(|w| &w[at..at + 16]));
             }
             let max = scales.iter().fold(0.0f32, |m, s| m.max(s.abs()));
             let d = half::f16::from_f32(max / 127.0);
@@ -85,16 +92,18 @@ impl BlockQ6K {
 /// The scale `s` of `x ≈ s·q`, q ∈ −32..=31, with the least squared error
 /// among a few candidates (negative when the largest magnitude is positive,
 /// so it lands on the −32 side of the asymmetric range).
-fn fit_symmetric(x: &[f32]) -> f32 {
+fn fit_symmetric(x: &[f32], imp: Option<&[f32]>) -> f32 {
     let m = x.iter().copied().fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
     if m == 0.0 {
         return 0.0;
     }
+    let w = |i: usize| imp.map_or(1.0, |w| w[i]);
     let err = |s: f32| -> f32 {
         x.iter()
-            .map(|&v| {
+            .enumerate()
+            .map(|(i, &v)| {
                 let e = s * (v / s).round().clamp(-32.0, 31.0) - v;
-                e * e
+                w(i) * e * e
             })
             .sum()
     };
@@ -104,10 +113,10 @@ fn fit_symmetric(x: &[f32]) -> f32 {
         let s = -m / (32.0 - 0.5 * k as f32);
         // Least-squares re-fit of the scale to the quants it gives.
         let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = (v / s).round().clamp(-32.0, 31.0);
-            sxq += v * q;
-            sqq += q * q;
+            sxq += w(i) * v * q;
+            sqq += w(i) * q * q;
         }
         for cand in [s, if sqq > 0.0 { sxq / sqq } else { s }] {
             let e = err(cand);
