@@ -787,13 +787,16 @@ mod tests {
     #[test]
     fn expert_types_fall_back_upwards() {
         assert_eq!(expert_type(GgmlType::Q6_K, 4864, ExpertType::Keep, false), (GgmlType::Q6_K, None));
-        assert_eq!(expert_type(GgmlType::Q6_K, 4864, ExpertType::Keep, true).0, GgmlType::Q8_0);
+        // Q6_K can be re-encoded now; Q3_K cannot and falls back upwards.
+        assert_eq!(expert_type(GgmlType::Q6_K, 4864, ExpertType::Keep, true), (GgmlType::Q6_K, None));
+        assert_eq!(expert_type(GgmlType::Q3_K, 4864, ExpertType::Keep, true).0, GgmlType::Q8_0);
         assert_eq!(expert_type(GgmlType::Q5_0, 896, ExpertType::Keep, true), (GgmlType::Q5_0, None));
         assert_eq!(expert_type(GgmlType::Q5_0, 896, ExpertType::To(GgmlType::Q4_K), false).0, GgmlType::Q5_0);
         assert_eq!(expert_type(GgmlType::Q5_0, 4864, ExpertType::To(GgmlType::Q4_K), false), (GgmlType::Q4_K, None));
         assert_eq!(expert_type(GgmlType::F32, 48, ExpertType::To(GgmlType::Q8_0), false).0, GgmlType::F16);
         assert_eq!(ExpertType::parse("Q4_K").unwrap(), ExpertType::To(GgmlType::Q4_K));
         assert_eq!(ExpertType::parse("keep").unwrap(), ExpertType::Keep);
-        assert!(ExpertType::parse("q6_k").unwrap_err().to_string().contains("q4_k"));
+        assert_eq!(ExpertType::parse("q6_k").unwrap(), ExpertType::To(GgmlType::Q6_K));
+        assert!(ExpertType::parse("q3_k").unwrap_err().to_string().contains("q4_k"));
     }
 }
