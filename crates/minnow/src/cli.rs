@@ -1144,8 +1144,8 @@ struct UpcycleArgs {
     /// Seed of the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Expert tensor type: keep (the dense bytes, copied), q8_0, q4_0, q4_k,
-    /// q4_1, q5_0, q5_1, f16, bf16, f32.
+    /// Expert tensor type: keep (the dense bytes, copied), q8_0, q6_k, q5_k,
+    /// q4_0, q4_k, q4_1, q5_0, q5_1, f16, bf16, f32.
     #[arg(long = "type", default_value = "keep")]
     expert_type: String,
     /// Experts are n_ff/k-wide slices of the dense FFN (expert e is slice
