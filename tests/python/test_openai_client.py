@@ -9,7 +9,6 @@ every test_* function and ends with an "N passed, N failed" line.
 import json
 import os
 import sys
-import traceback
 import urllib.request
 
 import openai
@@ -299,22 +298,7 @@ def test_bad_constraints_are_400s_naming_the_parameter():
             raise AssertionError(f"{kwargs} was accepted")
 
 
-def main():
-    tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_") and callable(f)]
-    passed = failed = 0
-    for name, f in tests:
-        try:
-            f()
-        except Exception:
-            failed += 1
-            print(f"FAIL {name}")
-            traceback.print_exc()
-        else:
-            passed += 1
-            print(f"ok   {name}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import runner
+
+    sys.exit(runner.main(globals()))

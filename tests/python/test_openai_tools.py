@@ -13,7 +13,6 @@ by pydantic (the client's own `pydantic_function_tool` builds the tools).
 import json
 import os
 import sys
-import traceback
 from typing import Literal
 
 import openai
@@ -183,22 +182,7 @@ def test_bad_tool_requests_are_400s_naming_the_parameter():
             raise AssertionError(f"{param}: accepted")
 
 
-def main():
-    tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_") and callable(f)]
-    passed = failed = 0
-    for name, f in tests:
-        try:
-            f()
-        except Exception:
-            failed += 1
-            print(f"FAIL {name}")
-            traceback.print_exc()
-        else:
-            passed += 1
-            print(f"ok   {name}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import runner
+
+    sys.exit(runner.main(globals()))

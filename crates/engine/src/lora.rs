@@ -55,7 +55,7 @@ impl Proj {
     }
 
     /// (out, in) of this projection in a model of `cfg`.
-    fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
         let e = cfg.n_embd;
         match self {
             Proj::Q => (cfg.q_dim(), e),

@@ -53,13 +53,7 @@ fn random_pairs(m: &LoadedModel, rank: usize, projs: &[Proj], seed: u64) -> Vec<
     let mut out = Vec::new();
     for l in 0..cfg.n_layer {
         for &p in projs {
-            let (rows, cols) = match p {
-                Proj::Q => (cfg.q_dim(), cfg.n_embd),
-                Proj::K | Proj::V => (cfg.kv_dim(), cfg.n_embd),
-                Proj::O => (cfg.n_embd, cfg.q_dim()),
-                Proj::Gate | Proj::Up => (cfg.n_ff, cfg.n_embd),
-                Proj::Down => (cfg.n_embd, cfg.n_ff),
-            };
+            let (rows, cols) = p.shape(cfg);
             let a: Vec<f32> = (0..rank * cols).map(|_| next() * 0.08).collect();
             let b: Vec<f32> = (0..rows * rank).map(|_| next() * 0.08).collect();
             out.push((l, p, LowRank::new(rank, cols, rows, a, b)));

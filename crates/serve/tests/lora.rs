@@ -21,13 +21,7 @@ fn adapter(name: &str, rank: usize, projs: &[Proj], phase: f32) -> Arc<LoraAdapt
     let mut pairs = Vec::new();
     for l in 0..cfg.n_layer {
         for &p in projs {
-            let (rows, cols) = match p {
-                Proj::Q => (cfg.q_dim(), cfg.n_embd),
-                Proj::K | Proj::V => (cfg.kv_dim(), cfg.n_embd),
-                Proj::O => (cfg.n_embd, cfg.q_dim()),
-                Proj::Gate | Proj::Up => (cfg.n_ff, cfg.n_embd),
-                Proj::Down => (cfg.n_embd, cfg.n_ff),
-            };
+            let (rows, cols) = p.shape(&cfg);
             let wave = |i: usize, k: f32| 0.15 * ((i as f32) * k + phase + l as f32).sin();
             let a = (0..rank * cols).map(|i| wave(i, 0.37)).collect();
             let b = (0..rows * rank).map(|i| wave(i, 0.91)).collect();
