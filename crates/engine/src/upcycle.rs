@@ -82,7 +82,7 @@
 //! Expert tensors keep the dense tensors' types by default: the quantized
 //! bytes are copied as they are (no second quantization). With noise, or a
 //! requested type, they are dequantized and quantized again (see
-//! `minnow_kernels::quantize`); a type minnow cannot produce (e.g. Q6_K)
+//! `minnow_kernels::quantize`); a type minnow cannot produce (e.g. Q3_K)
 //! becomes Q8_0, and rows that are not whole blocks of the requested type
 //! fall back as llama.cpp's quantizer does (Q4_K → Q5_0), each noted in the
 //! summary. Everything else is copied byte for byte.
