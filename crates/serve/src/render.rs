@@ -177,13 +177,11 @@ impl Shape {
     /// The id of call `k` of choice `index`: unique per response (the
     /// response id is), `call_` and 24 hex digits as OpenAI's look.
     pub fn call_id(&self, index: usize, k: usize) -> String {
+        use minnow_kernels::mix::{fnv1a_extend, FNV1A_START};
+        // FNV-1a over the response id, the choice and the call, from a salted start.
         let hash = |salt: u64| {
-            // FNV-1a over the response id, the choice, the call and a salt.
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
-            for b in self.id.bytes().chain(index.to_le_bytes()).chain(k.to_le_bytes()) {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
-            h
+            let h = fnv1a_extend(FNV1A_START ^ salt, self.id.as_bytes());
+            fnv1a_extend(fnv1a_extend(h, &index.to_le_bytes()), &k.to_le_bytes())
         };
         format!("call_{:016x}{:08x}", hash(1), hash(2) as u32)
     }
