@@ -3,9 +3,8 @@
 //! rescaling of already-quantized tensors.
 //!
 //! - [`quantize`] / [`quantize_to_vec`]: f32 → F32, F16, BF16, Q4_0, Q4_1,
-//!   Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K bytes, with the formats' own
-//!   quantizers. Q2_K and Q3_K have no quantizer here yet; [`can_quantize`]
-//!   says which types work.
+//!   Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K bytes, with the
+//!   formats' own quantizers; [`can_quantize`] says which types work.
 //! - [`QuantizeOnWrite`]: the same as a method on [`GgufWriter`], which
 //!   cannot do it itself: the gguf crate knows block *geometry* but not
 //!   block *contents*, and depends on nothing, while this crate depends on it.
@@ -39,7 +38,7 @@ macro_rules! encode_with {
 encode_with!(
     BlockF16 => 1, BlockBF16 => 1,
     BlockQ4_0 => QK, BlockQ4_1 => QK, BlockQ5_0 => QK, BlockQ5_1 => QK, BlockQ8_0 => QK,
-    BlockQ4K => QK_K, BlockQ5K => QK_K, BlockQ6K => QK_K,
+    BlockQ2K => QK_K, BlockQ3K => QK_K, BlockQ4K => QK_K, BlockQ5K => QK_K, BlockQ6K => QK_K,
 );
 
 impl Encode for BlockF32 {
@@ -63,6 +62,8 @@ macro_rules! dispatch_encode {
             T::Q5_0 => $f::<BlockQ5_0>($($args),*),
             T::Q5_1 => $f::<BlockQ5_1>($($args),*),
             T::Q8_0 => $f::<BlockQ8_0>($($args),*),
+            T::Q2_K => $f::<BlockQ2K>($($args),*),
+            T::Q3_K => $f::<BlockQ3K>($($args),*),
             T::Q4_K => $f::<BlockQ4K>($($args),*),
             T::Q5_K => $f::<BlockQ5K>($($args),*),
             T::Q6_K => $f::<BlockQ6K>($($args),*),
@@ -127,7 +128,7 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), LayoutE
         ty,
         encode_into(ty, src, dst),
         Err(LayoutError(format!(
-            "minnow cannot quantize to {ty} (it can to F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)"
+            "minnow cannot quantize to {ty} (it can to F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
         )))
     )
 }
@@ -143,19 +144,21 @@ pub fn quantize_to_vec(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, LayoutError
 }
 
 /// [`quantize_to_vec`] with an importance per column (`importance.len()`
-/// is the row length; `src` is whole rows): the k-quants (Q4_K, Q5_K,
-/// Q6_K) weigh each element's error by its column's importance when they
-/// fit scales; the other types have no weighted quantizer here and ignore it.
+/// is the row length; `src` is whole rows): the k-quants (Q2_K..Q6_K) and
+/// Q4_0, Q4_1, Q5_0, Q5_1 weigh each element's error by its column's
+/// importance when they fit scales; the other types (Q8_0, the floats) have
+/// no weighted quantizer and ignore it.
 pub fn quantize_weighted_to_vec(ty: GgmlType, src: &[f32], importance: &[f32]) -> Result<Vec<u8>, LayoutError> {
     let row = importance.len();
     if row == 0 || !src.len().is_multiple_of(row) {
         return Err(LayoutError(format!("{} values are not whole rows of {row}", src.len())));
     }
-    if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+    if !is_weighted(ty) {
         return quantize_to_vec(ty, src);
     }
-    if !src.len().is_multiple_of(QK_K) {
-        return Err(LayoutError(format!("{} values are not a whole number of {ty} blocks of {QK_K}", src.len())));
+    let block = ty.block_size();
+    if !src.len().is_multiple_of(block) {
+        return Err(LayoutError(format!("{} values are not a whole number of {ty} blocks of {block}", src.len())));
     }
     // A floor keeps columns that were never active from being ignored.
     let mean = importance.iter().sum::<f32>() / row as f32;
@@ -165,12 +168,24 @@ pub fn quantize_weighted_to_vec(ty: GgmlType, src: &[f32], importance: &[f32]) -
         f(&mut out);
         bytemuck::cast_slice(&out).to_vec()
     }
-    let n = src.len() / QK_K;
+    let n = src.len() / block;
     Ok(match ty {
+        GgmlType::Q4_0 => run::<BlockQ4_0>(n, |o| BlockQ4_0::quantize_weighted(src, &per_elem, o)),
+        GgmlType::Q4_1 => run::<BlockQ4_1>(n, |o| BlockQ4_1::quantize_weighted(src, &per_elem, o)),
+        GgmlType::Q5_0 => run::<BlockQ5_0>(n, |o| BlockQ5_0::quantize_weighted(src, &per_elem, o)),
+        GgmlType::Q5_1 => run::<BlockQ5_1>(n, |o| BlockQ5_1::quantize_weighted(src, &per_elem, o)),
         GgmlType::Q4_K => run::<BlockQ4K>(n, |o| BlockQ4K::quantize_weighted(src, Some(&per_elem), o)),
+        GgmlType::Q2_K => run::<BlockQ2K>(n, |o| BlockQ2K::quantize_weighted(src, Some(&per_elem), o)),
+        GgmlType::Q3_K => run::<BlockQ3K>(n, |o| BlockQ3K::quantize_weighted(src, Some(&per_elem), o)),
         GgmlType::Q5_K => run::<BlockQ5K>(n, |o| BlockQ5K::quantize_weighted(src, Some(&per_elem), o)),
         _ => run::<BlockQ6K>(n, |o| BlockQ6K::quantize_weighted(src, Some(&per_elem), o)),
     })
+}
+
+/// Whether [`quantize_weighted_to_vec`] uses the importance for `ty`.
+pub fn is_weighted(ty: GgmlType) -> bool {
+    use GgmlType as T;
+    matches!(ty, T::Q2_K | T::Q3_K | T::Q4_K | T::Q5_K | T::Q6_K | T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q5_1)
 }
 
 /// Byte offsets, within one block of `ty`, of the f16 fields that every

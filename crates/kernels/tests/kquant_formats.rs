@@ -505,4 +505,39 @@ proptest! {
         prop_assert!(rms(&y6) <= rms(&y5) * 1.05 && rms(&y5) <= rms(&y4) * 1.05,
             "more bits, less error: Q4_K {} Q5_K {} Q6_K {}", rms(&y4), rms(&y5), rms(&y6));
     }
+
+    /// (e) Q2_K and Q3_K quantize: the same kind of data; each element is
+    /// within one step of the coarsest sub-block (Q2_K: 3 levels over the
+    /// 16-element sub-block's range; Q3_K: symmetric, 4 levels on the long
+    /// side of the block's largest magnitude), the RMS error a fraction of
+    /// it.
+    #[test]
+    fn q2k_q3k_quantize_roundtrip(
+        spreads in proptest::collection::vec((0.01f32..1.0, -1.0f32..1.0), 16),
+        u in proptest::collection::vec(-1.0f32..1.0, 256),
+    ) {
+        let x: Vec<f32> = u.iter().enumerate().map(|(i, &v)| {
+            let (s, o) = spreads[i / 16];
+            o * s + v * s
+        }).collect();
+        let rms = |y: &[f32]| (x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / 256.0).sqrt();
+        let mut b2 = vec![zeroed::<BlockQ2K>(); 1];
+        BlockQ2K::quantize(&x, &mut b2);
+        let mut b3 = vec![zeroed::<BlockQ3K>(); 1];
+        BlockQ3K::quantize(&x, &mut b3);
+        let (y2, y3) = (deq_via_bytes(GgmlType::Q2_K, &b2), deq_via_bytes(GgmlType::Q3_K, &b3));
+        let step2 = (0..16).map(|j| {
+            let s = &x[16 * j..16 * j + 16];
+            let lo = s.iter().copied().fold(0.0f32, f32::min);
+            let hi = s.iter().copied().fold(f32::MIN, f32::max);
+            (hi - lo) / 3.0
+        }).fold(0.0f32, f32::max);
+        let step3 = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 3.0;
+        for i in 0..256 {
+            prop_assert!((x[i] - y2[i]).abs() <= step2, "Q2_K element {i}: {} vs {} (step {step2})", x[i], y2[i]);
+            prop_assert!((x[i] - y3[i]).abs() <= step3, "Q3_K element {i}: {} vs {} (step {step3})", x[i], y3[i]);
+        }
+        prop_assert!(rms(&y2) <= 0.35 * step2, "Q2_K rms {} vs step {step2}", rms(&y2));
+        prop_assert!(rms(&y3) <= 0.35 * step3, "Q3_K rms {} vs step {step3}", rms(&y3));
+    }
 }

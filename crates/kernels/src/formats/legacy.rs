@@ -35,6 +35,7 @@
 
 #![allow(non_camel_case_types)]
 
+use super::fit::{fit_scale_min, fit_symmetric};
 use super::{f16_to_f32, ActBlock, BlockFormat, GroupScales};
 use crate::GgmlType;
 use bytemuck::{Pod, Zeroable};
@@ -315,6 +316,72 @@ impl BlockQ5_1 {
         }
     }
 }
+
+// With an importance per element (an importance matrix's, for `minnow
+// quantize --imatrix`), the block's scale (and min) are fitted by weighted
+// least squares instead (`formats::fit`), and the quants re-derived from the
+// f16 values stored. Without one, the ggml reference quantizers above.
+
+/// A symmetric format's block (`x ≈ d·q`, q ∈ −n..=n−1) fitted with
+/// importance `w`: returns the f16 scale and the quants, biased by `n`.
+fn fit_block_symmetric(x: &[f32], w: &[f32], n: u8) -> (u16, [u8; QK]) {
+    let d = to_f16(fit_symmetric(x, n, Some(w)));
+    let id = inv(f16_to_f32(d));
+    let (lo, hi) = (-(n as f32), n as f32 - 1.0);
+    let q = std::array::from_fn(|i| ((x[i] * id).round().clamp(lo, hi) + n as f32) as u8);
+    (d, q)
+}
+
+/// An offset format's block (`x ≈ d·q + m`, q ∈ 0..=nmax) fitted with
+/// importance `w` (`m ≤ 0`: the fit keeps 0 in range, as weight blocks of
+/// 32 straddle it): returns the f16 `d`, `m` and the quants.
+fn fit_block_offset(x: &[f32], w: &[f32], nmax: u8) -> (u16, u16, [u8; QK]) {
+    let (scale, min) = fit_scale_min(x, nmax, Some(w));
+    let (d, m) = (to_f16(scale), to_f16(-min));
+    let (id, mf) = (inv(f16_to_f32(d)), f16_to_f32(m));
+    let q = std::array::from_fn(|i| ((x[i] - mf) * id).round().clamp(0.0, nmax as f32) as u8);
+    (d, m, q)
+}
+
+/// Packs 32 4-bit quants as the Q4 formats store them.
+fn pack4(q: &[u8; QK]) -> [u8; QK / 2] {
+    std::array::from_fn(|j| q[j] | q[j + QK / 2] << 4)
+}
+
+macro_rules! weighted {
+    ($block:ty, $name:literal, |$x:ident, $w:ident, $b:ident| $body:block) => {
+        impl $block {
+            #[doc = concat!("Quantizes `x` to ", $name, " with each element's importance")]
+            /// (`imp.len() == x.len()`) weighing its error in the block's fit.
+            pub fn quantize_weighted(x: &[f32], imp: &[f32], out: &mut [Self]) {
+                check_len(concat!($name, " quantize"), x.len(), out.len());
+                assert_eq!(imp.len(), x.len(), concat!($name, " quantize: one importance per element"));
+                for (($x, $w), $b) in x.chunks_exact(QK).zip(imp.chunks_exact(QK)).zip(out) $body
+            }
+        }
+    };
+}
+
+weighted!(BlockQ4_0, "Q4_0", |x, w, b| {
+    let (d, q) = fit_block_symmetric(x, w, 8);
+    b.d = d;
+    b.qs = pack4(&q);
+});
+weighted!(BlockQ5_0, "Q5_0", |x, w, b| {
+    let (d, q) = fit_block_symmetric(x, w, 16);
+    b.d = d;
+    (b.qh, b.qs) = pack5(&q);
+});
+weighted!(BlockQ4_1, "Q4_1", |x, w, b| {
+    let (d, m, q) = fit_block_offset(x, w, 15);
+    (b.d, b.m) = (d, m);
+    b.qs = pack4(&q);
+});
+weighted!(BlockQ5_1, "Q5_1", |x, w, b| {
+    let (d, m, q) = fit_block_offset(x, w, 31);
+    (b.d, b.m) = (d, m);
+    (b.qh, b.qs) = pack5(&q);
+});
 
 /// Symmetric 8-bit quantization of one block: `d = amax / 127`,
 /// `q = round(x / d)` (ties away from zero, C's `roundf`); returns `d`.

@@ -15,6 +15,7 @@
 //!   kernels beside scalar references
 //! - [`f16_to_f32`]: the one f16 → f32 conversion the block scales use
 
+mod fit;
 pub mod float;
 pub mod interleaved;
 pub mod kquants;

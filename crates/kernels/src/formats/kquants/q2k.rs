@@ -6,6 +6,7 @@
 //! Q3_K's: half `n` (128 elements) uses `qs[32n..32n+32]`, element
 //! `128n + 32k + l` taking bits `2k..2k+2` of `qs[32n + l]`.
 
+use super::q4k::ScaleMinCodes;
 use super::{f16_to_f32, has_avx2_fma, BlockQ8K, QK_K};
 use crate::formats::BlockFormat;
 use crate::GgmlType;
@@ -32,6 +33,33 @@ fn q2(b: &BlockQ2K, i: usize) -> u8 {
     let (n, r) = (i / 128, i % 128);
     let (k, l) = (r / 32, r % 32);
     (b.qs[32 * n + l] >> (2 * k)) & 3
+}
+
+impl BlockQ2K {
+    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q2_K: each
+    /// 16-element sub-block's scale and min fitted as Q4_K's are, for 2-bit
+    /// quants, then coded in 4 bits against the super-block's `d`/`dmin`.
+    pub fn quantize(x: &[f32], out: &mut [Self]) {
+        Self::quantize_weighted(x, None, out)
+    }
+
+    /// [`quantize`](Self::quantize) with each element's importance
+    /// (`imp.len() == x.len()`) weighing its error in the fits.
+    pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK_K, "Q2_K quantize: length mismatch");
+        for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+            let c = ScaleMinCodes::<16>::fit(xb, 3, 15, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
+            b.d = c.d.to_bits();
+            b.dmin = c.dmin.to_bits();
+            b.scales = std::array::from_fn(|j| c.ls[j] | (c.lm[j] << 4));
+            b.qs = [0; QK_K / 4];
+            for i in 0..QK_K {
+                let (n, r) = (i / 128, i % 128);
+                let (kk, l) = (r / 32, r % 32);
+                b.qs[32 * n + l] |= c.quant(xb, i) << (2 * kk);
+            }
+        }
+    }
 }
 
 impl BlockFormat for BlockQ2K {

@@ -7,6 +7,7 @@
 //! taking bits `2k..2k+2` of `qs[32n + l]` and bit `4n + k` of `hmask[l]`.
 //! (ggml writes the third bit inverted: a *clear* bit means subtract 4.)
 
+use crate::formats::fit::fit_symmetric;
 use super::{f16_to_f32, has_avx2_fma, BlockQ8K, QK_K};
 use crate::formats::BlockFormat;
 use crate::GgmlType;
@@ -47,6 +48,59 @@ pub(crate) fn unpack_scales(s: &[u8; 12]) -> [i8; 16] {
     ];
     let bytes: [u8; 16] = bytemuck::cast(r.map(u32::to_le));
     bytes.map(|b| b as i8 - 32)
+}
+
+/// Packs sixteen 6-bit scale codes (0..64, the bias of 32 already added)
+/// the way [`unpack_scales`] reads them.
+fn pack_scales(codes: &[u8; 16]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for (j, &v) in codes.iter().enumerate() {
+        s[j % 8] |= (v & 0xF) << (4 * (j / 8));
+        s[8 + j % 4] |= (v >> 4) << (2 * (j / 4));
+    }
+    s
+}
+
+impl BlockQ3K {
+    /// Quantizes `x` (`x.len() == out.len() * 256`) to Q3_K: per
+    /// 16-element sub-block a symmetric scale for quants −4..=3 (fitted as
+    /// Q6_K's are); the sixteen scales then go to 6-bit signed codes
+    /// against the super-block's `d` (f16), and the quants are re-derived
+    /// from the scales actually stored.
+    pub fn quantize(x: &[f32], out: &mut [Self]) {
+        Self::quantize_weighted(x, None, out)
+    }
+
+    /// [`quantize`](Self::quantize) with each element's importance
+    /// (`imp.len() == x.len()`) weighing its error in the scale fits.
+    pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK_K, "Q3_K quantize: length mismatch");
+        for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+            let scales: [f32; 16] = std::array::from_fn(|j| {
+                let at = k * QK_K + 16 * j;
+                fit_symmetric(&xb[16 * j..16 * j + 16], 4, imp.map(|w| &w[at..at + 16]))
+            });
+            // The largest-magnitude scale goes to code −32 (as the quants'
+            // largest magnitude goes to −4): the asymmetric range's long end.
+            let max = scales.iter().copied().fold(0.0f32, |m, s| if s.abs() > m.abs() { s } else { m });
+            let d = half::f16::from_f32(-max / 32.0);
+            let df = d.to_f32();
+            let codes: [i8; 16] =
+                std::array::from_fn(|j| if df != 0.0 { (scales[j] / df).round().clamp(-32.0, 31.0) as i8 } else { 0 });
+            b.d = d.to_bits();
+            b.scales = pack_scales(&codes.map(|c| (c as i32 + 32) as u8));
+            b.qs = [0; QK_K / 4];
+            b.hmask = [0; QK_K / 8];
+            for (i, &v) in xb.iter().enumerate() {
+                let step = df * codes[i / 16] as f32;
+                let q = if step != 0.0 { (v / step).round().clamp(-4.0, 3.0) as i32 + 4 } else { 4 } as u8;
+                let (n, r) = (i / 128, i % 128);
+                let (kk, l) = (r / 32, r % 32);
+                b.qs[32 * n + l] |= (q & 3) << (2 * kk);
+                b.hmask[l] |= (q >> 2) << (4 * n + kk);
+            }
+        }
+    }
 }
 
 /// The signed quant (-4..4) of element `i` of a block.

@@ -6,6 +6,7 @@
 //! its high nibbles (so one 32-byte load feeds two sub-blocks in SIMD).
 
 use super::{f16_to_f32, has_avx2_fma, pack_scale_min_k4, unpack_scale_min_k4, BlockQ8K, QK_K};
+use crate::formats::fit::fit_scale_min;
 use crate::formats::{BlockFormat, GroupScales};
 use crate::GgmlType;
 
@@ -239,74 +240,6 @@ pub unsafe fn vec_dot_multi_avx2<const N: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]
     std::array::from_fn(|t| lanes[t] + lanes[4 + t])
 }
 
-/// Fits `x ≈ scale*q - min` (q ∈ 0..=nmax, min ≥ 0) for one sub-block.
-///
-/// Starts from the plain min/max fit, then tries a handful of slightly
-/// different step sizes; for each, quants are assigned by rounding and the
-/// scale and offset re-fit by weighted least squares (weights favour large
-/// magnitudes, which matter most to a dot product). Keeps the best.
-/// Returns `(scale, min)`, both ≥ 0.
-///
-/// `imp`: each element's importance (an importance matrix's mean squared
-/// input of its column), multiplying its weight; `None` weighs all alike.
-fn fit_scale_min(x: &[f32], nmax: u8, imp: Option<&[f32]>) -> (f32, f32) {
-    let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
-    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if hi <= lo {
-        return (0.0, -lo);
-    }
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let av = mean_sq.sqrt();
-    let weight = |i: usize, v: f32| imp.map_or(1.0, |w| w[i]) * (av + v.abs());
-    let nmaxf = nmax as f32;
-    let err = |scale: f32, min: f32| -> f32 {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let q = if scale > 0.0 { ((v + min) / scale).round().clamp(0.0, nmaxf) } else { 0.0 };
-                let e = scale * q - min - v;
-                weight(i, v) * e * e
-            })
-            .sum()
-    };
-    let mut best = ((hi - lo) / nmaxf, -lo);
-    let mut best_err = err(best.0, best.1);
-    for step in -10..=10 {
-        let iscale = (nmaxf + 0.1 * step as f32) / (hi - lo);
-        let (mut sw, mut sl, mut sl2, mut sx, mut sxl) = (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        for (i, &v) in x.iter().enumerate() {
-            let l = (iscale * (v - lo)).round().clamp(0.0, nmaxf);
-            let w = weight(i, v);
-            sw += w;
-            sl += w * l;
-            sl2 += w * l * l;
-            sx += w * v;
-            sxl += w * v * l;
-        }
-        // Minimise Σw(s*l + o - x)² over s, o (o = -min).
-        let det = sw * sl2 - sl * sl;
-        if det <= 0.0 {
-            continue;
-        }
-        let mut s = (sw * sxl - sx * sl) / det;
-        let mut o = (sl2 * sx - sl * sxl) / det;
-        if o > 0.0 {
-            // The format needs min ≥ 0: pin the offset at 0, re-fit s alone.
-            o = 0.0;
-            s = sxl / sl2;
-        }
-        if s <= 0.0 {
-            continue;
-        }
-        let e = err(s, -o);
-        if e < best_err {
-            best_err = e;
-            best = (s, -o);
-        }
-    }
-    best
-}
-
 impl BlockQ4K {
     /// Quantizes `x` (`x.len() == out.len() * 256`) to Q4_K: scales and
     /// mins as `ScaleMinCodes::fit` finds them for 4-bit quants.
@@ -319,7 +252,7 @@ impl BlockQ4K {
     pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q4_K quantize: length mismatch");
         for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
-            let c = ScaleMinCodes::fit(xb, 15, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
+            let c = ScaleMinCodes::<8>::fit(xb, 15, 63, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
             b.d = c.d.to_bits();
             b.dmin = c.dmin.to_bits();
             b.scales = pack_scale_min_k4(&c.ls, &c.lm);
@@ -334,65 +267,73 @@ impl BlockQ4K {
     }
 }
 
-/// The super-block of a scale/min k-quant (Q4_K, Q5_K) fitted: `d`, `dmin`
-/// and each 32-element sub-block's 6-bit scale and min codes, for quants
-/// in `0..=nmax`.
-pub(crate) struct ScaleMinCodes {
+/// The super-block of a scale/min k-quant fitted: `d`, `dmin` and each of
+/// its `N` sub-blocks' scale and min codes, for quants in `0..=nmax` —
+/// Q4_K and Q5_K: eight sub-blocks of 32 with 6-bit codes; Q2_K: sixteen
+/// of 16 with 4-bit codes.
+pub(crate) struct ScaleMinCodes<const N: usize> {
     pub d: half::f16,
     pub dmin: half::f16,
-    pub ls: [u8; 8],
-    pub lm: [u8; 8],
+    pub ls: [u8; N],
+    pub lm: [u8; N],
     nmax: f32,
 }
 
-impl ScaleMinCodes {
-    /// Each 32-element sub-block gets a least-squares scale/min fit
-    /// (`fit_scale_min`); the eight scales and eight mins are then quantized
-    /// to 6 bits against the super-block's `d`/`dmin` (stored as f16), and
-    /// the quants are re-derived from the scales actually stored
+impl<const N: usize> ScaleMinCodes<N> {
+    /// Elements per sub-block.
+    const SUB: usize = QK_K / N;
+
+    /// Each sub-block gets a least-squares scale/min fit (`fit_scale_min`);
+    /// the `N` scales and `N` mins are then quantized to codes in
+    /// `0..=code_max` against the super-block's `d`/`dmin` (stored as f16),
+    /// and the quants are re-derived from the scales actually stored
     /// ([`quant`](Self::quant)), so rounding of the scales does not compound.
-    pub fn fit(xb: &[f32], nmax: u8, imp: Option<&[f32]>) -> ScaleMinCodes {
+    pub fn fit(xb: &[f32], nmax: u8, code_max: u8, imp: Option<&[f32]>) -> Self {
+        let sub = Self::SUB;
         let nmaxf = nmax as f32;
-        let mut scales = [0.0f32; 8];
-        let mut mins = [0.0f32; 8];
-        for j in 0..8 {
-            (scales[j], mins[j]) = fit_scale_min(&xb[32 * j..32 * j + 32], nmax, imp.map(|w| &w[32 * j..32 * j + 32]));
+        let cmax = code_max as f32;
+        let mut scales = [0.0f32; N];
+        let mut mins = [0.0f32; N];
+        for j in 0..N {
+            let r = sub * j..sub * j + sub;
+            (scales[j], mins[j]) = fit_scale_min(&xb[r.clone()], nmax, imp.map(|w| &w[r]));
         }
         // d and dmin must leave every sub-block's covering codes (see
-        // `choose_codes`) within 6 bits, so they bound the covering
+        // `choose_codes`) within range, so they bound the covering
         // scale/min as well as the fitted ones, rounded up in f16.
         let mut max_scale = 0.0f32;
         let mut max_min = 0.0f32;
-        for j in 0..8 {
-            let sub = &xb[32 * j..32 * j + 32];
-            let lo = sub.iter().copied().fold(0.0f32, f32::min);
-            let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for j in 0..N {
+            let s = &xb[sub * j..sub * j + sub];
+            let lo = s.iter().copied().fold(0.0f32, f32::min);
+            let hi = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             max_scale = max_scale.max(scales[j]).max((hi - lo) / nmaxf);
             max_min = max_min.max(mins[j]).max(-lo);
         }
-        let d = f16_at_least(max_scale / 63.0);
-        let dmin = f16_at_least(max_min / 63.0);
+        let d = f16_at_least(max_scale / cmax);
+        let dmin = f16_at_least(max_min / cmax);
         let (df, dminf) = (d.to_f32(), dmin.to_f32());
-        let q6 = |v: f32, step: f32| -> u8 {
+        let code = |v: f32, step: f32| -> u8 {
             if step > 0.0 {
-                (v / step).round().clamp(0.0, 63.0) as u8
+                (v / step).round().clamp(0.0, cmax) as u8
             } else {
                 0
             }
         };
-        let mut ls = [0u8; 8];
-        let mut lm = [0u8; 8];
-        for j in 0..8 {
-            let sub = &xb[32 * j..32 * j + 32];
-            let fitted = (q6(scales[j], df), q6(mins[j], dminf));
-            (ls[j], lm[j]) = choose_codes(sub, fitted, df, dminf, nmaxf, imp.map(|w| &w[32 * j..32 * j + 32]));
+        let mut ls = [0u8; N];
+        let mut lm = [0u8; N];
+        for j in 0..N {
+            let r = sub * j..sub * j + sub;
+            let fitted = (code(scales[j], df), code(mins[j], dminf));
+            let steps = Steps { df, dminf, nmax: nmaxf, code_max: cmax };
+            (ls[j], lm[j]) = choose_codes(&xb[r.clone()], fitted, steps, imp.map(|w| &w[r]));
         }
         ScaleMinCodes { d, dmin, ls, lm, nmax: nmaxf }
     }
 
     /// The quant of element `i` of the super-block `xb` under the stored codes.
     pub fn quant(&self, xb: &[f32], i: usize) -> u8 {
-        let j = i / 32;
+        let j = i / Self::SUB;
         let step = self.d.to_f32() * self.ls[j] as f32;
         let off = self.dmin.to_f32() * self.lm[j] as f32;
         if step > 0.0 {
@@ -401,6 +342,17 @@ impl ScaleMinCodes {
             0
         }
     }
+}
+
+/// A super-block's stored steps and ranges: a sub-block's scale is
+/// `df·code`, its min `dminf·code`, codes in `0..=code_max`, quants in
+/// `0..=nmax`.
+#[derive(Clone, Copy)]
+struct Steps {
+    df: f32,
+    dminf: f32,
+    nmax: f32,
+    code_max: f32,
 }
 
 /// The smallest f16 not below `v` (for finite, non-negative `v`).
@@ -413,15 +365,15 @@ fn f16_at_least(v: f32) -> half::f16 {
     }
 }
 
-/// Reconstruction of `x` with 6-bit scale code `ls` and min code `lm`:
-/// returns (largest absolute error, sum of squared errors) with each element
-/// at its nearest 4-bit level.
-fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32, nmax: f32, imp: Option<&[f32]>) -> (f32, f32) {
-    let step = df * ls as f32;
-    let off = dminf * lm as f32;
+/// Reconstruction of `x` with scale code `ls` and min code `lm`: returns
+/// (largest absolute error, sum of squared errors) with each element at its
+/// nearest level.
+fn code_error(x: &[f32], ls: u8, lm: u8, st: Steps, imp: Option<&[f32]>) -> (f32, f32) {
+    let step = st.df * ls as f32;
+    let off = st.dminf * lm as f32;
     let (mut max_err, mut sq) = (0.0f32, 0.0f32);
     for (i, &v) in x.iter().enumerate() {
-        let q = if step > 0.0 { ((v + off) / step).round().clamp(0.0, nmax) } else { 0.0 };
+        let q = if step > 0.0 { ((v + off) / step).round().clamp(0.0, st.nmax) } else { 0.0 };
         let e = (step * q - off - v).abs();
         max_err = max_err.max(e);
         sq += imp.map_or(1.0, |w| w[i]) * e * e;
@@ -429,34 +381,38 @@ fn code_error(x: &[f32], ls: u8, lm: u8, df: f32, dminf: f32, nmax: f32, imp: Op
     (max_err, sq)
 }
 
-/// Picks the 6-bit (scale, min) codes of one sub-block once `d`/`dmin` are
-/// fixed. Rounding the fitted scale and min to 6 bits independently can
-/// leave the sub-block's range uncovered (a scale rounded down makes the top
-/// level fall short by up to 15 half-codes), so the neighbours of the
-/// rounded codes and the codes that just cover `[min(lo, 0), hi]` are tried
-/// too. Among candidates whose worst element is within one level of the
+/// Picks the (scale, min) codes of one sub-block once `d`/`dmin` are fixed.
+/// Rounding the fitted scale and min to codes independently can leave the
+/// sub-block's range uncovered (a scale rounded down makes the top level
+/// fall short by up to `nmax` half-codes), so the neighbours of the rounded
+/// codes and the codes that just cover `[min(lo, 0), hi]` are tried too.
+/// Among candidates whose worst element is within one level of the
 /// sub-block's own step (the covering codes always are), the one with the
-/// least squared error wins.
-fn choose_codes(x: &[f32], fitted: (u8, u8), df: f32, dminf: f32, nmax: f32, imp: Option<&[f32]>) -> (u8, u8) {
+/// least squared error wins. With importances the worst-element bound is
+/// dropped: an element of a column that is never active may then take a
+/// large error, if that buys the active columns a smaller one.
+fn choose_codes(x: &[f32], fitted: (u8, u8), st: Steps, imp: Option<&[f32]>) -> (u8, u8) {
     let lo = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
     let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let cmax = st.code_max;
     // Covering codes: the min code rounded up (so -off <= lo), then the
     // smallest scale code whose top level reaches hi.
-    let lm_cover = if dminf > 0.0 { (-lo / dminf).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
-    let off_cover = dminf * lm_cover as f32;
-    let ls_cover = if df > 0.0 { ((hi + off_cover) / (nmax * df)).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
-    let bound = ((hi - lo) / nmax).max(df).max(dminf);
+    let lm_cover = if st.dminf > 0.0 { (-lo / st.dminf).ceil().clamp(0.0, cmax) as u8 } else { 0 };
+    let off_cover = st.dminf * lm_cover as f32;
+    let ls_cover = if st.df > 0.0 { ((hi + off_cover) / (st.nmax * st.df)).ceil().clamp(0.0, cmax) as u8 } else { 0 };
+    let bound = ((hi - lo) / st.nmax).max(st.df).max(st.dminf);
     let mut best = (ls_cover, lm_cover);
-    let mut best_sq = code_error(x, ls_cover, lm_cover, df, dminf, nmax, imp).1;
+    let mut best_sq = code_error(x, ls_cover, lm_cover, st, imp).1;
     let (fs, fm) = (fitted.0 as i32, fitted.1 as i32);
+    let range = 0..=cmax as i32;
     for ls in [fs - 1, fs, fs + 1, ls_cover as i32] {
         for lm in [fm - 1, fm, fm + 1, lm_cover as i32] {
-            if !(0..=63).contains(&ls) || !(0..=63).contains(&lm) {
+            if !range.contains(&ls) || !range.contains(&lm) {
                 continue;
             }
             let (ls, lm) = (ls as u8, lm as u8);
-            let (max_err, sq) = code_error(x, ls, lm, df, dminf, nmax, imp);
-            if max_err <= bound && sq < best_sq {
+            let (max_err, sq) = code_error(x, ls, lm, st, imp);
+            if (imp.is_some() || max_err <= bound) && sq < best_sq {
                 best = (ls, lm);
                 best_sq = sq;
             }

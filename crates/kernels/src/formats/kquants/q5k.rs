@@ -49,7 +49,7 @@ impl BlockQ5K {
     pub fn quantize_weighted(x: &[f32], imp: Option<&[f32]>, out: &mut [Self]) {
         assert_eq!(x.len(), out.len() * QK_K, "Q5_K quantize: length mismatch");
         for (k, (xb, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
-            let c = ScaleMinCodes::fit(xb, 31, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
+            let c = ScaleMinCodes::<8>::fit(xb, 31, 63, imp.map(|w| &w[k * QK_K..(k + 1) * QK_K]));
             b.d = c.d.to_bits();
             b.dmin = c.dmin.to_bits();
             b.scales = pack_scale_min_k4(&c.ls, &c.lm);

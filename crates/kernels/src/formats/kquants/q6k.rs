@@ -9,6 +9,7 @@
 //! bits from bits `2k..2k+2` of `qh[l]`.
 
 use super::{f16_to_f32, BlockQ8K, QK_K};
+use crate::formats::fit::fit_symmetric;
 use crate::formats::{simd_level, BlockFormat, GroupScales, SimdLevel};
 use crate::GgmlType;
 
@@ -66,7 +67,7 @@ impl BlockQ6K {
             let mut scales = [0.0f32; 16];
             for (j, s) in scales.iter_mut().enumerate() {
                 let at = k * QK_K + 16 * j;
-                *s = fit_symmetric(&xb[16 * j..16 * j + 16], imp.map(|w| &w[at..at + 16]));
+                *s = fit_symmetric(&xb[16 * j..16 * j + 16], 32, imp.map(|w| &w[at..at + 16]));
             }
             let max = scales.iter().fold(0.0f32, |m, s| m.max(s.abs()));
             let d = half::f16::from_f32(max / 127.0);
@@ -89,45 +90,6 @@ impl BlockQ6K {
     }
 }
 
-/// The scale `s` of `x ≈ s·q`, q ∈ −32..=31, with the least squared error
-/// among a few candidates (negative when the largest magnitude is positive,
-/// so it lands on the −32 side of the asymmetric range).
-fn fit_symmetric(x: &[f32], imp: Option<&[f32]>) -> f32 {
-    let m = x.iter().copied().fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-    if m == 0.0 {
-        return 0.0;
-    }
-    let w = |i: usize| imp.map_or(1.0, |w| w[i]);
-    let err = |s: f32| -> f32 {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let e = s * (v / s).round().clamp(-32.0, 31.0) - v;
-                w(i) * e * e
-            })
-            .sum()
-    };
-    let mut best = -m / 32.0;
-    let mut best_err = err(best);
-    for k in 0..=16 {
-        let s = -m / (32.0 - 0.5 * k as f32);
-        // Least-squares re-fit of the scale to the quants it gives.
-        let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
-        for (i, &v) in x.iter().enumerate() {
-            let q = (v / s).round().clamp(-32.0, 31.0);
-            sxq += w(i) * v * q;
-            sqq += w(i) * q * q;
-        }
-        for cand in [s, if sqq > 0.0 { sxq / sqq } else { s }] {
-            let e = err(cand);
-            if cand != 0.0 && e < best_err {
-                best = cand;
-                best_err = e;
-            }
-        }
-    }
-    best
-}
 
 impl BlockFormat for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6_K;
