@@ -221,6 +221,11 @@ impl LoraAdapter {
         if conf.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
             bail!("{d} is a DoRA adapter; only plain LoRA is supported");
         }
+        for per_module in ["rank_pattern", "alpha_pattern"] {
+            if conf.get(per_module).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
+                bail!("{d}: `{per_module}` gives modules their own rank or alpha; minnow reads adapters with one `r` and `lora_alpha`");
+            }
+        }
         let r = conf.get("r").and_then(|v| v.as_u64()).context(format!("{d}: adapter_config.json has no `r`"))?;
         let alpha = conf.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(r as f64) as f32;
         let rslora = conf.get("use_rslora").and_then(|v| v.as_bool()) == Some(true);
