@@ -315,7 +315,7 @@ fn quantize_makes_each_type_and_keeps_the_perplexity_close() {
     let nll = score(&weighted);
     assert!(nll.is_finite() && nll - base <= 0.15, "Q4_K_M with the imatrix: {nll:.4} vs F16 {base:.4}");
 
-    let bad = minnow(&["quantize", f16.to_str().unwrap(), dir.join("x.gguf").to_str().unwrap(), "Q3_K_M"], None);
+    let bad = minnow(&["quantize", f16.to_str().unwrap(), dir.join("x.gguf").to_str().unwrap(), "Q3_K_S"], None);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("Q4_K_M") && err.trim().lines().count() == 1, "{err}");
 }
