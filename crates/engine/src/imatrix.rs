@@ -78,6 +78,45 @@ impl Collector {
 }
 
 impl Imatrix {
+    /// Runs `model` over each token sequence (a fresh cache per sequence,
+    /// read in pieces of `chunk` tokens) with collection on, until
+    /// `max_tokens` tokens have been read; returns the statistics (with
+    /// `datasets` and the chunk counts set) and the tokens read.
+    pub fn collect<'a>(
+        model: &crate::model::Model,
+        pool: &minnow_kernels::pool::ThreadPool,
+        sequences: impl IntoIterator<Item = &'a [u32]>,
+        chunk: usize,
+        max_tokens: Option<usize>,
+        dataset: &str,
+    ) -> anyhow::Result<(Imatrix, usize)> {
+        use crate::model::{Logits, SeqBatch};
+        anyhow::ensure!(chunk > 0, "the chunk size must be at least 1");
+        let mut total = Imatrix { datasets: vec![dataset.to_string()], chunk_size: chunk as u32, ..Default::default() };
+        let mut tokens = 0usize;
+        for ids in sequences {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut cache = model.new_cache(ids.len());
+            let (r, stats) = Collector::run(|| -> anyhow::Result<()> {
+                for piece in ids.chunks(chunk) {
+                    let mut seqs = [SeqBatch { tokens: piece, cache: &mut cache, logits: Logits::All, adapter: None }];
+                    model.forward(pool, &mut seqs)?;
+                    total.chunks += 1;
+                }
+                Ok(())
+            });
+            r?;
+            total.merge(stats);
+            tokens += ids.len();
+            if max_tokens.is_some_and(|max| tokens >= max) {
+                break;
+            }
+        }
+        Ok((total, tokens))
+    }
+
     /// Folds `other` (more data) into this one.
     pub fn merge(&mut self, other: Imatrix) {
         for (name, (s, c)) in other.sums {

@@ -270,7 +270,9 @@ pub fn quantize_file(
             let imp = imatrix.and_then(|m| {
                 m.importance(&info.name)
                     .or_else(|| {
-                        (shape.tied && info.name == "token_embd.weight").then(|| m.importance("output.weight")).flatten()
+                        (shape.tied && info.name == "token_embd.weight")
+                            .then(|| m.importance("output.weight"))
+                            .flatten()
                     })
                     .filter(|v| v.len() as u64 == info.dims[0])
             });

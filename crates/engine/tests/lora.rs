@@ -254,7 +254,8 @@ fn an_adapter_made_by_peft_moves_the_logits_as_in_python() {
         m.model.forward(&pool, &mut seqs).unwrap().pop().unwrap()
     };
     let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
-    let floats = |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let floats =
+        |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
     for p in reference["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = p["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         let tokens: Vec<usize> = p["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();

@@ -1028,35 +1028,26 @@ fn record_text(m: &LoadedModel, v: &serde_json::Value, line: usize) -> Result<St
 }
 
 fn imatrix(a: ImatrixArgs) -> Result<()> {
-    use minnow_engine::imatrix::{Collector, Imatrix};
-    use minnow_engine::model::{Logits, SeqBatch};
+    use minnow_engine::imatrix::Imatrix;
     let (m, pool) = a.model.load()?;
     if a.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
     let text = std::fs::read_to_string(&a.data).with_context(|| format!("{}", a.data.display()))?;
-    let mut total =
-        Imatrix { datasets: vec![a.data.display().to_string()], chunk_size: a.chunk as u32, ..Default::default() };
-    let (mut tokens, t0) = (0usize, Instant::now());
+    let t0 = Instant::now();
+    let mut seqs = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}: not JSON", i + 1))?;
-        let ids = m.tokenizer.encode(&record_text(&m, &v, i + 1)?, true, true)?;
-        let mut cache = m.model.new_cache(ids.len().max(1));
-        let (r, stats) = Collector::run(|| -> Result<()> {
-            for piece in ids.chunks(a.chunk) {
-                let mut seqs = [SeqBatch { tokens: piece, cache: &mut cache, logits: Logits::All, adapter: None }];
-                m.model.forward(&pool, &mut seqs)?;
-                total.chunks += 1;
-            }
-            Ok(())
-        });
-        r?;
-        total.merge(stats);
-        tokens += ids.len();
-        if a.max_tokens.is_some_and(|max| tokens >= max) {
-            break;
-        }
+        seqs.push(m.tokenizer.encode(&record_text(&m, &v, i + 1)?, true, true)?);
     }
+    let (total, tokens) = Imatrix::collect(
+        &m.model,
+        &pool,
+        seqs.iter().map(|s| &s[..]),
+        a.chunk,
+        a.max_tokens,
+        &a.data.display().to_string(),
+    )?;
     if tokens == 0 {
         bail!("{} has no records", a.data.display());
     }

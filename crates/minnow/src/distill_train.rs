@@ -77,7 +77,10 @@ pub struct TrainArgs {
     /// Optimizer steps between checkpoints.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
-    /// Type of the trained tensors in the output: q8_0, f16 or f32.
+    /// The output's type. q8_0, f16, bf16, f32: the trained tensors in that
+    /// type, the rest as in the base. q6_k, q5_k_m, q5_0, q4_k_m, q4_0,
+    /// q3_k_m, q2_k: the whole model quantized as `minnow quantize` does,
+    /// with an importance matrix collected on the training examples.
     #[arg(long, default_value = "q8_0")]
     out_type: String,
     /// Stop after this many optimizer steps (the schedule is sized to it).
@@ -129,7 +132,7 @@ pub fn main(a: TrainArgs) -> Result<()> {
     }
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!(
-        "trained {} steps ({} train / {} val examples{}) in {:.1} s, {:.0} tok/s on {}; loss {}, val loss {} → {}; wrote {} ({:.1} MB)",
+        "trained {} steps ({} train / {} val examples{}) in {:.1} s, {:.0} tok/s on {}; loss {}, val loss {} → {}; wrote {} ({:.1} MB{})",
         r.steps,
         r.train_examples,
         r.val_examples,
@@ -142,6 +145,7 @@ pub fn main(a: TrainArgs) -> Result<()> {
         fmt(r.final_val_loss),
         r.output.display(),
         r.output_bytes as f64 / 1e6,
+        r.imatrix_tokens.map_or(String::new(), |t| format!(", quantized with an importance matrix of {t} training tokens")),
     );
     Ok(())
 }

@@ -7,22 +7,17 @@
 //! biases) always as F32, and a matrix whose rows are not whole blocks of
 //! the type falls back to F16. The file appears atomically
 //! ([`GgufWriter::write_file`]).
+//!
+//! Below 8 bits ([`export_quantized`]) the merged model is written in F16
+//! first, an importance matrix is collected by running it over the training
+//! examples, and `minnow quantize`'s mix turns the whole model into the
+//! output with it.
 
 use super::model::{to_f32_vec, Student};
 use anyhow::{bail, Context, Result};
 use minnow_gguf::{GgmlType, GgufFile, GgufWriter};
 use minnow_kernels::quantize::quantize_to_vec;
 use std::path::Path;
-
-/// Parses `--out-type`: f32, f16 or q8_0 (any case).
-pub fn parse_out_type(s: &str) -> Result<GgmlType> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" => Ok(GgmlType::F32),
-        "f16" => Ok(GgmlType::F16),
-        "q8_0" => Ok(GgmlType::Q8_0),
-        other => bail!("output type '{other}' is not one of: f32, f16, q8_0"),
-    }
-}
 
 /// The type a changed tensor of ggml `dims` is written as.
 fn type_for(dims: &[u64], want: GgmlType) -> GgmlType {
@@ -149,4 +144,40 @@ pub fn export(base: &GgufFile, student: &Student, out: &Path, out_type: GgmlType
     }
     w.write_file(out).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(std::fs::metadata(out)?.len())
+}
+
+/// Training tokens an output's importance matrix is collected on, at most
+/// (llama-imatrix's usual run is about 100 chunks of 512).
+pub const IMATRIX_TOKENS: usize = 64 * 1024;
+
+/// Writes `student` as the whole model quantized to `mix`, weighted by an
+/// importance matrix of the merged model's activations on `train` (token
+/// ids of the training examples, read until [`IMATRIX_TOKENS`]); returns
+/// the file size and the tokens read. The merged F16 model is written
+/// beside `out` first (`OUT.f16.partial`) and removed after.
+pub fn export_quantized<'a>(
+    base: &GgufFile,
+    student: &Student,
+    out: &Path,
+    mix: minnow_engine::quantize::QuantType,
+    train: impl IntoIterator<Item = &'a [u32]>,
+) -> Result<(u64, usize)> {
+    use minnow_engine::imatrix::Imatrix;
+    let mut name = out.file_name().context("the output path has no file name")?.to_os_string();
+    name.push(".f16.partial");
+    let partial = out.with_file_name(name);
+    let result = (|| -> Result<(u64, usize)> {
+        export(base, student, &partial, GgmlType::F16)?;
+        let file = std::sync::Arc::new(GgufFile::open(&partial)?);
+        let model = minnow_engine::model::Model::from_gguf(file.clone())
+            .map_err(|e| anyhow::anyhow!("the merged student: {e}"))?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = minnow_kernels::pool::ThreadPool::new(threads);
+        let (im, tokens) = Imatrix::collect(&model, &pool, train, 512, Some(IMATRIX_TOKENS), "training data")?;
+        drop(model);
+        minnow_engine::quantize::quantize_file(&file, out, mix, Some(&im), threads, |_| {})?;
+        Ok((std::fs::metadata(out)?.len(), tokens))
+    })();
+    let _ = std::fs::remove_file(&partial);
+    result
 }

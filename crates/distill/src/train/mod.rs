@@ -38,6 +38,7 @@ use candle_core::Device;
 use checkpoint::CheckpointHeader;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use minnow_engine::chat::ChatTemplate;
+use minnow_engine::quantize::QuantType;
 use minnow_engine::tokenizer::Tokenizer;
 use minnow_gguf::GgufFile;
 use model::Student;
@@ -95,7 +96,11 @@ pub struct TrainConfig {
     pub checkpoint_dir: Option<PathBuf>,
     /// Optimizer steps between checkpoints.
     pub checkpoint_every: usize,
-    /// Type of the trained tensors in the output: f32, f16 or q8_0.
+    /// The output's type: f32, f16, bf16 or q8_0 (the trained tensors in
+    /// that type, the others as the base has them), or one of `minnow
+    /// quantize`'s mixes below 8 bits (q6_k, q5_k_m, q5_0, q4_k_m, q4_0,
+    /// q3_k_m, q2_k: the whole model quantized, weighted by an importance
+    /// matrix collected on the training examples).
     pub out_type: String,
     /// Compute threads (default: all cores).
     pub threads: Option<usize>,
@@ -168,6 +173,9 @@ pub struct TrainReport {
     pub seconds: f64,
     pub output: PathBuf,
     pub output_bytes: u64,
+    /// Training tokens the output's importance matrix was collected on
+    /// (below-8-bit output types only).
+    pub imatrix_tokens: Option<usize>,
     pub device: String,
 }
 
@@ -205,7 +213,7 @@ fn check_config(c: &TrainConfig) -> Result<()> {
     if c.output.as_os_str().is_empty() {
         bail!("no output path: give -o OUT.gguf");
     }
-    export::parse_out_type(&c.out_type)?;
+    QuantType::parse(&c.out_type).map_err(|e| anyhow::anyhow!("--out-type: {e}"))?;
     Ok(())
 }
 
@@ -613,8 +621,17 @@ impl Trainer {
     /// Writes the output GGUF and reports.
     pub fn finish(self) -> Result<TrainReport> {
         let (c, s, h) = (&self.cfg, &self.s, &self.header);
-        let out_type = export::parse_out_type(&c.out_type)?;
-        let output_bytes = export::export(&s.base, &s.student, &c.output, out_type)?;
+        let out_type = QuantType::parse(&c.out_type).map_err(|e| anyhow::anyhow!("--out-type: {e}"))?;
+        let (output_bytes, imatrix_tokens) = match out_type {
+            QuantType::F32 | QuantType::F16 | QuantType::BF16 | QuantType::Q8_0 => {
+                (export::export(&s.base, &s.student, &c.output, out_type.base())?, None)
+            }
+            mix => {
+                let train = s.train_idx.iter().map(|&i| &s.examples[i].tokens[..]);
+                let (bytes, tokens) = export::export_quantized(&s.base, &s.student, &c.output, mix, train)?;
+                (bytes, Some(tokens))
+            }
+        };
         if let Some(path) = &c.adapter_out {
             let lora = s.student.lora.as_ref().context("--adapter-out needs --lora-rank")?;
             export::export_adapter(&s.base, lora, path)?;
@@ -642,6 +659,7 @@ impl Trainer {
             seconds: self.seconds,
             output: c.output.clone(),
             output_bytes,
+            imatrix_tokens,
             device: format!("{:?}", self.device),
         })
     }

@@ -87,7 +87,12 @@ pub(crate) fn fit_symmetric(x: &[f32], n: u8, imp: Option<&[f32]>) -> f32 {
         return 0.0;
     }
     let (lo, hi) = (-(n as f32), n as f32 - 1.0);
-    let w = |i: usize| imp.map_or(1.0, |w| w[i]);
+    // With importances, each element's weight also grows with its
+    // magnitude (large weights matter most to a dot product), and the
+    // search reaches past the largest magnitude: clipping it may pay.
+    let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let w = |i: usize| imp.map_or(1.0, |w| w[i] * (sigma2 + x[i] * x[i]).sqrt());
+    let extra = if imp.is_some() { 8 } else { 0 };
     let err = |s: f32| -> f32 {
         x.iter()
             .enumerate()
@@ -99,7 +104,7 @@ pub(crate) fn fit_symmetric(x: &[f32], n: u8, imp: Option<&[f32]>) -> f32 {
     };
     let mut best = m / lo;
     let mut best_err = err(best);
-    for k in 0..=16 {
+    for k in -extra..=16 {
         let s = m / (lo + n as f32 * k as f32 / 64.0);
         // Least-squares re-fit of the scale to the quants it gives.
         let (mut sxq, mut sqq) = (0.0f32, 0.0f32);

@@ -7,8 +7,8 @@
 //! taking bits `2k..2k+2` of `qs[32n + l]` and bit `4n + k` of `hmask[l]`.
 //! (ggml writes the third bit inverted: a *clear* bit means subtract 4.)
 
-use crate::formats::fit::fit_symmetric;
 use super::{f16_to_f32, has_avx2_fma, BlockQ8K, QK_K};
+use crate::formats::fit::fit_symmetric;
 use crate::formats::BlockFormat;
 use crate::GgmlType;
 

@@ -90,7 +90,6 @@ impl BlockQ6K {
     }
 }
 
-
 impl BlockFormat for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6_K;
     const BLOCK: usize = QK_K;
