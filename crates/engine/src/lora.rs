@@ -23,6 +23,7 @@
 
 use crate::model::{ModelConfig, SeqBatch};
 use minnow_gguf::{GgmlType, GgufFile};
+use minnow_kernels::lowrank::{lowrank_add_group, GROUP};
 use minnow_kernels::pool::{SharedMut, ThreadPool};
 use std::path::Path;
 
@@ -100,6 +101,7 @@ impl LowRank {
     }
 
     /// `out += scale · B·(A·x)` for one row (A and B rounded to f16).
+    #[cfg(test)]
     fn add(&self, scale: f32, x: &[f32], out: &mut [f32], t: &mut Vec<f32>) {
         minnow_kernels::lowrank::lowrank_add(&self.a16, &self.bt16, self.rank, scale, x, out, t);
     }
@@ -409,26 +411,48 @@ impl<'a> LoraRows<'a> {
         }
         let n = self.rows.len();
         let cols = x.len() / n;
-        // Task i: row i % n of projection i / n.
+        // Rows grouped by adapter, up to GROUP at a time: a group reads its
+        // adapter's pair once for all its rows (the batch reads each
+        // adapter once a step, not once a row). Groups keep row order.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut open: Vec<(*const LoraAdapter, usize)> = Vec::new();
+        for (r, a) in self.rows.iter().enumerate() {
+            let Some(a) = a else { continue };
+            let key = *a as *const LoraAdapter;
+            match open.iter().find(|(k, g)| *k == key && groups[*g].len() < GROUP) {
+                Some(&(_, g)) => groups[g].push(r),
+                None => {
+                    open.retain(|(k, _)| *k != key);
+                    open.push((key, groups.len()));
+                    groups.push(vec![r]);
+                }
+            }
+        }
+        // Task i: group i % groups.len() of projection i / groups.len().
+        let n_groups = groups.len();
         let run = |range: std::ops::Range<usize>| {
-            let mut t = Vec::new();
             for i in range {
-                let (r, (p, ptr, rows)) = (i % n, outs[i / n]);
-                let Some((a, lr)) = self.rows[r].and_then(|a| Some((a, a.get(layer, p)?))) else { continue };
+                let (group, (p, ptr, rows)) = (&groups[i % n_groups], outs[i / n_groups]);
+                let a = self.rows[group[0]].expect("grouped rows have an adapter");
+                let Some(lr) = a.get(layer, p) else { continue };
+                let xs: Vec<&[f32]> = group.iter().map(|&r| &x[r * cols..(r + 1) * cols]).collect();
                 // SAFETY: each (projection, row) is written by the one task
-                // that holds it; rows r·rows .. (r+1)·rows lie inside that
-                // projection's output.
-                let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * rows), rows) };
-                lr.add(a.scale, &x[r * cols..(r + 1) * cols], o, &mut t);
+                // whose group holds the row; rows r·rows .. (r+1)·rows lie
+                // inside that projection's output and differ between rows.
+                let mut os: Vec<&mut [f32]> = group
+                    .iter()
+                    .map(|&r| unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * rows), rows) })
+                    .collect();
+                lowrank_add_group(&lr.a16, &lr.bt16, lr.rank, a.scale, &xs, &mut os);
             }
         };
         // A few rows' corrections cost less than handing them to the pool.
         let per_row: usize = outs.iter().map(|&(_, _, rows)| cols + rows).sum();
         let work: usize = self.rows.iter().flatten().map(|a| a.rank * per_row).sum();
-        if work < SERIAL_WORK {
-            run(0..n * outs.len());
+        if work < SERIAL_WORK || n_groups * outs.len() == 1 {
+            run(0..n_groups * outs.len());
         } else {
-            pool.parallel_for(n * outs.len(), 1, &run);
+            pool.parallel_for(n_groups * outs.len(), 1, &run);
         }
     }
 }

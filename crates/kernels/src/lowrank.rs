@@ -1,5 +1,6 @@
-//! The low-rank update of a LoRA adapter, one row at a time:
-//! `out += scale · Bᵀ·(A·x)` with A [r, cols] and Bᵀ [r, rows] stored as
+//! The low-rank update of a LoRA adapter, for one row or a group of rows of
+//! the same adapter: `out += scale · Bᵀ·(A·x)` with A [r, cols] and Bᵀ
+//! [r, rows] stored as
 //! f16 bits (B kept transposed so the second product is `r` contiguous
 //! axpys rather than `rows` short dot products). Half precision because a
 //! batch that mixes adapters reads every adapter's pairs each step: at
@@ -9,6 +10,12 @@
 //! A scalar reference ([`lowrank_add_ref`]) and an AVX2+FMA+F16C kernel,
 //! picked at run time through [`crate::formats::simd_level`]
 //! (`MINNOW_SIMD=scalar` forces the reference); a test holds them together.
+//!
+//! [`lowrank_add_group`] does up to [`GROUP`] rows of one adapter in one
+//! pass over A and Bᵀ (each pair is read once per group instead of once per
+//! row: a batch of 16 rows over 4 adapters reads 4 adapters' worth, not 16),
+//! with every row's arithmetic in the order the one-row kernel uses, so a
+//! row's result is the same bits alone or grouped (batch invariance).
 
 use crate::formats::{simd_level, SimdLevel};
 use half::f16;
@@ -25,6 +32,37 @@ pub fn lowrank_add(a: &[u16], bt: &[u16], r: usize, scale: f32, x: &[f32], out: 
         return;
     }
     lowrank_add_ref(a, bt, r, scale, x, out, t)
+}
+
+/// Rows [`lowrank_add_group`] takes at once.
+pub const GROUP: usize = 4;
+
+/// [`lowrank_add`] for up to [`GROUP`] rows of the same adapter:
+/// `outs[j] += scale · Bᵀ·(A·xs[j])`, each `outs[j]` bit-identical to
+/// what [`lowrank_add`] gives it alone.
+pub fn lowrank_add_group(a: &[u16], bt: &[u16], r: usize, scale: f32, xs: &[&[f32]], outs: &mut [&mut [f32]]) {
+    assert!(xs.len() == outs.len() && xs.len() <= GROUP, "lowrank_add_group: 1..={GROUP} rows, one output each");
+    for (x, o) in xs.iter().zip(outs.iter()) {
+        check(a, bt, r, x, o);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() >= SimdLevel::Avx2 {
+        // SAFETY: as in `lowrank_add`; every row's shapes were checked.
+        unsafe {
+            match xs.len() {
+                4 => avx2::lowrank_add_group::<4>(a, bt, r, scale, xs, outs),
+                3 => avx2::lowrank_add_group::<3>(a, bt, r, scale, xs, outs),
+                2 => avx2::lowrank_add_group::<2>(a, bt, r, scale, xs, outs),
+                1 => avx2::lowrank_add_group::<1>(a, bt, r, scale, xs, outs),
+                _ => {}
+            }
+        }
+        return;
+    }
+    let mut t = Vec::new();
+    for (x, o) in xs.iter().zip(outs.iter_mut()) {
+        lowrank_add_ref(a, bt, r, scale, x, o, &mut t);
+    }
 }
 
 fn check(a: &[u16], bt: &[u16], r: usize, x: &[f32], out: &[f32]) {
@@ -103,11 +141,115 @@ mod avx2 {
             }
         }
     }
+
+    /// [`lowrank_add`] for `G` rows: each A row and Bᵀ row is loaded once
+    /// for all `G`, and each row's sums run in the one-row kernel's order
+    /// (two 8-lane accumulators over 16 columns at a time, then the tail),
+    /// so its bits are the same.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn lowrank_add_group<const G: usize>(
+        a: &[u16],
+        bt: &[u16],
+        r: usize,
+        scale: f32,
+        xs: &[&[f32]],
+        outs: &mut [&mut [f32]],
+    ) {
+        let (cols, rows) = (xs[0].len(), outs[0].len());
+        let (c8, r8) = (cols / 8 * 8, rows / 8 * 8);
+        let mut t = [[0f32; G]; 64];
+        let mut t_big: Vec<[f32; G]> = Vec::new();
+        let t: &mut [[f32; G]] = if r <= 64 {
+            &mut t[..r]
+        } else {
+            t_big.resize(r, [0.0; G]);
+            &mut t_big
+        };
+        for (k, tk) in t.iter_mut().enumerate() {
+            let ak = a.as_ptr().add(k * cols);
+            let mut s0 = [_mm256_setzero_ps(); G];
+            let mut s1 = [_mm256_setzero_ps(); G];
+            let mut i = 0;
+            while i + 16 <= c8 {
+                let (w0, w1) = (load8(ak.add(i)), load8(ak.add(i + 8)));
+                for j in 0..G {
+                    let x = xs[j].as_ptr();
+                    s0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(i)), s0[j]);
+                    s1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(i + 8)), s1[j]);
+                }
+                i += 16;
+            }
+            if i < c8 {
+                let w0 = load8(ak.add(i));
+                for j in 0..G {
+                    s0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[j].as_ptr().add(i)), s0[j]);
+                }
+            }
+            for j in 0..G {
+                let s = _mm256_add_ps(s0[j], s1[j]);
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+                let mut sum: f32 = lanes.iter().sum();
+                for c in c8..cols {
+                    sum += f16::from_bits(a[k * cols + c]).to_f32() * xs[j][c];
+                }
+                tk[j] = scale * sum;
+            }
+        }
+        for (k, tk) in t.iter().enumerate() {
+            let bk = bt.as_ptr().add(k * rows);
+            let tv: [__m256; G] = std::array::from_fn(|j| _mm256_set1_ps(tk[j]));
+            let mut o = 0;
+            while o < r8 {
+                let b = load8(bk.add(o));
+                for j in 0..G {
+                    let p = outs[j].as_mut_ptr().add(o);
+                    _mm256_storeu_ps(p, _mm256_fmadd_ps(tv[j], b, _mm256_loadu_ps(p)));
+                }
+                o += 8;
+            }
+            for o in r8..rows {
+                let b = f16::from_bits(bt[k * rows + o]).to_f32();
+                for j in 0..G {
+                    outs[j][o] += tk[j] * b;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grouped rows get exactly the bits each gets alone (and the scalar
+    /// path agrees within rounding), for every group size.
+    #[test]
+    fn a_group_gives_each_row_its_own_bits() {
+        let (r, cols, rows) = (7, 45, 27);
+        let f = |i: usize, k: f32| (i as f32 * k).sin() * 0.3;
+        let h = |v: f32| f16::from_f32(v).to_bits();
+        let a: Vec<u16> = (0..r * cols).map(|i| h(f(i, 0.7))).collect();
+        let bt: Vec<u16> = (0..r * rows).map(|i| h(f(i, 1.3))).collect();
+        let xs: Vec<Vec<f32>> = (0..GROUP).map(|j| (0..cols).map(|i| f(i + 100 * j, 2.1)).collect()).collect();
+        let base: Vec<Vec<f32>> = (0..GROUP).map(|j| (0..rows).map(|i| f(i + 7 * j, 0.2)).collect()).collect();
+        for g in 1..=GROUP {
+            let mut outs = base[..g].to_vec();
+            let x_refs: Vec<&[f32]> = xs[..g].iter().map(|x| &x[..]).collect();
+            let mut o_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            lowrank_add_group(&a, &bt, r, 0.5, &x_refs, &mut o_refs);
+            for j in 0..g {
+                let mut alone = base[j].clone();
+                lowrank_add(&a, &bt, r, 0.5, &xs[j], &mut alone, &mut Vec::new());
+                assert_eq!(outs[j], alone, "group of {g}, row {j}");
+                let mut reference = base[j].clone();
+                lowrank_add_ref(&a, &bt, r, 0.5, &xs[j], &mut reference, &mut Vec::new());
+                for (o, (&got, &want)) in outs[j].iter().zip(&reference).enumerate() {
+                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "row {j} {o}: {got} vs {want}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_simd_path_agrees_with_the_reference() {
