@@ -60,9 +60,30 @@ pub(crate) fn record_named(name: impl FnOnce() -> String, x: &[f32], n: usize) {
     })
 }
 
-/// [`record_named`] for a layer's projection.
-pub(crate) fn record(layer: usize, p: Proj, x: &[f32], n: usize) {
-    record_named(|| weight_name(layer, p), x, n)
+/// [`record_named`] for a layer's projections that all read `x` (q, k and
+/// v; gate and up): the squares are summed once and added to each.
+pub(crate) fn record(layer: usize, ps: &[Proj], x: &[f32], n: usize) {
+    ACTIVE.with(|a| {
+        let mut a = a.borrow_mut();
+        let Some(m) = a.as_mut() else { return };
+        if n == 0 {
+            return;
+        }
+        let cols = x.len() / n;
+        let mut sums = vec![0f64; cols];
+        for row in x.chunks_exact(cols) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += (*v as f64) * (*v as f64);
+            }
+        }
+        for &p in ps {
+            let e = m.sums.entry(weight_name(layer, p)).or_insert_with(|| (vec![0.0; cols], 0));
+            if e.0.len() == cols {
+                e.0.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+                e.1 += n as u64;
+            }
+        }
+    })
 }
 
 /// Runs `f` with collection on for this thread and returns what it saw.
@@ -211,17 +232,18 @@ mod tests {
     fn a_written_imatrix_reads_back() {
         let mut m = Imatrix { datasets: vec!["d.jsonl".into()], chunks: 3, chunk_size: 256, ..Default::default() };
         let (_, seen) = Collector::run(|| {
-            record(2, Proj::Q, &[1.0, 2.0, 3.0, -1.0, 0.0, 1.0], 2);
+            record(2, &[Proj::Q, Proj::K], &[1.0, 2.0, 3.0, -1.0, 0.0, 1.0], 2);
             record_named(|| "output.weight".into(), &[0.5, 0.5], 1);
         });
         m.merge(seen);
         // Nothing is recorded outside `Collector::run`.
-        record(2, Proj::Q, &[9.0, 9.0, 9.0], 1);
+        record(2, &[Proj::Q], &[9.0, 9.0, 9.0], 1);
         let path = std::env::temp_dir().join(format!("minnow-imatrix-{}.gguf", std::process::id()));
         m.write(&path).unwrap();
         let back = Imatrix::read(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         assert_eq!(back.importance("blk.2.attn_q.weight").unwrap(), vec![1.0, 2.0, 5.0]);
+        assert_eq!(back.importance("blk.2.attn_k.weight").unwrap(), vec![1.0, 2.0, 5.0]);
         assert_eq!(back.importance("output.weight").unwrap(), vec![0.25, 0.25]);
         assert_eq!((back.datasets, back.chunks, back.chunk_size), (vec!["d.jsonl".to_string()], 3, 256));
     }

@@ -68,8 +68,8 @@ impl Proj {
     }
 }
 
-/// One projection's adapter: A [rank, cols] and B [rows, rank] as read
-/// (f32), and the f16 copies the kernel reads (A, and B transposed).
+/// One projection's adapter, kept only as the kernel reads it: A and Bᵀ
+/// in f16 (a server holds many adapters; f32 copies would triple each).
 #[derive(Debug, Clone)]
 pub struct LowRank {
     pub rank: usize,
@@ -77,8 +77,6 @@ pub struct LowRank {
     pub cols: usize,
     /// The projection's output width.
     pub rows: usize,
-    pub a: Vec<f32>,
-    pub b: Vec<f32>,
     /// A as f16 bits, [rank, cols].
     a16: Vec<u16>,
     /// Bᵀ as f16 bits, [rank, rows].
@@ -97,7 +95,23 @@ impl LowRank {
             }
         }
         let a16 = a.iter().map(|&v| h(v)).collect();
-        LowRank { rank, cols, rows, a, b, a16, bt16 }
+        LowRank { rank, cols, rows, a16, bt16 }
+    }
+
+    /// A [rank, cols] as the kernel multiplies with it (rounded to f16).
+    pub fn a(&self) -> Vec<f32> {
+        self.a16.iter().map(|&v| half::f16::from_bits(v).to_f32()).collect()
+    }
+
+    /// B [rows, rank] as the kernel multiplies with it (rounded to f16).
+    pub fn b(&self) -> Vec<f32> {
+        let mut b = vec![0f32; self.rows * self.rank];
+        for k in 0..self.rank {
+            for o in 0..self.rows {
+                b[o * self.rank + k] = half::f16::from_bits(self.bt16[k * self.rows + o]).to_f32();
+            }
+        }
+        b
     }
 
     /// `out += scale · B·(A·x)` for one row (A and B rounded to f16).

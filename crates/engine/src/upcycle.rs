@@ -787,9 +787,11 @@ mod tests {
     #[test]
     fn expert_types_fall_back_upwards() {
         assert_eq!(expert_type(GgmlType::Q6_K, 4864, ExpertType::Keep, false), (GgmlType::Q6_K, None));
-        // Q6_K can be re-encoded now; Q3_K cannot and falls back upwards.
+        // Every k-quant can be re-encoded now (Q2_K and Q3_K too).
         assert_eq!(expert_type(GgmlType::Q6_K, 4864, ExpertType::Keep, true), (GgmlType::Q6_K, None));
-        assert_eq!(expert_type(GgmlType::Q3_K, 4864, ExpertType::Keep, true).0, GgmlType::Q8_0);
+        assert_eq!(expert_type(GgmlType::Q3_K, 4864, ExpertType::Keep, true), (GgmlType::Q3_K, None));
+        // A row that is not whole blocks of the source's type falls back upwards.
+        assert_eq!(expert_type(GgmlType::Q3_K, 896, ExpertType::Keep, true).0, GgmlType::Q8_0);
         assert_eq!(expert_type(GgmlType::Q5_0, 896, ExpertType::Keep, true), (GgmlType::Q5_0, None));
         assert_eq!(expert_type(GgmlType::Q5_0, 896, ExpertType::To(GgmlType::Q4_K), false).0, GgmlType::Q5_0);
         assert_eq!(expert_type(GgmlType::Q5_0, 4864, ExpertType::To(GgmlType::Q4_K), false), (GgmlType::Q4_K, None));
@@ -797,6 +799,6 @@ mod tests {
         assert_eq!(ExpertType::parse("Q4_K").unwrap(), ExpertType::To(GgmlType::Q4_K));
         assert_eq!(ExpertType::parse("keep").unwrap(), ExpertType::Keep);
         assert_eq!(ExpertType::parse("q6_k").unwrap(), ExpertType::To(GgmlType::Q6_K));
-        assert!(ExpertType::parse("q3_k").unwrap_err().to_string().contains("q4_k"));
+        assert!(ExpertType::parse("q8_k").unwrap_err().to_string().contains("q4_k"));
     }
 }

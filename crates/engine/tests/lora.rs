@@ -83,8 +83,8 @@ fn write_gguf(path: &std::path::Path, arch: &str, alpha: f32, pairs: &[(usize, P
     for (l, p, lr) in pairs {
         let name = format!("blk.{l}.{}.weight", p.stem());
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        w.add_tensor(format!("{name}.lora_a"), &[lr.cols as u64, lr.rank as u64], GgmlType::F32, bytes(&lr.a)).unwrap();
-        w.add_tensor(format!("{name}.lora_b"), &[lr.rank as u64, lr.rows as u64], GgmlType::F32, bytes(&lr.b)).unwrap();
+        w.add_tensor(format!("{name}.lora_a"), &[lr.cols as u64, lr.rank as u64], GgmlType::F32, bytes(&lr.a())).unwrap();
+        w.add_tensor(format!("{name}.lora_b"), &[lr.rank as u64, lr.rows as u64], GgmlType::F32, bytes(&lr.b())).unwrap();
     }
     w.write_file(path).unwrap();
 }
@@ -100,7 +100,7 @@ fn an_adapter_reads_back_and_one_for_another_model_is_refused() {
     assert_eq!((a.rank, a.alpha, a.scale), (4, 8.0, 8.0 / 4.0 * 0.5));
     let got = a.get(3, Proj::V).unwrap();
     let want = &pairs.iter().find(|(l, p, _)| *l == 3 && *p == Proj::V).unwrap().2;
-    assert_eq!((&got.a, &got.b), (&want.a, &want.b));
+    assert_eq!((got.a(), got.b()), (want.a(), want.b()));
     assert!(a.get(3, Proj::K).is_none());
 
     // Another architecture, a wrong shape, not an adapter: one line each.
@@ -109,9 +109,10 @@ fn an_adapter_reads_back_and_one_for_another_model_is_refused() {
     let e = LoraAdapter::load(&other, "x", 1.0, m.model.config()).unwrap_err().to_string();
     assert!(e.contains("qwen2") && e.contains("llama") && !e.contains('\n'), "{e}");
     let mut bad = pairs.clone();
-    let lr = &mut bad[0].2;
-    lr.cols -= 8;
-    lr.a.truncate(lr.rank * lr.cols);
+    let lr = &bad[0].2;
+    let mut a = lr.a();
+    a.truncate(lr.rank * (lr.cols - 8));
+    bad[0].2 = LowRank::new(lr.rank, lr.cols - 8, lr.rows, a, lr.b());
     let shape = dir.path().join("shape.gguf");
     write_gguf(&shape, "llama", 8.0, &bad);
     let e = LoraAdapter::load(&shape, "x", 1.0, m.model.config()).unwrap_err().to_string();
@@ -138,9 +139,9 @@ fn equal_products_give_equal_logits_and_the_base_is_untouched() {
     let padded: Vec<(usize, Proj, LowRank)> = pairs
         .iter()
         .map(|(l, p, lr)| {
-            let mut a = lr.a.clone();
+            let mut a = lr.a();
             a.extend(std::iter::repeat_n(0.0, 2 * lr.cols));
-            let b: Vec<f32> = lr.b.chunks(2).flat_map(|r| [r[0], r[1], 0.5, -0.5]).collect();
+            let b: Vec<f32> = lr.b().chunks(2).flat_map(|r| [r[0], r[1], 0.5, -0.5]).collect();
             (*l, *p, LowRank::new(4, lr.cols, lr.rows, a, b))
         })
         .collect();

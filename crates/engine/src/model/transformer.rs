@@ -297,9 +297,7 @@ impl Attention {
         let q_dim = shape.n_head * hd;
         let kv_dim = shape.n_head_kv * hd;
         let RunState { h, q, k, v, att, out, .. } = st;
-        for p in [Proj::Q, Proj::K, Proj::V] {
-            crate::imatrix::record(layer, p, h, n);
-        }
+        crate::imatrix::record(layer, &[Proj::Q, Proj::K, Proj::V], h, n);
         mm_many_into(pool, [&self.wq, &self.wk, &self.wv], h, n, [&mut *q, &mut *k, &mut *v])?;
         lora.apply_many(pool, layer, h, [(Proj::Q, &mut q[..]), (Proj::K, &mut k[..]), (Proj::V, &mut v[..])]);
         if let Some((bq, bk, bv)) = &self.bias {
@@ -338,7 +336,7 @@ impl Attention {
         let heads = Heads { n_head: shape.n_head, n_head_kv: shape.n_head_kv, head_dim: hd, scale: shape.scale };
         let att = sized(att, n * q_dim);
         attend_batch(pool, heads, q, &spans, &kv, att);
-        crate::imatrix::record(layer, Proj::O, att, n);
+        crate::imatrix::record(layer, &[Proj::O], att, n);
         mm_into(pool, &self.wo, att, n, out)?;
         lora.apply(pool, layer, Proj::O, att, out);
         Ok(())
@@ -381,8 +379,7 @@ impl Ffn {
         lora: Option<(&LoraRows, usize)>,
     ) -> Result<(), ModelError> {
         if let Some((_, layer)) = lora {
-            crate::imatrix::record(layer, Proj::Gate, x, n);
-            crate::imatrix::record(layer, Proj::Up, x, n);
+            crate::imatrix::record(layer, &[Proj::Gate, Proj::Up], x, n);
         }
         mm_many_into(pool, [&self.gate, &self.up], x, n, [&mut *gate, &mut *up])?;
         if let Some((lora, layer)) = lora {
@@ -393,7 +390,7 @@ impl Ffn {
             Activation::GeluTanh => ops::gated_gelu(gate, up),
         }
         if let Some((_, layer)) = lora {
-            crate::imatrix::record(layer, Proj::Down, gate, n);
+            crate::imatrix::record(layer, &[Proj::Down], gate, n);
         }
         mm_into(pool, &self.down, gate, n, out)?;
         if let Some((lora, layer)) = lora {
