@@ -402,7 +402,7 @@ fn hostile_requests_are_clear_errors() {
     // Writing over the input is refused (it would be replaced while read).
     let e = upcycle_file(&dense, &dense, &opts(2, 1)).unwrap_err().to_string();
     assert!(e.contains("is the input"), "{e}");
-    assert!(ExpertType::parse("q3_k").is_err());
+    assert!(ExpertType::parse("q8_k").is_err());
 }
 
 /// Quantize on write on a real model: SmolLM2 with its FFN tensors
