@@ -23,6 +23,10 @@ fn tiny_run_lowers_loss_and_export_matches_engine() {
         lr: 2e-5,
         warmup: 0,
         progress: false,
+        // The trained tensors in Q8_0 and the rest as the base has them: the
+        // export compared with the trained model (the default, q4_k_m,
+        // re-quantizes the whole model; the CLI tests check it).
+        out_type: "q8_0".into(),
         ..TrainConfig::default()
     };
     let t0 = std::time::Instant::now();

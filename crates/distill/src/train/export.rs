@@ -153,7 +153,7 @@ pub const IMATRIX_TOKENS: usize = 64 * 1024;
 /// Writes `student` as the whole model quantized to `mix`, weighted by an
 /// importance matrix of the merged model's activations on `train` (token
 /// ids of the training examples, read until [`IMATRIX_TOKENS`]); returns
-/// the file size and the tokens read. The merged F16 model is written
+/// the file size and the tokens read. `threads` compute it. The merged F16 model is written
 /// beside `out` first (`OUT.f16.partial`) and removed after.
 pub fn export_quantized<'a>(
     base: &GgufFile,
@@ -161,6 +161,7 @@ pub fn export_quantized<'a>(
     out: &Path,
     mix: minnow_engine::quantize::QuantType,
     train: impl IntoIterator<Item = &'a [u32]>,
+    threads: usize,
 ) -> Result<(u64, usize)> {
     use minnow_engine::imatrix::Imatrix;
     let mut name = out.file_name().context("the output path has no file name")?.to_os_string();
@@ -171,7 +172,6 @@ pub fn export_quantized<'a>(
         let file = std::sync::Arc::new(GgufFile::open(&partial)?);
         let model = minnow_engine::model::Model::from_gguf(file.clone())
             .map_err(|e| anyhow::anyhow!("the merged student: {e}"))?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pool = minnow_kernels::pool::ThreadPool::new(threads);
         let (im, tokens) = Imatrix::collect(&model, &pool, train, 512, Some(IMATRIX_TOKENS), "training data")?;
         drop(model);
