@@ -83,8 +83,10 @@ fn write_gguf(path: &std::path::Path, arch: &str, alpha: f32, pairs: &[(usize, P
     for (l, p, lr) in pairs {
         let name = format!("blk.{l}.{}.weight", p.stem());
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        w.add_tensor(format!("{name}.lora_a"), &[lr.cols as u64, lr.rank as u64], GgmlType::F32, bytes(&lr.a())).unwrap();
-        w.add_tensor(format!("{name}.lora_b"), &[lr.rank as u64, lr.rows as u64], GgmlType::F32, bytes(&lr.b())).unwrap();
+        w.add_tensor(format!("{name}.lora_a"), &[lr.cols as u64, lr.rank as u64], GgmlType::F32, bytes(&lr.a()))
+            .unwrap();
+        w.add_tensor(format!("{name}.lora_b"), &[lr.rank as u64, lr.rows as u64], GgmlType::F32, bytes(&lr.b()))
+            .unwrap();
     }
     w.write_file(path).unwrap();
 }
