@@ -37,6 +37,11 @@ fn weight_name(layer: usize, p: Proj) -> String {
     format!("blk.{layer}.{}.weight", p.stem())
 }
 
+/// Whether this thread is collecting (inside [`Collector::run`]).
+pub(crate) fn collecting() -> bool {
+    ACTIVE.with(|a| a.borrow().is_some())
+}
+
 /// Adds the rows of `x` ([n, cols]) to the statistics of matrix `name`, if
 /// this thread is collecting.
 pub(crate) fn record_named(name: impl FnOnce() -> String, x: &[f32], n: usize) {
@@ -122,7 +127,9 @@ impl Imatrix {
             let mut cache = model.new_cache(ids.len());
             let (r, stats) = Collector::run(|| -> anyhow::Result<()> {
                 for piece in ids.chunks(chunk) {
-                    let mut seqs = [SeqBatch { tokens: piece, cache: &mut cache, logits: Logits::All, adapter: None }];
+                    // No logits are needed: the head's input is recorded
+                    // for every row anyway (`output_logits`).
+                    let mut seqs = [SeqBatch { tokens: piece, cache: &mut cache, logits: Logits::None, adapter: None }];
                     model.forward(pool, &mut seqs)?;
                     total.chunks += 1;
                 }

@@ -436,7 +436,12 @@ pub(crate) fn output_logits(
         hx.extend_from_slice(&x[r * n_embd..(r + 1) * n_embd]);
     }
     let hx = norm_rows(&hx, norm, eps);
-    crate::imatrix::record_named(|| "output.weight".to_string(), &hx, picked.len());
+    // The head's importance is its input at every position read, whether
+    // or not its logits were asked for (an imatrix run asks for none).
+    if crate::imatrix::collecting() {
+        let n = layout.n_rows();
+        crate::imatrix::record_named(|| "output.weight".to_string(), &norm_rows(&x[..n * n_embd], norm, eps), n);
+    }
     let mut logits = if picked.is_empty() { Vec::new() } else { mm(pool, head, &hx, picked.len())? };
     let vocab = head.rows;
     let mut out = Vec::with_capacity(seqs.len());
