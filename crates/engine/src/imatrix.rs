@@ -45,29 +45,18 @@ pub(crate) fn collecting() -> bool {
 /// Adds the rows of `x` ([n, cols]) to the statistics of matrix `name`, if
 /// this thread is collecting.
 pub(crate) fn record_named(name: impl FnOnce() -> String, x: &[f32], n: usize) {
-    ACTIVE.with(|a| {
-        let mut a = a.borrow_mut();
-        let Some(m) = a.as_mut() else { return };
-        if n == 0 {
-            return;
-        }
-        let cols = x.len() / n;
-        let e = m.sums.entry(name()).or_insert_with(|| (vec![0.0; cols], 0));
-        if e.0.len() != cols {
-            return;
-        }
-        for row in x.chunks_exact(cols) {
-            for (s, v) in e.0.iter_mut().zip(row) {
-                *s += (*v as f64) * (*v as f64);
-            }
-        }
-        e.1 += n as u64;
-    })
+    record_for(|| vec![name()], x, n)
 }
 
 /// [`record_named`] for a layer's projections that all read `x` (q, k and
-/// v; gate and up): the squares are summed once and added to each.
+/// v; gate and up).
 pub(crate) fn record(layer: usize, ps: &[Proj], x: &[f32], n: usize) {
+    record_for(|| ps.iter().map(|&p| weight_name(layer, p)).collect(), x, n)
+}
+
+/// Adds the rows of `x` to the statistics of every matrix `names` gives
+/// (named only when collecting): the squares are summed once for all.
+fn record_for(names: impl FnOnce() -> Vec<String>, x: &[f32], n: usize) {
     ACTIVE.with(|a| {
         let mut a = a.borrow_mut();
         let Some(m) = a.as_mut() else { return };
@@ -81,8 +70,8 @@ pub(crate) fn record(layer: usize, ps: &[Proj], x: &[f32], n: usize) {
                 *s += (*v as f64) * (*v as f64);
             }
         }
-        for &p in ps {
-            let e = m.sums.entry(weight_name(layer, p)).or_insert_with(|| (vec![0.0; cols], 0));
+        for name in names() {
+            let e = m.sums.entry(name).or_insert_with(|| (vec![0.0; cols], 0));
             if e.0.len() == cols {
                 e.0.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
                 e.1 += n as u64;
