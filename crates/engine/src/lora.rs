@@ -425,28 +425,24 @@ impl<'a> LoraRows<'a> {
         }
         let n = self.rows.len();
         let cols = x.len() / n;
-        // Rows grouped by adapter, up to GROUP at a time: a group reads its
-        // adapter's pair once for all its rows (the batch reads each
-        // adapter once a step, not once a row). Groups keep row order.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut open: Vec<(*const LoraAdapter, usize)> = Vec::new();
+        // Rows grouped by adapter (in row order within each), cut into
+        // groups of up to GROUP: a group reads its adapter's pair once for
+        // all its rows.
+        let mut by_adapter: Vec<(*const LoraAdapter, Vec<usize>)> = Vec::new();
         for (r, a) in self.rows.iter().enumerate() {
             let Some(a) = a else { continue };
             let key = *a as *const LoraAdapter;
-            match open.iter().find(|(k, g)| *k == key && groups[*g].len() < GROUP) {
-                Some(&(_, g)) => groups[g].push(r),
-                None => {
-                    open.retain(|(k, _)| *k != key);
-                    open.push((key, groups.len()));
-                    groups.push(vec![r]);
-                }
+            match by_adapter.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, rows)) => rows.push(r),
+                None => by_adapter.push((key, vec![r])),
             }
         }
+        let groups: Vec<&[usize]> = by_adapter.iter().flat_map(|(_, rows)| rows.chunks(GROUP)).collect();
         // Task i: group i % groups.len() of projection i / groups.len().
         let n_groups = groups.len();
         let run = |range: std::ops::Range<usize>| {
             for i in range {
-                let (group, (p, ptr, rows)) = (&groups[i % n_groups], outs[i / n_groups]);
+                let (group, (p, ptr, rows)) = (groups[i % n_groups], outs[i / n_groups]);
                 let a = self.rows[group[0]].expect("grouped rows have an adapter");
                 let Some(lr) = a.get(layer, p) else { continue };
                 let xs: Vec<&[f32]> = group.iter().map(|&r| &x[r * cols..(r + 1) * cols]).collect();

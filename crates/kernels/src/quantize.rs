@@ -153,9 +153,9 @@ pub fn quantize_weighted_to_vec(ty: GgmlType, src: &[f32], importance: &[f32]) -
     if row == 0 || !src.len().is_multiple_of(row) {
         return Err(LayoutError(format!("{} values are not whole rows of {row}", src.len())));
     }
-    if !is_weighted(ty) {
+    let Some(encode) = weighted_encoder(ty) else {
         return quantize_to_vec(ty, src);
-    }
+    };
     let block = ty.block_size();
     if !src.len().is_multiple_of(block) {
         return Err(LayoutError(format!("{} values are not a whole number of {ty} blocks of {block}", src.len())));
@@ -163,29 +163,38 @@ pub fn quantize_weighted_to_vec(ty: GgmlType, src: &[f32], importance: &[f32]) -
     // A floor keeps columns that were never active from being ignored.
     let mean = importance.iter().sum::<f32>() / row as f32;
     let per_elem: Vec<f32> = (0..src.len()).map(|i| importance[i % row].max(1e-3 * mean)).collect();
-    fn run<B: Pod>(n: usize, f: impl FnOnce(&mut [B])) -> Vec<u8> {
-        let mut out = vec![B::zeroed(); n];
+    Ok(encode(src, &per_elem))
+}
+
+/// An importance-weighted encoder: values, one importance per value → bytes.
+type WeightedEncoder = fn(&[f32], &[f32]) -> Vec<u8>;
+
+/// The importance-weighted encoder of `ty`, `None` for types that have
+/// none: the one list of them.
+fn weighted_encoder(ty: GgmlType) -> Option<WeightedEncoder> {
+    fn run<B: Pod>(x: &[f32], block: usize, f: impl FnOnce(&mut [B])) -> Vec<u8> {
+        let mut out = vec![B::zeroed(); x.len() / block];
         f(&mut out);
         bytemuck::cast_slice(&out).to_vec()
     }
-    let n = src.len() / block;
-    Ok(match ty {
-        GgmlType::Q4_0 => run::<BlockQ4_0>(n, |o| BlockQ4_0::quantize_weighted(src, &per_elem, o)),
-        GgmlType::Q4_1 => run::<BlockQ4_1>(n, |o| BlockQ4_1::quantize_weighted(src, &per_elem, o)),
-        GgmlType::Q5_0 => run::<BlockQ5_0>(n, |o| BlockQ5_0::quantize_weighted(src, &per_elem, o)),
-        GgmlType::Q5_1 => run::<BlockQ5_1>(n, |o| BlockQ5_1::quantize_weighted(src, &per_elem, o)),
-        GgmlType::Q4_K => run::<BlockQ4K>(n, |o| BlockQ4K::quantize_weighted(src, Some(&per_elem), o)),
-        GgmlType::Q2_K => run::<BlockQ2K>(n, |o| BlockQ2K::quantize_weighted(src, Some(&per_elem), o)),
-        GgmlType::Q3_K => run::<BlockQ3K>(n, |o| BlockQ3K::quantize_weighted(src, Some(&per_elem), o)),
-        GgmlType::Q5_K => run::<BlockQ5K>(n, |o| BlockQ5K::quantize_weighted(src, Some(&per_elem), o)),
-        _ => run::<BlockQ6K>(n, |o| BlockQ6K::quantize_weighted(src, Some(&per_elem), o)),
+    use GgmlType as T;
+    Some(match ty {
+        T::Q4_0 => |x, w| run::<BlockQ4_0>(x, QK, |o| BlockQ4_0::quantize_weighted(x, w, o)),
+        T::Q4_1 => |x, w| run::<BlockQ4_1>(x, QK, |o| BlockQ4_1::quantize_weighted(x, w, o)),
+        T::Q5_0 => |x, w| run::<BlockQ5_0>(x, QK, |o| BlockQ5_0::quantize_weighted(x, w, o)),
+        T::Q5_1 => |x, w| run::<BlockQ5_1>(x, QK, |o| BlockQ5_1::quantize_weighted(x, w, o)),
+        T::Q2_K => |x, w| run::<BlockQ2K>(x, QK_K, |o| BlockQ2K::quantize_weighted(x, Some(w), o)),
+        T::Q3_K => |x, w| run::<BlockQ3K>(x, QK_K, |o| BlockQ3K::quantize_weighted(x, Some(w), o)),
+        T::Q4_K => |x, w| run::<BlockQ4K>(x, QK_K, |o| BlockQ4K::quantize_weighted(x, Some(w), o)),
+        T::Q5_K => |x, w| run::<BlockQ5K>(x, QK_K, |o| BlockQ5K::quantize_weighted(x, Some(w), o)),
+        T::Q6_K => |x, w| run::<BlockQ6K>(x, QK_K, |o| BlockQ6K::quantize_weighted(x, Some(w), o)),
+        _ => return None,
     })
 }
 
 /// Whether [`quantize_weighted_to_vec`] uses the importance for `ty`.
 pub fn is_weighted(ty: GgmlType) -> bool {
-    use GgmlType as T;
-    matches!(ty, T::Q2_K | T::Q3_K | T::Q4_K | T::Q5_K | T::Q6_K | T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q5_1)
+    weighted_encoder(ty).is_some()
 }
 
 /// Byte offsets, within one block of `ty`, of the f16 fields that every
