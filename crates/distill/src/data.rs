@@ -9,20 +9,18 @@
 //!
 //! - [`EvalCase`]: an input with a gold answer (`{"id"?, "prompt" |
 //!   "messages", "answer"}`), for worked examples and evaluation.
-//! - [`RecordLog`]: the append-only, crash-safe JSONL file every stage
-//!   writes through, so a killed run continues where it stopped.
+//! - [`RecordLog`] (from `minnow_store`): the append-only, crash-safe JSONL
+//!   file every stage writes through, so a killed run continues where it
+//!   stopped.
 
 use anyhow::{anyhow, bail, Context, Result};
 use minnow_engine::chat::ChatMessage;
 use minnow_engine::tokenizer::Tokenizer;
-use minnow_kernels::mix::{fnv1a_extend, FNV1A_START};
-use serde::de::DeserializeOwned;
+pub use minnow_store::{Keyed, RecordLog, Recovered, TeacherLogprobs};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One input line: either a bare prompt (sent as one user message) or a
 /// whole conversation to be answered. `id` defaults to the line number.
@@ -34,24 +32,6 @@ pub struct InputRecord {
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
-}
-
-/// The teacher's top-k distribution at every generated token.
-///
-/// Ids are in the teacher's vocabulary, identified by `vocab` (see
-/// [`vocab_fingerprint`]); a KL term against a student is only meaningful
-/// when the student's fingerprint is the same. `tokens[i]` is the token the
-/// teacher emitted at position `i` of its answer and `top[i]` its top-k
-/// `(id, logprob)` pairs there, most likely first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TeacherLogprobs {
-    /// Fingerprint of the teacher's vocabulary; `None` when unknown (a
-    /// remote teacher), in which case the KL term is refused.
-    pub vocab: Option<String>,
-    /// Answer token ids, as generated: shape `[n_answer_tokens]`.
-    pub tokens: Vec<u32>,
-    /// Top-k `(id, logprob)` per answer token: shape `[n_answer_tokens][k]`.
-    pub top: Vec<Vec<(u32, f32)>>,
 }
 
 /// Who labeled a record, how, and when.
@@ -87,18 +67,10 @@ pub struct DatasetRecord {
     pub teacher_logprobs: Option<TeacherLogprobs>,
 }
 
-/// A short stable fingerprint of a tokenizer's vocabulary (every token's
-/// bytes, in id order): two models with the same fingerprint share ids.
-/// FNV-1a 64 over length-prefixed token bytes, printed as `vocab-<n>-<hex>`.
+/// A short stable fingerprint of a tokenizer's vocabulary: two models with
+/// the same fingerprint share ids (see `Tokenizer::fingerprint`).
 pub fn vocab_fingerprint(tokenizer: &Tokenizer) -> String {
-    let mut h = FNV1A_START;
-    let n = tokenizer.vocab_size();
-    for id in 0..n as u32 {
-        let bytes = tokenizer.token_bytes(id);
-        h = fnv1a_extend(h, &(bytes.len() as u32).to_le_bytes());
-        h = fnv1a_extend(h, &bytes);
-    }
-    format!("vocab-{n}-{h:016x}")
+    tokenizer.fingerprint()
 }
 
 impl InputRecord {
@@ -226,11 +198,6 @@ pub fn read_eval_cases(path: &Path) -> Result<Vec<EvalCase>> {
         .collect())
 }
 
-/// A record that a [`RecordLog`] can hold: it knows its own id.
-pub trait Keyed {
-    fn key(&self) -> &str;
-}
-
 /// Inputs written by `synth` always carry their id.
 impl Keyed for InputRecord {
     fn key(&self) -> &str {
@@ -241,114 +208,5 @@ impl Keyed for InputRecord {
 impl Keyed for DatasetRecord {
     fn key(&self) -> &str {
         &self.id
-    }
-}
-
-/// An append-only JSONL file of records, safe against being killed at any
-/// moment.
-///
-/// Each record is written as one whole line (`write_all` of the line and
-/// its newline, then `fsync`), so after a crash the file holds complete
-/// lines plus at most one torn last line without its newline. Opening
-/// drops that torn tail (truncating the file to the last newline), reads
-/// every complete line and remembers their ids: a rerun skips those and
-/// appends the rest, so nothing is lost or written twice.
-pub struct RecordLog<T> {
-    file: File,
-    path: PathBuf,
-    done: HashSet<String>,
-    _records: std::marker::PhantomData<T>,
-}
-
-/// What [`RecordLog::open`] found in an existing file.
-pub struct Recovered<T> {
-    pub records: Vec<T>,
-    /// Bytes of a torn last line that were dropped.
-    pub torn_bytes: u64,
-}
-
-impl<T: Serialize + DeserializeOwned + Keyed> RecordLog<T> {
-    /// Opens (creating it and its directory if needed) the log at `path` and
-    /// recovers what it holds. A complete line that does not parse is an
-    /// error naming the line: it was not written by a record log, and
-    /// appending to it would mix two things.
-    pub fn open(path: &Path) -> Result<(RecordLog<T>, Recovered<T>)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .with_context(|| format!("cannot open {} for appending", path.display()))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
-        // Everything after the last newline is a line whose write was cut short.
-        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let torn_bytes = (bytes.len() - keep) as u64;
-        if torn_bytes > 0 {
-            file.set_len(keep as u64)
-                .with_context(|| format!("cannot truncate the torn last line of {}", path.display()))?;
-            file.sync_all()?;
-        }
-        file.seek(SeekFrom::End(0))?;
-        let text = std::str::from_utf8(&bytes[..keep])
-            .map_err(|e| anyhow!("{}: not UTF-8 text ({e}); is this a JSONL file?", path.display()))?;
-        let mut records = Vec::new();
-        let mut done = HashSet::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let rec: T = serde_json::from_str(line).map_err(|e| {
-                anyhow!("{}:{}: not a record this command writes ({e}); use another output file", path.display(), i + 1)
-            })?;
-            if !done.insert(rec.key().to_string()) {
-                bail!(
-                    "{}:{}: id {:?} appears twice; the file was not written by minnow",
-                    path.display(),
-                    i + 1,
-                    rec.key()
-                );
-            }
-            records.push(rec);
-        }
-        let log = RecordLog { file, path: path.to_path_buf(), done, _records: std::marker::PhantomData };
-        Ok((log, Recovered { records, torn_bytes }))
-    }
-
-    /// Whether a record with this id is already in the log.
-    pub fn contains(&self, id: &str) -> bool {
-        self.done.contains(id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.done.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.done.is_empty()
-    }
-
-    /// Appends one record as one line and makes it durable before returning.
-    /// A record whose id is already there is refused (it would duplicate).
-    pub fn append(&mut self, rec: &T) -> Result<()> {
-        if self.done.contains(rec.key()) {
-            bail!("{}: id {:?} is already recorded", self.path.display(), rec.key());
-        }
-        let mut line = serde_json::to_string(rec)?;
-        debug_assert!(!line.contains('\n'), "serde_json escapes newlines in strings");
-        line.push('\n');
-        // One write of the whole line: a crash leaves it whole or torn at the
-        // end, never interleaved; fsync so a completed append survives power loss.
-        self.file.write_all(line.as_bytes()).with_context(|| format!("cannot write to {}", self.path.display()))?;
-        self.file.sync_data().with_context(|| format!("cannot sync {}", self.path.display()))?;
-        self.done.insert(rec.key().to_string());
-        Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }

@@ -582,6 +582,22 @@ impl Tokenizer {
         self.vocab.get(text)
     }
 
+    /// A short stable fingerprint of the vocabulary (every token's bytes, in
+    /// id order): two tokenizers with the same fingerprint share ids.
+    /// FNV-1a 64 over length-prefixed token bytes, printed as
+    /// `vocab-<n>-<hex>`.
+    pub fn fingerprint(&self) -> String {
+        use minnow_kernels::mix::{fnv1a_extend, FNV1A_START};
+        let mut h = FNV1A_START;
+        let n = self.vocab_size();
+        for id in 0..n as u32 {
+            let bytes = self.token_bytes(id);
+            h = fnv1a_extend(h, &(bytes.len() as u32).to_le_bytes());
+            h = fnv1a_extend(h, &bytes);
+        }
+        format!("vocab-{n}-{h:016x}")
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
     }

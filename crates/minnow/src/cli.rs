@@ -431,6 +431,23 @@ struct ServeArgs {
     /// response unread) before it is closed.
     #[arg(long, default_value_t = 60.0, value_name = "S")]
     idle_timeout: f64,
+    /// Keep chat completions sent with `"store": true` (and their
+    /// `metadata`) in DIR, crash-safe, behind OpenAI's stored-completions API
+    /// (`GET /v1/chat/completions`…); `distill --data store:DIR` trains on them.
+    #[arg(long, value_name = "DIR")]
+    store: Option<std::path::PathBuf>,
+    /// With --store: record every chat request, `store` or not.
+    #[arg(long)]
+    store_all: bool,
+    /// With --store: also record each reply token's top-K log-probabilities
+    /// (for distillation's KL term), whatever the client asked for.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    store_logprobs: usize,
+    /// With --store: the most bytes the stored records may take; past it new
+    /// answers are not stored (they are still answered; see /metrics and the
+    /// log) until records are deleted. Accepts K/M/G suffixes.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    store_max_bytes: Option<u64>,
     /// Speculative decoding while a single sequence decodes (batched
     /// decoding already amortises weight reads over several).
     #[command(flatten)]
@@ -506,10 +523,31 @@ pub fn main() -> Result<()> {
                         header_timeout: seconds("--header-timeout", a.header_timeout)?,
                         idle_timeout: seconds("--idle-timeout", a.idle_timeout)?,
                     },
+                    store_dir: a.store,
+                    store_all: a.store_all,
+                    store_logprobs: a.store_logprobs,
+                    store_max_bytes: a.store_max_bytes,
                 },
             )
         }
     }
+}
+
+/// A byte count: digits with an optional K, M or G (powers of 1024).
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a byte count (e.g. 500M, 2G, 1048576)"))
 }
 
 /// A duration flag given in seconds (fractions allowed).

@@ -57,7 +57,7 @@ async fn read_body(state: &AppState, headers: &HeaderMap, mut body: Body) -> Res
     }
 }
 
-async fn read_object(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Map<String, Value>> {
+pub(crate) async fn read_object(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Map<String, Value>> {
     let bytes = read_body(state, headers, body).await?;
     params::parse_body(&bytes)
 }
@@ -106,6 +106,7 @@ pub async fn chat_completions(
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_chat(&obj)?;
         let adapter = check_model(&state, &obj)?;
+        let recording = crate::store::recording_for(&state, &obj, req.opts.n)?;
         let mut opts = req.opts;
         // `tool_choice: "none"`: the tools are not offered at all.
         let offered = req.tools.filter(|t| t.choice != params::ToolChoice::None);
@@ -121,7 +122,7 @@ pub async fn chat_completions(
         let prompt = blocking(move || model.chat_prompt_with_tools(&messages, tools.as_deref()))
             .await?
             .map_err(|e| ApiError::invalid("messages", format!("the chat template failed on these messages: {e:#}")))?;
-        generate(&state, &log, Endpoint::Chat, prompt, opts, format, adapter).await
+        generate(&state, &log, Endpoint::Chat, prompt, opts, format, adapter, recording).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -138,6 +139,12 @@ pub async fn completions(
         let obj = read_object(&state, &headers, body).await?;
         let req = params::parse_completion(&obj)?;
         let adapter = check_model(&state, &obj)?;
+        if params::opt_bool(&obj, "store")? == Some(true) {
+            return Err(ApiError::invalid(
+                "store",
+                "stored completions are chat completions: send `store` to /v1/chat/completions",
+            ));
+        }
         let prompt = match req.prompt {
             PromptInput::Tokens(ids) => {
                 check_ids(&state, &ids, "prompt")?;
@@ -153,7 +160,7 @@ pub async fn completions(
                     .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?
             }
         };
-        generate(&state, &log, Endpoint::Completion, prompt, req.opts, None, adapter).await
+        generate(&state, &log, Endpoint::Completion, prompt, req.opts, None, adapter, None).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -189,7 +196,9 @@ fn context_overflow(endpoint: Endpoint, prompt: usize, max_tokens: usize, ctx: u
 
 /// Submits and answers: an SSE stream or one JSON object. `tools`: the
 /// form calls take in the reply, when tools were offered; `adapter`: the
-/// LoRA adapter the request runs with.
+/// LoRA adapter the request runs with; `recording`: what `--store` keeps of
+/// it, written before the answer is complete for the client.
+#[allow(clippy::too_many_arguments)]
 async fn generate(
     state: &Arc<AppState>,
     log: &Arc<RequestLog>,
@@ -198,6 +207,7 @@ async fn generate(
     opts: GenOptions,
     tools: Option<minnow_engine::tools::ReplyFormat>,
     adapter: Option<Arc<LoraAdapter>>,
+    recording: Option<crate::store::Recording>,
 ) -> Result<Response> {
     let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
     if prompt.is_empty() {
@@ -254,7 +264,11 @@ async fn generate(
             adapter: adapter.clone(),
         },
         n: opts.n,
-        top_logprobs: opts.logprobs,
+        // The store may want more alternatives than the client asked for.
+        top_logprobs: match (opts.logprobs, recording.as_ref().map_or(0, |r| r.top_k())) {
+            (k, 0) => k,
+            (k, store_k) => Some(k.unwrap_or(0).max(store_k)),
+        },
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     // Runs on the scheduler thread: an unbounded send never blocks, and it
@@ -276,12 +290,12 @@ async fn generate(
         created: unix_now(),
         // The name the request used for an adapter, as vLLM answers.
         model: adapter.as_ref().map_or_else(|| state.opts.model_id.clone(), |a| a.name.clone()),
-        logprobs: opts.logprobs.is_some(),
+        logprobs: opts.logprobs,
         include_usage: opts.include_usage,
         tools,
     };
     if opts.stream {
-        let body = SseBody::new(rx, shape, state.clone(), guard, log.clone(), opts.n);
+        let body = SseBody::new(rx, shape, state.clone(), guard, log.clone(), opts.n, recording);
         let mut r = Response::new(Body::new(body));
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -290,7 +304,7 @@ async fn generate(
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         return Ok(r);
     }
-    collect(state, log, rx, guard, shape, opts.n).await
+    collect(state, log, rx, guard, shape, opts.n, recording).await
 }
 
 /// Waits for the whole generation. If the client leaves meanwhile, this
@@ -302,18 +316,27 @@ async fn collect(
     mut guard: CancelGuard,
     shape: Shape,
     n: usize,
+    mut recording: Option<crate::store::Recording>,
 ) -> Result<Response> {
     let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
     let mut usage: Option<Usage> = None;
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenEvent::Token { index, text, logprob, .. } => {
+            GenEvent::Token { index, id, text, logprob } => {
+                if let Some(r) = &mut recording {
+                    r.token(index, id, &text, logprob.as_ref(), shape.logprobs);
+                }
                 if let Some(c) = choices.get_mut(index) {
                     c.text.push_str(&text);
-                    c.logprobs.extend(logprob);
+                    if let (Some(lp), Some(k)) = (&logprob, shape.logprobs) {
+                        c.logprobs.push(crate::store::client_view(lp, k));
+                    }
                 }
             }
             GenEvent::Done { index, finish, text_tail } => {
+                if let Some(r) = &mut recording {
+                    r.done(index, finish, &text_tail);
+                }
                 if let Some(c) = choices.get_mut(index) {
                     c.text.push_str(&text_tail);
                     c.finish = Some(finish);
@@ -345,6 +368,10 @@ async fn collect(
         guard.finished = true;
         return Err(ApiError::unavailable(minnow_engine::scheduler::SHUTDOWN_CANCEL_MESSAGE));
     };
+    if let Some(r) = recording {
+        // Durable before the client has its answer.
+        crate::store::save(state.clone(), r.into_record(state, &shape, &usage)).await;
+    }
     let tok = &state.model().tokenizer;
     Ok(json_response(&shape.full(tok, &choices, &usage)))
 }

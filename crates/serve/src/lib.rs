@@ -46,8 +46,10 @@ pub mod metrics;
 pub mod params;
 mod render;
 mod sse;
+pub mod store;
 
 pub use conn::{Limits, Stop};
+pub use store::StoreConfig;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request};
@@ -91,6 +93,8 @@ pub struct ServeOptions {
     /// LoRA adapters (`--lora NAME=PATH`): a request whose `model` is an
     /// adapter's name runs with it; the base id or an alias runs without.
     pub adapters: Vec<Arc<minnow_engine::lora::LoraAdapter>>,
+    /// `--store DIR`: stored completions (see [`store`]).
+    pub store: Option<StoreConfig>,
 }
 
 impl Default for ServeOptions {
@@ -105,6 +109,7 @@ impl Default for ServeOptions {
             limits: Limits::default(),
             log_requests: true,
             adapters: Vec::new(),
+            store: None,
         }
     }
 }
@@ -120,6 +125,9 @@ pub struct AppState {
     pub(crate) started_unix: u64,
     /// Distinguishes response ids across restarts (ids count from 1).
     pub(crate) id_prefix: String,
+    /// The model's vocabulary fingerprint (`Tokenizer::fingerprint`), stored
+    /// with recorded log-probabilities; empty without `--store-logprobs`.
+    pub(crate) vocab: String,
 }
 
 impl AppState {
@@ -128,7 +136,12 @@ impl AppState {
         // Not cryptographic: only keeps ids of two server runs apart.
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let id_prefix = format!("{:08x}{:04x}", started_unix as u32 ^ nanos, std::process::id() & 0xffff);
+        let vocab = match &opts.store {
+            Some(s) if s.logprobs > 0 => scheduler.model().tokenizer.fingerprint(),
+            _ => String::new(),
+        };
         Arc::new(AppState {
+            vocab,
             scheduler: Arc::new(scheduler),
             opts,
             metrics: metrics::Metrics::new(),
@@ -192,7 +205,9 @@ pub(crate) fn json_response(v: &serde_json::Value) -> Response {
 /// The routes, with authentication and per-request logging.
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
-        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/chat/completions", post(handlers::chat_completions).get(store::list))
+        .route("/v1/chat/completions/{id}", get(store::get).post(store::update).delete(store::delete))
+        .route("/v1/chat/completions/{id}/messages", get(store::messages))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{id}", get(handlers::model_by_id))
@@ -400,6 +415,14 @@ pub struct RunConfig {
     pub shutdown_grace: Duration,
     /// `--max-connections`, `--header-timeout`, `--idle-timeout`.
     pub limits: Limits,
+    /// `--store DIR`: keep stored completions there.
+    pub store_dir: Option<std::path::PathBuf>,
+    /// `--store-all`: record every chat request, not only `store: true` ones.
+    pub store_all: bool,
+    /// `--store-logprobs K`: with each record, the reply tokens' top-K log-probabilities.
+    pub store_logprobs: usize,
+    /// `--store-max-bytes`: the live records' bound.
+    pub store_max_bytes: Option<u64>,
 }
 
 /// `minnow serve`: starts the scheduler on `model`, binds, serves until
@@ -418,6 +441,31 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
     if cfg.limits.header_timeout.is_zero() || cfg.limits.idle_timeout.is_zero() {
         bail!("--header-timeout and --idle-timeout must be more than 0 seconds");
     }
+    if cfg.store_dir.is_none() && (cfg.store_all || cfg.store_logprobs > 0 || cfg.store_max_bytes.is_some()) {
+        bail!("--store-all, --store-logprobs and --store-max-bytes need --store DIR");
+    }
+    if cfg.store_logprobs > params::MAX_TOP_LOGPROBS {
+        bail!("--store-logprobs must be at most {}", params::MAX_TOP_LOGPROBS);
+    }
+    let store = match &cfg.store_dir {
+        None => None,
+        Some(dir) => {
+            let s = minnow_store::Store::open(dir, cfg.store_max_bytes)?;
+            eprintln!(
+                "minnow serve: storing completions in {} ({} stored, {} bytes{}{})",
+                dir.display(),
+                s.len(),
+                s.live_bytes(),
+                cfg.store_max_bytes.map_or(String::new(), |m| format!(" of at most {m}")),
+                if s.torn_bytes > 0 {
+                    format!("; dropped a torn last line of {} bytes", s.torn_bytes)
+                } else {
+                    String::new()
+                }
+            );
+            Some(StoreConfig { store: Arc::new(Mutex::new(s)), all: cfg.store_all, logprobs: cfg.store_logprobs })
+        }
+    };
     raise_open_files_limit(cfg.limits.max_connections);
     let api_key = cfg.api_key.clone().or_else(|| std::env::var("MINNOW_API_KEY").ok()).filter(|k| !k.is_empty());
     let model_id = model_id_of(&cfg.model);
@@ -459,6 +507,7 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
             price_per_hour: cfg.price_per_hour,
             shutdown_grace: cfg.shutdown_grace,
             limits: cfg.limits,
+            store,
             ..Default::default()
         };
         let state = AppState::new(scheduler, opts);

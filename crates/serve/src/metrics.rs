@@ -110,6 +110,10 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Connections closed by the header, idle or stalled-reader timeouts.
     pub connections_timed_out: AtomicU64,
+    /// Completions recorded in the store (`--store`).
+    pub store_written: AtomicU64,
+    /// Answers that should have been stored but were not (store full, I/O error).
+    pub store_failed: AtomicU64,
 }
 
 /// The label for a path: the known routes, or "other" so that clients
@@ -149,6 +153,8 @@ impl Metrics {
             connections_open: AtomicI64::new(0),
             connections_refused: AtomicU64::new(0),
             connections_timed_out: AtomicU64::new(0),
+            store_written: AtomicU64::new(0),
+            store_failed: AtomicU64::new(0),
         }
     }
 
@@ -184,7 +190,7 @@ impl Metrics {
         let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
         // (name, type, help, value); one line each, as the exposition reads.
         #[rustfmt::skip]
-        let scheduler: [(&str, &str, &str, f64); 20] = [
+        let scheduler: [(&str, &str, &str, f64); 22] = [
             ("minnow_prompt_tokens_total", "counter", "Prompt tokens of finished and running requests (cached ones included).", s.prompt_tokens_total as f64),
             ("minnow_cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.", s.cached_prompt_tokens_total as f64),
             ("minnow_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total as f64),
@@ -201,6 +207,8 @@ impl Metrics {
             ("minnow_http_connections_open", "gauge", "Open HTTP connections.", self.connections_open.load(Ordering::Relaxed) as f64),
             ("minnow_http_connections_refused_total", "counter", "Connections closed on arrival because --max-connections were open.", self.connections_refused.load(Ordering::Relaxed) as f64),
             ("minnow_http_connections_timed_out_total", "counter", "Connections closed by the header, idle or stalled-reader timeout.", self.connections_timed_out.load(Ordering::Relaxed) as f64),
+            ("minnow_store_written_total", "counter", "Completions recorded in the store (--store).", self.store_written.load(Ordering::Relaxed) as f64),
+            ("minnow_store_failed_total", "counter", "Answers that should have been stored but were not (store full or I/O error; see the log).", self.store_failed.load(Ordering::Relaxed) as f64),
             ("minnow_price_per_hour_usd", "gauge", "The machine price given with --price-per-hour.", price_per_hour),
             ("minnow_constrained_requests_total", "counter", "Requests with structured output (response_format, structured_outputs).", s.constrained_requests_total as f64),
             ("minnow_forced_tokens_total", "counter", "Tokens a constraint forced, taken without sampling (jump-forward).", s.forced_tokens_total as f64),

@@ -166,6 +166,44 @@ pub(crate) fn opt_bool(obj: &Map<String, Value>, name: &str) -> Result<Option<bo
     }
 }
 
+/// OpenAI's bounds on `metadata`: at most 16 pairs, keys up to 64
+/// characters, values up to 512.
+pub const MAX_METADATA_PAIRS: usize = 16;
+pub const MAX_METADATA_KEY: usize = 64;
+pub const MAX_METADATA_VALUE: usize = 512;
+
+/// `metadata`: an object of strings within OpenAI's bounds (absent or null:
+/// none). `param` names it in errors (`metadata` in a request body).
+pub(crate) fn metadata(v: Option<&Value>, param: &str) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let mut out = std::collections::BTreeMap::new();
+    let obj = match v {
+        None | Some(Value::Null) => return Ok(out),
+        Some(Value::Object(o)) => o,
+        Some(v) => return Err(wrong_type(param, "an object of strings", v)),
+    };
+    if obj.len() > MAX_METADATA_PAIRS {
+        return Err(out_of_range(
+            param,
+            format!("`{param}` may hold at most {MAX_METADATA_PAIRS} pairs, got {}", obj.len()),
+        ));
+    }
+    for (k, v) in obj {
+        let p = format!("{param}.{k}");
+        if k.is_empty() || k.chars().count() > MAX_METADATA_KEY {
+            return Err(out_of_range(
+                &p,
+                format!("`{param}` keys must be 1 to {MAX_METADATA_KEY} characters, got {:?}", k),
+            ));
+        }
+        let Value::String(s) = v else { return Err(wrong_type(&p, "a string", v)) };
+        if s.chars().count() > MAX_METADATA_VALUE {
+            return Err(out_of_range(&p, format!("`{p}` must be at most {MAX_METADATA_VALUE} characters")));
+        }
+        out.insert(k.clone(), s.clone());
+    }
+    Ok(out)
+}
+
 /// An integer (a float with no fraction, like `5.0`, counts) in `[min, max]`.
 pub(crate) fn opt_int(obj: &Map<String, Value>, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
     let Some(v) = field(obj, name) else { return Ok(None) };

@@ -30,8 +30,8 @@ pub struct Shape {
     pub id: String,
     pub created: u64,
     pub model: String,
-    /// Whether logprobs were asked for.
-    pub logprobs: bool,
+    /// Whether logprobs were asked for, and how many alternatives a token.
+    pub logprobs: Option<usize>,
     /// Every streamed chunk carries `"usage": null` when usage was asked for,
     /// as OpenAI's do.
     pub include_usage: bool,
@@ -150,7 +150,7 @@ impl Shape {
     /// A chunk with new text for choice `index` (and the logprobs of the
     /// tokens it came from). `offset`: the choice's text length so far.
     pub fn text_chunk(&self, tok: &Tokenizer, index: usize, text: &str, lps: &[TokenLogprob], offset: usize) -> Value {
-        let logprobs = match (self.logprobs, self.endpoint) {
+        let logprobs = match (self.logprobs.is_some(), self.endpoint) {
             (false, _) => Value::Null,
             (true, Endpoint::Chat) => json!({"content": chat_logprob_content(tok, lps)}),
             (true, Endpoint::Completion) => completion_logprobs(tok, lps, offset),
@@ -214,7 +214,7 @@ impl Shape {
             .enumerate()
             .map(|(i, c)| {
                 let finish = c.finish.unwrap_or(FinishReason::Length).as_str();
-                let logprobs = match (self.logprobs, self.endpoint) {
+                let logprobs = match (self.logprobs.is_some(), self.endpoint) {
                     (false, _) => Value::Null,
                     (true, Endpoint::Chat) => json!({"content": chat_logprob_content(tok, &c.logprobs)}),
                     (true, Endpoint::Completion) => completion_logprobs(tok, &c.logprobs, 0),

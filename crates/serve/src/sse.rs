@@ -19,6 +19,7 @@ use minnow_engine::tools::{CallSplitter, Piece};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -97,6 +98,12 @@ pub struct SseBody {
     pub splitters: Vec<CallSplitter>,
     /// Calls streamed so far per choice (the next call's `index`).
     pub calls_sent: Vec<usize>,
+    /// What `--store` keeps of this request, while it is answered.
+    pub recording: Option<crate::store::Recording>,
+    /// The record being written; the stream's end waits for it.
+    pub saving: Option<tokio::task::JoinHandle<()>>,
+    /// The last chunks (usage, `[DONE]`), held until the record is durable.
+    pub held: Vec<Bytes>,
 }
 
 fn data_line(v: &Value) -> Bytes {
@@ -111,6 +118,7 @@ impl SseBody {
         guard: CancelGuard,
         log: Arc<RequestLog>,
         n: usize,
+        recording: Option<crate::store::Recording>,
     ) -> SseBody {
         let mut queued = VecDeque::new();
         // Chat streams open each choice with its role, before any text,
@@ -136,6 +144,9 @@ impl SseBody {
             finished: false,
             splitters,
             calls_sent: vec![0; n],
+            recording,
+            saving: None,
+            held: Vec::new(),
         }
     }
 
@@ -191,14 +202,22 @@ impl SseBody {
 
     fn handle(&mut self, ev: GenEvent) {
         match ev {
-            GenEvent::Token { index, text, logprob, .. } => {
+            GenEvent::Token { index, id, text, logprob } => {
                 // Counted as they go, so a stream cut short logs what it got.
                 self.log.update(|d| d.completion_tokens += 1);
-                let lps: Vec<TokenLogprob> =
-                    if self.shape.logprobs { logprob.into_iter().collect() } else { Vec::new() };
+                if let Some(r) = &mut self.recording {
+                    r.token(index, id, &text, logprob.as_ref(), self.shape.logprobs);
+                }
+                let lps: Vec<TokenLogprob> = match (self.shape.logprobs, &logprob) {
+                    (Some(k), Some(lp)) => vec![crate::store::client_view(lp, k)],
+                    _ => Vec::new(),
+                };
                 self.reply_text(index, &text, &lps, false);
             }
             GenEvent::Done { index, finish, text_tail } => {
+                if let Some(r) = &mut self.recording {
+                    r.done(index, finish, &text_tail);
+                }
                 self.reply_text(index, &text_tail, &[], true);
                 if index < self.n {
                     let calls = self.calls_sent[index] > 0;
@@ -215,11 +234,22 @@ impl SseBody {
                     d.completion_tokens = usage.completion_tokens;
                     d.ttft_secs = Some(ttft_secs);
                 });
+                let mut last = Vec::new();
                 if self.shape.include_usage {
-                    let c = self.shape.usage_chunk(&usage);
-                    self.queued.push_back(data_line(&c));
+                    last.push(data_line(&self.shape.usage_chunk(&usage)));
                 }
-                self.queued.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                last.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                match self.recording.take() {
+                    // The client learns its answer is whole only once it is stored.
+                    Some(r) => {
+                        let rec = r.into_record(&self.state, &self.shape, &usage);
+                        let state = self.state.clone();
+                        self.saving =
+                            Some(tokio::task::spawn_blocking(move || crate::store::save_blocking(&state, rec)));
+                        self.held = last;
+                    }
+                    None => self.queued.extend(last),
+                }
                 self.finished = true;
             }
             GenEvent::Error(msg) => {
@@ -261,6 +291,16 @@ impl http_body::Body for SseBody {
                 }
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
             }
+            if let Some(saving) = &mut this.saving {
+                match Pin::new(saving).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(_) => {
+                        this.saving = None;
+                        this.queued.extend(this.held.drain(..));
+                        continue;
+                    }
+                }
+            }
             if this.finished {
                 return Poll::Ready(None);
             }
@@ -283,6 +323,6 @@ impl http_body::Body for SseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished && self.queued.is_empty()
+        self.finished && self.queued.is_empty() && self.saving.is_none() && self.held.is_empty()
     }
 }
