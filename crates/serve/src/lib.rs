@@ -447,11 +447,14 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
     if cfg.store_logprobs > params::MAX_TOP_LOGPROBS {
         bail!("--store-logprobs must be at most {}", params::MAX_TOP_LOGPROBS);
     }
-    let store = match &cfg.store_dir {
-        None => None,
+    // The store opens before the model serves, so a store in use or not
+    // readable stops the server at once; its line is printed after the
+    // address line (which tools wait for first).
+    let (store, store_note) = match &cfg.store_dir {
+        None => (None, None),
         Some(dir) => {
             let s = minnow_store::Store::open(dir, cfg.store_max_bytes)?;
-            eprintln!(
+            let note = format!(
                 "minnow serve: storing completions in {} ({} stored, {} bytes{}{})",
                 dir.display(),
                 s.len(),
@@ -463,7 +466,8 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
                     String::new()
                 }
             );
-            Some(StoreConfig { store: Arc::new(Mutex::new(s)), all: cfg.store_all, logprobs: cfg.store_logprobs })
+            let c = StoreConfig { store: Arc::new(Mutex::new(s)), all: cfg.store_all, logprobs: cfg.store_logprobs };
+            (Some(c), Some(note))
         }
     };
     raise_open_files_limit(cfg.limits.max_connections);
@@ -518,6 +522,9 @@ pub fn run(model: LoadedModel, pool: ThreadPool, cfg: RunConfig) -> anyhow::Resu
             cfg.max_queue,
             if api_key.is_some() { ", API key required" } else { "" }
         );
+        if let Some(note) = store_note {
+            eprintln!("{note}");
+        }
         if !addr.ip().is_loopback() && api_key.is_none() {
             eprintln!("minnow serve: warning: listening beyond loopback without an API key");
         }

@@ -53,6 +53,34 @@ fn official_openai_python_client_calls_tools() {
     run_script(&s, "test_openai_tools.py", "qwen");
 }
 
+/// Stored completions (tests/python/test_openai_store.py): `store=True`
+/// with `metadata`, then the client's `list` (filters, its own pagination),
+/// `retrieve`, `messages.list`, `update` and `delete` on a fresh store.
+#[test]
+fn official_openai_python_client_uses_stored_completions() {
+    let dir = std::env::temp_dir().join(format!("minnow-openai-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = minnow_store::Store::open(&dir, None).expect("opening a fresh store");
+    let _turn = common::heavy();
+    let s = TestServer::start(
+        SchedulerConfig { max_parallel: 4, ctx: 2048, ..Default::default() },
+        ServeOptions {
+            model_id: "smollm2".into(),
+            api_key: Some("py-test-key".into()),
+            log_requests: false,
+            store: Some(minnow_serve::StoreConfig {
+                store: std::sync::Arc::new(std::sync::Mutex::new(store)),
+                all: false,
+                logprobs: 0,
+            }),
+            ..Default::default()
+        },
+    );
+    run_script(&s, "test_openai_store.py", "smollm2");
+    drop(s);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn check_openai_installed() {
     let probe = Command::new("python3").args(["-c", "import openai; print(openai.__version__)"]).output();
     match probe {

@@ -6,6 +6,8 @@
 // Every test file is its own crate and uses only some of these helpers.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 use std::process::Command;
 
