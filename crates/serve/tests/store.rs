@@ -22,7 +22,7 @@ fn store_dir(name: &str) -> PathBuf {
     d
 }
 
-fn server(dir: &PathBuf, all: bool, key: Option<&str>, max_bytes: Option<u64>) -> TestServer {
+fn server(dir: &std::path::Path, all: bool, key: Option<&str>, max_bytes: Option<u64>) -> TestServer {
     let store = Store::open(dir, max_bytes).unwrap();
     TestServer::start(
         SchedulerConfig { max_parallel: 2, ctx: 1024, ..Default::default() },
