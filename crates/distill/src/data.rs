@@ -61,6 +61,10 @@ pub struct Provenance {
 pub struct DatasetRecord {
     pub id: String,
     pub messages: Vec<ChatMessage>,
+    /// The tools the conversation offered (OpenAI's function tools), when
+    /// any: the prompt is rendered with them, as it was served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provenance: Option<Provenance>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -130,6 +130,7 @@ pub fn label(cfg: &LabelConfig, teacher: &dyn Teacher) -> Result<LabelSummary> {
         let rec = DatasetRecord {
             id: input.id.clone(),
             messages: student_messages(cfg.system.as_deref(), &input.messages, &a.text),
+            tools: None,
             provenance: Some(Provenance {
                 teacher: teacher_name.clone(),
                 sampling: sampling.clone(),

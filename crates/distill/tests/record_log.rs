@@ -40,6 +40,7 @@ fn rec(id: &str, answer: &str) -> DatasetRecord {
             ChatMessage::new("user", format!("question {id}\nwith a newline")),
             ChatMessage::new("assistant", answer),
         ],
+        tools: None,
         provenance: None,
         teacher_logprobs: None,
     }

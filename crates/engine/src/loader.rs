@@ -4,7 +4,7 @@
 //! that rule lives). Where model files are cached and how they are
 //! fetched is `minnow_models`' business.
 
-use crate::chat::{render_plain, ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::constraint::{Constraint, ConstraintEngine, ConstraintError, ConstraintSpec};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
@@ -59,16 +59,7 @@ impl LoadedModel {
         messages: &[ChatMessage],
         tools: Option<&[serde_json::Value]>,
     ) -> anyhow::Result<Vec<u32>> {
-        let text = match (&self.chat, tools) {
-            // A template without a tools section would drop them silently:
-            // they go into the system message instead (the generic fallback).
-            (Some(t), Some(tools)) if !t.source().contains("tools") => {
-                t.render(&crate::tools::with_tools_system_message(messages, tools), true)?
-            }
-            (Some(t), _) => t.render_with_tools(messages, tools, true)?,
-            (None, None) => render_plain(messages, true),
-            (None, Some(tools)) => render_plain(&crate::tools::with_tools_system_message(messages, tools), true),
-        };
+        let text = crate::tools::render_conversation(self.chat.as_ref(), messages, tools, true)?;
         let bos_text = self.tokenizer.bos_id().map(|b| self.tokenizer.token_text(b).to_string());
         let template_wrote_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
         Ok(self.tokenizer.encode(&text, !template_wrote_bos, true)?)

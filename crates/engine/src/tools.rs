@@ -8,7 +8,7 @@
 //! JSON from the first token); and how a reply, whole or streamed, is read
 //! back into text and calls ([`parse_reply`], [`CallSplitter`]).
 
-use crate::chat::ChatMessage;
+use crate::chat::{render_plain, ChatMessage, ChatTemplate};
 use crate::constraint::ConstraintSpec;
 use serde_json::{json, Value};
 
@@ -75,6 +75,128 @@ pub fn with_tools_system_message(messages: &[ChatMessage], tools: &[Value]) -> V
         }
     }
     out
+}
+
+/// Whether a chat template renders tools itself (its source mentions
+/// them); one that does not gets [`for_template_without_tools`].
+pub fn template_knows_tools(t: &ChatTemplate) -> bool {
+    t.source().contains("tools") && t.source().contains("tool_calls")
+}
+
+/// The conversation as a template without a tools section must see it: the
+/// tools described in the system message ([`with_tools_system_message`],
+/// when there are any) and each assistant turn's calls written into its
+/// text as the `<tool_call>` blocks that message teaches, so neither is
+/// silently dropped.
+pub fn for_template_without_tools(messages: &[ChatMessage], tools: Option<&[Value]>) -> Vec<ChatMessage> {
+    let inlined: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| match &m.tool_calls {
+            Some(Value::Array(calls)) if !calls.is_empty() => {
+                let mut text = m.content.trim_end().to_string();
+                for c in calls {
+                    let f = c.get("function").unwrap_or(c);
+                    let call = json!({"name": f.get("name").cloned().unwrap_or(Value::Null),
+                        "arguments": f.get("arguments").cloned().unwrap_or_else(|| json!({}))});
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!("{OPEN}\n{call}\n{CLOSE}"));
+                }
+                ChatMessage { tool_calls: None, content: text, ..m.clone() }
+            }
+            _ => m.clone(),
+        })
+        .collect();
+    match tools {
+        Some(t) if !t.is_empty() => with_tools_system_message(&inlined, t),
+        _ => inlined,
+    }
+}
+
+/// The one way a conversation (with the `tools` it was offered, if any)
+/// becomes prompt text: the model's template, given the tools as
+/// transformers gives them when it renders them itself, else after
+/// [`for_template_without_tools`]; ChatML when the model has no template.
+/// Serving (`LoadedModel::chat_prompt_with_tools`) and training (the
+/// student's examples) both render through here.
+pub fn render_conversation(
+    chat: Option<&ChatTemplate>,
+    messages: &[ChatMessage],
+    tools: Option<&[Value]>,
+    add_generation_prompt: bool,
+) -> Result<String, crate::chat::ChatError> {
+    Ok(match chat {
+        Some(t) if template_knows_tools(t) => t.render_with_tools(messages, tools, add_generation_prompt)?,
+        Some(t) => t.render(&for_template_without_tools(messages, tools), add_generation_prompt)?,
+        None => render_plain(&for_template_without_tools(messages, tools), add_generation_prompt),
+    })
+}
+
+/// OpenAI's assistant `tool_calls` (each `{"id"?, "type": "function",
+/// "function": {"name", "arguments": JSON text}}`) in the shape chat
+/// templates read (the arguments an object). `Err((field, why))` names the
+/// field under the calls (`[1].function.arguments`).
+pub fn calls_for_template(calls: &Value) -> Result<Option<Value>, (String, String)> {
+    let calls = match calls {
+        Value::Null => return Ok(None),
+        Value::Array(a) => a,
+        _ => return Err((String::new(), "must be an array".into())),
+    };
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, c) in calls.iter().enumerate() {
+        let at = |f: &str| format!("[{j}]{f}");
+        let Value::Object(c) = c else { return Err((at(""), "must be an object".into())) };
+        match c.get("type").and_then(Value::as_str) {
+            None | Some("function") => {}
+            Some(other) => return Err((at(".type"), format!("tool calls of type `{other}` are not supported"))),
+        }
+        let Some(Value::Object(f)) = c.get("function") else {
+            return Err((at(".function"), "must be an object".into()));
+        };
+        let Some(Value::String(name)) = f.get("name") else {
+            return Err((at(".function.name"), "must be a string".into()));
+        };
+        let arguments = match f.get("arguments") {
+            None | Some(Value::Null) => json!({}),
+            Some(Value::String(s)) => {
+                serde_json::from_str(s).map_err(|e| (at(".function.arguments"), format!("is not a JSON text: {e}")))?
+            }
+            // Some clients send the object itself.
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(_) => return Err((at(".function.arguments"), "must be a JSON string".into())),
+        };
+        let mut call = json!({"type": "function", "function": {"name": name, "arguments": arguments}});
+        if let Some(Value::String(id)) = c.get("id") {
+            call["id"] = Value::String(id.clone());
+        }
+        out.push(call);
+    }
+    Ok((!out.is_empty()).then_some(Value::Array(out)))
+}
+
+/// Template-shaped calls back in OpenAI's shape (the arguments a JSON
+/// text); a call without an id gets `call_{n}` (`n` from `first_id`).
+pub fn calls_for_openai(calls: &Value, first_id: usize) -> Value {
+    let Value::Array(calls) = calls else { return Value::Array(Vec::new()) };
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                let f = c.get("function").unwrap_or(c);
+                let args = match f.get("arguments") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(v) => v.to_string(),
+                    None => "{}".to_string(),
+                };
+                let id =
+                    c.get("id").and_then(Value::as_str).map_or_else(|| format!("call_{}", first_id + j), String::from);
+                json!({"id": id, "type": "function",
+                    "function": {"name": f.get("name").cloned().unwrap_or(Value::Null), "arguments": args}})
+            })
+            .collect(),
+    )
 }
 
 /// How the model may use the offered tools (OpenAI's `tool_choice`).

@@ -502,49 +502,15 @@ pub fn parse_chat(obj: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
 }
 
 /// An assistant turn's `tool_calls` (OpenAI's shape, the arguments a JSON
-/// string) → the shape chat templates read (the arguments an object).
+/// string) → the shape chat templates read (the arguments an object); the
+/// rule is the engine's (`tools::calls_for_template`).
 fn parse_assistant_calls(m: &Map<String, Value>, p: &str) -> Result<Option<Value>, ApiError> {
-    let calls = match m.get("tool_calls") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(a)) => a,
-        Some(v) => return Err(wrong_type(&format!("{p}.tool_calls"), "an array", v)),
-    };
-    let mut out = Vec::with_capacity(calls.len());
-    for (j, c) in calls.iter().enumerate() {
-        let cp = format!("{p}.tool_calls[{j}]");
-        let Value::Object(c) = c else { return Err(wrong_type(&cp, "an object", c)) };
-        match c.get("type").and_then(Value::as_str) {
-            None | Some("function") => {}
-            Some(other) => return Err(unsupported(&format!("{cp}.type"), &format!("tool calls of type `{other}`"))),
-        }
-        let f = match c.get("function") {
-            Some(Value::Object(f)) => f,
-            v => return Err(wrong_type(&format!("{cp}.function"), "an object", v.unwrap_or(&Value::Null))),
-        };
-        let name = match f.get("name") {
-            Some(Value::String(n)) => n.clone(),
-            v => return Err(wrong_type(&format!("{cp}.function.name"), "a string", v.unwrap_or(&Value::Null))),
-        };
-        let arguments = match f.get("arguments") {
-            None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
-                ApiError::invalid(
-                    format!("{cp}.function.arguments"),
-                    format!("`{cp}.function.arguments` is not a JSON text: {e}"),
-                )
-                .with_code("invalid_value")
-            })?,
-            // Some clients send the object itself.
-            Some(v @ Value::Object(_)) => v.clone(),
-            Some(v) => return Err(wrong_type(&format!("{cp}.function.arguments"), "a JSON string", v)),
-        };
-        let mut call = serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}});
-        if let Some(Value::String(id)) = c.get("id") {
-            call["id"] = Value::String(id.clone());
-        }
-        out.push(call);
-    }
-    Ok((!out.is_empty()).then_some(Value::Array(out)))
+    let Some(calls) = m.get("tool_calls") else { return Ok(None) };
+    minnow_engine::tools::calls_for_template(calls).map_err(|(field, why)| {
+        let param = format!("{p}.tool_calls{field}");
+        let code = if why.starts_with("must be") { "invalid_type" } else { "invalid_value" };
+        ApiError::invalid(param.clone(), format!("`{param}` {why}")).with_code(code)
+    })
 }
 
 /// `tools`, `tool_choice` and `parallel_tool_calls`, checked; `None` when

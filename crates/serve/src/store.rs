@@ -289,7 +289,15 @@ pub async fn list(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
                 q.metadata.push((key.to_string(), v.clone()));
             }
         }
-        let page = with_store(&state, move |s| s.list(&q)).await.map_err(|e| e.with_param("after"))?;
+        store_of(&state)?;
+        // The one id a listing looks up is `after`'s.
+        let page = with_store(&state, move |s| s.list(&q)).await.map_err(|e| {
+            if e.status == axum::http::StatusCode::NOT_FOUND {
+                e.with_param("after")
+            } else {
+                e
+            }
+        })?;
         let data = page.records.iter().map(StoredCompletion::api_object).collect();
         Ok::<_, ApiError>(json_response(&list_object(data, page.has_more)))
     }

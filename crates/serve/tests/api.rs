@@ -64,7 +64,10 @@ fn models_health_index_and_tokenizer_endpoints() {
     c.post("/detokenize", &json!({"tokens": [1, "a"]})).assert_error(400, Some("tokens[1]"));
     c.post("/detokenize", &json!({"tokens": [1, 999999]})).assert_error(400, Some("tokens[1]"));
     c.get("/no/such/route").assert_error(404, None);
-    c.get("/v1/chat/completions").assert_error(405, None);
+    c.get("/v1/completions").assert_error(405, None);
+    // GET /v1/chat/completions lists stored completions: none without --store.
+    let e = c.get("/v1/chat/completions").assert_error(404, None);
+    assert!(e["error"]["message"].as_str().unwrap().contains("--store DIR"), "{e}");
 }
 
 #[test]

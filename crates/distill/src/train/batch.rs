@@ -22,7 +22,7 @@ use super::rng::SplitMix64;
 use crate::data::DatasetRecord;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use minnow_engine::chat::{render_plain, ChatMessage, ChatTemplate};
+use minnow_engine::chat::{ChatMessage, ChatTemplate};
 use minnow_engine::tokenizer::Tokenizer;
 
 /// One tokenized training example.
@@ -48,12 +48,15 @@ pub struct PrepStats {
     pub answer_positions: usize,
 }
 
-/// Renders and tokenizes a conversation the way the engine prompts a model.
-fn render(chat: Option<&ChatTemplate>, messages: &[ChatMessage], gen_prompt: bool) -> Result<String> {
-    Ok(match chat {
-        Some(t) => t.render(messages, gen_prompt)?,
-        None => render_plain(messages, gen_prompt),
-    })
+/// Renders a conversation (with the tools it offered) the way the engine
+/// prompts a model: the one rule, `tools::render_conversation`.
+fn render(
+    chat: Option<&ChatTemplate>,
+    messages: &[ChatMessage],
+    tools: Option<&[serde_json::Value]>,
+    gen_prompt: bool,
+) -> Result<String> {
+    Ok(minnow_engine::tools::render_conversation(chat, messages, tools, gen_prompt)?)
 }
 
 fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
@@ -72,8 +75,9 @@ pub fn tokenize_record(
     if n < 2 || rec.messages[n - 1].role != "assistant" {
         bail!("record '{}': the last message must be the assistant's answer, after at least one other message", rec.id);
     }
-    let prompt_text = render(chat, &rec.messages[..n - 1], true)?;
-    let full_text = render(chat, &rec.messages, false)?;
+    let tools = rec.tools.as_deref();
+    let prompt_text = render(chat, &rec.messages[..n - 1], tools, true)?;
+    let full_text = render(chat, &rec.messages, tools, false)?;
     let prompt = encode(tok, &prompt_text)?;
     let full = encode(tok, &full_text)?;
     if full.len() > prompt.len() && full[..prompt.len()] == prompt[..] {

@@ -111,6 +111,7 @@ pub fn write_dataset(dir: &std::path::Path) -> PathBuf {
                 minnow_engine::chat::ChatMessage::new("user", *q),
                 minnow_engine::chat::ChatMessage::new("assistant", *a),
             ],
+            tools: None,
             provenance: None,
             teacher_logprobs: None,
         };
