@@ -188,14 +188,67 @@ fn read_cases(path: &Path, need_answer: bool) -> Result<Vec<(Input, Option<Box<R
     Ok(out)
 }
 
-/// Reads an inputs file (`{"id"?, "prompt" | "messages"}` per line; other
-/// keys, such as a gold `answer`, are ignored). Ids default to line numbers.
+/// Whether `path` is minnow's own `{"prompt" | "messages", "answer"?}`
+/// JSONL (the first record says so: a prompt without a completion, or
+/// messages with a gold answer or without an assistant reply) rather than
+/// another format, a labeled conversation or a store, which
+/// [`crate::formats`] reads.
+fn own_format(path: &Path) -> Result<bool> {
+    if crate::formats::is_store(path) {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let first =
+        text.lines().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    let Some(v) = first else { return Ok(true) };
+    let answered = v["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| m["role"] == "assistant");
+    Ok((v.get("prompt").is_some() && v.get("completion").is_none())
+        || (v.get("messages").is_some() && (v.get("answer").is_some() || !answered)))
+}
+
+/// A conversation without its answer: what a teacher is asked.
+fn question(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+    if messages.len() > 1 && messages.last().is_some_and(|m| m.role == "assistant") {
+        messages.pop();
+    }
+    messages
+}
+
+/// Reads inputs: minnow's `{"id"?, "prompt" | "messages"}` per line (other
+/// keys, such as a gold `answer`, are ignored; ids default to line
+/// numbers), or any format or store [`crate::formats`] reads, each
+/// conversation without its answer (a teacher answers it again).
 pub fn read_inputs(path: &Path) -> Result<Vec<Input>> {
+    if !own_format(path)? {
+        let loaded = crate::formats::load(path)?;
+        if loaded.records.is_empty() {
+            bail!("{} has no records", path.display());
+        }
+        return Ok(loaded.records.into_iter().map(|r| Input { id: r.id, messages: question(r.messages) }).collect());
+    }
     Ok(read_cases(path, false)?.into_iter().map(|(i, _)| i).collect())
 }
 
-/// Reads cases with gold answers (`{"id"?, "prompt" | "messages", "answer"}`).
+/// Reads cases with gold answers: `{"id"?, "prompt" | "messages",
+/// "answer"}`, or conversations in any format or store
+/// [`crate::formats`] reads, whose last (assistant) message is the answer.
 pub fn read_eval_cases(path: &Path) -> Result<Vec<EvalCase>> {
+    if !own_format(path)? {
+        let mut out = Vec::new();
+        for r in crate::formats::load(path)?.records {
+            let Some((answer, convo)) = r.messages.split_last().filter(|(a, c)| a.role == "assistant" && !c.is_empty())
+            else {
+                bail!(
+                    "{}: record {}: the last message is not an (assistant) answer to score against",
+                    path.display(),
+                    r.id
+                );
+            };
+            let answer = RawValue::from_string(serde_json::to_string(&answer.content)?)?;
+            out.push(EvalCase { id: r.id, messages: convo.to_vec(), answer });
+        }
+        return Ok(out);
+    }
     Ok(read_cases(path, true)?
         .into_iter()
         .map(|(i, a)| EvalCase { id: i.id, messages: i.messages, answer: a.expect("checked by read_cases") })

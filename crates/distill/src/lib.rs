@@ -20,6 +20,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod formats;
 pub mod label;
 pub mod pipeline;
 pub mod report;

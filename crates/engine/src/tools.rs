@@ -101,7 +101,7 @@ pub fn for_template_without_tools(messages: &[ChatMessage], tools: Option<&[Valu
                     if !text.is_empty() {
                         text.push('\n');
                     }
-                    text.push_str(&format!("{OPEN}\n{call}\n{CLOSE}"));
+                    text.push_str(&format!("{OPEN}\n{}\n{CLOSE}", python_json(&call)));
                 }
                 ChatMessage { tool_calls: None, content: text, ..m.clone() }
             }
@@ -111,6 +111,24 @@ pub fn for_template_without_tools(messages: &[ChatMessage], tools: Option<&[Valu
     match tools {
         Some(t) if !t.is_empty() => with_tools_system_message(&inlined, t),
         _ => inlined,
+    }
+}
+
+/// JSON as Python's `json.dumps` writes it by default (`", "` and `": "`
+/// between items, keys in order, non-ASCII kept): how templates that render
+/// calls themselves (Qwen2.5's `tojson`) write them, so a call reads the
+/// same with or without a tools section.
+fn python_json(v: &Value) -> String {
+    match v {
+        Value::Array(a) => format!("[{}]", a.iter().map(python_json).collect::<Vec<_>>().join(", ")),
+        Value::Object(o) => format!(
+            "{{{}}}",
+            o.iter()
+                .map(|(k, x)| format!("{}: {}", Value::String(k.clone()), python_json(x)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        scalar => scalar.to_string(),
     }
 }
 

@@ -33,6 +33,53 @@ enum DistillCommand {
     /// The whole pipeline from one TOML file: label (or synth + label),
     /// train, eval; each stage skipped when its outputs are complete.
     Run(RunArgs),
+    /// Write a dataset (any format minnow reads, or a store) as OpenAI
+    /// chat, ShareGPT or Alpaca JSONL.
+    Export(ExportArgs),
+}
+
+/// Where data comes from, in the forms every data argument takes.
+pub(crate) const DATA_HELP: &str = "a JSONL file (OpenAI chat, ShareGPT, Alpaca or prompt/completion, detected) \
+    or store:DIR[?metadata.KEY=VALUE&model=NAME] (the completions `minnow serve --store DIR` kept)";
+
+/// The data of a command that takes it as a positional argument or as `--data`.
+fn data_arg(positional: Option<PathBuf>, flag: Option<PathBuf>, what: &str) -> Result<PathBuf> {
+    match (positional, flag) {
+        (Some(p), None) | (None, Some(p)) => Ok(p),
+        (Some(_), Some(_)) => bail!("give the {what} once: as an argument or as --data"),
+        (None, None) => bail!("give the {what}: a file, or --data store:DIR"),
+    }
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The data to export: a file or store:DIR?... (see `distill train --help`).
+    data: PathBuf,
+    /// Where the JSONL goes (written whole, then renamed into place).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// openai, sharegpt or alpaca.
+    #[arg(long, default_value = "openai")]
+    format: String,
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let format = minnow_distill::formats::Format::parse(&a.format)?;
+    let loaded = minnow_distill::formats::load(&a.data)?;
+    minnow_distill::formats::write(&loaded.records, format, &a.output)?;
+    eprintln!(
+        "minnow distill export: {} conversations ({}{}) written to {} as {}",
+        loaded.records.len(),
+        loaded.format,
+        if loaded.skipped_truncated > 0 {
+            format!("; {} stored answers cut at max_tokens left out", loaded.skipped_truncated)
+        } else {
+            String::new()
+        },
+        a.output.display(),
+        format.name()
+    );
+    Ok(())
 }
 
 /// Who the teacher is and how it runs.
@@ -181,8 +228,13 @@ impl GenArgs {
 
 #[derive(Args)]
 struct LabelArgs {
-    /// Inputs: JSONL of {"id"?, "prompt" | "messages"}.
-    inputs: PathBuf,
+    /// Inputs: JSONL of {"id"?, "prompt" | "messages"}, or any data the
+    /// other commands read (each conversation answered again).
+    inputs: Option<PathBuf>,
+    /// The inputs as `--data` (e.g. store:DIR?metadata.task=orders to
+    /// re-answer stored prompts with this teacher).
+    #[arg(long, help = DATA_HELP)]
+    data: Option<PathBuf>,
     /// The dataset (JSONL, appended to; rerun to continue).
     #[arg(long, short = 'o')]
     output: PathBuf,
@@ -208,8 +260,9 @@ struct LabelArgs {
 }
 
 fn label(a: LabelArgs) -> Result<()> {
+    let inputs = data_arg(a.inputs, a.data, "inputs")?;
     // Bad input is reported before minutes go into loading a teacher.
-    minnow_distill::data::read_inputs(&a.inputs)?;
+    minnow_distill::data::read_inputs(&inputs)?;
     let examples = match &a.examples {
         Some(p) => {
             let mut ex = read_eval_cases(p)?;
@@ -223,7 +276,7 @@ fn label(a: LabelArgs) -> Result<()> {
     };
     check_price(a.price_per_hour)?;
     let cfg = minnow_distill::label::LabelConfig {
-        inputs: a.inputs,
+        inputs,
         output: a.output,
         examples,
         system: a.system,
@@ -320,8 +373,12 @@ fn synth(a: SynthArgs) -> Result<()> {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Cases with gold answers: JSONL of {"prompt" | "messages", "answer"}.
-    data: PathBuf,
+    /// Cases with gold answers: JSONL of {"prompt" | "messages", "answer"},
+    /// or conversations whose last (assistant) message is the answer.
+    cases: Option<PathBuf>,
+    /// The cases as `--data`.
+    #[arg(long, help = DATA_HELP)]
+    data: Option<PathBuf>,
     /// A model answered zero-shot (repeatable): a GGUF, a short name, or
     /// LABEL=MODEL to name its row.
     #[arg(long = "model")]
@@ -404,7 +461,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         specs.push(model_spec(m, true)?);
     }
     let cfg = minnow_distill::eval::EvalConfig {
-        data: a.data,
+        data: data_arg(a.cases, a.data, "cases")?,
         models: specs,
         few_shot: a.few_shot,
         n_shot: a.n_shot,
@@ -443,5 +500,6 @@ pub fn main(a: DistillArgs) -> Result<()> {
         DistillCommand::Train(t) => crate::distill_train::main(t),
         DistillCommand::Eval(a) => eval(a),
         DistillCommand::Run(a) => run(a),
+        DistillCommand::Export(a) => export(a),
     }
 }

@@ -13,8 +13,9 @@ use std::path::PathBuf;
 pub struct TrainArgs {
     /// The student: a GGUF path or a known model name.
     student: String,
-    /// Dataset JSONL (from `minnow distill label`).
-    #[arg(long)]
+    /// The dataset: JSONL from `minnow distill label` or in any format
+    /// minnow reads, or store:DIR?... (see below).
+    #[arg(long, help = crate::distill_cmd::DATA_HELP)]
     data: PathBuf,
     /// Where the trained GGUF goes.
     #[arg(short, long)]

@@ -220,22 +220,30 @@ fn check_config(c: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// Reads a dataset JSONL; errors name the line.
+/// Reads the training data: a JSONL file in any format `formats` reads,
+/// or a store (`store:DIR?…`); errors name the line.
 pub fn read_dataset(path: &Path) -> Result<Vec<DatasetRecord>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read dataset {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let rec: DatasetRecord = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not a dataset record", path.display(), i + 1))?;
-        out.push(rec);
+    let loaded = crate::formats::load(path)?;
+    if loaded.skipped_truncated > 0 {
+        eprintln!(
+            "minnow distill: {}: left out {} stored answers cut at max_tokens",
+            path.display(),
+            loaded.skipped_truncated
+        );
     }
-    if out.is_empty() {
+    if loaded.records.is_empty() {
         bail!("dataset {} has no records", path.display());
     }
-    Ok(out)
+    Ok(loaded.records)
+}
+
+/// The bytes that identify the training data: a file's, or a store's
+/// records as read (a store that grew is other data).
+fn data_bytes(path: &Path) -> Result<Vec<u8>> {
+    if crate::formats::is_store(path) {
+        return Ok(serde_json::to_vec(&read_dataset(path)?)?);
+    }
+    std::fs::read(path).with_context(|| format!("cannot read dataset {}", path.display()))
 }
 
 /// Checks the KL term can be computed on `records` for a student with
@@ -268,7 +276,7 @@ pub fn check_kl_vocab(records: &[DatasetRecord], student_vocab: &str) -> Result<
 /// setting that changes the weights (not threads, paths or checkpointing).
 fn run_fingerprint(c: &TrainConfig, student: &GgufFile) -> Result<String> {
     let mut h = minnow_kernels::mix::FNV1A_START;
-    h = minnow_kernels::mix::fnv1a_extend(h, &std::fs::read(&c.data)?);
+    h = minnow_kernels::mix::fnv1a_extend(h, &data_bytes(&c.data)?);
     h = minnow_kernels::mix::fnv1a_extend(h, &student.file_size().to_le_bytes());
     for t in student.tensors() {
         h = minnow_kernels::mix::fnv1a_extend(h, t.name.as_bytes());
