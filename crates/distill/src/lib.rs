@@ -20,6 +20,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod fleet;
 pub mod formats;
 pub mod label;
 pub mod pipeline;

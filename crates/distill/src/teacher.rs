@@ -322,6 +322,7 @@ impl Teacher for LocalModel {
 
 /// Token bytes → id, for turning a remote teacher's logprob tokens (which
 /// come as text and bytes) back into ids of a known vocabulary.
+#[derive(Clone)]
 pub struct VocabMap {
     ids: HashMap<Vec<u8>, u32>,
     fingerprint: String,
@@ -429,7 +430,7 @@ impl RateLimiter {
 }
 
 /// Why one attempt failed.
-enum Failure {
+pub(crate) enum Failure {
     /// Worth another try after `after` (a `Retry-After`) or the backoff.
     Retry { why: String, after: Option<Duration>, status: Option<u16> },
     /// This job cannot succeed (a 400, an unparsable answer).
@@ -484,6 +485,28 @@ impl RemoteTeacher {
                 json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": true}});
         }
         b
+    }
+
+    /// One attempt at one job (after the rate limit), no retry: what a
+    /// fleet ([`crate::fleet`]) hands each endpoint.
+    pub(crate) fn try_once(&self, messages: &[ChatMessage], s: &GenSettings) -> Result<Answer, Failure> {
+        let body = self.body(messages, s);
+        let t0 = Instant::now();
+        self.limiter.wait();
+        self.count(|st| st.requests += 1);
+        let v = self.attempt(&body)?;
+        self.parse_answer(&v, s).map(|mut a| {
+            a.secs = t0.elapsed().as_secs_f64();
+            a
+        })
+    }
+
+    pub(crate) fn config(&self) -> &RemoteConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// One job, with retries.

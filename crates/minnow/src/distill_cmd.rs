@@ -86,12 +86,18 @@ fn export(a: ExportArgs) -> Result<()> {
 #[derive(Args, Clone)]
 pub struct TeacherArgs {
     /// The teacher: a GGUF file or a test model's short name, run locally.
-    #[arg(long, conflicts_with = "teacher_url", required_unless_present = "teacher_url")]
+    #[arg(long, conflicts_with_all = ["teacher_url", "teacher_urls"], required_unless_present_any = ["teacher_url", "teacher_urls"])]
     teacher: Option<String>,
     /// An OpenAI-compatible server instead (a root URL, its /v1, or the
-    /// full /v1/chat/completions URL).
+    /// full /v1/chat/completions URL). Repeat it for a fleet: requests are
+    /// spread over the endpoints, each with --concurrency in flight; one
+    /// that fails is benched and retried later while the others go on.
     #[arg(long)]
-    teacher_url: Option<String>,
+    teacher_url: Vec<String>,
+    /// A fleet's endpoints from a file: `URL [CONCURRENCY]` per line
+    /// (`#` comments), added to any --teacher-url.
+    #[arg(long, value_name = "FILE")]
+    teacher_urls: Option<PathBuf>,
     /// The `model` sent to --teacher-url.
     #[arg(long)]
     model: Option<String>,
@@ -135,7 +141,13 @@ impl TeacherArgs {
             let path = models::resolve(t)?;
             return Ok(Box::new(LocalModel::load(&path, threads(self.threads)?, self.parallel, self.ctx)?));
         }
-        let url = self.teacher_url.as_deref().ok_or_else(|| anyhow!("give --teacher MODEL or --teacher-url URL"))?;
+        let mut urls: Vec<(String, Option<usize>)> = self.teacher_url.iter().map(|u| (u.clone(), None)).collect();
+        if let Some(f) = &self.teacher_urls {
+            urls.extend(minnow_distill::fleet::read_urls(f)?);
+        }
+        if urls.is_empty() {
+            bail!("give --teacher MODEL or --teacher-url URL");
+        }
         let positive = |x: f64| x.is_finite() && x > 0.0;
         let non_negative = |x: f64| x.is_finite() && x >= 0.0;
         if !positive(self.timeout) || !non_negative(self.backoff) {
@@ -147,10 +159,10 @@ impl TeacherArgs {
             .or_else(|| std::env::var("OPENAI_API_KEY").ok())
             .or_else(|| std::env::var("MINNOW_API_KEY").ok())
             .filter(|k| !k.is_empty());
-        let cfg = RemoteConfig {
+        let cfg = |url: &str, concurrency: Option<usize>| RemoteConfig {
             model: self.model.clone(),
-            api_key,
-            concurrency: self.concurrency,
+            api_key: api_key.clone(),
+            concurrency: concurrency.unwrap_or(self.concurrency),
             timeout: Duration::from_secs_f64(self.timeout),
             max_retries: self.retries,
             backoff: Duration::from_secs_f64(self.backoff),
@@ -165,7 +177,12 @@ impl TeacherArgs {
             }
             None => None,
         };
-        Ok(Box::new(RemoteTeacher::new(cfg, vocab)?))
+        if let [(url, concurrency)] = &urls[..] {
+            return Ok(Box::new(RemoteTeacher::new(cfg(url, *concurrency), vocab)?));
+        }
+        let endpoints =
+            urls.iter().map(|(url, c)| RemoteTeacher::new(cfg(url, *c), vocab.clone())).collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(minnow_distill::fleet::Fleet::new(endpoints)?))
     }
 }
 

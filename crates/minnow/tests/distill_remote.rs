@@ -245,3 +245,60 @@ fn remote_teacher_retries_injected_faults_and_ends_with_the_same_dataset() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A fleet of two endpoints, one behind a proxy that fails every other
+/// request (500s and dropped connections), the other the server itself:
+/// the dataset equals the one-endpoint dataset, the failing endpoint was
+/// benched and came back, and an endpoint that never answers leaves the
+/// other to do all the work.
+#[test]
+fn a_teacher_fleet_with_a_failing_endpoint_ends_with_the_same_dataset() {
+    let (mut server, server_port) = start_server();
+    let dir = common::scratch_dir("distill-remote", "fleet");
+    let inputs = write_inputs(&dir);
+    let one = dir.join("one-endpoint.jsonl");
+    let (ok, err) = label(&inputs, &one, server_port, &[]);
+    assert!(ok, "{err}");
+    let want = dataset(&one);
+
+    let half: HashMap<usize, Fault> = (0..200)
+        .filter(|n| n % 2 == 0)
+        .map(|n| (n, if n % 4 == 0 { Fault::ServerError } else { Fault::Drop }))
+        .collect();
+    let (flaky_port, seen) = start_proxy(server_port, half);
+    let out = dir.join("fleet.jsonl");
+    let second = format!("http://127.0.0.1:{server_port}");
+    let (ok, err) =
+        label(&inputs, &out, flaky_port, &["--teacher-url", &second, "--backoff", "0.05", "--retries", "3"]);
+    assert!(ok, "{err}");
+    assert_eq!(dataset(&out), want, "the fleet's dataset differs from one endpoint's");
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|s| s.fault.is_some()), "the flaky endpoint was never asked");
+    assert!(err.contains("teacher fleet:"), "{err}");
+
+    // Through a file, with one endpoint that fails every request.
+    let always: HashMap<usize, Fault> = (0..500).map(|n| (n, Fault::ServerError)).collect();
+    let (dead_port, dead_seen) = start_proxy(server_port, always);
+    let urls = dir.join("teachers.txt");
+    std::fs::write(&urls, format!("# the fleet\nhttp://127.0.0.1:{dead_port} 2\nhttp://127.0.0.1:{server_port}  1\n"))
+        .unwrap();
+    let out = dir.join("fleet-file.jsonl");
+    let o = common::minnow_cmd()
+        .args(["distill", "label"])
+        .arg(&inputs)
+        .arg("-o")
+        .arg(&out)
+        .arg("--teacher-urls")
+        .arg(&urls)
+        .args(["--max-tokens", "24", "--backoff", "0.05", "--retries", "6"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("MINNOW_API_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(dataset(&out), want);
+    assert!(!dead_seen.lock().unwrap().is_empty(), "the failing endpoint was never tried");
+    let _ = server.kill();
+    let _ = server.wait();
+}
