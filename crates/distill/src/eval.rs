@@ -182,6 +182,15 @@ fn load_cases(cfg: &EvalConfig) -> Result<(Vec<EvalCase>, Vec<EvalCase>)> {
 /// (`label`'s output) or from another evaluation's per-case outputs
 /// (`outputs/<row>.jsonl`: `{"prompt", "reply", ...}`).
 fn read_teacher_outputs(path: &Path) -> Result<HashMap<String, String>> {
+    if crate::formats::is_store(path) {
+        let mut out = HashMap::new();
+        for rec in crate::formats::load(path)?.records {
+            if let Some((answer, convo)) = rec.messages.split_last().filter(|(a, _)| a.role == "assistant") {
+                out.insert(last_user_text(convo).to_string(), answer.content.clone());
+            }
+        }
+        return Ok(out);
+    }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

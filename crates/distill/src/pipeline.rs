@@ -12,7 +12,8 @@
 //! work_dir = "work"
 //! [label]                # inputs, teacher | teacher_url, examples, n_examples, limit, ...
 //! [synth]                # optional: task, seeds, count (label's inputs then default to its output)
-//! [train]                # any `minnow distill train` setting (TrainConfig); student is required
+//! [train]                # any `minnow distill train` setting (TrainConfig); student is required;
+//!                        # `data` (a file or "store:DIR?metadata.KEY=VALUE") instead of [label]
 //! [eval]                 # data, models, few_shot_models, few_shot, n_shot, scorer, price_per_hour, ...
 //! ```
 
@@ -39,7 +40,9 @@ struct Config {
     work_dir: PathBuf,
     #[serde(default)]
     synth: Option<SynthSection>,
-    label: LabelSection,
+    /// Optional when `[train]` names its own `data` (a file or a store).
+    #[serde(default)]
+    label: Option<LabelSection>,
     #[serde(default)]
     train: Option<toml::Table>,
     #[serde(default)]
@@ -198,6 +201,17 @@ impl Paths {
             self.base.join(p)
         }
     }
+    /// A data argument: a file as [`input`](Self::input), or
+    /// `store:DIR?…` with a relative DIR taken from the config's directory.
+    fn data(&self, p: &Path) -> PathBuf {
+        match p.to_str().and_then(|s| s.strip_prefix("store:")) {
+            Some(rest) if !Path::new(rest.split('?').next().unwrap_or("")).is_absolute() => {
+                PathBuf::from(format!("store:{}", self.base.join(rest).display()))
+            }
+            Some(_) => p.to_path_buf(),
+            None => self.input(p),
+        }
+    }
     fn output(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -224,12 +238,21 @@ pub fn run(config_path: &Path, resolve: Resolver) -> Result<()> {
     std::fs::create_dir_all(&paths.work).with_context(|| format!("cannot create {}", paths.work.display()))?;
     let t_all = Instant::now();
 
-    let label_inputs = match (&cfg.synth, &cfg.label.inputs) {
-        (Some(s), _) => stage("synth", || run_synth(s, &cfg.label.teacher, &paths, resolve))?,
-        (None, Some(i)) => paths.input(i),
-        (None, None) => bail!("{}: [label] needs `inputs` (or add a [synth] section)", config_path.display()),
+    // `[train] data = "…"` (a file, or the server's store) trains on that;
+    // otherwise the label stage makes the dataset.
+    let train_data = cfg.train.as_ref().and_then(|t| t.get("data")).and_then(|v| v.as_str()).map(PathBuf::from);
+    let dataset = match (&train_data, &cfg.label) {
+        (Some(d), _) => paths.data(d),
+        (None, Some(label)) => {
+            let label_inputs = match (&cfg.synth, &label.inputs) {
+                (Some(s), _) => stage("synth", || run_synth(s, &label.teacher, &paths, resolve))?,
+                (None, Some(i)) => paths.data(i),
+                (None, None) => bail!("{}: [label] needs `inputs` (or add a [synth] section)", config_path.display()),
+            };
+            stage("label", || run_label(label, &label_inputs, &paths, resolve))?
+        }
+        (None, None) => bail!("{}: give a [label] section, or `data` in [train]", config_path.display()),
     };
-    let dataset = stage("label", || run_label(&cfg.label, &label_inputs, &paths, resolve))?;
     let student = match &cfg.train {
         Some(t) => Some(stage("train", || run_train(t, &dataset, &paths, resolve))?),
         None => None,
@@ -421,7 +444,7 @@ fn run_eval(e: &EvalSection, student: Option<&Path>, dataset: &Path, paths: &Pat
         bail!("[eval] needs `models` (or `few_shot_models`)");
     }
     let cfg = EvalConfig {
-        data: paths.input(&e.data),
+        data: paths.data(&e.data),
         models,
         few_shot: e.few_shot.as_ref().map(|p| paths.input(p)),
         n_shot: e.n_shot,

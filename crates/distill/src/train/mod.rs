@@ -241,7 +241,7 @@ pub fn read_dataset(path: &Path) -> Result<Vec<DatasetRecord>> {
 /// records as read (a store that grew is other data).
 fn data_bytes(path: &Path) -> Result<Vec<u8>> {
     if crate::formats::is_store(path) {
-        return Ok(serde_json::to_vec(&read_dataset(path)?)?);
+        return Ok(serde_json::to_vec(&crate::formats::load(path)?.records)?);
     }
     std::fs::read(path).with_context(|| format!("cannot read dataset {}", path.display()))
 }
