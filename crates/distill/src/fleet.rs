@@ -21,7 +21,7 @@
 //! answer, so the dataset does not depend on how many endpoints there are
 //! or which of them failed.
 
-use crate::teacher::{Answer, Failure, GenSettings, Job, RemoteTeacher, Teacher};
+use crate::teacher::{deliver, Answer, Failure, GenSettings, Job, RemoteTeacher, Teacher};
 use anyhow::{anyhow, bail, Result};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -142,24 +142,7 @@ impl Teacher for Fleet {
                 }
             }
             drop(tx);
-            let mut outcome = Ok(());
-            for (index, r) in rx.iter() {
-                if outcome.is_err() {
-                    continue;
-                }
-                let r = match r {
-                    Ok(a) => on_answer(index, Ok(a)),
-                    Err(Failure::Job(e)) | Err(Failure::Retry { why: e, .. }) => on_answer(index, Err(e)),
-                    Err(Failure::Fatal(e)) => {
-                        Err(anyhow!("every teacher endpoint refused the requests; the last: {e}"))
-                    }
-                };
-                if let Err(e) = r {
-                    stop.store(true, Ordering::SeqCst);
-                    outcome = Err(e);
-                }
-            }
-            outcome
+            deliver(&rx, &stop, on_answer, "every teacher endpoint refused the requests; the last")
         })?;
         eprintln!("minnow distill: teacher fleet: {}", self.summary());
         Ok(())

@@ -697,24 +697,36 @@ impl Teacher for RemoteTeacher {
                 });
             }
             drop(tx);
-            // Workers finish their request in flight after a stop; the scope
-            // joins them (at most one timeout) before the error is returned.
-            let mut outcome = Ok(());
-            for (index, r) in rx.iter() {
-                if outcome.is_err() {
-                    continue;
-                }
-                let r = match r {
-                    Ok(a) => on_answer(index, Ok(a)),
-                    Err(Failure::Job(e)) | Err(Failure::Retry { why: e, .. }) => on_answer(index, Err(e)),
-                    Err(Failure::Fatal(e)) => Err(anyhow!("the teacher refused the request: {e}")),
-                };
-                if let Err(e) = r {
-                    stop.store(true, Ordering::SeqCst);
-                    outcome = Err(e);
-                }
-            }
-            outcome
+            deliver(&rx, &stop, on_answer, "the teacher refused the request")
         })
     }
+}
+
+/// Hands workers' results to `on_answer` in arrival order until the
+/// workers are done. The first error (from `on_answer`, or a refusal that
+/// dooms every job, reported after `fatal`) sets `stop` and is returned
+/// once the workers have finished their requests in flight (the caller's
+/// thread scope joins them: at most one timeout).
+pub(crate) fn deliver(
+    rx: &mpsc::Receiver<(usize, Result<Answer, Failure>)>,
+    stop: &AtomicBool,
+    on_answer: &mut dyn FnMut(usize, Result<Answer, String>) -> Result<()>,
+    fatal: &str,
+) -> Result<()> {
+    let mut outcome = Ok(());
+    for (index, r) in rx.iter() {
+        if outcome.is_err() {
+            continue;
+        }
+        let r = match r {
+            Ok(a) => on_answer(index, Ok(a)),
+            Err(Failure::Job(e)) | Err(Failure::Retry { why: e, .. }) => on_answer(index, Err(e)),
+            Err(Failure::Fatal(e)) => Err(anyhow!("{fatal}: {e}")),
+        };
+        if let Err(e) = r {
+            stop.store(true, Ordering::SeqCst);
+            outcome = Err(e);
+        }
+    }
+    outcome
 }

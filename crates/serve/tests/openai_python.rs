@@ -18,15 +18,7 @@ const OPENAI_PIN: &str = "openai==2.8.0";
 #[test]
 fn official_openai_python_client_works_against_the_server() {
     let _turn = common::heavy();
-    let s = TestServer::start(
-        SchedulerConfig { max_parallel: 4, ctx: 2048, ..Default::default() },
-        ServeOptions {
-            model_id: "smollm2".into(),
-            api_key: Some("py-test-key".into()),
-            log_requests: false,
-            ..Default::default()
-        },
-    );
+    let s = smollm2_server(None);
     run_script(&s, "test_openai_client.py", "smollm2");
 }
 
@@ -62,23 +54,28 @@ fn official_openai_python_client_uses_stored_completions() {
     let _ = std::fs::remove_dir_all(&dir);
     let store = minnow_store::Store::open(&dir, None).expect("opening a fresh store");
     let _turn = common::heavy();
-    let s = TestServer::start(
+    let s = smollm2_server(Some(minnow_serve::StoreConfig {
+        store: std::sync::Arc::new(std::sync::Mutex::new(store)),
+        all: false,
+        logprobs: 0,
+    }));
+    run_script(&s, "test_openai_store.py", "smollm2");
+    drop(s);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SmolLM2 behind the key the scripts send, 4 slots, a 2048-token context.
+fn smollm2_server(store: Option<minnow_serve::StoreConfig>) -> TestServer {
+    TestServer::start(
         SchedulerConfig { max_parallel: 4, ctx: 2048, ..Default::default() },
         ServeOptions {
             model_id: "smollm2".into(),
             api_key: Some("py-test-key".into()),
             log_requests: false,
-            store: Some(minnow_serve::StoreConfig {
-                store: std::sync::Arc::new(std::sync::Mutex::new(store)),
-                all: false,
-                logprobs: 0,
-            }),
+            store,
             ..Default::default()
         },
-    );
-    run_script(&s, "test_openai_store.py", "smollm2");
-    drop(s);
-    std::fs::remove_dir_all(&dir).unwrap();
+    )
 }
 
 fn check_openai_installed() {
