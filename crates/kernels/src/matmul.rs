@@ -251,15 +251,7 @@ pub fn matmul(
 
 /// Several products of the same activations, `outs[i] = x · ws[i]ᵀ`, in one
 /// job of the pool: e.g. a layer's q, k and v projections, or its FFN's gate
-/// and up.
-///
-/// Each output element is the one [`matmul`] gives, bit for bit. What
-/// changes is the scheduling: the matrices' row tiles form one index space
-/// that the threads split into contiguous runs, so a thread done with its
-/// part of one matrix goes straight on to the next instead of waiting for
-/// the others at the end of each product. In decode, where each product is a
-/// few hundred microseconds, those waits and the fresh start of every
-/// thread's memory stream were a measurable share of the time.
+/// and up. [`matmul_each`] with one input for all.
 ///
 /// `scratch` needs one buffer per matrix (each matrix's activations are
 /// quantized to its own format's dot type).
@@ -271,32 +263,66 @@ pub fn matmul_many(
     outs: &mut [&mut [f32]],
     scratch: &mut [ActBuffer],
 ) -> Result<(), LayoutError> {
-    if ws.len() != outs.len() || scratch.len() < ws.len() {
+    if ws.len() != outs.len() {
+        return Err(LayoutError(format!("matmul_many: {} matrices, {} outputs", ws.len(), outs.len())));
+    }
+    let mut products: Vec<Product> =
+        ws.iter().zip(outs.iter_mut()).map(|(w, out)| Product { w, x, n, out: &mut **out }).collect();
+    matmul_each(pool, &mut products, scratch)
+}
+
+/// One product of [`matmul_each`]: `out = x · wᵀ`, `x` [n, w.cols], `out`
+/// [n, w.rows].
+pub struct Product<'w, 'a> {
+    pub w: &'w QMatrix<'a>,
+    pub x: &'w [f32],
+    pub n: usize,
+    pub out: &'w mut [f32],
+}
+
+/// Several products, each with its own activations, in one job of the
+/// pool: e.g. the chosen experts of a mixture-of-experts layer, each on
+/// the rows routed to it.
+///
+/// Each output element is the one [`matmul`] gives, bit for bit. What
+/// changes is the scheduling: the products' row tiles form one index space
+/// that the threads split into contiguous runs, so a thread done with its
+/// part of one product goes straight on to the next instead of waiting for
+/// the others at the end of each. In decode, where each product is a few
+/// hundred microseconds or less, those waits and the fresh start of every
+/// thread's memory stream were a measurable share of the time.
+///
+/// Activations are quantized once per input and weight format and layout:
+/// products over the same input slice whose matrices share both (a layer's
+/// q, k and v, or one expert's gate and up) read the same buffer.
+/// `scratch` needs one buffer per product.
+pub fn matmul_each(pool: &ThreadPool, products: &mut [Product], scratch: &mut [ActBuffer]) -> Result<(), LayoutError> {
+    if scratch.len() < products.len() {
         return Err(LayoutError(format!(
-            "matmul_many: {} matrices, {} outputs, {} scratch buffers",
-            ws.len(),
-            outs.len(),
+            "matmul_each: {} products, {} scratch buffers",
+            products.len(),
             scratch.len()
         )));
     }
-    // The activations are quantized once per weight format and layout:
-    // matrices that share both (a layer's q, k and v, or gate and up, are
-    // often all one format) read the same buffer.
-    let mut source = Vec::with_capacity(ws.len());
-    for (i, w) in ws.iter().enumerate() {
-        check_shapes(w, x, n, outs[i])?;
-        match (0..i).find(|&j| ws[j].ty == w.ty && ws[j].layout == w.layout) {
+    let same_input = |a: &Product, b: &Product| {
+        a.x.as_ptr() == b.x.as_ptr() && a.x.len() == b.x.len() && a.w.ty == b.w.ty && a.w.layout == b.w.layout
+    };
+    let mut source = Vec::with_capacity(products.len());
+    for i in 0..products.len() {
+        let p = &products[i];
+        check_shapes(p.w, p.x, p.n, p.out)?;
+        match (0..i).find(|&j| same_input(&products[j], p)) {
             Some(j) => source.push(source[j]),
             None => {
-                quantize_for(pool, w, x, n, &mut scratch[i])?;
+                quantize_for(pool, p.w, p.x, p.n, &mut scratch[i])?;
                 source.push(i);
             }
         }
     }
     let scratch: &[ActBuffer] = scratch;
-    let mut jobs = Vec::with_capacity(ws.len());
-    for ((w, out), &s) in ws.iter().zip(outs.iter_mut()).zip(&source) {
-        jobs.push(job_for(w, n, out, &scratch[s])?);
+    let mut jobs = Vec::with_capacity(products.len());
+    for (p, &s) in products.iter_mut().zip(&source) {
+        jobs.push(job_for(p.w, p.n, &mut *p.out, &scratch[s])?);
     }
     // first[i]: the first tile of job i in the joint index space.
     let mut first = Vec::with_capacity(jobs.len() + 1);

@@ -15,7 +15,7 @@ use minnow_kernels::formats::interleaved::*;
 use minnow_kernels::formats::kquants::*;
 use minnow_kernels::formats::legacy::*;
 use minnow_kernels::formats::{group_scales, ActBlock, BlockFormat, SimdLevel};
-use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, Layout, QMatrix};
+use minnow_kernels::matmul::{matmul, matmul_each, matmul_many, ActBuffer, Layout, Product, QMatrix};
 use minnow_kernels::pool::ThreadPool;
 use proptest::prelude::*;
 
@@ -391,7 +391,7 @@ fn interleaved_matmul_matches_reference() {
 /// the 16-row tile included), for several batch sizes and thread counts —
 /// matrices of one format and layout share one quantization of the
 /// activations, here adjacent and not — and refuses mismatched arguments
-/// with an error.
+/// with an error; and `matmul_each` likewise with an input per product.
 #[test]
 fn matmul_many_matches_separate_matmuls() {
     let mut rng = Rng(4242);
@@ -446,4 +446,35 @@ fn matmul_many_matches_separate_matmuls() {
     let mut short = [0.0; 39];
     let err = matmul_many(&pool, &x[..cols], 1, &ws[..1], &mut [&mut short[..]], &mut scratch).unwrap_err();
     assert!(err.to_string().contains("out has 39"), "{err}");
+
+    // matmul_each: every matrix on its own input (its own row count too),
+    // and two pairs on one shared input (one quantization between them),
+    // each product exactly matmul's bits.
+    for threads in [1, 2, 3] {
+        let pool = ThreadPool::new(threads);
+        let ns = [1, 3, 2, 5, 5, 1, 6];
+        let inputs: Vec<Vec<f32>> = ns.iter().map(|&n| (0..n * cols).map(|_| rng.f32(2.0)).collect()).collect();
+        let shared = &x[..5 * cols];
+        // Products 3 and 4 (Q8_0, row-major both) share `shared`.
+        let input = |i: usize| if i == 3 || i == 4 { shared } else { &inputs[i][..] };
+        let mut want: Vec<Vec<f32>> = ws.iter().zip(ns).map(|(w, n)| vec![0.0; n * w.rows]).collect();
+        let mut one = ActBuffer::default();
+        for (i, (w, out)) in ws.iter().zip(&mut want).enumerate() {
+            matmul(&pool, w, input(i), ns[i], out, &mut one).unwrap();
+        }
+        let mut got: Vec<Vec<f32>> = ws.iter().zip(ns).map(|(w, n)| vec![f32::NAN; n * w.rows]).collect();
+        let mut products: Vec<Product> =
+            got.iter_mut().enumerate().map(|(i, out)| Product { w: ws[i], x: input(i), n: ns[i], out }).collect();
+        let mut scratch: Vec<ActBuffer> = (0..ws.len()).map(|_| ActBuffer::default()).collect();
+        matmul_each(&pool, &mut products, &mut scratch).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+            let w: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(g, w, "product {i} ({} {:?}), n {}, {threads} threads", ws[i].ty, ws[i].layout, ns[i]);
+        }
+    }
+    let mut out = vec![0.0; 40];
+    let mut products = [Product { w: ws[0], x: &x[..cols], n: 1, out: &mut out }];
+    let err = matmul_each(&pool, &mut products, &mut []).unwrap_err();
+    assert!(err.to_string().contains("1 products, 0 scratch buffers"), "{err}");
 }

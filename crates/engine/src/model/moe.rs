@@ -11,8 +11,10 @@
 //! token of each of several sequences) the rows are grouped by expert: each
 //! expert that any row chose gathers those rows and runs its three matmuls on
 //! just them, so its weights are read once per forward call whatever the
-//! batch size, and an expert nobody chose costs nothing. The matmuls split
-//! each expert's work across threads by rows.
+//! batch size, and an expert nobody chose costs nothing. Every chosen
+//! expert's gate and up products run as one job of the thread pool, and
+//! every one's down product as another (`matmul_each`), so a layer hands
+//! work to the threads three times (router, gate/up, down) whatever `k`.
 //!
 //! Batch invariance: the matmul gives a row the same result whatever other
 //! rows are in the batch, and each row's expert outputs are added in
@@ -20,11 +22,13 @@
 //! batch (the fixture tests check this).
 
 use super::config::MoeConfig;
-use super::transformer::{mm, mm_many_q, mm_q, Activation, Ffn};
+use super::transformer::{mm, mm_each, Activation, Ffn};
 use super::weights::{ExpertMatrices, Matrix, TensorLoader};
 use super::ModelError;
+use minnow_kernels::matmul::{Product, QMatrix};
 use minnow_kernels::ops;
 use minnow_kernels::pool::ThreadPool;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -107,27 +111,59 @@ impl MoeFfn {
             slots_of[c as usize].push(s);
         }
 
-        let mut out = vec![0f32; n * e];
-        let mut xe = Vec::new();
+        // The chosen experts, ascending, with the rows routed to each
+        // gathered (a single row, or every row in order, is `x` itself:
+        // one quantization serves every expert then).
+        let chosen: Vec<(usize, &[usize])> =
+            slots_of.iter().enumerate().filter(|(_, s)| !s.is_empty()).map(|(ex, s)| (ex, s.as_slice())).collect();
+        let inputs: Vec<Cow<[f32]>> = chosen
+            .iter()
+            .map(|&(ex, slots)| {
+                self.counts[ex].fetch_add(slots.len() as u64, Ordering::Relaxed);
+                if slots.len() == n && slots.iter().enumerate().all(|(i, &s)| s / k == i) {
+                    Cow::Borrowed(x)
+                } else {
+                    Cow::Owned(slots.iter().flat_map(|&s| &x[(s / k) * e..(s / k + 1) * e]).copied().collect())
+                }
+            })
+            .collect();
+        // Every chosen expert's gate and up in one job of the pool, then
+        // every one's down in another: two hand-offs a layer, not two per
+        // expert.
+        let gates: Vec<QMatrix> = chosen.iter().map(|&(ex, _)| self.gate.expert(ex)).collect();
+        let ups: Vec<QMatrix> = chosen.iter().map(|&(ex, _)| self.up.expert(ex)).collect();
+        let downs: Vec<QMatrix> = chosen.iter().map(|&(ex, _)| self.down.expert(ex)).collect();
+        let ff = gates.first().map_or(0, |g| g.rows);
+        let mut g: Vec<Vec<f32>> = chosen.iter().map(|&(_, s)| vec![0f32; s.len() * ff]).collect();
+        let mut u: Vec<Vec<f32>> = chosen.iter().map(|&(_, s)| vec![0f32; s.len() * ff]).collect();
+        {
+            let mut products: Vec<Product> = Vec::with_capacity(2 * chosen.len());
+            for (i, (gi, ui)) in g.iter_mut().zip(u.iter_mut()).enumerate() {
+                let m = chosen[i].1.len();
+                products.push(Product { w: &gates[i], x: &inputs[i], n: m, out: gi });
+                products.push(Product { w: &ups[i], x: &inputs[i], n: m, out: ui });
+            }
+            mm_each(pool, &mut products)?;
+        }
+        for (gi, ui) in g.iter_mut().zip(&u) {
+            ops::gated_silu(gi, ui);
+        }
+        let mut d: Vec<Vec<f32>> = chosen.iter().map(|&(_, s)| vec![0f32; s.len() * e]).collect();
+        {
+            let mut products: Vec<Product> = d
+                .iter_mut()
+                .enumerate()
+                .map(|(i, di)| Product { w: &downs[i], x: &g[i], n: chosen[i].1.len(), out: di })
+                .collect();
+            mm_each(pool, &mut products)?;
+        }
         // Ascending expert order fixes each row's summation order (see the
         // module doc on batch invariance).
-        for (ex, slots) in slots_of.iter().enumerate() {
-            if slots.is_empty() {
-                continue;
-            }
-            self.counts[ex].fetch_add(slots.len() as u64, Ordering::Relaxed);
-            let m = slots.len();
-            xe.clear();
-            for &s in slots {
-                let r = s / k;
-                xe.extend_from_slice(&x[r * e..(r + 1) * e]);
-            }
-            let [mut g, u] = mm_many_q(pool, [self.gate.expert(ex), self.up.expert(ex)], &xe, m)?;
-            ops::gated_silu(&mut g, &u);
-            let d = mm_q(pool, &self.down.expert(ex), &g, m)?;
+        let mut out = vec![0f32; n * e];
+        for (&(_, slots), di) in chosen.iter().zip(&d) {
             for (i, &s) in slots.iter().enumerate() {
                 let (r, w) = (s / k, weight[s]);
-                for (o, &v) in out[r * e..(r + 1) * e].iter_mut().zip(&d[i * e..(i + 1) * e]) {
+                for (o, &v) in out[r * e..(r + 1) * e].iter_mut().zip(&di[i * e..(i + 1) * e]) {
                     *o += w * v;
                 }
             }

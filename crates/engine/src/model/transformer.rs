@@ -11,7 +11,7 @@ use super::ModelError;
 use crate::kv_cache::KvCache;
 use crate::lora::{LoraAdapter, LoraRows, Proj};
 use minnow_kernels::attention_batch::{attend_batch, Heads};
-use minnow_kernels::matmul::{matmul, matmul_many, ActBuffer, QMatrix};
+use minnow_kernels::matmul::{matmul, matmul_each, matmul_many, ActBuffer, Product, QMatrix};
 use minnow_kernels::ops::{self, RopeAngles};
 use minnow_kernels::pool::ThreadPool;
 use std::cell::RefCell;
@@ -192,19 +192,19 @@ fn matmul_many_acts<const K: usize>(
         .map_err(ModelError::from)
 }
 
-/// [`mm_many_into`] for matrices given as the kernels see them (e.g. one expert's
-/// gate and up).
-pub(crate) fn mm_many_q<const K: usize>(
-    pool: &ThreadPool,
-    qs: [QMatrix; K],
-    x: &[f32],
-    n: usize,
-) -> Result<[Vec<f32>; K], ModelError> {
-    let mut outs: [Vec<f32>; K] = std::array::from_fn(|i| vec![0f32; n * qs[i].rows]);
-    let refs: [&QMatrix; K] = std::array::from_fn(|i| &qs[i]);
-    let mut slices: [&mut [f32]; K] = outs.each_mut().map(|o| o.as_mut_slice());
-    matmul_many_acts(pool, x, n, &refs, &mut slices)?;
-    Ok(outs)
+/// Several products, each with its own input, in one job of the pool
+/// (`matmul_each`), with this thread's activation buffers: e.g. every
+/// chosen expert's gate and up, then every chosen expert's down.
+pub(crate) fn mm_each(pool: &ThreadPool, products: &mut [Product]) -> Result<(), ModelError> {
+    ACTS_MANY
+        .with(|acts| {
+            let mut acts = acts.borrow_mut();
+            if acts.len() < products.len() {
+                acts.resize_with(products.len(), ActBuffer::default);
+            }
+            matmul_each(pool, products, &mut acts)
+        })
+        .map_err(ModelError::from)
 }
 
 /// Adds `bias` to every row of `x`.
