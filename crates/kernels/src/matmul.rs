@@ -266,8 +266,7 @@ pub fn matmul_many(
     if ws.len() != outs.len() {
         return Err(LayoutError(format!("matmul_many: {} matrices, {} outputs", ws.len(), outs.len())));
     }
-    let mut products: Vec<Product> =
-        ws.iter().zip(outs.iter_mut()).map(|(w, out)| Product { w, x, n, out: &mut **out }).collect();
+    let mut products: Vec<Product> = ws.iter().zip(outs.iter_mut()).map(|(w, out)| Product { w, x, n, out }).collect();
     matmul_each(pool, &mut products, scratch)
 }
 
