@@ -22,7 +22,7 @@
 //! Every record becomes a [`DatasetRecord`]: its conversation (the last
 //! message the answer when it is the assistant's), the tools it offered,
 //! and what the source knew of its provenance and log-probabilities.
-//! [`write`] writes records as OpenAI chat, ShareGPT or Alpaca (one
+//! [`write()`] writes records as OpenAI chat, ShareGPT or Alpaca (one
 //! instruction and its answer: a conversation with more turns or with tool
 //! calls is refused, naming it), so a file read, written and read back holds
 //! the same conversations.
