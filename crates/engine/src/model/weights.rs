@@ -48,11 +48,16 @@ impl Matrix {
 
 /// The matrices of every expert of one MoE layer, stacked in one 3-D tensor
 /// of ggml dims `[cols, rows, n_expert]`: expert `e`'s `rows × cols` matrix
-/// is the `e`-th contiguous run of `rows` rows, so it is read in place like
-/// any other matrix.
+/// is the `e`-th contiguous run of `rows` rows. Each expert is repacked into
+/// the 8-row interleaved layout at load under the same rule as a layer's
+/// dense matrices (so an expert runs on the same kernels as the dense FFN
+/// it may have been upcycled from); other formats are read in place.
 pub struct ExpertMatrices {
     file: Arc<GgufFile>,
     info: TensorInfo,
+    /// Per expert, the interleaved copy; empty when the format keeps the
+    /// file's layout.
+    interleaved: Vec<InterleavedMatrix>,
     pub ty: GgmlType,
     pub n_expert: usize,
     pub rows: usize,
@@ -63,6 +68,14 @@ impl ExpertMatrices {
     /// Expert `e`'s matrix as the kernels see it.
     pub fn expert(&self, e: usize) -> QMatrix<'_> {
         assert!(e < self.n_expert, "expert {e} of {}", self.n_expert);
+        if let Some(m) = self.interleaved.get(e) {
+            return m.q();
+        }
+        self.in_file(e)
+    }
+
+    /// Expert `e`'s rows as the file holds them.
+    fn in_file(&self, e: usize) -> QMatrix<'_> {
         let q = QMatrix { ty: self.ty, rows: self.rows, cols: self.cols, data: &[], layout: Layout::RowMajor };
         let size = self.rows * q.row_bytes();
         QMatrix { data: &self.file.tensor_data(&self.info)[e * size..(e + 1) * size], ..q }
@@ -178,7 +191,32 @@ impl TensorLoader {
         if per_expert * n_expert != self.file.tensor_data(info).len() {
             return Err(ModelError::new(format!("expert tensor '{name}': data size does not match its shape")));
         }
-        Ok(ExpertMatrices { file: self.file.clone(), info: info.clone(), ty: info.ty, n_expert, rows, cols })
+        let mut m = ExpertMatrices {
+            file: self.file.clone(),
+            info: info.clone(),
+            interleaved: Vec::new(),
+            ty: info.ty,
+            n_expert,
+            rows,
+            cols,
+        };
+        if Interleave::Layer.applies_to(info.ty) {
+            let file = &self.file;
+            let mut packed = Vec::with_capacity(n_expert);
+            for e in 0..n_expert {
+                // The file's pages are released as each stretch is copied.
+                match m.in_file(e).interleave_with(|done| file.release_pages(done)) {
+                    Ok(Some(p)) => packed.push(p),
+                    Ok(None) => break,
+                    Err(err) => return Err(ModelError::new(format!("expert tensor '{name}', expert {e}: {err}"))),
+                }
+            }
+            // All or none: a shape without the layout keeps every expert in place.
+            if packed.len() == n_expert {
+                m.interleaved = packed;
+            }
+        }
+        Ok(m)
     }
 
     /// A vector of `len` values, converted to f32.
