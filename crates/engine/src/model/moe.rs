@@ -13,8 +13,9 @@
 //! just them, so its weights are read once per forward call whatever the
 //! batch size, and an expert nobody chose costs nothing. Every chosen
 //! expert's gate and up products run as one job of the thread pool, and
-//! every one's down product as another (`matmul_each`), so a layer hands
-//! work to the threads three times (router, gate/up, down) whatever `k`.
+//! every one's down product as another (`matmul_each`), the shared expert's
+//! products riding the same two, so a layer hands work to the threads three
+//! times (router, gate/up, down) whatever `k`.
 //!
 //! Batch invariance: the matmul gives a row the same result whatever other
 //! rows are in the batch, and each row's expert outputs are added in
@@ -22,7 +23,7 @@
 //! batch (the fixture tests check this).
 
 use super::config::MoeConfig;
-use super::transformer::{mm, mm_each, Activation, Ffn};
+use super::transformer::{mm, mm_each, Ffn};
 use super::weights::{ExpertMatrices, Matrix, TensorLoader};
 use super::ModelError;
 use minnow_kernels::matmul::{Product, QMatrix};
@@ -136,18 +137,27 @@ impl MoeFfn {
         let ff = gates.first().map_or(0, |g| g.rows);
         let mut g: Vec<Vec<f32>> = chosen.iter().map(|&(_, s)| vec![0f32; s.len() * ff]).collect();
         let mut u: Vec<Vec<f32>> = chosen.iter().map(|&(_, s)| vec![0f32; s.len() * ff]).collect();
+        // The shared expert (qwen2moe) rides the same two jobs, on every row.
+        let shared: Option<[QMatrix; 3]> = self.shared.as_ref().map(|s| [s.ffn.gate.q(), s.ffn.up.q(), s.ffn.down.q()]);
+        let sf = shared.as_ref().map_or(0, |q| q[0].rows);
+        let (mut sg, mut su, mut sy) = (vec![0f32; n * sf], vec![0f32; n * sf], vec![0f32; n * e]);
         {
-            let mut products: Vec<Product> = Vec::with_capacity(2 * chosen.len());
+            let mut products: Vec<Product> = Vec::with_capacity(2 * chosen.len() + 2);
             for (i, (gi, ui)) in g.iter_mut().zip(u.iter_mut()).enumerate() {
                 let m = chosen[i].1.len();
                 products.push(Product { w: &gates[i], x: &inputs[i], n: m, out: gi });
                 products.push(Product { w: &ups[i], x: &inputs[i], n: m, out: ui });
+            }
+            if let Some([sgw, suw, _]) = &shared {
+                products.push(Product { w: sgw, x, n, out: &mut sg });
+                products.push(Product { w: suw, x, n, out: &mut su });
             }
             mm_each(pool, &mut products)?;
         }
         for (gi, ui) in g.iter_mut().zip(&u) {
             ops::gated_silu(gi, ui);
         }
+        ops::gated_silu(&mut sg, &su);
         let mut d: Vec<Vec<f32>> = chosen.iter().map(|&(_, s)| vec![0f32; s.len() * e]).collect();
         {
             let mut products: Vec<Product> = d
@@ -155,6 +165,9 @@ impl MoeFfn {
                 .enumerate()
                 .map(|(i, di)| Product { w: &downs[i], x: &g[i], n: chosen[i].1.len(), out: di })
                 .collect();
+            if let Some([_, _, sdw]) = &shared {
+                products.push(Product { w: sdw, x: &sg, n, out: &mut sy });
+            }
             mm_each(pool, &mut products)?;
         }
         // Ascending expert order fixes each row's summation order (see the
@@ -170,7 +183,7 @@ impl MoeFfn {
         }
 
         if let Some(sh) = &self.shared {
-            let y = sh.ffn.forward(pool, Activation::Silu, x, n)?;
+            let y = &sy;
             for r in 0..n {
                 let xr = &x[r * e..(r + 1) * e];
                 let z: f32 = xr.iter().zip(&sh.gate).map(|(a, b)| a * b).sum();

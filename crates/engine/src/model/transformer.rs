@@ -358,16 +358,8 @@ pub(crate) struct Ffn {
 }
 
 impl Ffn {
-    /// x [n, n_embd] → [n, n_embd].
-    pub fn forward(&self, pool: &ThreadPool, act: Activation, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
-        let (mut gate, mut up, mut out) = (Vec::new(), Vec::new(), Vec::new());
-        self.forward_into(pool, act, x, n, [&mut gate, &mut up], &mut out, None)?;
-        Ok(out)
-    }
-
-    /// [`forward`](Self::forward) with the gate and up activations in
-    /// `gate_up` and the output in `out`; `lora`: the batch's adapters and
-    /// this FFN's layer.
+    /// x [n, n_embd] → `out` [n, n_embd], with the gate and up activations
+    /// in `gate_up`; `lora`: the batch's adapters and this FFN's layer.
     pub fn forward_into(
         &self,
         pool: &ThreadPool,
