@@ -324,22 +324,15 @@ async fn collect(
         match ev {
             GenEvent::Token { index, id, text, logprob } => {
                 if let Some(r) = &mut recording {
-                    r.token(index, id, &text, logprob.as_ref(), shape.logprobs);
+                    r.token(index, id, logprob.as_ref());
                 }
                 if let Some(c) = choices.get_mut(index) {
-                    c.text.push_str(&text);
-                    if let (Some(lp), Some(k)) = (&logprob, shape.logprobs) {
-                        c.logprobs.push(crate::store::client_view(lp, k));
-                    }
+                    c.push_token(&text, logprob.as_ref(), shape.logprobs);
                 }
             }
             GenEvent::Done { index, finish, text_tail } => {
-                if let Some(r) = &mut recording {
-                    r.done(index, finish, &text_tail);
-                }
                 if let Some(c) = choices.get_mut(index) {
-                    c.text.push_str(&text_tail);
-                    c.finish = Some(finish);
+                    c.end(finish, &text_tail);
                 }
             }
             GenEvent::Finished { usage: u, ttft_secs, total_secs } => {
@@ -368,12 +361,12 @@ async fn collect(
         guard.finished = true;
         return Err(ApiError::unavailable(minnow_engine::scheduler::SHUTDOWN_CANCEL_MESSAGE));
     };
+    let response = shape.full(&state.model().tokenizer, &choices, &usage);
     if let Some(r) = recording {
         // Durable before the client has its answer.
-        crate::store::save(state.clone(), r.into_record(state, &shape, &usage)).await;
+        crate::store::save(state.clone(), r.into_record(state, &shape, response.clone())).await;
     }
-    let tok = &state.model().tokenizer;
-    Ok(json_response(&shape.full(tok, &choices, &usage)))
+    Ok(json_response(&response))
 }
 
 fn model_object(state: &AppState) -> Value {

@@ -42,12 +42,36 @@ pub struct Shape {
 
 pub const FINGERPRINT: &str = concat!("minnow-", env!("CARGO_PKG_VERSION"));
 
-/// One choice being assembled (non-streaming), or its logprob bookkeeping.
+/// One choice being assembled (non-streaming, or a stream's copy for the
+/// store), or its logprob bookkeeping.
 #[derive(Default)]
 pub struct Choice {
     pub text: String,
     pub finish: Option<FinishReason>,
     pub logprobs: Vec<TokenLogprob>,
+}
+
+impl Choice {
+    /// A reply token's text, and its logprob cut to the `client_k`
+    /// alternatives the client asked for (`None`: no logprobs wanted).
+    pub fn push_token(&mut self, text: &str, lp: Option<&TokenLogprob>, client_k: Option<usize>) {
+        self.text.push_str(text);
+        if let (Some(lp), Some(k)) = (lp, client_k) {
+            self.logprobs.push(client_view(lp, k));
+        }
+    }
+
+    /// The choice's held-back text and why it ended.
+    pub fn end(&mut self, finish: FinishReason, tail: &str) {
+        self.text.push_str(tail);
+        self.finish = Some(finish);
+    }
+}
+
+/// `top_logprobs` cut to the `k` alternatives a client asked for (the
+/// engine may have computed more, for the store).
+pub fn client_view(lp: &TokenLogprob, k: usize) -> TokenLogprob {
+    TokenLogprob { id: lp.id, logprob: lp.logprob, top: lp.top.iter().take(k).copied().collect() }
 }
 
 /// OpenAI's finish reason: a reply that ended on its own after calling

@@ -9,7 +9,7 @@
 //! for the next token.
 
 use crate::error::ApiError;
-use crate::render::Shape;
+use crate::render::{client_view, Choice, Shape};
 use crate::{AppState, RequestLog};
 use axum::body::Body;
 use bytes::Bytes;
@@ -98,8 +98,10 @@ pub struct SseBody {
     pub splitters: Vec<CallSplitter>,
     /// Calls streamed so far per choice (the next call's `index`).
     pub calls_sent: Vec<usize>,
-    /// What `--store` keeps of this request, while it is answered.
+    /// What `--store` keeps of this request, while it is answered, and the
+    /// choices as a plain response would hold them (empty when not stored).
     pub recording: Option<crate::store::Recording>,
+    pub recorded: Vec<Choice>,
     /// The record being written; the stream's end waits for it.
     pub saving: Option<tokio::task::JoinHandle<()>>,
     /// The last chunks (usage, `[DONE]`), held until the record is durable.
@@ -144,6 +146,7 @@ impl SseBody {
             finished: false,
             splitters,
             calls_sent: vec![0; n],
+            recorded: if recording.is_some() { (0..n).map(|_| Choice::default()).collect() } else { Vec::new() },
             recording,
             saving: None,
             held: Vec::new(),
@@ -206,17 +209,20 @@ impl SseBody {
                 // Counted as they go, so a stream cut short logs what it got.
                 self.log.update(|d| d.completion_tokens += 1);
                 if let Some(r) = &mut self.recording {
-                    r.token(index, id, &text, logprob.as_ref(), self.shape.logprobs);
+                    r.token(index, id, logprob.as_ref());
+                }
+                if let Some(c) = self.recorded.get_mut(index) {
+                    c.push_token(&text, logprob.as_ref(), self.shape.logprobs);
                 }
                 let lps: Vec<TokenLogprob> = match (self.shape.logprobs, &logprob) {
-                    (Some(k), Some(lp)) => vec![crate::store::client_view(lp, k)],
+                    (Some(k), Some(lp)) => vec![client_view(lp, k)],
                     _ => Vec::new(),
                 };
                 self.reply_text(index, &text, &lps, false);
             }
             GenEvent::Done { index, finish, text_tail } => {
-                if let Some(r) = &mut self.recording {
-                    r.done(index, finish, &text_tail);
+                if let Some(c) = self.recorded.get_mut(index) {
+                    c.end(finish, &text_tail);
                 }
                 self.reply_text(index, &text_tail, &[], true);
                 if index < self.n {
@@ -242,7 +248,8 @@ impl SseBody {
                 match self.recording.take() {
                     // The client learns its answer is whole only once it is stored.
                     Some(r) => {
-                        let rec = r.into_record(&self.state, &self.shape, &usage);
+                        let response = self.shape.full(&self.state.model().tokenizer, &self.recorded, &usage);
+                        let rec = r.into_record(&self.state, &self.shape, response);
                         let state = self.state.clone();
                         self.saving =
                             Some(tokio::task::spawn_blocking(move || crate::store::save_blocking(&state, rec)));

@@ -22,14 +22,13 @@
 //! first), 20 a page by default, 100 at most.
 
 use crate::error::ApiError;
-use crate::render::{Choice, Shape};
+use crate::render::Shape;
 use crate::{json_response, params, AppState};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
-use minnow_engine::generate::FinishReason;
-use minnow_engine::scheduler::{TokenLogprob, Usage};
+use minnow_engine::scheduler::TokenLogprob;
 use minnow_store::{ListQuery, Order, Store, StoreError, StoredCompletion, TeacherLogprobs};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -60,13 +59,14 @@ impl std::fmt::Debug for StoreConfig {
 /// Parameters of the body that are about storing, not about the request.
 const NOT_RECORDED: [&str; 4] = ["store", "metadata", "stream", "stream_options"];
 
-/// What one request records while it is answered.
+/// What one request records beyond its response while it is answered
+/// (the response itself is built as the client's is: `Shape::full`).
 pub(crate) struct Recording {
     request: Value,
     metadata: BTreeMap<String, String>,
     /// Top-K kept per token (0: none).
     k: usize,
-    choices: Vec<Choice>,
+    /// Per choice, the reply's token ids and their top-K (when `k > 0`).
     tokens: Vec<Vec<u32>>,
     top: Vec<Vec<Vec<(u32, f32)>>>,
 }
@@ -99,15 +99,9 @@ pub(crate) fn recording_for(
         request: Value::Object(request),
         metadata,
         k: cfg.logprobs,
-        choices: (0..n).map(|_| Choice::default()).collect(),
         tokens: vec![Vec::new(); n],
         top: vec![Vec::new(); n],
     }))
-}
-
-/// `top_logprobs` cut to the `k` alternatives a client asked for.
-pub(crate) fn client_view(lp: &TokenLogprob, k: usize) -> TokenLogprob {
-    TokenLogprob { id: lp.id, logprob: lp.logprob, top: lp.top.iter().take(k).copied().collect() }
 }
 
 impl Recording {
@@ -116,32 +110,17 @@ impl Recording {
         self.k
     }
 
-    /// A reply token of choice `index`; `client_k`: the alternatives the
-    /// client asked for (`None`: no logprobs in its answer).
-    pub fn token(&mut self, index: usize, id: u32, text: &str, lp: Option<&TokenLogprob>, client_k: Option<usize>) {
-        let Some(c) = self.choices.get_mut(index) else { return };
-        c.text.push_str(text);
-        self.tokens[index].push(id);
-        if let Some(lp) = lp {
-            if let Some(k) = client_k {
-                c.logprobs.push(client_view(lp, k));
-            }
-            if self.k > 0 {
-                self.top[index].push(lp.top.iter().take(self.k).copied().collect());
-            }
+    /// A reply token of choice `index`.
+    pub fn token(&mut self, index: usize, id: u32, lp: Option<&TokenLogprob>) {
+        let Some(ids) = self.tokens.get_mut(index) else { return };
+        ids.push(id);
+        if let (Some(lp), true) = (lp, self.k > 0) {
+            self.top[index].push(lp.top.iter().take(self.k).copied().collect());
         }
     }
 
-    pub fn done(&mut self, index: usize, finish: FinishReason, tail: &str) {
-        if let Some(c) = self.choices.get_mut(index) {
-            c.text.push_str(tail);
-            c.finish = Some(finish);
-        }
-    }
-
-    /// The record: the response as a non-streaming client gets it.
-    pub fn into_record(self, state: &AppState, shape: &Shape, usage: &Usage) -> StoredCompletion {
-        let response = shape.full(&state.model().tokenizer, &self.choices, usage);
+    /// The record, with `response` as a non-streaming client gets it.
+    pub fn into_record(self, state: &AppState, shape: &Shape, response: Value) -> StoredCompletion {
         let logprobs = if self.k > 0 {
             self.tokens
                 .into_iter()
