@@ -140,9 +140,7 @@ pub fn load(spec: &Path) -> Result<Loaded> {
             let mut skipped_truncated = 0;
             let mut records = Vec::new();
             for r in Store::read_all(&dir)? {
-                if model.as_deref().is_some_and(|m| m != r.model)
-                    || metadata.iter().any(|(k, v)| r.metadata.get(k) != Some(v))
-                {
+                if !r.matches(model.as_deref(), &metadata) {
                     continue;
                 }
                 match from_stored(&r).with_context(|| format!("{}: stored completion {}", dir.display(), r.id))? {

@@ -22,7 +22,7 @@
 //!
 //! [`RecordLog`]: crate::RecordLog
 
-use crate::log::{append_line, open_recovering};
+use crate::log::{append_line, open_recovering, whole_lines_len};
 use crate::TeacherLogprobs;
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -82,7 +82,9 @@ impl StoredCompletion {
         self.request.get("messages").and_then(Value::as_array).map_or(&[], |a| a.as_slice())
     }
 
-    fn matches(&self, model: Option<&str>, metadata: &[(String, String)]) -> bool {
+    /// Whether this record passes a listing's filters: its model is `model`
+    /// (when given) and its metadata holds every pair.
+    pub fn matches(&self, model: Option<&str>, metadata: &[(String, String)]) -> bool {
         matches_filter(&self.model, &self.metadata, model, metadata)
     }
 }
@@ -256,7 +258,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
         };
-        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let keep = whole_lines_len(&bytes);
         let text = std::str::from_utf8(&bytes[..keep]).map_err(|e| anyhow!("{}: not UTF-8 ({e})", path.display()))?;
         let mut order: Vec<String> = Vec::new();
         let mut recs: HashMap<String, StoredCompletion> = HashMap::new();
@@ -408,16 +410,14 @@ impl Store {
             Some(id) => Some(*self.by_id.get(id).ok_or_else(|| StoreError::NotFound(id.clone()))?),
         };
         let wanted = |e: &&Entry| matches_filter(&e.model, &e.metadata, q.model.as_deref(), &q.metadata);
-        let hits: Vec<&Entry> = match (q.order, start) {
-            (Order::Asc, None) => self.entries.values().filter(wanted).take(q.limit + 1).collect(),
-            (Order::Asc, Some(s)) => {
-                self.entries.range(s + 1..).map(|(_, e)| e).filter(wanted).take(q.limit + 1).collect()
-            }
-            (Order::Desc, None) => self.entries.values().rev().filter(wanted).take(q.limit + 1).collect(),
-            (Order::Desc, Some(s)) => {
-                self.entries.range(..s).rev().map(|(_, e)| e).filter(wanted).take(q.limit + 1).collect()
-            }
+        // The entries after `after` in the listing's order.
+        let after: Box<dyn Iterator<Item = (&u64, &Entry)>> = match (q.order, start) {
+            (Order::Asc, None) => Box::new(self.entries.iter()),
+            (Order::Asc, Some(s)) => Box::new(self.entries.range(s + 1..)),
+            (Order::Desc, None) => Box::new(self.entries.iter().rev()),
+            (Order::Desc, Some(s)) => Box::new(self.entries.range(..s).rev()),
         };
+        let hits: Vec<&Entry> = after.map(|(_, e)| e).filter(wanted).take(q.limit + 1).collect();
         let has_more = hits.len() > q.limit;
         let records = hits.into_iter().take(q.limit).map(|e| self.load(e)).collect::<Result<Vec<_>>>()?;
         debug_assert!(records.iter().all(|r| r.matches(q.model.as_deref(), &q.metadata)));

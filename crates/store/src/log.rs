@@ -33,7 +33,7 @@ pub fn open_recovering(path: &Path) -> Result<(File, String, u64)> {
         .with_context(|| format!("cannot open {} for appending", path.display()))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
-    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let keep = whole_lines_len(&bytes);
     let torn_bytes = (bytes.len() - keep) as u64;
     if torn_bytes > 0 {
         file.set_len(keep as u64)
@@ -45,6 +45,13 @@ pub fn open_recovering(path: &Path) -> Result<(File, String, u64)> {
     let text = String::from_utf8(bytes)
         .map_err(|e| anyhow!("{}: not UTF-8 text ({e}); is this a JSONL file?", path.display()))?;
     Ok((file, text, torn_bytes))
+}
+
+/// How many leading bytes of a JSONL file's contents are whole lines:
+/// everything after the last newline is a line whose write was cut short
+/// (or is still under way).
+pub fn whole_lines_len(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
 }
 
 /// Appends `line` (which must end with its newline) in one write and makes
