@@ -197,9 +197,14 @@ fn own_format(path: &Path) -> Result<bool> {
     if crate::formats::is_store(path) {
         return Ok(false);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let first =
-        text.lines().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    // Only the first record is read here; the reader chosen reads the file.
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let first = std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok());
     let Some(v) = first else { return Ok(true) };
     let answered = v["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| m["role"] == "assistant");
     Ok((v.get("prompt").is_some() && v.get("completion").is_none())

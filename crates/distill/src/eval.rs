@@ -182,17 +182,16 @@ fn load_cases(cfg: &EvalConfig) -> Result<(Vec<EvalCase>, Vec<EvalCase>)> {
 /// (`label`'s output) or from another evaluation's per-case outputs
 /// (`outputs/<row>.jsonl`: `{"prompt", "reply", ...}`).
 fn read_teacher_outputs(path: &Path) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
     if crate::formats::is_store(path) {
-        let mut out = HashMap::new();
         for rec in crate::formats::load(path)?.records {
-            if let Some((answer, convo)) = rec.messages.split_last().filter(|(a, _)| a.role == "assistant") {
-                out.insert(last_user_text(convo).to_string(), answer.content.clone());
-            }
+            let (prompt, answer) =
+                teacher_answer(&rec).ok_or_else(|| anyhow!("{}: {}: {NOT_ANSWERED}", path.display(), rec.id))?;
+            out.insert(prompt, answer);
         }
         return Ok(out);
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| anyhow!("{}:{}: not JSON ({e})", path.display(), i + 1))?;
@@ -202,12 +201,20 @@ fn read_teacher_outputs(path: &Path) -> Result<HashMap<String, String>> {
         }
         let rec: DatasetRecord = serde_json::from_value(v)
             .map_err(|e| anyhow!("{}:{}: neither a dataset record nor an eval output ({e})", path.display(), i + 1))?;
-        let Some((answer, convo)) = rec.messages.split_last().filter(|(a, _)| a.role == "assistant") else {
-            bail!("{}:{}: the last message is not the teacher's (assistant) answer", path.display(), i + 1);
-        };
-        out.insert(last_user_text(convo).to_string(), answer.content.clone());
+        let (prompt, answer) =
+            teacher_answer(&rec).ok_or_else(|| anyhow!("{}:{}: {NOT_ANSWERED}", path.display(), i + 1))?;
+        out.insert(prompt, answer);
     }
     Ok(out)
+}
+
+const NOT_ANSWERED: &str = "the last message is not the teacher's (assistant) answer";
+
+/// A record's prompt (its last user message) and the teacher's answer (its
+/// last message, when that is the assistant's).
+fn teacher_answer(rec: &DatasetRecord) -> Option<(String, String)> {
+    let (answer, convo) = rec.messages.split_last().filter(|(a, _)| a.role == "assistant")?;
+    Some((last_user_text(convo).to_string(), answer.content.clone()))
 }
 
 fn eval_model(

@@ -211,9 +211,7 @@ impl Fleet {
                         h.failed_attempts += 1;
                         h.failures_in_a_row += 1;
                         h.benched += 1;
-                        let backoff =
-                            cfg.backoff.saturating_mul(1 << (h.failures_in_a_row - 1).min(16)).min(cfg.max_backoff);
-                        h.benched_until = Some(Instant::now() + after.map_or(backoff, |a| a.min(cfg.max_backoff)));
+                        h.benched_until = Some(Instant::now() + cfg.wait_after(h.failures_in_a_row - 1, after));
                     }
                     if failed + 1 > self.max_retries {
                         let why = format!("{why} (gave up after {} attempts across the fleet)", failed + 1);

@@ -367,6 +367,15 @@ pub struct RemoteConfig {
 }
 
 impl RemoteConfig {
+    /// How long to wait after failed attempt number `attempt` (0 for the
+    /// first): the server's `Retry-After` when it gave one (a server knows
+    /// its own load; our backoff is a guess), else `backoff` doubled per
+    /// earlier failure; capped at `max_backoff` either way.
+    pub fn wait_after(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
+        retry_after.map_or(backoff, |a| a.min(self.max_backoff))
+    }
+
     pub fn new(url: &str) -> RemoteConfig {
         RemoteConfig {
             url: url.to_string(),
@@ -537,9 +546,7 @@ impl RemoteTeacher {
                     None => st.connection_errors += 1,
                 }
             });
-            let backoff = self.cfg.backoff.saturating_mul(1 << attempt.min(16)).min(self.cfg.max_backoff);
-            // A server's Retry-After knows its own load; our backoff is a guess.
-            std::thread::sleep(after.map_or(backoff, |a| a.min(self.cfg.max_backoff)));
+            std::thread::sleep(self.cfg.wait_after(attempt, after));
             attempt += 1;
         }
     }
