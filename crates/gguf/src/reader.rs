@@ -1,4 +1,4 @@
-//! Parsing and validating a GGUF file.
+//! Parsing and validating a GGUF file, or a model split into several.
 //!
 //! The whole file is checked once, in [`GgufFile::open`] / [`GgufFile::from_bytes`]:
 //! header, every metadata value, every tensor-table entry, and the bounds of
@@ -10,11 +10,33 @@
 //! by a count from the file until that count has been checked against the bytes
 //! that remain (every element takes at least one byte, so a count larger than
 //! the rest of the file is a lie), and all offset arithmetic is checked.
+//!
+//! # Split models
+//!
+//! llama.cpp's `gguf-split` cuts a model into parts named
+//! `PREFIX-00001-of-00003.gguf`, `PREFIX-00002-of-00003.gguf`, … (numbers
+//! 1-based, five digits). Each part is a complete GGUF file holding some of
+//! the tensors, with offsets relative to its own data section. Every part
+//! has the keys `split.no` (0-based), `split.count` and `split.tensors.count`
+//! (the total over all parts); the first part also holds all of the model's
+//! other metadata, later parts only the `split.*` keys (and, from
+//! [`GgufWriter::write_split`](crate::GgufWriter::write_split),
+//! `general.alignment`).
+//!
+//! [`GgufFile::open`] on any part of such a model opens all of them: it
+//! finds the others by name in the same directory, validates each exactly as
+//! a single file is validated, checks that they belong together (their
+//! `split.*` keys agree with their names and with each other, no tensor is in
+//! two parts, the parts hold `split.tensors.count` tensors in all), and maps
+//! each one separately. The result is one [`GgufFile`] that reads like a
+//! single file: the first part's metadata, all tensors in part order, tensor
+//! data from whichever part holds it. [`GgufFile::part_paths`] lists the
+//! files behind it.
 
 use crate::{GgmlType, Value, ValueType};
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Most dimensions a tensor may have (ggml's GGML_MAX_DIMS).
 pub const MAX_DIMS: usize = 4;
@@ -47,6 +69,12 @@ pub const MAX_TENSOR_NAME_LEN: u64 = 65_535;
 /// leaves ample room while bounding the memory to 512 MiB.
 pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 
+/// Most parts a split model may have: `split.count` is a u16.
+pub const MAX_SPLIT_PARTS: u64 = u16::MAX as u64;
+
+/// The metadata keys that describe how a split model is cut into parts.
+pub const SPLIT_KEYS: [&str; 3] = ["split.no", "split.count", "split.tensors.count"];
+
 /// What is wrong with a file. Every message names the offending item.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -57,6 +85,11 @@ pub enum GgufError {
     /// A well-formed header with a version this crate does not read.
     #[error("unsupported GGUF version {version}: {hint}")]
     UnsupportedVersion { version: u32, hint: &'static str },
+    /// The parts of a split model do not make up one model (a part missing,
+    /// misnamed or from another model), or a later part is itself invalid.
+    /// The message names the files concerned.
+    #[error("split model: {0}")]
+    Split(String),
 }
 
 /// One entry of the tensor table.
@@ -67,7 +100,8 @@ pub struct TensorInfo {
     /// so a weight matrix of `rows × cols` has `dims == [cols, rows]`.
     pub dims: Vec<u64>,
     pub ty: GgmlType,
-    /// Offset of the data from the start of the data section (validated).
+    /// Offset of the data from the start of the data section (validated) of
+    /// the file holding the tensor: in a split model, of its own part.
     pub offset: u64,
     /// Size of the data in bytes (validated to lie inside the file).
     pub n_bytes: u64,
@@ -95,34 +129,73 @@ impl Storage {
     }
 }
 
-/// A validated GGUF file, memory-mapped (or held in memory).
-pub struct GgufFile {
+/// One file's bytes: the whole model, or one part of a split one.
+struct Part {
     storage: Storage,
+    /// Absolute offset of this file's data section (already aligned).
+    data_offset: u64,
+}
+
+/// A validated GGUF model, memory-mapped (or held in memory): one file, or
+/// all the parts of a split model presented as one.
+///
+/// A split model is llama.cpp's `gguf-split` layout: parts named
+/// `PREFIX-00001-of-00003.gguf`, `PREFIX-00002-of-00003.gguf`, … (1-based,
+/// five digits), each a complete GGUF file with some of the tensors (their
+/// offsets relative to its own data section) and the keys `split.no`
+/// (0-based), `split.count` and `split.tensors.count` (the total); the first
+/// part also holds the model's other metadata. [`GgufFile::open`] on any
+/// part opens them all and checks that they make up one model.
+///
+/// For a split model the accessors describe the model, not one file:
+/// [`metadata`](Self::metadata) is the first part's (less the `split.*`
+/// keys), [`tensors`](Self::tensors) lists every part's tensors in part
+/// order, the tensor-data accessors read from whichever part holds a
+/// tensor, and [`file_size`](Self::file_size) is the total of all parts.
+/// [`part_paths`](Self::part_paths), [`tensor_part`](Self::tensor_part) and
+/// [`part_data_offset`](Self::part_data_offset) say which file holds what.
+pub struct GgufFile {
+    /// At least one; the parts of a split model in part order.
+    parts: Vec<Part>,
+    /// The paths of `parts` (empty for [`GgufFile::from_bytes`]).
+    paths: Vec<PathBuf>,
     version: u32,
     alignment: u64,
-    /// Absolute file offset of the data section (already aligned).
-    data_offset: u64,
     metadata: Vec<(String, Value)>,
     metadata_index: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
+    /// The index in `parts` of the part holding each tensor of `tensors`.
+    tensor_parts: Vec<u16>,
     tensor_index: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The bytes and the full metadata (vocabularies) are too big to print.
-        f.debug_struct("GgufFile")
-            .field("version", &self.version)
+        let mut s = f.debug_struct("GgufFile");
+        s.field("version", &self.version)
             .field("file_size", &self.file_size())
             .field("alignment", &self.alignment)
             .field("n_metadata", &self.metadata.len())
-            .field("n_tensors", &self.tensors.len())
-            .finish()
+            .field("n_tensors", &self.tensors.len());
+        if self.parts.len() > 1 {
+            s.field("n_parts", &self.parts.len());
+        }
+        s.finish()
     }
 }
 
 impl GgufFile {
-    /// Memory-maps and validates `path`.
+    /// Memory-maps and validates `path`: a single GGUF file, or any part of
+    /// a split model, which opens the whole model (all parts must sit in the
+    /// same directory, named `PREFIX-00001-of-0000N.gguf` … as llama.cpp's
+    /// `gguf-split` names them). Each part is validated as a single file is;
+    /// then the parts must agree: their `split.no` and `split.count` with
+    /// their names and with each other, no tensor in two parts, and
+    /// `split.tensors.count` tensors in all. Errors name the files and say
+    /// what to do. Only parts that exist are opened, one at a time, so a
+    /// `split.count` of up to 65535 costs nothing before the first missing
+    /// part is reported.
     ///
     /// The mapping assumes nobody truncates or rewrites the file while it is
     /// open, as every memory-mapping model loader does; files are replaced by
@@ -130,52 +203,80 @@ impl GgufFile {
     /// leaves existing mappings intact.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
-        let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
-        let file = File::open(path).map_err(io_error)?;
-        let len = file.metadata().map_err(io_error)?.len();
-        let storage = if len == 0 {
-            // Mapping an empty file fails on some platforms; parsing an empty
-            // buffer gives the better error ("too short for the header").
-            Storage::Owned(Vec::new())
-        } else {
-            // SAFETY: the map is read-only and we hand out only shared slices
-            // of it. Soundness further needs the file to stay unchanged while
-            // mapped, which is the documented contract of `open`.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?;
-            Storage::Mapped(map)
-        };
-        GgufFile::parse(storage)
+        let storage = map_file(path)?;
+        let parsed = Parser::new(storage.bytes()).parse()?;
+        let split = split_keys(&parsed).map_err(|e| split_error(format!("{}: {e}", path.display())))?;
+        match split {
+            Some(keys) if keys.count > 1 => open_split(path, storage, parsed, keys),
+            _ => Ok(GgufFile::single(storage, parsed, vec![path.to_path_buf()])),
+        }
     }
 
-    /// Validates a file held in memory (tests, fuzzing).
+    /// Validates a file held in memory (tests, fuzzing). A part of a split
+    /// model is refused: its other parts can only be found from its path.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
-        GgufFile::parse(Storage::Owned(bytes))
+        let storage = Storage::Owned(bytes);
+        let parsed = Parser::new(storage.bytes()).parse()?;
+        match split_keys(&parsed).map_err(invalid)? {
+            Some(keys) if keys.count > 1 => Err(invalid(format!(
+                "this is part {} of a model split into {} files; open it with GgufFile::open from its \
+                 path, which finds and reads the other parts",
+                keys.no + 1,
+                keys.count
+            ))),
+            _ => Ok(GgufFile::single(storage, parsed, Vec::new())),
+        }
     }
 
+    /// A model that is one file.
+    fn single(storage: Storage, parsed: Parsed, paths: Vec<PathBuf>) -> GgufFile {
+        GgufFile {
+            parts: vec![Part { storage, data_offset: parsed.data_offset }],
+            paths,
+            version: parsed.version,
+            alignment: parsed.alignment,
+            metadata: parsed.metadata,
+            metadata_index: parsed.metadata_index,
+            tensor_parts: vec![0; parsed.tensors.len()],
+            tensors: parsed.tensors,
+            tensor_index: parsed.tensor_index,
+        }
+    }
+
+    /// The GGUF version (of the first part, for a split model).
     pub fn version(&self) -> u32 {
         self.version
     }
 
-    /// Alignment of tensor data (`general.alignment`, default 32).
+    /// Alignment of tensor data (`general.alignment`, default 32): every
+    /// tensor's data starts at a multiple of it. For a split model, the
+    /// smallest over the parts (each part declares its own, and llama.cpp
+    /// writes `general.alignment` only into the first).
     pub fn alignment(&self) -> u64 {
         self.alignment
     }
 
-    /// Absolute file offset where the data section (the tensors' bytes) starts.
+    /// Absolute file offset where the data section (the tensors' bytes)
+    /// starts. For a split model, that of the first part; each part has its
+    /// own ([`part_data_offset`](Self::part_data_offset)).
     pub fn data_offset(&self) -> u64 {
-        self.data_offset
+        self.parts[0].data_offset
     }
 
-    /// Metadata in file order.
+    /// Metadata in file order. For a split model, the first part's without
+    /// the `split.*` keys ([`SPLIT_KEYS`]): they describe how the files are
+    /// cut, which [`part_paths`](Self::part_paths) says, and a tool copying
+    /// the metadata into one new file must not carry them over.
     pub fn metadata(&self) -> &[(String, Value)] {
         &self.metadata
     }
 
+    /// The value of metadata key `key` (as in [`metadata`](Self::metadata)).
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata_index.get(key).map(|&i| &self.metadata[i].1)
     }
 
-    /// Tensors in file order.
+    /// Tensors in file order; for a split model, part by part.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
@@ -192,8 +293,8 @@ impl GgufFile {
     /// otherwise silently yield the wrong bytes. Use
     /// [`GgufFile::tensor_data_by_name`] for a non-panicking lookup.
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
-        match self.tensor(&t.name) {
-            Some(own) if own.offset == t.offset && own.n_bytes == t.n_bytes => self.slice_of(own),
+        match self.tensor_index.get(&t.name) {
+            Some(&i) if self.tensors[i].offset == t.offset && self.tensors[i].n_bytes == t.n_bytes => self.slice_of(i),
             _ => panic!(
                 "tensor_data: tensor '{}' [offset {}, {} bytes] is not a tensor of this GGUF file",
                 t.name, t.offset, t.n_bytes
@@ -203,55 +304,329 @@ impl GgufFile {
 
     /// The bytes of the tensor called `name`, or `None` if there is none.
     pub fn tensor_data_by_name(&self, name: &str) -> Option<&[u8]> {
-        self.tensor(name).map(|t| self.slice_of(t))
+        self.tensor_index.get(name).map(|&i| self.slice_of(i))
     }
 
     /// Tells the OS this process no longer needs the pages holding `bytes`
     /// (a slice of this file's data, e.g. a tensor a loader has copied
-    /// elsewhere): they leave the process's resident memory, and reading
-    /// them later still works (the pages come back from the file). Does
-    /// nothing for a file held in memory or a slice from elsewhere. Advice
-    /// only: errors are ignored.
+    /// elsewhere; for a split model, of any part): they leave the process's
+    /// resident memory, and reading them later still works (the pages come
+    /// back from the file). Does nothing for a file held in memory or a
+    /// slice from elsewhere. Advice only: errors are ignored.
     pub fn release_pages(&self, bytes: &[u8]) {
-        if let Storage::Mapped(map) = &self.storage {
-            let (start, end) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
-            let at = bytes.as_ptr() as usize;
-            if bytes.is_empty() || at < start || at + bytes.len() > end {
+        for part in &self.parts {
+            if let Storage::Mapped(map) = &part.storage {
+                let (start, end) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
+                let at = bytes.as_ptr() as usize;
+                if bytes.is_empty() || at < start || at + bytes.len() > end {
+                    continue;
+                }
+                // SAFETY: the map is a read-only mapping of a file that stays
+                // unchanged while mapped (the contract of `open`), so dropping
+                // its pages only means later reads fault them back in with the
+                // same contents; no reference sees different bytes.
+                let _ =
+                    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at - start, bytes.len()) };
                 return;
             }
-            // SAFETY: the map is a read-only mapping of a file that stays
-            // unchanged while mapped (the contract of `open`), so dropping
-            // its pages only means later reads fault them back in with the
-            // same contents; no reference sees different bytes.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at - start, bytes.len()) };
         }
     }
 
-    /// Size of the whole file in bytes.
+    /// Size of the whole file in bytes; for a split model, of all its parts
+    /// together.
     pub fn file_size(&self) -> u64 {
-        self.storage.bytes().len() as u64
+        self.parts.iter().map(|p| p.storage.bytes().len() as u64).sum()
     }
 
-    /// The data of one of our own (validated) entries.
-    fn slice_of(&self, t: &TensorInfo) -> &[u8] {
-        // Validated at parse time: data_offset + offset + n_bytes <= file size,
-        // with no overflow, so these casts and the range are exact.
-        let start = (self.data_offset + t.offset) as usize;
-        &self.storage.bytes()[start..start + t.n_bytes as usize]
+    /// The files this model was read from: one path for a single file (as
+    /// given to [`open`](Self::open)), every part in order for a split model
+    /// (whichever part was opened), none for [`from_bytes`](Self::from_bytes).
+    /// What a tool copying, moving or removing the model must handle.
+    pub fn part_paths(&self) -> &[PathBuf] {
+        &self.paths
     }
 
-    fn parse(storage: Storage) -> Result<GgufFile, GgufError> {
-        let parsed = Parser::new(storage.bytes()).parse()?;
-        Ok(GgufFile {
-            storage,
-            version: parsed.version,
-            alignment: parsed.alignment,
-            data_offset: parsed.data_offset,
-            metadata: parsed.metadata,
-            metadata_index: parsed.metadata_index,
-            tensors: parsed.tensors,
-            tensor_index: parsed.tensor_index,
+    /// Which file holds the tensor called `name`: an index into
+    /// [`part_paths`](Self::part_paths) (always 0 for a single file).
+    pub fn tensor_part(&self, name: &str) -> Option<usize> {
+        self.tensor_index.get(name).map(|&i| self.tensor_parts[i] as usize)
+    }
+
+    /// Absolute offset of part `part`'s data section in its file (part 0's is
+    /// [`data_offset`](Self::data_offset)): a tensor's bytes lie at this plus
+    /// its [`TensorInfo::offset`] in the file of its [`tensor_part`](Self::tensor_part).
+    pub fn part_data_offset(&self, part: usize) -> Option<u64> {
+        self.parts.get(part).map(|p| p.data_offset)
+    }
+
+    /// The data of our own (validated) entry `i`.
+    fn slice_of(&self, i: usize) -> &[u8] {
+        let t = &self.tensors[i];
+        let part = &self.parts[self.tensor_parts[i] as usize];
+        // Validated at parse time: data_offset + offset + n_bytes <= the
+        // part's size, with no overflow, so these casts and the range are exact.
+        let start = (part.data_offset + t.offset) as usize;
+        &part.storage.bytes()[start..start + t.n_bytes as usize]
+    }
+}
+
+/// Maps the file at `path` (an empty file is held as an empty buffer, so
+/// parsing gives the better error).
+fn map_file(path: &Path) -> Result<Storage, GgufError> {
+    let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
+    let file = File::open(path).map_err(io_error)?;
+    let len = file.metadata().map_err(io_error)?.len();
+    if len == 0 {
+        // Mapping an empty file fails on some platforms; parsing an empty
+        // buffer gives the better error ("too short for the header").
+        return Ok(Storage::Owned(Vec::new()));
+    }
+    // SAFETY: the map is read-only and we hand out only shared slices of it.
+    // Soundness further needs the file to stay unchanged while mapped, which
+    // is the documented contract of `GgufFile::open`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?;
+    Ok(Storage::Mapped(map))
+}
+
+/// A file's `split.*` keys, validated alone.
+#[derive(Debug, Clone, Copy)]
+struct SplitKeys {
+    /// This file's part, 0-based (`split.no`; 0 when absent from a file
+    /// that is its model's only part).
+    no: u16,
+    /// `split.count`, at least 1.
+    count: u16,
+    /// `split.tensors.count`, when present.
+    tensors: Option<u64>,
+}
+
+/// The `split.*` keys of a parsed file: `None` for a file without
+/// `split.count` (not part of a split model). Errors are messages for the
+/// caller to place.
+fn split_keys(parsed: &Parsed) -> Result<Option<SplitKeys>, String> {
+    let get = |key: &str| parsed.metadata_index.get(key).map(|&i| &parsed.metadata[i].1);
+    // The keys are u16, u16 and i32 in llama.cpp's files; any non-negative
+    // integer in range is accepted, but not a bool (which `as_u64` would
+    // turn into 0 or 1).
+    let integer = |key: &str, max: u64| -> Result<Option<u64>, String> {
+        let Some(value) = get(key) else { return Ok(None) };
+        match value {
+            Value::Bool(_) => None,
+            v => v.as_u64(),
+        }
+        .filter(|&n| n <= max)
+        .map(Some)
+        .ok_or_else(|| {
+            // A number is shown; anything else (an array could be huge) by its type.
+            let number = match value {
+                Value::Bool(_) => None,
+                Value::F32(_) | Value::F64(_) => value.as_f64().map(|n| n.to_string()),
+                v => v.as_i64().map(|n| n.to_string()).or_else(|| v.as_u64().map(|n| n.to_string())),
+            };
+            let found = number.unwrap_or_else(|| format!("a {} value", value.value_type()));
+            format!("metadata '{key}': expected an integer in 0..={max}, found {found}")
         })
+    };
+    let Some(count) = integer("split.count", MAX_SPLIT_PARTS)? else {
+        return Ok(None);
+    };
+    if count == 0 {
+        return Err("split.count is 0, but a model has at least one part: the file is damaged; split the \
+                    original model again"
+            .to_string());
+    }
+    let no = match integer("split.no", MAX_SPLIT_PARTS)? {
+        Some(no) => no,
+        None if count == 1 => 0,
+        None => return Err(format!("split.count is {count} but split.no (which part this is) is missing")),
+    };
+    if no >= count {
+        return Err(format!("split.no is {no} (0-based) but split.count is {count}: no such part"));
+    }
+    let tensors = integer("split.tensors.count", i32::MAX as u64)?;
+    // Both fit in u16: checked against MAX_SPLIT_PARTS above.
+    Ok(Some(SplitKeys { no: no as u16, count: count as u16, tensors }))
+}
+
+/// Builds a `Split` error, escaping control characters as [`invalid`] does.
+fn split_error(message: String) -> GgufError {
+    GgufError::Split(one_line(message))
+}
+
+/// The end of a part's file name: `-NNNNN-of-MMMMM.gguf`.
+const SPLIT_SUFFIX_LEN: usize = "-00001-of-00001.gguf".len();
+
+/// The file name of part `no` (0-based) of `count` with name prefix `prefix`.
+pub(crate) fn split_file_name(prefix: &str, no: usize, count: usize) -> String {
+    format!("{prefix}-{:05}-of-{count:05}.gguf", no + 1)
+}
+
+/// Splits a part's file name `PREFIX-NNNNN-of-MMMMM.gguf` into its prefix,
+/// part number (1-based, as in the name) and part count; `None` if the name
+/// has another form.
+fn parse_split_file_name(name: &str) -> Option<(&str, u64, u64)> {
+    let at = name.len().checked_sub(SPLIT_SUFFIX_LEN)?;
+    let suffix = name.as_bytes().get(at..)?;
+    let digits = |range: std::ops::Range<usize>| -> Option<u64> {
+        let bytes = &suffix[range];
+        bytes.iter().all(u8::is_ascii_digit).then(|| bytes.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
+    };
+    let shape_ok = suffix[0] == b'-' && &suffix[6..10] == b"-of-" && &suffix[15..] == b".gguf";
+    if !shape_ok {
+        return None;
+    }
+    let (no, count) = (digits(1..6)?, digits(10..15)?);
+    // The suffix is ASCII and starts at a '-', so `at` is a char boundary.
+    Some((&name[..at], no, count))
+}
+
+/// Opens every part of the split model that `path` (a part described by
+/// `keys`, already parsed) belongs to, and merges them.
+fn open_split(path: &Path, storage: Storage, parsed: Parsed, keys: SplitKeys) -> Result<GgufFile, GgufError> {
+    let count = usize::from(keys.count);
+    let no = usize::from(keys.no);
+    let shown = path.display();
+    let expected_name = |prefix: &str| split_file_name(prefix, no, count);
+    let name = path.file_name().and_then(|n| n.to_str());
+    let Some((prefix, name_no, name_count)) = name.and_then(parse_split_file_name) else {
+        return Err(split_error(format!(
+            "{shown} is part {} of a model split into {count} files (its split.no is {no}, split.count \
+             {count}), but its name is not of the form {}: the other parts are found by name, so the parts \
+             must keep the names PREFIX-00001-of-{count:05}.gguf … PREFIX-{count:05}-of-{count:05}.gguf \
+             that llama.cpp's gguf-split gives them",
+            no + 1,
+            expected_name("PREFIX")
+        )));
+    };
+    if name_no != no as u64 + 1 || name_count != count as u64 {
+        return Err(split_error(format!(
+            "{shown}: the name says part {name_no} of {name_count} but the metadata says part {} of {count} \
+             (split.no {no}, 0-based; split.count {count}): the file was renamed or damaged; it should be \
+             named {}",
+            no + 1,
+            expected_name(prefix)
+        )));
+    }
+    let part_path = |k: usize| path.with_file_name(split_file_name(prefix, k, count));
+
+    let mut opened = Some((storage, parsed));
+    let mut model: Option<GgufFile> = None;
+    let mut expected_tensors = 0;
+    for k in 0..count {
+        let this_path = part_path(k);
+        let shown_k = this_path.display();
+        let (storage, parsed) = match opened.take_if(|_| k == no) {
+            Some(already) => already,
+            None => open_part(&this_path, k, count)?,
+        };
+        let keys_k = split_keys(&parsed).map_err(|e| split_error(format!("{shown_k}: {e}")))?;
+        let keys_k = keys_k.ok_or_else(|| {
+            split_error(format!(
+                "{shown_k} has no split.count: it is a whole model, not part {} of the {count}-part model \
+                 that {shown} belongs to",
+                k + 1
+            ))
+        })?;
+        if usize::from(keys_k.count) != count {
+            return Err(split_error(format!(
+                "{shown_k} says the model has {} parts (split.count) but {shown} says {count}: the files \
+                 come from different splits; split the original model again",
+                keys_k.count
+            )));
+        }
+        if usize::from(keys_k.no) != k {
+            return Err(split_error(format!(
+                "{shown_k} is named part {} of {count} but its split.no says part {} (split.no {} is \
+                 0-based): the file was renamed; rename it {}",
+                k + 1,
+                usize::from(keys_k.no) + 1,
+                keys_k.no,
+                split_file_name(prefix, usize::from(keys_k.no), count)
+            )));
+        }
+        match &mut model {
+            None => {
+                // The first part: the model's metadata, less the split keys.
+                expected_tensors = keys_k.tensors.ok_or_else(|| {
+                    split_error(format!(
+                        "{shown_k}: the first part of a split model has no split.tensors.count (the \
+                         number of tensors over all parts)"
+                    ))
+                })?;
+                let mut first = GgufFile::single(storage, parsed, vec![this_path.clone()]);
+                first.metadata.retain(|(key, _)| !SPLIT_KEYS.contains(&key.as_str()));
+                first.metadata_index =
+                    first.metadata.iter().enumerate().map(|(i, (key, _))| (key.clone(), i)).collect();
+                model = Some(first);
+            }
+            Some(model) => {
+                if keys_k.tensors.is_some_and(|n| n != expected_tensors) {
+                    return Err(split_error(format!(
+                        "{shown_k} says the model has {} tensors (split.tensors.count) but the first part \
+                         says {expected_tensors}: the files come from different splits",
+                        keys_k.tensors.unwrap_or_default()
+                    )));
+                }
+                model.add_part(storage, parsed, this_path)?;
+            }
+        }
+    }
+    // count >= 2, so the loop ran and set `model`.
+    let model = model.ok_or_else(|| split_error(format!("{shown}: no parts")))?;
+    if model.tensors.len() as u64 != expected_tensors {
+        return Err(split_error(format!(
+            "the {count} parts of {} hold {} tensors, but split.tensors.count says {expected_tensors}: a \
+             part is from another split of the model or damaged; split the original model again",
+            model.paths[0].display(),
+            model.tensors.len()
+        )));
+    }
+    Ok(model)
+}
+
+/// Maps and parses part `k` (0-based) of `count` at `path`, with errors that
+/// say which part of what.
+fn open_part(path: &Path, k: usize, count: usize) -> Result<(Storage, Parsed), GgufError> {
+    let shown = path.display();
+    let storage = match map_file(path) {
+        Err(GgufError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(split_error(format!(
+                "part {} of {count} is missing: expected {shown}; all {count} parts of a split model must \
+                 sit in the same directory, under the names gguf-split gave them",
+                k + 1
+            )))
+        }
+        other => other?,
+    };
+    let parsed = Parser::new(storage.bytes()).parse().map_err(|e| split_error(format!("{shown}: {e}")))?;
+    Ok((storage, parsed))
+}
+
+impl GgufFile {
+    /// Appends a later part of a split model: its tensors, after checking
+    /// that none is already in an earlier part.
+    fn add_part(&mut self, storage: Storage, parsed: Parsed, path: PathBuf) -> Result<(), GgufError> {
+        // At most MAX_SPLIT_PARTS parts are ever added, so the index fits.
+        let part = self.parts.len() as u16;
+        for t in parsed.tensors {
+            if let Some(&i) = self.tensor_index.get(&t.name) {
+                let other = &self.paths[self.tensor_parts[i] as usize];
+                return Err(split_error(format!(
+                    "tensor '{}' is in both {} and {}: the parts come from different splits or were \
+                     damaged; split the original model again",
+                    t.name,
+                    other.display(),
+                    path.display()
+                )));
+            }
+            self.tensor_index.insert(t.name.clone(), self.tensors.len());
+            self.tensors.push(t);
+            self.tensor_parts.push(part);
+        }
+        self.alignment = self.alignment.min(parsed.alignment);
+        self.parts.push(Part { storage, data_offset: parsed.data_offset });
+        self.paths.push(path);
+        Ok(())
     }
 }
 
@@ -273,12 +648,16 @@ struct Parsed {
 /// untrusted file, so control characters are escaped: an error stays one line
 /// and cannot rewrite the user's terminal.
 pub(crate) fn invalid(message: String) -> GgufError {
-    let one_line = if message.chars().any(char::is_control) {
+    GgufError::Invalid(one_line(message))
+}
+
+/// `message` with control characters escaped.
+fn one_line(message: String) -> String {
+    if message.chars().any(char::is_control) {
         message.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
     } else {
         message
-    };
-    GgufError::Invalid(one_line)
+    }
 }
 
 /// Fewest bytes a metadata entry can take: key length (u64), value type (u32)

@@ -17,16 +17,22 @@
 //! declared up front (the tensor table precedes the data) and enforced.
 //! Quantizing f32 values to a block format lives in the kernels crate
 //! (`minnow_kernels::quantize`), which depends on this one, not the reverse.
+//!
+//! [`GgufWriter::write_split`] writes the same model as several files in
+//! llama.cpp's `gguf-split` layout (see the reader's module docs): each part
+//! laid out as above, the model's metadata in the first, the `split.*` keys
+//! in every one.
 
 use crate::reader::{
-    invalid, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_TENSOR_NAME_LEN,
+    invalid, split_file_name, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN,
+    MAX_SPLIT_PARTS, MAX_TENSOR_NAME_LEN, SPLIT_KEYS,
 };
 use crate::{GgmlType, GgufError, GgufFile, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The GGUF version this writer produces.
@@ -75,7 +81,9 @@ impl<'a> GgufWriter<'a> {
 
     /// A writer holding all of `file`'s metadata and tensors (data borrowed, in
     /// file order): writing it reproduces the file, and it is the starting
-    /// point for rewriting one with changes.
+    /// point for rewriting one with changes. A split model becomes one file
+    /// (its metadata has no `split.*` keys; [`GgufWriter::write_split`]
+    /// splits it again).
     pub fn from_file(file: &'a GgufFile) -> GgufWriter<'a> {
         let mut writer = GgufWriter::new();
         // The file was validated by the same rules, so nothing here can fail.
@@ -208,31 +216,8 @@ impl<'a> GgufWriter<'a> {
 
     /// Writes the file to `out`.
     pub fn write_to(&self, out: impl Write) -> io::Result<()> {
-        let mut out = CountingWriter { inner: out, written: 0 };
-        let alignment = self.alignment();
-        // Everything before the data section is small (a vocabulary at most),
-        // so it is built in memory; tensor data streams straight from its source.
-        out.write_all(&self.head(alignment))?;
-        for t in &self.tensors {
-            match &t.data {
-                TensorData::Bytes(bytes) => out.write_all(bytes)?,
-                TensorData::Streamed { len, produce } => {
-                    let start = out.written;
-                    let mut limited = LimitedWriter { out: &mut out, left: *len };
-                    let result = produce(&mut limited);
-                    let written = out.written - start;
-                    result.map_err(|e| io::Error::new(e.kind(), format!("tensor '{}': {e}", t.name)))?;
-                    if written != *len {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("tensor '{}': the producer wrote {written} bytes, {len} were declared", t.name),
-                        ));
-                    }
-                }
-            }
-            out.pad_to(alignment)?;
-        }
-        out.inner.flush()
+        let metadata: Vec<(&str, &Value)> = self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        write_gguf(out, &metadata, &self.tensors, self.alignment())
     }
 
     /// The whole file in memory (tests, small files).
@@ -249,69 +234,204 @@ impl<'a> GgufWriter<'a> {
     pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
         let io_error = |source| GgufError::Io { path: path.display().to_string(), source };
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| io_error(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
+        let temp = write_temp(path, |out| self.write_to(out)).map_err(io_error)?;
+        rename_into_place(&temp, path).map_err(io_error)
+    }
+
+    /// Writes the model as a split model in llama.cpp's `gguf-split` layout:
+    /// files `PREFIX-00001-of-0000N.gguf` … `PREFIX-0000N-of-0000N.gguf`
+    /// (`prefix` is a path; the suffix is appended to its file name), each
+    /// holding up to `max_tensors_per_part` tensors in order, and returns
+    /// their paths in part order. Every part gets `split.no`, `split.count`
+    /// and `split.tensors.count`; the first also all of the model's other
+    /// metadata (any `split.*` keys in this writer are replaced), later
+    /// parts only `general.alignment` if it is set, so their data is
+    /// aligned the same way. A model without tensors is one part.
+    ///
+    /// Every part is written to a temporary file first and only then are
+    /// they renamed into place, so an error leaves the old files, if any,
+    /// as they were; each part is replaced atomically, but not the set.
+    pub fn write_split(
+        &self,
+        prefix: impl AsRef<Path>,
+        max_tensors_per_part: usize,
+    ) -> Result<Vec<PathBuf>, GgufError> {
+        let prefix = prefix.as_ref();
+        if max_tensors_per_part == 0 {
+            return Err(invalid("write_split: max_tensors_per_part must be at least 1".to_string()));
+        }
+        let n_tensors = self.tensors.len();
+        let count = n_tensors.div_ceil(max_tensors_per_part).max(1);
+        if count as u64 > MAX_SPLIT_PARTS {
+            return Err(invalid(format!(
+                "write_split: {n_tensors} tensors at {max_tensors_per_part} per part make {count} parts, more \
+                 than the {MAX_SPLIT_PARTS} a split model can have; allow more tensors per part"
+            )));
+        }
+        let total = i32::try_from(n_tensors)
+            .map_err(|_| invalid(format!("write_split: {n_tensors} tensors do not fit split.tensors.count (i32)")))?;
+        let paths: Vec<PathBuf> = (0..count)
+            .map(|k| {
+                let mut name = prefix.as_os_str().to_os_string();
+                // The name helper formats "{prefix}-NNNNN-of-MMMMM.gguf"; an
+                // empty prefix gives just the suffix.
+                name.push(split_file_name("", k, count));
+                PathBuf::from(name)
+            })
+            .collect();
+        let model_metadata: Vec<(&str, &Value)> = self
+            .metadata
+            .iter()
+            .filter(|(key, _)| !SPLIT_KEYS.contains(&key.as_str()))
+            .map(|(key, value)| (key.as_str(), value))
+            .collect();
+        let alignment = self.alignment();
+        let alignment_entry = self.metadata_index.get("general.alignment").map(|&i| &self.metadata[i].1);
+
+        let mut temps: Vec<PathBuf> = Vec::with_capacity(count);
+        let remove_temps = |temps: &[PathBuf]| {
+            for temp in temps {
+                let _ = std::fs::remove_file(temp);
+            }
         };
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(file_name);
-        // Unique per process and per call, so concurrent writers of the same
-        // path never share a temporary file.
-        static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
-        let unique = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
-        temp_name.push(format!(".{}.{unique}.tmp", std::process::id()));
-        let temp_path = dir.join(temp_name);
-
-        let result = (|| {
-            let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path)?;
-            let mut buffered = BufWriter::with_capacity(1 << 20, file);
-            self.write_to(&mut buffered)?;
-            let file = buffered.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            drop(file);
-            std::fs::rename(&temp_path, path)?;
-            // Make the rename itself durable. Best effort: not every platform
-            // can open and sync a directory, and the data is already safe.
-            if let Ok(dir) = File::open(dir) {
-                let _ = dir.sync_all();
+        for (k, path) in paths.iter().enumerate() {
+            // count <= MAX_SPLIT_PARTS, so k and count fit in u16.
+            // In the order llama.cpp's gguf-split writes them, so that our
+            // parts of a model can be byte-identical to its parts.
+            let split_values = [Value::U16(k as u16), Value::I32(total), Value::U16(count as u16)];
+            let split_entries = ["split.no", "split.tensors.count", "split.count"].into_iter().zip(&split_values);
+            let metadata: Vec<(&str, &Value)> = if k == 0 {
+                model_metadata.iter().copied().chain(split_entries).collect()
+            } else {
+                split_entries.chain(alignment_entry.map(|a| ("general.alignment", a))).collect()
+            };
+            let start = (k * max_tensors_per_part).min(n_tensors);
+            let tensors = &self.tensors[start..(start + max_tensors_per_part).min(n_tensors)];
+            match write_temp(path, |out| write_gguf(out, &metadata, tensors, alignment)) {
+                Ok(temp) => temps.push(temp),
+                Err(source) => {
+                    remove_temps(&temps);
+                    return Err(GgufError::Io { path: path.display().to_string(), source });
+                }
             }
-            Ok(())
-        })();
-        if result.is_err() {
+        }
+        for (i, (temp, path)) in temps.iter().zip(&paths).enumerate() {
+            if let Err(source) = rename_into_place(temp, path) {
+                remove_temps(&temps[i + 1..]);
+                return Err(GgufError::Io { path: path.display().to_string(), source });
+            }
+        }
+        Ok(paths)
+    }
+}
+
+/// Writes one GGUF file holding `metadata` and `tensors` to `out`.
+fn write_gguf(
+    out: impl Write,
+    metadata: &[(&str, &Value)],
+    tensors: &[PendingTensor],
+    alignment: u64,
+) -> io::Result<()> {
+    let mut out = CountingWriter { inner: out, written: 0 };
+    // Everything before the data section is small (a vocabulary at most),
+    // so it is built in memory; tensor data streams straight from its source.
+    out.write_all(&head(metadata, tensors, alignment))?;
+    for t in tensors {
+        match &t.data {
+            TensorData::Bytes(bytes) => out.write_all(bytes)?,
+            TensorData::Streamed { len, produce } => {
+                let start = out.written;
+                let mut limited = LimitedWriter { out: &mut out, left: *len };
+                let result = produce(&mut limited);
+                let written = out.written - start;
+                result.map_err(|e| io::Error::new(e.kind(), format!("tensor '{}': {e}", t.name)))?;
+                if written != *len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("tensor '{}': the producer wrote {written} bytes, {len} were declared", t.name),
+                    ));
+                }
+            }
+        }
+        out.pad_to(alignment)?;
+    }
+    out.inner.flush()
+}
+
+/// Header, metadata, tensor table and the padding up to the data section.
+fn head(metadata: &[(&str, &Value)], tensors: &[PendingTensor], alignment: u64) -> Vec<u8> {
+    let mut head = Vec::new();
+    head.extend_from_slice(b"GGUF");
+    head.extend_from_slice(&WRITE_VERSION.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut head, key);
+        head.extend_from_slice(&value.value_type().id().to_le_bytes());
+        put_value(&mut head, value);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        put_string(&mut head, &t.name);
+        head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            head.extend_from_slice(&d.to_le_bytes());
+        }
+        head.extend_from_slice(&t.ty.id().to_le_bytes());
+        head.extend_from_slice(&offset.to_le_bytes());
+        offset = (offset + t.data.len()).next_multiple_of(alignment);
+    }
+    head.resize((head.len() as u64).next_multiple_of(alignment) as usize, 0);
+    head
+}
+
+/// Writes `write`'s output to a new temporary file beside `path`, synced,
+/// and returns the temporary file's path (removed again on error).
+fn write_temp(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>) -> io::Result<PathBuf> {
+    let file_name =
+        path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(file_name);
+    // Unique per process and per call, so concurrent writers of the same
+    // path never share a temporary file.
+    static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+    let unique = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+    temp_name.push(format!(".{}.{unique}.tmp", std::process::id()));
+    let temp_path = path.with_file_name(temp_name);
+
+    let result = (|| {
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path)?;
+        let mut buffered = BufWriter::with_capacity(1 << 20, file);
+        write(&mut buffered)?;
+        let file = buffered.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    })();
+    match result {
+        Ok(()) => Ok(temp_path),
+        Err(e) => {
             let _ = std::fs::remove_file(&temp_path);
+            Err(e)
         }
-        result.map_err(io_error)
     }
+}
 
-    /// Header, metadata, tensor table and the padding up to the data section.
-    fn head(&self, alignment: u64) -> Vec<u8> {
-        let mut head = Vec::new();
-        head.extend_from_slice(b"GGUF");
-        head.extend_from_slice(&WRITE_VERSION.to_le_bytes());
-        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        head.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            put_string(&mut head, key);
-            head.extend_from_slice(&value.value_type().id().to_le_bytes());
-            put_value(&mut head, value);
-        }
-        let mut offset = 0u64;
-        for t in &self.tensors {
-            put_string(&mut head, &t.name);
-            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                head.extend_from_slice(&d.to_le_bytes());
-            }
-            head.extend_from_slice(&t.ty.id().to_le_bytes());
-            head.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + t.data.len()).next_multiple_of(alignment);
-        }
-        head.resize((head.len() as u64).next_multiple_of(alignment) as usize, 0);
-        head
+/// Renames the temporary file `temp` over `path` (removing `temp` if that
+/// fails) and makes the rename durable.
+fn rename_into_place(temp: &Path, path: &Path) -> io::Result<()> {
+    if let Err(e) = std::fs::rename(temp, path) {
+        let _ = std::fs::remove_file(temp);
+        return Err(e);
     }
+    // Make the rename itself durable. Best effort: not every platform can
+    // open and sync a directory, and the data is already safe.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(dir) = File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 /// Checks one metadata entry against the reader's rules.

@@ -7,19 +7,34 @@
 use minnow_gguf::{GgmlType, GgufFile, Value};
 
 /// Checks that hold for any well-formed model: every tensor's bytes are where
-/// the table says, and the vocabulary arrays agree in length.
+/// the table says, and the vocabulary arrays agree in length. A split model
+/// (several parts) is checked part by part.
 fn check_consistency(file: &GgufFile) {
-    let mut prev_end = 0u64;
+    // Per part: where its last tensor ended.
+    let mut prev_end = vec![0u64; file.part_paths().len().max(1)];
     for t in file.tensors() {
         let data = file.tensor_data(t);
         assert_eq!(data.len() as u64, t.n_bytes, "{}", t.name);
         assert_eq!(t.ty.bytes_for(t.n_elements()), Some(t.n_bytes), "{}", t.name);
         assert_eq!(t.offset % file.alignment(), 0, "{}", t.name);
         // Converters lay tensors out in table order without overlap.
-        assert!(t.offset >= prev_end, "{} overlaps the previous tensor", t.name);
-        prev_end = t.offset + t.n_bytes;
+        let part = file.tensor_part(&t.name).unwrap();
+        assert!(t.offset >= prev_end[part], "{} overlaps the previous tensor", t.name);
+        prev_end[part] = t.offset + t.n_bytes;
     }
-    assert!(file.data_offset() + prev_end <= file.file_size());
+    if let [single] = file.part_paths() {
+        let size = std::fs::metadata(single).unwrap().len();
+        assert_eq!(size, file.file_size());
+        assert!(file.data_offset() + prev_end[0] <= size);
+    } else {
+        let mut total = 0;
+        for (part, path) in file.part_paths().iter().enumerate() {
+            let size = std::fs::metadata(path).unwrap().len();
+            assert!(file.part_data_offset(part).unwrap() + prev_end[part] <= size, "{}", path.display());
+            total += size;
+        }
+        assert_eq!(total, file.file_size());
+    }
     let tokens = file.get("tokenizer.ggml.tokens").and_then(Value::as_array).expect("token list");
     assert!(tokens.iter().all(|t| t.as_str().is_some()));
     if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {

@@ -48,8 +48,15 @@ enum Command {
     /// Importance matrix of a model on your own data (llama.cpp's GGUF
     /// imatrix format), for `quantize --imatrix` or `llama-quantize --imatrix`.
     Imatrix(ImatrixArgs),
-    /// Download, assemble and verify a test model ("all" for every one).
+    /// Download and verify a model: a Hugging Face Hub name
+    /// (hf.co/USER/REPO or hf.co/USER/REPO:QUANT), a test model's short name, or "all".
     Pull(PullArgs),
+    /// Models cached on this machine: name, size, quantization, file.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove a cached model (hf.co/USER/REPO:QUANT, a whole hf.co/USER/REPO,
+    /// or a test model's short name).
+    Rm(RmArgs),
     /// OpenAI-compatible HTTP server with continuous batching (and a chat page at /).
     Serve(ServeArgs),
     /// Distillation: a teacher labels data, a student trains on it, eval proves it.
@@ -58,8 +65,10 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A GGUF file, or a test model's short name (fetched on first use):
-    /// smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b.
+    /// A GGUF file; a Hugging Face Hub model, hf.co/USER/REPO or hf.co/USER/REPO:QUANT
+    /// (fetched on first use into the huggingface_hub cache); or a test
+    /// model's short name: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b,
+    /// qwen2.5-coder-1.5b.
     model: String,
     /// Threads to compute with (default: the number of physical cores).
     #[arg(long, short = 't')]
@@ -456,7 +465,15 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct PullArgs {
-    /// A test model's short name, or "all".
+    /// hf.co/USER/REPO, optionally with :QUANT and @REVISION (QUANT: Q4_K_M, q8_0, ...; default
+    /// Q4_K_M, else the smallest of at least 4 bits), a test model's short
+    /// name, or "all" (every test model).
+    name: String,
+}
+
+#[derive(Args)]
+struct RmArgs {
+    /// As `minnow list` names it.
     name: String,
 }
 
@@ -490,6 +507,22 @@ pub fn main() -> Result<()> {
         Command::Pull(a) => {
             for p in models::pull(&a.name)? {
                 println!("{}", p.display());
+            }
+            Ok(())
+        }
+        Command::List => {
+            let cached = models::list();
+            let width = cached.iter().map(|m| m.name.len()).max().unwrap_or(0).max(4);
+            println!("{:width$}  {:>9}  {:8}  PATH", "NAME", "SIZE", "QUANT");
+            for m in cached {
+                let quant = m.quant.as_deref().unwrap_or("-");
+                println!("{:width$}  {:>6} MB  {quant:8}  {}", m.name, m.size / 1_000_000, m.path.display());
+            }
+            Ok(())
+        }
+        Command::Rm(a) => {
+            for p in models::remove(&a.name)? {
+                println!("removed {p}");
             }
             Ok(())
         }

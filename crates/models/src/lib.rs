@@ -21,8 +21,14 @@
 //! an advisory lock on `<file>.lock`: the second waits, then finds the file
 //! the first one verified.
 //!
+//! Any other model is named by where it lives on the Hugging Face Hub
+//! (`hf.co/USER/REPO[:QUANT][@REVISION]`); [`hub`] fetches it into the
+//! cache the Python ecosystem shares. [`resolve`] decides which kind a MODEL
+//! argument is: an existing path, then a known short name, then a Hub name.
+//!
 //! Environment: `MINNOW_MODELS` (cache directory, see [`cache_dir`]) and
-//! `MINNOW_PYTHON` (the Python interpreter to run, default `python3`).
+//! `MINNOW_PYTHON` (the Python interpreter to run, default `python3`); the
+//! Hub's variables are listed in [`hub`].
 
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -32,6 +38,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::UNIX_EPOCH;
+
+pub mod hub;
 
 /// A test model minnow knows how to fetch.
 #[derive(Debug)]
@@ -164,8 +172,11 @@ pub fn test_model(file: &str) -> PathBuf {
 
 /// Turns a MODEL argument into a path: an existing file path is returned as is;
 /// a known model name (or its file name, with or without `.gguf`) gives the
-/// cached file, pulled first if missing (with progress on stderr); anything
-/// else is an error that lists the known names.
+/// cached file, pulled first if missing (with progress on stderr); a Hub
+/// name (`hf.co/USER/REPO[:QUANT]`, or `USER/REPO…`) gives the file in the
+/// Hugging Face cache, downloaded first if missing (a split model: its first
+/// part, the others beside it); anything else is an error that lists the
+/// known names.
 pub fn resolve(model: &str) -> Result<PathBuf> {
     resolve_in(&cache_dir(), model)
 }
@@ -178,8 +189,11 @@ fn resolve_in(dir: &Path, model: &str) -> Result<PathBuf> {
     if path.is_dir() {
         bail!("`{model}` is a directory; MODEL must be a .gguf file or a known model name");
     }
-    match find(model) {
-        Some(m) => ensure(dir, m),
+    if let Some(m) = find(model) {
+        return ensure(dir, m);
+    }
+    match hub::HubName::parse(model) {
+        Some(name) => hub::Hub::from_env().resolve(&name?),
         None => {
             Err(anyhow!("model file `{model}` doesn't exist, and it isn't a known model name; {}", known_names_help()))
         }
@@ -197,9 +211,78 @@ fn pull_in(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     if name == "all" {
         return known_models().iter().map(|m| ensure(dir, m)).collect();
     }
-    match find(name) {
-        Some(m) => Ok(vec![ensure(dir, m)?]),
+    if let Some(m) = find(name) {
+        return Ok(vec![ensure(dir, m)?]);
+    }
+    match hub::HubName::parse(name) {
+        Some(hub_name) => Ok(vec![hub::Hub::from_env().resolve(&hub_name?)?]),
         None => Err(anyhow!("`{name}` isn't a known model name; {}", known_names_help())),
+    }
+}
+
+/// A model on this machine, for `minnow list`.
+#[derive(Debug, Clone)]
+pub struct CachedModel {
+    /// What to pass as MODEL: a short name, or `hf.co/USER/REPO:QUANT`
+    /// (with `@COMMIT` when no branch points at that snapshot).
+    pub name: String,
+    pub quant: Option<String>,
+    /// Bytes over all parts.
+    pub size: u64,
+    /// The file (the first part of a split model).
+    pub path: PathBuf,
+}
+
+/// Every model cached on this machine: the known test models in
+/// [`cache_dir`], then every GGUF model in the Hugging Face cache.
+pub fn list() -> Vec<CachedModel> {
+    let mut out = Vec::new();
+    let dir = cache_dir();
+    for m in known_models() {
+        let path = dir.join(m.file);
+        if let Ok(meta) = fs::metadata(&path) {
+            let quant = hub::name::quant_tag(m.file);
+            out.push(CachedModel { name: m.name.to_string(), quant, size: meta.len(), path });
+        }
+    }
+    for c in hub::cached_models(&hub::Hub::from_env().cache) {
+        let mut name = c.name.display();
+        if !c.refs.iter().any(|r| r == "main") {
+            name = match c.refs.first() {
+                Some(r) => format!("{name}@{r}"),
+                None => format!("{name}@{}", c.commit),
+            };
+        }
+        out.push(CachedModel {
+            name,
+            quant: hub::name::quant_tag(&c.paths[0].to_string_lossy()),
+            size: c.size,
+            path: c.paths[0].clone(),
+        });
+    }
+    out
+}
+
+/// Removes a cached model (`minnow rm`): a known short name's file, or a Hub
+/// model (`hf.co/USER/REPO:QUANT`: that quantization; `hf.co/USER/REPO`:
+/// the whole repository). Returns the paths removed.
+pub fn remove(name: &str) -> Result<Vec<String>> {
+    if let Some(m) = find(name) {
+        let dir = cache_dir();
+        let path = dir.join(m.file);
+        if !path.exists() {
+            bail!("{} is not cached in {}", m.name, dir.display());
+        }
+        fs::remove_file(&path).with_context(|| format!("could not remove {}", path.display()))?;
+        let _ = fs::remove_file(marker_path(&path));
+        let _ = fs::remove_file(dir.join(format!("{}.lock", m.file)));
+        return Ok(vec![path.display().to_string()]);
+    }
+    match hub::HubName::parse(name) {
+        Some(hub_name) => hub::remove_cached(&hub::Hub::from_env().cache, &hub_name?),
+        None => bail!(
+            "`{name}` is not a cached model name; `minnow list` shows them (minnow rm does not delete other files)"
+        ),
     }
 }
 
