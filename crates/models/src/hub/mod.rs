@@ -119,7 +119,7 @@ impl Hub {
                         eprintln!("minnow: warning: {e:#}; using the cached {}", name.display());
                         Ok(path)
                     }
-                    Err(why) => Err(e.context(format!("{} is not in the cache either ({why})", name.display()))),
+                    Err(why) => Err(anyhow!("{e:#}, and {} is not in the cache ({why})", name.display())),
                 };
             }
         };
