@@ -92,6 +92,12 @@ pub struct TrainArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Append one JSON line per optimizer step to this file: its learning
+    /// rate, loss, gradient norm, tokens, seconds, and the rows it trained on
+    /// (token ids, prompt length) — to compare with another trainer on the
+    /// very same batches (`bench/train-speed`).
+    #[arg(long, value_name = "FILE.jsonl")]
+    trace: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -124,6 +130,7 @@ pub fn main(a: TrainArgs) -> Result<()> {
         out_type: a.out_type,
         threads: a.threads,
         max_steps: a.max_steps,
+        trace: a.trace,
         // The bar on a terminal; a line a minute in a log file.
         progress: std::io::stderr().is_terminal(),
         ..TrainConfig::default()

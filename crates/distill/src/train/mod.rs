@@ -109,6 +109,8 @@ pub struct TrainConfig {
     pub threads: Option<usize>,
     /// Stop after this many optimizer steps (the schedule is sized to it).
     pub max_steps: Option<usize>,
+    /// Append a line per optimizer step here (see [`StepTrace`]).
+    pub trace: Option<PathBuf>,
     /// Draw the progress bar (on stderr, when it is a terminal); without it
     /// a progress line goes to stderr once a minute.
     pub progress: bool,
@@ -143,6 +145,7 @@ impl Default for TrainConfig {
             out_type: "q4_k_m".into(),
             threads: None,
             max_steps: None,
+            trace: None,
             progress: true,
         }
     }
@@ -341,7 +344,7 @@ fn train_step(
     c: &TrainConfig,
     kl_k: usize,
     lr: f64,
-) -> Result<(f64, u64)> {
+) -> Result<(f64, u64, f64)> {
     let n_answer: usize = mbs.iter().map(|mb| batch::answer_tokens(mb, examples)).sum();
     let mut acc = Vec::new();
     let (mut loss_total, mut tokens) = (0f64, 0u64);
@@ -358,8 +361,33 @@ fn train_step(
     if !loss_total.is_finite() {
         bail!("the training loss became {loss_total}: lower --lr (or raise --clip)");
     }
-    opt.step(&acc, lr, c.clip)?;
-    Ok((loss_total, tokens))
+    let grad_norm = opt.step(&acc, lr, c.clip)?;
+    Ok((loss_total, tokens, grad_norm))
+}
+
+/// One optimizer step as `--trace` writes it (a JSON line): enough to
+/// replay the step in another trainer and compare.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepTrace {
+    /// 0-based.
+    pub step: usize,
+    pub lr: f64,
+    /// Mean loss over the step's answer tokens (before the update).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens through forward and backward (no padding).
+    pub tokens: u64,
+    pub seconds: f64,
+    /// Micro-batches, each a list of rows, each row the examples packed in it.
+    pub micro_batches: Vec<Vec<Vec<TracedExample>>>,
+}
+
+/// An example as trained: its ids, and how many lead ids are prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TracedExample {
+    pub tokens: Vec<u32>,
+    pub n_prompt: usize,
 }
 
 /// Everything loaded and planned before the first step.
@@ -591,9 +619,49 @@ impl Trainer {
         // minute instead, so a long run still shows it is moving.
         let mut last_line = Instant::now();
         let mut tokens = 0u64;
+        let mut trace = match &c.trace {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("--trace: cannot open {}", path.display()))?,
+            ),
+            None => None,
+        };
         for step in at..end {
             let lr = optim::lr_at(step, total, c.warmup, c.lr, c.min_lr_ratio);
-            let (loss, n) = train_step(&s.student, &mut self.opt, &s.steps[step], &s.examples, c, s.kl_k, lr)?;
+            let step_start = Instant::now();
+            let (loss, n, grad_norm) =
+                train_step(&s.student, &mut self.opt, &s.steps[step], &s.examples, c, s.kl_k, lr)?;
+            if let Some(file) = trace.as_mut() {
+                let line = StepTrace {
+                    step,
+                    lr,
+                    loss,
+                    grad_norm,
+                    tokens: n,
+                    seconds: step_start.elapsed().as_secs_f64(),
+                    micro_batches: s.steps[step]
+                        .iter()
+                        .map(|mb| {
+                            mb.rows
+                                .iter()
+                                .map(|row| {
+                                    row.iter()
+                                        .map(|&i| TracedExample {
+                                            tokens: s.examples[i].tokens.clone(),
+                                            n_prompt: s.examples[i].n_prompt,
+                                        })
+                                        .collect()
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                };
+                use std::io::Write;
+                writeln!(file, "{}", serde_json::to_string(&line)?).context("--trace: cannot write")?;
+            }
             tokens += n;
             self.header.step = step + 1;
             self.header.last_train_loss = Some(loss);
