@@ -61,3 +61,101 @@ fn frozen_matmul_matches_matmul_without_a_weight_gradient() {
     assert_eq!(gp.get_ids().count(), 2, "candle's matmul: input and weight gradients");
     assert_eq!(gf.get_ids().count(), 1, "frozen matmul: the input gradient only");
 }
+
+/// Values and gradients (for every input) of a fused op against its
+/// composite reference, on random inputs of several shapes (rows that split
+/// unevenly over threads included).
+fn check_against_reference(
+    name: &str,
+    shapes: &[Vec<usize>],
+    fused: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+    tol: f32,
+) {
+    for (k, shape) in [vec![1usize, 7], vec![5, 16], vec![37, 33]].iter().enumerate() {
+        let inputs: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                // `s` with its `usize::MAX` entries standing for the rows and the width.
+                let dims: Vec<usize> = s
+                    .iter()
+                    .map(|&d| {
+                        if d == usize::MAX {
+                            shape[1]
+                        } else if d == 0 {
+                            shape[0]
+                        } else {
+                            d
+                        }
+                    })
+                    .collect();
+                Var::from_tensor(&random(&dims, 100 * k as u64 + i as u64)).unwrap()
+            })
+            .collect();
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (f, r) = (fused(&ts), reference(&ts));
+        assert!(max_diff(&f, &r) < tol, "{name} {shape:?}: forward differs by {}", max_diff(&f, &r));
+        let weight = random(f.dims(), 999);
+        let gf = (f * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (r * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+            assert!(max_diff(a, b) < tol, "{name} {shape:?}: gradient of input {i} differs by {}", max_diff(a, b));
+        }
+    }
+}
+
+#[test]
+fn fused_rms_norm_matches_the_composite_one() {
+    use minnow_distill::train::fused::{rms_norm, rms_norm_composite};
+    // x [rows, width], w [width]
+    check_against_reference(
+        "rms_norm",
+        &[vec![0, usize::MAX], vec![usize::MAX]],
+        |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        |t| rms_norm_composite(&t[0], &t[1], 1e-5).unwrap(),
+        1e-4,
+    );
+}
+
+#[test]
+fn fused_silu_mul_matches_the_composite_one() {
+    use minnow_distill::train::fused::{silu_mul, silu_mul_composite};
+    check_against_reference(
+        "silu_mul",
+        &[vec![0, usize::MAX], vec![0, usize::MAX]],
+        |t| silu_mul(&t[0], &t[1]).unwrap(),
+        |t| silu_mul_composite(&t[0], &t[1]).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn fused_log_softmax_matches_the_composite_one() {
+    use minnow_distill::train::fused::{log_softmax_composite, log_softmax_last};
+    check_against_reference(
+        "log_softmax",
+        &[vec![0, usize::MAX]],
+        |t| log_softmax_last(&t[0]).unwrap(),
+        |t| log_softmax_composite(&t[0]).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn fused_softmax_backward_matches_the_composite_one() {
+    // The attention softmax without a mask goes through the fused forward and
+    // backward; the composite form is exp / sum with autograd.
+    check_against_reference(
+        "softmax",
+        &[vec![0, usize::MAX]],
+        |t| softmax_last(&t[0]).unwrap(),
+        |t| {
+            let max = t[0].max_keepdim(1).unwrap().detach();
+            let e = t[0].broadcast_sub(&max).unwrap().exp().unwrap();
+            e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap()
+        },
+        1e-5,
+    );
+}

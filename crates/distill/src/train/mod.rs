@@ -25,6 +25,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod export;
+pub mod fused;
 pub mod lora;
 pub mod loss;
 pub mod model;

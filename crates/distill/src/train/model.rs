@@ -212,9 +212,9 @@ impl Student {
             let h = rms_norm(&x, self.get(&p("ffn_norm.weight"))?, eps)?;
             let f = match &cfg.moe {
                 None => {
-                    let g = self.linear(&h, &p("ffn_gate.weight"))?.silu()?;
+                    let g = self.linear(&h, &p("ffn_gate.weight"))?;
                     let u = self.linear(&h, &p("ffn_up.weight"))?;
-                    self.linear(&(g * u)?, &p("ffn_down.weight"))?
+                    self.linear(&super::fused::silu_mul(&g, &u)?, &p("ffn_down.weight"))?
                 }
                 Some(moe) => self.moe_ffn(l, &h, moe.n_expert_used, moe.norm_topk)?,
             };
@@ -310,12 +310,7 @@ impl Student {
     }
 }
 
-/// RMSNorm of every row of x `[N, width]` with weight w `[width]`.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
-}
+pub use super::fused::{log_softmax_last, rms_norm};
 
 /// Softmax over the last dimension. On the CPU one fused pass per row
 /// (`FusedSoftmax`: the attention scores are the largest activations, and
@@ -402,8 +397,7 @@ impl CustomOp1 for FusedSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(grad.broadcast_sub(&dot)?.mul(res)?))
+        Ok(Some(super::fused::softmax_backward(res, grad)?))
     }
 }
 
@@ -450,14 +444,6 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
     }
-}
-
-/// Log-softmax over the last dimension (same construction as [`softmax_last`]).
-pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
 }
 
 /// Repeats each key/value head `n` times: [B, Hkv, T, hd] → [B, Hkv*n, T, hd],

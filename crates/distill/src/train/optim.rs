@@ -9,7 +9,8 @@
 //! left alone, the usual practice).
 
 use anyhow::{Context, Result};
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
+use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParams {
@@ -67,55 +68,142 @@ impl AdamW {
     /// the model. The result is the same whatever the thread count: every
     /// element's arithmetic is independent, and the norm is summed in order.
     pub fn step(&mut self, grads: &[Tensor], lr: f64, max_norm: f64) -> Result<f64> {
-        let host: Vec<Vec<f32>> =
-            grads.iter().map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?)).collect::<Result<_>>()?;
         let mut sq = 0f64;
-        for g in &host {
-            sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        for g in grads {
+            sq += with_host_f32(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?;
         }
         let norm = sq.sqrt();
         let g_scale = if max_norm > 0.0 && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
         self.t += 1;
         let p = self.p;
-        let bc1 = (1.0 - p.beta1.powi(self.t as i32)) as f32;
-        let bc2 = (1.0 - p.beta2.powi(self.t as i32)) as f32;
-        let (b1, b2, eps, lr32) = (p.beta1 as f32, p.beta2 as f32, p.eps as f32, lr as f32);
         let threads = candle_core::utils::get_num_threads().max(1);
-        for (s, g) in self.slots.iter_mut().zip(&host) {
+        for (s, g) in self.slots.iter_mut().zip(grads) {
             let t = s.var.as_tensor();
-            let wd = if t.rank() >= 2 { p.weight_decay as f32 } else { 0.0 };
-            let mut w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let tasks: Vec<_> = w
-                .chunks_mut(CHUNK)
-                .zip(s.m.chunks_mut(CHUNK))
-                .zip(s.v.chunks_mut(CHUNK))
-                .zip(g.chunks(CHUNK))
-                .collect();
-            let per = tasks.len().div_ceil(threads).max(1);
-            let mut groups: Vec<Vec<_>> = Vec::new();
-            let mut it = tasks.into_iter().peekable();
-            while it.peek().is_some() {
-                groups.push(it.by_ref().take(per).collect());
-            }
-            std::thread::scope(|sc| {
-                for group in groups {
-                    sc.spawn(move || {
-                        for (((w, m), v), g) in group {
-                            for i in 0..w.len() {
-                                let gi = g[i] * g_scale;
-                                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                                let upd = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps) + wd * w[i];
-                                w[i] -= lr32 * upd;
-                            }
-                        }
-                    });
-                }
-            });
-            s.var.set(&Tensor::from_vec(w, t.dims(), t.device())?)?;
+            let update = Update {
+                g_scale,
+                b1: p.beta1 as f32,
+                b2: p.beta2 as f32,
+                bc1: (1.0 - p.beta1.powi(self.t as i32)) as f32,
+                bc2: (1.0 - p.beta2.powi(self.t as i32)) as f32,
+                eps: p.eps as f32,
+                lr: lr as f32,
+                wd: if t.rank() >= 2 { p.weight_decay as f32 } else { 0.0 },
+                threads,
+            };
+            with_host_f32(g, |g| {
+                // In place on the variable's own storage: no copy of the
+                // weights out and back, no fresh model-sized buffers (whose
+                // page faults cost as much as the update itself).
+                let op = InPlace { update, m: Mutex::new(&mut s.m), v: Mutex::new(&mut s.v), g };
+                t.inplace_op1(&op).with_context(|| format!("AdamW update of '{}'", s.name))
+            })??;
         }
         Ok(norm)
     }
+}
+
+/// One thread task of an update: chunks of the weights, both moments and
+/// the gradient.
+type Chunk<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
+
+/// The arithmetic of one AdamW update (see the module doc).
+#[derive(Clone, Copy)]
+struct Update {
+    g_scale: f32,
+    b1: f32,
+    b2: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    lr: f32,
+    wd: f32,
+    threads: usize,
+}
+
+impl Update {
+    /// Updates `w`, `m`, `v` with gradient `g`, split over threads in
+    /// chunks; every element independent, so the result is the same for
+    /// any thread count.
+    fn apply(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let u = *self;
+        let tasks: Vec<_> =
+            w.chunks_mut(CHUNK).zip(m.chunks_mut(CHUNK)).zip(v.chunks_mut(CHUNK)).zip(g.chunks(CHUNK)).collect();
+        let per = tasks.len().div_ceil(u.threads).max(1);
+        let mut groups: Vec<Vec<_>> = Vec::new();
+        let mut it = tasks.into_iter().peekable();
+        while it.peek().is_some() {
+            groups.push(it.by_ref().take(per).collect());
+        }
+        let run = move |group: Vec<Chunk>| {
+            for (((w, m), v), g) in group {
+                for i in 0..w.len() {
+                    let gi = g[i] * u.g_scale;
+                    m[i] = u.b1 * m[i] + (1.0 - u.b1) * gi;
+                    v[i] = u.b2 * v[i] + (1.0 - u.b2) * gi * gi;
+                    let upd = (m[i] / u.bc1) / ((v[i] / u.bc2).sqrt() + u.eps) + u.wd * w[i];
+                    w[i] -= u.lr * upd;
+                }
+            }
+        };
+        if groups.len() == 1 {
+            run(groups.pop().expect("one group"));
+            return;
+        }
+        std::thread::scope(|sc| {
+            for group in groups {
+                sc.spawn(move || run(group));
+            }
+        });
+    }
+}
+
+/// [`Update`] as a candle in-place op on a variable's storage. The moments
+/// sit behind mutexes only because candle hands the op `&self`.
+struct InPlace<'a> {
+    update: Update,
+    m: Mutex<&'a mut Vec<f32>>,
+    v: Mutex<&'a mut Vec<f32>>,
+    g: &'a [f32],
+}
+
+impl InplaceOp1 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(all) = storage else {
+            return Err(candle_core::Error::Msg("AdamW: the variable is not f32".into()));
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg("AdamW: the variable is not contiguous".into()));
+        };
+        let w = &mut all[start..end];
+        let (mut m, mut v) = (self.m.lock().expect("not poisoned"), self.v.lock().expect("not poisoned"));
+        if w.len() != m.len() || w.len() != self.g.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "AdamW: {} weights, {} moments, {} gradients",
+                w.len(),
+                m.len(),
+                self.g.len()
+            )));
+        }
+        self.update.apply(w, &mut m, &mut v, self.g);
+        Ok(())
+    }
+}
+
+/// Calls `f` with a tensor's values as a host f32 slice: its own storage
+/// when it is a contiguous CPU f32 tensor, else a copy.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(all)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&all[start..end]));
+        }
+    }
+    let copy: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(f(&copy))
 }
 
 /// Learning rate at optimizer step `step` (0-based) of `total`: linear

@@ -1,0 +1,339 @@
+//! Fused CPU ops of the training forward pass, each with its backward: one
+//! pass over the rows where candle's composite ops take four to seven, each
+//! allocating (and page-faulting) a tensor the size of the activation, and
+//! autograd keeps every one of them until the step ends.
+//!
+//! - [`rms_norm`]: `y = x · w / sqrt(mean(x²) + eps)` per row; backward
+//!   `dx = r·(dy⊙w − x̂·mean(dy⊙w⊙x̂))`, `dw = Σ_rows dy⊙x̂` (x̂ = x·r).
+//! - [`silu_mul`]: `y = silu(g) ⊙ u` (the gated FFN); backward
+//!   `dg = dy⊙u⊙σ(g)⊙(1 + g⊙(1−σ(g)))`, `du = dy⊙silu(g)`.
+//! - [`log_softmax_last`]: per row; backward `dx = dy − softmax(x)·Σdy`.
+//! - [`softmax_backward`]: `dx = p⊙(dy − Σ dy⊙p)` per row, for the fused
+//!   attention softmax in `model.rs`.
+//!
+//! Off the CPU, or in another dtype, each falls back to the composite form
+//! ([`rms_norm_composite`] and so on), which is also the reference the tests
+//! (crates/distill/tests/train_ops.rs) hold the fused ops to.
+
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
+
+/// Rows of `width` of `out` (and the matching rows of the inputs), split
+/// over candle's threads: `f(first_row, out_rows)`.
+fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / width.max(1);
+    let threads = candle_core::utils::get_num_threads().max(1).min(rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
+    if threads <= 1 {
+        f(0, out);
+        return;
+    }
+    std::thread::scope(|sc| {
+        for (c, chunk) in out.chunks_mut(per * width).enumerate() {
+            let f = &f;
+            sc.spawn(move || f(c * per, chunk));
+        }
+    });
+}
+
+/// Calls `f` with the tensors' values as contiguous f32 host slices: their
+/// own storage, read in place (a copy only of one that is not contiguous).
+fn with_host<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
+            _ => candle_core::bail!("fused op backward: f32 CPU tensors only"),
+        }
+    }
+    Ok(f(&slices))
+}
+
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input only");
+    };
+    Ok(&data[a..b])
+}
+
+fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// RMSNorm of every row of x `[N, width]` with weight w `[width]`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_f32(&[x, w]) {
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })?);
+    }
+    rms_norm_composite(x, w, eps)
+}
+
+/// [`rms_norm`] from candle's differentiable primitives.
+pub fn rms_norm_composite(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// 1 / sqrt(mean(x²) + eps) of one row.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "minnow-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (contiguous(xs, xl, self.name())?, contiguous(ws, wl, self.name())?);
+        let width = w.len();
+        if *xl.dims().last().unwrap_or(&0) != width {
+            candle_core::bail!("rms_norm: rows of {:?} against a weight of {width}", xl.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, width, |row0, out| {
+            for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                let xr = &x[(row0 + i) * width..(row0 + i + 1) * width];
+                let r = inv_rms(xr, self.eps);
+                for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                    *o = xv * r * wv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = with_host(&[x, w, grad], |s| self.grads(s[0], s[1], s[2]))?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+    }
+}
+
+impl RmsNorm {
+    /// (dx, dw) for input rows `xv`, weight `wv`, output gradient `gv`.
+    fn grads(&self, xv: &[f32], wv: &[f32], gv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let width = wv.len();
+        let rows = xv.len() / width.max(1);
+        let mut dx = vec![0f32; xv.len()];
+        // Each thread's share of dw, summed after.
+        let threads = candle_core::utils::get_num_threads().max(1).min(rows.max(1));
+        let per = rows.div_ceil(threads).max(1);
+        let mut partial = vec![vec![0f32; width]; rows.div_ceil(per).max(1)];
+        std::thread::scope(|sc| {
+            for ((c, dxc), dw) in dx.chunks_mut(per * width).enumerate().zip(partial.iter_mut()) {
+                sc.spawn(move || {
+                    for (i, dxr) in dxc.chunks_exact_mut(width).enumerate() {
+                        let at = (c * per + i) * width;
+                        let (xr, gr) = (&xv[at..at + width], &gv[at..at + width]);
+                        let r = inv_rms(xr, self.eps);
+                        // mean over the row of (dy⊙w)⊙x̂
+                        let mut dot = 0f32;
+                        for j in 0..width {
+                            dot += gr[j] * wv[j] * xr[j] * r;
+                            dw[j] += gr[j] * xr[j] * r;
+                        }
+                        let mean = dot / width as f32;
+                        for j in 0..width {
+                            dxr[j] = r * (gr[j] * wv[j] - xr[j] * r * mean);
+                        }
+                    }
+                });
+            }
+        });
+        let mut dw = vec![0f32; width];
+        for p in &partial {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        (dx, dw)
+    }
+}
+
+/// `silu(g) ⊙ u`, both [N, width].
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if cpu_f32(&[g, u]) && g.dims() == u.dims() {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)?);
+    }
+    silu_mul_composite(g, u)
+}
+
+/// [`silu_mul`] from candle's differentiable primitives.
+pub fn silu_mul_composite(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    Ok((g.silu()? * u)?)
+}
+
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "minnow-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (contiguous(gs, gl, self.name())?, contiguous(us, ul, self.name())?);
+        let width = *gl.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; g.len()];
+        par_rows(&mut out, width, |row0, out| {
+            let at = row0 * width;
+            for (j, o) in out.iter_mut().enumerate() {
+                let gv = g[at + j];
+                *o = gv * sigmoid(gv) * u[at + j];
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = *g.dims().last().unwrap_or(&1);
+        let (dg, du) = with_host(&[g, u, grad], |s| silu_mul_grads(s[0], s[1], s[2], width))?;
+        Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
+    }
+}
+
+/// (dg, du) of `silu(g) ⊙ u` for output gradient `dy`.
+fn silu_mul_grads(gv: &[f32], uv: &[f32], dy: &[f32], width: usize) -> (Vec<f32>, Vec<f32>) {
+    {
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        par_rows(&mut dg, width, |row0, out| {
+            let at = row0 * width;
+            for (j, o) in out.iter_mut().enumerate() {
+                let (x, s) = (gv[at + j], sigmoid(gv[at + j]));
+                *o = dy[at + j] * uv[at + j] * s * (1.0 + x * (1.0 - s));
+            }
+        });
+        par_rows(&mut du, width, |row0, out| {
+            let at = row0 * width;
+            for (j, o) in out.iter_mut().enumerate() {
+                let x = gv[at + j];
+                *o = dy[at + j] * x * sigmoid(x);
+            }
+        });
+        (dg, du)
+    }
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    if cpu_f32(&[x]) {
+        return Ok(x.contiguous()?.apply_op1(LogSoftmax)?);
+    }
+    log_softmax_composite(x)
+}
+
+/// [`log_softmax_last`] from candle's differentiable primitives (the max is
+/// a constant shift, detached so autograd does not trace it).
+pub fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+struct LogSoftmax;
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "minnow-log-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, self.name())?;
+        let width = *layout.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, width, |row0, out| {
+            for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                let xr = &x[(row0 + i) * width..(row0 + i + 1) * width];
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = xr.iter().map(|v| (v - max).exp()).sum();
+                let lse = max + sum.ln();
+                o.iter_mut().zip(xr).for_each(|(o, v)| *o = v - lse);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let width = *res.dims().last().unwrap_or(&1);
+        let dx = with_host(&[res, grad], |s| {
+            let (lp, dy) = (s[0], s[1]);
+            let mut dx = vec![0f32; lp.len()];
+            par_rows(&mut dx, width, |row0, out| {
+                for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                    let at = (row0 + i) * width;
+                    let (lr, gr) = (&lp[at..at + width], &dy[at..at + width]);
+                    let total: f32 = gr.iter().sum();
+                    for j in 0..width {
+                        o[j] = gr[j] - lr[j].exp() * total;
+                    }
+                }
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// The gradient of a row softmax: `dx = p ⊙ (dy − Σ dy⊙p)` per row of the
+/// last dimension, one pass.
+pub fn softmax_backward(p: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    if !(p.device().is_cpu() && p.dtype() == DType::F32 && dy.dtype() == DType::F32) {
+        let dot = (dy * p)?.sum_keepdim(D::Minus1)?;
+        return dy.broadcast_sub(&dot)?.mul(p);
+    }
+    let width = *p.dims().last().unwrap_or(&1);
+    let dx = with_host(&[p, dy], |s| {
+        let (pv, gv) = (s[0], s[1]);
+        let mut dx = vec![0f32; pv.len()];
+        par_rows(&mut dx, width, |row0, out| {
+            for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                let at = (row0 + i) * width;
+                let (pr, gr) = (&pv[at..at + width], &gv[at..at + width]);
+                let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for j in 0..width {
+                    o[j] = pr[j] * (gr[j] - dot);
+                }
+            }
+        });
+        dx
+    })?;
+    Tensor::from_vec(dx, p.shape(), p.device())
+}
