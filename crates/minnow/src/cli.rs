@@ -503,10 +503,7 @@ pub fn main() -> Result<()> {
         Command::Upcycle(a) => upcycle(a),
         Command::Quantize(a) => quantize(a),
         Command::Imatrix(a) => imatrix(a),
-        Command::Distill(a) => {
-            keep_freed_memory();
-            crate::distill_cmd::main(a)
-        }
+        Command::Distill(a) => crate::distill_cmd::main(a),
         Command::Pull(a) => {
             for p in models::pull(&a.name)? {
                 println!("{}", p.display());
@@ -594,24 +591,6 @@ fn seconds(flag: &str, s: f64) -> Result<std::time::Duration> {
 
 /// Physical cores (hyperthreads share a core's arithmetic units, so more
 /// threads than cores only adds contention); falls back to logical CPUs.
-/// Training frees and allocates the same large tensors every step (candle
-/// allocates each op's output). glibc's defaults hand a freed block above
-/// 128 KiB (rising to 32 MiB) back to the kernel, so the next step pays a
-/// page fault for every page again: with SmolLM2 a fifth of the time went
-/// to the kernel zeroing pages. Keeping freed memory in the heap
-/// (no trimming; the largest mmap threshold glibc allows) took full
-/// fine-tuning from 121 to 131 tokens/s (bench/train-speed); the peak
-/// resident size is the same, it is just not given back between steps.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before the
-    // command allocates anything large.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return logical };
