@@ -159,3 +159,25 @@ fn fused_softmax_backward_matches_the_composite_one() {
         1e-5,
     );
 }
+
+#[test]
+fn fused_rope_matches_the_composite_one() {
+    use minnow_distill::train::fused::rope;
+    use minnow_distill::train::model::{rope_composite, rope_tables};
+    // Two rows of 5 positions (the second row restarts at 0, as packing does), 3 heads.
+    let (b, h, t) = (2, 3, 5);
+    let pos: Vec<u32> = vec![0, 1, 2, 0, 1, 3, 4, 5, 6, 7];
+    for (hd, n_rot, neox) in [(8, 8, true), (8, 8, false), (12, 8, true), (12, 8, false)] {
+        let (cos, sin) = rope_tables(&pos, b, t, n_rot, 10000.0, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&random(&[b, h, t, hd], 5)).unwrap();
+        let fused = rope(x.as_tensor(), &cos, &sin, n_rot, neox).unwrap().expect("the CPU f32 path");
+        let plain = rope_composite(x.as_tensor(), &cos, &sin, hd, n_rot, neox).unwrap();
+        let what = format!("hd {hd}, n_rot {n_rot}, neox {neox}");
+        assert!(max_diff(&fused, &plain) < 1e-6, "{what}: forward differs by {}", max_diff(&fused, &plain));
+        let g = random(&[b, h, t, hd], 6);
+        let gf = (fused * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let (df, dp) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+        assert!(max_diff(df, dp) < 1e-6, "{what}: gradient differs by {}", max_diff(df, dp));
+    }
+}

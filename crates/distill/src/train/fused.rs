@@ -337,3 +337,86 @@ pub fn softmax_backward(p: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> 
     })?;
     Tensor::from_vec(dx, p.shape(), p.device())
 }
+
+/// RoPE on x `[B, heads, T, hd]` with cos and sin `[B, 1, T, n_rot/2]` (each
+/// token's own angles): the first `n_rot` dims of every head rotate in
+/// pairs — `(i, i + n_rot/2)` when `neox`, else adjacent `(2i, 2i+1)` —
+/// the rest pass through. One pass forward, one back (the transposed
+/// rotation); cos and sin are constants. `None` where the fused op does
+/// not apply (off the CPU, not f32): the caller builds it from primitives.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, n_rot: usize, neox: bool) -> Result<Option<Tensor>> {
+    if !cpu_f32(&[x, cos, sin]) {
+        return Ok(None);
+    }
+    let (b, _, t, hd) = x.dims4()?;
+    let half = n_rot / 2;
+    if cos.dims() != [b, 1, t, half] || sin.dims() != cos.dims() || n_rot > hd || !n_rot.is_multiple_of(2) {
+        anyhow::bail!("rope: x {:?}, cos {:?}, sin {:?}, n_rot {n_rot}", x.dims(), cos.dims(), sin.dims());
+    }
+    let op =
+        Rope { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()?, t, half, neox, inverse: false };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+#[derive(Clone)]
+struct Rope {
+    /// [B, T, half], flattened.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+    half: usize,
+    neox: bool,
+    /// Rotate by minus the angle (the backward).
+    inverse: bool,
+}
+
+impl Rope {
+    /// Rotates `x` [B, H, T, hd] (flattened) into `out`.
+    fn run(&self, x: &[f32], dims: &[usize], out: &mut [f32]) {
+        let (h, t, hd) = (dims[1], dims[2], dims[3]);
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        par_rows(out, hd, |row0, out| {
+            for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+                let row = row0 + i; // (b, head, pos) flattened
+                let (b, pos) = (row / (h * t), row % t);
+                let at = (b * self.t + pos) * self.half;
+                let (c, s) = (&self.cos[at..at + self.half], &self.sin[at..at + self.half]);
+                let xr = &x[row * hd..(row + 1) * hd];
+                o.copy_from_slice(xr);
+                for k in 0..self.half {
+                    let (i0, i1) = if self.neox { (k, k + self.half) } else { (2 * k, 2 * k + 1) };
+                    let (x0, x1, sk) = (xr[i0], xr[i1], sign * s[k]);
+                    o[i0] = x0 * c[k] - x1 * sk;
+                    o[i1] = x0 * sk + x1 * c[k];
+                }
+            }
+        });
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "minnow-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, self.name())?;
+        if layout.dims().len() != 4 {
+            candle_core::bail!("rope: [B, H, T, hd] only, got {:?}", layout.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        self.run(x, layout.dims(), &mut out);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = Rope { inverse: !self.inverse, ..self.clone() };
+        let dims = res.dims().to_vec();
+        let dx = with_host(&[grad], |s| {
+            let mut dx = vec![0f32; s[0].len()];
+            back.run(s[0], &dims, &mut dx);
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}

@@ -200,14 +200,20 @@ impl Student {
             let q = self.rope(&heads(q, nh)?, &inp.cos, &inp.sin)?;
             let k = self.rope(&heads(k, nkv)?, &inp.cos, &inp.sin)?;
             let v = heads(v, nkv)?;
-            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
             // The 1/sqrt(hd) scale on q ([N, q_dim]) rather than on the
             // scores ([B, H, T, T], larger).
             let q = (q * (1.0 / (hd as f64).sqrt()))?;
-            // scores [B, H, T, T]
-            let probs = masked_softmax(&q.matmul(&k.t()?)?, &inp.mask)?;
-            // [B, H, T, hd] → [N, H*hd]
-            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            // Grouped-query attention without copying k and v per query
+            // head: query head h reads kv head h / n (the engine's
+            // grouping), so the n query heads of a kv head are one
+            // [n·T, hd] block against that head's [T, hd] keys and values.
+            let n = nh / nkv;
+            let q = q.reshape((b, nkv, n * t, hd))?;
+            // scores [B, H, T, T] (a view of [B, Hkv, n·T, T])
+            let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+            let probs = masked_softmax(&scores, &inp.mask)?.reshape((b, nkv, n * t, t))?;
+            // [B, Hkv, n·T, hd] = [B, H, T, hd] → [N, H*hd]
+            let a = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
             x = (x + self.linear(&a, &p("attn_output.weight"))?)?;
             let h = rms_norm(&x, self.get(&p("ffn_norm.weight"))?, eps)?;
             let f = match &cfg.moe {
@@ -229,15 +235,25 @@ impl Student {
     /// RoPE on x [B, heads, T, hd] with cos/sin [B, 1, T, n_rot/2]; the
     /// first n_rot dims of each head rotate, the rest pass through.
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = self.shape.cfg.head_dim;
-        let n_rot = self.shape.cfg.n_rot;
+        if let Some(y) = super::fused::rope(x, cos, sin, self.shape.cfg.n_rot, self.shape.neox)? {
+            return Ok(y);
+        }
+        rope_composite(x, cos, sin, self.shape.cfg.head_dim, self.shape.cfg.n_rot, self.shape.neox)
+    }
+}
+
+/// [`super::fused::rope`] from candle's differentiable primitives: RoPE on
+/// x [B, heads, T, hd] with cos/sin [B, 1, T, n_rot/2]; the first n_rot dims
+/// of each head rotate, the rest pass through.
+pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor, hd: usize, n_rot: usize, neox: bool) -> Result<Tensor> {
+    {
         let half = n_rot / 2;
         let (xr, rest) = if n_rot < hd {
             (x.narrow(3, 0, n_rot)?, Some(x.narrow(3, n_rot, hd - n_rot)?))
         } else {
             (x.clone(), None)
         };
-        let rotated = if self.shape.neox {
+        let rotated = if neox {
             let (x0, x1) = (xr.narrow(3, 0, half)?, xr.narrow(3, half, half)?);
             let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
             let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
@@ -256,7 +272,9 @@ impl Student {
             None => Ok(rotated),
         }
     }
+}
 
+impl Student {
     /// Mixtral-style routed FFN of layer `l` on h [N, n_embd]: softmax over
     /// the router logits, top-k experts per row (ties to the lower id, as
     /// the engine), weights renormalised when `norm_topk`, and the weighted
@@ -444,16 +462,6 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
     }
-}
-
-/// Repeats each key/value head `n` times: [B, Hkv, T, hd] → [B, Hkv*n, T, hd],
-/// query head h reading kv head h / n (the engine's grouping).
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, hkv, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, n, t, hd))?.reshape((b, hkv * n, t, hd))?)
 }
 
 /// RoPE tables for token positions `pos` (one per token of a [B, T] batch):
