@@ -36,6 +36,19 @@ fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync)
     });
 }
 
+/// A new `[rows, width]` buffer from two inputs of that shape, row by row
+/// over candle's threads: `f(a_row, b_row, out_row)`.
+fn map_rows2(a: &[f32], b: &[f32], width: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    par_rows(&mut out, width, |row0, out| {
+        for (i, o) in out.chunks_exact_mut(width).enumerate() {
+            let at = (row0 + i) * width;
+            f(&a[at..at + width], &b[at..at + width], o);
+        }
+    });
+    out
+}
+
 /// Calls `f` with the tensors' values as contiguous f32 host slices: their
 /// own storage, read in place (a copy only of one that is not contiguous).
 fn with_host<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
@@ -294,19 +307,12 @@ impl CustomOp1 for LogSoftmax {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let width = *res.dims().last().unwrap_or(&1);
         let dx = with_host(&[res, grad], |s| {
-            let (lp, dy) = (s[0], s[1]);
-            let mut dx = vec![0f32; lp.len()];
-            par_rows(&mut dx, width, |row0, out| {
-                for (i, o) in out.chunks_exact_mut(width).enumerate() {
-                    let at = (row0 + i) * width;
-                    let (lr, gr) = (&lp[at..at + width], &dy[at..at + width]);
-                    let total: f32 = gr.iter().sum();
-                    for j in 0..width {
-                        o[j] = gr[j] - lr[j].exp() * total;
-                    }
+            map_rows2(s[0], s[1], width, |lr, gr, o| {
+                let total: f32 = gr.iter().sum();
+                for j in 0..width {
+                    o[j] = gr[j] - lr[j].exp() * total;
                 }
-            });
-            dx
+            })
         })?;
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
     }
@@ -321,19 +327,12 @@ pub fn softmax_backward(p: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> 
     }
     let width = *p.dims().last().unwrap_or(&1);
     let dx = with_host(&[p, dy], |s| {
-        let (pv, gv) = (s[0], s[1]);
-        let mut dx = vec![0f32; pv.len()];
-        par_rows(&mut dx, width, |row0, out| {
-            for (i, o) in out.chunks_exact_mut(width).enumerate() {
-                let at = (row0 + i) * width;
-                let (pr, gr) = (&pv[at..at + width], &gv[at..at + width]);
-                let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for j in 0..width {
-                    o[j] = pr[j] * (gr[j] - dot);
-                }
+        map_rows2(s[0], s[1], width, |pr, gr, o| {
+            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for j in 0..width {
+                o[j] = pr[j] * (gr[j] - dot);
             }
-        });
-        dx
+        })
     })?;
     Tensor::from_vec(dx, p.shape(), p.device())
 }
