@@ -407,7 +407,8 @@ fn sha256_reader(reader: &mut impl Read) -> io::Result<String> {
     Ok(to_hex(&hasher.finalize()))
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+/// Lowercase hex of a digest (the pulls' and the Hub downloads' checksums).
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -16,6 +16,7 @@
 //! finished. Progress: a bar on a terminal, else a line a minute.
 
 use super::Hub;
+use crate::to_hex;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -232,10 +233,6 @@ fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()>
             n => hasher.update(&buf[..n]),
         }
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A bar on a terminal; without one, a line when a download starts, a line
