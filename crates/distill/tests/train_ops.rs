@@ -181,3 +181,37 @@ fn fused_rope_matches_the_composite_one() {
         assert!(max_diff(df, dp) < 1e-6, "{what}: gradient differs by {}", max_diff(df, dp));
     }
 }
+
+#[test]
+fn fused_lora_linear_matches_the_composite_one_without_a_base_gradient() {
+    use minnow_distill::train::fused::{lora_linear, lora_linear_composite};
+    // Largest |difference| relative to the largest |value|: both forms sum
+    // the same products in different orders.
+    let rel = |a: &Tensor, b: &Tensor| {
+        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        max_diff(a, b) / m.max(1e-30)
+    };
+    let (inp, out, r, scale) = (33, 19, 4, 0.75);
+    for (k, n) in [1usize, 5, 37].into_iter().enumerate() {
+        let seed = 10 * k as u64;
+        let x = Var::from_tensor(&random(&[n, inp], seed)).unwrap();
+        let w = random(&[out, inp], seed + 1);
+        let a = Var::from_tensor(&random(&[r, inp], seed + 2)).unwrap();
+        // A non-zero B, so every term of the backward is live.
+        let b = Var::from_tensor(&random(&[out, r], seed + 3)).unwrap();
+        let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+        let fused = lora_linear(xt, &w, at, bt, scale).unwrap();
+        let reference = lora_linear_composite(xt, &w, at, bt, scale).unwrap();
+        assert_eq!(fused.dims(), &[n, out]);
+        assert!(rel(&fused, &reference) < 1e-5, "n={n}: forward differs by {}", rel(&fused, &reference));
+        let weight = random(&[n, out], 999);
+        let gf = (fused * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, v) in [("x", xt), ("A", at), ("B", bt)] {
+            let (df, dr) = (gf.get(v).unwrap(), gr.get(v).unwrap());
+            assert!(rel(df, dr) < 1e-5, "n={n}: gradient of {what} differs by {}", rel(df, dr));
+        }
+        // No gradient for the frozen W (the composite's frozen matmul keeps none either).
+        assert!(gf.get(&w).is_none(), "n={n}: the fused op keeps a gradient for W");
+    }
+}

@@ -102,17 +102,9 @@ impl LoraSet {
         v
     }
 
-    /// `y + scale·(x·Aᵀ)·Bᵀ` when `name` has an adapter, else `y`.
-    /// x [N, in], y [N, out].
-    pub fn apply(&self, name: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        match self.adapters.get(name) {
-            None => Ok(y),
-            Some(ad) => {
-                let low = x.matmul(&ad.a.as_tensor().t()?)?; // [N, r]
-                let up = low.matmul(&ad.b.as_tensor().t()?)?; // [N, out]
-                Ok((y + (up * self.scale())?)?)
-            }
-        }
+    /// The adapter of `name` as (A [r, in], B [out, r], scale), if it has one.
+    pub fn adapter(&self, name: &str) -> Option<(&Tensor, &Tensor, f64)> {
+        self.adapters.get(name).map(|ad| (ad.a.as_tensor(), ad.b.as_tensor(), self.scale()))
     }
 
     /// Each adapter as (adapted tensor's GGUF name, A [r, in], B [out, r]).

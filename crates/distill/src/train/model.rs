@@ -166,11 +166,12 @@ impl Student {
 
     /// `x · Wᵀ` (+ the LoRA path `scale · (x·Aᵀ)·Bᵀ` when `name` has an adapter):
     /// x [N, in] → [N, out].
+    /// Adapted projections are one fused op ([`super::fused::lora_linear`]).
     fn linear(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        let y = self.matmul_t(x, self.get(name)?, name)?;
-        match &self.lora {
-            Some(l) => l.apply(name, x, y),
-            None => Ok(y),
+        let w = self.get(name)?;
+        match self.lora.as_ref().and_then(|l| l.adapter(name)) {
+            Some((a, b, scale)) => super::fused::lora_linear(x, w, a, b, scale),
+            None => self.matmul_t(x, w, name),
         }
     }
 
@@ -328,7 +329,7 @@ impl Student {
     }
 }
 
-pub use super::fused::{log_softmax_last, rms_norm};
+pub use super::fused::{frozen_matmul, log_softmax_last, rms_norm};
 
 /// Softmax over the last dimension. On the CPU one fused pass per row
 /// (`FusedSoftmax`: the attention scores are the largest activations, and
@@ -428,40 +429,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> can
         candle_core::bail!("{op}: contiguous input only");
     };
     Ok(&data[a..b])
-}
-
-/// `x · Wᵀ` for a weight `w` [out, in] that does not train, x [N, in]: on
-/// the CPU through `FrozenMatmul` (no weight gradient), elsewhere candle's
-/// matmul.
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        return Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?);
-    }
-    Ok(x.matmul(&w.t()?)?)
-}
-
-/// `x · Wᵀ` for a weight that does not train: x [N, in] (contiguous), w
-/// [out, in] → [N, out]. Backward gives only `dx = g · W`; candle's own
-/// matmul would also compute `dW = gᵀ · x`, as large as the weight.
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "minnow-frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(contiguous_f32(storage, layout, self.name())?, layout.dims(), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
-    }
 }
 
 /// RoPE tables for token positions `pos` (one per token of a [B, T] batch):
