@@ -17,7 +17,10 @@
 #    machine's read bandwidth with THREADS threads at the start, before every
 #    engine run, after each model's last run, and at the end (0.7 s each):
 #    on a machine whose bandwidth changes from second to second, each model's
-#    ceiling is taken from the readings around its own rounds.
+#    ceiling is taken from the readings around its own rounds. It also
+#    measures the multiply-add peak at the start (crates/kernels/examples/
+#    int8peak.rs: the int8 instruction the kernels use, and f32 FMA), which
+#    the report holds each model's prefill to.
 # 3. For each model, ROUNDS rounds of one llama-bench run and one `minnow bench`
 #    run each, alternating which goes first, so both engines see the same
 #    machine (the cores may be shared); reports each engine's median.
@@ -175,11 +178,12 @@ fi
 
 MINNOW=$REPO/target/release/minnow
 MEMBW=$REPO/target/release/examples/membw
+INT8PEAK=$REPO/target/release/examples/int8peak
 if [[ $NO_BUILD -eq 0 ]]; then
     log "building minnow and the bandwidth tool"
-    (cd "$REPO" && cargo build --quiet --release -p minnow && cargo build --quiet --release -p minnow-kernels --example membw)
+    (cd "$REPO" && cargo build --quiet --release -p minnow && cargo build --quiet --release -p minnow-kernels --example membw --example int8peak)
 fi
-for bin in "$MINNOW" "$MEMBW"; do
+for bin in "$MINNOW" "$MEMBW" "$INT8PEAK"; do
     [[ -x $bin ]] || { echo "compare-llamacpp: $bin is missing (run without --no-build)" >&2; exit 1; }
 done
 
@@ -219,6 +223,9 @@ DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 COMMIT=$(cd "$REPO" && git rev-parse --short HEAD)$(cd "$REPO" && git diff --quiet HEAD -- crates || echo ' with uncommitted changes')
 
+log "measuring the multiply-add peak with $THREADS threads"
+"$INT8PEAK" --threads "$THREADS" --json >"$OUT/int8peak.json"
+cat "$OUT/int8peak.json" >&2
 log "measuring read bandwidth with $THREADS threads"
 "$MEMBW" --threads "$THREADS" --json >"$OUT/membw-start.json"
 cat "$OUT/membw-start.json" >&2

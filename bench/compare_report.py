@@ -3,7 +3,8 @@
 
     python3 bench/compare_report.py OUT_DIR
 
-OUT_DIR holds meta.json, depth.jsonl (generation after D tokens of context:
+OUT_DIR holds meta.json, int8peak.json (the machine's multiply-add peak;
+missing in older folders), depth.jsonl (generation after D tokens of context:
 one {"engine", "model", "depth", "out"} a line; missing in older folders), membw-start.json and membw-end.json,
 membw-rounds.jsonl (the readings around every engine run, each with its
 "model", "round" and "next" engine; missing in older folders), models.jsonl
@@ -125,6 +126,85 @@ def bytes_per_token(path):
         return total  # tied: the embedding table is the output matrix, read whole
     rows = shapes["token_embd.weight"][-1]  # ggml lists the row length first
     return total - embd + embd // rows
+
+
+def kv_bytes_per_token(path, depth, cache):
+    """Bytes of KV cache one generated token reads with `depth` tokens
+    already in the cache: keys and values of every layer at every position
+    it attends to (a sliding-window layer only its window: Gemma 3's local
+    layers, five of every six), at 2 bytes an element for f16 and 34 per 32
+    for q8_0."""
+    _, _, meta = tensor_bytes(path)
+    arch = meta.get("general.architecture", "")
+    n_layer = meta.get(f"{arch}.block_count") or 0
+    n_head = meta.get(f"{arch}.attention.head_count") or 1
+    n_kv = meta.get(f"{arch}.attention.head_count_kv") or n_head
+    if isinstance(n_kv, list):
+        n_kv = max(n_kv)
+    head = (meta.get(f"{arch}.embedding_length") or 0) // n_head
+    k_len = meta.get(f"{arch}.attention.key_length") or head
+    v_len = meta.get(f"{arch}.attention.value_length") or head
+    window = meta.get(f"{arch}.attention.sliding_window")
+    per_elem = 2.0 if cache == "f16" else 34 / 32
+    total = 0.0
+    for layer in range(n_layer):
+        local = arch == "gemma3" and window and (layer + 1) % 6 != 0
+        seen = min(depth + 1, window) if local else depth + 1
+        total += n_kv * (k_len + v_len) * seen * per_elem
+    return total
+
+
+def macs_per_token(path):
+    """Multiply-adds of the weight products per prompt token: one per
+    element of every weight matrix in the blocks (`blk.*`, two or more
+    dimensions), of a mixture-of-experts layer's expert tensors only the
+    routed share. The output head is left out (prefill computes logits for
+    the last position only), and so are attention's own products (a few
+    percent at pp512)."""
+    sizes, shapes, meta = tensor_bytes(path)
+    arch = meta.get("general.architecture", "")
+    n_expert = meta.get(f"{arch}.expert_count") or 0
+    n_used = meta.get(f"{arch}.expert_used_count") or 0
+    total = 0
+    for name, dims in shapes.items():
+        if not name.startswith("blk.") or len(dims) < 2:
+            continue
+        n = 1
+        for d in dims:
+            n *= d
+        if name.endswith("_exps.weight") and n_expert and n_used:
+            n = n * n_used // n_expert
+        total += n
+    return total
+
+
+def peak_table(out, models, res, pp):
+    """Prefill as a share of the machine's multiply-add peak (int8peak.json,
+    `crates/kernels/examples/int8peak.rs`): prefill is compute-bound, so
+    this share is its honest figure, as decode's is the bandwidth's."""
+    path = out / "int8peak.json"
+    if not path.exists():
+        return
+    peak = json.loads(path.read_text())
+    gmacs = peak["int8_best_gmacs"]
+    print()
+    print(f"Prefill against the compute peak: int8 multiply-adds, {peak['int8_path']}, {peak['threads']} threads, "
+          f"best of {peak['runs']} runs {gmacs:.1f} GMAC/s (f32 FMA: {peak['f32_best_gmacs']:.1f}). "
+          "A token's multiply-adds are its weight products (`macs_per_token`); issue 24: pp ≥ 2× llama.cpp.")
+    print()
+    print(f"| model | MACs/token | llama.cpp pp{pp} | minnow pp{pp} | pp ratio | llama.cpp % of int8 peak "
+          f"| minnow % of int8 peak | pp ≥ 2× |")
+    print("|---|--:|--:|--:|--:|--:|--:|:-:|")
+    for m in models:
+        name = m["model"]
+        l, n = res.get(("llama", name)), res.get(("minnow", name))
+        if not l or not n or not l["pp"] or not n["pp"]:
+            continue
+        macs = macs_per_token(m["path"])
+        lpp, npp = statistics.median(l["pp"]), statistics.median(n["pp"])
+        share = lambda tps: 100 * tps * macs / (gmacs * 1e9)
+        print(f"| {name} | {macs / 1e6:.0f} M | {lpp:.1f} | {npp:.1f} | {npp / lpp:.2f}× | {share(lpp):.0f}% "
+              f"| {share(npp):.0f}% | {'✓' if npp >= 2 * lpp else '✗'} |")
 
 
 def paired_gbps(around, model, engine):
@@ -275,13 +355,21 @@ def main():
             lm, nm = statistics.median(l), statistics.median(n)
             print(f"| {name} | {lm:.0f} | {nm:.0f} | {nm / lm:.2f}× |")
 
-    depth_table(out, models, tg)
+    peak_table(out, models, res, pp)
+    gbps_of = {}
+    for m in models:
+        mine = [r["best_gbps"] for r in around if r["model"] == m["model"]]
+        gbps_of[m["model"]] = statistics.median(mine) if mine else best_gbps
+    depth_table(out, models, tg, gbps_of)
     alternating_table(out, models, tg)
 
 
-def depth_table(out, models, tg):
+def depth_table(out, models, tg, gbps_of):
     """Generation speed with context: each engine's median tg at each depth,
-    and the change from the shallowest to the deepest, per KV cache type."""
+    and the change from the shallowest to the deepest, per KV cache type;
+    then each as a share of its memory ceiling at that depth (bandwidth ÷
+    the weights plus the KV cache a step reads, `gbps_of[model]` the
+    bandwidth of the model's own rounds)."""
     path = out / "depth.jsonl"
     rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
     if not rows:
@@ -315,6 +403,31 @@ def depth_table(out, models, tg):
             ok = "✓" if med[("minnow", hi)] >= 0.85 * med[("minnow", lo)] else "✗"
             print(f"| {name} | {c} | {cells} | {change('llama'):+.0f}% | {change('minnow'):+.0f}% "
                   f"| {med[('minnow', hi)] / med[('llama', hi)]:.2f}× | {ok} |")
+    print()
+    print("The same runs against the memory ceiling at each depth: bandwidth (the median reading around the "
+          "model's rounds) ÷ the bytes one step reads, its weights (as in the first table) plus the KV cache at "
+          "that depth (`kv_bytes_per_token`); issue 24: minnow ≥ 90% at every depth, f16 cache.")
+    print()
+    cols = " | ".join(f"{e} d{d}" for d in depths for e in ("MB read", "llama.cpp", "minnow"))
+    print(f"| model | KV cache | {cols} | ≥ 90% |")
+    print("|---|:-:|" + "--:|" * (3 * len(depths)) + ":-:|")
+    for m in models:
+        name = m["model"]
+        if name not in gbps_of:
+            continue
+        for c in caches:
+            med = {(e, d): statistics.median(speeds[(e, name, d, c)]) for e in ("llama", "minnow") for d in depths
+                   if (e, name, d, c) in speeds}
+            if len(med) < 2 * len(depths):
+                continue
+            cells, ok = [], True
+            for d in depths:
+                read = bytes_per_token(m["path"]) + kv_bytes_per_token(m["path"], d, c)
+                ceiling = gbps_of[name] * 1e9 / read
+                share = {e: 100 * med[(e, d)] / ceiling for e in ("llama", "minnow")}
+                ok = ok and share["minnow"] >= 90
+                cells.append(f"{read / 1e6:.0f} | {share['llama']:.0f}% | {share['minnow']:.0f}%")
+            print(f"| {name} | {c} | {' | '.join(cells)} | {'✓' if ok else '✗'} |")
 
 
 def alternating_table(out, models, tg):
