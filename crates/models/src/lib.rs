@@ -296,6 +296,34 @@ fn known_names_help() -> String {
     )
 }
 
+/// Opens (creating) the lock file `path` and locks it for as long as the
+/// returned file lives; `doing` says what for ("pulling smollm2-135m").
+/// When another process holds it, says so and waits; the `bool` is whether
+/// it waited, after which the caller looks again for what that process may
+/// have just finished. Locking is only a courtesy to concurrent pulls: where
+/// the file system cannot lock, this warns and goes on without it (every
+/// result is written to a temporary name and renamed, so it stays whole).
+pub(crate) fn lock_or_wait(path: &Path, doing: &str) -> Result<(File, bool)> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("could not create the lock file {}", path.display()))?;
+    let (locked, waited) = match file.try_lock() {
+        Ok(()) => (Ok(()), false),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("minnow: waiting for another process that is {doing}...");
+            (file.lock(), true)
+        }
+        Err(std::fs::TryLockError::Error(e)) => (Err(e), false),
+    };
+    if let Err(e) = locked {
+        eprintln!("minnow: warning: could not lock {} ({e}); {doing} without it", path.display());
+    }
+    Ok((file, waited))
+}
+
 /// Returns the verified cached file of `m` in `dir`, pulling it if needed.
 fn ensure(dir: &Path, m: &KnownModel) -> Result<PathBuf> {
     let dest = dir.join(m.file);
@@ -314,28 +342,10 @@ fn ensure(dir: &Path, m: &KnownModel) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| {
         format!("could not create the model cache directory {} (set MINNOW_MODELS to use another)", dir.display())
     })?;
-    let lock_path = dir.join(format!("{}.lock", m.file));
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("could not create lock file {}", lock_path.display()))?;
-    // Locking is only a courtesy to concurrent pulls: where the file system
-    // can't lock, go on without it (the rename keeps each result whole).
-    let locked = match lock.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            eprintln!("minnow: waiting for another process that is pulling {}...", m.name);
-            let waited = lock.lock();
-            // Whoever held the lock may have just finished the job.
-            state = check(&dest)?;
-            waited
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
-    };
-    if let Err(e) = locked {
-        eprintln!("minnow: warning: could not lock {} ({e}); pulling without it", lock_path.display());
+    let (_lock, waited) = lock_or_wait(&dir.join(format!("{}.lock", m.file)), &format!("pulling {}", m.name))?;
+    if waited {
+        // Whoever held the lock may have just finished the job.
+        state = check(&dest)?;
     }
     match state {
         Some(Ok(())) => return Ok(dest),
@@ -344,7 +354,7 @@ fn ensure(dir: &Path, m: &KnownModel) -> Result<PathBuf> {
     }
     assemble(dir, m, &dest)?;
     Ok(dest)
-    // `lock` is released when dropped here.
+    // The lock is released when `_lock` drops here.
 }
 
 /// Checks `path` against the expected hash and size, trusting a matching

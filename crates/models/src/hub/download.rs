@@ -46,25 +46,7 @@ const MAX_FRUITLESS_TRIES: u32 = 5;
 pub fn fetch(hub: &Hub, url: &str, want: &Expected, blob: &Path, lock: &Path) -> Result<()> {
     let parent = lock.parent().expect("a lock file has a parent");
     fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
-    let lock_file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock)
-        .with_context(|| format!("could not create the lock file {}", lock.display()))?;
-    match lock_file.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
-            eprintln!("minnow: waiting for another process that is downloading {}...", want.file);
-            lock_file.lock().with_context(|| format!("could not lock {}", lock.display()))?;
-            if blob.is_file() {
-                return Ok(());
-            }
-        }
-        Err(fs::TryLockError::Error(e)) => {
-            eprintln!("minnow: warning: could not lock {} ({e}); downloading without it", lock.display());
-        }
-    }
+    let (_lock, _) = crate::lock_or_wait(lock, &format!("downloading {}", want.file))?;
     if blob.is_file() {
         return Ok(());
     }
