@@ -33,10 +33,10 @@ fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync)
         f(0, out);
         return;
     }
-    std::thread::scope(|sc| {
+    rayon::scope(|sc| {
         for (c, chunk) in out.chunks_mut(per * width).enumerate() {
             let f = &f;
-            sc.spawn(move || f(c * per, chunk));
+            sc.spawn(move |_| f(c * per, chunk));
         }
     });
 }
@@ -160,9 +160,9 @@ impl RmsNorm {
         let threads = candle_core::utils::get_num_threads().max(1).min(rows.max(1));
         let per = rows.div_ceil(threads).max(1);
         let mut partial = vec![vec![0f32; width]; rows.div_ceil(per).max(1)];
-        std::thread::scope(|sc| {
+        rayon::scope(|sc| {
             for ((c, dxc), dw) in dx.chunks_mut(per * width).enumerate().zip(partial.iter_mut()) {
-                sc.spawn(move || {
+                sc.spawn(move |_| {
                     for (i, dxr) in dxc.chunks_exact_mut(width).enumerate() {
                         let at = (c * per + i) * width;
                         let (xr, gr) = (&xv[at..at + width], &gv[at..at + width]);

@@ -387,9 +387,9 @@ impl CustomOp1 for FusedSoftmax {
         let threads = candle_core::utils::get_num_threads().max(1);
         let rows = x.len() / dim.max(1);
         let per_rows = rows.div_ceil(threads).max(1);
-        std::thread::scope(|sc| {
+        rayon::scope(|sc| {
             for (c, (o, xs)) in out.chunks_mut(per_rows * dim).zip(x.chunks(per_rows * dim)).enumerate() {
-                sc.spawn(move || {
+                sc.spawn(move |_| {
                     for (i, (orow, xrow)) in o.chunks_exact_mut(dim).zip(xs.chunks_exact(dim)).enumerate() {
                         let r = c * per_rows + i;
                         let m = mask.map(|m| {

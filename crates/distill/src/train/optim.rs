@@ -149,9 +149,9 @@ impl Update {
             run(groups.pop().expect("one group"));
             return;
         }
-        std::thread::scope(|sc| {
+        rayon::scope(|sc| {
             for group in groups {
-                sc.spawn(move || run(group));
+                sc.spawn(move |_| run(group));
             }
         });
     }
