@@ -10,6 +10,7 @@ exact answers (the task README's scoring), and the share of answers that parse.
     python3 bench/structured_outputs.py                        # qwen2.5-coder-0.5b, 1 and 16 clients
     python3 bench/structured_outputs.py --model smollm2-135m --clients 1 --cases 40
     python3 bench/structured_outputs.py --llama-server ~/.cache/minnow/llama.cpp/*/build/bin/llama-server
+    python3 bench/structured_outputs.py --prefix-cache          # minnow's prefix cache on, a server per mode
 
 With --llama-server, llama.cpp's server answers the same cases with the same schema
 (`response_format` json_schema, which it turns into a GBNF grammar), on the same GGUF
@@ -144,30 +145,49 @@ def main():
     ap.add_argument("--modes", default="free,schema,compact")
     ap.add_argument("--serve-arg", action="append", default=[], help="more `minnow serve` arguments (repeatable)")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: answer with it too")
+    ap.add_argument("--prefix-cache", action="store_true",
+                    help="minnow with its prefix cache on (as it serves by default, and as llama-server reuses a "
+                         "slot's prompt), a fresh server for every mode and client count so that no mode reuses "
+                         "another's prompts, each warmed with the task's instruction on a made-up message")
     args = ap.parse_args()
     cases = [json.loads(l) for l in open(os.path.join(TASK, "dev.jsonl")) if l.strip()][: args.cases]
     schema = json.load(open(os.path.join(TASK, "schema.json")))
-    ms = [(args.model, start_minnow(args), True)]
+    ms = [] if args.prefix_cache else [(args.model, start_minnow(args), True)]
     if args.llama_server:
         ms.append(("llama-server", start_llama_server(args), False))
     try:
         for _, (port, _), minnow in ms:
             run(port, cases[:2], 1, schema, "schema", minnow)  # warm up (and compile the vocabulary's trie)
+        cache = ("minnow's prefix cache on, a fresh server per mode and client count" if args.prefix_cache
+                 else "no prefix cache in minnow")
         print(f"\n{args.model}, {len(cases)} dev cases, zero-shot, greedy, {args.threads} threads, 16 slots, "
-              "no prefix cache in minnow\n")
+              f"{cache}\n")
         print("| clients | server | mode | completion tok/s | answers/s | tokens / answer | forward passes / answer "
               "| parsed | field acc | exact | mask time (share of wall, ms per pass) |")
         print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         modes = args.modes.split(",")
         for c in [int(x) for x in args.clients.split(",")]:
             rows = {}
-            for name, (port, _), minnow in ms:
-                for mode in (modes if minnow else [m for m in modes if m == "schema"]):
+            runs = [(name, port, minnow, mode) for name, (port, _), minnow in ms
+                    for mode in (modes if minnow else [m for m in modes if m == "schema"])]
+            if args.prefix_cache:
+                runs = [(args.model, None, True, mode) for mode in modes] + runs
+            for name, port, minnow, mode in runs:
+                fresh = None
+                if port is None:
+                    fresh = start_minnow(args, prefix_cache=True)
+                    port = fresh[0]
+                    run(port, [warm_case(cases)], 1, schema, mode)
+                try:
                     r = rows[(name, mode)] = run(port, cases, c, schema, mode, minnow)
-                    print(f"| {c} | {name} | {mode} | {r['tok_s']:.1f} | {r['answers_s']:.2f} | "
-                          f"{r['tokens_per_answer']:.1f} | {r['passes_per_answer']:.1f} | {r['parsed']:.2f} | "
-                          f"{r['field_accuracy']:.3f} | {r['exact']:.2f} | {100 * r['mask_share']:.1f}%, "
-                          f"{r['mask_ms_per_pass']:.2f} |", flush=True)
+                finally:
+                    if fresh:
+                        fresh[1].terminate()
+                        fresh[1].wait()
+                print(f"| {c} | {name} | {mode} | {r['tok_s']:.1f} | {r['answers_s']:.2f} | "
+                      f"{r['tokens_per_answer']:.1f} | {r['passes_per_answer']:.1f} | {r['parsed']:.2f} | "
+                      f"{r['field_accuracy']:.3f} | {r['exact']:.2f} | {100 * r['mask_share']:.1f}%, "
+                      f"{r['mask_ms_per_pass']:.2f} |", flush=True)
             base = rows[(args.model, modes[0])]
             for mode in modes[1:]:
                 r = rows[(args.model, mode)]
@@ -199,12 +219,22 @@ def wait_ready(port, proc):
     sys.exit("the server did not start")
 
 
-def start_minnow(args):
+def warm_case(cases):
+    """A request with the task's instruction (the prompts' shared prefix) on
+    a message that is not a dev case, so a fresh server's prefix cache holds
+    what steady serving would, and none of the measured cases."""
+    head, sep, _ = cases[0]["prompt"].partition("Message:")
+    msg = " Ana Lima here, 3 desk lamps at 20 EUR each to Porto by 2025-01-02."
+    return {"prompt": head + sep + msg if sep else "Extract the order: 3 lamps to Porto.", "answer": {}}
+
+
+def start_minnow(args, prefix_cache=False):
     port = free_port()
-    # No prefix cache: each mode's prompts are prefilled, not reused from the
-    # mode run before it.
+    # Without --prefix-cache: no prefix cache, so each mode's prompts are
+    # prefilled, not reused from the mode run before it on this one server.
+    cache = [] if prefix_cache else ["--prefix-cache-mb", "0"]
     proc = subprocess.Popen([args.minnow_bin, "serve", args.model, "--port", str(port), "--parallel", "16",
-                             "--threads", str(args.threads), "--ctx", "1024", "--prefix-cache-mb", "0"]
+                             "--threads", str(args.threads), "--ctx", "1024"] + cache
                             + args.serve_arg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(port, proc)
     return port, proc
